@@ -1,0 +1,3 @@
+from runicorn.cli import main
+
+main()

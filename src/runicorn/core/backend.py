@@ -1,0 +1,105 @@
+"""The one place that decides which implementation of the hot paths runs.
+
+``RUNICORN_PURE_PYTHON=1`` forces the pure-Python modules; on CPython the compiled twins
+(built from ``csrc/``) are used when present, and their absence is logged once as a warning.
+``RUNICORN_REQUIRE_NATIVE=1`` turns that absence into an ``ImportError`` (CI sets it, so a
+broken build cannot pass by testing Python twice).
+
+Library code takes a :class:`Backend` argument defaulting to :func:`active_backend`, so the
+tests can run every behaviour against both implementations in one process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+NATIVE = "native"
+PYTHON = "python"
+
+# concept -> (pure-Python module, compiled module)
+MODULES = {
+    "scan": ("runicorn.core.scan", "runicorn.core._native_scan"),
+    "diff": ("runicorn.core.diff", "runicorn.core._native_diff"),
+    "tailhash": ("runicorn.core.tailhash", "runicorn.core._native_tailhash"),
+}
+
+FUNCTIONS = {
+    "scan": ("scan_experiments",),
+    "diff": ("diff_entries",),
+    "tailhash": ("hash_tails",),
+}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One complete implementation of the hot paths."""
+
+    name: str
+    scan_experiments: Any
+    diff_entries: Any
+    hash_tails: Any
+
+    def __repr__(self) -> str:
+        return f"<runicorn backend {self.name}>"
+
+
+def _modules(kind: str) -> dict[str, ModuleType]:
+    column = 0 if kind == PYTHON else 1
+    return {concept: importlib.import_module(names[column]) for concept, names in MODULES.items()}
+
+
+@cache
+def load_backend(kind: str) -> Backend:
+    """Import one backend by name (``"native"`` or ``"python"``); ``ImportError`` if absent."""
+    if kind not in (NATIVE, PYTHON):
+        raise ValueError(f"unknown backend {kind!r}; expected {NATIVE!r} or {PYTHON!r}")
+    modules = _modules(kind)
+    functions = {
+        fn: getattr(modules[concept], fn) for concept, names in FUNCTIONS.items() for fn in names
+    }
+    return Backend(name=kind, **functions)
+
+
+def native_available() -> bool:
+    """Whether the compiled backend imports on this interpreter."""
+    try:
+        load_backend(NATIVE)
+    except ImportError:
+        return False
+    return True
+
+
+@cache
+def active_backend() -> Backend:
+    """The backend library code uses unless told otherwise (decided once per process)."""
+    if _flag("RUNICORN_PURE_PYTHON"):
+        return load_backend(PYTHON)
+    if platform.python_implementation() != "CPython":
+        return load_backend(PYTHON)
+    try:
+        return load_backend(NATIVE)
+    except ImportError as error:
+        if _flag("RUNICORN_REQUIRE_NATIVE"):
+            raise ImportError(
+                f"RUNICORN_REQUIRE_NATIVE is set but the compiled core did not load: {error}. "
+                "Rebuild with `pip install -e .` and check the build log for compiler errors."
+            ) from error
+        logger.warning(
+            "runicorn's compiled core is not available (%s); using the slower pure-Python "
+            "backend. Set RUNICORN_PURE_PYTHON=1 to choose it explicitly.",
+            error,
+        )
+        return load_backend(PYTHON)

@@ -1,0 +1,176 @@
+"""Scan an experiments root: find the run directories and stat every file in them.
+
+This pure-Python module is the specification of the scan; ``csrc/_native_scan.pyx`` is its
+compiled twin and must return exactly the same result for the same tree.
+
+The scan knows only the shape ``<project>/<name>/runs/<run_id>/`` (see
+:mod:`runicorn.layout`); what the files mean is decided by the caller. It never follows a
+symbolic link, and it never aborts on one bad entry: problems are collected and returned
+beside the result so that one unreadable run cannot hide the rest of the lab.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+from runicorn.layout import RUNS_DIRNAME, is_hidden
+
+FileStat = tuple[str, int, int, int, int]
+"""``(path_in_run, size, mtime_ns, ctime_ns, inode)``; ``path_in_run`` is POSIX, relative to
+the run directory (``media/step_1.png``)."""
+
+RunScan = tuple[str, str, str, list[FileStat]]
+"""``(project, name, run_id, files)`` with ``files`` sorted by ``path_in_run``."""
+
+Problem = tuple[str, str]
+"""``(path relative to the root, reason)``."""
+
+REASON_SYMLINK = "symbolic link not followed"
+REASON_NOT_A_DIRECTORY = "not a directory"
+REASON_NOT_REGULAR = "not a regular file"
+REASON_VANISHED = "vanished during the scan"
+
+
+def reason_unreadable(error: OSError) -> str:
+    """The problem text for a directory or file that could not be read."""
+    return f"unreadable: {os.strerror(error.errno)}" if error.errno else "unreadable"
+
+
+class ScanResult(NamedTuple):
+    runs: list[RunScan]
+    """Sorted by ``(project, name, run_id)``."""
+    problems: list[Problem]
+    """Sorted by path; each one also a warning for the user."""
+
+
+def _list_dir(path: str, rel: str, problems: list[Problem]) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda entry: entry.name)
+    except FileNotFoundError:
+        problems.append((rel, REASON_VANISHED))
+    except NotADirectoryError:
+        problems.append((rel, REASON_NOT_A_DIRECTORY))
+    except OSError as error:
+        problems.append((rel, reason_unreadable(error)))
+    return []
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _subdirs(
+    path: str, rel: str, problems: list[Problem], report_files: bool
+) -> Iterator[tuple[str, str, str]]:
+    """Yield ``(name, path, rel)`` of the visible subdirectories of a layout level."""
+    for entry in _list_dir(path, rel, problems):
+        if is_hidden(entry.name):
+            continue
+        child_rel = f"{rel}/{entry.name}" if rel else entry.name
+        if entry.is_symlink():
+            problems.append((child_rel, REASON_SYMLINK))
+        elif _is_dir(entry):
+            yield entry.name, entry.path, child_rel
+        elif report_files:
+            problems.append((child_rel, REASON_NOT_A_DIRECTORY))
+
+
+def _scan_run_files(
+    path: str, rel: str, prefix: str, files: list[FileStat], problems: list[Problem]
+) -> None:
+    """Append a stat record for every regular file below a run directory (one lstat each)."""
+    for entry in _list_dir(path, rel, problems):
+        child_rel = f"{rel}/{entry.name}"
+        in_run = prefix + entry.name
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            problems.append((child_rel, REASON_VANISHED))
+            continue
+        except OSError as error:
+            problems.append((child_rel, reason_unreadable(error)))
+            continue
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            files.append((in_run, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        elif stat.S_ISDIR(mode):
+            _scan_run_files(entry.path, child_rel, in_run + "/", files, problems)
+        elif stat.S_ISLNK(mode):
+            problems.append((child_rel, REASON_SYMLINK))
+        else:
+            problems.append((child_rel, REASON_NOT_REGULAR))
+
+
+def _scan_project(root: str, project: str) -> tuple[list[RunScan], list[Problem]]:
+    runs: list[RunScan] = []
+    problems: list[Problem] = []
+    project_path = os.path.join(root, project)
+    for name, name_path, name_rel in _subdirs(project_path, project, problems, False):
+        runs_path = os.path.join(name_path, RUNS_DIRNAME)
+        runs_rel = f"{name_rel}/{RUNS_DIRNAME}"
+        try:
+            runs_st = os.lstat(runs_path)
+        except FileNotFoundError:
+            continue  # an experiment directory without runs yet
+        except OSError as error:
+            problems.append((runs_rel, reason_unreadable(error)))
+            continue
+        if stat.S_ISLNK(runs_st.st_mode):
+            problems.append((runs_rel, REASON_SYMLINK))
+            continue
+        if not stat.S_ISDIR(runs_st.st_mode):
+            problems.append((runs_rel, REASON_NOT_A_DIRECTORY))
+            continue
+        for run_id, run_path, run_rel in _subdirs(runs_path, runs_rel, problems, True):
+            files: list[FileStat] = []
+            _scan_run_files(run_path, run_rel, "", files, problems)
+            files.sort(key=lambda record: record[0])
+            runs.append((project, name, run_id, files))
+    return runs, problems
+
+
+def scan_experiments(root: str, threads: int = 1) -> ScanResult:
+    """Scan every run below ``root`` and stat each of its files once.
+
+    Regular files at the root, in a project or in an experiment directory are ignored
+    silently; a non-directory where ``runs`` or a run directory should be, a symbolic link
+    anywhere (never followed), an unreadable directory and a file that vanished mid-scan are
+    reported as problems and skipped. Hidden names (leading dot) above the run level are
+    skipped. With ``threads > 1`` projects are scanned concurrently (worth it on NFS or
+    Lustre, where every stat is a network round trip); the result does not depend on it.
+
+    Raises ``OSError`` when ``root`` itself cannot be listed: an empty result there would
+    be a lie.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    with os.scandir(root) as it:
+        top = sorted(it, key=lambda entry: entry.name)
+    problems: list[Problem] = []
+    projects: list[str] = []
+    for entry in top:
+        if is_hidden(entry.name):
+            continue
+        if entry.is_symlink():
+            problems.append((entry.name, REASON_SYMLINK))
+        elif _is_dir(entry):
+            projects.append(entry.name)
+    if threads == 1 or len(projects) < 2:
+        parts = [_scan_project(root, project) for project in projects]
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            parts = list(pool.map(lambda project: _scan_project(root, project), projects))
+    runs: list[RunScan] = []
+    for project_runs, project_problems in parts:
+        runs.extend(project_runs)
+        problems.extend(project_problems)
+    problems.sort()
+    return ScanResult(runs, problems)

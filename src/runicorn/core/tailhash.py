@@ -1,0 +1,100 @@
+"""Hash the tail window of files: the fingerprint that makes append-only sync verifiable.
+
+This pure-Python module is the specification; ``csrc/_native_tailhash.pyx`` is its compiled
+twin. The tail hash of a file at a recorded ``size`` is BLAKE3 with a 16-byte digest (32 hex
+characters) of the bytes ``[max(0, size - window), size)``. Reads are explicit ranges
+(``pread``), never "to EOF", so a writer appending meanwhile cannot change the answer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from blake3 import blake3
+
+TAIL_WINDOW = 4096
+"""Bytes hashed at the end of a file (manifest header ``tail_hash_window``)."""
+
+DIGEST_BYTES = 16
+
+TailRequest = tuple[str, int, bool]
+"""``(path relative to root, size, cut_at_newline)``."""
+
+TailResult = tuple[int, str]
+"""``(size, hex digest)``: the size actually hashed up to, and its tail hash."""
+
+
+def digest(data: bytes) -> str:
+    """The tail hash of a window already in memory."""
+    return blake3(data).hexdigest(length=DIGEST_BYTES)
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes | None:
+    """Read exactly ``length`` bytes at ``offset``, or ``None`` if the file is shorter."""
+    parts = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            return None
+        parts.append(chunk)
+        length -= len(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _tail_of_open_file(fd: int, size: int, cut_at_newline: bool, window: int) -> TailResult | None:
+    end = size
+    data: bytes | None = None
+    if cut_at_newline:
+        end = 0
+        pos = size
+        while pos > 0:
+            start = max(0, pos - window)
+            chunk = _pread_exact(fd, pos - start, start)
+            if chunk is None:
+                return None
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                if end == size:
+                    data = chunk  # the file ends with a complete line: the window is read
+                break
+            pos = start
+    if data is None:
+        start = max(0, end - window)
+        data = _pread_exact(fd, end - start, start)
+        if data is None:
+            return None
+    return end, digest(data)
+
+
+def hash_tails(
+    root: str, requests: Sequence[TailRequest], window: int = TAIL_WINDOW
+) -> list[TailResult | None]:
+    """Tail-hash many files below ``root``; one result per request, in order.
+
+    With ``cut_at_newline`` the size is first moved back to just after the last ``\\n``
+    before ``size`` (0 when there is none), so a half-written last line is never recorded.
+    A result is ``None`` when the file cannot be opened (vanished, permission, a symbolic
+    link) or is now shorter than ``size``.
+    """
+    if window < 1:
+        raise ValueError(f"window must be at least 1 byte, got {window}")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    results: list[TailResult | None] = []
+    for rel_path, size, cut_at_newline in requests:
+        if size < 0:
+            raise ValueError(f"size of {rel_path!r} must not be negative, got {size}")
+        try:
+            fd = os.open(os.path.join(root, rel_path), flags)
+        except OSError:
+            results.append(None)
+            continue
+        try:
+            results.append(_tail_of_open_file(fd, size, cut_at_newline, window))
+        except OSError:
+            results.append(None)
+        finally:
+            os.close(fd)
+    return results
