@@ -7,7 +7,10 @@ append-only -- is stated here once, so the scanners, the generator and the clien
 
 from __future__ import annotations
 
+import math
 import posixpath
+
+import orjson
 
 RUNS_DIRNAME = "runs"
 """The directory between an experiment name and its run ids."""
@@ -74,3 +77,63 @@ def priority_for(path_in_run: str) -> int:
 def run_prefix(project: str, name: str, run_id: str) -> str:
     """The manifest path prefix (with trailing slash) of every file of a run."""
     return f"{project}/{name}/{RUNS_DIRNAME}/{run_id}/"
+
+
+# --- What a run says about itself -------------------------------------------------------
+
+
+def parse_json_object(data: bytes | None) -> dict | None:
+    """A JSON object from a run's metadata file, or ``None`` when it is missing, truncated
+    (the SDK rewrites these files in place) or not an object."""
+    if not data:
+        return None
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _finite_number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def derive_status(status_doc: dict | None) -> str:
+    """The run's status from status.json, ``unknown`` when it cannot be read."""
+    if status_doc is None:
+        return UNKNOWN_STATUS
+    status = status_doc.get("status")
+    return status if isinstance(status, str) and status else UNKNOWN_STATUS
+
+
+def derive_created_at(meta_doc: dict | None, status_doc: dict | None, fallback: float) -> float:
+    """meta.json ``created_at``, else status.json ``started_at``, else ``fallback`` (the
+    oldest file mtime of the run)."""
+    for doc, key in ((meta_doc, "created_at"), (status_doc, "started_at")):
+        if doc is not None:
+            number = _finite_number(doc.get(key))
+            if number is not None:
+                return number
+    return fallback
+
+
+def tags_by_run(metadata_doc: dict | None) -> dict[str, list[str]]:
+    """Tags per run id from ``.experiments_metadata.json``.
+
+    Accepts ``{run_id: {"tags": [...]}}`` and ``{run_id: [...]}``; anything else is ignored.
+    Tags are returned sorted and de-duplicated so the manifest does not depend on the order
+    a UI stored them in.
+    """
+    result: dict[str, list[str]] = {}
+    if not metadata_doc:
+        return result
+    for run_id, value in metadata_doc.items():
+        tags = value.get("tags") if isinstance(value, dict) else value
+        if isinstance(tags, list):
+            clean = sorted({tag for tag in tags if isinstance(tag, str)})
+            if clean:
+                result[run_id] = clean
+    return result

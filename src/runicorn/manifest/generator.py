@@ -1,0 +1,426 @@
+"""ManifestGenerator: scan an experiments root and publish one manifest of every run's files.
+
+One generation is: take the output's lock, scan (one stat per file, through the active
+backend), derive each run's status and times, tail-hash the append-only logs that changed,
+and publish ``<type>_manifest.json`` and ``.json.gz`` atomically -- but only when the content
+differs from the previous manifest of that type, in which case the revision goes up by one.
+A generation that fails or is interrupted leaves the previous manifest in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from blake3 import blake3
+
+from runicorn import layout
+from runicorn.atomic import exclusive_lock, write_atomically
+from runicorn.core.backend import Backend, active_backend
+from runicorn.core.scan import Problem
+from runicorn.manifest.models import (
+    ExperimentEntry,
+    FileEntry,
+    ManifestFormat,
+    ManifestType,
+    SyncManifest,
+    compress,
+    read_header,
+)
+from runicorn.manifest.state import FileMemo, GeneratorState, RunMemo, StatKey
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGGED_PROBLEMS = 50
+"""Problems beyond this many are counted in the summary, not logged one by one."""
+
+HEADER_PROBE_BYTES = 4096
+
+
+class ManifestGenerationError(OSError):
+    """The manifest could not be generated; the previous one, if any, is still in place."""
+
+
+@dataclass
+class GenerationReport:
+    """What one ``generate()`` call did, for the CLI summary and for monitoring."""
+
+    manifest_type: ManifestType
+    output_path: Path
+    compressed_path: Path
+    published: bool = False
+    """False when the content was unchanged and the previous files were left as they were."""
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    runs_scanned: int = 0
+    files_hashed: int = 0
+    files_reused: int = 0
+    files_vanished: int = 0
+    duration: float = 0.0
+
+
+def _stat_key(record: tuple[str, int, int, int, int]) -> StatKey:
+    return (record[1], record[2], record[3], record[4])
+
+
+class ManifestGenerator:
+    """Generates full and active manifests of one experiments root.
+
+    ``backend``, ``clock``, ``uuid_factory`` and ``hostname`` are injectable so tests get
+    byte-identical manifests; ``scan_threads`` scans projects concurrently (useful on
+    network file systems where every stat is a round trip).
+    """
+
+    def __init__(
+        self,
+        remote_root: Path,
+        output_dir: Path | None = None,
+        active_window_seconds: int = 3600,
+        incremental: bool = True,
+        *,
+        backend: Backend | None = None,
+        scan_threads: int = 1,
+        clock: Callable[[], float] = time.time,
+        uuid_factory: Callable[[], str] = lambda: str(uuid.uuid4()),
+        hostname: str | None = None,
+    ) -> None:
+        if active_window_seconds < 0:
+            raise ValueError(f"active_window_seconds must be >= 0, got {active_window_seconds}")
+        self.remote_root = Path(os.path.abspath(remote_root))
+        self.output_dir = (
+            Path(output_dir) if output_dir else self.remote_root / layout.MANIFEST_DIRNAME
+        )
+        self.active_window_seconds = active_window_seconds
+        self.incremental = incremental
+        self.backend = backend or active_backend()
+        self.scan_threads = scan_threads
+        self.clock = clock
+        self.uuid_factory = uuid_factory
+        self.hostname = hostname or socket.gethostname()
+        self.last_report: GenerationReport | None = None
+
+    # -- public API ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        manifest_type: ManifestType = ManifestType.FULL,
+        output_path: Path | None = None,
+    ) -> tuple[SyncManifest, Path]:
+        """Generate (and publish when changed) a manifest; returns it and its JSON path.
+
+        Raises :class:`ManifestGenerationError` when the root cannot be read or the
+        manifest cannot be written; the previously published manifest stays in place.
+        """
+        started = time.monotonic()
+        manifest_type = ManifestType(manifest_type)
+        output = Path(output_path) if output_path else self.output_dir / manifest_type.filename
+        output = Path(os.path.abspath(output))
+        report = GenerationReport(
+            manifest_type=manifest_type,
+            output_path=output,
+            compressed_path=output.with_name(output.name + ManifestFormat.GZIP_SUFFIX),
+        )
+        self.last_report = report
+        if not self.remote_root.is_dir():
+            raise ManifestGenerationError(
+                f"experiments root {self.remote_root} is not a readable directory; "
+                "pass the directory that holds your projects with --root"
+            )
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ManifestGenerationError(
+                f"cannot create the manifest directory {output.parent}: {error.strerror}"
+            ) from error
+        lock_path = output.with_name(f".{output.name}{layout.LOCK_SUFFIX}")
+        state_path = output.with_name(f".{output.name}.state")
+        try:
+            with exclusive_lock(lock_path):
+                manifest = self._generate_locked(manifest_type, output, state_path, report)
+        except ManifestGenerationError:
+            raise
+        except OSError as error:
+            raise ManifestGenerationError(f"manifest generation failed: {error}") from error
+        report.duration = time.monotonic() - started
+        return manifest, output
+
+    # -- one generation, under the lock ---------------------------------------------------
+
+    def _generate_locked(
+        self,
+        manifest_type: ManifestType,
+        output: Path,
+        state_path: Path,
+        report: GenerationReport,
+    ) -> SyncManifest:
+        previous = GeneratorState.load(state_path)
+        if previous.warning:
+            report.warnings.append(previous.warning)
+            logger.warning("%s", previous.warning)
+        memo = previous if self.incremental else GeneratorState()
+        scan_started_ns = time.time_ns()
+        try:
+            scan = self.backend.scan_experiments(str(self.remote_root), self.scan_threads)
+        except OSError as error:
+            raise ManifestGenerationError(
+                f"cannot read the experiments root {self.remote_root}: {error.strerror or error}"
+            ) from error
+        report.problems.extend(scan.problems)
+        self._log_problems(scan.problems)
+        now = self.clock()
+        tags = self._read_tags(report)
+        next_state = GeneratorState(scan_started_ns=scan_started_ns)
+        experiments = self._build_experiments(scan.runs, tags, memo, next_state, report)
+        if manifest_type is ManifestType.ACTIVE:
+            horizon = now - self.active_window_seconds
+            experiments = [
+                exp for exp in experiments if exp.status == "running" or exp.updated_at >= horizon
+            ]
+        report.runs_scanned = len(scan.runs)
+
+        manifest = SyncManifest(
+            manifest_type=manifest_type,
+            revision=0,
+            snapshot_id="",
+            generated_at=now,
+            server_hostname=self.hostname,
+            remote_root=str(self.remote_root),
+            experiments=experiments,
+        )
+        digest = self._content_digest(manifest)
+        compressed = report.compressed_path
+        published_revision = self._published_revision(output)
+        unchanged = (
+            previous.digest == digest
+            and published_revision == previous.revision
+            and compressed.exists()
+        )
+        if unchanged:
+            manifest.revision = previous.revision
+            manifest.snapshot_id = previous.snapshot_id
+            manifest.generated_at = previous.generated_at
+            logger.info(
+                "%s manifest unchanged at revision %d; nothing published",
+                manifest_type.value,
+                manifest.revision,
+            )
+        else:
+            manifest.revision = max(previous.revision, published_revision or 0) + 1
+            manifest.snapshot_id = self.uuid_factory()
+            data = manifest.to_json()
+            write_atomically(output, data)
+            write_atomically(compressed, compress(data))
+            report.published = True
+            logger.info(
+                "published %s manifest revision %d: %d runs, %d files",
+                manifest_type.value,
+                manifest.revision,
+                manifest.total_experiments,
+                manifest.total_files,
+            )
+        next_state.revision = manifest.revision
+        next_state.snapshot_id = manifest.snapshot_id
+        next_state.generated_at = manifest.generated_at
+        next_state.digest = digest
+        next_state.save(state_path)
+        return manifest
+
+    def _build_experiments(
+        self,
+        runs: list,
+        tags: dict[str, list[str]],
+        memo: GeneratorState,
+        next_state: GeneratorState,
+        report: GenerationReport,
+    ) -> list[ExperimentEntry]:
+        """Turn scan records into experiment entries, hashing only the tails that changed."""
+        root = str(self.remote_root)
+        reuse_before = memo.scan_started_ns
+        pending: list[tuple[FileEntry, str, tuple]] = []
+        experiments: list[ExperimentEntry] = []
+        for project, name, run_id, records in runs:
+            if any(record[0] == layout.DELETED_MARKER for record in records):
+                continue  # soft-deleted: the user no longer wants it listed
+            prefix = layout.run_prefix(project, name, run_id)
+            files: list[FileEntry] = []
+            by_name: dict[str, tuple] = {}
+            for record in records:
+                path_in_run = record[0]
+                if not layout.is_synced_file(path_in_run):
+                    continue
+                by_name[path_in_run] = record
+                path = prefix + path_in_run
+                entry = FileEntry(
+                    path=path,
+                    size=record[1],
+                    mtime=record[2] / 1_000_000_000,
+                    priority=layout.priority_for(path_in_run),
+                    is_append_only=layout.is_append_only(path_in_run),
+                )
+                if entry.is_append_only:
+                    key = _stat_key(record)
+                    known = memo.files.get(path)
+                    if known is not None and known.key == key and record[2] < reuse_before:
+                        entry.size, entry.tail_hash = known.recorded_size, known.tail_hash
+                        next_state.files[path] = known
+                        report.files_reused += 1
+                    else:
+                        pending.append((entry, path, record))
+                files.append(entry)
+            exp = self._describe_run(
+                project, name, run_id, files, by_name, memo, next_state, report
+            )
+            exp.tags = tags.get(run_id)
+            experiments.append(exp)
+
+        if pending:
+            requests = [(path, record[1], True) for _, path, record in pending]
+            results = self.backend.hash_tails(root, requests, ManifestFormat.TAIL_HASH_WINDOW)
+            vanished: set[str] = set()
+            for (entry, path, record), result in zip(pending, results, strict=True):
+                if result is None:
+                    vanished.add(path)
+                    continue
+                entry.size, entry.tail_hash = result
+                next_state.files[path] = FileMemo(_stat_key(record), result[0], result[1])
+            report.files_hashed += len(pending) - len(vanished)
+            if vanished:
+                report.files_vanished += len(vanished)
+                for path in sorted(vanished):
+                    message = f"{path}: vanished or shrank while it was read; left out this time"
+                    report.warnings.append(message)
+                    logger.warning("%s", message)
+                for exp in experiments:
+                    exp.files = [entry for entry in exp.files if entry.path not in vanished]
+        for exp in experiments:
+            if exp.files:
+                exp.updated_at = max(entry.mtime for entry in exp.files)
+        return experiments
+
+    def _describe_run(
+        self,
+        project: str,
+        name: str,
+        run_id: str,
+        files: list[FileEntry],
+        by_name: dict[str, tuple],
+        memo: GeneratorState,
+        next_state: GeneratorState,
+        report: GenerationReport,
+    ) -> ExperimentEntry:
+        """Status and creation time from meta.json / status.json (cached while unchanged)."""
+        prefix = layout.run_prefix(project, name, run_id)
+        meta_key = _stat_key(by_name["meta.json"]) if "meta.json" in by_name else None
+        status_key = _stat_key(by_name["status.json"]) if "status.json" in by_name else None
+        known = memo.runs.get(prefix)
+        fresh = all(key is None or key[1] < memo.scan_started_ns for key in (meta_key, status_key))
+        if (
+            known is not None
+            and fresh
+            and (known.meta_key, known.status_key)
+            == (
+                meta_key,
+                status_key,
+            )
+        ):
+            run_memo = known
+        else:
+            meta_doc = self._read_run_json(prefix, "meta.json", meta_key, report)
+            status_doc = self._read_run_json(prefix, "status.json", status_key, report)
+            created = layout.derive_created_at(meta_doc, status_doc, fallback=float("nan"))
+            run_memo = RunMemo(
+                meta_key=meta_key,
+                status_key=status_key,
+                status=layout.derive_status(status_doc),
+                created_at=None if created != created else created,
+            )
+        next_state.runs[prefix] = run_memo
+        oldest = min((entry.mtime for entry in files), default=0.0)
+        created_at = run_memo.created_at if run_memo.created_at is not None else oldest
+        return ExperimentEntry(
+            run_id=run_id,
+            project=project,
+            name=name,
+            status=run_memo.status,
+            created_at=created_at,
+            updated_at=created_at,
+            files=files,
+        )
+
+    def _read_run_json(
+        self, prefix: str, filename: str, key: StatKey | None, report: GenerationReport
+    ) -> dict | None:
+        if key is None:
+            return None
+        path = self.remote_root / prefix / filename
+        try:
+            data = _read_small_file(path)
+        except OSError as error:
+            message = f"{prefix}{filename}: cannot be read ({error.strerror}); using defaults"
+            report.warnings.append(message)
+            logger.warning("%s", message)
+            return None
+        doc = layout.parse_json_object(data)
+        if doc is None:
+            message = (
+                f"{prefix}{filename}: not a valid JSON object (being rewritten?); using defaults"
+            )
+            report.warnings.append(message)
+            logger.warning("%s", message)
+        return doc
+
+    def _read_tags(self, report: GenerationReport) -> dict[str, list[str]]:
+        path = self.remote_root / layout.EXPERIMENTS_METADATA_FILENAME
+        try:
+            data = _read_small_file(path)
+        except FileNotFoundError:
+            return {}
+        except OSError as error:
+            message = f"{path.name}: cannot be read ({error.strerror}); runs get no tags"
+            report.warnings.append(message)
+            logger.warning("%s", message)
+            return {}
+        doc = layout.parse_json_object(data)
+        if doc is None:
+            message = f"{path.name}: not a valid JSON object; runs get no tags"
+            report.warnings.append(message)
+            logger.warning("%s", message)
+        return layout.tags_by_run(doc)
+
+    def _content_digest(self, manifest: SyncManifest) -> str:
+        """A fingerprint of everything but the per-generation header fields."""
+        hasher = blake3()
+        hasher.update(orjson.dumps([manifest.server_hostname, manifest.remote_root]))
+        hasher.update(orjson.dumps([exp.to_dict() for exp in manifest.experiments]))
+        return hasher.hexdigest()
+
+    @staticmethod
+    def _published_revision(output: Path) -> int | None:
+        """The revision of the manifest currently published at ``output``, if readable."""
+        try:
+            with open(output, "rb") as handle:
+                header = read_header(handle.read(HEADER_PROBE_BYTES))
+        except OSError:
+            return None
+        return header["revision"] if header else None
+
+    @staticmethod
+    def _log_problems(problems: list[Problem]) -> None:
+        for path, reason in problems[:MAX_LOGGED_PROBLEMS]:
+            logger.warning("skipped %s: %s", path, reason)
+        if len(problems) > MAX_LOGGED_PROBLEMS:
+            logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
+
+
+def _read_small_file(path: Path, limit: int = 16 * 1024 * 1024) -> bytes:
+    """Read a run's metadata file without following a symbolic link, at most ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(limit)

@@ -1,0 +1,443 @@
+"""Manifest format 1.0: the data model, its encoding, and strict validation of what we read.
+
+A manifest arrives from a server we do not control, so decoding is validation: every field
+is type-checked, every path is checked against the rules of spec section 3.9, and the first
+problem raises ``ValueError`` naming the field and the run it belongs to. Encoding is
+deterministic (fixed key order, compact orjson) so both backends publish identical bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from runicorn import __version__
+from runicorn.layout import run_prefix
+
+
+class ManifestType(str, Enum):
+    """Which runs a manifest lists: all of them, or only the recently active ones."""
+
+    FULL = "full"
+    ACTIVE = "active"
+
+    @property
+    def filename(self) -> str:
+        """The published file name, e.g. ``full_manifest.json``."""
+        return f"{self.value}_manifest.json"
+
+
+class ManifestFormat:
+    """Constants of manifest format 1.0 and the limits a reader enforces."""
+
+    VERSION = "1.0"
+    SUPPORTED_MAJOR = "1"
+    TAIL_HASH_ALGORITHM = "blake3-128"
+    TAIL_HASH_WINDOW = 4096
+    GZIP_SUFFIX = ".gz"
+    MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
+    """A decompressed manifest larger than this is refused (gzip bombs). About 2.5 million
+    file entries fit; raise it on the reader for labs beyond that."""
+    MAX_SIZE = 2**63 - 1
+
+
+_HEX = re.compile(r"[0-9a-f]+\Z")
+
+
+@dataclass(slots=True)
+class FileEntry:
+    """One file of a run, as the server saw it."""
+
+    path: str
+    """Relative POSIX path from the experiments root."""
+    size: int
+    mtime: float
+    priority: int = 4
+    is_append_only: bool = False
+    tail_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "path": self.path,
+            "size": self.size,
+            "mtime": self.mtime,
+            "priority": self.priority,
+            "is_append_only": self.is_append_only,
+        }
+        if self.tail_hash is not None:
+            data["tail_hash"] = self.tail_hash
+        return data
+
+
+@dataclass(slots=True)
+class ExperimentEntry:
+    """One run and its files, sorted by path."""
+
+    run_id: str
+    project: str
+    name: str
+    status: str
+    created_at: float
+    updated_at: float
+    files: list[FileEntry] = field(default_factory=list)
+    tags: list[str] | None = None
+
+    @property
+    def prefix(self) -> str:
+        """The path prefix every file of this run must carry."""
+        return run_prefix(self.project, self.name, self.run_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "run_id": self.run_id,
+            "project": self.project,
+            "name": self.name,
+            "status": self.status,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "files": [entry.to_dict() for entry in self.files],
+        }
+        if self.tags:
+            data["tags"] = list(self.tags)
+        return data
+
+
+@dataclass(slots=True)
+class SyncManifest:
+    """A complete manifest: header plus every listed run."""
+
+    manifest_type: ManifestType
+    revision: int
+    snapshot_id: str
+    generated_at: float
+    server_hostname: str
+    remote_root: str
+    experiments: list[ExperimentEntry] = field(default_factory=list)
+    format_version: str = ManifestFormat.VERSION
+    generator_version: str = f"runicorn {__version__}"
+    tail_hash_algorithm: str | None = ManifestFormat.TAIL_HASH_ALGORITHM
+    tail_hash_window: int | None = ManifestFormat.TAIL_HASH_WINDOW
+
+    @property
+    def total_experiments(self) -> int:
+        return len(self.experiments)
+
+    @property
+    def total_files(self) -> int:
+        return sum(len(exp.files) for exp in self.experiments)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for exp in self.experiments for entry in exp.files)
+
+    @property
+    def statistics(self) -> dict[str, int]:
+        return {
+            "total_experiments": self.total_experiments,
+            "total_files": self.total_files,
+            "total_bytes": self.total_bytes,
+        }
+
+    def iter_files(self):
+        """Every file entry of every run, in manifest order."""
+        for exp in self.experiments:
+            yield from exp.files
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document. Header fields come first, so a reader can learn the revision
+        from the first few kilobytes (see :func:`read_header`)."""
+        data: dict[str, Any] = {
+            "format_version": self.format_version,
+            "manifest_type": self.manifest_type.value,
+            "revision": self.revision,
+            "snapshot_id": self.snapshot_id,
+            "generated_at": self.generated_at,
+            "server_hostname": self.server_hostname,
+            "remote_root": self.remote_root,
+            "generator_version": self.generator_version,
+        }
+        if self.tail_hash_algorithm is not None:
+            data["tail_hash_algorithm"] = self.tail_hash_algorithm
+        if self.tail_hash_window is not None:
+            data["tail_hash_window"] = self.tail_hash_window
+        data["statistics"] = self.statistics
+        data["experiments"] = [exp.to_dict() for exp in self.experiments]
+        return data
+
+    def to_json(self) -> bytes:
+        """Deterministic compact JSON bytes."""
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: bytes, *, source: str = "manifest") -> SyncManifest:
+        """Parse and validate JSON bytes; ``ValueError`` says what is wrong and where."""
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError as error:
+            raise ValueError(f"{source} is not valid JSON: {error}") from None
+        return cls.from_dict(document, source=source)
+
+    @classmethod
+    def from_gzip(
+        cls,
+        data: bytes,
+        *,
+        source: str = "manifest",
+        max_decompressed: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
+    ) -> SyncManifest:
+        """Decompress (size-capped) and parse a ``.json.gz`` manifest."""
+        return cls.from_json(
+            decompress_capped(data, max_decompressed, source=source), source=source
+        )
+
+    @classmethod
+    def from_dict(cls, document: Any, *, source: str = "manifest") -> SyncManifest:
+        return _Validator(source).manifest(document)
+
+
+def decompress_capped(data: bytes, limit: int, *, source: str = "manifest") -> bytes:
+    """Gunzip ``data`` but refuse to produce more than ``limit`` bytes (gzip bombs)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    produced = 0
+    pending = data
+    try:
+        while True:
+            chunk = inflater.decompress(pending, limit + 1 - produced)
+            produced += len(chunk)
+            parts.append(chunk)
+            if produced > limit:
+                raise ValueError(
+                    f"{source} decompresses to more than {limit} bytes; refusing it "
+                    "(a gzip bomb, or a lab too large for this reader's limit)"
+                )
+            if inflater.eof:
+                if inflater.unused_data.strip(b"\0"):
+                    raise ValueError(f"{source} has trailing data after the gzip stream")
+                break
+            pending = inflater.unconsumed_tail
+            if not pending:
+                raise ValueError(f"{source} is a truncated gzip stream")
+    except zlib.error as error:
+        raise ValueError(f"{source} is not valid gzip: {error}") from None
+    return b"".join(parts)
+
+
+def compress(data: bytes) -> bytes:
+    """Deterministic gzip (no file name, zero mtime) so published bytes depend on content only."""
+    return gzip.compress(data, compresslevel=6, mtime=0)
+
+
+_HEADER_FIELD = re.compile(
+    rb'"(revision|snapshot_id|manifest_type|format_version)":("[^"]*"|-?\d+)'
+)
+
+
+def read_header(prefix: bytes) -> dict[str, Any] | None:
+    """Pull ``format_version, manifest_type, revision, snapshot_id`` out of the first bytes of
+    a manifest's JSON, before the experiments list starts.
+
+    This lets a client learn that nothing changed from one small read. ``None`` when the
+    prefix does not hold all four before ``"experiments"`` (another generator's field order,
+    or a prefix too short): the caller then reads the whole manifest.
+    """
+    end = prefix.find(b'"experiments"')
+    if end < 0:
+        return None
+    found: dict[str, Any] = {}
+    for match in _HEADER_FIELD.finditer(prefix, 0, end):
+        key = match.group(1).decode()
+        raw = match.group(2)
+        found.setdefault(key, raw[1:-1].decode("utf-8", "replace") if raw[:1] == b'"' else int(raw))
+    if len(found) != 4 or not isinstance(found["revision"], int):
+        return None
+    return found
+
+
+def _is_safe_component(part: str) -> bool:
+    return (
+        bool(part)
+        and part not in (".", "..")
+        and "/" not in part
+        and "\\" not in part
+        and ("\0" not in part)
+    )
+
+
+class _Validator:
+    """Walks a decoded JSON document and builds the model, failing on the first problem."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, message: str) -> ValueError:
+        return ValueError(f"{self.source}: {where}: {message}")
+
+    def require(self, obj: dict[str, Any], key: str, where: str) -> Any:
+        if key not in obj:
+            raise self.fail(where, f"missing required field {key!r}")
+        return obj[key]
+
+    def string(self, value: Any, where: str, *, nonempty: bool = False) -> str:
+        if not isinstance(value, str):
+            raise self.fail(where, f"expected a string, got {type(value).__name__}")
+        if nonempty and not value:
+            raise self.fail(where, "must not be empty")
+        return value
+
+    def integer(
+        self, value: Any, where: str, *, low: int = 0, high: int = ManifestFormat.MAX_SIZE
+    ) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(where, f"expected an integer, got {type(value).__name__}")
+        if not low <= value <= high:
+            raise self.fail(where, f"{value} is outside the allowed range {low}..{high}")
+        return value
+
+    def number(self, value: Any, where: str) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self.fail(where, f"expected a number, got {type(value).__name__}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise self.fail(where, f"expected a finite number, got {value!r}")
+        return number
+
+    def component(self, value: Any, where: str) -> str:
+        text = self.string(value, where, nonempty=True)
+        if not _is_safe_component(text):
+            raise self.fail(where, f"{text!r} is not a safe path component")
+        return text
+
+    def manifest(self, doc: Any) -> SyncManifest:
+        if not isinstance(doc, dict):
+            raise self.fail("top level", f"expected an object, got {type(doc).__name__}")
+        version = self.string(self.require(doc, "format_version", "header"), "format_version")
+        if version.split(".")[0] != ManifestFormat.SUPPORTED_MAJOR:
+            raise self.fail(
+                "format_version", f"unsupported version {version!r} (this reader knows 1.x)"
+            )
+        raw_type = self.require(doc, "manifest_type", "header")
+        try:
+            manifest_type = ManifestType(raw_type)
+        except ValueError:
+            raise self.fail(
+                "manifest_type", f"expected 'full' or 'active', got {raw_type!r}"
+            ) from None
+        algorithm = doc.get("tail_hash_algorithm")
+        if algorithm is not None and algorithm != ManifestFormat.TAIL_HASH_ALGORITHM:
+            raise self.fail("tail_hash_algorithm", f"unsupported algorithm {algorithm!r}")
+        window = doc.get("tail_hash_window")
+        if window is not None and window != ManifestFormat.TAIL_HASH_WINDOW:
+            raise self.fail("tail_hash_window", f"unsupported window {window!r}")
+        manifest = SyncManifest(
+            manifest_type=manifest_type,
+            revision=self.integer(self.require(doc, "revision", "header"), "revision"),
+            snapshot_id=self.string(self.require(doc, "snapshot_id", "header"), "snapshot_id"),
+            generated_at=self.number(self.require(doc, "generated_at", "header"), "generated_at"),
+            server_hostname=self.string(
+                self.require(doc, "server_hostname", "header"), "server_hostname"
+            ),
+            remote_root=self.string(self.require(doc, "remote_root", "header"), "remote_root"),
+            format_version=version,
+            generator_version=self.string(doc.get("generator_version", ""), "generator_version"),
+            tail_hash_algorithm=algorithm,
+            tail_hash_window=window,
+        )
+        experiments = self.require(doc, "experiments", "header")
+        if not isinstance(experiments, list):
+            raise self.fail("experiments", f"expected a list, got {type(experiments).__name__}")
+        seen_runs: set[tuple[str, str, str]] = set()
+        seen_paths: set[str] = set()
+        for index, raw in enumerate(experiments):
+            exp = self.experiment(raw, f"experiments[{index}]", seen_paths)
+            key = (exp.project, exp.name, exp.run_id)
+            if key in seen_runs:
+                raise self.fail(f"experiments[{index}]", f"run {exp.prefix!r} is listed twice")
+            seen_runs.add(key)
+            manifest.experiments.append(exp)
+        stats = doc.get("statistics")
+        if stats is not None:
+            self.check_statistics(stats, manifest)
+        return manifest
+
+    def experiment(self, raw: Any, where: str, seen_paths: set[str]) -> ExperimentEntry:
+        if not isinstance(raw, dict):
+            raise self.fail(where, f"expected an object, got {type(raw).__name__}")
+        exp = ExperimentEntry(
+            run_id=self.component(self.require(raw, "run_id", where), f"{where}.run_id"),
+            project=self.component(self.require(raw, "project", where), f"{where}.project"),
+            name=self.component(self.require(raw, "name", where), f"{where}.name"),
+            status=self.string(self.require(raw, "status", where), f"{where}.status"),
+            created_at=self.number(self.require(raw, "created_at", where), f"{where}.created_at"),
+            updated_at=self.number(self.require(raw, "updated_at", where), f"{where}.updated_at"),
+        )
+        where = f"{where} (run {exp.prefix.rstrip('/')})"
+        tags = raw.get("tags")
+        if tags is not None:
+            if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+                raise self.fail(f"{where}.tags", "expected a list of strings")
+            exp.tags = tags
+        files = self.require(raw, "files", where)
+        if not isinstance(files, list):
+            raise self.fail(f"{where}.files", f"expected a list, got {type(files).__name__}")
+        prefix = exp.prefix
+        for index, raw_file in enumerate(files):
+            entry = self.file(raw_file, f"{where}.files[{index}]", prefix)
+            if entry.path in seen_paths:
+                raise self.fail(f"{where}.files[{index}].path", f"{entry.path!r} is listed twice")
+            seen_paths.add(entry.path)
+            exp.files.append(entry)
+        return exp
+
+    def file(self, raw: Any, where: str, prefix: str) -> FileEntry:
+        if not isinstance(raw, dict):
+            raise self.fail(where, f"expected an object, got {type(raw).__name__}")
+        path = self.string(self.require(raw, "path", where), f"{where}.path", nonempty=True)
+        check_relative_path(path, prefix, lambda message: self.fail(f"{where}.path", message))
+        tail_hash = raw.get("tail_hash")
+        if tail_hash is not None:
+            tail_hash = self.string(tail_hash, f"{where}.tail_hash")
+            if len(tail_hash) != 2 * 16 or not _HEX.match(tail_hash):
+                raise self.fail(f"{where}.tail_hash", "expected 32 lowercase hex characters")
+        append_only = raw.get("is_append_only", False)
+        if not isinstance(append_only, bool):
+            raise self.fail(f"{where}.is_append_only", "expected true or false")
+        return FileEntry(
+            path=path,
+            size=self.integer(self.require(raw, "size", where), f"{where}.size"),
+            mtime=self.number(self.require(raw, "mtime", where), f"{where}.mtime"),
+            priority=self.integer(raw.get("priority", 4), f"{where}.priority", low=1, high=4),
+            is_append_only=append_only,
+            tail_hash=tail_hash,
+        )
+
+    def check_statistics(self, stats: Any, manifest: SyncManifest) -> None:
+        if not isinstance(stats, dict):
+            raise self.fail("statistics", f"expected an object, got {type(stats).__name__}")
+        for key, actual in manifest.statistics.items():
+            if key in stats and stats[key] != actual:
+                raise self.fail(
+                    f"statistics.{key}",
+                    f"says {stats[key]!r} but the manifest lists {actual} "
+                    "(truncated or edited manifest)",
+                )
+
+
+def check_relative_path(path: str, prefix: str, fail: Any) -> None:
+    """Enforce spec section 3.9 on one path; ``fail(message)`` builds the exception."""
+    if "\0" in path or "\\" in path:
+        raise fail(f"{path!r} contains a NUL or backslash")
+    if path.startswith("/") or re.match(r"[A-Za-z]:", path):
+        raise fail(f"{path!r} is absolute")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise fail(f"{path!r} has an empty, '.' or '..' component")
+    if not path.startswith(prefix) or len(path) == len(prefix):
+        raise fail(f"{path!r} does not lie under its run directory {prefix!r}")
