@@ -262,12 +262,17 @@ def read_header(prefix: bytes) -> dict[str, Any] | None:
 
 
 def _is_safe_component(part: str) -> bool:
+    """A project, experiment name or run id: one visible path component.
+
+    Hidden names are refused too: the generator never lists them, and it keeps the cache's
+    own state directory (a dot name) out of reach of any manifest path.
+    """
     return (
         bool(part)
-        and part not in (".", "..")
+        and not part.startswith(".")
         and "/" not in part
         and "\\" not in part
-        and ("\0" not in part)
+        and "\0" not in part
     )
 
 
