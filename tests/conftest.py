@@ -40,3 +40,7 @@ def backend(backend_name: str) -> Backend:
             "or pass --no-native to test pure Python only"
         )
     return load_backend(backend_name)
+
+
+# Real-sshd fixtures (sshd_server, sshd_factory, ssh_client, sftp) live in tests/_sshd_fixtures.py.
+from _sshd_fixtures import *  # noqa: E402, F403
