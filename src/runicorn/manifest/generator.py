@@ -22,7 +22,7 @@ import orjson
 from blake3 import blake3
 
 from runicorn import layout
-from runicorn.atomic import exclusive_lock, write_atomically
+from runicorn.atomic import TEMP_PREFIX, exclusive_lock, write_atomically
 from runicorn.core.backend import Backend, active_backend
 from runicorn.core.scan import Problem
 from runicorn.manifest.models import (
@@ -160,6 +160,7 @@ class ManifestGenerator:
         state_path: Path,
         report: GenerationReport,
     ) -> SyncManifest:
+        _remove_leftover_temp_files(output.parent)
         previous = GeneratorState.load(state_path)
         if previous.warning:
             report.warnings.append(previous.warning)
@@ -417,6 +418,23 @@ class ManifestGenerator:
             logger.warning("skipped %s: %s", path, reason)
         if len(problems) > MAX_LOGGED_PROBLEMS:
             logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
+
+
+def _remove_leftover_temp_files(directory: Path) -> None:
+    """Delete temp files of a generation that was killed (SIGKILL, power loss).
+
+    Safe because the caller holds the output lock: no live generator is writing them.
+    """
+    try:
+        leftovers = [entry for entry in os.scandir(directory) if entry.name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return
+    for entry in leftovers:
+        try:
+            os.unlink(entry.path)
+            logger.info("removed %s left by an interrupted generation", entry.path)
+        except OSError:
+            pass
 
 
 def _read_small_file(path: Path, limit: int = 16 * 1024 * 1024) -> bytes:
