@@ -17,6 +17,11 @@ TEMP_PREFIX = ".runicorn-tmp-"
 """Temp files start with this, so leftovers of a killed process are recognisable."""
 
 
+def temp_prefix_for(path: Path) -> str:
+    """The prefix of temp files that will become ``path``: ``.runicorn-tmp-<name>.``"""
+    return f"{TEMP_PREFIX}{path.name}."
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename durable (best effort: some file systems refuse to fsync a directory)."""
     try:
@@ -37,7 +42,7 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o644, durable: boo
     On any failure (including ``KeyboardInterrupt``) the temp file is removed and ``path`` is
     untouched.
     """
-    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=path.parent)
+    fd, temp_name = tempfile.mkstemp(prefix=temp_prefix_for(path), suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -22,7 +22,7 @@ import orjson
 from blake3 import blake3
 
 from runicorn import layout
-from runicorn.atomic import TEMP_PREFIX, exclusive_lock, write_atomically
+from runicorn.atomic import exclusive_lock, temp_prefix_for, write_atomically
 from runicorn.core.backend import Backend, active_backend
 from runicorn.core.scan import Problem
 from runicorn.manifest.models import (
@@ -160,7 +160,7 @@ class ManifestGenerator:
         state_path: Path,
         report: GenerationReport,
     ) -> SyncManifest:
-        _remove_leftover_temp_files(output.parent)
+        _remove_leftover_temp_files(output, report.compressed_path, state_path)
         previous = GeneratorState.load(state_path)
         if previous.warning:
             report.warnings.append(previous.warning)
@@ -420,13 +420,15 @@ class ManifestGenerator:
             logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
 
 
-def _remove_leftover_temp_files(directory: Path) -> None:
-    """Delete temp files of a generation that was killed (SIGKILL, power loss).
+def _remove_leftover_temp_files(*targets: Path) -> None:
+    """Delete temp files a killed generation (SIGKILL, power loss) left for these targets.
 
-    Safe because the caller holds the output lock: no live generator is writing them.
+    Safe because the caller holds the output's lock: no live generator is writing them, and
+    other programs' temp files in the same directory have other prefixes.
     """
+    prefixes = tuple(temp_prefix_for(target) for target in targets)
     try:
-        leftovers = [entry for entry in os.scandir(directory) if entry.name.startswith(TEMP_PREFIX)]
+        leftovers = [e for e in os.scandir(targets[0].parent) if e.name.startswith(prefixes)]
     except OSError:
         return
     for entry in leftovers:
