@@ -135,29 +135,33 @@ def _new_ed25519(path: Path, comment: str) -> str:
     return line
 
 
-def _descendants(root_pid: int) -> list[int]:
-    """PIDs below ``root_pid`` (Linux /proc), so connection children can be stopped too."""
-    parents: dict[int, list[int]] = collections.defaultdict(list)
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, …), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself contain spaces or parentheses.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields if len(fields) > 19 else None
+
+
+def _descendants(root_pid: int) -> list[tuple[int, str]]:
+    """(PID, start time) of every process below ``root_pid`` (Linux /proc; else empty)."""
     proc = Path("/proc")
     if not proc.is_dir():
         return []
+    parents: dict[int, list[tuple[int, str]]] = collections.defaultdict(list)
     for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 4 is the parent PID; the command name before it may contain spaces or parens.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and fields[1].isdigit():
-            parents[int(fields[1])].append(int(entry.name))
-    found: list[int] = []
+        fields = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and fields[1].isdigit():
+            parents[int(fields[1])].append((int(entry.name), fields[19]))
+    found: list[tuple[int, str]] = []
     pending = [root_pid]
     while pending:
         children = parents.get(pending.pop(), [])
         found.extend(children)
-        pending.extend(children)
+        pending.extend(pid for pid, _ in children)
     return found
 
 
@@ -355,7 +359,7 @@ class SshServer:
             self.config_path.write_text(self._config_text(), encoding="ascii")
             self.known_hosts_path.write_text(self.known_hosts_line + "\n", encoding="ascii")
             started = time.monotonic()
-            with open(self.log_path, "ab") as log:
+            with open(self.log_path, "wb") as log:  # one attempt's log, for its error
                 self._proc = subprocess.Popen(
                     [sshd, "-D", "-e", "-f", str(self.config_path), "-E", str(self.log_path)],
                     stdin=subprocess.DEVNULL,
@@ -423,10 +427,13 @@ class SshServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-        # Connection handlers outlive the listener while a client stays connected.
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
+        # Connection handlers outlive the listener while a client stays connected. The start
+        # time guards against signalling an unrelated process that reused a PID.
+        for pid, start_time in children:
+            fields = _proc_stat(pid)
+            if fields is not None and fields[19] == start_time:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
 
     def stop(self) -> None:
         """Stop sshd (terminate, then kill) and remove the temporary directory."""
