@@ -1,0 +1,634 @@
+# cython: language_level=3, binding=True, annotation_typing=False
+"""Compiled twin of :mod:`runicorn.core.scan`: the experiments-root walk in C.
+
+Why this module exists: the scan is one ``lstat`` per file of a lab, and on a lab server
+that is a hundred thousand system calls before a manifest can be written. The pure module
+pays for a ``DirEntry`` object, a path string and a ``stat_result`` per entry; this one
+walks each project with ``openat``/``fdopendir``/``readdir`` and ``fstatat`` relative to the
+directory's file descriptor (no path is rebuilt or re-resolved per call), trusts ``d_type``
+at the layout levels (a ``stat`` only when the file system answers ``DT_UNKNOWN``), and
+collects plain C records with the GIL released. Python objects are built afterwards, one
+tuple per file, with the GIL held. With ``threads > 1`` each project is walked by a
+worker thread; since the walk holds no GIL, the workers really run at the same time (on
+NFS or Lustre every ``stat`` is a network round trip, and several can be in flight).
+
+Why it is a twin: :mod:`runicorn.core.scan` is the specification. The result types,
+reason strings and helper names are imported from it, the docstring of
+``scan_experiments`` is copied from it at import, and the test suite runs both against
+random trees and requires identical results. Names are decoded exactly as ``os.scandir``
+decodes them (the file-system encoding with ``surrogateescape``) and all sorting happens on
+the decoded ``str`` objects, so undecodable names sort like the pure module sorts them.
+Arguments other than a ``str`` path (or an ``os.PathLike`` giving one) are handed to the
+specification, so even their errors are the pure module's.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from libc.errno cimport errno, ENOENT, ENOTDIR, ELOOP, EINTR
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, strlen
+
+from runicorn.core import scan as _pure
+from runicorn.core.scan import (
+    REASON_NOT_A_DIRECTORY,
+    REASON_NOT_REGULAR,
+    REASON_SYMLINK,
+    REASON_VANISHED,
+    FileStat,
+    Problem,
+    RunScan,
+    ScanResult,
+    reason_unreadable,
+)
+from runicorn.layout import RUNS_DIRNAME
+
+__all__ = [
+    "REASON_NOT_A_DIRECTORY",
+    "REASON_NOT_REGULAR",
+    "REASON_SYMLINK",
+    "REASON_VANISHED",
+    "FileStat",
+    "Problem",
+    "RunScan",
+    "ScanResult",
+    "reason_unreadable",
+    "scan_experiments",
+]
+
+cdef extern from "Python.h":
+    object PyUnicode_DecodeFSDefaultAndSize(const char *s, Py_ssize_t size)
+
+cdef extern from "<dirent.h>" nogil:
+    ctypedef struct DIR:
+        pass
+    struct dirent:
+        unsigned char d_type
+        char d_name[1]
+    DIR *fdopendir(int fd)
+    dirent *readdir(DIR *dirp)
+    int closedir(DIR *dirp)
+    int dirfd(DIR *dirp)
+    enum:
+        DT_UNKNOWN
+        DT_DIR
+        DT_LNK
+        DT_REG
+
+cdef extern from "<fcntl.h>" nogil:
+    int openat(int dirfd, const char *pathname, int flags)
+    enum:
+        O_RDONLY
+        O_DIRECTORY
+        O_NOFOLLOW
+        O_CLOEXEC
+        AT_FDCWD
+        AT_SYMLINK_NOFOLLOW
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef extern from "<sys/stat.h>" nogil:
+    ctypedef long long c_off "off_t"
+    ctypedef unsigned long long c_ino "ino_t"
+    ctypedef unsigned int c_mode "mode_t"
+    cdef struct c_timespec "timespec":
+        long long tv_sec
+        long tv_nsec
+    ctypedef struct c_stat "struct stat":
+        c_mode st_mode
+        c_off st_size
+        c_ino st_ino
+        c_timespec st_mtim
+        c_timespec st_ctim
+    int fstatat(int dirfd, const char *pathname, c_stat *buf, int flags)
+    bint S_ISREG(c_mode m)
+    bint S_ISDIR(c_mode m)
+    bint S_ISLNK(c_mode m)
+
+
+# ---------------------------------------------------------------------------------------
+# C-level records, collected without the GIL
+
+cdef enum:
+    K_EXPERIMENT = 0   # text: the experiment name; the runs that follow belong to it
+    K_RUN = 1          # text: the run id; the files that follow belong to it
+    K_FILE = 2         # text: path in run; stat fields
+    K_PROBLEM = 3      # text: path relative to the root; code: reason
+
+# problem codes: > 0 is an errno ("unreadable: <strerror>")
+cdef enum:
+    R_SYMLINK = -1
+    R_NOT_A_DIRECTORY = -2
+    R_NOT_REGULAR = -3
+    R_VANISHED = -4
+
+cdef struct Record:
+    int kind
+    int code
+    Py_ssize_t offset
+    Py_ssize_t length
+    long long size
+    long long mtime_s
+    long long mtime_ns
+    long long ctime_s
+    long long ctime_ns
+    unsigned long long inode
+
+cdef struct Collector:
+    Record *records
+    Py_ssize_t n_records
+    Py_ssize_t cap_records
+    char *text
+    Py_ssize_t n_text
+    Py_ssize_t cap_text
+    char *rel          # the current path relative to the root (problem paths, paths in run)
+    Py_ssize_t n_rel
+    Py_ssize_t cap_rel
+    bint failed        # out of memory
+
+
+cdef bint _grow(void **buffer, Py_ssize_t *capacity, Py_ssize_t needed, size_t item) noexcept nogil:
+    cdef Py_ssize_t new_capacity = capacity[0] if capacity[0] > 0 else 64
+    cdef void *grown
+    if needed <= capacity[0]:
+        return True
+    while new_capacity < needed:
+        new_capacity *= 2
+    grown = realloc(buffer[0], <size_t>new_capacity * item)
+    if grown == NULL:
+        return False
+    buffer[0] = grown
+    capacity[0] = new_capacity
+    return True
+
+
+cdef Record *_record(Collector *c, int kind, const char *text, Py_ssize_t length) noexcept nogil:
+    """Append a record whose text is ``text[:length]``; NULL (and ``failed``) without memory."""
+    cdef Record *rec
+    if c.failed:
+        return NULL
+    if not _grow(<void **>&c.records, &c.cap_records, c.n_records + 1, sizeof(Record)) or \
+            not _grow(<void **>&c.text, &c.cap_text, c.n_text + length, 1):
+        c.failed = True
+        return NULL
+    rec = &c.records[c.n_records]
+    c.n_records += 1
+    rec.kind = kind
+    rec.code = 0
+    rec.offset = c.n_text
+    rec.length = length
+    if length:
+        memcpy(c.text + c.n_text, text, length)
+    c.n_text += length
+    return rec
+
+
+cdef void _problem(Collector *c, int code) noexcept nogil:
+    cdef Record *rec = _record(c, K_PROBLEM, c.rel, c.n_rel)
+    if rec != NULL:
+        rec.code = code
+
+
+cdef Py_ssize_t _push(Collector *c, const char *name, Py_ssize_t length) noexcept nogil:
+    """Append ``/name`` (or ``name`` at the top) to the relative path; return the old length."""
+    cdef Py_ssize_t old = c.n_rel
+    cdef Py_ssize_t sep = 1 if old > 0 else 0
+    if not _grow(<void **>&c.rel, &c.cap_rel, old + sep + length + 1, 1):
+        c.failed = True
+        return old
+    if sep:
+        c.rel[old] = b'/'
+    memcpy(c.rel + old + sep, name, length)
+    c.n_rel = old + sep + length
+    c.rel[c.n_rel] = 0
+    return old
+
+
+cdef inline void _pop(Collector *c, Py_ssize_t old) noexcept nogil:
+    c.n_rel = old
+    if c.rel != NULL:
+        c.rel[old] = 0
+
+
+cdef int _list_error(int error) noexcept nogil:
+    """The problem code of a directory that could not be listed (as ``_list_dir``)."""
+    if error == ENOENT:
+        return R_VANISHED
+    if error == ENOTDIR:
+        return R_NOT_A_DIRECTORY
+    return error
+
+
+# A directory listing read completely before anything in it is looked at, as the pure
+# module sorts the whole listing first: a listing that fails half way yields no entries.
+
+cdef struct Listing:
+    char *names        # NUL-terminated names, back to back
+    Py_ssize_t n_names
+    Py_ssize_t cap_names
+    Py_ssize_t *offsets
+    unsigned char *types
+    Py_ssize_t count
+    Py_ssize_t cap
+
+
+cdef int _read_listing(DIR *d, Listing *out) noexcept nogil:
+    """Read every entry except ``.`` and ``..``; 0, or the errno that stopped it."""
+    cdef dirent *entry
+    cdef Py_ssize_t length
+    cdef Py_ssize_t cap_types
+    out.names = NULL
+    out.offsets = NULL
+    out.types = NULL
+    out.n_names = out.cap_names = out.count = out.cap = 0
+    while True:
+        errno = 0
+        entry = readdir(d)
+        if entry == NULL:
+            return errno
+        if entry.d_name[0] == b'.' and (entry.d_name[1] == 0 or (
+                entry.d_name[1] == b'.' and entry.d_name[2] == 0)):
+            continue
+        length = strlen(entry.d_name)
+        cap_types = out.cap
+        if not _grow(<void **>&out.names, &out.cap_names, out.n_names + length + 1, 1) or \
+                not _grow(<void **>&out.offsets, &out.cap, out.count + 1, sizeof(Py_ssize_t)):
+            return -1
+        if out.cap != cap_types:
+            cap_types = out.count
+            if not _grow(<void **>&out.types, &cap_types, out.cap, 1):
+                return -1
+        memcpy(out.names + out.n_names, entry.d_name, length + 1)
+        out.offsets[out.count] = out.n_names
+        out.types[out.count] = entry.d_type
+        out.n_names += length + 1
+        out.count += 1
+
+
+cdef void _free_listing(Listing *listing) noexcept nogil:
+    free(listing.names)
+    free(listing.offsets)
+    free(listing.types)
+
+
+cdef DIR *_open_listing(Collector *c, int parent, const char *name, Listing *out,
+                        int *code) noexcept nogil:
+    """Open ``name`` below ``parent`` and read all of it. NULL on failure, with ``code`` the
+    problem the pure module would report there (0 and ``c.failed`` when out of memory)."""
+    cdef int fd
+    cdef int error
+    cdef DIR *d
+    cdef c_stat st
+    code[0] = 0
+    while True:
+        fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        if fd >= 0 or errno != EINTR:
+            break
+    if fd < 0:
+        error = errno
+        if error == ELOOP or error == ENOTDIR:
+            # O_NOFOLLOW refuses a symbolic link as the last component, with ELOOP, or with
+            # ENOTDIR when O_DIRECTORY is checked first: one lstat tells which it was
+            if fstatat(parent, name, &st, AT_SYMLINK_NOFOLLOW) != 0:
+                error = errno
+            elif S_ISLNK(st.st_mode):
+                code[0] = R_SYMLINK
+                return NULL
+            elif not S_ISDIR(st.st_mode):
+                error = ENOTDIR
+        code[0] = _list_error(error)
+        return NULL
+    d = fdopendir(fd)
+    if d == NULL:
+        error = errno
+        close(fd)
+        code[0] = _list_error(error)
+        return NULL
+    error = _read_listing(d, out)
+    if error != 0:
+        _free_listing(out)
+        closedir(d)
+        if error == -1:
+            c.failed = True
+        else:
+            code[0] = _list_error(error)
+        return NULL
+    return d
+
+
+cdef int _kind_of(int dir_fd, const char *name, unsigned char d_type) noexcept nogil:
+    """``DT_LNK``, ``DT_DIR`` or ``DT_UNKNOWN`` (anything else, or a failed lstat) for an
+    entry at a layout level; a stat only when the file system did not say."""
+    cdef c_stat st
+    if d_type == DT_LNK or d_type == DT_DIR:
+        return d_type
+    if d_type != DT_UNKNOWN:
+        return DT_UNKNOWN
+    if fstatat(dir_fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0:
+        return DT_UNKNOWN
+    if S_ISLNK(st.st_mode):
+        return DT_LNK
+    if S_ISDIR(st.st_mode):
+        return DT_DIR
+    return DT_UNKNOWN
+
+
+cdef void _scan_run_files(Collector *c, int parent, const char *name,
+                          Py_ssize_t in_run_start) noexcept nogil:
+    """Record every regular file below ``name`` (a run directory or a directory inside one);
+    ``c.rel`` is the directory's path, its part from ``in_run_start`` the path in the run."""
+    cdef Listing listing
+    cdef int code
+    cdef DIR *d = _open_listing(c, parent, name, &listing, &code)
+    cdef int fd
+    cdef Py_ssize_t k, old
+    cdef const char *entry
+    cdef unsigned char d_type
+    cdef c_stat st
+    cdef Record *rec
+    if d == NULL:
+        if code:
+            _problem(c, code)
+        return
+    fd = dirfd(d)
+    for k in range(listing.count):
+        if c.failed:
+            break
+        entry = listing.names + listing.offsets[k]
+        d_type = listing.types[k]
+        old = _push(c, entry, strlen(entry))
+        if d_type == DT_DIR:
+            _scan_run_files(c, fd, entry, in_run_start)
+        elif d_type == DT_LNK:
+            _problem(c, R_SYMLINK)
+        elif d_type != DT_REG and d_type != DT_UNKNOWN:
+            _problem(c, R_NOT_REGULAR)
+        elif fstatat(fd, entry, &st, AT_SYMLINK_NOFOLLOW) != 0:
+            _problem(c, R_VANISHED if errno == ENOENT else errno)
+        elif S_ISREG(st.st_mode):
+            rec = _record(c, K_FILE, c.rel + in_run_start, c.n_rel - in_run_start)
+            if rec != NULL:
+                rec.size = st.st_size
+                rec.mtime_s = st.st_mtim.tv_sec
+                rec.mtime_ns = st.st_mtim.tv_nsec
+                rec.ctime_s = st.st_ctim.tv_sec
+                rec.ctime_ns = st.st_ctim.tv_nsec
+                rec.inode = st.st_ino
+        elif S_ISDIR(st.st_mode):
+            _scan_run_files(c, fd, entry, in_run_start)
+        elif S_ISLNK(st.st_mode):
+            _problem(c, R_SYMLINK)
+        else:
+            _problem(c, R_NOT_REGULAR)
+        _pop(c, old)
+    closedir(d)
+    _free_listing(&listing)
+
+
+cdef void _scan_runs(Collector *c, int project_fd, const char *runs_path) noexcept nogil:
+    """Walk ``<name>/runs`` (``runs_path``, relative to the project); ``c.rel`` is its path."""
+    cdef Listing listing
+    cdef int code
+    cdef DIR *d = _open_listing(c, project_fd, runs_path, &listing, &code)
+    cdef int fd
+    cdef Py_ssize_t k, old, length
+    cdef const char *entry
+    cdef int kind
+    if d == NULL:
+        # no runs directory: an experiment without runs yet, not a problem
+        if code and code != R_VANISHED:
+            _problem(c, code)
+        return
+    fd = dirfd(d)
+    for k in range(listing.count):
+        if c.failed:
+            break
+        entry = listing.names + listing.offsets[k]
+        if entry[0] == b'.':
+            continue
+        length = strlen(entry)
+        old = _push(c, entry, length)
+        kind = _kind_of(fd, entry, listing.types[k])
+        if kind == DT_LNK:
+            _problem(c, R_SYMLINK)
+        elif kind == DT_DIR:
+            _record(c, K_RUN, entry, length)
+            _scan_run_files(c, fd, entry, c.n_rel + 1)
+        else:
+            _problem(c, R_NOT_A_DIRECTORY)
+        _pop(c, old)
+    closedir(d)
+    _free_listing(&listing)
+
+
+cdef void _scan_project(Collector *c, int root_fd, const char *project,
+                        const char *runs_name) noexcept nogil:
+    cdef Listing listing
+    cdef int code
+    cdef DIR *d
+    cdef int fd
+    cdef Py_ssize_t k, old, old_exp, length, runs_length
+    cdef const char *entry
+    cdef char *runs_path = NULL
+    cdef Py_ssize_t runs_cap = 0
+    cdef int kind
+    _push(c, project, strlen(project))
+    d = _open_listing(c, root_fd, project, &listing, &code)
+    if d == NULL:
+        if code:
+            _problem(c, code)
+        return
+    fd = dirfd(d)
+    runs_length = strlen(runs_name)
+    for k in range(listing.count):
+        if c.failed:
+            break
+        entry = listing.names + listing.offsets[k]
+        if entry[0] == b'.':
+            continue
+        length = strlen(entry)
+        kind = _kind_of(fd, entry, listing.types[k])
+        old_exp = _push(c, entry, length)
+        if kind == DT_LNK:
+            _problem(c, R_SYMLINK)
+        elif kind == DT_DIR:
+            # "<name>/runs" opened in one call: O_NOFOLLOW applies to its last component
+            # only, which is what an lstat of the runs path examines in the pure module
+            if not _grow(<void **>&runs_path, &runs_cap, length + runs_length + 2, 1):
+                c.failed = True
+                break
+            memcpy(runs_path, entry, length)
+            runs_path[length] = b'/'
+            memcpy(runs_path + length + 1, runs_name, runs_length + 1)
+            _record(c, K_EXPERIMENT, entry, length)
+            old = _push(c, runs_name, runs_length)
+            _scan_runs(c, fd, runs_path)
+            _pop(c, old)
+        _pop(c, old_exp)
+    free(runs_path)
+    closedir(d)
+    _free_listing(&listing)
+
+
+cdef class _Project:
+    """One project walked into C records (without the GIL), then turned into tuples."""
+
+    cdef Collector c
+    cdef bytes name_bytes
+    cdef str name
+
+    def __cinit__(self):
+        self.c.records = NULL
+        self.c.text = NULL
+        self.c.rel = NULL
+        self.c.n_records = self.c.cap_records = 0
+        self.c.n_text = self.c.cap_text = 0
+        self.c.n_rel = self.c.cap_rel = 0
+        self.c.failed = False
+
+    def __dealloc__(self):
+        free(self.c.records)
+        free(self.c.text)
+        free(self.c.rel)
+
+    cdef tuple scan(self, int root_fd, bytes runs_name):
+        cdef const char *project = self.name_bytes
+        cdef const char *runs = runs_name
+        with nogil:
+            _scan_project(&self.c, root_fd, project, runs)
+        if self.c.failed:
+            raise MemoryError("out of memory while scanning " + repr(self.name))
+        return self.convert()
+
+    cdef tuple convert(self):
+        cdef list runs = []
+        cdef list problems = []
+        cdef list files = None
+        cdef Py_ssize_t k
+        cdef Record *rec
+        cdef str project = self.name
+        cdef object experiment = None
+        cdef dict reasons = {}
+        for k in range(self.c.n_records):
+            rec = &self.c.records[k]
+            text = PyUnicode_DecodeFSDefaultAndSize(self.c.text + rec.offset, rec.length)
+            if rec.kind == K_FILE:
+                files.append((text, rec.size, _ns(rec.mtime_s, rec.mtime_ns),
+                              _ns(rec.ctime_s, rec.ctime_ns), rec.inode))
+            elif rec.kind == K_RUN:
+                if files is not None:
+                    files.sort()
+                files = []
+                runs.append((project, experiment, text, files))
+            elif rec.kind == K_EXPERIMENT:
+                experiment = text
+            else:
+                reason = reasons.get(rec.code)
+                if reason is None:
+                    reason = reasons[rec.code] = _reason(rec.code)
+                problems.append((text, reason))
+        if files is not None:
+            files.sort()  # path_in_run is unique within a run: only it is ever compared
+        return runs, problems
+
+
+cdef inline object _ns(long long seconds, long long nanoseconds):
+    if -9000000000 < seconds < 9000000000:
+        return seconds * 1000000000 + nanoseconds
+    return <object>seconds * 1000000000 + nanoseconds
+
+
+cdef object _reason(int code):
+    if code == R_SYMLINK:
+        return REASON_SYMLINK
+    if code == R_NOT_A_DIRECTORY:
+        return REASON_NOT_A_DIRECTORY
+    if code == R_NOT_REGULAR:
+        return REASON_NOT_REGULAR
+    if code == R_VANISHED:
+        return REASON_VANISHED
+    return reason_unreadable(OSError(code, os.strerror(code)))
+
+
+cdef tuple _scan_one(_Project project, int root_fd, bytes runs_name):
+    return project.scan(root_fd, runs_name)
+
+
+def scan_experiments(root: str, threads: int = 1) -> ScanResult:
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    try:
+        path = os.fspath(root)
+    except TypeError:
+        path = None
+    if type(path) is not str or "\0" in path:
+        return _pure.scan_experiments(root, threads)
+    cdef bytes root_bytes = os.fsencode(path)
+    cdef const char *c_root = root_bytes
+    cdef bytes runs_name = os.fsencode(RUNS_DIRNAME)
+    cdef int fd
+    cdef int error = 0
+    cdef DIR *d = NULL
+    cdef Listing listing
+    cdef Py_ssize_t k
+    cdef const char *entry
+    cdef int kind
+    cdef list problems = []
+    cdef list projects = []
+    cdef _Project project
+    with nogil:
+        while True:
+            fd = openat(AT_FDCWD, c_root, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if fd >= 0 or errno != EINTR:
+                break
+        if fd < 0:
+            error = errno
+        else:
+            d = fdopendir(fd)
+            if d == NULL:
+                error = errno
+                close(fd)
+            else:
+                error = _read_listing(d, &listing)
+                if error != 0:
+                    _free_listing(&listing)
+                    closedir(d)
+    if error == -1:
+        raise MemoryError("out of memory while listing " + repr(path))
+    if error != 0:
+        raise OSError(error, os.strerror(error), root)
+    try:
+        fd = dirfd(d)
+        for k in range(listing.count):
+            entry = listing.names + listing.offsets[k]
+            if entry[0] == b'.':
+                continue
+            name = PyUnicode_DecodeFSDefaultAndSize(entry, strlen(entry))
+            with nogil:
+                kind = _kind_of(fd, entry, listing.types[k])
+            if kind == DT_LNK:
+                problems.append((name, REASON_SYMLINK))
+            elif kind == DT_DIR:
+                project = _Project()
+                project.name_bytes = <bytes>entry
+                project.name = name
+                projects.append(project)
+        if threads == 1 or len(projects) < 2:
+            parts = [_scan_one(p, fd, runs_name) for p in projects]
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                parts = list(pool.map(lambda p: _scan_one(p, fd, runs_name), projects))
+    finally:
+        _free_listing(&listing)
+        closedir(d)
+    cdef list runs = []
+    for project_runs, project_problems in parts:
+        runs.extend(project_runs)
+        problems.extend(project_problems)
+    runs.sort()  # (project, name, run_id) is unique: the file lists are never compared
+    problems.sort()
+    return ScanResult(runs, problems)
+
+
+scan_experiments.__doc__ = _pure.scan_experiments.__doc__
