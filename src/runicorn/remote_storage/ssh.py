@@ -1,0 +1,377 @@
+"""Open an SSH connection the way ``ssh`` would, but never trust a host key silently and never
+ask for a password.
+
+``connect()`` resolves a destination through ``~/.ssh/config`` (HostName, User, Port,
+IdentityFile, IdentitiesOnly, UserKnownHostsFile, GlobalKnownHostsFile, ProxyCommand), loads
+the system and user known_hosts files, and authenticates with the agent and key files only.
+An unknown host key raises :class:`UnknownHostKeyError` and a changed one
+:class:`ChangedHostKeyError`; both say which fingerprint was seen and how to trust it after
+checking. A run from cron or a systemd timer therefore fails fast instead of hanging on a
+prompt, and a man-in-the-middle is refused rather than remembered.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+__all__ = [
+    "DEFAULT_SSH_CONFIG",
+    "DEFAULT_TIMEOUT",
+    "SYSTEM_KNOWN_HOSTS",
+    "ChangedHostKeyError",
+    "HostKeyError",
+    "ResolvedHost",
+    "SshAuthenticationError",
+    "SshConfigError",
+    "UnknownHostKeyError",
+    "connect",
+    "fingerprint",
+    "parse_destination",
+    "resolve_host",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SSH_CONFIG = "~/.ssh/config"
+DEFAULT_USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
+SYSTEM_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+DEFAULT_TIMEOUT = 30.0
+SSH_PORT = 22
+
+
+class SshConfigError(ValueError):
+    """The destination or the ssh configuration asks for something this client cannot do."""
+
+
+class HostKeyError(paramiko.SSHException):
+    """The server's host key is not trusted; nothing was sent to it beyond the key exchange."""
+
+    def __init__(self, message: str, *, host: str, port: int, key: paramiko.PKey) -> None:
+        super().__init__(message)
+        self.host = host
+        self.port = port
+        self.key_type = key.get_name()
+        self.fingerprint = fingerprint(key)
+
+
+class UnknownHostKeyError(HostKeyError):
+    """No known_hosts file lists a key for this host (first connection)."""
+
+
+class ChangedHostKeyError(HostKeyError):
+    """known_hosts lists a different key of the same type: a reinstall, or an attack."""
+
+
+class SshAuthenticationError(paramiko.AuthenticationException):
+    """No key or agent identity was accepted (passwords are never tried)."""
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """The ``SHA256:…`` fingerprint OpenSSH prints (``ssh-keygen -lf``) for a public key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def parse_destination(destination: str) -> tuple[str | None, str]:
+    """Split ``[USER@]HOST`` (``HOST`` may be a bracketed IPv6 address) into (user, host)."""
+    user: str | None = None
+    host = destination
+    if "@" in destination:
+        user, host = destination.rsplit("@", 1)
+        if not user:
+            raise SshConfigError(f"empty user name in {destination!r}; use USER@HOST or HOST")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(ch.isspace() for ch in host) or "/" in host:
+        raise SshConfigError(f"{destination!r} is not a valid [USER@]HOST destination")
+    return user, host
+
+
+@dataclass
+class ResolvedHost:
+    """Everything ``connect()`` needs, after ``~/.ssh/config`` and the arguments are merged."""
+
+    alias: str
+    hostname: str
+    port: int
+    username: str
+    identity_files: list[str] = field(default_factory=list)
+    identities_only: bool = False
+    user_known_hosts: list[str] = field(default_factory=list)
+    system_known_hosts: list[str] = field(default_factory=list)
+    proxy_command: str | None = None
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The name known_hosts files list this server under (``[host]:port`` off port 22)."""
+        return self.hostname if self.port == SSH_PORT else f"[{self.hostname}]:{self.port}"
+
+
+def _expand(path: str) -> str:
+    return os.path.expandvars(os.path.expanduser(path))
+
+
+def _split_files(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [_expand(part) for part in shlex.split(value)]
+    return [_expand(part) for item in value for part in shlex.split(item)]
+
+
+def _load_config(config_path: str | os.PathLike[str] | None) -> paramiko.SSHConfig | None:
+    if config_path is None:
+        return None
+    path = Path(_expand(os.fspath(config_path)))
+    if not path.is_file():
+        return None
+    try:
+        return paramiko.SSHConfig.from_path(str(path))
+    except (OSError, paramiko.ConfigParseError) as error:
+        raise SshConfigError(f"cannot read ssh config {path}: {error}") from error
+
+
+def _local_username() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USER") or os.environ.get("USERNAME") or "root"
+
+
+def resolve_host(
+    destination: str,
+    *,
+    port: int | None = None,
+    config_path: str | os.PathLike[str] | None = DEFAULT_SSH_CONFIG,
+    known_hosts: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    identity_files: Iterable[str | os.PathLike[str]] = (),
+    system_known_hosts: Sequence[str] | None = SYSTEM_KNOWN_HOSTS,
+) -> ResolvedHost:
+    """Merge the destination, the explicit arguments and the ssh config, as ``ssh`` does.
+
+    Explicit arguments win over the config (``-p`` over ``Port``); the config wins over
+    defaults. ``known_hosts`` replaces the user known_hosts files (``UserKnownHostsFile``).
+    """
+    user, alias = parse_destination(destination)
+    config = _load_config(config_path)
+    options = config.lookup(alias) if config is not None else {"hostname": alias}
+    if options.get("proxyjump"):
+        raise SshConfigError(
+            f"ProxyJump (for {alias}) is not supported; use an equivalent ProxyCommand such as "
+            f"'ProxyCommand ssh -W %h:%p {options['proxyjump']}'"
+        )
+    strict = str(options.get("stricthostkeychecking", "")).lower()
+    if strict in ("no", "off", "accept-new"):
+        logger.warning(
+            "StrictHostKeyChecking %s in the ssh config is ignored: runicorn never trusts a "
+            "host key that is not in known_hosts",
+            strict,
+        )
+    try:
+        resolved_port = port if port is not None else int(options.get("port", SSH_PORT))
+    except ValueError:
+        raise SshConfigError(f"Port {options.get('port')!r} for {alias} is not a number") from None
+    if not 0 < resolved_port < 65536:
+        raise SshConfigError(f"port {resolved_port} is outside 1..65535")
+
+    identities = [_expand(os.fspath(path)) for path in identity_files]
+    identities += [path for path in _split_files(options.get("identityfile"))]
+    if known_hosts is not None:
+        if isinstance(known_hosts, str | os.PathLike):
+            user_files = [_expand(os.fspath(known_hosts))]
+        else:
+            user_files = [_expand(os.fspath(path)) for path in known_hosts]
+    else:
+        user_files = _split_files(options.get("userknownhostsfile")) or [
+            _expand(path) for path in DEFAULT_USER_KNOWN_HOSTS
+        ]
+    if "globalknownhostsfile" in options:
+        system_files = _split_files(options["globalknownhostsfile"])
+    else:
+        system_files = list(system_known_hosts or ())
+    proxy = options.get("proxycommand")
+    return ResolvedHost(
+        alias=alias,
+        hostname=options.get("hostname", alias),
+        port=resolved_port,
+        username=user or options.get("user") or _local_username(),
+        identity_files=list(dict.fromkeys(identities)),
+        identities_only=str(options.get("identitiesonly", "no")).lower() == "yes",
+        user_known_hosts=user_files,
+        system_known_hosts=system_files,
+        proxy_command=None if proxy in (None, "none") else proxy,
+    )
+
+
+class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
+    """Like ``RejectPolicy``, but the exception says what was seen and how to trust it."""
+
+    def __init__(self, resolved: ResolvedHost) -> None:
+        self.resolved = resolved
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey):
+        resolved = self.resolved
+        known_types = _known_key_types(client, hostname)
+        also = (
+            f" (known_hosts has a key of another type for it: {', '.join(known_types)}; "
+            "the server did not offer that one)"
+            if known_types
+            else ""
+        )
+        raise UnknownHostKeyError(
+            f"the host key of {hostname} is not known{also}. The server offered "
+            f"{key.get_name()} {fingerprint(key)}. runicorn never trusts a new host key on "
+            "its own: confirm this fingerprint with the server's administrator (on the server: "
+            "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`), then add it with\n"
+            f"    {_keyscan_command(resolved, key)}\n"
+            "or connect once with plain `ssh` and answer yes after comparing the fingerprint.",
+            host=resolved.hostname,
+            port=resolved.port,
+            key=key,
+        )
+
+
+def _known_key_types(client: paramiko.SSHClient, hostname: str) -> list[str]:
+    types: list[str] = []
+    for keys in (client.get_host_keys(), client._system_host_keys):
+        entry = keys.lookup(hostname)
+        if entry is not None:
+            types.extend(entry.keys())
+    return sorted(set(types))
+
+
+def _keyscan_command(resolved: ResolvedHost, key: paramiko.PKey) -> str:
+    target = resolved.user_known_hosts[0] if resolved.user_known_hosts else "~/.ssh/known_hosts"
+    home = os.path.expanduser("~")
+    if target.startswith(home + os.sep):
+        target = "~" + target[len(home) :]
+    key_type = key.get_name().removeprefix("ssh-").split("-")[0]
+    if key_type.startswith("ecdsa"):
+        key_type = "ecdsa"
+    port = f"-p {resolved.port} " if resolved.port != SSH_PORT else ""
+    return f"ssh-keyscan {port}-t {key_type} {shlex.quote(resolved.hostname)} >> {target}"
+
+
+def _changed_key_error(resolved: ResolvedHost, error: paramiko.BadHostKeyException):
+    name = resolved.known_hosts_name
+    return ChangedHostKeyError(
+        f"WARNING: THE HOST KEY OF {name} HAS CHANGED. known_hosts says "
+        f"{error.expected_key.get_name()} {fingerprint(error.expected_key)}, the server offered "
+        f"{error.key.get_name()} {fingerprint(error.key)}. Someone could be intercepting the "
+        "connection (man-in-the-middle), or the server was reinstalled. runicorn refuses to "
+        "connect. If the change is expected and you have verified the new fingerprint with "
+        f"the server's administrator, remove the old key with `ssh-keygen -R '{name}'` and "
+        f"add the new one with\n    {_keyscan_command(resolved, error.key)}",
+        host=resolved.hostname,
+        port=resolved.port,
+        key=error.key,
+    )
+
+
+def _load_known_hosts(client: paramiko.SSHClient, resolved: ResolvedHost) -> None:
+    """System files first, then user files; all read-only (nothing is ever saved back)."""
+    for path in [*resolved.system_known_hosts, *resolved.user_known_hosts]:
+        if not os.path.isfile(path):
+            continue
+        try:
+            client.load_system_host_keys(path)
+        except (OSError, paramiko.SSHException) as error:
+            logger.warning("known_hosts file %s could not be read: %s", path, error)
+
+
+def connect(
+    destination: str,
+    *,
+    port: int | None = None,
+    config_path: str | os.PathLike[str] | None = DEFAULT_SSH_CONFIG,
+    known_hosts: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    identity_files: Iterable[str | os.PathLike[str]] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+    allow_agent: bool = True,
+    system_known_hosts: Sequence[str] | None = SYSTEM_KNOWN_HOSTS,
+) -> paramiko.SSHClient:
+    """Connect to ``[USER@]HOST`` with verified host key and key-based authentication.
+
+    Raises :class:`UnknownHostKeyError` / :class:`ChangedHostKeyError` (host key not
+    trusted), :class:`SshAuthenticationError` (no key accepted), :class:`SshConfigError`
+    (bad destination or config) and ``OSError`` / ``paramiko.SSHException`` for network
+    failures. Every wait (TCP connect, banner, authentication, channel open) is bounded by
+    ``timeout``. Passwords and keyboard-interactive prompts are never used.
+    """
+    resolved = resolve_host(
+        destination,
+        port=port,
+        config_path=config_path,
+        known_hosts=known_hosts,
+        identity_files=identity_files,
+        system_known_hosts=system_known_hosts,
+    )
+    client = paramiko.SSHClient()
+    _load_known_hosts(client, resolved)
+    client.set_missing_host_key_policy(_RefuseUnknownHostKey(resolved))
+    key_files = [path for path in resolved.identity_files if os.path.isfile(path)]
+    for path in resolved.identity_files:
+        if path not in key_files:
+            logger.debug("identity file %s does not exist; skipped", path)
+    use_agent = allow_agent and not resolved.identities_only
+    look_for_keys = not resolved.identities_only
+    # paramiko's SSHConfig already expanded %h/%p/%r in ProxyCommand.
+    sock = paramiko.ProxyCommand(resolved.proxy_command) if resolved.proxy_command else None
+    logger.debug(
+        "connecting to %s@%s:%d (keys: %s, agent: %s, default keys: %s)",
+        resolved.username,
+        resolved.hostname,
+        resolved.port,
+        key_files or "none",
+        use_agent,
+        look_for_keys,
+    )
+    try:
+        client.connect(
+            resolved.hostname,
+            port=resolved.port,
+            username=resolved.username,
+            key_filename=key_files or None,
+            allow_agent=use_agent,
+            look_for_keys=look_for_keys,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            channel_timeout=timeout,
+            sock=sock,
+        )
+    except paramiko.BadHostKeyException as error:
+        client.close()
+        raise _changed_key_error(resolved, error) from None
+    except HostKeyError:
+        client.close()
+        raise
+    except paramiko.AuthenticationException as error:
+        client.close()
+        tried = ", ".join(key_files) or "no key files"
+        raise SshAuthenticationError(
+            f"authentication as {resolved.username}@{resolved.hostname}:{resolved.port} failed "
+            f"({error}); tried {tried}{', the SSH agent' if use_agent else ''}"
+            f"{' and the default keys in ~/.ssh' if look_for_keys else ''}. runicorn never "
+            "asks for a password: install your public key on the server (`ssh-copy-id`) or "
+            "pass the right one with --identity"
+        ) from None
+    except BaseException:
+        client.close()
+        raise
+    transport = client.get_transport()
+    if transport is not None:
+        transport.set_keepalive(15)
+    return client
+

@@ -1,0 +1,211 @@
+"""runicorn.remote_storage.ssh against a real sshd: host keys are verified, never learned, and
+authentication never waits for a password."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from runicorn.remote_storage.ssh import (
+    ChangedHostKeyError,
+    SshAuthenticationError,
+    SshConfigError,
+    UnknownHostKeyError,
+    connect,
+    fingerprint,
+    parse_destination,
+    resolve_host,
+)
+from runicorn.testing.sshd import SshServer
+
+pytestmark = pytest.mark.sshd
+
+
+def _connect(server: SshServer, known_hosts: Path, **options) -> paramiko.SSHClient:
+    """Connect with only the test's own key and known_hosts, nothing from the user's ~/.ssh."""
+    options.setdefault("port", server.port)
+    options.setdefault("identity_files", [server.client_key_path])
+    return connect(
+        f"{server.username}@{server.host}",
+        config_path=None,
+        known_hosts=known_hosts,
+        system_known_hosts=None,
+        allow_agent=False,
+        timeout=10.0,
+        **options,
+    )
+
+
+def _server_key(server: SshServer) -> paramiko.PKey:
+    return paramiko.PKey.from_path(server.host_key_path)
+
+
+def test_connects_when_the_host_key_is_known(sshd_server: SshServer) -> None:
+    client = _connect(sshd_server, sshd_server.known_hosts_path)
+    try:
+        _, stdout, _ = client.exec_command("echo ok", timeout=10)
+        assert stdout.read().strip() == b"ok"
+    finally:
+        client.close()
+
+
+def test_unknown_host_key_is_refused_with_fingerprint_and_how_to_trust_it(
+    sshd_server: SshServer, tmp_path: Path
+) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(UnknownHostKeyError) as caught:
+        _connect(sshd_server, empty)
+    message = str(caught.value)
+    assert fingerprint(_server_key(sshd_server)) in message
+    assert f"ssh-keyscan -p {sshd_server.port} -t ed25519 127.0.0.1 >> {empty}" in message
+    assert caught.value.port == sshd_server.port
+
+
+def test_unknown_host_key_is_not_added_to_known_hosts(
+    sshd_server: SshServer, tmp_path: Path
+) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(UnknownHostKeyError):
+        _connect(sshd_server, empty)
+    assert empty.read_text() == ""
+
+
+def test_changed_host_key_is_refused_as_possible_man_in_the_middle(
+    sshd_server: SshServer, tmp_path: Path
+) -> None:
+    impostor = paramiko.Ed25519Key.from_private_key_file(str(_impostor_key(tmp_path)))
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd_server.port} ssh-ed25519 {impostor.get_base64()}\n")
+    with pytest.raises(ChangedHostKeyError) as caught:
+        _connect(sshd_server, known)
+    message = str(caught.value)
+    assert "HAS CHANGED" in message
+    assert "man-in-the-middle" in message
+    assert fingerprint(impostor) in message
+    assert fingerprint(_server_key(sshd_server)) in message
+    assert f"ssh-keygen -R '[127.0.0.1]:{sshd_server.port}'" in message
+
+
+def _impostor_key(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = tmp_path / "impostor"
+    path.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+def test_ssh_config_alias_supplies_hostname_port_user_and_identity(
+    sshd_server: SshServer, tmp_path: Path
+) -> None:
+    config = sshd_server.write_ssh_config(tmp_path / "ssh_config", "labserver")
+    client = connect("labserver", config_path=config, system_known_hosts=None, timeout=10.0)
+    try:
+        transport = client.get_transport()
+        assert transport is not None and transport.is_authenticated()
+        assert transport.get_username() == sshd_server.username
+    finally:
+        client.close()
+
+
+def test_resolve_host_reads_every_supported_config_option(tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host lab\n"
+        "    HostName 10.1.2.3\n"
+        "    Port 2202\n"
+        "    User alice\n"
+        "    IdentityFile ~/.ssh/id_lab\n"
+        "    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {tmp_path}/kh1 {tmp_path}/kh2\n"
+    )
+    resolved = resolve_host("lab", config_path=config, system_known_hosts=None)
+    assert (resolved.hostname, resolved.port, resolved.username) == ("10.1.2.3", 2202, "alice")
+    assert resolved.identity_files == [str(Path("~/.ssh/id_lab").expanduser())]
+    assert resolved.identities_only
+    assert resolved.user_known_hosts == [f"{tmp_path}/kh1", f"{tmp_path}/kh2"]
+    assert resolved.known_hosts_name == "[10.1.2.3]:2202"
+
+
+def test_explicit_user_and_port_override_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text("Host lab\n    HostName 10.1.2.3\n    Port 2202\n    User alice\n")
+    resolved = resolve_host("bob@lab", port=22, config_path=config)
+    assert (resolved.username, resolved.port, resolved.known_hosts_name) == ("bob", 22, "10.1.2.3")
+
+
+def test_proxy_jump_is_refused_with_an_equivalent_proxy_command(tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text("Host lab\n    ProxyJump gateway\n")
+    with pytest.raises(SshConfigError, match="ProxyCommand ssh -W %h:%p gateway"):
+        resolve_host("lab", config_path=config)
+
+
+@pytest.mark.parametrize(
+    ("destination", "expected"),
+    [
+        ("host", (None, "host")),
+        ("me@host", ("me", "host")),
+        ("me@[::1]", ("me", "::1")),
+        ("a@b@host", ("a@b", "host")),
+    ],
+)
+def test_parse_destination(destination: str, expected: tuple[str | None, str]) -> None:
+    assert parse_destination(destination) == expected
+
+
+@pytest.mark.parametrize("destination", ["", "@host", "me@", "host/path", "two words"])
+def test_parse_destination_refuses_malformed_input(destination: str) -> None:
+    with pytest.raises(SshConfigError):
+        parse_destination(destination)
+
+
+def test_password_only_server_fails_fast_instead_of_prompting(
+    sshd_factory, tmp_path: Path
+) -> None:
+    server = sshd_factory(
+        extra_config=[
+            f"Match User {SshServer().username}",
+            "    PubkeyAuthentication no",
+            "    PasswordAuthentication yes",
+        ]
+    )
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            _connect(server, server.known_hosts_path).close()
+            outcome.append(None)
+        except BaseException as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "connect() hung on a password-only server"
+    assert isinstance(outcome[0], SshAuthenticationError)
+    assert "never asks for a password" in str(outcome[0])
+
+
+def test_private_key_material_is_never_logged(
+    sshd_server: SshServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = sshd_server.client_key_path.read_text()
+    body = "".join(line for line in secret.splitlines() if "PRIVATE KEY" not in line)
+    with caplog.at_level(logging.DEBUG):
+        _connect(sshd_server, sshd_server.known_hosts_path).close()
+    logged = "".join(record.getMessage() for record in caplog.records).replace("\n", "")
+    assert body[:40] not in logged
+    assert body[-40:] not in logged
