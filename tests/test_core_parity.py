@@ -1,0 +1,398 @@
+"""Differential property tests: the compiled core and the pure-Python specification return
+identical results -- and raise identical exceptions -- for random trees, manifest pairs and
+tail-hash requests.
+
+Scope notes. Permission errors need an unprivileged user: the tests run as root in CI, where
+``chmod 000`` blocks nothing, so the random trees still get unreadable modes (harmless under
+root) and one dedicated test repeats a permission-heavy tree in a subprocess that drops to
+``nobody`` after importing both backends. A file vanishing *during* a scan cannot be staged
+deterministically from outside; the vanished-file paths of the tail hash are covered by
+requests for missing files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runicorn.core.backend import NATIVE, PYTHON, Backend, load_backend, native_available
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("RUNICORN_PURE_PYTHON", "") not in ("", "0"),
+    reason="parity needs the compiled core",
+)
+
+SETTINGS = settings(
+    max_examples=75,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@pytest.fixture(scope="module")
+def both(request: pytest.FixtureRequest) -> tuple[Backend, Backend]:
+    if request.config.getoption("--no-native"):
+        pytest.skip("the compiled core is deselected")
+    if not native_available():
+        pytest.fail("the compiled core did not import; rebuild it (pip install -e .)")
+    return load_backend(NATIVE), load_backend(PYTHON)
+
+
+def outcome(call: Callable[[], Any]) -> tuple:
+    """A comparable record of what a call did: its result, or its exception in full."""
+    try:
+        return ("returned", call())
+    except Exception as error:
+        return ("raised", type(error), str(error), getattr(error, "filename", None))
+
+
+def assert_same(both: tuple[Backend, Backend], function: str, *args: Any) -> tuple:
+    native, python = both
+    expected = outcome(lambda: getattr(python, function)(*args))
+    assert outcome(lambda: getattr(native, function)(*args)) == expected
+    return expected
+
+
+# --------------------------------------------------------------------------------------
+# random trees
+
+ODD_NAMES = [
+    "a",
+    "b",
+    "Z",
+    "run 1",
+    "a-b",
+    "a.b",
+    "new\nline",
+    "tab\tname",
+    ".hidden",
+    "..dots",
+    "runs",
+    "media",
+    "émoji ✓",
+    "日本語",
+    "\u00ff",
+    "\U0001f600",
+    os.fsdecode(b"bad\xff\xfe"),  # undecodable bytes: surrogate escapes
+    os.fsdecode(b"\xe9t\xe9"),
+    os.fsdecode(b"\xc3"),
+]
+
+names = st.one_of(
+    st.sampled_from(ODD_NAMES),
+    st.text(
+        alphabet=st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)),
+        min_size=1,
+        max_size=6,
+    ).filter(lambda name: name not in (".", "..")),
+)
+file_nodes = st.tuples(st.just("file"), st.binary(max_size=40))
+symlink_nodes = st.tuples(
+    st.just("symlink"), st.sampled_from([".", "..", "/tmp", "/nonexistent", "meta.json"])
+)
+fifo_nodes = st.just(("fifo", None))
+
+
+def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
+    """``one_of`` with weights (``one_of`` treats a repeated strategy as one branch)."""
+    pool = [strategy for weight, strategy in choices for _ in range(weight)]
+    return st.integers(0, len(pool) - 1).flatmap(lambda index: pool[index])
+
+
+leaves = weighted((2, file_nodes), (1, symlink_nodes), (1, fifo_nodes), (1, st.just(("dir", {}))))
+
+
+def dirs(children: st.SearchStrategy, min_size: int = 0, max_size: int = 4) -> st.SearchStrategy:
+    """A directory node; some empty ones are made unreadable (mode 000, binds non-root)."""
+    return st.tuples(
+        st.just("dir"),
+        st.dictionaries(names, children, min_size=min_size, max_size=max_size),
+        st.integers(0, 5),
+    ).map(lambda node: ("locked", {}) if not node[2] and not node[1] else ("dir", node[1]))
+
+
+run_contents = st.recursive(leaves, lambda children: dirs(children), max_leaves=10)
+run_nodes = weighted((4, dirs(run_contents)), (1, file_nodes), (1, symlink_nodes))
+runs_nodes = weighted((4, dirs(run_nodes, min_size=1)), (1, file_nodes), (1, symlink_nodes))
+
+
+@st.composite
+def experiment_nodes(draw: st.DrawFn) -> tuple:
+    kind = draw(st.sampled_from(["dir"] * 6 + ["file", "symlink"]))
+    if kind == "file":
+        return draw(file_nodes)
+    if kind == "symlink":
+        return draw(symlink_nodes)
+    children = draw(st.dictionaries(names, leaves, max_size=2))
+    if draw(st.integers(0, 6)):
+        children["runs"] = draw(runs_nodes)
+    return ("dir", children)
+
+
+project_nodes = weighted(
+    (3, dirs(experiment_nodes(), min_size=1, max_size=3)),
+    (1, dirs(experiment_nodes(), max_size=3)),
+    (1, leaves),
+)
+trees = st.dictionaries(names, project_nodes, max_size=4)
+
+TIMES_NS = [
+    0,
+    1,
+    1_700_000_000_123_456_789,
+    -1_000_000_000,
+    4_102_444_800_000_000_001,
+    9_300_000_000_000_000_007,
+]
+
+
+def materialise(path: str, children: dict) -> None:
+    for name, (kind, payload) in children.items():
+        target = os.path.join(path, name)
+        if kind == "file":
+            with open(target, "wb") as handle:
+                handle.write(payload)
+            stamp = TIMES_NS[len(payload) % len(TIMES_NS)]
+            with contextlib.suppress(OSError):  # a time the file system cannot store
+                os.utime(target, ns=(stamp, stamp))
+        elif kind == "symlink":
+            os.symlink(payload, target)
+        elif kind == "fifo":
+            os.mkfifo(target)
+        elif kind == "dir":
+            os.mkdir(target)
+            materialise(target, payload)
+        elif kind == "locked":
+            os.mkdir(target, 0o000)
+
+
+def unlock(root: str) -> None:
+    for dirpath, dirnames, _ in os.walk(root):
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                os.chmod(full, 0o755)
+
+
+@pytest.fixture
+def scratch():
+    """A fresh directory per hypothesis example."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(tempfile.mkdtemp(prefix="runicorn-parity-"))
+        return made[-1]
+
+    yield make
+    for path in made:
+        unlock(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@SETTINGS
+@given(tree=trees, threads=st.sampled_from([1, 1, 2, 3]))
+def test_scan_of_random_trees_matches(both, scratch, tree, threads):
+    root = scratch()
+    materialise(root, tree)
+    assert_same(both, "scan_experiments", root, threads)
+
+
+@SETTINGS
+@given(tree=trees)
+def test_scan_result_does_not_depend_on_threads(both, scratch, tree):
+    native, _ = both
+    root = scratch()
+    materialise(root, tree)
+    assert outcome(lambda: native.scan_experiments(root, 4)) == outcome(
+        lambda: native.scan_experiments(root, 1)
+    )
+
+
+@pytest.mark.parametrize("threads", [0, -1, "2", None, 2.0])
+def test_scan_argument_errors_match(both, tmp_path, threads):
+    assert_same(both, "scan_experiments", str(tmp_path), threads)
+
+
+@pytest.mark.parametrize(
+    "root",
+    ["missing", "a-file", "bad\0root", b"bytes-root", 42, None, "link-to-lab", Path("lab")],
+    ids=repr,
+)
+def test_scan_root_errors_and_types_match(both, tmp_path, monkeypatch, root):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("lab/p/e/runs/r")
+    Path("lab/p/e/runs/r/meta.json").write_text("{}")
+    Path("a-file").write_text("x")
+    os.symlink("lab", "link-to-lab")
+    os.makedirs("bytes-root")
+    assert_same(both, "scan_experiments", root)
+
+
+_UNPRIVILEGED_SCAN = r"""
+import json, os, sys
+from runicorn.core.backend import load_backend
+native, python = load_backend("native"), load_backend("python")
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+def outcome(call):
+    try:
+        return ["returned", repr(call())]
+    except Exception as error:
+        return ["raised", repr(error)]
+root = sys.argv[1]
+requests = [(p, 3, c) for p in ("p/e/runs/r/locked.txt", "p/e/runs/r/meta.json") for c in (0, 1)]
+print(json.dumps({
+    "scan": [outcome(lambda: b.scan_experiments(root)) for b in (native, python)],
+    "scan_threads": [outcome(lambda: b.scan_experiments(root, 2)) for b in (native, python)],
+    "unlistable_root": [
+        outcome(lambda: b.scan_experiments(root + "/p0")) for b in (native, python)
+    ],
+    "tails": [outcome(lambda: b.hash_tails(root, requests)) for b in (native, python)],
+}))
+"""
+
+
+def test_permission_errors_match_for_an_unprivileged_user(both, scratch):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to the user nobody")
+    root = scratch()
+    os.chmod(root, 0o755)
+    layout = {
+        "p/e/runs/r/meta.json": "{}\n",
+        "p/e/runs/r/locked.txt": "secret\n",
+        "p/e/runs/r/media/a.png": "x",
+        "p/e/runs/r-locked/meta.json": "{}",
+        "p/e/runs/r2/locked-sub/x": "y",
+        "p/e-locked-runs/runs/r/meta.json": "{}",
+        "p/e-no-search/runs/r/meta.json": "{}",
+        "p0/e/runs/r/meta.json": "{}",
+        "q/e/runs/r/meta.json": "{}",
+    }
+    for rel, text in layout.items():
+        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+        Path(root, rel).write_text(text)
+    for rel, mode in [
+        ("p/e/runs/r/locked.txt", 0o000),
+        ("p/e/runs/r-locked", 0o000),
+        ("p/e/runs/r2/locked-sub", 0o000),
+        ("p/e-locked-runs/runs", 0o000),
+        ("p/e-no-search", 0o644),
+        ("p0", 0o000),
+    ]:
+        os.chmod(os.path.join(root, rel), mode)
+    completed = subprocess.run(
+        [sys.executable, "-c", _UNPRIVILEGED_SCAN, root],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    report = json.loads(completed.stdout)
+    for name, (native_outcome, python_outcome) in report.items():
+        assert native_outcome == python_outcome, name
+    assert "Permission denied" in report["scan"][1][1]
+    assert report["unlistable_root"][1][0] == "raised"
+
+
+# --------------------------------------------------------------------------------------
+# random manifest pairs
+
+PATHS = ["a", "a/b", "a-b", "b", "B", "é", "z\nz", "media/1.png", "m", "meta.json", "\U0001f600"]
+sizes = st.integers(0, 4)
+mtimes = st.sampled_from([0.0, 1.0, 1.5, 2, float("nan"), 1])
+hashes = st.sampled_from([None, None, "h1", "h2"])
+remote_entries = st.tuples(st.sampled_from(PATHS), sizes, mtimes, st.booleans(), hashes)
+local_entries = st.tuples(st.sampled_from(PATHS), sizes, mtimes, hashes)
+
+
+def arrange(entries: list[tuple], mode: str) -> list[tuple] | tuple[tuple, ...]:
+    if mode == "raw":
+        return entries  # often unsorted, sometimes duplicated
+    unique = {entry[0]: entry for entry in entries}
+    ordered = [unique[path] for path in sorted(unique)]
+    return tuple(ordered) if mode == "sorted-tuple" else ordered
+
+
+modes = st.sampled_from(["sorted", "sorted", "sorted", "sorted-tuple", "raw"])
+
+
+@SETTINGS
+@given(
+    remote=st.lists(remote_entries, max_size=12),
+    local=st.lists(local_entries, max_size=12),
+    remote_mode=modes,
+    local_mode=modes,
+)
+def test_diff_of_random_manifest_pairs_matches(both, remote, local, remote_mode, local_mode):
+    assert_same(both, "diff_entries", arrange(remote, remote_mode), arrange(local, local_mode))
+
+
+@pytest.mark.parametrize(
+    ("remote", "local"),
+    [
+        ([("a", 1, 1.0, True, None, "extra")], [("a", 1, 1.0, None)]),
+        ([("a", 1, 1.0, True, None)], [("a", 1)]),
+        ([("a",)], [["a", 1, 1.0, None]]),
+        ([()], []),
+        ([(1, 1, 1.0, True, None)], [("a", 1, 1.0, None)]),
+        ([("a", 1, 1.0, True, None), (None, 1, 1.0, True, None)], []),
+        (iter([("a", 1, 1.0, True, None)]), []),
+        (None, []),
+        ([("a", "1", 1.0, True, None)], [("a", 2, 1.0, None)]),
+    ],
+    ids=lambda value: repr(value)[:40],
+)
+def test_diff_of_malformed_input_matches(both, remote, local):
+    assert_same(both, "diff_entries", remote, local)
+
+
+# --------------------------------------------------------------------------------------
+# random tail requests
+
+contents = st.binary(max_size=60).map(lambda data: data.replace(b"c", b"\n"))
+tail_files = st.dictionaries(st.sampled_from(["f", "g h", "é", "x\ny", ".h", "n"]), contents)
+request_paths = st.sampled_from(
+    ["f", "g h", "é", "x\ny", ".h", "n", "missing", "dir", "link", "sub/../f", "bad\0path"]
+)
+request_sizes = st.one_of(st.integers(0, 70), st.sampled_from([-1, 1 << 40, 2.0]))
+requests = st.lists(st.tuples(request_paths, request_sizes, st.booleans()), max_size=8)
+windows = st.one_of(st.integers(1, 9), st.sampled_from([16, 64, 4096]))
+
+
+@SETTINGS
+@given(files=tail_files, requests=requests, window=windows)
+def test_tail_hashes_of_random_requests_match(both, scratch, files, requests, window):
+    root = scratch()
+    for name, data in files.items():
+        Path(root, name).write_bytes(data)
+    os.mkdir(os.path.join(root, "dir"))
+    os.mkdir(os.path.join(root, "sub"))
+    os.symlink("f", os.path.join(root, "link"))
+    assert_same(both, "hash_tails", root, requests, window)
+
+
+@pytest.mark.parametrize("window", [0, -5, 1.5, "4", 1 << 70])
+def test_tail_hash_window_errors_match(both, tmp_path, window):
+    (tmp_path / "f").write_bytes(b"line\nhalf")
+    assert_same(both, "hash_tails", str(tmp_path), [("f", 9, True)], window)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [("f",), ("f", 1, True, 0), (1, 2, True), ("f", "9", True), ("f", 9, [1]), ("f", 9, None)],
+    ids=repr,
+)
+def test_tail_hash_malformed_requests_match(both, tmp_path, request_):
+    (tmp_path / "f").write_bytes(b"line\nhalf")
+    assert_same(both, "hash_tails", str(tmp_path), [("f", 4, False), request_])
