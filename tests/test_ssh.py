@@ -172,9 +172,7 @@ def test_parse_destination_refuses_malformed_input(destination: str) -> None:
         parse_destination(destination)
 
 
-def test_password_only_server_fails_fast_instead_of_prompting(
-    sshd_factory, tmp_path: Path
-) -> None:
+def test_password_only_server_fails_fast_instead_of_prompting(sshd_factory, tmp_path: Path) -> None:
     server = sshd_factory(
         extra_config=[
             f"Match User {SshServer().username}",

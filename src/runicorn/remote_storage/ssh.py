@@ -374,4 +374,3 @@ def connect(
     if transport is not None:
         transport.set_keepalive(15)
     return client
-

@@ -1,0 +1,431 @@
+"""Legacy sync: mirror a server that publishes no manifest by walking its tree over SFTP.
+
+The walk lists ``<root>/<project>/<name>/runs/<run_id>/`` (and every directory below a run)
+breadth-first, one :meth:`Remote.listdirs` call per level, so a 100-run lab costs about six
+batched calls -- each listing a whole level concurrently on several SFTP channels -- instead
+of one round trip per directory. What it finds is turned into a :class:`SyncManifest` by the
+same layout rules the generator uses (:mod:`runicorn.layout`), and that manifest is applied
+by :meth:`ManifestSyncClient.sync_with_manifest`, so legacy and manifest syncs share one diff,
+transfer and state engine and produce the same cache.
+
+What a walk cannot know, and how that is handled (kept simple on purpose):
+
+* no tail hashes: an append-only file is extended after the client's append-verify of the
+  bytes before its local end; without a manifest tail hash nothing is checked after the
+  append, and a half-written last line may be copied (it is completed by a later sync);
+* mtimes come from SFTP v3 attributes, whole seconds: switching between legacy and manifest
+  sync makes the client see changed mtimes and fetch files again once;
+* the synthesised manifest says ``status: unknown`` and ``created_at`` / ``updated_at`` are
+  the oldest / newest file mtime of the run (reading every status.json and meta.json over
+  SFTP would cost a round trip per run); after the transfer, :func:`refine_runs_from_cache`
+  records the real status and creation time from the freshly cached metadata files.
+
+Hostile names (hidden, with a backslash or NUL) are skipped with a warning; symbolic links
+are reported and never followed; soft-deleted runs (``.deleted``) are left out. An unreadable
+directory is a warning; an unreadable root is an ``OSError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from runicorn import __version__, layout
+from runicorn.manifest.models import ExperimentEntry, FileEntry, ManifestType, SyncManifest
+
+if TYPE_CHECKING:
+    from runicorn.remote_storage.cache_manager import LocalCacheManager
+    from runicorn.remote_storage.manifest_sync import ManifestSyncClient
+
+__all__ = [
+    "LEGACY_GENERATOR",
+    "MAX_TAGS_BYTES",
+    "WalkReport",
+    "refine_runs_from_cache",
+    "sync_legacy",
+    "walk_remote",
+]
+
+logger = logging.getLogger(__name__)
+
+LEGACY_GENERATOR = f"runicorn {__version__} (legacy walk)"
+MAX_TAGS_BYTES = 16 * 1024 * 1024
+"""``.experiments_metadata.json`` larger than this is ignored (runs get no tags)."""
+MAX_LOGGED_WARNINGS = 50
+ROOT = "."
+"""How the walk names the remote root when it asks the :class:`Remote` to list it."""
+
+
+class _Entry(Protocol):
+    name: str
+    is_dir: bool
+    is_symlink: bool
+    size: int
+    mtime: float
+
+
+class _Lister(Protocol):
+    def listdirs(self, paths: Sequence[str]) -> Mapping[str, Sequence[_Entry] | BaseException]: ...
+
+    def read_file(self, path: str, max_bytes: int) -> bytes: ...
+
+
+@dataclass
+class WalkReport:
+    """The manifest a walk synthesised and what the walk could not see."""
+
+    manifest: SyncManifest
+    warnings: list[str] = field(default_factory=list)
+    """One line per skipped or unreadable path; each was also logged."""
+    levels: int = 0
+    """``listdirs`` calls made: the walk's round-trip cost, independent of the lab's width."""
+    directories: int = 0
+    """Directories listed."""
+    soft_deleted: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """True when nothing was unreadable or skipped: only then may the sync delete."""
+        return not self.warnings
+
+
+@dataclass
+class _Run:
+    project: str
+    name: str
+    run_id: str
+    files: list[FileEntry] = field(default_factory=list)
+    deleted: bool = False
+
+    @property
+    def prefix(self) -> str:
+        return layout.run_prefix(self.project, self.name, self.run_id)
+
+
+def _safe_name(name: str) -> bool:
+    """One visible path component a manifest may carry (spec §3.9)."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and not layout.is_hidden(name)
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
+def _safe_file_name(name: str) -> bool:
+    """A name inside a run: hidden names are allowed there (the generator lists them too)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _join(parent: str, name: str) -> str:
+    return name if parent == ROOT else f"{parent}/{name}"
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "vanished during the walk"
+    if isinstance(error, NotADirectoryError):
+        return "not a directory"
+    if isinstance(error, OSError) and error.strerror:
+        return f"unreadable: {error.strerror}"
+    return f"unreadable: {error}"
+
+
+class _Walk:
+    """State of one breadth-first walk."""
+
+    def __init__(self, remote: _Lister, remote_root: str) -> None:
+        self.remote = remote
+        self.remote_root = remote_root
+        self.warnings: list[str] = []
+        self.levels = 0
+        self.directories = 0
+        self.soft_deleted = 0
+
+    def warn(self, path: str, reason: str) -> None:
+        self.warnings.append(f"{path}: {reason}")
+
+    def list_level(self, paths: list[str]) -> dict[str, Sequence[_Entry] | BaseException]:
+        if not paths:
+            return {}
+        self.levels += 1
+        self.directories += len(paths)
+        result = dict(self.remote.listdirs(paths))
+        for path in paths:
+            result.setdefault(path, OSError(f"{path}: the remote returned no listing"))
+        return result
+
+    def listing(
+        self, results: Mapping[str, Sequence[_Entry] | BaseException], path: str
+    ) -> Sequence[_Entry] | None:
+        value = results[path]
+        if isinstance(value, BaseException):
+            if isinstance(value, KeyboardInterrupt | SystemExit):
+                raise value
+            self.warn(path, _reason(value))
+            return None
+        return sorted(value, key=lambda entry: entry.name)
+
+    def subdirs(self, entries: Sequence[_Entry], parent: str, *, strict: bool) -> list[str]:
+        """Visible, safe subdirectory names at a layout level; files are ignored unless
+        ``strict`` (inside ``runs/`` only directories belong, as the scanner reports)."""
+        names: list[str] = []
+        for entry in entries:
+            if layout.is_hidden(entry.name):
+                continue
+            path = _join(parent, entry.name)
+            if not _safe_name(entry.name):
+                self.warn(path, "name not allowed in a manifest; skipped")
+            elif entry.is_symlink:
+                self.warn(path, "symbolic link not followed")
+            elif entry.is_dir:
+                names.append(entry.name)
+            elif strict:
+                self.warn(path, "not a directory")
+        return names
+
+    def run(self) -> list[_Run]:
+        root_results = self.list_level([ROOT])
+        root_value = root_results[ROOT]
+        if isinstance(root_value, BaseException):
+            if isinstance(root_value, KeyboardInterrupt | SystemExit):
+                raise root_value
+            raise OSError(
+                f"cannot list the remote experiments root {self.remote_root}: "
+                f"{_reason(root_value)}; check the path and its permissions on the server"
+            ) from root_value
+        projects = self.subdirs(sorted(root_value, key=lambda e: e.name), ROOT, strict=False)
+
+        level = self.list_level(projects)
+        experiments: list[str] = []
+        for project in projects:
+            entries = self.listing(level, project)
+            if entries is not None:
+                experiments += [
+                    _join(project, n) for n in self.subdirs(entries, project, strict=False)
+                ]
+
+        level = self.list_level(experiments)
+        runs_dirs: list[str] = []
+        for experiment in experiments:
+            entries = self.listing(level, experiment)
+            for entry in entries or ():
+                if entry.name != layout.RUNS_DIRNAME:
+                    continue
+                path = _join(experiment, entry.name)
+                if entry.is_symlink:
+                    self.warn(path, "symbolic link not followed")
+                elif not entry.is_dir:
+                    self.warn(path, "not a directory")
+                else:
+                    runs_dirs.append(path)
+
+        level = self.list_level(runs_dirs)
+        runs: dict[str, _Run] = {}
+        for runs_dir in runs_dirs:
+            entries = self.listing(level, runs_dir)
+            if entries is None:
+                continue
+            project, name, _ = runs_dir.split("/")
+            for run_id in self.subdirs(entries, runs_dir, strict=True):
+                runs[_join(runs_dir, run_id)] = _Run(project, name, run_id)
+
+        # Run directories and everything below them, one level per call. Each pending
+        # directory carries its run and its path inside the run.
+        pending: list[tuple[str, _Run, str]] = [(path, run, "") for path, run in runs.items()]
+        unreadable_runs: set[str] = set()
+        while pending:
+            level = self.list_level([path for path, _, _ in pending])
+            following: list[tuple[str, _Run, str]] = []
+            for path, run, in_run in pending:
+                entries = self.listing(level, path)
+                if entries is None:
+                    if not in_run:
+                        unreadable_runs.add(path)
+                    continue
+                if not in_run and any(e.name == layout.DELETED_MARKER for e in entries):
+                    run.deleted = True
+                    self.soft_deleted += 1
+                    continue
+                following += self.run_files(entries, path, run, in_run)
+            pending = following
+        return [
+            run
+            for path, run in sorted(runs.items())
+            if not run.deleted and path not in unreadable_runs
+        ]
+
+    def run_files(
+        self, entries: Sequence[_Entry], path: str, run: _Run, in_run: str
+    ) -> list[tuple[str, _Run, str]]:
+        """Record the files of one directory of a run; return its subdirectories to list."""
+        subdirs: list[tuple[str, _Run, str]] = []
+        for entry in entries:
+            child = _join(path, entry.name)
+            path_in_run = f"{in_run}{entry.name}"
+            if not _safe_file_name(entry.name):
+                self.warn(child, "name not allowed in a manifest; skipped")
+            elif entry.is_symlink:
+                self.warn(child, "symbolic link not followed")
+            elif entry.is_dir:
+                subdirs.append((child, run, path_in_run + "/"))
+            elif layout.is_synced_file(path_in_run):
+                run.files.append(
+                    FileEntry(
+                        path=run.prefix + path_in_run,
+                        size=int(entry.size),
+                        mtime=float(entry.mtime),
+                        priority=layout.priority_for(path_in_run),
+                        is_append_only=layout.is_append_only(path_in_run),
+                    )
+                )
+        return subdirs
+
+
+def _read_tags(remote: _Lister, warnings: list[str]) -> dict[str, list[str]]:
+    try:
+        data = remote.read_file(layout.EXPERIMENTS_METADATA_FILENAME, MAX_TAGS_BYTES)
+    except FileNotFoundError:
+        return {}
+    except OSError as error:
+        warnings.append(f"{layout.EXPERIMENTS_METADATA_FILENAME}: {_reason(error)}; no tags")
+        return {}
+    return layout.tags_by_run(layout.parse_json_object(data))
+
+
+def walk_remote(
+    remote: _Lister,
+    remote_root: str,
+    *,
+    hostname: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> WalkReport:
+    """Walk the remote tree breadth-first and synthesise a FULL manifest of revision 0.
+
+    Raises ``OSError`` when the root itself cannot be listed. Everything else that could not
+    be read is in ``WalkReport.warnings`` (and logged), and the walk goes on without it.
+    """
+    walk = _Walk(remote, remote_root)
+    runs = walk.run()
+    tags = _read_tags(remote, walk.warnings)
+    experiments: list[ExperimentEntry] = []
+    for run in runs:
+        files = sorted(run.files, key=lambda entry: entry.path)
+        mtimes = [entry.mtime for entry in files]
+        experiments.append(
+            ExperimentEntry(
+                run_id=run.run_id,
+                project=run.project,
+                name=run.name,
+                status=layout.UNKNOWN_STATUS,
+                created_at=min(mtimes, default=0.0),
+                updated_at=max(mtimes, default=0.0),
+                files=files,
+                tags=tags.get(run.run_id),
+            )
+        )
+    experiments.sort(key=lambda exp: (exp.project, exp.name, exp.run_id))
+    manifest = SyncManifest(
+        manifest_type=ManifestType.FULL,
+        revision=0,
+        snapshot_id="",
+        generated_at=clock(),
+        server_hostname=hostname or socket.gethostname(),
+        remote_root=posixpath.normpath(remote_root) if remote_root else remote_root,
+        experiments=experiments,
+        generator_version=LEGACY_GENERATOR,
+        tail_hash_algorithm=None,
+        tail_hash_window=None,
+    )
+    # The walk filtered every name already; validating the result anyway keeps one rule
+    # book (spec §3.9) between what a server publishes and what we synthesise.
+    SyncManifest.from_dict(manifest.to_dict(), source=f"legacy walk of {remote_root}")
+    warnings = sorted(walk.warnings)
+    for line in warnings[:MAX_LOGGED_WARNINGS]:
+        logger.warning("legacy walk skipped %s", line)
+    if len(warnings) > MAX_LOGGED_WARNINGS:
+        logger.warning("... and %d more paths skipped", len(warnings) - MAX_LOGGED_WARNINGS)
+    logger.info(
+        "legacy walk of %s: %d runs, %d files in %d listing rounds (%d directories)",
+        remote_root,
+        manifest.total_experiments,
+        manifest.total_files,
+        walk.levels,
+        walk.directories,
+    )
+    return WalkReport(
+        manifest=manifest,
+        warnings=warnings,
+        levels=walk.levels,
+        directories=walk.directories,
+        soft_deleted=walk.soft_deleted,
+    )
+
+
+def sync_legacy(
+    client: ManifestSyncClient,
+    report: WalkReport,
+    cache: LocalCacheManager,
+    progress_callback: Callable[[int, int, str], None] | None = None,
+    *,
+    refine: bool = True,
+) -> dict[str, Any]:
+    """Apply a walk's manifest through the client's diff/transfer/state engine, then give
+    the synced runs their real status (see :func:`refine_runs_from_cache`)."""
+    stats = client.sync_with_manifest(report.manifest, progress_callback=progress_callback)
+    if refine:
+        refine_runs_from_cache(cache, report.manifest)
+    return stats
+
+
+def refine_runs_from_cache(cache: LocalCacheManager, manifest: SyncManifest) -> int:
+    """Record each walked run's status and creation time from its synced metadata files.
+
+    The walk only knows ``unknown`` (reading every status.json over SFTP would cost a round
+    trip per run); once the files are in the cache the answer is a local read away. Returns
+    how many runs were updated.
+    """
+    from runicorn.remote_storage.cache_manager import RunRecord
+
+    walked = {(e.project, e.name, e.run_id): e for e in manifest.experiments}
+    records: dict[str, list[RunRecord]] = {}
+    for cached in cache.list_runs():
+        exp = walked.get((cached.project, cached.name, cached.run_id))
+        if exp is None:
+            continue
+        meta = _read_cached_json(cache, exp.prefix + "meta.json")
+        status = _read_cached_json(cache, exp.prefix + "status.json")
+        records.setdefault(cached.remote_id, []).append(
+            RunRecord(
+                project=exp.project,
+                name=exp.name,
+                run_id=exp.run_id,
+                status=layout.derive_status(status),
+                created_at=layout.derive_created_at(meta, status, fallback=exp.created_at),
+                updated_at=exp.updated_at,
+                tags=tuple(exp.tags) if exp.tags else None,
+                last_synced=None,
+            )
+        )
+    for remote_id, runs in records.items():
+        cache.save_runs(remote_id, runs)
+    return sum(len(runs) for runs in records.values())
+
+
+def _read_cached_json(cache: LocalCacheManager, relative_path: str) -> dict | None:
+    """A cached metadata file as a JSON object; ``None`` if missing, a link or not JSON."""
+    try:
+        path = cache.path_for(relative_path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        return layout.parse_json_object(handle.read(MAX_TAGS_BYTES))
