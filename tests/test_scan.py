@@ -1,0 +1,215 @@
+"""Behaviour of ``scan_experiments`` (runs on both backends through the ``backend`` fixture)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runicorn.core.scan import (
+    REASON_NOT_A_DIRECTORY,
+    REASON_NOT_REGULAR,
+    REASON_SYMLINK,
+    ScanResult,
+)
+
+
+def make(root: Path, files: dict[str, bytes | str]) -> Path:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = content.encode() if isinstance(content, str) else content
+        path.write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Path:
+    """A small lab: two projects, three runs, a media subdirectory."""
+    return make(
+        tmp_path,
+        {
+            "vision/resnet/runs/20250101_000000_aaaaaa/meta.json": "{}",
+            "vision/resnet/runs/20250101_000000_aaaaaa/events.jsonl": '{"step": 1}\n',
+            "vision/resnet/runs/20250101_000000_aaaaaa/media/step_1.png": b"\x89PNG",
+            "vision/resnet/runs/20250102_000000_bbbbbb/meta.json": "{}",
+            "nlp/bert/runs/20250103_000000_cccccc/status.json": '{"status": "running"}',
+        },
+    )
+
+
+def run_keys(result: ScanResult) -> list[tuple[str, str, str]]:
+    return [(project, name, run_id) for project, name, run_id, _ in result.runs]
+
+
+def paths(result: ScanResult, index: int = 0) -> list[str]:
+    return [record[0] for record in result.runs[index][3]]
+
+
+def test_finds_every_run_under_project_name_runs(backend, lab):
+    assert run_keys(backend.scan_experiments(str(lab))) == [
+        ("nlp", "bert", "20250103_000000_cccccc"),
+        ("vision", "resnet", "20250101_000000_aaaaaa"),
+        ("vision", "resnet", "20250102_000000_bbbbbb"),
+    ]
+
+
+def test_clean_lab_has_no_problems(backend, lab):
+    assert backend.scan_experiments(str(lab)).problems == []
+
+
+def test_file_records_carry_lstat_size_times_and_inode(backend, lab):
+    result = backend.scan_experiments(str(lab))
+    run_dir = lab / "nlp/bert/runs/20250103_000000_cccccc"
+    st = os.lstat(run_dir / "status.json")
+    assert result.runs[0][3] == [
+        ("status.json", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    ]
+
+
+def test_files_in_subdirectories_have_posix_paths_relative_to_the_run(backend, lab):
+    result = backend.scan_experiments(str(lab))
+    assert paths(result, 1) == ["events.jsonl", "media/step_1.png", "meta.json"]
+
+
+def test_files_are_sorted_by_full_path_in_run(backend, tmp_path):
+    make(tmp_path, {"p/e/runs/r/a/x": "", "p/e/runs/r/a-b": "", "p/e/runs/r/a.c": ""})
+    assert paths(backend.scan_experiments(str(tmp_path))) == ["a-b", "a.c", "a/x"]
+
+
+def test_names_are_sorted_by_code_point(backend, tmp_path):
+    make(tmp_path, {f"p/e/runs/{run}/f": "" for run in ("b", "B", "é", "a")})
+    assert [key[2] for key in run_keys(backend.scan_experiments(str(tmp_path)))] == [
+        "B",
+        "a",
+        "b",
+        "é",
+    ]
+
+
+def test_hidden_names_above_the_run_level_are_skipped(backend, tmp_path):
+    make(
+        tmp_path,
+        {
+            ".runicorn/x/runs/r/f": "",
+            "p/.tmp/runs/r/f": "",
+            "p/e/runs/.half-created/f": "",
+            "p/e/runs/r/f": "",
+        },
+    )
+    result = backend.scan_experiments(str(tmp_path))
+    assert (run_keys(result), result.problems) == ([("p", "e", "r")], [])
+
+
+def test_hidden_files_inside_a_run_are_listed(backend, tmp_path):
+    make(tmp_path, {"p/e/runs/r/.deleted": "", "p/e/runs/r/events.jsonl.lock": ""})
+    assert paths(backend.scan_experiments(str(tmp_path))) == [".deleted", "events.jsonl.lock"]
+
+
+def test_experiment_without_runs_directory_is_skipped_silently(backend, tmp_path):
+    (tmp_path / "p/new-experiment").mkdir(parents=True)
+    assert backend.scan_experiments(str(tmp_path)) == ScanResult([], [])
+
+
+def test_empty_run_directory_is_a_run_without_files(backend, tmp_path):
+    (tmp_path / "p/e/runs/r").mkdir(parents=True)
+    assert backend.scan_experiments(str(tmp_path)).runs == [("p", "e", "r", [])]
+
+
+def test_regular_files_at_the_root_project_and_experiment_levels_are_ignored(backend, tmp_path):
+    make(tmp_path, {"runicorn.db": "", "p/notes.txt": "", "p/e/README": "", "p/e/runs/r/f": ""})
+    result = backend.scan_experiments(str(tmp_path))
+    assert (run_keys(result), result.problems) == ([("p", "e", "r")], [])
+
+
+def test_file_where_runs_directory_should_be_is_reported(backend, tmp_path):
+    make(tmp_path, {"p/e/runs": ""})
+    assert backend.scan_experiments(str(tmp_path)).problems == [
+        ("p/e/runs", REASON_NOT_A_DIRECTORY)
+    ]
+
+
+def test_file_where_run_directory_should_be_is_reported(backend, tmp_path):
+    make(tmp_path, {"p/e/runs/stray.txt": ""})
+    assert backend.scan_experiments(str(tmp_path)).problems == [
+        ("p/e/runs/stray.txt", REASON_NOT_A_DIRECTORY)
+    ]
+
+
+@pytest.mark.parametrize(
+    "link", ["project", "p/experiment", "p/e2/runs", "p/e/runs/run", "p/e/runs/r/file"]
+)
+def test_symbolic_links_are_reported_and_never_followed(backend, tmp_path, link):
+    make(tmp_path, {"p/e/runs/r/f": "", "p/e2/notes": "", ".elsewhere/e/runs/r/secret": ""})
+    os.symlink(tmp_path / ".elsewhere", tmp_path / link)
+    result = backend.scan_experiments(str(tmp_path))
+    assert (link, REASON_SYMLINK) in result.problems
+    assert all("secret" not in path for run in result.runs for path, *_ in run[3])
+
+
+def test_special_files_in_a_run_are_reported_as_not_regular(backend, tmp_path):
+    make(tmp_path, {"p/e/runs/r/f": ""})
+    os.mkfifo(tmp_path / "p/e/runs/r/pipe")
+    result = backend.scan_experiments(str(tmp_path))
+    assert (paths(result), result.problems) == (["f"], [("p/e/runs/r/pipe", REASON_NOT_REGULAR)])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads mode-000 directories anyway")
+def test_unreadable_run_is_listed_empty_and_reported(backend, tmp_path):
+    make(tmp_path, {"p/e/runs/r/f": ""})
+    (tmp_path / "p/e/runs/r").chmod(0)
+    try:
+        result = backend.scan_experiments(str(tmp_path))
+    finally:
+        (tmp_path / "p/e/runs/r").chmod(0o755)
+    assert result.runs == [("p", "e", "r", [])]
+    assert result.problems == [("p/e/runs/r", f"unreadable: {os.strerror(13)}")]
+
+
+def test_odd_names_survive_unchanged(backend, tmp_path):
+    run = "run with spaces\nand a newline ✓"
+    make(tmp_path, {f"p/e/runs/{run}/日本語 file": ""})
+    result = backend.scan_experiments(str(tmp_path))
+    assert (run_keys(result), paths(result)) == ([("p", "e", run)], ["日本語 file"])
+
+
+def test_undecodable_names_are_surrogate_escaped_like_os_fsdecode(backend, tmp_path):
+    raw = os.fsencode(str(tmp_path)) + b"/p/e/runs/r\xff/f\xfe"
+    os.makedirs(os.path.dirname(raw))
+    open(raw, "wb").close()
+    result = backend.scan_experiments(str(tmp_path))
+    assert (run_keys(result)[0][2], paths(result)) == (os.fsdecode(b"r\xff"), ["f\udcfe"])
+
+
+def test_problems_are_sorted_by_path(backend, tmp_path):
+    make(tmp_path, {"p/e/runs/z": "", "p/e/runs/a": "", "b/e/runs": ""})
+    assert backend.scan_experiments(str(tmp_path)).problems == [
+        ("b/e/runs", REASON_NOT_A_DIRECTORY),
+        ("p/e/runs/a", REASON_NOT_A_DIRECTORY),
+        ("p/e/runs/z", REASON_NOT_A_DIRECTORY),
+    ]
+
+
+def test_scanning_on_several_threads_gives_the_same_result(backend, lab):
+    assert backend.scan_experiments(str(lab), threads=4) == backend.scan_experiments(str(lab))
+
+
+def test_fewer_than_one_thread_is_rejected(backend, lab):
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        backend.scan_experiments(str(lab), threads=0)
+
+
+def test_missing_root_raises_instead_of_returning_an_empty_lab(backend, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        backend.scan_experiments(str(tmp_path / "missing"))
+
+
+def test_root_that_is_a_file_raises_not_a_directory(backend, tmp_path):
+    make(tmp_path, {"file": ""})
+    with pytest.raises(NotADirectoryError):
+        backend.scan_experiments(str(tmp_path / "file"))
+
+
+def test_root_may_be_a_path_object(backend, lab):
+    assert backend.scan_experiments(lab) == backend.scan_experiments(str(lab))
