@@ -1,0 +1,308 @@
+"""MetadataSyncService: one call that brings a cache up to date, whatever the server offers.
+
+``sync_all()`` tries the manifest first. It falls back to the legacy walk only when the
+manifest is missing, unreachable (``OSError``) or invalid (``ValueError``) -- never when the
+manifest says nothing changed, which is the cheap, common case. Both paths feed the same
+:class:`ManifestSyncClient` engine, so the cache they produce is the same.
+
+Concurrency: two ``sync_all()`` calls on one service never overlap. The second caller does
+not wait: it returns ``False`` at once (and logs why), because a timer that fires while a
+sync is still running has nothing to add -- the running sync already fetches what changed.
+Pass ``wait=True`` to queue behind the running sync instead. Across processes, the cache's
+own lock (``LocalCacheManager.sync_lock``) serialises writers.
+
+The library never prints: progress is published on :attr:`MetadataSyncService.progress`
+(and to an optional ``on_progress`` callback); the CLI renders it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import posixpath
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from runicorn.remote_storage.legacy import WalkReport, sync_legacy, walk_remote
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from runicorn.core.backend import Backend
+    from runicorn.remote_storage.cache_manager import LocalCacheManager
+    from runicorn.remote_storage.manifest_sync import ManifestSyncClient
+    from runicorn.remote_storage.remote import Remote
+
+__all__ = ["MODE_LEGACY", "MODE_MANIFEST", "MetadataSyncService", "SyncProgress"]
+
+logger = logging.getLogger(__name__)
+
+MODE_MANIFEST = "manifest"
+MODE_LEGACY = "legacy"
+
+PHASE_IDLE = "idle"
+PHASE_MANIFEST = "manifest"
+PHASE_WALKING = "walking"
+PHASE_TRANSFERRING = "transferring"
+PHASE_DONE = "done"
+PHASE_FAILED = "failed"
+
+
+@dataclass
+class SyncProgress:
+    """A snapshot of the running (or last) sync, for UIs and the CLI's progress bar."""
+
+    phase: str = PHASE_IDLE
+    """idle, manifest (reading it), walking (legacy), transferring, done or failed."""
+    mode: str | None = None
+    """``manifest`` or ``legacy`` once known."""
+    synced_files: int = 0
+    synced_bytes: int = 0
+    total_files: int = 0
+    total_bytes: int = 0
+    """Bytes to transfer, when the engine reports it (otherwise 0 until the end)."""
+    current_file: str = ""
+    last_error: str | None = None
+    started_at: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class MetadataSyncService:
+    """Keeps one local cache in sync with one remote experiments root.
+
+    ``ssh_session`` and ``sftp_client`` are the caller's connection (the service never
+    closes them); with ``remote`` (for example a ``LocalRemote`` over an NFS mount) no SSH
+    connection is needed and both may be ``None``.
+    """
+
+    def __init__(
+        self,
+        ssh_session: paramiko.SSHClient | None,
+        sftp_client: paramiko.SFTPClient | None,
+        remote_root: str,
+        cache_manager: LocalCacheManager,
+        use_manifest_sync: bool = True,
+        manifest_sync_jitter: float = 5.0,
+        *,
+        backend: Backend | None = None,
+        remote: Remote | None = None,
+        max_workers: int | None = None,
+        delete: bool = False,
+        allow_mass_delete: bool = False,
+        dry_run: bool = False,
+        timeout: float = 30.0,
+        on_progress: Callable[[SyncProgress], None] | None = None,
+    ) -> None:
+        self.ssh_session = ssh_session
+        self.sftp_client = sftp_client
+        self.remote_root = remote_root
+        self.cache_manager = cache_manager
+        self.use_manifest_sync = use_manifest_sync
+        self.manifest_sync_jitter = manifest_sync_jitter
+        self.backend = backend
+        self.remote = remote
+        self.max_workers = max_workers
+        self.delete = delete
+        self.allow_mass_delete = allow_mass_delete
+        self.dry_run = dry_run
+        self.timeout = timeout
+        self.on_progress = on_progress
+        self.progress = SyncProgress()
+        self.last_stats: dict[str, Any] | None = None
+        self.last_walk: WalkReport | None = None
+        self.fallback_reason: str | None = None
+        """Why the last sync used the legacy walk (``None`` when it did not)."""
+        self._sizes: dict[str, int] = {}
+        self._run_lock = threading.Lock()
+        self._progress_lock = threading.Lock()
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._run_lock.locked()
+
+    def sync_all(self, *, wait: bool = False) -> bool:
+        """Sync everything; ``True`` when the sync completed and no file failed.
+
+        Returns ``False`` (with ``progress.last_error`` set and the error logged) when both
+        the manifest and the legacy walk failed, when files failed, or -- without ``wait`` --
+        when another ``sync_all()`` is already running. ``KeyboardInterrupt`` propagates:
+        the engine saves state as it goes, so the cache stays consistent.
+        """
+        if not self._run_lock.acquire(blocking=wait):
+            logger.info("a sync of %s is already running; not starting another", self.remote_root)
+            return False
+        try:
+            return self._sync_locked()
+        finally:
+            self._run_lock.release()
+
+    # -- one sync -----------------------------------------------------------------------
+
+    def _sync_locked(self) -> bool:
+        self.last_stats = None
+        self.last_walk = None
+        self.fallback_reason = None
+        self._reset_progress()
+        try:
+            stats = self._run()
+        except (KeyboardInterrupt, SystemExit):
+            self._update(phase=PHASE_FAILED, last_error="interrupted")
+            raise
+        except Exception as error:
+            message = str(error) or type(error).__name__
+            logger.error("sync of %s failed: %s", self.remote_root, message)
+            self._update(phase=PHASE_FAILED, last_error=message)
+            return False
+        self.last_stats = stats
+        failed = int(stats.get("failed_count", 0) or 0)
+        self._update(
+            phase=PHASE_DONE if not failed else PHASE_FAILED,
+            synced_files=int(stats.get("files_synced", 0) or 0),
+            synced_bytes=int(stats.get("bytes_downloaded", 0) or 0),
+            current_file="",
+            last_error=None if not failed else f"{failed} file(s) failed; the next sync retries",
+        )
+        return failed == 0
+
+    def _run(self) -> dict[str, Any]:
+        if self.use_manifest_sync:
+            self._update(phase=PHASE_MANIFEST, mode=MODE_MANIFEST)
+            client = self._client(self.remote, delete=self.delete, jitter=self.manifest_sync_jitter)
+            try:
+                return client.sync(self._on_file)
+            except (ValueError, OSError) as error:
+                kind = "invalid" if isinstance(error, ValueError) else "missing or unreachable"
+                self.fallback_reason = f"manifest is {kind}: {error}"
+                logger.warning(
+                    "the manifest of %s is %s (%s); falling back to the legacy walk",
+                    self.remote_root,
+                    kind,
+                    error,
+                )
+                self._reset_progress()
+            finally:
+                client.close()
+        return self._run_legacy()
+
+    def _run_legacy(self) -> dict[str, Any]:
+        self._update(phase=PHASE_WALKING, mode=MODE_LEGACY)
+        root = self._absolute_root()
+        remote, owned = self._remote(root)
+        try:
+            report = walk_remote(remote, root)
+            self.last_walk = report
+            self._update(
+                warnings=list(report.warnings),
+                total_files=report.manifest.total_files,
+                total_bytes=report.manifest.total_bytes,
+            )
+            delete = self.delete
+            if delete and not report.complete:
+                logger.warning(
+                    "not deleting anything this time: the legacy walk could not read %d "
+                    "path(s), so runs missing from it may still exist on the server",
+                    len(report.warnings),
+                )
+                delete = False
+            self._sizes = {entry.path: entry.size for entry in report.manifest.iter_files()}
+            self._update(phase=PHASE_TRANSFERRING)
+            client = self._client(remote, delete=delete, jitter=0.0, root=root)
+            try:
+                return sync_legacy(
+                    client,
+                    report,
+                    self.cache_manager,
+                    progress_callback=self._on_file,
+                    refine=not self.dry_run,
+                )
+            finally:
+                client.close()
+        finally:
+            if owned:
+                with contextlib.suppress(Exception):
+                    remote.close()
+
+    def _absolute_root(self) -> str:
+        """The root as the server names it: a manifest records absolute roots, and the
+        engine checks a synthesised one against the root it was asked for."""
+        root = self.remote_root
+        if posixpath.isabs(root):
+            return root
+        if self.remote is not None or self.sftp_client is None:
+            return os.path.abspath(root)
+        return self.sftp_client.normalize(root or ".")
+
+    # -- construction -------------------------------------------------------------------
+
+    def _client(
+        self, remote: Remote | None, *, delete: bool, jitter: float, root: str | None = None
+    ) -> ManifestSyncClient:
+        from runicorn.remote_storage.manifest_sync import ManifestSyncClient
+
+        return ManifestSyncClient(
+            self.sftp_client,  # type: ignore[arg-type]  # None with an explicit remote
+            root or self.remote_root,
+            self.cache_manager.root_dir,
+            jitter,
+            backend=self.backend,
+            remote=remote,
+            cache_manager=self.cache_manager,
+            max_workers=self.max_workers,
+            delete=delete,
+            allow_mass_delete=self.allow_mass_delete,
+            dry_run=self.dry_run,
+            timeout=self.timeout,
+        )
+
+    def _remote(self, root: str) -> tuple[Remote, bool]:
+        """The remote to walk and fetch from, and whether this service made it (and must
+        close it): one set of SFTP channels serves both."""
+        if self.remote is not None:
+            return self.remote, False
+        if self.sftp_client is None:
+            raise ValueError("MetadataSyncService needs an sftp_client or a remote")
+        from runicorn.remote_storage.remote import SftpRemote
+
+        return SftpRemote(self.sftp_client, root, timeout=self.timeout), True
+
+    # -- progress -----------------------------------------------------------------------
+
+    def _reset_progress(self) -> None:
+        self._sizes = {}
+        with self._progress_lock:
+            self.progress = SyncProgress(phase=PHASE_IDLE, started_at=time.time())
+
+    def _update(self, **changes: Any) -> None:
+        with self._progress_lock:
+            for key, value in changes.items():
+                setattr(self.progress, key, value)
+            snapshot = copy.copy(self.progress)
+        if self.on_progress is not None:
+            try:
+                self.on_progress(snapshot)
+            except Exception:  # a broken renderer must not break the sync
+                logger.exception("progress callback failed")
+
+    def _on_file(self, completed: int, total: int, current_file: str, *extra: Any) -> None:
+        """The engine's ``(completed, total, current_file)`` callback, plus optional
+        ``(bytes_done, bytes_total)`` when the engine reports bytes."""
+        changes: dict[str, Any] = {
+            "phase": PHASE_TRANSFERRING,
+            "synced_files": completed,
+            "total_files": total,
+            "current_file": current_file,
+        }
+        if len(extra) >= 2:
+            changes["synced_bytes"], changes["total_bytes"] = int(extra[0]), int(extra[1])
+        elif self._sizes and current_file:
+            with self._progress_lock:
+                done = self.progress.synced_bytes
+            changes["synced_bytes"] = done + self._sizes.get(current_file, 0)
+        self._update(**changes)
