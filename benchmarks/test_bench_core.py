@@ -1,0 +1,196 @@
+"""Benchmarks of the hot paths, per backend, with the baselines in the same run.
+
+Groups: scanning a 1,000-run and a 10,000-run lab (about 10 small files per run, one
+``media/`` subdirectory each; warm page cache) against ``os.walk`` + ``os.lstat`` in Python
+and ``find -printf``; diffing 10^5 and 10^6 manifest entries; tail-hashing 10^4 files.
+Every benchmark also checks its result, so ``--benchmark-disable`` makes them a test run.
+The labs are built here (not by ``runicorn.sample_lab``) so the numbers do not move when
+the sample generator changes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+EVENT_LINE = b'{"step": 123, "loss": 0.123456, "acc": 0.987654, "time": 1735689600.5}\n'
+EVENTS = EVENT_LINE * 110 + b'{"step": 124, "lo'  # ~8 KiB ending in a half-written line
+RUN_FILES = {
+    "meta.json": b'{"id": "x", "project": "p", "name": "n", "created_at": 1735689600.0}',
+    "status.json": b'{"status": "finished", "started_at": 1735689600.0}',
+    "summary.json": b'{"best_acc": 0.98}',
+    "events.jsonl": EVENTS,
+    "logs.txt": b"epoch 1 done\n" * 20,
+    "environment.json": b'{"python": "3.11"}',
+    "media/step_0.png": b"\x89PNG" + bytes(60),
+    "media/step_1.png": b"\x89PNG" + bytes(60),
+    "media/step_2.png": b"\x89PNG" + bytes(60),
+    "media/step_3.png": b"\x89PNG" + bytes(60),
+}
+PROJECTS = 10
+EXPERIMENTS = 10  # per project
+
+
+def run_ids(n_runs: int) -> list[str]:
+    return [
+        f"p{p:02d}/exp{e:02d}/runs/20250101_{r:06d}_{r * 7919 % 16**6:06x}"
+        for p in range(PROJECTS)
+        for e in range(EXPERIMENTS)
+        for r in range(n_runs // (PROJECTS * EXPERIMENTS))
+    ]
+
+
+def build_lab(root: Path, n_runs: int) -> Path:
+    for run in run_ids(n_runs):
+        run_dir = root / run
+        (run_dir / "media").mkdir(parents=True)
+        for name, data in RUN_FILES.items():
+            with open(run_dir / name, "wb") as handle:
+                handle.write(data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def labs(tmp_path_factory: pytest.TempPathFactory):
+    """Labs by run count, each built once per session when first asked for."""
+    built: dict[int, Path] = {}
+
+    def lab(n_runs: int) -> Path:
+        if n_runs not in built:
+            built[n_runs] = build_lab(tmp_path_factory.mktemp(f"lab{n_runs}"), n_runs)
+        return built[n_runs]
+
+    return lab
+
+
+LAB_SIZES = [1_000, 10_000]
+
+
+def walk_and_lstat(root: str) -> list[tuple[str, int, int]]:
+    """The baseline a Python programmer would write."""
+    records = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path, follow_symlinks=False)
+            records.append((path, st.st_size, st.st_mtime_ns))
+    return records
+
+
+def find_printf(root: str) -> bytes:
+    """The baseline a shell user would write (GNU find, one lstat per entry)."""
+    return subprocess.run(
+        ["find", root, "-printf", "%P %s %T@\n"], stdout=subprocess.PIPE, check=True
+    ).stdout
+
+
+@pytest.mark.parametrize("n_runs", LAB_SIZES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scan_lab(benchmark, backend, labs, n_runs, threads):
+    root = str(labs(n_runs))
+    benchmark.group = f"scan {n_runs:,} runs"
+    result = benchmark.pedantic(
+        backend.scan_experiments, (root, threads), rounds=5, warmup_rounds=1
+    )
+    assert result.problems == []
+    assert len(result.runs) == n_runs
+    assert sum(len(files) for *_, files in result.runs) == n_runs * len(RUN_FILES)
+
+
+@pytest.mark.parametrize("n_runs", LAB_SIZES)
+def test_scan_baseline_os_walk_lstat(benchmark, labs, n_runs):
+    root = str(labs(n_runs))
+    benchmark.group = f"scan {n_runs:,} runs"
+    records = benchmark.pedantic(walk_and_lstat, (root,), rounds=5, warmup_rounds=1)
+    assert len(records) == n_runs * len(RUN_FILES)
+
+
+@pytest.mark.parametrize("n_runs", LAB_SIZES)
+def test_scan_baseline_find_printf(benchmark, labs, n_runs):
+    root = str(labs(n_runs))
+    benchmark.group = f"scan {n_runs:,} runs"
+    listing = benchmark.pedantic(find_printf, (root,), rounds=5, warmup_rounds=1)
+    assert listing.count(b".png ") == n_runs * 4
+
+
+# --------------------------------------------------------------------------------------
+
+
+def manifest_pair(n: int) -> tuple[list[tuple], list[tuple], dict[str, int]]:
+    """Remote and local entries as a client holds them after a typical interval: most files
+    unchanged, some logs grown, a few files rewritten, new and deleted."""
+    names = sorted(RUN_FILES)
+    paths = sorted(
+        f"p{i % 10:02d}/exp{i // 10 % 10:02d}/runs/20250101_{i // 100:06d}_abcdef/{names[i % 10]}"
+        for i in range(n)
+    )
+    remote: list[tuple] = []
+    local: list[tuple] = []
+    expected = {"new": 0, "grown": 0, "replaced": 0, "unchanged": 0, "vanished": 0}
+    for i, path in enumerate(paths):
+        append_only = path.endswith(("events.jsonl", "logs.txt"))
+        fate = i % 100
+        if fate == 0:
+            remote.append((path, 100, 2.0, append_only, None))
+            expected["new"] += 1
+        elif fate == 1:
+            local.append((path, 100, 1.0, None))
+            expected["vanished"] += 1
+        elif fate < 10 and append_only:
+            remote.append((path, 200, 2.0, True, "h2"))
+            local.append((path, 100, 1.0, "h1"))
+            expected["grown"] += 1
+        elif fate == 10:
+            remote.append((path, 100, 2.0, append_only, None))
+            local.append((path, 100, 1.0, None))
+            expected["replaced"] += 1
+        else:
+            remote.append((path, 100, 1.0, append_only, "h1" if append_only else None))
+            local.append((path, 100, 1.0, "h1" if append_only else None))
+            expected["unchanged"] += 1
+    return remote, local, expected
+
+
+@pytest.fixture(scope="session")
+def manifest_pairs():
+    built: dict[int, tuple] = {}
+
+    def pair(n: int) -> tuple:
+        if n not in built:
+            built[n] = manifest_pair(n)
+        return built[n]
+
+    return pair
+
+
+@pytest.mark.parametrize("n_entries", [10**5, 10**6], ids=["1e5", "1e6"])
+def test_diff_entries(benchmark, backend, manifest_pairs, n_entries):
+    remote, local, expected = manifest_pairs(n_entries)
+    benchmark.group = f"diff {n_entries:.0e} entries"
+    result = benchmark.pedantic(backend.diff_entries, (remote, local), rounds=5, warmup_rounds=1)
+    assert {
+        "new": len(result.new),
+        "grown": len(result.grown),
+        "replaced": len(result.replaced),
+        "unchanged": result.unchanged,
+        "vanished": len(result.vanished),
+    } == expected
+
+
+# --------------------------------------------------------------------------------------
+
+
+def test_hash_tails_of_10k_files(benchmark, backend, labs):
+    root = labs(10_000)
+    requests = [(f"{run}/events.jsonl", len(EVENTS), True) for run in run_ids(10_000)]
+    benchmark.group = "tail hash 10,000 files"
+    results = benchmark.pedantic(
+        backend.hash_tails, (str(root), requests), rounds=5, warmup_rounds=1
+    )
+    complete = len(EVENTS) - len(b'{"step": 124, "lo')
+    assert len(results) == 10_000
+    assert {result[0] for result in results} == {complete}
+    assert len({result[1] for result in results}) == 1

@@ -1,0 +1,397 @@
+"""``runicorn sync [USER@]HOST:REMOTE_ROOT CACHE_DIR``: bring a local cache up to date.
+
+Exit codes (also in ``runicorn sync --help``):
+
+* 0 -- the cache is up to date (including "nothing changed");
+* 1 -- error: connection or authentication failed, the manifest was unreadable and the
+  legacy walk failed too, bad arguments (a missing local directory …);
+* 2 -- usage error (click);
+* 3 -- partial sync: some files failed; the next sync retries them;
+* 4 -- the host key is unknown or has changed (nothing was synced);
+* 130 -- interrupted (Ctrl+C); the cache is consistent and the next sync resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from runicorn.cli._common import (
+    EXIT_FAILURE,
+    EXIT_HOST_KEY,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    configure_logging,
+    human_bytes,
+    terminate_as_exit,
+    use_color,
+)
+from runicorn.cli._common import error as print_error
+
+# [USER@]HOST:PATH, where HOST may be a bracketed IPv6 address. Like scp, a colon after a
+# slash does not count (``./a:b`` is a local path).
+_REMOTE_SPEC = re.compile(r"^(?P<dest>(?:[^@/:\[\]]+@)?(?:\[[^\]/]+\]|[^@/:\[\]]+)):(?P<path>.*)$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where to sync from: an SSH destination and a path on it, or a local directory."""
+
+    destination: str | None
+    root: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.destination is None
+
+    def __str__(self) -> str:
+        return self.root if self.destination is None else f"{self.destination}:{self.root}"
+
+
+def parse_source(spec: str) -> Source:
+    """``[USER@]HOST:PATH`` is remote unless ``spec`` names an existing local path."""
+    if os.path.exists(spec):
+        return Source(None, os.path.abspath(spec))
+    match = _REMOTE_SPEC.match(spec)
+    if match is None:
+        return Source(None, os.path.abspath(spec))
+    return Source(match.group("dest"), match.group("path"))
+
+
+class _ProgressBar:
+    """A one-line progress display on stderr: files, bytes, speed, ETA, current file."""
+
+    REFRESH = 0.1
+
+    def __init__(self, color: bool) -> None:
+        self.color = color
+        self.last_draw = 0.0
+        self.drawn = False
+        self.started = time.monotonic()
+
+    def __call__(self, progress: Any) -> None:
+        now = time.monotonic()
+        if now - self.last_draw < self.REFRESH and progress.phase == "transferring":
+            return
+        self.last_draw = now
+        width = shutil.get_terminal_size((100, 20)).columns
+        line = self.render(progress, now - self.started)
+        sys.stderr.write("\r" + line[: width - 1].ljust(width - 1))
+        sys.stderr.flush()
+        self.drawn = True
+
+    def render(self, progress: Any, elapsed: float) -> str:
+        mode = progress.mode or "sync"
+        if progress.phase in ("manifest", "walking", "idle"):
+            what = "reading manifest" if progress.phase == "manifest" else "listing the server"
+            return f"{mode}: {what} …"
+        total = progress.total_files
+        done = progress.synced_files
+        fraction = done / total if total else 0.0
+        if progress.total_bytes:
+            fraction = progress.synced_bytes / progress.total_bytes
+        bar_width = 20
+        filled = int(bar_width * min(fraction, 1.0))
+        bar = "#" * filled + "-" * (bar_width - filled)
+        if self.color:
+            bar = click.style(bar[:filled], fg="green") + bar[filled:]
+        speed = progress.synced_bytes / elapsed if elapsed > 0 else 0.0
+        parts = [f"[{bar}] {done}/{total} files", f"{human_bytes(progress.synced_bytes)}"]
+        if progress.total_bytes:
+            parts[-1] += f"/{human_bytes(progress.total_bytes)}"
+            remaining = progress.total_bytes - progress.synced_bytes
+            if speed > 0 and remaining > 0:
+                eta = int(remaining / speed)
+                parts.append(f"ETA {eta // 60}:{eta % 60:02d}")
+        parts.insert(2, f"{human_bytes(speed)}/s")
+        if progress.current_file:
+            parts.append(progress.current_file.rsplit("/", 3)[-1])
+        return "  ".join(parts)
+
+    def finish(self) -> None:
+        if self.drawn:
+            width = shutil.get_terminal_size((100, 20)).columns
+            sys.stderr.write("\r" + " " * (width - 1) + "\r")
+            sys.stderr.flush()
+
+
+def _summary_line(source: Source, service: Any, stats: dict[str, Any]) -> str:
+    mode = service.progress.mode or "manifest"
+    took = f"{float(stats.get('duration') or 0.0):.2f} s"
+    if stats.get("skipped"):
+        reason = stats.get("reason") or "nothing changed"
+        return f"{source}: up to date ({reason}); checked in {took}"
+    revision = stats.get("manifest_revision")
+    via = f"manifest revision {revision}" if mode == "manifest" else "legacy walk (no manifest)"
+    line = (
+        f"{source}: synced {stats.get('files_synced', 0)} files, "
+        f"{human_bytes(int(stats.get('bytes_downloaded', 0) or 0))} in {took} via {via} "
+        f"({stats.get('incremental_count', 0)} appended, {stats.get('full_count', 0)} full, "
+        f"{stats.get('failed_count', 0)} failed)"
+    )
+    if service.fallback_reason:
+        line += f"; fell back because the {service.fallback_reason}"
+    return line
+
+
+def _fail(as_json: bool, code: int, message: str, **extra: Any) -> None:
+    print_error(message)
+    if as_json:
+        click.echo(orjson.dumps({"error": message, "exit_code": code, **extra}).decode())
+    sys.exit(code)
+
+
+@click.command("sync")
+@click.argument("source", metavar="[USER@]HOST:REMOTE_ROOT")
+@click.argument("cache_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--port", "-p", type=click.IntRange(1, 65535), help="SSH port (overrides config).")
+@click.option(
+    "--identity",
+    "-i",
+    "identities",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Private key file to try (repeatable); the agent and ~/.ssh keys are tried too.",
+)
+@click.option(
+    "--ssh-config",
+    type=click.Path(dir_okay=False),
+    default="~/.ssh/config",
+    show_default=True,
+    help="OpenSSH client config to read HostName, User, Port, IdentityFile from.",
+)
+@click.option(
+    "--known-hosts",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="known_hosts file to verify the server against [default: ~/.ssh/known_hosts].",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel transfers.")
+@click.option(
+    "--jitter",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Random delay (seconds) before reading the manifest; set it in timers.",
+)
+@click.option("--legacy", is_flag=True, help="Walk the server's tree instead of the manifest.")
+@click.option("--dry-run", is_flag=True, help="Report what would move; write nothing.")
+@click.option("--delete", is_flag=True, help="Remove cached runs that left the server.")
+@click.option(
+    "--allow-mass-delete",
+    is_flag=True,
+    help="With --delete: allow removing more runs than the safety threshold.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the stats as one JSON object.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1.0),
+    default=30.0,
+    show_default=True,
+    help="Seconds before a silent server counts as gone.",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
+def sync(
+    source: str,
+    cache_dir: Path,
+    port: int | None,
+    identities: tuple[str, ...],
+    ssh_config: str,
+    known_hosts: str | None,
+    workers: int | None,
+    jitter: float,
+    legacy: bool,
+    dry_run: bool,
+    delete: bool,
+    allow_mass_delete: bool,
+    as_json: bool,
+    timeout: float,
+    verbose: bool,
+) -> None:
+    """Mirror the runs under REMOTE_ROOT on a lab server into CACHE_DIR.
+
+    REMOTE_ROOT may also be a local directory (an NFS mount): then no SSH is used.
+
+    \b
+    Exit codes:
+      0    up to date (also when nothing changed)
+      1    error (connection, authentication, unreadable manifest and legacy walk failed)
+      2    usage error
+      3    partial sync: some files failed (the next sync retries them)
+      4    host key unknown or changed: verify it, then add it to known_hosts
+      130  interrupted (Ctrl+C); the cache stays consistent
+    """
+    configure_logging(verbose)
+    if allow_mass_delete and not delete:
+        raise click.UsageError("--allow-mass-delete only makes sense with --delete")
+    parsed = parse_source(source)
+    if parsed.is_local and not os.path.isdir(parsed.root):
+        _fail(as_json, EXIT_FAILURE, f"{parsed.root} is not a directory (and not HOST:PATH)")
+    options = {
+        "workers": workers,
+        "jitter": jitter,
+        "legacy": legacy,
+        "dry_run": dry_run,
+        "delete": delete,
+        "allow_mass_delete": allow_mass_delete,
+        "as_json": as_json,
+        "timeout": timeout,
+    }
+    client = None
+    try:
+        with terminate_as_exit():
+            if parsed.is_local:
+                code = _sync_local(parsed, cache_dir, **options)
+            else:
+                client = _connect(
+                    parsed, port, identities, ssh_config, known_hosts, timeout, as_json
+                )
+                code = _sync_remote(client, parsed, cache_dir, **options)
+    except KeyboardInterrupt:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()  # transfers still in flight fail at once instead of finishing
+        _fail(
+            as_json,
+            EXIT_INTERRUPTED,
+            "interrupted; finished files are kept and the next sync resumes",
+        )
+    finally:
+        if client is not None:
+            client.close()
+    sys.exit(code)
+
+
+def _connect(
+    parsed: Source,
+    port: int | None,
+    identities: tuple[str, ...],
+    ssh_config: str,
+    known_hosts: str | None,
+    timeout: float,
+    as_json: bool,
+) -> Any:
+    import paramiko
+
+    from runicorn.remote_storage.ssh import HostKeyError, SshConfigError, connect
+
+    assert parsed.destination is not None
+    try:
+        return connect(
+            parsed.destination,
+            port=port,
+            config_path=ssh_config,
+            known_hosts=known_hosts,
+            identity_files=identities,
+            timeout=timeout,
+        )
+    except HostKeyError as exc:
+        _fail(as_json, EXIT_HOST_KEY, str(exc), host=exc.host, port=exc.port)
+    except SshConfigError as exc:
+        _fail(as_json, EXIT_FAILURE, str(exc))
+    except (paramiko.SSHException, OSError) as exc:
+        _fail(as_json, EXIT_FAILURE, f"cannot connect to {parsed.destination}: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _sync_remote(client: Any, parsed: Source, cache_dir: Path, **options: Any) -> int:
+    sftp = client.open_sftp()
+    sftp.get_channel().settimeout(options["timeout"])
+    try:
+        root = parsed.root or "."
+        if not root.startswith("/"):
+            root = sftp.normalize(root.removeprefix("~/") if root != "~" else ".")
+        return _run(client, sftp, Source(parsed.destination, root), cache_dir, None, **options)
+    finally:
+        sftp.close()
+
+
+def _sync_local(parsed: Source, cache_dir: Path, **options: Any) -> int:
+    from runicorn.remote_storage.remote import LocalRemote
+
+    remote = LocalRemote(parsed.root)
+    try:
+        return _run(None, None, parsed, cache_dir, remote, **options)
+    finally:
+        remote.close()
+
+
+def _run(
+    client: Any,
+    sftp: Any,
+    source: Source,
+    cache_dir: Path,
+    remote: Any,
+    *,
+    workers: int | None,
+    jitter: float,
+    legacy: bool,
+    dry_run: bool,
+    delete: bool,
+    allow_mass_delete: bool,
+    as_json: bool,
+    timeout: float,
+) -> int:
+    from runicorn.remote_storage.cache_manager import LocalCacheManager
+    from runicorn.remote_storage.service import MetadataSyncService
+
+    bar = _ProgressBar(use_color()) if sys.stderr.isatty() else None
+    cache = LocalCacheManager(cache_dir)
+    service = MetadataSyncService(
+        client,
+        sftp,
+        source.root,
+        cache,
+        use_manifest_sync=not legacy,
+        manifest_sync_jitter=jitter,
+        remote=remote,
+        max_workers=workers,
+        delete=delete,
+        allow_mass_delete=allow_mass_delete,
+        dry_run=dry_run,
+        timeout=timeout,
+        on_progress=bar,
+    )
+    try:
+        ok = service.sync_all()
+    finally:
+        if bar is not None:
+            bar.finish()
+        cache.close()
+    stats = service.last_stats
+    if stats is None:
+        message = service.progress.last_error or "sync failed"
+        _fail(as_json, EXIT_FAILURE, f"sync from {source} failed: {message}")
+    assert stats is not None
+    code = EXIT_OK if ok else EXIT_PARTIAL
+    if as_json:
+        document = {
+            **stats,
+            "mode": service.progress.mode,
+            "source": str(source),
+            "cache_dir": str(cache.root_dir),
+            "dry_run": dry_run,
+            "fallback_reason": service.fallback_reason,
+            "warnings": list(service.progress.warnings),
+            "exit_code": code,
+        }
+        click.echo(orjson.dumps(document, default=str).decode())
+    else:
+        click.echo(_summary_line(source, service, stats))
+    if code == EXIT_PARTIAL:
+        print_error(
+            f"{stats.get('failed_count')} file(s) failed (see the warnings above); "
+            "run the sync again to retry them"
+        )
+    return code

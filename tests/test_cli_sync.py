@@ -1,0 +1,292 @@
+"""``runicorn sync`` and ``runicorn demo`` end to end: against a real sshd through an ssh
+config, and against a local directory, with the documented exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+
+from runicorn.cli import main
+from runicorn.core.backend import Backend
+from runicorn.manifest import ManifestGenerator
+from runicorn.remote_storage import service as service_module
+from runicorn.sample_lab import LabInfo, build_sample_lab
+from runicorn.testing.sshd import SshServer
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture(autouse=True)
+def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """The CLI has no backend flag; route the fixture's backend into every service it builds."""
+    original = service_module.MetadataSyncService.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        kwargs.setdefault("backend", backend)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
+    return backend
+
+
+@pytest.fixture
+def lab(tmp_path: Path, backend: Backend) -> LabInfo:
+    info = build_sample_lab(tmp_path / "lab", runs=8, seed=21, now=NOW)
+    ManifestGenerator(info.root, backend=backend).generate()
+    return info
+
+
+@pytest.fixture
+def ssh_config(sshd_server: SshServer, tmp_path: Path) -> Path:
+    return sshd_server.write_ssh_config(tmp_path / "ssh_config", "labserver")
+
+
+def _run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _stats(result: Result) -> dict:
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    return orjson.loads(lines[0])
+
+
+@pytest.mark.sshd
+def test_sync_over_ssh_through_a_config_alias_prints_json_stats(
+    lab: LabInfo, ssh_config: Path, tmp_path: Path
+) -> None:
+    result = _run(
+        "sync",
+        f"labserver:{lab.root}",
+        str(tmp_path / "cache"),
+        "--ssh-config",
+        str(ssh_config),
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    stats = _stats(result)
+    assert stats["files_synced"] == lab.listed_files
+    assert stats["failed_count"] == 0
+    assert stats["mode"] == "manifest"
+    assert stats["exit_code"] == 0
+
+
+@pytest.mark.sshd
+def test_second_sync_is_skipped_and_exits_zero(
+    lab: LabInfo, ssh_config: Path, tmp_path: Path
+) -> None:
+    args = [
+        "sync",
+        f"labserver:{lab.root}",
+        str(tmp_path / "cache"),
+        "--ssh-config",
+        str(ssh_config),
+    ]
+    assert _run(*args).exit_code == 0
+    result = _run(*args, "--json")
+    assert result.exit_code == 0
+    assert _stats(result)["skipped"] is True
+
+
+@pytest.mark.sshd
+def test_sync_with_explicit_port_identity_and_known_hosts(
+    lab: LabInfo, sshd_server: SshServer, tmp_path: Path
+) -> None:
+    result = _run(
+        "sync",
+        f"{sshd_server.username}@127.0.0.1:{lab.root}",
+        str(tmp_path / "cache"),
+        "--port",
+        str(sshd_server.port),
+        "-i",
+        str(sshd_server.client_key_path),
+        "--known-hosts",
+        str(sshd_server.known_hosts_path),
+        "--ssh-config",
+        str(tmp_path / "no_config"),
+    )
+    assert result.exit_code == 0, result.stderr
+    assert f"synced {lab.listed_files} files" in result.stdout
+
+
+@pytest.mark.sshd
+def test_legacy_flag_walks_the_tree(lab: LabInfo, ssh_config: Path, tmp_path: Path) -> None:
+    result = _run(
+        "sync",
+        f"labserver:{lab.root}",
+        str(tmp_path / "cache"),
+        "--ssh-config",
+        str(ssh_config),
+        "--legacy",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    stats = _stats(result)
+    assert stats["mode"] == "legacy"
+    assert stats["files_synced"] == lab.listed_files
+
+
+@pytest.mark.sshd
+def test_unknown_host_key_exits_4_with_how_to_trust_it(
+    lab: LabInfo, sshd_server: SshServer, tmp_path: Path
+) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    cache = tmp_path / "cache"
+    result = _run(
+        "sync",
+        f"{sshd_server.username}@127.0.0.1:{lab.root}",
+        str(cache),
+        "--port",
+        str(sshd_server.port),
+        "-i",
+        str(sshd_server.client_key_path),
+        "--known-hosts",
+        str(empty),
+        "--ssh-config",
+        str(tmp_path / "no_config"),
+        "--json",
+    )
+    assert result.exit_code == 4
+    assert "ssh-keyscan" in result.stderr
+    assert "SHA256:" in result.stderr
+    assert _stats(result)["exit_code"] == 4
+    assert not cache.exists()
+
+
+@pytest.mark.sshd
+def test_changed_host_key_exits_4(lab: LabInfo, sshd_server: SshServer, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    impostor = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    impostor_line = f"[127.0.0.1]:{sshd_server.port} {impostor.decode()}\n"
+    known = tmp_path / "known_hosts"
+    known.write_text(impostor_line)
+    result = _run(
+        "sync",
+        f"{sshd_server.username}@127.0.0.1:{lab.root}",
+        str(tmp_path / "cache"),
+        "--port",
+        str(sshd_server.port),
+        "-i",
+        str(sshd_server.client_key_path),
+        "--known-hosts",
+        str(known),
+        "--ssh-config",
+        str(tmp_path / "no_config"),
+    )
+    assert result.exit_code == 4
+    assert "HAS CHANGED" in result.stderr
+
+
+@pytest.mark.sshd
+def test_partial_sync_exits_3_and_the_next_sync_retries(
+    lab: LabInfo, ssh_config: Path, tmp_path: Path
+) -> None:
+    # A file turns into a directory between the manifest and the download.
+    victim = next(p for p in lab.listed_runs[0].path.iterdir() if p.name == "summary.json")
+    saved = victim.read_bytes()
+    victim.unlink()
+    victim.mkdir()
+    args = [
+        "sync",
+        f"labserver:{lab.root}",
+        str(tmp_path / "cache"),
+        "--ssh-config",
+        str(ssh_config),
+    ]
+    result = _run(*args, "--json")
+    assert result.exit_code == 3, result.stderr
+    stats = _stats(result)
+    assert stats["failed_count"] == 1
+    assert stats["files_synced"] == lab.listed_files - 1
+
+    victim.rmdir()
+    victim.write_bytes(saved)
+    os.utime(victim, (NOW - 7200, NOW - 7200))
+    ManifestGenerator(lab.root).generate()
+    assert _run(*args).exit_code == 0
+
+
+@pytest.mark.sshd
+def test_connection_refused_exits_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = _run(
+        "sync",
+        f"127.0.0.1:{tmp_path}",
+        str(tmp_path / "cache"),
+        "--port",
+        str(port),
+        "--ssh-config",
+        str(tmp_path / "no_config"),
+        "--timeout",
+        "5",
+    )
+    assert result.exit_code == 1
+    assert "cannot connect" in result.stderr
+
+
+def test_local_directory_syncs_through_the_same_engine(lab: LabInfo, tmp_path: Path) -> None:
+    result = _run("sync", str(lab.root), str(tmp_path / "cache"), "--json")
+    assert result.exit_code == 0, result.stderr
+    stats = _stats(result)
+    assert stats["files_synced"] == lab.listed_files
+    assert stats["mode"] == "manifest"
+
+
+def test_local_directory_without_manifest_uses_the_legacy_walk(
+    lab: LabInfo, tmp_path: Path
+) -> None:
+    shutil.rmtree(lab.root / ".runicorn")
+    result = _run("sync", str(lab.root), str(tmp_path / "cache"), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert _stats(result)["mode"] == "legacy"
+
+
+def test_missing_local_directory_exits_1(tmp_path: Path) -> None:
+    result = _run("sync", str(tmp_path / "nowhere"), str(tmp_path / "cache"))
+    assert result.exit_code == 1
+    assert "not a directory" in result.stderr
+
+
+def test_allow_mass_delete_without_delete_is_a_usage_error(tmp_path: Path) -> None:
+    result = _run("sync", str(tmp_path), str(tmp_path / "cache"), "--allow-mass-delete")
+    assert result.exit_code == 2
+
+
+def test_dry_run_writes_nothing(lab: LabInfo, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    result = _run("sync", str(lab.root), str(cache), "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert not cache.exists() or not any(
+        p.is_file() for p in cache.rglob("*") if ".runicorn-cache" not in p.parts
+    )
+
+
+def test_demo_runs_and_exits_zero() -> None:
+    result = _run("demo", "--runs", "4")
+    assert result.exit_code == 0, result.stderr
+    assert "Second sync" in result.stdout
+    assert "appended in place" in result.stdout
+
+
+def test_demo_keeps_its_lab_and_cache_when_asked(tmp_path: Path) -> None:
+    keep = tmp_path / "demo"
+    result = _run("demo", "--runs", "3", "--keep", str(keep))
+    assert result.exit_code == 0, result.stderr
+    assert (keep / "lab").is_dir()
+    assert (keep / "cache").is_dir()
