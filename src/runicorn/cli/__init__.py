@@ -9,7 +9,9 @@ from __future__ import annotations
 import click
 
 from runicorn import __version__
+from runicorn.cli.demo import demo
 from runicorn.cli.generate import generate_manifest
+from runicorn.cli.sync import sync
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -36,3 +38,5 @@ def main() -> None:
 
 
 main.add_command(generate_manifest)
+main.add_command(sync)
+main.add_command(demo)
