@@ -8,7 +8,6 @@ append-only -- is stated here once, so the scanners, the generator and the clien
 from __future__ import annotations
 
 import math
-import posixpath
 
 import orjson
 
@@ -50,8 +49,7 @@ def is_synced_file(path_in_run: str) -> bool:
     Lock files are the writer's business and the soft-delete marker is a property of the
     run, not content, so neither is synced.
     """
-    base = posixpath.basename(path_in_run)
-    return not base.endswith(LOCK_SUFFIX) and path_in_run != DELETED_MARKER
+    return not path_in_run.endswith(LOCK_SUFFIX) and path_in_run != DELETED_MARKER
 
 
 def is_append_only(path_in_run: str) -> bool:
