@@ -178,7 +178,11 @@ class ManifestGenerator:
         now = self.clock()
         tags = self._read_tags(report)
         next_state = GeneratorState(scan_started_ns=scan_started_ns)
-        experiments = self._build_experiments(scan.runs, tags, memo, next_state, report)
+        # A run whose directory could not be listed would otherwise appear with no files, as
+        # if it were empty: leave it out (its problem is reported) rather than publish that.
+        unlisted = {path for path, _ in scan.problems}
+        runs = [run for run in scan.runs if layout.run_prefix(*run[:3])[:-1] not in unlisted]
+        experiments = self._build_experiments(runs, tags, memo, next_state, report)
         if manifest_type is ManifestType.ACTIVE:
             horizon = now - self.active_window_seconds
             experiments = [
