@@ -24,14 +24,14 @@ RULE = "=" * 60
 @click.command("generate-manifest")
 @click.option(
     "--root",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=click.Path(path_type=Path),
     default=Path("."),
     show_default=True,
     help="Experiments root (the directory holding <project>/<name>/runs/<run_id>).",
 )
 @click.option(
     "--output",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path),
     default=None,
     help="Manifest path [default: <root>/.runicorn/<type>_manifest.json]; "
     "its directory is created if missing.",
