@@ -94,6 +94,7 @@ class ManifestGenerator:
         if active_window_seconds < 0:
             raise ValueError(f"active_window_seconds must be >= 0, got {active_window_seconds}")
         self.remote_root = Path(os.path.abspath(remote_root))
+        self._root_str = str(self.remote_root)
         self.output_dir = (
             Path(output_dir) if output_dir else self.remote_root / layout.MANIFEST_DIRNAME
         )
@@ -250,35 +251,44 @@ class ManifestGenerator:
         reuse_before = memo.scan_started_ns
         pending: list[tuple[FileEntry, str, tuple]] = []
         experiments: list[ExperimentEntry] = []
+        is_synced, priority_for = layout.is_synced_file, layout.priority_for
         for project, name, run_id, records in runs:
-            if any(record[0] == layout.DELETED_MARKER for record in records):
-                continue  # soft-deleted: the user no longer wants it listed
             prefix = layout.run_prefix(project, name, run_id)
             files: list[FileEntry] = []
             by_name: dict[str, tuple] = {}
+            deleted = False
             for record in records:
                 path_in_run = record[0]
-                if not layout.is_synced_file(path_in_run):
+                if path_in_run == layout.DELETED_MARKER:
+                    deleted = True
+                    break
+                if not is_synced(path_in_run):
                     continue
                 by_name[path_in_run] = record
                 path = prefix + path_in_run
+                append_only = path_in_run in layout.APPEND_ONLY_FILES
                 entry = FileEntry(
-                    path=path,
-                    size=record[1],
-                    mtime=record[2] / 1_000_000_000,
-                    priority=layout.priority_for(path_in_run),
-                    is_append_only=layout.is_append_only(path_in_run),
+                    path,
+                    record[1],
+                    record[2] / 1_000_000_000,
+                    priority_for(path_in_run),
+                    append_only,
                 )
-                if entry.is_append_only:
-                    key = _stat_key(record)
+                if append_only:
                     known = memo.files.get(path)
-                    if known is not None and known.key == key and record[2] < reuse_before:
+                    if (
+                        known is not None
+                        and record[2] < reuse_before
+                        and known.key == (record[1], record[2], record[3], record[4])
+                    ):
                         entry.size, entry.tail_hash = known.recorded_size, known.tail_hash
                         next_state.files[path] = known
                         report.files_reused += 1
                     else:
                         pending.append((entry, path, record))
                 files.append(entry)
+            if deleted:
+                continue  # soft-deleted: the user no longer wants it listed
             exp = self._describe_run(
                 project, name, run_id, files, by_name, memo, next_state, report
             )
@@ -364,9 +374,9 @@ class ManifestGenerator:
     ) -> dict | None:
         if key is None:
             return None
-        path = self.remote_root / prefix / filename
+        path = os.path.join(self._root_str, prefix, filename)
         try:
-            data = _read_small_file(path)
+            data = _read_small_file(path, size_hint=key[0])
         except OSError as error:
             message = f"{prefix}{filename}: cannot be read ({error.strerror}); using defaults"
             report.warnings.append(message)
@@ -403,7 +413,8 @@ class ManifestGenerator:
         """A fingerprint of everything but the per-generation header fields."""
         hasher = blake3()
         hasher.update(orjson.dumps([manifest.server_hostname, manifest.remote_root]))
-        hasher.update(orjson.dumps([exp.to_dict() for exp in manifest.experiments]))
+        # orjson serialises the dataclasses natively: every field, in declaration order.
+        hasher.update(orjson.dumps(manifest.experiments))
         return hasher.hexdigest()
 
     @staticmethod
@@ -443,8 +454,26 @@ def _remove_leftover_temp_files(*targets: Path) -> None:
             pass
 
 
-def _read_small_file(path: Path, limit: int = 16 * 1024 * 1024) -> bytes:
-    """Read a run's metadata file without following a symbolic link, at most ``limit`` bytes."""
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+"""A run's metadata file larger than this is read only this far (and then fails to parse)."""
+
+
+def _read_small_file(path: str | Path, size_hint: int = 65536) -> bytes:
+    """Read a metadata file without following a symbolic link.
+
+    ``size_hint`` (the scanned size) sizes the read buffer; a file that grew since is still
+    read whole, up to :data:`MAX_METADATA_BYTES`.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read(limit)
+    try:
+        chunks = []
+        remaining = MAX_METADATA_BYTES
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, max(size_hint, 4096) + 1))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -41,10 +41,13 @@ class RunMemo:
     created_at: float | None
 
 
-def _key(value: object) -> StatKey | None:
-    if isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) for v in value):
-        return (value[0], value[1], value[2], value[3])
-    return None
+def _key(value: list | None) -> StatKey | None:
+    """A stat key back from JSON; anything malformed makes the caller treat the state as
+    corrupt (``ValueError``/``TypeError``)."""
+    if value is None:
+        return None
+    a, b, c, d = value
+    return (int(a), int(b), int(c), int(d))
 
 
 @dataclass
@@ -83,10 +86,9 @@ class GeneratorState:
             digest=str(doc["digest"]),
             scan_started_ns=int(doc["scan_started_ns"]),
         )
+        files = state.files
         for path, (key, size, tail_hash) in doc["files"].items():
-            stat_key = _key(key)
-            if stat_key is not None:
-                state.files[path] = FileMemo(stat_key, int(size), str(tail_hash))
+            files[path] = FileMemo((key[0], key[1], key[2], key[3]), int(size), str(tail_hash))
         for prefix, (meta_key, status_key, status, created_at) in doc["runs"].items():
             state.runs[prefix] = RunMemo(
                 _key(meta_key),
