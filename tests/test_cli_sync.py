@@ -290,3 +290,22 @@ def test_demo_keeps_its_lab_and_cache_when_asked(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert (keep / "lab").is_dir()
     assert (keep / "cache").is_dir()
+
+
+def test_interrupt_exits_130_with_a_resume_hint(
+    lab: LabInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(self, *, wait: bool = False) -> bool:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(service_module.MetadataSyncService, "sync_all", interrupted)
+    result = _run("sync", str(lab.root), str(tmp_path / "cache"))
+    assert result.exit_code == 130
+    assert "next sync resumes" in result.stderr
+
+
+def test_plain_output_is_one_summary_line(lab: LabInfo, tmp_path: Path) -> None:
+    result = _run("sync", str(lab.root), str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    assert f"synced {lab.listed_files} files" in result.stdout

@@ -29,6 +29,11 @@ from runicorn.cli._common import (
 from runicorn.cli._common import error as print_error
 
 
+def _count(items: object, noun: str) -> str:
+    number = len(items)  # type: ignore[arg-type]
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _heading(text: str) -> None:
     click.echo()
     click.secho(text, bold=True, fg="cyan" if use_color() else None, color=use_color())
@@ -41,10 +46,12 @@ def _sync_once(lab: Path, cache_dir: Path) -> dict[str, Any]:
     from runicorn.remote_storage.remote import LocalRemote
     from runicorn.remote_storage.service import MetadataSyncService
 
-    manifest, _ = ManifestGenerator(lab).generate(ManifestType.FULL)
+    generator = ManifestGenerator(lab)
+    manifest, _ = generator.generate(ManifestType.FULL)
+    published = generator.last_report is not None and generator.last_report.published
     click.echo(
-        f"  server: published manifest revision {manifest.revision} "
-        f"({manifest.total_experiments} runs, {manifest.total_files} files, "
+        f"  server: {'published' if published else 'unchanged,'} manifest revision "
+        f"{manifest.revision} ({manifest.total_experiments} runs, {manifest.total_files} files, "
         f"{human_bytes(manifest.total_bytes)})"
     )
     cache = LocalCacheManager(cache_dir)
@@ -141,8 +148,8 @@ def _demo(workdir: Path, runs: int, seed: int) -> None:
     appended = sum(step.appended.values())
     click.echo(
         f"  {len(step.appended)} logs grew by {human_bytes(appended)}, "
-        f"{len(step.rewritten)} small files rewritten, {len(step.finished)} runs finished, "
-        f"{len(step.added)} new runs, {len(step.gone_runs())} runs deleted"
+        f"{len(step.rewritten)} small files rewritten, {_count(step.finished, 'run')} finished, "
+        f"{_count(step.added, 'new run')}, {_count(step.gone_runs(), 'run')} deleted"
     )
 
     _heading("5. Second sync: only what changed moves")

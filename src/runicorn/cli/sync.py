@@ -108,12 +108,16 @@ class _ProgressBar:
             bar = click.style(bar[:filled], fg="green") + bar[filled:]
         speed = progress.synced_bytes / elapsed if elapsed > 0 else 0.0
         parts = [f"[{bar}] {done}/{total} files", f"{human_bytes(progress.synced_bytes)}"]
+        eta: float | None = None
         if progress.total_bytes:
             parts[-1] += f"/{human_bytes(progress.total_bytes)}"
             remaining = progress.total_bytes - progress.synced_bytes
             if speed > 0 and remaining > 0:
-                eta = int(remaining / speed)
-                parts.append(f"ETA {eta // 60}:{eta % 60:02d}")
+                eta = remaining / speed
+        elif done and total > done:
+            eta = elapsed * (total - done) / done  # bytes to go unknown: go by files
+        if eta is not None:
+            parts.append(f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         parts.insert(2, f"{human_bytes(speed)}/s")
         if progress.current_file:
             parts.append(progress.current_file.rsplit("/", 3)[-1])

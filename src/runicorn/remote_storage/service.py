@@ -118,6 +118,7 @@ class MetadataSyncService:
         self.fallback_reason: str | None = None
         """Why the last sync used the legacy walk (``None`` when it did not)."""
         self._sizes: dict[str, int] = {}
+        self._known_sizes: dict[str, int] | None = None
         self._run_lock = threading.Lock()
         self._progress_lock = threading.Lock()
 
@@ -276,6 +277,7 @@ class MetadataSyncService:
 
     def _reset_progress(self) -> None:
         self._sizes = {}
+        self._known_sizes = None
         with self._progress_lock:
             self.progress = SyncProgress(phase=PHASE_IDLE, started_at=time.time())
 
@@ -301,8 +303,22 @@ class MetadataSyncService:
         }
         if len(extra) >= 2:
             changes["synced_bytes"], changes["total_bytes"] = int(extra[0]), int(extra[1])
-        elif self._sizes and current_file:
+        elif current_file:
             with self._progress_lock:
                 done = self.progress.synced_bytes
-            changes["synced_bytes"] = done + self._sizes.get(current_file, 0)
+            changes["synced_bytes"] = done + self._bytes_of(current_file)
         self._update(**changes)
+
+    def _bytes_of(self, path: str) -> int:
+        """Bytes one finished file moved, for the live display (the stats hold the exact
+        total): its listed size in a walk; in manifest mode, what it grew by in the cache."""
+        if self._sizes:
+            return self._sizes.get(path, 0)
+        if self._known_sizes is None:
+            self._known_sizes = {row[0]: row[1] for row in self.cache_manager.file_entries()}
+        try:
+            size = os.lstat(self.cache_manager.path_for(path)).st_size
+        except (OSError, ValueError):
+            return 0
+        previous = self._known_sizes.get(path, 0)
+        return size - previous if 0 < previous < size else size
