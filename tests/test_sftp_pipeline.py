@@ -205,9 +205,6 @@ def pipeline(ssh_client: paramiko.SSHClient) -> Iterator[SftpPipeline]:
     pipe.close()
 
 
-pytestmark_sshd = pytest.mark.sshd
-
-
 @pytest.mark.sshd
 def test_the_server_speaks_version_3(pipeline: SftpPipeline) -> None:
     assert pipeline.server_version == 3

@@ -1,0 +1,359 @@
+"""The Remote interface: SftpRemote (real OpenSSH) and LocalRemote must behave the same.
+
+Every behaviour test takes ``remote``, which runs once per implementation over the same tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from runicorn.remote_storage.remote import (
+    FetchCancelled,
+    FetchJob,
+    FetchResult,
+    LocalRemote,
+    Remote,
+    RemoteEntry,
+    SftpRemote,
+    ShrunkError,
+)
+from runicorn.testing.sshd import SshServer
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> dict[str, bytes]:
+    """A tree with many small files, a few large ones, empty ones and symbolic links."""
+    root = tmp_path / "lab"
+    contents: dict[str, bytes] = {}
+    for run in range(6):
+        for name, size in [("meta.json", 300), ("events.jsonl", 40_000 + run), ("empty.txt", 0)]:
+            contents[f"p/e/runs/r{run}/{name}"] = os.urandom(size)
+    contents["p/e/runs/r0/media/big.bin"] = os.urandom(5 * MIB + 3)
+    contents["p/e/runs/r1/media/mid.bin"] = os.urandom(700_000)
+    for relative, data in contents.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    os.symlink("meta.json", root / "p/e/runs/r0/link-to-file")
+    os.symlink("../r1", root / "p/e/runs/r0/link-to-dir")
+    return contents
+
+
+@pytest.fixture
+def lab_root(tmp_path: Path, lab: dict[str, bytes]) -> Path:
+    return tmp_path / "lab"
+
+
+@pytest.fixture(params=["local", pytest.param("sftp", marks=pytest.mark.sshd)])
+def remote(request: pytest.FixtureRequest, lab_root: Path) -> Iterator[Remote]:
+    if request.param == "local":
+        instance: Remote = LocalRemote(lab_root)
+    else:
+        sftp: paramiko.SFTPClient = request.getfixturevalue("sftp")
+        instance = SftpRemote(sftp, str(lab_root), timeout=20)
+    yield instance
+    instance.close()
+
+
+def fetch_all(
+    remote: Remote, jobs: list[FetchJob], *, workers: int = 3, **options: object
+) -> dict[int, FetchResult]:
+    results: dict[int, FetchResult] = {}
+
+    def on_result(result: FetchResult) -> None:
+        assert id(result.job) not in results, "on_result called twice for one job"
+        results[id(result.job)] = result
+
+    remote.fetch(jobs, on_result, workers=workers, **options)  # type: ignore[arg-type]
+    assert len(results) == len(jobs)
+    return results
+
+
+def collecting_job(
+    path: str, offset: int, length: int, **options: object
+) -> tuple[FetchJob, bytearray]:
+    buffer = bytearray()
+    expected = [offset]
+
+    def sink(at: int, data: bytes) -> None:
+        assert at == expected[0], "sink called out of offset order"
+        buffer.extend(data)
+        expected[0] = at + len(data)
+
+    return FetchJob(path, offset, length, sink, **options), buffer  # type: ignore[arg-type]
+
+
+def no_fetch_threads_left() -> bool:
+    return not [t for t in threading.enumerate() if t.name.startswith("runicorn-")]
+
+
+# -- fetch ---------------------------------------------------------------------------------------
+
+
+def test_fetch_of_many_files_is_byte_exact(remote: Remote, lab: dict[str, bytes]) -> None:
+    pairs = {path: collecting_job(path, 0, len(data)) for path, data in lab.items()}
+    results = fetch_all(remote, [job for job, _ in pairs.values()])
+    assert all(result.ok for result in results.values())
+    assert {path: bytes(buffer) for path, (_, buffer) in pairs.items()} == lab
+    assert no_fetch_threads_left()
+
+
+def test_fetch_reads_exactly_the_requested_range(remote: Remote, lab: dict[str, bytes]) -> None:
+    path = "p/e/runs/r0/media/big.bin"
+    job, buffer = collecting_job(path, 1_000_001, 2 * MIB + 5)
+    (result,) = fetch_all(remote, [job]).values()
+    assert result.ok and result.bytes_received == 2 * MIB + 5
+    assert bytes(buffer) == lab[path][1_000_001 : 1_000_001 + 2 * MIB + 5]
+
+
+def test_a_file_shorter_than_the_range_is_a_shrunk_error(remote: Remote, lab) -> None:
+    job, _ = collecting_job("p/e/runs/r0/meta.json", 100, 500)
+    (result,) = fetch_all(remote, [job]).values()
+    assert isinstance(result.error, ShrunkError)
+    assert result.error.actual_end == 300 and result.error.expected_end == 600
+
+
+def test_errors_of_one_job_do_not_fail_the_others(remote: Remote, lab: dict[str, bytes]) -> None:
+    missing, _ = collecting_job("p/e/runs/r9/meta.json", 0, 10)
+    unsafe, _ = collecting_job("../outside", 0, 10)
+    good, buffer = collecting_job(
+        "p/e/runs/r2/events.jsonl", 0, len(lab["p/e/runs/r2/events.jsonl"])
+    )
+    results = fetch_all(remote, [missing, unsafe, good])
+    assert isinstance(results[id(missing)].error, FileNotFoundError)
+    assert isinstance(results[id(unsafe)].error, ValueError)
+    assert results[id(good)].ok and bytes(buffer) == lab["p/e/runs/r2/events.jsonl"]
+
+
+def test_a_failing_sink_fails_only_its_job(remote: Remote, lab: dict[str, bytes]) -> None:
+    def broken(offset: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    bad = FetchJob("p/e/runs/r0/media/big.bin", 0, 5 * MIB + 3, broken)
+    good, buffer = collecting_job("p/e/runs/r1/meta.json", 0, 300)
+    results = fetch_all(remote, [bad, good], workers=1)
+    assert isinstance(results[id(bad)].error, OSError) and results[id(bad)].error.errno == 28
+    assert results[id(good)].ok and bytes(buffer) == lab["p/e/runs/r1/meta.json"]
+
+
+def test_jobs_finish_in_priority_order_on_one_sequential_worker(
+    request: pytest.FixtureRequest, remote: Remote, lab: dict[str, bytes]
+) -> None:
+    if isinstance(remote, SftpRemote):
+        remote = SftpRemote(request.getfixturevalue("sftp"), remote.root, depth=1)
+    paths = sorted(lab)
+    jobs = [
+        collecting_job(path, 0, len(lab[path]), priority=1 + i % 3)[0]
+        for i, path in enumerate(paths)
+    ]
+    order: list[FetchJob] = []
+    remote.fetch(jobs, lambda result: order.append(result.job), workers=1)
+    remote.close()
+    expected = sorted(jobs, key=lambda job: job.priority)  # stable: submission order within one
+    assert [job.path for job in order] == [job.path for job in expected]
+
+
+def test_cancel_stops_the_fetch_and_reports_the_rest_cancelled(remote: Remote, lab) -> None:
+    cancel = threading.Event()
+    path = "p/e/runs/r0/media/big.bin"
+    jobs = [FetchJob(path, 0, len(lab[path]), lambda offset, data: cancel.set()) for _ in range(8)]
+    results = fetch_all(remote, jobs, workers=2, cancel=cancel)
+    assert any(isinstance(r.error, FetchCancelled) for r in results.values())
+    assert no_fetch_threads_left()
+
+
+def test_a_fetch_after_a_cancelled_one_works(remote: Remote, lab: dict[str, bytes]) -> None:
+    cancel = threading.Event()
+    path = "p/e/runs/r0/media/big.bin"
+    fetch_all(remote, [FetchJob(path, 0, 5 * MIB, lambda o, d: cancel.set())], cancel=cancel)
+    job, buffer = collecting_job(path, 0, len(lab[path]))
+    (result,) = fetch_all(remote, [job]).values()
+    assert result.ok and bytes(buffer) == lab[path]
+
+
+# -- small reads -----------------------------------------------------------------------------------
+
+
+def test_read_prefix_returns_at_most_length_bytes(remote: Remote, lab: dict[str, bytes]) -> None:
+    assert remote.read_prefix("p/e/runs/r0/meta.json", 10) == lab["p/e/runs/r0/meta.json"][:10]
+    assert remote.read_prefix("p/e/runs/r0/meta.json", 10_000) == lab["p/e/runs/r0/meta.json"]
+    assert remote.read_prefix("p/e/runs/r0/empty.txt", 10) == b""
+
+
+def test_read_prefix_of_a_missing_file_is_file_not_found(remote: Remote, lab) -> None:
+    with pytest.raises(FileNotFoundError):
+        remote.read_prefix("p/nope.json", 10)
+
+
+def test_read_file_reads_a_large_file_whole(remote: Remote, lab: dict[str, bytes]) -> None:
+    path = "p/e/runs/r0/media/big.bin"
+    assert remote.read_file(path, 10 * MIB) == lab[path]
+    assert remote.read_file("p/e/runs/r0/empty.txt", 0) == b""
+
+
+def test_read_file_refuses_a_file_above_the_cap(remote: Remote, lab) -> None:
+    with pytest.raises(ValueError, match="larger than"):
+        remote.read_file("p/e/runs/r1/media/mid.bin", 699_999)
+    with pytest.raises(ValueError, match="larger than"):
+        remote.read_file("p/e/runs/r0/meta.json", 299)
+
+
+# -- listings -----------------------------------------------------------------------------------
+
+
+def test_listdir_reports_symlinks_as_links(remote: Remote, lab_root: Path, lab) -> None:
+    entries = {entry.name: entry for entry in remote.listdir("p/e/runs/r0")}
+    assert sorted(entries) == [
+        "empty.txt",
+        "events.jsonl",
+        "link-to-dir",
+        "link-to-file",
+        "media",
+        "meta.json",
+    ]
+    assert entries["link-to-dir"].is_symlink and not entries["link-to-dir"].is_dir
+    assert entries["link-to-file"].is_symlink
+    assert entries["media"].is_dir and not entries["media"].is_symlink
+    assert entries["meta.json"].size == 300
+    assert entries["meta.json"].mtime == float(
+        int((lab_root / "p/e/runs/r0/meta.json").stat().st_mtime)
+    )
+
+
+def test_listdirs_lists_many_directories_and_reports_errors_per_path(remote: Remote, lab) -> None:
+    paths = [f"p/e/runs/r{run}" for run in range(6)] + ["", "missing", "p/e/runs/r0/meta.json"]
+    listing = remote.listdirs(paths)
+    assert set(listing) == set(paths)
+    assert [entry.name for entry in listing[""]] == ["p"]  # type: ignore[union-attr]
+    assert isinstance(listing["missing"], FileNotFoundError)
+    assert isinstance(listing["p/e/runs/r0/meta.json"], OSError)
+    assert {e.name for e in listing["p/e/runs/r3"]} == {"empty.txt", "events.jsonl", "meta.json"}  # type: ignore[union-attr]
+
+
+# -- both implementations agree -------------------------------------------------------------------
+
+
+def _observe(remote: Remote, lab: dict[str, bytes]) -> dict[str, object]:
+    """Everything a sync would see of the tree, in comparable form."""
+    listing = remote.listdirs(
+        ["", "p", "p/e", "p/e/runs", *(f"p/e/runs/r{i}" for i in range(6)), "x"]
+    )
+    jobs = {path: collecting_job(path, 3, max(0, len(data) - 3)) for path, data in lab.items()}
+    jobs["gone"] = collecting_job("p/e/runs/r0/gone", 0, 1)
+    jobs["short"] = collecting_job("p/e/runs/r0/meta.json", 0, 301)
+    results = fetch_all(remote, [job for job, _ in jobs.values()])
+    return {
+        "listing": {k: v if isinstance(v, list) else type(v) for k, v in listing.items()},
+        "data": {path: bytes(buffer) for path, (_, buffer) in jobs.items()},
+        "errors": {path: type(results[id(job)].error) for path, (job, _) in jobs.items()},
+        "received": {path: results[id(job)].bytes_received for path, (job, _) in jobs.items()},
+        "prefix": remote.read_prefix("p/e/runs/r0/meta.json", 100),
+    }
+
+
+@pytest.mark.sshd
+def test_sftp_and_local_remotes_give_identical_results(
+    sftp: paramiko.SFTPClient, lab_root: Path, lab: dict[str, bytes]
+) -> None:
+    with LocalRemote(lab_root) as local, SftpRemote(sftp, str(lab_root)) as over_ssh:
+        assert _observe(over_ssh, lab) == _observe(local, lab)
+
+
+# -- SFTP specifics -------------------------------------------------------------------------------
+
+
+@pytest.mark.sshd
+def test_read_prefix_costs_exactly_open_read_close(
+    sshd_server: SshServer, sftp: paramiko.SFTPClient, lab_root: Path, lab
+) -> None:
+    remote = SftpRemote(sftp, str(lab_root))
+    for length in (10, 300, 100_000):  # shorter than, equal to and longer than the file
+        sshd_server.reset_request_counts()
+        remote.read_prefix("p/e/runs/r0/meta.json", length)
+        counts = sshd_server.sftp_request_count()
+        assert counts.by_type == {"open": 1, "read": 1, "close": 1}
+        assert counts.sessions == 0  # no new channel: the client's own one is used
+
+
+@pytest.mark.sshd
+def test_fetch_reuses_its_channels_across_calls(
+    sshd_server: SshServer, sftp: paramiko.SFTPClient, lab_root: Path, lab
+) -> None:
+    remote = SftpRemote(sftp, str(lab_root))
+    jobs = lambda: [collecting_job(p, 0, len(d))[0] for p, d in lab.items()]  # noqa: E731
+    sshd_server.reset_request_counts()
+    fetch_all(remote, jobs(), workers=3)
+    fetch_all(remote, jobs(), workers=3)
+    assert sshd_server.sftp_request_count().sessions == 3
+    remote.close()
+
+
+@pytest.mark.sshd
+def test_a_server_allowing_one_session_still_fetches(
+    sshd_factory: Callable[..., SshServer],
+    lab_root: Path,
+    lab: dict[str, bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = sshd_factory(max_sessions=1)
+    client = server.connect()
+    try:
+        sftp = client.open_sftp()
+        with SftpRemote(sftp, str(lab_root)) as remote, caplog.at_level(logging.WARNING):
+            pairs = {path: collecting_job(path, 0, len(data)) for path, data in lab.items()}
+            results = fetch_all(remote, [job for job, _ in pairs.values()], workers=4)
+            listing = remote.listdirs([f"p/e/runs/r{i}" for i in range(6)] * 3)
+            assert (
+                remote.read_prefix("p/e/runs/r0/meta.json", 5) == lab["p/e/runs/r0/meta.json"][:5]
+            )
+        assert all(result.ok for result in results.values())
+        assert {path: bytes(buffer) for path, (_, buffer) in pairs.items()} == lab
+        assert all(isinstance(entries, list) for entries in listing.values())
+        assert "refused" in caplog.text
+        assert sftp.listdir(str(lab_root)) == ["p"]  # the user's client still works
+    finally:
+        client.close()
+
+
+@pytest.mark.sshd
+def test_a_dropped_connection_fails_the_remaining_jobs_with_connection_error(
+    ssh_client: paramiko.SSHClient, sftp: paramiko.SFTPClient, lab_root: Path, lab
+) -> None:
+    remote = SftpRemote(sftp, str(lab_root), timeout=20, depth=4)
+    transport = ssh_client.get_transport()
+    assert transport is not None
+    dropped = []
+
+    def sink(offset: int, data: bytes) -> None:
+        if not dropped:
+            dropped.append(True)
+            transport.close()
+
+    path = "p/e/runs/r0/media/big.bin"
+    jobs = [FetchJob(path, 0, len(lab[path]), sink) for _ in range(6)]
+    results = fetch_all(remote, jobs, workers=2)
+    failures = [r.error for r in results.values() if r.error is not None]
+    assert failures and all(isinstance(error, ConnectionError) for error in failures)
+    assert no_fetch_threads_left()
+
+
+def test_local_remote_never_follows_a_symlink_as_the_final_component(lab_root: Path, lab) -> None:
+    remote = LocalRemote(lab_root)
+    job, buffer = collecting_job("p/e/runs/r0/link-to-file", 0, 10)
+    (result,) = fetch_all(remote, [job]).values()
+    assert isinstance(result.error, OSError) and not buffer
+    with pytest.raises(OSError, match="symbolic link"):
+        remote.read_prefix("p/e/runs/r0/link-to-file", 10)
+
+
+def test_remote_entry_is_a_value() -> None:
+    assert RemoteEntry("a", False, False, 1, 2.0) == RemoteEntry("a", False, False, 1, 2.0)
