@@ -265,3 +265,41 @@ def test_walk_over_ssh_costs_a_bounded_number_of_requests_per_directory(
     assert report.levels == 6
     # opendir, a readdir or two, close: a handful per directory, never per file.
     assert counts.total <= 5 * report.directories + 10
+
+
+@pytest.mark.sshd
+def test_fallback_after_a_manifest_sync_fetches_nothing_unchanged(
+    tmp_path: Path, backend: Backend, sftp: paramiko.SFTPClient
+) -> None:
+    from runicorn.remote_storage.service import MetadataSyncService
+
+    lab = build_sample_lab(tmp_path / "lab", runs=8, seed=9, now=NOW)
+    ManifestGenerator(lab.root, backend=backend).generate()
+    cache = LocalCacheManager(tmp_path / "cache")
+    for use_manifest in (True, False):
+        service = MetadataSyncService(
+            None, sftp, str(lab.root), cache, use_manifest, 0.0, backend=backend
+        )
+        assert service.sync_all()
+    assert service.progress.mode == "legacy"
+    assert service.last_stats is not None
+    assert (service.last_stats["files_synced"], service.last_stats["bytes_downloaded"]) == (0, 0)
+
+
+def test_whole_second_mtimes_adopt_the_recorded_ones_only_when_size_and_second_match(
+    tmp_path: Path,
+) -> None:
+    from runicorn.remote_storage.legacy import adopt_cached_mtimes
+
+    files = {"meta.json": b"{}", "status.json": b"{}", "summary.json": b"{}"}
+    run = _make_run(tmp_path, RUN, files)
+    for name in files:
+        os.utime(run / name, (NOW + 0.25, NOW + 0.25))
+    manifest = walk_remote(FsLister(tmp_path), str(tmp_path), hostname="lab").manifest
+    local = [
+        (f"{RUN}/meta.json", 2, NOW + 0.25, None),  # same size, same second: adopted
+        (f"{RUN}/status.json", 3, NOW + 0.25, None),  # other size: fetched again
+        (f"{RUN}/summary.json", 2, NOW + 1.25, None),  # other second: fetched again
+    ]
+    assert adopt_cached_mtimes(manifest, local) == 1
+    assert [entry.mtime for entry in manifest.iter_files()] == [NOW + 0.25, NOW, NOW]

@@ -13,8 +13,11 @@ What a walk cannot know, and how that is handled (kept simple on purpose):
 * no tail hashes: an append-only file is extended after the client's append-verify of the
   bytes before its local end; without a manifest tail hash nothing is checked after the
   append, and a half-written last line may be copied (it is completed by a later sync);
-* mtimes come from SFTP v3 attributes, whole seconds: switching between legacy and manifest
-  sync makes the client see changed mtimes and fetch files again once;
+* mtimes come from SFTP v3 attributes, whole seconds: a walked file whose size and
+  whole-second mtime match the cache's record keeps the recorded sub-second mtime
+  (:func:`adopt_cached_mtimes`), so a fallback from manifest to legacy sync does not fetch
+  everything again; a file rewritten within the same second at the same size is missed
+  until its mtime moves (rsync's quick check has the same blind spot);
 * the synthesised manifest says ``status: unknown`` and ``created_at`` / ``updated_at`` are
   the oldest / newest file mtime of the run (reading every status.json and meta.json over
   SFTP would cost a round trip per run); after the transfer, :func:`refine_runs_from_cache`
@@ -47,6 +50,7 @@ __all__ = [
     "LEGACY_GENERATOR",
     "MAX_TAGS_BYTES",
     "WalkReport",
+    "adopt_cached_mtimes",
     "refine_runs_from_cache",
     "sync_legacy",
     "walk_remote",
@@ -370,6 +374,30 @@ def walk_remote(
     )
 
 
+def adopt_cached_mtimes(
+    manifest: SyncManifest, local: Sequence[tuple[str, int, float, str | None]]
+) -> int:
+    """Let whole-second SFTP mtimes match the sub-second ones the cache recorded.
+
+    SFTP v3 reports mtimes in whole seconds, while a manifest (and so the cache state)
+    carries nanoseconds: without this, falling back from manifest to legacy sync would
+    fetch every file again. A walked file whose size equals the recorded size and whose
+    mtime is the recorded one truncated to the second takes the recorded mtime -- the
+    same-second quick check rsync makes. Returns how many entries were adopted.
+    """
+    known = {path: (size, mtime) for path, size, mtime, _hash in local}
+    adopted = 0
+    for entry in manifest.iter_files():
+        record = known.get(entry.path)
+        if record is None or not entry.mtime.is_integer():
+            continue
+        size, mtime = record
+        if size == entry.size and mtime != entry.mtime and int(mtime) == int(entry.mtime):
+            entry.mtime = mtime
+            adopted += 1
+    return adopted
+
+
 def sync_legacy(
     client: ManifestSyncClient,
     report: WalkReport,
@@ -380,6 +408,9 @@ def sync_legacy(
 ) -> dict[str, Any]:
     """Apply a walk's manifest through the client's diff/transfer/state engine, then give
     the synced runs their real status (see :func:`refine_runs_from_cache`)."""
+    adopted = adopt_cached_mtimes(report.manifest, cache.file_entries())
+    if adopted:
+        logger.debug("%d walked file(s) matched the cache at whole-second precision", adopted)
     stats = client.sync_with_manifest(report.manifest, progress_callback=progress_callback)
     if refine:
         refine_runs_from_cache(cache, report.manifest)
