@@ -1,0 +1,136 @@
+"""Measure manifest generation on a sample lab and print a markdown table.
+
+The same measurements as ``benchmarks/test_bench_generate.py``, for ``docs/performance.md``:
+a full generation (``incremental=False``, a fresh output directory each round), an
+incremental regeneration with nothing changed, and ``find ROOT -printf '%P %s %T@\\n'`` over
+the same tree, all on a warm page cache; medians over ``--rounds`` rounds, per backend.
+
+    python benchmarks/generate_report.py                 # 1,000-run lab in a temp dir
+    python benchmarks/generate_report.py --runs 200 --rounds 5 --backend python
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from runicorn import __version__
+from runicorn.core.backend import NATIVE, PYTHON, load_backend, native_available
+from runicorn.manifest import ManifestGenerator
+from runicorn.sample_lab import build_sample_lab
+
+NOW = 1_735_689_600.0
+
+
+def _median_seconds(
+    action: Callable[[], object], rounds: int, setup: Callable[[], None] | None = None
+) -> float:
+    samples = []
+    for _ in range(rounds + 1):  # the first round warms up and is not counted
+        if setup:
+            setup()
+        started = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples[1:])
+
+
+def _find(root: Path) -> None:
+    command = ["find", str(root), "-printf", r"%P %s %T@\n"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def measure(root: Path, backend_name: str, rounds: int, scratch: Path) -> dict[str, float]:
+    backend = load_backend(backend_name)
+    outputs = iter(range(10**9))
+    state: dict[str, ManifestGenerator] = {}
+
+    def fresh_full_generator() -> None:
+        out = scratch / f"{backend_name}-full-{next(outputs)}"
+        state["full"] = ManifestGenerator(root, out, incremental=False, backend=backend)
+
+    full = _median_seconds(lambda: state["full"].generate(), rounds, fresh_full_generator)
+    manifest, path = state["full"].generate()
+
+    incremental_out = scratch / f"{backend_name}-inc"
+    incremental_generator = ManifestGenerator(root, incremental_out, backend=backend)
+    incremental_generator.generate()
+    incremental = _median_seconds(incremental_generator.generate, rounds)
+    report = incremental_generator.last_report
+    assert report is not None and not report.published and report.files_hashed == 0
+
+    return {
+        "full": full,
+        "incremental": incremental,
+        "find": _median_seconds(lambda: _find(root), rounds),
+        "runs": manifest.total_experiments,
+        "files": manifest.total_files,
+        "json_bytes": path.stat().st_size,
+        "gz_bytes": path.with_name(path.name + ".gz").stat().st_size,
+    }
+
+
+def markdown(results: dict[str, dict[str, float]], lab_runs: int, rounds: int) -> str:
+    any_result = next(iter(results.values()))
+    lines = [
+        f"Manifest generation, sample lab of {lab_runs} runs "
+        f"({any_result['runs']} listed, {any_result['files']} files), warm cache, "
+        f"median of {rounds} rounds; runicorn {__version__}, Python {platform.python_version()}.",
+        "",
+        "| backend | full generation | incremental, no change | `find -printf` | "
+        "full / find | full / incremental | manifest .json | manifest .json.gz |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['full'] * 1e3:.1f} ms | {r['incremental'] * 1e3:.1f} ms "
+            f"| {r['find'] * 1e3:.1f} ms | {r['full'] / r['find']:.1f}x "
+            f"| {r['full'] / r['incremental']:.1f}x | {r['json_bytes'] / 1e6:.2f} MB "
+            f"| {r['gz_bytes'] / 1e3:.0f} KB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=1000, help="runs in the sample lab")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds per measurement")
+    parser.add_argument(
+        "--backend",
+        choices=[NATIVE, PYTHON, "all"],
+        default="all",
+        help="which backend to measure (all: every one that imports)",
+    )
+    args = parser.parse_args(argv)
+    if args.backend == "all":
+        backends = [NATIVE, PYTHON] if native_available() else [PYTHON]
+    else:
+        backends = [args.backend]
+
+    workdir = Path(tempfile.mkdtemp(prefix="runicorn-generate-report-"))
+    try:
+        root = workdir / "lab"
+        print(f"building a {args.runs}-run sample lab in {root} ...", file=sys.stderr)
+        build_sample_lab(root, runs=args.runs, seed=args.seed, now=NOW)
+        _find(root)  # warm the page cache
+        results = {}
+        for name in backends:
+            print(f"measuring the {name} backend ...", file=sys.stderr)
+            results[name] = measure(root, name, args.rounds, workdir / "out")
+        print(markdown(results, args.runs, args.rounds))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
