@@ -30,14 +30,14 @@ from runicorn.testing.sshd import SshServer
 KIB = 1024
 
 
-def build_lab(root: Path, runs: int) -> None:
+def build_lab(root: Path, runs: int, scale: float) -> None:
     """The sample lab if a colleague's module has landed, else files of a similar shape."""
     try:
         from runicorn.sample_lab import build_sample_lab
     except ImportError:
         build_sample_lab = None
     if build_sample_lab is not None:
-        build_sample_lab(root, runs=runs, seed=0)
+        build_sample_lab(root, runs=runs, seed=0, scale=scale)
         return
     rng = random.Random(0)
     for run in range(runs):
@@ -127,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--no-wan", action="store_true", help="loopback only")
     parser.add_argument("--slow", action="store_true", help="also depth 1 over the WAN")
+    parser.add_argument(
+        "--scale", type=float, default=2.65, help="sample-lab size factor (2.65: about 48 MB)"
+    )
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--mbit", type=float, default=100.0)
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="runicorn-bench-") as tmp:
         root = Path(tmp) / "lab"
-        build_lab(root, args.runs)
+        build_lab(root, args.runs, args.scale)
         files = lab_files(root)
         total = sum(size for _, size in files)
         print(f"lab: {len(files)} files, {total / 1e6:.1f} MB ({args.runs} runs)")
@@ -182,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                     for depth in depths:
                         row(link, client, depth, 255 * KIB, 1)
                     row(link, client, 64, 32 * KIB, 1)
+                    row(link, client, 64, 255 * KIB, 3)
                     row(link, client, 64, 255 * KIB, 4)
+                    row(link, client, 128, 255 * KIB, 3)
                 finally:
                     client.close()
     return 0

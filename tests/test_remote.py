@@ -357,3 +357,35 @@ def test_local_remote_never_follows_a_symlink_as_the_final_component(lab_root: P
 
 def test_remote_entry_is_a_value() -> None:
     assert RemoteEntry("a", False, False, 1, 2.0) == RemoteEntry("a", False, False, 1, 2.0)
+
+
+def test_keyboard_interrupt_in_a_callback_stops_the_fetch_and_leaves_no_thread(
+    remote: Remote, lab: dict[str, bytes]
+) -> None:
+    def interrupted(offset: int, data: bytes) -> None:
+        raise KeyboardInterrupt
+
+    path = "p/e/runs/r0/media/big.bin"
+    jobs = [FetchJob(path, 0, len(lab[path]), interrupted) for _ in range(4)]
+    with pytest.raises(KeyboardInterrupt):
+        remote.fetch(jobs, lambda result: None, workers=2)
+    assert no_fetch_threads_left()
+    assert remote.read_prefix("p/e/runs/r0/meta.json", 3) == lab["p/e/runs/r0/meta.json"][:3]
+
+
+@pytest.mark.sshd
+def test_calling_the_remote_from_a_fetch_callback_is_refused(
+    sftp: paramiko.SFTPClient, lab_root: Path, lab
+) -> None:
+    remote = SftpRemote(sftp, str(lab_root))
+    errors: list[BaseException] = []
+
+    def on_result(result: FetchResult) -> None:
+        try:
+            remote.listdirs(["p", "p/e"])
+        except RuntimeError as error:
+            errors.append(error)
+
+    remote.fetch([collecting_job("p/e/runs/r0/meta.json", 0, 300)[0]], on_result, workers=1)
+    remote.close()
+    assert errors and "callback" in str(errors[0])

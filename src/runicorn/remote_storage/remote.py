@@ -22,7 +22,7 @@ import posixpath
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -340,6 +340,8 @@ class SftpRemote:
         self._channel_limit: int | None = None  # extra channels the server allows, once known
         self._pipes_lock = threading.Lock()
         self._borrow_lock = threading.Lock()
+        self._transfer_lock = threading.Lock()  # one fetch/listdirs drives the pipes at a time
+        self._transfer_owner: int | None = None
         self._closed = False
 
     def __enter__(self) -> SftpRemote:
@@ -422,6 +424,18 @@ class SftpRemote:
         return [_entry(item) for item in entries or []]
 
     # -- worker channels -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transfer(self) -> Iterator[None]:
+        """Serialise fetch/listdirs: a pipeline must be driven by one thread at a time."""
+        if self._transfer_owner == threading.get_ident():
+            raise RuntimeError("do not call the Remote from a fetch callback")
+        with self._transfer_lock:
+            self._transfer_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._transfer_owner = None
 
     def _open_pipes(self, wanted: int) -> list[SftpPipeline]:
         """Up to ``wanted`` live worker pipelines, opening missing ones concurrently."""
@@ -550,6 +564,10 @@ class SftpRemote:
         run = _FetchRun(jobs, on_result, cancel)
         if not run.jobs:
             return
+        with self._transfer():
+            self._fetch(run, workers)
+
+    def _fetch(self, run: _FetchRun, workers: int) -> None:
         pipes = self._open_pipes(max(1, workers))
 
         def make_feed() -> Callable[[], Operation | None]:
@@ -630,8 +648,22 @@ class SftpRemote:
                 with lock:
                     errors.append(error)
 
-        pipes = self._open_pipes(min(self.workers, max(1, len(unique) // 8)))
-        targets, interrupt, cleanup = self._run_on_pipes(pipes, make_feed, on_exit)
+        with self._transfer():
+            pipes = self._open_pipes(min(self.workers, max(1, len(unique) // 8)))
+            targets, interrupt, cleanup = self._run_on_pipes(pipes, make_feed, on_exit)
+            self._run_listing(targets, interrupt, cleanup)
+        failure = errors[-1] if errors else ConnectionError("directory listing did not finish")
+        for path in unique:
+            if path not in results:
+                results[path] = _copy_error(failure)
+        return results
+
+    @staticmethod
+    def _run_listing(
+        targets: list[Callable[[], None]],
+        interrupt: Callable[[], None],
+        cleanup: Callable[[], None],
+    ) -> None:
         threads = [
             threading.Thread(target=t, name="runicorn-listdirs", daemon=True) for t in targets
         ]
@@ -647,11 +679,6 @@ class SftpRemote:
             raise
         finally:
             cleanup()
-        failure = errors[-1] if errors else ConnectionError("directory listing did not finish")
-        for path in unique:
-            if path not in results:
-                results[path] = _copy_error(failure)
-        return results
 
     def close(self) -> None:
         """Close the worker channels (the caller's SFTP client stays open: it is theirs)."""
