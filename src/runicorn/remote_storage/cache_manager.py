@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS applied_manifests (
     snapshot_id TEXT NOT NULL,
     generated_at REAL NOT NULL,
     clean INTEGER NOT NULL,
+    vanished INTEGER NOT NULL DEFAULT 0,
     applied_at REAL NOT NULL,
     PRIMARY KEY (remote_id, manifest_type)
 );
@@ -165,6 +166,8 @@ class AppliedManifest:
     clean: bool
     """False when some files failed: the same revision must be applied again."""
     applied_at: float
+    vanished: int = 0
+    """Cached runs of this remote the manifest did not list and that were kept."""
 
 
 def split_relative_path(relative_path: str) -> list[str]:
@@ -319,12 +322,8 @@ class LocalCacheManager:
         if create:
             self.root_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root_dir, _DIR_FLAGS)
-        try:
-            for part in parts[:-1]:
-                fd = self._descend(fd, part, relative_path, create)
-        except BaseException:
-            os.close(fd)
-            raise
+        for part in parts[:-1]:
+            fd = self._descend(fd, part, relative_path, create)  # closes the parent, always
         return fd, parts[-1]
 
     @staticmethod
@@ -568,13 +567,14 @@ class LocalCacheManager:
     def applied_manifest(self, remote_id: str, manifest_type: str) -> AppliedManifest | None:
         rows = self._read(
             "SELECT remote_id, manifest_type, revision, snapshot_id, generated_at, clean,"
-            " applied_at FROM applied_manifests WHERE remote_id = ? AND manifest_type = ?",
+            " applied_at, vanished FROM applied_manifests"
+            " WHERE remote_id = ? AND manifest_type = ?",
             (remote_id, manifest_type),
         )
         if not rows:
             return None
         row = rows[0]
-        return AppliedManifest(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
+        return AppliedManifest(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
 
     def save_applied_manifest(
         self,
@@ -585,11 +585,13 @@ class LocalCacheManager:
         generated_at: float,
         *,
         clean: bool,
+        vanished: int = 0,
     ) -> None:
         with self.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO applied_manifests (remote_id, manifest_type, revision,"
-                " snapshot_id, generated_at, clean, applied_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " snapshot_id, generated_at, clean, vanished, applied_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     remote_id,
                     manifest_type,
@@ -597,6 +599,7 @@ class LocalCacheManager:
                     snapshot_id,
                     generated_at,
                     int(clean),
+                    vanished,
                     time.time(),
                 ),
             )

@@ -13,10 +13,11 @@ How a file is brought up to date:
   :data:`runicorn.atomic.TEMP_PREFIX`), given the manifest's mtime and renamed into place:
   a reader sees the old file or the new one, never a mix;
 * append-only logs that grew are extended in place, as ``rsync --append-verify`` would
-  (spec 3.6): the fetch starts up to 4 KiB before the local end, those bytes must equal the
-  local file's last bytes, the manifest's tail hash must match the result, and only then are
-  the new bytes appended (viewers tail these files, so they are never replaced). Any
-  mismatch, or a remote file shorter than the local copy, means a full re-download.
+  (spec 3.6): the bytes before the cached end must still match the server -- checked by the
+  manifest's tail hash where its 4 KiB window reaches them, by fetching them again (up to
+  4 KiB) where it does not -- and only then are the new bytes appended (viewers tail these
+  files, so they are never replaced); the tail hash is checked again on disk afterwards.
+  Any mismatch, or a remote file shorter than the local copy, means a full re-download.
 
 Everything the server says is untrusted: manifests are size-capped and validated, and every
 destination goes through :meth:`LocalCacheManager.open_parent`, which refuses paths that
@@ -77,6 +78,9 @@ JSON_ACCEPT_AFTER_ATTEMPTS = 3
 """A JSON file still unparsable after this many syncs is installed as is, with a warning:
 the server's copy is broken for good, not being rewritten."""
 TRUNCATED_JSON = "truncated JSON on server (being rewritten)"
+HASHED_VERIFY_BYTES = 512
+"""Cached bytes (before the local end) an append must verify when the manifest has a tail
+hash: by that hash where its window reaches them, by a fetched overlap otherwise."""
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 """Appended bytes are held until verified; beyond this they spill to an unnamed temp file."""
 
@@ -476,7 +480,13 @@ class ManifestSyncClient:
     def _check_full(self, run: _Run, remote_id: str, state: Any) -> SyncManifest | None:
         """The full manifest to apply, or ``None`` after a cheap no-change check."""
         probe = None
-        if state is not None and state.clean and self._is_clean(remote_id):
+        deletions_pending = self.delete and state is not None and state.vanished > 0
+        if (
+            state is not None
+            and state.clean
+            and not deletions_pending
+            and self._is_clean(remote_id)
+        ):
             probe = self._probe(ManifestType.FULL, run)
             if probe is None:
                 raise OSError(self._missing_message(ManifestType.FULL))
@@ -664,7 +674,7 @@ class ManifestSyncClient:
         transfers.sort(key=lambda t: (t.entry.priority, t.entry.path))
         run.files_total = len(transfers)
         run.bytes_total = sum(t.length for t in transfers)
-        gone = self._runs_to_delete(manifest, remote_id, run) if is_full else []
+        vanished, gone = self._runs_to_delete(manifest, remote_id, run) if is_full else ([], [])
 
         if self.dry_run:
             run.incremental_count = sum(1 for t in transfers if t.append)
@@ -718,6 +728,7 @@ class ManifestSyncClient:
                 manifest.snapshot_id,
                 manifest.generated_at,
                 clean=clean,
+                vanished=len(vanished) - run.deleted_count,
             )
         self.cache.save_remote_sync(remote_id, "ok" if clean else "partial")
         self.cache.set_dirty(False)
@@ -760,7 +771,7 @@ class ManifestSyncClient:
         for i in diff.grown:
             entry = entries[i]
             local_size = local_sizes[entry.path]
-            overlap = min(local_size, TAIL_WINDOW)
+            overlap = _overlap(entry, local_size)
             transfers.append(
                 _Transfer(entry, True, self.cache, local_size=local_size, overlap=overlap)
             )
@@ -768,14 +779,15 @@ class ManifestSyncClient:
 
     def _runs_to_delete(
         self, manifest: SyncManifest, remote_id: str, run: _Run
-    ) -> list[tuple[str, str, str]]:
-        """Runs of this remote the full manifest no longer lists, when deleting them is
-        allowed and safe (spec 3.10); otherwise why not is logged and reported."""
+    ) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+        """Runs of this remote the full manifest no longer lists, and those of them to
+        delete: all when deleting is asked and safe (spec 3.10), else none (logged, and
+        the reason reported)."""
         cached = self.cache.runs_of_remote(remote_id)
         listed = {(exp.project, exp.name, exp.run_id) for exp in manifest.experiments}
         gone = [key for key in cached if key not in listed]
         if not gone:
-            return []
+            return [], []
         refusal = ""
         if not self.delete:
             logger.info(
@@ -783,7 +795,7 @@ class ManifestSyncClient:
                 len(gone),
             )
             run.extra["vanished_runs"] = len(gone)
-            return []
+            return gone, []
         if not listed:
             refusal = (
                 f"the manifest lists no runs while the cache holds {len(cached)}; refusing to "
@@ -800,8 +812,8 @@ class ManifestSyncClient:
             logger.warning("%s", refusal)
             run.extra["deletion_refused"] = refusal
             run.reason = refusal
-            return []
-        return gone
+            return gone, []
+        return gone, gone
 
     # -- transferring -------------------------------------------------------------------------
 
@@ -969,18 +981,16 @@ class ManifestSyncClient:
         return None
 
     def _append(self, transfer: _Transfer, state: _StateBatch) -> None:
-        """Extend the cached file in place after the append-verify (spec 3.6)."""
+        """Extend the cached file in place after the append-verify (spec 3.6).
+
+        Nothing is written until the overlap equals the cached end and the manifest's tail
+        hash matches the cached bytes plus the new ones; the tail is hashed again on disk
+        afterwards (a local writer interfering). Any mismatch raises :class:`_Redo`.
+        """
         entry = transfer.entry
         transfer.open_target()
         spool = transfer.spool
-        spool.seek(0)
-        overlap = spool.read(transfer.overlap)
         added = transfer.length - transfer.overlap
-        if entry.tail_hash is not None:
-            spool.seek(max(transfer.overlap, transfer.length - TAIL_WINDOW))
-            window = (overlap + spool.read())[-TAIL_WINDOW:]
-            if digest(window) != entry.tail_hash:
-                raise _Redo("tail hash of the fetched range does not match the manifest")
         dir_fd, name = self.cache.open_parent(entry.path, create=False)
         try:
             fd = os.open(name, os.O_RDWR | os.O_APPEND | _FILE_FLAGS, dir_fd=dir_fd)
@@ -988,10 +998,19 @@ class ManifestSyncClient:
             os.close(dir_fd)
         try:
             if os.fstat(fd).st_size != transfer.local_size:
+                state.forget.append(entry.path)
                 raise _Redo("the cached copy changed size since it was recorded")
-            if _pread_exact(fd, transfer.overlap, transfer.offset) != overlap:
+            spool.seek(0)
+            if _pread_exact(fd, transfer.overlap, transfer.offset) != spool.read(transfer.overlap):
                 state.forget.append(entry.path)
                 raise _Redo("the bytes before the cached end differ on the server (rewritten)")
+            if entry.tail_hash is not None:
+                cached = min(transfer.local_size, max(0, TAIL_WINDOW - added))
+                window = _pread_exact(fd, cached, transfer.local_size - cached)
+                spool.seek(transfer.length - min(added, TAIL_WINDOW))
+                if digest(window + spool.read()) != entry.tail_hash:
+                    state.forget.append(entry.path)
+                    raise _Redo("the tail hash does not match the cached end plus the new bytes")
             spool.seek(transfer.overlap)
             while added > 0:
                 chunk = spool.read(min(added, 1024 * 1024))
@@ -1005,12 +1024,27 @@ class ManifestSyncClient:
                 )[0]
                 if result is None or result[1] != entry.tail_hash:
                     state.forget.append(entry.path)
-                    raise _Redo("tail hash after appending does not match the manifest")
+                    raise _Redo("the tail hash after appending does not match the manifest")
             ns = _ns(entry.mtime)
             os.utime(fd, ns=(ns, ns))
         finally:
             os.close(fd)
         state.synced.append(FileRecord(entry.path, entry.size, entry.mtime, entry.tail_hash))
+
+
+def _overlap(entry: FileEntry, local_size: int) -> int:
+    """Bytes before the cached end to fetch again and compare (the append-verify).
+
+    Without a tail hash (legacy walks) that is the last ``min(size, 4096)`` bytes, as
+    ``rsync --append-verify`` would check. With one, the hash of the last 4096 bytes at the
+    new size already verifies every cached byte inside that window, so only the part of
+    :data:`HASHED_VERIFY_BYTES` the window does not reach is fetched: a typical append of a
+    few KiB costs no extra bytes instead of 4 KiB per file.
+    """
+    if entry.tail_hash is None:
+        return min(local_size, TAIL_WINDOW)
+    covered = min(local_size, max(0, TAIL_WINDOW - (entry.size - local_size)))
+    return max(0, min(local_size, HASHED_VERIFY_BYTES) - covered)
 
 
 class _StateBatch:

@@ -1,0 +1,123 @@
+"""Helpers shared by the sync-client tests: build a lab, publish its manifest, compare trees."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from runicorn import layout
+from runicorn.atomic import TEMP_PREFIX
+from runicorn.core.backend import Backend
+from runicorn.manifest import ManifestGenerator, ManifestType, SyncManifest
+from runicorn.remote_storage.cache_manager import STATE_DIRNAME
+from runicorn.remote_storage.manifest_sync import ManifestSyncClient
+from runicorn.sample_lab import LabInfo, build_sample_lab
+
+NOW = 1_700_000_000.0
+SEED = 11
+
+
+@dataclass
+class Lab:
+    """A sample lab on the test server's filesystem, and the clock its manifests use."""
+
+    root: Path
+    info: LabInfo
+    now: float
+    backend: Backend
+
+    def publish(
+        self, manifest_type: ManifestType = ManifestType.FULL, *, now: float | None = None
+    ) -> SyncManifest:
+        """Generate (and publish when changed) a manifest, as the server's timer would."""
+        if now is not None:
+            self.now = now
+        clock_now = self.now
+        generator = ManifestGenerator(self.root, backend=self.backend, clock=lambda: clock_now)
+        manifest, _path = generator.generate(manifest_type)
+        return manifest
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.root / layout.MANIFEST_DIRNAME
+
+
+def make_lab(
+    tmp_path: Path, backend: Backend, *, runs: int = 10, scale: float = 0.05, publish: bool = True
+) -> Lab:
+    """A seeded sample lab under ``tmp_path/lab`` with its full manifest published."""
+    root = tmp_path / "lab"
+    info = build_sample_lab(root, runs=runs, seed=SEED, scale=scale, now=NOW)
+    lab = Lab(root=root, info=info, now=NOW, backend=backend)
+    if publish:
+        lab.publish()
+    return lab
+
+
+def make_client(
+    sftp: paramiko.SFTPClient, lab_root: Path, cache: Path, backend: Backend, **options: object
+) -> ManifestSyncClient:
+    """A client without jitter (tests must not sleep)."""
+    return ManifestSyncClient(sftp, str(lab_root), cache, 0.0, backend=backend, **options)
+
+
+def server_files(root: Path) -> dict[str, bytes]:
+    """What a cache of ``root`` must hold: every synced file of every listed run.
+
+    Hidden top-level entries (manifests, tags), lock files, soft-delete markers and
+    soft-deleted runs are not synced.
+    """
+    found: dict[str, bytes] = {}
+    for directory, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(directory, root)
+        depth = 0 if rel_dir == "." else rel_dir.count("/") + 1
+        if depth < 4:
+            dirnames[:] = [d for d in dirnames if not layout.is_hidden(d)]
+        if depth == 4 and layout.DELETED_MARKER in filenames:
+            dirnames[:] = []
+            continue
+        if depth < 4:
+            continue
+        run_dir = "/".join(rel_dir.split("/")[:4])
+        for name in filenames:
+            rel = f"{rel_dir}/{name}"
+            in_run = rel[len(run_dir) + 1 :]
+            if layout.is_synced_file(in_run):
+                found[rel] = (Path(directory) / name).read_bytes()
+    return found
+
+
+def cache_files(cache: Path) -> dict[str, bytes]:
+    """Every regular file of the mirrored tree (the cache's own state directory excluded)."""
+    found: dict[str, bytes] = {}
+    for directory, dirnames, filenames in os.walk(cache):
+        if Path(directory) == cache:
+            dirnames[:] = [d for d in dirnames if d != STATE_DIRNAME]
+        for name in filenames:
+            path = Path(directory) / name
+            found[path.relative_to(cache).as_posix()] = path.read_bytes()
+    return found
+
+
+def temp_files(cache: Path) -> list[str]:
+    """Temp files visible anywhere in the cache tree."""
+    return sorted(p for p in cache_files(cache) if p.rsplit("/", 1)[-1].startswith(TEMP_PREFIX))
+
+
+def assert_cache_equals_server(lab_root: Path, cache: Path) -> None:
+    """Byte for byte, with the server's mtimes (to the microsecond), and no temp file."""
+    expected = server_files(lab_root)
+    actual = cache_files(cache)
+    assert sorted(actual) == sorted(expected), (
+        f"missing {sorted(set(expected) - set(actual))[:5]}, "
+        f"extra {sorted(set(actual) - set(expected))[:5]}"
+    )
+    different = [path for path in expected if actual[path] != expected[path]]
+    assert not different, f"content differs: {different[:5]}"
+    for path in expected:
+        server_mtime = (lab_root / path).stat().st_mtime_ns
+        cache_mtime = (cache / path).stat().st_mtime_ns
+        assert abs(server_mtime - cache_mtime) < 1_000, path
