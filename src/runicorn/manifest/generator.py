@@ -43,6 +43,13 @@ MAX_LOGGED_PROBLEMS = 50
 
 HEADER_PROBE_BYTES = 4096
 
+REUSE_MARGIN_NS = 2_000_000_000
+"""A file is reused only if its mtime is this much older than the previous scan's start.
+
+File systems stamp mtimes from a coarser clock than ``time.time_ns()`` (Linux: the tick;
+NFS: the server's clock), so "older than the scan" needs slack to mean it.
+"""
+
 
 class ManifestGenerationError(OSError):
     """The manifest could not be generated; the previous one, if any, is still in place."""
@@ -248,7 +255,7 @@ class ManifestGenerator:
     ) -> list[ExperimentEntry]:
         """Turn scan records into experiment entries, hashing only the tails that changed."""
         root = str(self.remote_root)
-        reuse_before = memo.scan_started_ns
+        reuse_before = memo.scan_started_ns - REUSE_MARGIN_NS
         pending: list[tuple[FileEntry, str, tuple]] = []
         experiments: list[ExperimentEntry] = []
         is_synced, priority_for = layout.is_synced_file, layout.priority_for
@@ -335,7 +342,8 @@ class ManifestGenerator:
         meta_key = _stat_key(by_name["meta.json"]) if "meta.json" in by_name else None
         status_key = _stat_key(by_name["status.json"]) if "status.json" in by_name else None
         known = memo.runs.get(prefix)
-        fresh = all(key is None or key[1] < memo.scan_started_ns for key in (meta_key, status_key))
+        reuse_before = memo.scan_started_ns - REUSE_MARGIN_NS
+        fresh = all(key is None or key[1] < reuse_before for key in (meta_key, status_key))
         if (
             known is not None
             and fresh
