@@ -1,0 +1,246 @@
+"""LocalCacheManager: safe paths inside the cache, the state a sync leaves, and what users ask
+of a cache (its runs, its size, removing a run, leftovers of a killed sync)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from _sync_helpers import Lab, cache_files, make_client, make_lab, server_files
+from runicorn.atomic import TEMP_PREFIX
+from runicorn.core.backend import Backend
+from runicorn.remote_storage.cache_manager import (
+    STATE_DIRNAME,
+    FileRecord,
+    LocalCacheManager,
+)
+
+RUN = "proj/exp/runs/20240101_000000_abcdef"
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> LocalCacheManager:
+    cache = LocalCacheManager(tmp_path / "cache")
+    yield cache
+    cache.close()
+
+
+@pytest.fixture
+def synced(
+    tmp_path: Path, backend: Backend, sftp: paramiko.SFTPClient
+) -> tuple[Lab, LocalCacheManager]:
+    """A lab and a cache holding a full sync of it."""
+    lab = make_lab(tmp_path, backend, runs=6)
+    cache = LocalCacheManager(tmp_path / "cache")
+    client = make_client(sftp, lab.root, cache.root_dir, backend, cache_manager=cache)
+    client.sync()
+    yield lab, cache
+    client.close()
+
+
+# --------------------------------------------------------------------------- safe paths
+
+
+def test_path_for_resolves_a_manifest_path_inside_the_cache(manager: LocalCacheManager) -> None:
+    assert manager.path_for(f"{RUN}/meta.json") == manager.root_dir / RUN / "meta.json"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{RUN}/../../../../../etc/passwd",
+        "/etc/passwd",
+        "C:/Windows/win.ini",
+        f"{RUN}/a\\b",
+        f"{RUN}/nul\0byte",
+        f"{RUN}//meta.json",
+        f"{RUN}/./meta.json",
+        f"{STATE_DIRNAME}/state.sqlite3",
+        f"{RUN}/{TEMP_PREFIX}x.part",
+        "",
+    ],
+)
+def test_path_for_refuses_paths_that_could_leave_or_corrupt_the_cache(
+    manager: LocalCacheManager, path: str
+) -> None:
+    with pytest.raises(ValueError):
+        manager.path_for(path)
+
+
+def test_path_for_refuses_a_symlinked_directory_pointing_outside(
+    manager: LocalCacheManager, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (manager.root_dir / "proj").mkdir(parents=True)
+    (manager.root_dir / "proj" / "exp").symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(ValueError, match="symbolic link"):
+        manager.path_for(f"{RUN}/meta.json")
+
+
+def test_open_parent_creates_directories_but_never_through_a_link(
+    manager: LocalCacheManager, tmp_path: Path
+) -> None:
+    fd, name = manager.open_parent(f"{RUN}/media/a.png")
+    os.close(fd)
+    assert name == "a.png"
+    assert (manager.root_dir / RUN / "media").is_dir()
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.rmdir(manager.root_dir / RUN / "media")
+    (manager.root_dir / RUN / "media").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="symbolic link"):
+        manager.open_parent(f"{RUN}/media/b.png")
+    assert list(outside.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- state
+
+
+def test_nothing_is_created_before_the_first_write(tmp_path: Path) -> None:
+    cache = LocalCacheManager(tmp_path / "new-cache")
+
+    assert cache.list_runs() == []
+    assert cache.file_entries() == []
+    assert cache.disk_usage() == 0
+    assert not (tmp_path / "new-cache").exists()
+
+
+def test_state_survives_a_new_manager_on_the_same_directory(manager: LocalCacheManager) -> None:
+    manager.save_progress(
+        remote_id="r",
+        synced=[FileRecord(f"{RUN}/meta.json", 10, 1.5, None)],
+        failed=[(f"{RUN}/logs.txt", "vanished on the server")],
+    )
+    manager.save_progress(remote_id="r", failed=[(f"{RUN}/logs.txt", "vanished on the server")])
+    manager.close()
+
+    reopened = LocalCacheManager(manager.root_dir)
+    assert reopened.file_entries() == [(f"{RUN}/meta.json", 10, 1.5, None)]
+    (failure,) = reopened.failed_files()
+    assert (failure.path, failure.attempts) == (f"{RUN}/logs.txt", 2)
+    reopened.close()
+
+
+def test_a_synced_file_clears_its_failure(manager: LocalCacheManager) -> None:
+    manager.save_progress(remote_id="r", failed=[(f"{RUN}/meta.json", "permission denied")])
+    manager.save_progress(remote_id="r", synced=[FileRecord(f"{RUN}/meta.json", 3, 1.0, None)])
+
+    assert manager.failed_files() == []
+
+
+def test_damaged_files_are_those_missing_or_resized_on_disk(manager: LocalCacheManager) -> None:
+    root = manager.root_dir / RUN
+    root.mkdir(parents=True)
+    (root / "meta.json").write_bytes(b"{}")
+    (root / "status.json").write_bytes(b"{}")
+    manager.save_progress(
+        remote_id="r",
+        synced=[
+            FileRecord(f"{RUN}/meta.json", 2, 1.0, None),
+            FileRecord(f"{RUN}/status.json", 5, 1.0, None),
+            FileRecord(f"{RUN}/summary.json", 2, 1.0, None),
+        ],
+    )
+
+    assert manager.damaged_files() == {f"{RUN}/status.json", f"{RUN}/summary.json"}
+
+
+# --------------------------------------------------------------------------- user-facing queries
+
+
+def test_list_runs_reports_every_synced_run(synced: tuple[Lab, LocalCacheManager]) -> None:
+    lab, cache = synced
+
+    runs = cache.list_runs()
+
+    expected = {r.run_id: r for r in lab.info.listed_runs}
+    assert sorted(r.run_id for r in runs) == sorted(expected)
+    for run in runs:
+        assert run.status == expected[run.run_id].status
+        assert run.path == cache.root_dir / expected[run.run_id].rel
+        assert run.size == sum(expected[run.run_id].synced_files.values())
+        assert run.last_synced is not None
+
+
+def test_get_run_finds_a_run_by_id(synced: tuple[Lab, LocalCacheManager]) -> None:
+    lab, cache = synced
+    wanted = lab.info.listed_runs[0]
+
+    run = cache.get_run(wanted.run_id)
+
+    assert run is not None and (run.project, run.name) == (wanted.project, wanted.name)
+    assert cache.get_run("19700101_000000_000000") is None
+
+
+def test_disk_usage_counts_the_mirror_and_the_state(synced: tuple[Lab, LocalCacheManager]) -> None:
+    lab, cache = synced
+    mirrored = sum(len(data) for data in server_files(lab.root).values())
+
+    usage = cache.disk_usage()
+
+    assert usage > mirrored  # the state database is part of what the cache costs
+    assert usage - mirrored < 4 * 1024 * 1024
+
+
+def test_remove_run_deletes_its_files_and_its_state(synced: tuple[Lab, LocalCacheManager]) -> None:
+    lab, cache = synced
+    victim = lab.info.listed_runs[0]
+
+    assert cache.remove_run(victim.project, victim.name, victim.run_id) is True
+
+    assert not (cache.root_dir / victim.rel).exists()
+    assert cache.get_run(victim.run_id) is None
+    assert not any(path.startswith(victim.rel + "/") for path, *_ in cache.file_entries())
+    assert cache.remove_run(victim.project, victim.name, victim.run_id) is False
+
+
+def test_remove_run_refuses_a_symlinked_run_directory(
+    manager: LocalCacheManager, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    (manager.root_dir / "proj" / "exp" / "runs").mkdir(parents=True)
+    (manager.root_dir / RUN).symlink_to(outside, target_is_directory=True)
+
+    with pytest.raises(ValueError, match="symbolic link"):
+        manager.remove_run("proj", "exp", RUN.rsplit("/", 1)[-1])
+    assert (outside / "precious.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- killed syncs
+
+
+def test_temp_files_are_listed_and_cleaned(manager: LocalCacheManager) -> None:
+    (manager.root_dir / RUN).mkdir(parents=True)
+    leftover = manager.root_dir / RUN / f"{TEMP_PREFIX}0123.part"
+    leftover.write_bytes(b"half a file")
+    (manager.root_dir / RUN / "meta.json").write_bytes(b"{}")
+
+    assert manager.temp_files() == [leftover]
+    assert manager.clean_temp_files() == 1
+    assert manager.temp_files() == []
+    assert (manager.root_dir / RUN / "meta.json").exists()
+
+
+def test_a_sync_after_an_interrupted_one_removes_its_temp_files(
+    synced: tuple[Lab, LocalCacheManager], backend: Backend, sftp: paramiko.SFTPClient
+) -> None:
+    lab, cache = synced
+    run_dir = cache.root_dir / lab.info.listed_runs[0].rel
+    leftover = run_dir / f"{TEMP_PREFIX}dead.part"
+    leftover.write_bytes(b"partial")
+    cache.set_dirty(True)  # what a killed sync leaves behind
+
+    client = make_client(sftp, lab.root, cache.root_dir, backend, cache_manager=cache)
+    stats = client.sync()
+
+    assert not leftover.exists()
+    assert stats["skipped"] is False  # an interrupted sync is never trusted to be complete
+    assert cache_files(cache.root_dir) == server_files(lab.root)
