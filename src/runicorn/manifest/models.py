@@ -276,6 +276,46 @@ def _is_safe_component(part: str) -> bool:
     )
 
 
+_BAD_REST_OF_PATH = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|[\\\x00]")
+"""An empty, '.' or '..' component, a backslash or a NUL in the part after the run prefix."""
+
+
+def _well_formed_file(raw: Any, prefix: str, prefix_length: int) -> FileEntry | None:
+    """The common case of :meth:`_Validator.file` in one tight function.
+
+    Accepts only what the full validator accepts (exact JSON types, safe path under the
+    run's prefix); returns ``None`` for anything else, and the caller then runs the full
+    validator for its precise error message. Validating a million entries stays seconds,
+    not minutes.
+    """
+    if type(raw) is not dict:
+        return None
+    path = raw.get("path")
+    size = raw.get("size")
+    mtime = raw.get("mtime")
+    if (
+        type(path) is not str
+        or not path.startswith(prefix)
+        or _BAD_REST_OF_PATH.search(path[prefix_length:])
+        or path[1:2] == ":"
+        or type(size) is not int
+        or not 0 <= size <= ManifestFormat.MAX_SIZE
+        or type(mtime) is not float
+        or mtime - mtime != 0.0  # NaN and infinities
+    ):
+        return None
+    priority = raw.get("priority", 4)
+    append_only = raw.get("is_append_only", False)
+    tail_hash = raw.get("tail_hash")
+    if type(priority) is not int or not 1 <= priority <= 4 or type(append_only) is not bool:
+        return None
+    if tail_hash is not None and (
+        type(tail_hash) is not str or len(tail_hash) != 32 or not _HEX.match(tail_hash)
+    ):
+        return None
+    return FileEntry(path, size, mtime, priority, append_only, tail_hash)
+
+
 class _Validator:
     """Walks a decoded JSON document and builds the model, failing on the first problem."""
 
@@ -393,12 +433,16 @@ class _Validator:
         if not isinstance(files, list):
             raise self.fail(f"{where}.files", f"expected a list, got {type(files).__name__}")
         prefix = exp.prefix
+        prefix_length = len(prefix)
+        append = exp.files.append
         for index, raw_file in enumerate(files):
-            entry = self.file(raw_file, f"{where}.files[{index}]", prefix)
+            entry = _well_formed_file(raw_file, prefix, prefix_length)
+            if entry is None:  # the slow path says precisely what is wrong
+                entry = self.file(raw_file, f"{where}.files[{index}]", prefix)
             if entry.path in seen_paths:
                 raise self.fail(f"{where}.files[{index}].path", f"{entry.path!r} is listed twice")
             seen_paths.add(entry.path)
-            exp.files.append(entry)
+            append(entry)
         return exp
 
     def file(self, raw: Any, where: str, prefix: str) -> FileEntry:
