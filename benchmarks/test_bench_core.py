@@ -119,37 +119,50 @@ def test_scan_baseline_find_printf(benchmark, labs, n_runs):
 # --------------------------------------------------------------------------------------
 
 
+def manifest_paths(n: int) -> list[str]:
+    """``n`` sorted manifest paths, created in sorted order (as a decoded manifest is)."""
+    names = sorted(RUN_FILES)
+    per_experiment = -(-n // (PROJECTS * EXPERIMENTS * len(names)))
+    paths = [
+        f"p{p:02d}/exp{e:02d}/runs/20250101_{r:06d}_abcdef/{name}"
+        for p in range(PROJECTS)
+        for e in range(EXPERIMENTS)
+        for r in range(per_experiment)
+        for name in names
+    ]
+    return paths[:n]
+
+
 def manifest_pair(n: int) -> tuple[list[tuple], list[tuple], dict[str, int]]:
     """Remote and local entries as a client holds them after a typical interval: most files
-    unchanged, some logs grown, a few files rewritten, new and deleted."""
-    names = sorted(RUN_FILES)
-    paths = sorted(
-        f"p{i % 10:02d}/exp{i // 10 % 10:02d}/runs/20250101_{i // 100:06d}_abcdef/{names[i % 10]}"
-        for i in range(n)
-    )
+    unchanged, some logs grown, a few files rewritten, new and deleted. The two sides are
+    decoded separately in real life, so they share no path, size or mtime objects."""
     remote: list[tuple] = []
     local: list[tuple] = []
     expected = {"new": 0, "grown": 0, "replaced": 0, "unchanged": 0, "vanished": 0}
-    for i, path in enumerate(paths):
-        append_only = path.endswith(("events.jsonl", "logs.txt"))
+    for i, (r_path, l_path) in enumerate(zip(manifest_paths(n), manifest_paths(n), strict=True)):
+        append_only = r_path.endswith(("events.jsonl", "logs.txt"))
+        size = 1000 + i
+        mtime = 1735689600.0 + i / 1000
+        tail = f"{i:032x}" if append_only else None
         fate = i % 100
         if fate == 0:
-            remote.append((path, 100, 2.0, append_only, None))
+            remote.append((r_path, size, mtime, append_only, tail))
             expected["new"] += 1
         elif fate == 1:
-            local.append((path, 100, 1.0, None))
+            local.append((l_path, size, mtime, tail))
             expected["vanished"] += 1
         elif fate < 10 and append_only:
-            remote.append((path, 200, 2.0, True, "h2"))
-            local.append((path, 100, 1.0, "h1"))
+            remote.append((r_path, size + 100, mtime + 1, True, tail))
+            local.append((l_path, size, mtime, f"{i + 1:032x}"))
             expected["grown"] += 1
         elif fate == 10:
-            remote.append((path, 100, 2.0, append_only, None))
-            local.append((path, 100, 1.0, None))
+            remote.append((r_path, size, mtime + 1, append_only, tail))
+            local.append((l_path, size, mtime, None))
             expected["replaced"] += 1
         else:
-            remote.append((path, 100, 1.0, append_only, "h1" if append_only else None))
-            local.append((path, 100, 1.0, "h1" if append_only else None))
+            remote.append((r_path, size, mtime, append_only, tail))
+            local.append((l_path, int(str(size)), float(str(mtime)), tail and str(tail)))
             expected["unchanged"] += 1
     return remote, local, expected
 
