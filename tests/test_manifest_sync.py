@@ -30,6 +30,7 @@ from runicorn.core.backend import Backend
 from runicorn.layout import priority_for
 from runicorn.manifest import ManifestType, SyncManifest
 from runicorn.manifest.models import compress
+from runicorn.remote_storage import manifest_sync
 from runicorn.remote_storage.cache_manager import LocalCacheManager
 from runicorn.remote_storage.manifest_sync import TRUNCATED_JSON, ManifestSyncClient
 from runicorn.remote_storage.remote import SftpRemote
@@ -148,6 +149,23 @@ def test_after_a_training_step_only_the_changes_move(lab: Lab, cache: Path, clie
     assert stats["full_count"] == len(set(step.rewritten) | set(step.added_files))
     assert stats["deleted_count"] == len(step.gone_runs())
     assert stats["failed_count"] == 0
+
+
+def test_appends_spilled_to_disk_are_verified_and_applied_the_same(
+    lab: Lab, cache: Path, client_for, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manifest_sync, "SPOOL_MEMORY_BYTES", 16)
+    client = client_for()
+    client.sync()
+    step = _step(lab)
+
+    stats = client.sync()
+
+    assert stats["incremental_count"] == len(step.appended)
+    leftovers = os.listdir(cache / ".runicorn-cache")
+    assert all(name.startswith(("state.sqlite3", "sync.lock")) for name in leftovers)
+    expected = server_files(lab.root)
+    assert all(cache_files(cache)[path] == expected[path] for path in step.appended)
 
 
 def test_append_only_file_rewritten_longer_on_server_is_fetched_whole(

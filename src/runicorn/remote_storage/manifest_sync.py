@@ -206,8 +206,9 @@ class _Transfer:
         """Create the temp file (full fetch) or the spool (append); idempotent."""
         if self.append:
             if self.spool is None:
+                # Spills (unnamed) into the cache's state dir: same disk as the cache.
                 self.spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in discard)
-                    max_size=SPOOL_MEMORY_BYTES
+                    max_size=SPOOL_MEMORY_BYTES, dir=self.cache.state_dir
                 )
             return
         if self.fd >= 0:
