@@ -4,10 +4,11 @@
 Why this module exists: the scan is one ``lstat`` per file of a lab, and on a lab server
 that is a hundred thousand system calls before a manifest can be written. The pure module
 pays for a ``DirEntry`` object, a path string and a ``stat_result`` per entry; this one
-walks each project with ``openat``/``fdopendir``/``readdir`` and ``fstatat`` relative to the
-directory's file descriptor (no path is rebuilt or re-resolved per call), trusts ``d_type``
-at the layout levels (a ``stat`` only when the file system answers ``DT_UNKNOWN``), and
-collects plain C records with the GIL released. Python objects are built afterwards, one
+walks each project with ``openat``, ``getdents64`` (``readdir`` where Linux's call is
+missing; glibc's ``fdopendir`` would add an ``fstat`` and an ``fcntl`` per directory) and
+``fstatat`` relative to the directory's file descriptor (no path is rebuilt or re-resolved
+per call), trusts ``d_type`` at the layout levels (a ``stat`` only when the file system
+answers ``DT_UNKNOWN``), and collects plain C records with the GIL released. Python objects are built afterwards, one
 tuple per file, with the GIL held. With ``threads > 1`` each project is walked by a
 worker thread; since the walk holds no GIL, the workers really run at the same time (on
 NFS or Lustre every ``stat`` is a network round trip, and several can be in flight).
@@ -25,7 +26,7 @@ specification, so even their errors are the pure module's.
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from libc.errno cimport errno, ENOENT, ENOTDIR, ELOOP, EINTR
+from libc.errno cimport errno, ENOENT, ENOTDIR, ELOOP, EINTR, ENOSYS
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, strlen
 
@@ -75,6 +76,38 @@ cdef extern from "<dirent.h>" nogil:
         DT_LNK
         DT_REG
 
+cdef extern from *:
+    """
+    #include <errno.h>
+    #if defined(__linux__)
+    #include <sys/syscall.h>
+    #include <unistd.h>
+    /* One getdents64 call: the entries of a directory without the fstat and fcntl that
+       glibc's fdopendir spends on every directory. */
+    static long runicorn_getdents(int fd, char *buf, size_t size) {
+        return syscall(SYS_getdents64, fd, buf, size);
+    }
+    #else
+    static long runicorn_getdents(int fd, char *buf, size_t size) {
+        (void)fd; (void)buf; (void)size;
+        errno = ENOSYS;
+        return -1;
+    }
+    #endif
+    struct runicorn_dirent64 {
+        unsigned long long d_ino;
+        long long d_off;
+        unsigned short d_reclen;
+        unsigned char d_type;
+        char d_name[1];
+    };
+    """
+    long runicorn_getdents(int fd, char *buf, size_t size) nogil
+    struct runicorn_dirent64:
+        unsigned short d_reclen
+        unsigned char d_type
+        char d_name[1]
+
 cdef extern from "<fcntl.h>" nogil:
     int openat(int dirfd, const char *pathname, int flags)
     enum:
@@ -87,6 +120,7 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+    int dup(int fd)
 
 cdef extern from "<sys/stat.h>" nogil:
     ctypedef long long c_off "off_t"
@@ -233,37 +267,93 @@ cdef struct Listing:
     Py_ssize_t cap
 
 
-cdef int _read_listing(DIR *d, Listing *out) noexcept nogil:
-    """Read every entry except ``.`` and ``..``; 0, or the errno that stopped it."""
-    cdef dirent *entry
+cdef int _add_entry(Listing *out, const char *name, unsigned char d_type) noexcept nogil:
+    """Append one entry (``.`` and ``..`` are dropped); -1 without memory."""
     cdef Py_ssize_t length
     cdef Py_ssize_t cap_types
-    out.names = NULL
-    out.offsets = NULL
-    out.types = NULL
-    out.n_names = out.cap_names = out.count = out.cap = 0
+    if name[0] == b'.' and (name[1] == 0 or (name[1] == b'.' and name[2] == 0)):
+        return 0
+    length = strlen(name)
+    cap_types = out.cap
+    if not _grow(<void **>&out.names, &out.cap_names, out.n_names + length + 1, 1) or \
+            not _grow(<void **>&out.offsets, &out.cap, out.count + 1, sizeof(Py_ssize_t)):
+        return -1
+    if out.cap != cap_types:
+        cap_types = out.count
+        if not _grow(<void **>&out.types, &cap_types, out.cap, 1):
+            return -1
+    memcpy(out.names + out.n_names, name, length + 1)
+    out.offsets[out.count] = out.n_names
+    out.types[out.count] = d_type
+    out.n_names += length + 1
+    out.count += 1
+    return 0
+
+
+cdef int _read_listing_stream(DIR *d, Listing *out) noexcept nogil:
+    """Portable reading with readdir; 0, the errno that stopped it, or -1 without memory."""
+    cdef dirent *entry
     while True:
         errno = 0
         entry = readdir(d)
         if entry == NULL:
             return errno
-        if entry.d_name[0] == b'.' and (entry.d_name[1] == 0 or (
-                entry.d_name[1] == b'.' and entry.d_name[2] == 0)):
-            continue
-        length = strlen(entry.d_name)
-        cap_types = out.cap
-        if not _grow(<void **>&out.names, &out.cap_names, out.n_names + length + 1, 1) or \
-                not _grow(<void **>&out.offsets, &out.cap, out.count + 1, sizeof(Py_ssize_t)):
+        if _add_entry(out, entry.d_name, entry.d_type) != 0:
             return -1
-        if out.cap != cap_types:
-            cap_types = out.count
-            if not _grow(<void **>&out.types, &cap_types, out.cap, 1):
+
+
+cdef enum:
+    DENTS_BUFFER = 32768
+
+
+cdef int _read_listing(int fd, Listing *out) noexcept nogil:
+    """Read every entry of the open directory ``fd`` except ``.`` and ``..``, completely,
+    before anything in it is looked at (as the pure module sorts the whole listing first:
+    a listing that fails half way yields no entries). 0, an errno, or -1 without memory."""
+    cdef char *buffer
+    cdef long filled, position
+    cdef runicorn_dirent64 *entry
+    cdef int error = 0
+    cdef int copy
+    cdef DIR *d
+    out.names = NULL
+    out.offsets = NULL
+    out.types = NULL
+    out.n_names = out.cap_names = out.count = out.cap = 0
+    buffer = <char *>malloc(DENTS_BUFFER)
+    if buffer == NULL:
+        return -1
+    while True:
+        filled = runicorn_getdents(fd, buffer, DENTS_BUFFER)
+        if filled < 0:
+            error = errno
+            if error == EINTR:
+                continue
+            break
+        if filled == 0:
+            break
+        position = 0
+        while position < filled:
+            entry = <runicorn_dirent64 *>(buffer + position)
+            if _add_entry(out, entry.d_name, entry.d_type) != 0:
+                free(buffer)
                 return -1
-        memcpy(out.names + out.n_names, entry.d_name, length + 1)
-        out.offsets[out.count] = out.n_names
-        out.types[out.count] = entry.d_type
-        out.n_names += length + 1
-        out.count += 1
+            position += entry.d_reclen
+    free(buffer)
+    if error != ENOSYS:
+        return error
+    # no getdents64 on this system: a stream on a duplicate, so that ``fd`` stays open
+    copy = dup(fd)
+    if copy < 0:
+        return errno
+    d = fdopendir(copy)
+    if d == NULL:
+        error = errno
+        close(copy)
+        return error
+    error = _read_listing_stream(d, out)
+    closedir(d)
+    return error
 
 
 cdef void _free_listing(Listing *listing) noexcept nogil:
@@ -272,13 +362,13 @@ cdef void _free_listing(Listing *listing) noexcept nogil:
     free(listing.types)
 
 
-cdef DIR *_open_listing(Collector *c, int parent, const char *name, Listing *out,
-                        int *code) noexcept nogil:
-    """Open ``name`` below ``parent`` and read all of it. NULL on failure, with ``code`` the
-    problem the pure module would report there (0 and ``c.failed`` when out of memory)."""
+cdef int _open_listing(Collector *c, int parent, const char *name, Listing *out,
+                       int *code) noexcept nogil:
+    """Open ``name`` below ``parent`` and read all of it: the directory's fd (to close), or
+    -1 with ``code`` the problem the pure module would report there (0 and ``c.failed``
+    when out of memory)."""
     cdef int fd
     cdef int error
-    cdef DIR *d
     cdef c_stat st
     code[0] = 0
     while True:
@@ -294,27 +384,21 @@ cdef DIR *_open_listing(Collector *c, int parent, const char *name, Listing *out
                 error = errno
             elif S_ISLNK(st.st_mode):
                 code[0] = R_SYMLINK
-                return NULL
+                return -1
             elif not S_ISDIR(st.st_mode):
                 error = ENOTDIR
         code[0] = _list_error(error)
-        return NULL
-    d = fdopendir(fd)
-    if d == NULL:
-        error = errno
-        close(fd)
-        code[0] = _list_error(error)
-        return NULL
-    error = _read_listing(d, out)
+        return -1
+    error = _read_listing(fd, out)
     if error != 0:
         _free_listing(out)
-        closedir(d)
+        close(fd)
         if error == -1:
             c.failed = True
         else:
             code[0] = _list_error(error)
-        return NULL
-    return d
+        return -1
+    return fd
 
 
 cdef int _kind_of(int dir_fd, const char *name, unsigned char d_type) noexcept nogil:
@@ -340,18 +424,16 @@ cdef void _scan_run_files(Collector *c, int parent, const char *name,
     ``c.rel`` is the directory's path, its part from ``in_run_start`` the path in the run."""
     cdef Listing listing
     cdef int code
-    cdef DIR *d = _open_listing(c, parent, name, &listing, &code)
-    cdef int fd
+    cdef int fd = _open_listing(c, parent, name, &listing, &code)
     cdef Py_ssize_t k, old
     cdef const char *entry
     cdef unsigned char d_type
     cdef c_stat st
     cdef Record *rec
-    if d == NULL:
+    if fd < 0:
         if code:
             _problem(c, code)
         return
-    fd = dirfd(d)
     for k in range(listing.count):
         if c.failed:
             break
@@ -382,7 +464,7 @@ cdef void _scan_run_files(Collector *c, int parent, const char *name,
         else:
             _problem(c, R_NOT_REGULAR)
         _pop(c, old)
-    closedir(d)
+    close(fd)
     _free_listing(&listing)
 
 
@@ -390,17 +472,15 @@ cdef void _scan_runs(Collector *c, int project_fd, const char *runs_path) noexce
     """Walk ``<name>/runs`` (``runs_path``, relative to the project); ``c.rel`` is its path."""
     cdef Listing listing
     cdef int code
-    cdef DIR *d = _open_listing(c, project_fd, runs_path, &listing, &code)
-    cdef int fd
+    cdef int fd = _open_listing(c, project_fd, runs_path, &listing, &code)
     cdef Py_ssize_t k, old, length
     cdef const char *entry
     cdef int kind
-    if d == NULL:
+    if fd < 0:
         # no runs directory: an experiment without runs yet, not a problem
         if code and code != R_VANISHED:
             _problem(c, code)
         return
-    fd = dirfd(d)
     for k in range(listing.count):
         if c.failed:
             break
@@ -418,7 +498,7 @@ cdef void _scan_runs(Collector *c, int project_fd, const char *runs_path) noexce
         else:
             _problem(c, R_NOT_A_DIRECTORY)
         _pop(c, old)
-    closedir(d)
+    close(fd)
     _free_listing(&listing)
 
 
@@ -426,7 +506,6 @@ cdef void _scan_project(Collector *c, int root_fd, const char *project,
                         const char *runs_name) noexcept nogil:
     cdef Listing listing
     cdef int code
-    cdef DIR *d
     cdef int fd
     cdef Py_ssize_t k, old, old_exp, length, runs_length
     cdef const char *entry
@@ -434,12 +513,11 @@ cdef void _scan_project(Collector *c, int root_fd, const char *project,
     cdef Py_ssize_t runs_cap = 0
     cdef int kind
     _push(c, project, strlen(project))
-    d = _open_listing(c, root_fd, project, &listing, &code)
-    if d == NULL:
+    fd = _open_listing(c, root_fd, project, &listing, &code)
+    if fd < 0:
         if code:
             _problem(c, code)
         return
-    fd = dirfd(d)
     runs_length = strlen(runs_name)
     for k in range(listing.count):
         if c.failed:
@@ -467,7 +545,7 @@ cdef void _scan_project(Collector *c, int root_fd, const char *project,
             _pop(c, old)
         _pop(c, old_exp)
     free(runs_path)
-    closedir(d)
+    close(fd)
     _free_listing(&listing)
 
 
@@ -569,7 +647,6 @@ def scan_experiments(root: str, threads: int = 1) -> ScanResult:
     cdef bytes runs_name = os.fsencode(RUNS_DIRNAME)
     cdef int fd
     cdef int error = 0
-    cdef DIR *d = NULL
     cdef Listing listing
     cdef Py_ssize_t k
     cdef const char *entry
@@ -585,21 +662,15 @@ def scan_experiments(root: str, threads: int = 1) -> ScanResult:
         if fd < 0:
             error = errno
         else:
-            d = fdopendir(fd)
-            if d == NULL:
-                error = errno
+            error = _read_listing(fd, &listing)
+            if error != 0:
+                _free_listing(&listing)
                 close(fd)
-            else:
-                error = _read_listing(d, &listing)
-                if error != 0:
-                    _free_listing(&listing)
-                    closedir(d)
     if error == -1:
         raise MemoryError("out of memory while listing " + repr(path))
     if error != 0:
         raise OSError(error, os.strerror(error), root)
     try:
-        fd = dirfd(d)
         for k in range(listing.count):
             entry = listing.names + listing.offsets[k]
             if entry[0] == b'.':
@@ -621,7 +692,7 @@ def scan_experiments(root: str, threads: int = 1) -> ScanResult:
                 parts = list(pool.map(lambda p: _scan_one(p, fd, runs_name), projects))
     finally:
         _free_listing(&listing)
-        closedir(d)
+        close(fd)
     cdef list runs = []
     for project_runs, project_problems in parts:
         runs.extend(project_runs)
