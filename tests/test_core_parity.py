@@ -249,7 +249,7 @@ def outcome(call):
     try:
         return ["returned", repr(call())]
     except Exception as error:
-        return ["raised", repr(error)]
+        return ["raised", type(error).__name__, str(error)]
 root = sys.argv[1]
 requests = [(p, 3, c) for p in ("p/e/runs/r/locked.txt", "p/e/runs/r/meta.json") for c in (0, 1)]
 print(json.dumps({
