@@ -1,4 +1,4 @@
-# cython: language_level=3, binding=True, annotation_typing=False
+# cython: language_level=3, binding=True, annotation_typing=False, boundscheck=True, wraparound=True
 """Compiled twin of :mod:`runicorn.core.tailhash`: tail windows read in C, hashed by BLAKE3.
 
 Why this module exists: generating a manifest tail-hashes every append-only file of a lab,
@@ -30,11 +30,15 @@ from blake3 import blake3
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from libc.errno cimport errno, EINTR
 from libc.stdlib cimport malloc, free
+from libc.string cimport memmove
 
 from runicorn.core import tailhash as _pure
 from runicorn.core.tailhash import DIGEST_BYTES, TAIL_WINDOW, TailRequest, TailResult, digest
 
 __all__ = ["DIGEST_BYTES", "TAIL_WINDOW", "TailRequest", "TailResult", "digest", "hash_tails"]
+
+cdef extern from "Python.h":
+    bytes PyUnicode_EncodeFSDefault(object unicode)
 
 cdef extern from "<fcntl.h>" nogil:
     int c_open "open"(const char *pathname, int flags)
@@ -81,7 +85,7 @@ cdef int _pread_exact(int fd, char *buf, long long length, long long offset) noe
 
 cdef bint _tail_of_open_file(int fd, Job *job, long long window) noexcept nogil:
     cdef long long end = job.size
-    cdef long long pos, start, k
+    cdef long long pos, start, k, head
     cdef bint have_window = False
     if job.cut_at_newline:
         end = 0
@@ -95,9 +99,16 @@ cdef bint _tail_of_open_file(int fd, Job *job, long long window) noexcept nogil:
                 k -= 1
             if k >= 0:
                 end = start + k + 1
-                if end == job.size:
-                    job.length = pos - start  # the file ends with a complete line
-                    have_window = True
+                # the slot holds [start, end) of the window that ends at ``end``: move it
+                # to the back and read only the head that is missing (nothing when the
+                # file ends with a complete line, a half line's length otherwise)
+                head = start - (end - window if end > window else 0)
+                if head > 0:
+                    memmove(job.slot + head, job.slot, <size_t>(end - start))
+                    if _pread_exact(fd, job.slot, head, start - head) != 1:
+                        return False
+                job.length = head + end - start
+                have_window = True
                 break
             pos = start
     if not have_window:
@@ -172,6 +183,15 @@ cdef void _flush(list batch, list results, long long window) except *:
         free(jobs)
 
 
+cdef inline str _join(str root, str rel_path):
+    """``os.path.join(root, rel_path)`` for two ``str`` on POSIX, without the Python call."""
+    if rel_path.startswith("/"):
+        return rel_path
+    if not root or root.endswith("/"):
+        return root + rel_path
+    return root + "/" + rel_path
+
+
 def hash_tails(
     root: str, requests: Sequence[TailRequest], window: int = TAIL_WINDOW
 ) -> list[TailResult | None]:
@@ -184,18 +204,27 @@ def hash_tails(
     cdef list batch = []
     cdef long long batch_bytes = 0
     cdef Py_ssize_t index = 0
-    for rel_path, size, cut_at_newline in requests:
+    for request in requests:
+        if type(request) is not tuple or len(<tuple>request) != 3:
+            # unpacking errors are worded by CPython, not by Cython: ask the specification
+            results.append(_pure.hash_tails(root, [request], window)[0])
+            index += 1
+            continue
+        rel_path, size, cut_at_newline = <tuple>request
         if size < 0:
             raise ValueError(f"size of {rel_path!r} must not be negative, got {size}")
         results.append(None)
-        path = os.path.join(root, rel_path)
+        if type(root) is str and type(rel_path) is str:
+            path = _join(<str>root, <str>rel_path)
+        else:
+            path = os.path.join(root, rel_path)
         encoded = None
         if type(size) is int and size <= MAX_SIZE and (
                 cut_at_newline is None or type(cut_at_newline) is bool
                 or type(cut_at_newline) is int):
             if type(path) is str:
                 try:
-                    encoded = os.fsencode(path)
+                    encoded = PyUnicode_EncodeFSDefault(path)
                 except UnicodeError:
                     encoded = None
             elif type(path) is bytes:

@@ -409,3 +409,11 @@ def test_tail_hash_window_errors_match(both, tmp_path, window):
 def test_tail_hash_malformed_requests_match(both, tmp_path, request_):
     (tmp_path / "f").write_bytes(b"line\nhalf")
     assert_same(both, "hash_tails", str(tmp_path), [("f", 4, False), request_])
+
+
+@pytest.mark.parametrize("root_type", [str, Path, os.fsencode], ids=["str", "Path", "bytes"])
+@pytest.mark.parametrize("rel", ["f", "", "/etc/hostname", "f/", b"f"], ids=repr)
+def test_tail_hash_root_and_path_types_match(both, tmp_path, root_type, rel):
+    (tmp_path / "f").write_bytes(b"line\nhalf")
+    root = root_type(str(tmp_path))
+    assert_same(both, "hash_tails", root, [(rel, 0, False), (rel, 4, True)])
