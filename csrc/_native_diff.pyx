@@ -221,6 +221,9 @@ cdef int _fast_merge(list r_list, list l_list, Merge *m, list new, list grown,
     cdef PyObject *rl = <PyObject *>r_list
     cdef PyObject *ll = <PyObject *>l_list
     cdef int order, kind
+    cdef Py_ssize_t unchanged = 0
+    cdef bint local_pending
+    cdef bint last_matched = False  # last_remote and last_local are equal strings
     if i > 0 or j > 0:
         return 0
     try:
@@ -238,6 +241,7 @@ cdef int _fast_merge(list r_list, list l_list, Merge *m, list new, list grown,
                     if last_remote != NULL and _compare_str_p(last_remote, r_path) >= 0:
                         break
                     checked_remote = i
+            local_pending = False
             if j < n_local:
                 l_entry = PyList_GET_ITEM(ll, j)
                 if not PyTuple_CheckExact(l_entry) or PyTuple_GET_SIZE(l_entry) != 4:
@@ -246,40 +250,51 @@ cdef int _fast_merge(list r_list, list l_list, Merge *m, list new, list grown,
                 if not PyUnicode_CheckExact(l_path):
                     break
                 if checked_local != j:
-                    if last_local != NULL and _compare_str_p(last_local, l_path) >= 0:
-                        break
-                    checked_local = j
+                    if last_local == NULL:
+                        checked_local = j
+                    else:
+                        local_pending = True
             if j >= n_local:
                 order = -1
             elif i >= n_remote:
                 order = 1
             else:
                 order = _compare_str_p(r_path, l_path)
+            if local_pending:
+                # after a match the local check repeats the remote one, which passed
+                if not (order == 0 and last_matched and checked_remote == i) and \
+                        _compare_str_p(last_local, l_path) >= 0:
+                    break
+                checked_local = j
             if order < 0:
                 new.append(i)
                 last_remote = r_path
+                last_matched = False
                 i += 1
             elif order > 0:
                 vanished.append(j)
                 last_local = l_path
+                last_matched = False
                 j += 1
             else:
                 kind = _classify_plain(r_entry, l_entry)
                 if kind < 0:
                     break
                 if kind == 0:
-                    m.unchanged += 1
+                    unchanged += 1
                 elif kind == 1:
                     grown.append(i)
                 else:
                     replaced.append(i)
                 last_remote = r_path
                 last_local = l_path
+                last_matched = True
                 i += 1
                 j += 1
     finally:
         m.i = i
         m.j = j
+        m.unchanged = unchanged
     return 0
 
 
