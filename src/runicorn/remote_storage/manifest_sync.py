@@ -66,8 +66,10 @@ logger = logging.getLogger("runicorn.remote_storage.manifest_sync")
 ProgressCallback = Callable[[int, int, str], None]
 """``(completed, total, current_file)``: files finished so far, files to transfer."""
 
-PREFIX_BYTES = 4096
-"""How much of a manifest the no-change check reads (its header is written first)."""
+PREFIX_BYTES = 255 * 1024
+"""How much of a manifest the no-change check reads: its header comes first, and this is one
+READ (OpenSSH's clamp), so a manifest up to this size (a gzip manifest of ~1,000 runs) arrives
+whole with the check and is not downloaded again when it changed."""
 COMMIT_INTERVAL = 0.5
 """Seconds between state commits at most, however slowly files land."""
 MASS_DELETE_FRACTION = 0.5
@@ -431,6 +433,12 @@ class ManifestSyncClient:
         with self._busy, self._locked():
             remote_id = self.remote_id
             full_state = self.cache.applied_manifest(remote_id, ManifestType.FULL.value)
+            if full_state is None and not self.dry_run:
+                # A first sync fetches everything: open the worker channels while the
+                # manifest downloads, not after.
+                warm_up = getattr(self.remote, "warm_up", None)
+                if warm_up is not None:
+                    warm_up(self.max_workers or self.MAX_WORKERS)
             if full_state is None or self.manifest_type != "active":
                 manifest = self._check_full(run, remote_id, full_state)
             else:
@@ -488,7 +496,12 @@ class ManifestSyncClient:
             and not deletions_pending
             and self._is_clean(remote_id)
         ):
-            probe = self._probe(ManifestType.FULL, run)
+            # The active manifest is probed in the same round trip, in case it is needed.
+            also_active = self.manifest_type == "auto"
+            probes = self._probe_many(
+                [(ManifestType.FULL, False)] + [(ManifestType.ACTIVE, True)] * also_active, run
+            )
+            probe = probes[0]
             if probe is None:
                 raise OSError(self._missing_message(ManifestType.FULL))
             header = probe.header
@@ -499,8 +512,8 @@ class ManifestSyncClient:
             ) == (ManifestType.FULL.value, state.revision, state.snapshot_id):
                 run.manifest_type = ManifestType.FULL.value
                 run.manifest_revision = state.revision
-                if self.manifest_type == "auto":
-                    active = self._check_active(run, remote_id, forced=False)
+                if also_active:
+                    active = self._check_active(run, remote_id, forced=False, probe=probes[1])
                     if active is not None:
                         return active
                     if run.manifest_type == ManifestType.ACTIVE.value:
@@ -508,14 +521,22 @@ class ManifestSyncClient:
                 run.skipped = True
                 run.reason = f"manifest revision {state.revision} unchanged"
                 return None
+        else:
+            # A first or unclean sync needs the whole manifest anyway; a small one arrives
+            # with this first READ (two round trips, no FSTAT, nobody waits for the CLOSE).
+            probe = self._probe_many([(ManifestType.FULL, False)], run)[0]
         return self._download(ManifestType.FULL, run, probe)
 
-    def _check_active(self, run: _Run, remote_id: str, *, forced: bool) -> SyncManifest | None:
+    def _check_active(
+        self, run: _Run, remote_id: str, *, forced: bool, probe: Any = False
+    ) -> SyncManifest | None:
         """The active manifest when it moved since last applied; ``None`` when unchanged,
-        absent (auto mode probes only the ``.gz`` the generator always writes) or stale."""
+        absent (auto mode probes only the ``.gz`` the generator always writes) or stale.
+        ``probe``: what probing it found already (``None``: absent); not given: probe now."""
         state = self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
         clean = state is not None and state.clean and (not forced or self._is_clean(remote_id))
-        probe = self._probe(ManifestType.ACTIVE, run, gz_only=not forced)
+        if probe is False:
+            probe = self._probe_many([(ManifestType.ACTIVE, not forced)], run)[0]
         if probe is None:
             return None
         header = probe.header
@@ -568,22 +589,55 @@ class ManifestSyncClient:
             f"one on the server with `runicorn generate-manifest --root {self.remote_root}`"
         )
 
-    def _probe(
-        self, manifest_type: ManifestType, run: _Run, *, gz_only: bool = False
-    ) -> _Probe | None:
-        """Read the first bytes of the published manifest (3 SFTP requests; 1 more when
-        the ``.gz`` is missing). ``None`` when no manifest of this type is published."""
-        candidates = self._candidates(manifest_type)
-        for path, gz in candidates[:1] if gz_only else candidates:
-            try:
-                data = self.remote.read_prefix(path, PREFIX_BYTES)
-            except FileNotFoundError:
+    def _probe_many(
+        self, wanted: Sequence[tuple[ManifestType, bool]], run: _Run
+    ) -> list[_Probe | None]:
+        """Read the first :data:`PREFIX_BYTES` of each published manifest in ``wanted``
+        (type, gz only), all ``.gz`` candidates in one pipeline: OPEN, READ and a CLOSE
+        nobody waits for, two round trips however many. A missing ``.gz`` is followed by
+        its plain ``.json`` unless gz only. ``None`` for a type with no manifest published."""
+        found: list[_Probe | None] = [None] * len(wanted)
+        rounds = [
+            [(i, *self._candidates(kind)[0]) for i, (kind, _) in enumerate(wanted)],
+            [
+                (i, *self._candidates(kind)[1])
+                for i, (kind, gz_only) in enumerate(wanted)
+                if not gz_only
+            ],
+        ]
+        for candidates in rounds:
+            todo = [(i, path, gz) for i, path, gz in candidates if found[i] is None]
+            if not todo:
                 continue
+            results = self._read_prefixes([path for _, path, _ in todo])
+            for (i, path, gz), data in zip(todo, results, strict=True):
+                if isinstance(data, FileNotFoundError):
+                    continue
+                if isinstance(data, BaseException):
+                    where = self._where(path)
+                    raise OSError(f"cannot read the manifest {where}: {data}") from data
+                run.bytes_downloaded += len(data)
+                complete = len(data) < PREFIX_BYTES
+                found[i] = _Probe(path, gz, data, complete, _header_of(data, gz))
+            if all(probe is not None for probe in found):
+                break
+        return found
+
+    def _read_prefixes(self, paths: list[str]) -> list[bytes | BaseException]:
+        """The remote's pipelined ``read_prefixes`` where it has one, else one at a time."""
+        reader = getattr(self.remote, "read_prefixes", None)
+        if reader is not None:
+            try:
+                return list(reader(paths, PREFIX_BYTES))
+            except OSError as error:  # the channel failed: every read failed
+                return [error] * len(paths)
+        results: list[bytes | BaseException] = []
+        for path in paths:
+            try:
+                results.append(self.remote.read_prefix(path, PREFIX_BYTES))
             except OSError as error:
-                raise OSError(f"cannot read the manifest {self._where(path)}: {error}") from error
-            run.bytes_downloaded += len(data)
-            return _Probe(path, gz, data, len(data) < PREFIX_BYTES, _header_of(data, gz))
-        return None
+                results.append(error)
+        return results
 
     def _download(
         self, manifest_type: ManifestType, run: _Run, probe: _Probe | None

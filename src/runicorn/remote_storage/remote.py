@@ -55,6 +55,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# A fetch at most this big (and of at most ``depth`` files) runs on the client's own channel:
+# opening worker channels costs two round trips, more than such a fetch gains from them.
+SMALL_FETCH_BYTES = 2 * 1024 * 1024
 # Events waiting for the caller's thread; bounds memory when sinks are slower than the network.
 _EVENT_QUEUE_SIZE = 256
 _POLL = 0.05  # how often the caller's thread looks at ``cancel`` while it waits
@@ -340,6 +343,8 @@ class SftpRemote:
         self._channel_limit: int | None = None  # extra channels the server allows, once known
         self._pipes_lock = threading.Lock()
         self._borrow_lock = threading.Lock()
+        self._borrowed_pipe: SftpPipeline | None = None
+        self._warm_up: threading.Thread | None = None
         self._transfer_lock = threading.Lock()  # one fetch/listdirs drives the pipes at a time
         self._transfer_owner: int | None = None
         self._closed = False
@@ -366,11 +371,26 @@ class SftpRemote:
                 "a fetch callback or from two threads"
             )
         try:
-            yield SftpPipeline.borrow(
-                self._sftp, depth=self.depth, read_size=self.read_size, timeout=self.timeout
-            )
+            yield self._borrowed_pipeline()
         finally:
             self._borrow_lock.release()
+
+    def _borrowed_pipeline(self) -> SftpPipeline:
+        """The one pipeline on the client's channel (the caller holds ``_borrow_lock``).
+
+        Kept for the Remote's life: answers it does not wait for (detached CLOSEs) arrive
+        later and must meet the pipeline that knows their ids.
+        """
+        pipe = self._borrowed_pipe
+        if pipe is None or not pipe.alive:
+            pipe = SftpPipeline.borrow(
+                self._sftp,
+                depth=self.depth,
+                read_size=self.read_size,
+                timeout=self.timeout,
+            )
+            self._borrowed_pipe = pipe
+        return pipe
 
     def _read(self, path: str, length: int, *, size_cap: int | None = None) -> bytes:
         """Read from the start of ``path`` on the client's channel (prefix or whole file)."""
@@ -399,6 +419,57 @@ class SftpRemote:
         if length < 0:
             raise ValueError("length must not be negative")
         return self._read(path, length)
+
+    def read_prefixes(self, paths: Sequence[str], length: int) -> list[bytes | BaseException]:
+        """At most ``length`` bytes from the start of each path, all in one pipeline: the
+        OPENs go out together and nobody waits for the CLOSEs, so reading one or several
+        prefixes that fit one READ (255 KiB) costs two round trips. Per path: the bytes, or
+        the exception (``FileNotFoundError`` …) reading it raised."""
+        if length < 0:
+            raise ValueError("length must not be negative")
+        pieces: list[list[bytes]] = [[] for _ in paths]
+        errors: list[BaseException | None] = [None] * len(paths)
+        ops: list[Operation] = []
+        for index, path in enumerate(paths):
+
+            def on_done(error: BaseException | None, _received: int, i: int = index) -> None:
+                errors[i] = error
+
+            ops.append(
+                ReadRangeOp(
+                    self._full(path),
+                    0,
+                    length,
+                    self.read_size,
+                    lambda _offset, data, i=index: pieces[i].append(data),
+                    on_done,
+                    exact=False,
+                    display_path=path,
+                    detach_close=True,
+                )
+            )
+        with self._borrowed() as pipe:
+            pipe.run(ops=ops)
+        return [
+            error if error is not None else b"".join(parts)
+            for parts, error in zip(pieces, errors, strict=True)
+        ]
+
+    def warm_up(self, workers: int) -> None:
+        """Start opening ``workers`` worker channels in the background, so that a large
+        fetch that follows (a first sync) does not wait for them; returns at once."""
+        with self._pipes_lock:
+            if self._closed or (self._warm_up is not None and self._warm_up.is_alive()):
+                return
+
+            def open_them() -> None:
+                with contextlib.suppress(Exception):
+                    self._open_pipes(workers)
+
+            self._warm_up = threading.Thread(
+                target=open_them, name="runicorn-sftp-warm-up", daemon=True
+            )
+            self._warm_up.start()
 
     def read_file(self, path: str, max_bytes: int) -> bytes:
         """The whole file, pipelined (OPEN, FSTAT with the first READ, the rest, CLOSE);
@@ -513,11 +584,7 @@ class SftpRemote:
             if not self._borrow_lock.acquire(blocking=False):
                 raise RuntimeError("the SFTP client's channel is busy")
             borrowed_lock_held = True
-            pipes = [
-                SftpPipeline.borrow(
-                    self._sftp, depth=self.depth, read_size=self.read_size, timeout=self.timeout
-                )
-            ]
+            pipes = [self._borrowed_pipeline()]
 
         def target_for(pipe: SftpPipeline) -> Callable[[], None]:
             def target() -> None:
@@ -568,7 +635,16 @@ class SftpRemote:
             self._fetch(run, workers)
 
     def _fetch(self, run: _FetchRun, workers: int) -> None:
-        pipes = self._open_pipes(max(1, workers))
+        small = (
+            len(run.jobs) <= self.depth and sum(job.length for job in run.jobs) <= SMALL_FETCH_BYTES
+        )
+        if small:
+            # Opening channels costs round trips that a small fetch does not win back: use
+            # the client's own channel, plus whatever worker channels are open already.
+            with self._pipes_lock:
+                pipes = [pipe for pipe in self._pipes if pipe.alive][: max(1, workers)]
+        else:
+            pipes = self._open_pipes(max(1, workers))
 
         def make_feed() -> Callable[[], Operation | None]:
             def feed() -> Operation | None:
@@ -588,6 +664,7 @@ class SftpRemote:
                             lambda error, received, i=index: run.done(i, error, received),
                             should_abort=lambda i=index: run.abandoned(i),
                             display_path=job.path,
+                            detach_close=True,
                         )
                     except ValueError as error:
                         run.done(index, error, 0)
@@ -639,6 +716,7 @@ class SftpRemote:
                         full,
                         lambda entries, error, p=path: record(p, entries, error),
                         display_path=path,
+                        detach_close=True,
                     )
 
             return feed
@@ -682,6 +760,9 @@ class SftpRemote:
 
     def close(self) -> None:
         """Close the worker channels (the caller's SFTP client stays open: it is theirs)."""
+        warm_up = self._warm_up
+        if warm_up is not None:
+            warm_up.join()
         with self._pipes_lock:
             self._closed = True
             pipes, self._pipes = self._pipes, []

@@ -25,8 +25,9 @@ import errno
 import logging
 import stat
 import struct
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paramiko
 
@@ -41,6 +42,9 @@ __all__ = [
     "SftpPipeline",
     "SftpProtocolError",
     "ShrunkError",
+    "detached",
+    "open_sftp_client",
+    "request_subsystem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ DEFAULT_TIMEOUT = 30.0
 # Refuse absurd packets from a broken or hostile server instead of allocating for them.
 _MAX_PACKET = 4 * 1024 * 1024
 _RECV_SIZE = 1024 * 1024
+_MAX_DETACHED = 4096
 SFTP_VERSION = 3
 
 # Packet types (draft-ietf-secsh-filexfer-02, section 3).
@@ -250,6 +255,15 @@ class Operation:
         raise NotImplementedError
 
 
+def detached(ptype: int, body: _Reader) -> None:
+    """The handler of a request whose answer nobody waits for (a CLOSE of a read-only handle).
+
+    The pipeline sends it like any other and drops its answer whenever it arrives, possibly
+    during a later :meth:`SftpPipeline.run`; it never delays the end of a run. The server
+    still receives and executes it, in order, before anything sent after it.
+    """
+
+
 def _expect(ptype: int, body: _Reader, want: int, path: str) -> None:
     """Raise the STATUS error in an answer, or SftpProtocolError for an unexpected type."""
     if ptype == FXP_STATUS:
@@ -271,6 +285,8 @@ class ReadRangeOp(Operation):
     ``size_cap`` (read a whole file): also FSTAT, extend the range to the reported size and fail
     with ValueError if the file is larger than the cap. ``should_abort`` lets the owner stop the
     op (its consumer failed); an aborted op reports nothing more and just closes its handle.
+    ``detach_close=True``: the op is done once its CLOSE is sent (see :func:`detached`), so a
+    run ends one round trip earlier; a read-only handle has nothing left to lose by then.
     """
 
     def __init__(
@@ -286,6 +302,7 @@ class ReadRangeOp(Operation):
         size_cap: int | None = None,
         should_abort: Callable[[], bool] | None = None,
         display_path: str | None = None,
+        detach_close: bool = False,
     ) -> None:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length for {path!r}")
@@ -299,6 +316,7 @@ class ReadRangeOp(Operation):
         self._exact = exact
         self._size_cap = size_cap
         self._should_abort = should_abort
+        self._detach_close = detach_close
         self._handle: bytes | None = None
         self._opened = False
         self._stat_state = 0  # 0: not needed/sent, 1: to send, 2: in flight
@@ -362,6 +380,9 @@ class ReadRangeOp(Operation):
         if self._reads_in_flight or self._stat_state == 2:
             return None  # answers still due; CLOSE only after them
         self._closing = True
+        if self._detach_close:
+            self.done = True
+            return FXP_CLOSE, handle, detached
         return FXP_CLOSE, handle, self._on_close
 
     def _read(self, handle: bytes, start: int, size: int) -> Request:
@@ -492,9 +513,11 @@ class ListDirOp(Operation):
         on_done: Callable[[list[DirEntry] | None, BaseException | None], None],
         *,
         display_path: str | None = None,
+        detach_close: bool = False,
     ) -> None:
         self.path = path
         self._name = display_path if display_path is not None else path
+        self._detach_close = detach_close
         self._on_done: Callable[[list[DirEntry] | None, BaseException | None], None] | None = (
             on_done
         )
@@ -526,6 +549,10 @@ class ListDirOp(Operation):
         if not self._finished:
             return FXP_READDIR, _string(self._handle), self._on_readdir
         self._closing = True
+        if self._detach_close:
+            self._waiting = False
+            self.done = True
+            return FXP_CLOSE, _string(self._handle), detached
         return FXP_CLOSE, _string(self._handle), self._on_close
 
     def _on_opendir(self, ptype: int, body: _Reader) -> None:
@@ -565,6 +592,63 @@ class ListDirOp(Operation):
 # -- the pipeline ------------------------------------------------------------------------------
 
 
+def request_subsystem(channel: paramiko.Channel, name: str) -> Callable[[], None]:
+    """Ask for subsystem ``name`` on ``channel`` without waiting for the answer; the returned
+    function waits for it (raising paramiko's ``SSHException`` if the server refused).
+
+    ``Channel.invoke_subsystem`` waits one round trip before anything else may be sent. The
+    SSH connection delivers a channel's requests and data in order, so the SFTP INIT can
+    follow the request at once and both answers arrive together: one round trip, not two.
+    A refused subsystem closes the channel, and whoever waits for the VERSION sees that too.
+    """
+    try:
+        from paramiko.common import cMSG_CHANNEL_REQUEST
+
+        message = paramiko.Message()
+        message.add_byte(cMSG_CHANNEL_REQUEST)
+        message.add_int(channel.remote_chanid)
+        message.add_string("subsystem")
+        message.add_boolean(True)
+        message.add_string(name)
+        channel._event_pending()
+        channel.transport._send_user_message(message)  # type: ignore[union-attr]
+    except AttributeError:  # a paramiko without these internals: the documented way
+        channel.invoke_subsystem(name)
+        return lambda: None
+    return channel._wait_for_event
+
+
+def open_sftp_client(
+    transport: paramiko.Transport,
+    *,
+    window_size: int | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> paramiko.SFTPClient:
+    """``paramiko.SFTPClient.from_transport`` in two round trips instead of three (channel
+    open, then subsystem request and INIT together; see :func:`request_subsystem`)."""
+    channel = transport.open_session(window_size=window_size, timeout=timeout)
+    try:
+        channel.settimeout(timeout)
+        confirm = request_subsystem(channel, "sftp")
+        client = paramiko.SFTPClient(channel)
+        confirm()
+        return client
+    except BaseException:
+        channel.close()
+        raise
+
+
+@dataclass(eq=False)
+class _BorrowedState:
+    """What the pipelines borrowed on one channel, one after another, share."""
+
+    next_id: int = 0x70000000  # far above paramiko's own request ids
+    detached: set[int] = field(default_factory=set)
+
+
+_BORROWED: weakref.WeakKeyDictionary[paramiko.Channel, _BorrowedState] = weakref.WeakKeyDictionary()
+
+
 class SftpPipeline:
     """One SFTP session on one channel, with up to ``depth`` requests in flight.
 
@@ -599,7 +683,16 @@ class SftpPipeline:
         self.extensions: dict[str, bytes] = {}
         self._buffer = bytearray()
         self._pending: dict[int, tuple[Operation, Handler]] = {}
-        self._next_id = 0x70000000 if borrowed else 1
+        self._detached: set[int] = set()  # sent, answer not awaited (see ``detached``)
+        self._next_id = 1
+        self._shared: _BorrowedState | None = None
+        if borrowed:
+            self._shared = _BORROWED.get(channel)
+            if self._shared is None:
+                self._shared = _BorrowedState()
+                _BORROWED[channel] = self._shared
+            self._detached = self._shared.detached
+            self._next_id = self._shared.next_id
         self._dead: BaseException | None = None
         if not borrowed:
             self._handshake()
@@ -626,15 +719,22 @@ class SftpPipeline:
         )
         try:
             channel.settimeout(timeout)  # type: ignore[arg-type]
-            channel.invoke_subsystem("sftp")
-            return cls(channel, **options)  # type: ignore[arg-type]
+            confirm = request_subsystem(channel, "sftp")
+            pipe = cls(channel, **options)  # type: ignore[arg-type]
+            confirm()
+            return pipe
         except BaseException:
             channel.close()
             raise
 
     @classmethod
     def borrow(cls, sftp_client: paramiko.SFTPClient, **options: object) -> SftpPipeline:
-        """A pipeline over an idle paramiko ``SFTPClient``'s channel (see the class docstring)."""
+        """A pipeline over an idle paramiko ``SFTPClient``'s channel (see the class docstring).
+
+        Every pipeline borrowed on one channel shares its request ids and the answers still
+        due (detached CLOSEs, requests of a pipeline that died): a later one ignores those
+        instead of taking them for a protocol error.
+        """
         return cls(sftp_client.get_channel(), borrowed=True, **options)  # type: ignore[arg-type]
 
     @property
@@ -741,7 +841,10 @@ class SftpPipeline:
                         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
                         out += _HEADER.pack(len(payload) + 5, ptype, request_id)
                         out += payload
-                        pending[request_id] = (op, handler)
+                        if handler is detached:
+                            self._note_detached(request_id)
+                        else:
+                            pending[request_id] = (op, handler)
                         continue
                     if feed_empty or open_count >= limit:
                         break
@@ -765,13 +868,16 @@ class SftpPipeline:
                     reader = _Reader(body)
                     request_id = reader.u32()
                     entry = pending.pop(request_id, None)
-                    if entry is None:
+                    if entry is not None:
+                        op, handler = entry
+                        handler(ptype, reader)
+                        if id(op) not in queued:
+                            ready.append(op)
+                            queued.add(id(op))
+                    elif request_id in self._detached:
+                        self._detached.discard(request_id)
+                    else:
                         raise SftpProtocolError(f"answer to unknown SFTP request {request_id}")
-                    op, handler = entry
-                    handler(ptype, reader)
-                    if id(op) not in queued:
-                        ready.append(op)
-                        queued.add(id(op))
                     if not pending or len(self._buffer) < 4:
                         break
                     (size,) = _U32.unpack_from(self._buffer, 0)
@@ -786,8 +892,19 @@ class SftpPipeline:
                 raise failure from error  # one type for "the channel is gone"
             raise
         finally:
+            if self._shared is not None:
+                self._shared.next_id = self._next_id
             if self.borrowed and self._dead is None:
                 self.channel.settimeout(previous_timeout)
+
+    def _note_detached(self, request_id: int) -> None:
+        detached_ids = self._detached
+        if len(detached_ids) >= _MAX_DETACHED:
+            # Answers someone else read (a borrowed channel's own client drops them as
+            # unexpected): forget the oldest ids rather than grow without end.
+            for old_id in sorted(detached_ids)[: _MAX_DETACHED // 2]:
+                detached_ids.discard(old_id)
+        detached_ids.add(request_id)
 
     def _die(self, error: BaseException, active: list[Operation]) -> BaseException:
         """The channel is unusable: fail every open operation with a connection error."""
@@ -799,6 +916,11 @@ class SftpPipeline:
             failure = ConnectionError(f"SFTP transfer interrupted ({type(error).__name__})")
         if self._dead is None:
             self._dead = failure
+        if self.borrowed:
+            # The channel lives on: answers still due must not look unknown to a successor.
+            self._detached.update(self._pending)
+        else:
+            self._detached.clear()
         self._pending.clear()
         for op in active:
             if not op.done:
