@@ -1040,3 +1040,41 @@ def test_a_generation_killed_mid_write_leaves_a_valid_manifest(
     assert _leftover_temp_files(out) == []
     assert manifest.revision > max(json_revision, gz_revision)
     assert SyncManifest.from_gzip((out / "full_manifest.json.gz").read_bytes()) == manifest
+
+
+def test_an_unchanged_tree_returns_the_same_manifest_as_a_full_rebuild(lab, make_generator):
+    make_generator(lab).generate()
+    incremental, _ = make_generator(lab).generate()
+    rebuilt, _ = make_generator(lab, incremental=False).generate()
+    assert incremental == rebuilt
+
+
+def test_an_unchanged_tree_leaves_even_the_generator_state_untouched(lab, make_generator):
+    """The fast path: same scan as last time, files settled, published files intact."""
+    _, path = make_generator(lab).generate()
+    state = path.with_name(f".{path.name}.state")
+    before = (state.read_bytes(), state.stat().st_ino)
+    make_generator(lab).generate()
+    assert (state.read_bytes(), state.stat().st_ino) == before
+
+
+def test_an_edited_published_manifest_is_republished_with_a_new_revision(lab, make_generator):
+    first, path = make_generator(lab).generate()
+    edited = path.read_bytes().replace(b'"status":"finished"', b'"status":"hacked"', 1)
+    assert b"hacked" in edited
+    path.write_bytes(edited)
+    generator = make_generator(lab)
+    second, _ = generator.generate()
+    assert generator.last_report.published
+    assert second.revision == first.revision + 1
+    assert b"hacked" not in path.read_bytes()
+
+
+def test_a_deleted_gzip_copy_is_republished(lab, make_generator):
+    first, path = make_generator(lab).generate()
+    path.with_name(path.name + ".gz").unlink()
+    generator = make_generator(lab)
+    second, _ = generator.generate()
+    assert generator.last_report.published
+    assert path.with_name(path.name + ".gz").exists()
+    assert second.revision == first.revision + 1

@@ -24,7 +24,7 @@ from blake3 import blake3
 from runicorn import layout
 from runicorn.atomic import exclusive_lock, temp_prefix_for, write_atomically
 from runicorn.core.backend import Backend, active_backend
-from runicorn.core.scan import Problem
+from runicorn.core.scan import Problem, ScanResult
 from runicorn.manifest.models import (
     ExperimentEntry,
     FileEntry,
@@ -185,7 +185,16 @@ class ManifestGenerator:
         self._log_problems(scan.problems)
         now = self.clock()
         tags = self._read_tags(report)
-        next_state = GeneratorState(scan_started_ns=scan_started_ns)
+        fingerprint = self._scan_fingerprint(manifest_type, scan, tags)
+        if self.incremental and manifest_type is ManifestType.FULL:
+            unchanged_manifest = self._unchanged_since(previous, fingerprint, scan, output, report)
+            if unchanged_manifest is not None:
+                report.runs_scanned = len(scan.runs)
+                report.files_reused = sum(
+                    entry.is_append_only for entry in unchanged_manifest.iter_files()
+                )
+                return unchanged_manifest
+        next_state = GeneratorState(scan_started_ns=scan_started_ns, scan_fingerprint=fingerprint)
         # A run whose directory could not be listed would otherwise appear with no files, as
         # if it were empty: leave it out (its problem is reported) rather than publish that.
         unlisted = {path for path, _ in scan.problems}
@@ -213,7 +222,7 @@ class ManifestGenerator:
         unchanged = (
             previous.digest == digest
             and published_revision == previous.revision
-            and compressed.exists()
+            and _published_hash(output, compressed) == previous.published_hash
         )
         if unchanged:
             manifest.revision = previous.revision
@@ -228,8 +237,10 @@ class ManifestGenerator:
             manifest.revision = max(previous.revision, published_revision or 0) + 1
             manifest.snapshot_id = self.uuid_factory()
             data = manifest.to_json()
+            packed = compress(data)
             write_atomically(output, data)
-            write_atomically(compressed, compress(data))
+            write_atomically(compressed, packed)
+            next_state.published_hash = _hash_pair(data, packed)
             report.published = True
             logger.info(
                 "published %s manifest revision %d: %d runs, %d files",
@@ -242,6 +253,8 @@ class ManifestGenerator:
         next_state.snapshot_id = manifest.snapshot_id
         next_state.generated_at = manifest.generated_at
         next_state.digest = digest
+        if not report.published:
+            next_state.published_hash = previous.published_hash
         next_state.save(state_path)
         return manifest
 
@@ -417,6 +430,58 @@ class ManifestGenerator:
             logger.warning("%s", message)
         return layout.tags_by_run(doc)
 
+    def _scan_fingerprint(
+        self, manifest_type: ManifestType, scan: ScanResult, tags: dict[str, list[str]]
+    ) -> str:
+        """Everything a full manifest's content is derived from, hashed: every stat record
+        (size, mtime, ctime, inode of every file), the scan's problems and the tags."""
+        hasher = blake3()
+        hasher.update(orjson.dumps([manifest_type.value, self.hostname, str(self.remote_root)]))
+        hasher.update(orjson.dumps(scan.runs))
+        hasher.update(orjson.dumps(scan.problems))
+        hasher.update(orjson.dumps(tags))
+        return hasher.hexdigest()
+
+    def _unchanged_since(
+        self,
+        previous: GeneratorState,
+        fingerprint: str,
+        scan: ScanResult,
+        output: Path,
+        report: GenerationReport,
+    ) -> SyncManifest | None:
+        """The published manifest, when the tree is provably as it was when it was made.
+
+        The fast path of an incremental run with nothing changed: no entry is rebuilt, no tail
+        read and no state rewritten. It needs the same scan fingerprint, every file older than
+        that scan by :data:`REUSE_MARGIN_NS` (so no write can hide inside one mtime tick),
+        and the published files to be byte for byte what it wrote.
+        """
+        if not previous.scan_fingerprint or previous.scan_fingerprint != fingerprint:
+            return None
+        settled_before = previous.scan_started_ns - REUSE_MARGIN_NS
+        if any(record[2] >= settled_before for run in scan.runs for record in run[3]):
+            return None
+        try:
+            data = output.read_bytes()
+            packed = report.compressed_path.read_bytes()
+        except OSError:
+            return None
+        if _hash_pair(data, packed) != previous.published_hash:
+            return None  # edited, corrupted or replaced since we published it
+        try:
+            manifest = _load_own_manifest(data)
+        except (ValueError, KeyError, TypeError):
+            return None
+        if manifest.revision != previous.revision:
+            return None
+        logger.info(
+            "%s manifest unchanged at revision %d (tree identical to the last scan)",
+            manifest.manifest_type.value,
+            manifest.revision,
+        )
+        return manifest
+
     def _content_digest(self, manifest: SyncManifest) -> str:
         """A fingerprint of everything but the per-generation header fields."""
         hasher = blake3()
@@ -441,6 +506,64 @@ class ManifestGenerator:
             logger.warning("skipped %s: %s", path, reason)
         if len(problems) > MAX_LOGGED_PROBLEMS:
             logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
+
+
+def _hash_pair(data: bytes, packed: bytes) -> str:
+    """Fingerprint of a published ``.json`` and ``.json.gz`` pair."""
+    return blake3(data).hexdigest() + blake3(packed).hexdigest()
+
+
+def _published_hash(output: Path, compressed: Path) -> str | None:
+    """Fingerprint of what is published now (``None`` if either file is missing)."""
+    try:
+        return _hash_pair(output.read_bytes(), compressed.read_bytes())
+    except OSError:
+        return None
+
+
+def _load_own_manifest(data: bytes) -> SyncManifest:
+    """Decode a manifest this generator published, without re-validating every entry.
+
+    Only for the unchanged fast path, which then checks the decoded content against the
+    digest it recorded; anything malformed raises and sends the caller down the slow path.
+    """
+    doc = orjson.loads(data)
+    experiments = [
+        ExperimentEntry(
+            run_id=exp["run_id"],
+            project=exp["project"],
+            name=exp["name"],
+            status=exp["status"],
+            created_at=exp["created_at"],
+            updated_at=exp["updated_at"],
+            files=[
+                FileEntry(
+                    f["path"],
+                    f["size"],
+                    f["mtime"],
+                    f["priority"],
+                    f["is_append_only"],
+                    f.get("tail_hash"),
+                )
+                for f in exp["files"]
+            ],
+            tags=exp.get("tags"),
+        )
+        for exp in doc["experiments"]
+    ]
+    return SyncManifest(
+        manifest_type=ManifestType(doc["manifest_type"]),
+        revision=doc["revision"],
+        snapshot_id=doc["snapshot_id"],
+        generated_at=doc["generated_at"],
+        server_hostname=doc["server_hostname"],
+        remote_root=doc["remote_root"],
+        experiments=experiments,
+        format_version=doc["format_version"],
+        generator_version=doc.get("generator_version", ""),
+        tail_hash_algorithm=doc.get("tail_hash_algorithm"),
+        tail_hash_window=doc.get("tail_hash_window"),
+    )
 
 
 def _remove_leftover_temp_files(*targets: Path) -> None:

@@ -57,6 +57,11 @@ class GeneratorState:
     generated_at: float = 0.0
     digest: str = ""
     scan_started_ns: int = 0
+    scan_fingerprint: str = ""
+    published_hash: str = ""
+    """BLAKE3 of the published ``.json`` and ``.json.gz``: an edited or corrupted manifest on
+    disk no longer matches and is republished."""
+    """Hash of the scan that produced the published manifest (see the generator's fast path)."""
     files: dict[str, FileMemo] = field(default_factory=dict)
     runs: dict[str, RunMemo] = field(default_factory=dict)
     warning: str | None = None
@@ -85,6 +90,8 @@ class GeneratorState:
             generated_at=float(doc["generated_at"]),
             digest=str(doc["digest"]),
             scan_started_ns=int(doc["scan_started_ns"]),
+            scan_fingerprint=str(doc.get("scan_fingerprint", "")),
+            published_hash=str(doc.get("published_hash", "")),
         )
         files = state.files
         for path, (key, size, tail_hash) in doc["files"].items():
@@ -106,6 +113,8 @@ class GeneratorState:
             "generated_at": self.generated_at,
             "digest": self.digest,
             "scan_started_ns": self.scan_started_ns,
+            "scan_fingerprint": self.scan_fingerprint,
+            "published_hash": self.published_hash,
             "files": {p: [m.key, m.recorded_size, m.tail_hash] for p, m in self.files.items()},
             "runs": {
                 p: [m.meta_key, m.status_key, m.status, m.created_at] for p, m in self.runs.items()
