@@ -25,6 +25,7 @@ from runicorn import layout
 from runicorn.atomic import exclusive_lock, temp_prefix_for, write_atomically
 from runicorn.core.backend import Backend, active_backend
 from runicorn.core.scan import Problem, ScanResult
+from runicorn.gcpause import paused_gc
 from runicorn.manifest.models import (
     ExperimentEntry,
     FileEntry,
@@ -150,7 +151,7 @@ class ManifestGenerator:
         lock_path = output.with_name(f".{output.name}{layout.LOCK_SUFFIX}")
         state_path = output.with_name(f".{output.name}.state")
         try:
-            with exclusive_lock(lock_path):
+            with exclusive_lock(lock_path), paused_gc():
                 manifest = self._generate_locked(manifest_type, output, state_path, report)
         except ManifestGenerationError:
             raise

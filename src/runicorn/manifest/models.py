@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from runicorn import __version__
+from runicorn.gcpause import paused_gc
 from runicorn.layout import run_prefix
 
 
@@ -179,7 +180,8 @@ class SyncManifest:
     def from_json(cls, data: bytes, *, source: str = "manifest") -> SyncManifest:
         """Parse and validate JSON bytes; ``ValueError`` says what is wrong and where."""
         try:
-            document = orjson.loads(data)
+            with paused_gc():
+                document = orjson.loads(data)
         except orjson.JSONDecodeError as error:
             raise ValueError(f"{source} is not valid JSON: {error}") from None
         return cls.from_dict(document, source=source)
@@ -199,7 +201,8 @@ class SyncManifest:
 
     @classmethod
     def from_dict(cls, document: Any, *, source: str = "manifest") -> SyncManifest:
-        return _Validator(source).manifest(document)
+        with paused_gc():
+            return _Validator(source).manifest(document)
 
 
 def decompress_capped(data: bytes, limit: int, *, source: str = "manifest") -> bytes:
