@@ -44,7 +44,6 @@ __all__ = [
     "ShrunkError",
     "detached",
     "open_sftp_client",
-    "request_subsystem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -592,47 +591,23 @@ class ListDirOp(Operation):
 # -- the pipeline ------------------------------------------------------------------------------
 
 
-def request_subsystem(channel: paramiko.Channel, name: str) -> Callable[[], None]:
-    """Ask for subsystem ``name`` on ``channel`` without waiting for the answer; the returned
-    function waits for it (raising paramiko's ``SSHException`` if the server refused).
-
-    ``Channel.invoke_subsystem`` waits one round trip before anything else may be sent. The
-    SSH connection delivers a channel's requests and data in order, so the SFTP INIT can
-    follow the request at once and both answers arrive together: one round trip, not two.
-    A refused subsystem closes the channel, and whoever waits for the VERSION sees that too.
-    """
-    try:
-        from paramiko.common import cMSG_CHANNEL_REQUEST
-
-        message = paramiko.Message()
-        message.add_byte(cMSG_CHANNEL_REQUEST)
-        message.add_int(channel.remote_chanid)
-        message.add_string("subsystem")
-        message.add_boolean(True)
-        message.add_string(name)
-        channel._event_pending()
-        channel.transport._send_user_message(message)  # type: ignore[union-attr]
-    except AttributeError:  # a paramiko without these internals: the documented way
-        channel.invoke_subsystem(name)
-        return lambda: None
-    return channel._wait_for_event
-
-
 def open_sftp_client(
     transport: paramiko.Transport,
     *,
     window_size: int | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
 ) -> paramiko.SFTPClient:
-    """``paramiko.SFTPClient.from_transport`` in two round trips instead of three (channel
-    open, then subsystem request and INIT together; see :func:`request_subsystem`)."""
+    """``paramiko.SFTPClient.from_transport`` with this channel window and timeout.
+
+    Three round trips: channel open, subsystem request, INIT. OpenSSH's sshd opens a
+    session channel with a zero window until the subsystem runs, so the INIT cannot be sent
+    along with the request: nothing is gained by not waiting for its answer.
+    """
     channel = transport.open_session(window_size=window_size, timeout=timeout)
     try:
         channel.settimeout(timeout)
-        confirm = request_subsystem(channel, "sftp")
-        client = paramiko.SFTPClient(channel)
-        confirm()
-        return client
+        channel.invoke_subsystem("sftp")
+        return paramiko.SFTPClient(channel)
     except BaseException:
         channel.close()
         raise
@@ -719,10 +694,8 @@ class SftpPipeline:
         )
         try:
             channel.settimeout(timeout)  # type: ignore[arg-type]
-            confirm = request_subsystem(channel, "sftp")
-            pipe = cls(channel, **options)  # type: ignore[arg-type]
-            confirm()
-            return pipe
+            channel.invoke_subsystem("sftp")
+            return cls(channel, **options)  # type: ignore[arg-type]
         except BaseException:
             channel.close()
             raise

@@ -13,13 +13,16 @@ prompt, and a man-in-the-middle is refused rather than remembered.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import shlex
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -290,6 +293,22 @@ def _load_known_hosts(client: paramiko.SSHClient, resolved: ResolvedHost) -> Non
             logger.warning("known_hosts file %s could not be read: %s", path, error)
 
 
+def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
+    """A connected TCP socket with Nagle's algorithm off.
+
+    SSH writes each packet separately; with Nagle on, a packet that follows another before
+    its ACK (a key exchange step, pipelined SFTP requests) waits for that ACK. ``ssh`` sets
+    TCP_NODELAY for interactive sessions for the same reason.
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as error:
+        raise OSError(f"cannot resolve {host}: {error}") from error
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def connect(
     destination: str,
     *,
@@ -327,7 +346,10 @@ def connect(
     use_agent = allow_agent and not resolved.identities_only
     look_for_keys = not resolved.identities_only
     # paramiko's SSHConfig already expanded %h/%p/%r in ProxyCommand.
-    sock = paramiko.ProxyCommand(resolved.proxy_command) if resolved.proxy_command else None
+    if resolved.proxy_command:
+        sock: Any = paramiko.ProxyCommand(resolved.proxy_command)
+    else:
+        sock = _tcp_connect(resolved.hostname, resolved.port, timeout)
     logger.debug(
         "connecting to %s@%s:%d (keys: %s, agent: %s, default keys: %s)",
         resolved.username,
