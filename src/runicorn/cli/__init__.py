@@ -6,12 +6,32 @@ progress go to stderr.
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from runicorn import __version__
-from runicorn.cli.demo import demo
-from runicorn.cli.generate import generate_manifest
-from runicorn.cli.sync import sync
+
+# name -> (module, attribute): a command's module is imported only when that command runs
+# (or help lists it), so `runicorn sync` does not pay for the generator's imports.
+_COMMANDS = {
+    "generate-manifest": ("runicorn.cli.generate", "generate_manifest"),
+    "sync": ("runicorn.cli.sync", "sync"),
+    "demo": ("runicorn.cli.demo", "demo"),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in _COMMANDS:
+            module, attribute = _COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(module), attribute)
+            self.add_command(command, cmd_name)
+        return command
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -23,7 +43,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     ctx.exit(0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--version",
     "-V",
@@ -35,8 +55,3 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 )
 def main() -> None:
     """Runicorn manifest-based sync of ML experiment runs."""
-
-
-main.add_command(generate_manifest)
-main.add_command(sync)
-main.add_command(demo)
