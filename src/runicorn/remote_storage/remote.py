@@ -55,6 +55,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Requests in flight per channel. At 50 ms RTT and 100 Mbit/s a first sync of ~840 files on
+# 3 channels took 4.31 s at depth 64 and 4.09 s at 128 (median of 3): the many small files
+# that go first (priority 1) are latency-bound, so more of them in flight fills the link
+# sooner. Memory stays bounded by the channel window, not by the depth.
+FETCH_DEPTH = 2 * DEFAULT_DEPTH
 # A fetch at most this big (and of at most ``depth`` files) runs on the client's own channel:
 # opening worker channels costs two round trips, more than such a fetch gains from them.
 SMALL_FETCH_BYTES = 2 * 1024 * 1024
@@ -323,7 +328,7 @@ class SftpRemote:
         sftp_client: paramiko.SFTPClient,
         root: str,
         *,
-        depth: int = DEFAULT_DEPTH,
+        depth: int = FETCH_DEPTH,
         read_size: int = DEFAULT_READ_SIZE,
         timeout: float | None = DEFAULT_TIMEOUT,
         workers: int = 4,
