@@ -10,17 +10,21 @@ connection, wall time measured around the whole command:
 * training step: the lab trains (appends, rewrites, new and deleted runs), the manifest is
   regenerated, then both sync.
 
+``--repeat N`` runs the three scenarios N times (each round into fresh destinations, after
+its own training step) and reports the median of each number.
+
 Bytes are what the proxy carried towards the client; SFTP requests are counted by the server
 (sftp-server's own log), not trusted from the client. rsync excludes ``*.lock`` and
 ``.runicorn/`` so both tools move the same files.
 
-    python benchmarks/wan_sync.py --runs 100 500 --rtt-ms 50 --mbit 100
+    python benchmarks/wan_sync.py --runs 100 500 --rtt-ms 50 --mbit 100 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,48 +103,80 @@ def _measure(
     return Measurement(tool, scenario, seconds, proxy.bytes_down, requests, detail)
 
 
-def run_lab(runs: int, scale: float, delay_ms: float, bandwidth_bps: float, workdir: Path):
+def run_lab(
+    runs: int, scale: float, delay_ms: float, bandwidth_bps: float, workdir: Path, repeat: int = 1
+):
     lab = workdir / f"lab{runs}"
     info = build_sample_lab(lab, runs, seed=runs, scale=scale)
     ManifestGenerator(lab).generate()
-    cache = workdir / f"cache{runs}"
-    mirror = workdir / f"rsync{runs}"
     results: list[Measurement] = []
     with (
         SshServer(count_requests=True) as server,
         WanProxy("127.0.0.1", server.port, delay_ms=delay_ms, bandwidth_bps=bandwidth_bps) as proxy,
     ):
         config = _write_client_config(server, proxy.port, workdir)
-        runicorn = [
-            sys.executable,
-            "-m",
-            "runicorn",
-            "sync",
-            f"{ALIAS}:{lab}",
-            str(cache),
-            "--ssh-config",
-            str(config),
-            "--jitter",
-            "0",
-            "--json",
-        ]
-        rsync = [
-            "rsync",
-            "-a",
-            "--exclude=*.lock",
-            "--exclude=.runicorn/",
-            "-e",
-            f"ssh -F {config}",
-            f"{ALIAS}:{lab}/",
-            f"{mirror}/",
-        ]
-        for scenario in ("cold", "no change", "training step"):
-            if scenario == "training step":
-                training_step(lab, seed=runs + 1, now=time.time())
-                ManifestGenerator(lab).generate()
-            results.append(_measure("runicorn", scenario, runicorn, proxy, server))
-            results.append(_measure("rsync", scenario, rsync, proxy, server))
+        for round_number in range(repeat):
+            cache = workdir / f"cache{runs}-{round_number}"
+            mirror = workdir / f"rsync{runs}-{round_number}"
+            results += _round(runs + round_number, lab, cache, mirror, config, proxy, server)
     return info, results
+
+
+def _round(
+    seed: int,
+    lab: Path,
+    cache: Path,
+    mirror: Path,
+    config: Path,
+    proxy: WanProxy,
+    server: SshServer,
+) -> list[Measurement]:
+    """The three scenarios once, for both tools, into fresh destinations."""
+    results: list[Measurement] = []
+    runicorn = [
+        sys.executable,
+        "-m",
+        "runicorn",
+        "sync",
+        f"{ALIAS}:{lab}",
+        str(cache),
+        "--ssh-config",
+        str(config),
+        "--jitter",
+        "0",
+        "--json",
+    ]
+    rsync = [
+        "rsync",
+        "-a",
+        "--exclude=*.lock",
+        "--exclude=.runicorn/",
+        "-e",
+        f"ssh -F {config}",
+        f"{ALIAS}:{lab}/",
+        f"{mirror}/",
+    ]
+    for scenario in ("cold", "no change", "training step"):
+        if scenario == "training step":
+            training_step(lab, seed=seed + 1, now=time.time())
+            ManifestGenerator(lab).generate()
+        results.append(_measure("runicorn", scenario, runicorn, proxy, server))
+        results.append(_measure("rsync", scenario, rsync, proxy, server))
+    return results
+
+
+def _median(measurements: list[Measurement]) -> Measurement:
+    """One row from several rounds: the median of each number (the first round's detail)."""
+    first = measurements[0]
+    requests = [m.requests for m in measurements if m.requests is not None]
+    return Measurement(
+        first.tool,
+        first.scenario,
+        statistics.median(m.seconds for m in measurements),
+        int(statistics.median(m.bytes_down for m in measurements)),
+        int(statistics.median(requests)) if requests else None,
+        first.detail,
+    )
 
 
 def _table(runs: int, info, results: list[Measurement]) -> str:
@@ -150,7 +186,13 @@ def _table(runs: int, info, results: list[Measurement]) -> str:
         "| SFTP requests |",
         "|---|---|---|---|---|---|---|",
     ]
-    by_key = {(m.tool, m.scenario): m for m in results}
+    rounds: dict[tuple[str, str], list[Measurement]] = {}
+    for m in results:
+        rounds.setdefault((m.tool, m.scenario), []).append(m)
+    by_key = {key: _median(ms) for key, ms in rounds.items()}
+    repeat = len(rounds[("runicorn", "cold")])
+    if repeat > 1:
+        lines[0] = lines[0].rstrip("\n") + f" (median of {repeat} rounds)\n"
     for scenario in ("cold", "no change", "training step"):
         ours, theirs = by_key[("runicorn", scenario)], by_key[("rsync", scenario)]
         lines.append(
@@ -159,7 +201,7 @@ def _table(runs: int, info, results: list[Measurement]) -> str:
             f"{theirs.bytes_down:,} | {ours.requests} |"
         )
     lines.append("")
-    lines.extend(f"- runicorn {m.scenario}: {m.detail}" for m in results if m.detail)
+    lines.extend(f"- runicorn {m.scenario}: {m.detail}" for m in by_key.values() if m.detail)
     return "\n".join(lines)
 
 
@@ -172,6 +214,9 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=50.0)
     parser.add_argument("--mbit", type=float, default=100.0)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of the three scenarios; medians reported"
+    )
     args = parser.parse_args()
     if shutil.which("rsync") is None:
         sys.exit("rsync is not installed (apt-get install rsync)")
@@ -186,7 +231,9 @@ def main() -> None:
         for runs in args.runs:
             workdir = base / f"r{runs}"
             workdir.mkdir(parents=True)
-            info, results = run_lab(runs, args.scale, args.rtt_ms / 2, args.mbit * 1e6, workdir)
+            info, results = run_lab(
+                runs, args.scale, args.rtt_ms / 2, args.mbit * 1e6, workdir, max(1, args.repeat)
+            )
             print(_table(runs, info, results), flush=True)
     finally:
         if args.workdir is None:
