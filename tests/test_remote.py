@@ -389,3 +389,22 @@ def test_calling_the_remote_from_a_fetch_callback_is_refused(
     remote.fetch([collecting_job("p/e/runs/r0/meta.json", 0, 300)[0]], on_result, workers=1)
     remote.close()
     assert errors and "callback" in str(errors[0])
+
+
+@pytest.mark.sshd
+def test_read_prefixes_pipelines_the_opens_and_does_not_wait_for_the_closes(
+    sshd_server: SshServer, sftp: paramiko.SFTPClient, lab_root: Path, lab
+) -> None:
+    remote = SftpRemote(sftp, str(lab_root))
+    sshd_server.reset_request_counts()
+    meta, missing = remote.read_prefixes(["p/e/runs/r0/meta.json", "p/nope.json"], 100)
+    assert meta == lab["p/e/runs/r0/meta.json"][:100]
+    assert isinstance(missing, FileNotFoundError)
+    # A second Remote on the same channel meets the first one's CLOSE answer still due.
+    again = SftpRemote(sftp, str(lab_root))
+    assert again.read_prefix("p/e/runs/r0/meta.json", 5) == lab["p/e/runs/r0/meta.json"][:5]
+    assert sftp.listdir(str(lab_root)) == ["p"]  # the user's client still works
+    counts = sshd_server.sftp_request_count()
+    # Every CLOSE reached the server: two files, and the listing of the user's client.
+    assert counts.by_type.get("open") == 3 and counts.by_type.get("close") == 3, counts.by_type
+    assert counts.sessions == 0
