@@ -286,7 +286,6 @@ def _connect(
     timeout: float,
     as_json: bool,
 ) -> Any:
-    _import_paramiko(ssh_config)
     import paramiko
 
     from runicorn.remote_storage.ssh import HostKeyError, SshConfigError, connect
@@ -308,29 +307,6 @@ def _connect(
     except (paramiko.SSHException, OSError) as exc:
         _fail(as_json, EXIT_FAILURE, f"cannot connect to {parsed.destination}: {exc}")
     raise AssertionError("unreachable")
-
-
-def _import_paramiko(ssh_config: str) -> None:
-    """Import paramiko without ``invoke`` when the ssh config cannot need it.
-
-    paramiko imports ``invoke`` (about 40 ms, a third of its import time) only to run
-    ``Match exec`` lines of an ssh config. A config that mentions neither ``exec`` nor
-    ``Include`` (which could pull one in) has none, so paramiko is imported with ``invoke``
-    hidden; it then reports ``invoke`` as missing, which only ``Match exec`` would notice.
-    """
-    if "paramiko" in sys.modules or "invoke" in sys.modules:
-        return
-    try:
-        text = Path(os.path.expanduser(ssh_config)).read_text(errors="replace")
-    except OSError:
-        text = ""
-    if re.search(r"\b(exec|include)\b", text, re.IGNORECASE):
-        return
-    sys.modules["invoke"] = None  # type: ignore[assignment]  # "import invoke" fails fast
-    try:
-        import paramiko  # noqa: F401
-    finally:
-        del sys.modules["invoke"]
 
 
 def _sync_remote(client: Any, parsed: Source, cache_dir: Path, **options: Any) -> int:
