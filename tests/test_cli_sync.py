@@ -309,3 +309,27 @@ def test_plain_output_is_one_summary_line(lab: LabInfo, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert result.stdout.count("\n") == 1
     assert f"synced {lab.listed_files} files" in result.stdout
+
+
+def test_dry_run_summary_says_nothing_was_written(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    build_sample_lab(lab, 3, seed=1, scale=0.02)
+    ManifestGenerator(lab).generate()
+    result = CliRunner().invoke(main, ["sync", str(lab), str(tmp_path / "cache"), "--dry-run"])
+    assert result.exit_code == 0
+    assert "dry run, nothing written; would fetch" in result.output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_sigterm_exits_143_with_a_message(tmp_path: Path, monkeypatch) -> None:
+    import runicorn.cli.sync as cli_sync
+
+    def terminated(*_args, **_kwargs):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(cli_sync, "_sync_local", terminated)
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    result = CliRunner().invoke(main, ["sync", str(lab), str(tmp_path / "cache"), "--json"])
+    assert result.exit_code == 143
+    assert '"exit_code":143' in result.output

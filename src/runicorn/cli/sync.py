@@ -32,6 +32,7 @@ from runicorn.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
+    EXIT_TERMINATED,
     configure_logging,
     human_bytes,
     terminate_as_exit,
@@ -137,13 +138,23 @@ def _summary_line(source: Source, service: Any, stats: dict[str, Any]) -> str:
         reason = stats.get("reason") or "nothing changed"
         return f"{source}: up to date ({reason}); checked in {took}"
     revision = stats.get("manifest_revision")
-    via = f"manifest revision {revision}" if mode == "manifest" else "legacy walk (no manifest)"
+    kind = stats.get("manifest_type") or "full"
+    via = f"{kind} manifest revision {revision}" if mode == "manifest" else "legacy walk"
+    if stats.get("dry_run"):
+        plan = str(stats.get("reason") or "nothing to do").removeprefix("dry run: ")
+        return f"{source}: dry run, nothing written; {plan}"
     line = (
         f"{source}: synced {stats.get('files_synced', 0)} files, "
         f"{human_bytes(int(stats.get('bytes_downloaded', 0) or 0))} in {took} via {via} "
         f"({stats.get('incremental_count', 0)} appended, {stats.get('full_count', 0)} full, "
         f"{stats.get('failed_count', 0)} failed)"
     )
+    if stats.get("deleted_count"):
+        line += f"; removed {stats['deleted_count']} runs that left the server"
+    if stats.get("deletion_refused"):
+        line += f"; deleted nothing: {stats['deletion_refused']}"
+    elif stats.get("vanished_runs") and not stats.get("deleted_count"):
+        line += f"; kept {stats['vanished_runs']} runs that left the server (see --delete)"
     if service.fallback_reason:
         line += f"; fell back because the {service.fallback_reason}"
     return line
@@ -235,6 +246,7 @@ def sync(
       3    partial sync: some files failed (the next sync retries them)
       4    host key unknown or changed: verify it, then add it to known_hosts
       130  interrupted (Ctrl+C); the cache stays consistent
+      143  terminated (SIGTERM); the cache stays consistent
     """
     configure_logging(verbose)
     if allow_mass_delete and not delete:
@@ -262,6 +274,14 @@ def sync(
                     parsed, port, identities, ssh_config, known_hosts, timeout, as_json
                 )
                 code = _sync_remote(client, parsed, cache_dir, **options)
+    except SystemExit as stop:
+        if stop.code != EXIT_TERMINATED:
+            raise
+        _fail(
+            as_json,
+            EXIT_TERMINATED,
+            "terminated; finished files are kept and the next sync resumes",
+        )
     except KeyboardInterrupt:
         if client is not None:
             with contextlib.suppress(Exception):
