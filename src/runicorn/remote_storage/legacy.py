@@ -202,9 +202,14 @@ class _Walk:
         if isinstance(root_value, BaseException):
             if isinstance(root_value, KeyboardInterrupt | SystemExit):
                 raise root_value
+            reason = (
+                "no such directory on the server"
+                if isinstance(root_value, FileNotFoundError)
+                else _reason(root_value)
+            )
             raise OSError(
                 f"cannot list the remote experiments root {self.remote_root}: "
-                f"{_reason(root_value)}; check the path and its permissions on the server"
+                f"{reason}; check the path and its permissions on the server"
             ) from root_value
         projects = self.subdirs(sorted(root_value, key=lambda e: e.name), ROOT, strict=False)
 
