@@ -988,7 +988,7 @@ class ManifestSyncClient:
                     return "redo"
                 run.incremental_count += 1
             else:
-                problem = self._install(transfer, state, attempts.get(path, 0))
+                problem = self._install(transfer, state, attempts.get(path, 0), run)
                 if problem:
                     self._fail(path, problem, state, run)
                     return "failed"
@@ -1006,8 +1006,13 @@ class ManifestSyncClient:
         state.failed.append((path, reason))
         logger.warning("%s: not synced: %s", path, reason)
 
-    def _install(self, transfer: _Transfer, state: _StateBatch, attempts: int) -> str | None:
-        """Rename a complete temp file into place; a reason string when it must not be."""
+    def _install(
+        self, transfer: _Transfer, state: _StateBatch, attempts: int, run: _Run
+    ) -> str | None:
+        """Rename a complete temp file into place; a reason string when it must not be.
+
+        A JSON file installed although it does not parse is listed in the stats'
+        ``invalid_json_files``: never installed truncated without saying so."""
         entry = transfer.entry
         transfer.open_target()
         if entry.path.endswith(".json") and entry.size <= JSON_CHECK_MAX_BYTES:
@@ -1021,6 +1026,10 @@ class ManifestSyncClient:
                     "as it is",
                     entry.path,
                     attempts + 1,
+                )
+                run.extra.setdefault("invalid_json_files", {})[entry.path] = (
+                    f"not valid JSON after {attempts + 1} syncs; installed the server's copy "
+                    "as it is"
                 )
         ns = _ns(entry.mtime)
         os.utime(transfer.fd, ns=(ns, ns))
