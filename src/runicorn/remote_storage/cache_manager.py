@@ -300,6 +300,10 @@ class LocalCacheManager:
                 mode = os.lstat(current).st_mode
             except FileNotFoundError:
                 break  # nothing below a missing component can be a link yet
+            except OSError as error:
+                if error.errno != errno.ENAMETOOLONG:
+                    raise
+                break  # a name the file system cannot hold was never created here
             except NotADirectoryError:
                 raise ValueError(
                     f"cache path {relative_path!r}: a file stands where a directory should be"
@@ -433,10 +437,15 @@ class LocalCacheManager:
         prefix = run_prefix(project, name, run_id)
         run_dir = self.path_for(prefix.rstrip("/"))
         existed = False
-        with contextlib.suppress(FileNotFoundError):
+        try:
             if stat.S_ISDIR(os.lstat(run_dir).st_mode):
                 shutil.rmtree(run_dir)
                 existed = True
+        except OSError as error:
+            # Absent, or named too long for this file system (its files all failed): only
+            # the state remembers such a run.
+            if error.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
+                raise
         if self._connect(create=False) is None:
             return existed
         pattern = _like_prefix(prefix)
