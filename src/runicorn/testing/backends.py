@@ -1,0 +1,51 @@
+"""The pytest side of the two-backend rule: every test and benchmark runs on both.
+
+``tests/conftest.py`` and ``benchmarks/conftest.py`` import these hooks and the ``backend``
+fixture, so a test that takes ``backend`` (directly or through a fixture that does) runs once
+against the compiled core and once against pure Python. ``--no-native`` (or
+``RUNICORN_PURE_PYTHON=1``) keeps only the pure half, for machines without a compiler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+
+from runicorn.core.backend import NATIVE, PYTHON, Backend, load_backend, native_available
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Both conftests register it; the second registration of one session is a no-op.
+    with contextlib.suppress(ValueError):
+        parser.addoption(
+            "--no-native",
+            action="store_true",
+            default=False,
+            help="deselect the compiled backend (where it cannot be built)",
+        )
+
+
+def backend_names(config: pytest.Config) -> list[str]:
+    """The backends this session runs: both, unless pure Python was asked for."""
+    pure_forced = os.environ.get("RUNICORN_PURE_PYTHON", "") not in ("", "0")
+    if config.getoption("--no-native") or pure_forced:
+        return [PYTHON]
+    return [NATIVE, PYTHON]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", backend_names(metafunc.config), scope="session")
+
+
+@pytest.fixture(scope="session")
+def backend(backend_name: str) -> Backend:
+    """The implementation under test; the native half fails loudly if it did not build."""
+    if backend_name == NATIVE and not native_available():
+        pytest.fail(
+            "the compiled core did not import; rebuild it (pip install -e .) "
+            "or pass --no-native to run pure Python only"
+        )
+    return load_backend(backend_name)
