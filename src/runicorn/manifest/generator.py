@@ -169,7 +169,9 @@ class ManifestGenerator:
         state_path: Path,
         report: GenerationReport,
     ) -> SyncManifest:
-        _remove_leftover_temp_files(output, report.compressed_path, state_path)
+        _remove_leftover_temp_files(
+            output, report.compressed_path, state_path, GeneratorState.memo_path_for(state_path)
+        )
         previous = GeneratorState.load(state_path)
         if previous.warning:
             report.warnings.append(previous.warning)
@@ -195,6 +197,10 @@ class ManifestGenerator:
                     entry.is_append_only for entry in unchanged_manifest.iter_files()
                 )
                 return unchanged_manifest
+        memo_warning = previous.load_memos() if self.incremental else None
+        if memo_warning:
+            report.warnings.append(memo_warning)
+            logger.warning("%s", memo_warning)
         next_state = GeneratorState(scan_started_ns=scan_started_ns, scan_fingerprint=fingerprint)
         # A run whose directory could not be listed would otherwise appear with no files, as
         # if it were empty: leave it out (its problem is reported) rather than publish that.

@@ -20,7 +20,7 @@ import orjson
 
 from runicorn.atomic import write_atomically
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 StatKey = tuple[int, int, int, int]
 """``(size, mtime_ns, ctime_ns, inode)``"""
@@ -58,55 +58,103 @@ class GeneratorState:
     digest: str = ""
     scan_started_ns: int = 0
     scan_fingerprint: str = ""
+    """Hash of the scan that produced the published manifest (see the generator's fast path)."""
     published_hash: str = ""
     """BLAKE3 of the published ``.json`` and ``.json.gz``: an edited or corrupted manifest on
     disk no longer matches and is republished."""
-    """Hash of the scan that produced the published manifest (see the generator's fast path)."""
     files: dict[str, FileMemo] = field(default_factory=dict)
     runs: dict[str, RunMemo] = field(default_factory=dict)
     warning: str | None = None
-    """Set by :meth:`load` when a state file existed but could not be used."""
+    """Set when a state file existed but could not be used."""
+    memo_path: Path | None = None
+    """Where :meth:`load_memos` finds ``files`` and ``runs``: kept in a file of their own so
+    that a run with nothing to do never parses them."""
+
+    @staticmethod
+    def memo_path_for(path: Path) -> Path:
+        return path.with_name(path.name.removesuffix(".state") + ".memo")
 
     @classmethod
     def load(cls, path: Path) -> GeneratorState:
+        """The header: revision bookkeeping and fingerprints; memos come on demand."""
+        doc = cls._read(path)
+        if isinstance(doc, str):
+            return cls(warning=doc)
+        if doc is None:
+            return cls()
+        try:
+            return cls(
+                revision=int(doc["revision"]),
+                snapshot_id=str(doc["snapshot_id"]),
+                generated_at=float(doc["generated_at"]),
+                digest=str(doc["digest"]),
+                scan_started_ns=int(doc["scan_started_ns"]),
+                scan_fingerprint=str(doc.get("scan_fingerprint", "")),
+                published_hash=str(doc.get("published_hash", "")),
+                memo_path=cls.memo_path_for(path),
+            )
+        except (KeyError, TypeError, ValueError):
+            return cls(warning=f"generator state {path} is corrupt; rescanning everything")
+
+    def load_memos(self) -> str | None:
+        """Read the per-file and per-run memos written with this header (incremental runs);
+        returns a warning when they exist but cannot be used."""
+        memo_path, self.memo_path = self.memo_path, None
+        if memo_path is None:
+            return None
+        doc = self._read(memo_path)
+        if isinstance(doc, str):
+            return doc
+        # Memos of another generation (killed between the two writes) carry another scan
+        # start: their reuse boundary is unknown, so they are not used.
+        if doc is None or doc.get("scan_started_ns") != self.scan_started_ns:
+            return None
+        try:
+            files = self.files
+            for path, (key, size, tail_hash) in doc["files"].items():
+                files[path] = FileMemo((key[0], key[1], key[2], key[3]), int(size), str(tail_hash))
+            for prefix, (meta_key, status_key, status, created_at) in doc["runs"].items():
+                self.runs[prefix] = RunMemo(
+                    _key(meta_key),
+                    _key(status_key),
+                    str(status),
+                    None if created_at is None else float(created_at),
+                )
+        except (KeyError, TypeError, ValueError):
+            self.files.clear()
+            self.runs.clear()
+            return f"generator memos {memo_path} are corrupt; rehashing"
+        return None
+
+    @staticmethod
+    def _read(path: Path) -> dict | str | None:
+        """The JSON object in ``path``; ``None`` if missing; a warning text if unusable."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return cls()
+            return None
         except OSError as error:
-            return cls(warning=f"generator state {path} unreadable ({error.strerror}); rescanning")
+            return f"generator state {path} unreadable ({error.strerror}); rescanning"
         try:
-            return cls._from_document(orjson.loads(data))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return cls(warning=f"generator state {path} is corrupt; rescanning everything")
-
-    @classmethod
-    def _from_document(cls, doc: dict) -> GeneratorState:
-        if doc.get("state_version") != STATE_VERSION:
-            raise ValueError("unknown state version")
-        state = cls(
-            revision=int(doc["revision"]),
-            snapshot_id=str(doc["snapshot_id"]),
-            generated_at=float(doc["generated_at"]),
-            digest=str(doc["digest"]),
-            scan_started_ns=int(doc["scan_started_ns"]),
-            scan_fingerprint=str(doc.get("scan_fingerprint", "")),
-            published_hash=str(doc.get("published_hash", "")),
-        )
-        files = state.files
-        for path, (key, size, tail_hash) in doc["files"].items():
-            files[path] = FileMemo((key[0], key[1], key[2], key[3]), int(size), str(tail_hash))
-        for prefix, (meta_key, status_key, status, created_at) in doc["runs"].items():
-            state.runs[prefix] = RunMemo(
-                _key(meta_key),
-                _key(status_key),
-                str(status),
-                None if created_at is None else float(created_at),
-            )
-        return state
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return f"generator state {path} is corrupt; rescanning everything"
+        if not isinstance(doc, dict) or doc.get("state_version") != STATE_VERSION:
+            return f"generator state {path} has an unknown format; rescanning everything"
+        return doc
 
     def save(self, path: Path) -> None:
-        document = {
+        """Write the memos, then the header that vouches for them."""
+        memos = {
+            "state_version": STATE_VERSION,
+            "scan_started_ns": self.scan_started_ns,
+            "files": {p: [m.key, m.recorded_size, m.tail_hash] for p, m in self.files.items()},
+            "runs": {
+                p: [m.meta_key, m.status_key, m.status, m.created_at] for p, m in self.runs.items()
+            },
+        }
+        write_atomically(self.memo_path_for(path), orjson.dumps(memos), durable=False)
+        header = {
             "state_version": STATE_VERSION,
             "revision": self.revision,
             "snapshot_id": self.snapshot_id,
@@ -115,9 +163,5 @@ class GeneratorState:
             "scan_started_ns": self.scan_started_ns,
             "scan_fingerprint": self.scan_fingerprint,
             "published_hash": self.published_hash,
-            "files": {p: [m.key, m.recorded_size, m.tail_hash] for p, m in self.files.items()},
-            "runs": {
-                p: [m.meta_key, m.status_key, m.status, m.created_at] for p, m in self.runs.items()
-            },
         }
-        write_atomically(path, orjson.dumps(document), durable=False)
+        write_atomically(path, orjson.dumps(header), durable=False)
