@@ -467,7 +467,8 @@ class ManifestGenerator:
         if not previous.scan_fingerprint or previous.scan_fingerprint != fingerprint:
             return None
         settled_before = previous.scan_started_ns - REUSE_MARGIN_NS
-        if any(record[2] >= settled_before for run in scan.runs for record in run[3]):
+        newest = max([record[2] for run in scan.runs for record in run[3]], default=0)
+        if newest >= settled_before:
             return None
         try:
             data = output.read_bytes()
