@@ -30,7 +30,7 @@ from runicorn.core.backend import Backend
 from runicorn.layout import priority_for
 from runicorn.manifest import ManifestType, SyncManifest
 from runicorn.manifest.models import compress
-from runicorn.remote_storage import manifest_sync
+from runicorn.remote_storage import file_transfer
 from runicorn.remote_storage.cache_manager import LocalCacheManager
 from runicorn.remote_storage.manifest_sync import TRUNCATED_JSON, ManifestSyncClient
 from runicorn.remote_storage.remote import SftpRemote
@@ -154,7 +154,7 @@ def test_after_a_training_step_only_the_changes_move(lab: Lab, cache: Path, clie
 def test_appends_spilled_to_disk_are_verified_and_applied_the_same(
     lab: Lab, cache: Path, client_for, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manifest_sync, "SPOOL_MEMORY_BYTES", 16)
+    monkeypatch.setattr(file_transfer, "SPOOL_MEMORY_BYTES", 16)
     client = client_for()
     client.sync()
     step = _step(lab)
