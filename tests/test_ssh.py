@@ -19,6 +19,7 @@ from runicorn.remote_storage.ssh import (
     fingerprint,
     parse_destination,
     resolve_host,
+    speaks_openssh,
 )
 from runicorn.testing.sshd import SshServer
 
@@ -207,3 +208,72 @@ def test_private_key_material_is_never_logged(
     logged = "".join(record.getMessage() for record in caplog.records).replace("\n", "")
     assert body[:40] not in logged
     assert body[-40:] not in logged
+
+
+def _authorize_new_key(server: SshServer, tmp_path: Path, key: paramiko.PKey, name: str) -> Path:
+    path = tmp_path / name
+    key.write_private_key_file(str(path))
+    with open(server.directory / "authorized_keys", "a", encoding="ascii") as handle:
+        handle.write(f"{key.get_name()} {key.get_base64()} {name}\n")
+    return path
+
+
+def test_public_key_authentication_does_not_wait_for_the_service_accept(
+    sshd_server: SshServer,
+) -> None:
+    client = _connect(sshd_server, sshd_server.known_hosts_path)
+    try:
+        transport = client.get_transport()
+        assert transport is not None and transport.is_authenticated()
+        # The USERAUTH_REQUEST left right behind the SERVICE_REQUEST: one round trip less.
+        assert transport.auth_handler._sent_early is True
+    finally:
+        client.close()
+
+
+def test_an_rsa_key_authenticates_with_a_sha2_signature(sshd_factory, tmp_path: Path) -> None:
+    server = sshd_factory()
+    rsa_key = _authorize_new_key(server, tmp_path, paramiko.RSAKey.generate(2048), "id_rsa")
+    client = _connect(server, server.known_hosts_path, identity_files=[rsa_key])
+    try:
+        transport = client.get_transport()
+        assert transport is not None and transport.is_authenticated()
+        assert transport._agreed_pubkey_algorithm in ("rsa-sha2-512", "rsa-sha2-256")
+    finally:
+        client.close()
+
+
+def test_a_refused_key_is_followed_by_the_next_one(sshd_server: SshServer, tmp_path: Path) -> None:
+    stranger = tmp_path / "id_stranger"
+    _write_ed25519(stranger)  # a valid key the server does not know
+    client = _connect(
+        sshd_server,
+        sshd_server.known_hosts_path,
+        identity_files=[stranger, sshd_server.client_key_path],
+    )
+    try:
+        assert client.get_transport().is_authenticated()
+    finally:
+        client.close()
+
+
+def _write_ed25519(path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    data = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def test_only_an_openssh_server_gets_the_round_trip_savings() -> None:
+    class FakeTransport:
+        remote_version = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3"
+
+    assert speaks_openssh(FakeTransport())  # type: ignore[arg-type]
+    FakeTransport.remote_version = "SSH-2.0-dropbear_2022.83"
+    assert not speaks_openssh(FakeTransport())  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import socket
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ __all__ = [
     "fingerprint",
     "parse_destination",
     "resolve_host",
+    "speaks_openssh",
 ]
 
 logger = logging.getLogger(__name__)
@@ -293,6 +295,66 @@ def _load_known_hosts(client: paramiko.SSHClient, resolved: ResolvedHost) -> Non
             logger.warning("known_hosts file %s could not be read: %s", path, error)
 
 
+def speaks_openssh(transport: paramiko.Transport) -> bool:
+    """Whether the server's SSH banner says it is OpenSSH, whose behaviour the round-trip
+    savings (here and in :mod:`.sftp_pipeline`) rely on; any other server gets the plain
+    protocol."""
+    version = getattr(transport, "remote_version", "") or ""
+    return version.startswith("SSH-2.0-OpenSSH")
+
+
+class _PipelinedAuthHandler(paramiko.AuthHandler):
+    """Sends a public-key USERAUTH_REQUEST right behind its SERVICE_REQUEST.
+
+    paramiko waits for SERVICE_ACCEPT before it signs and sends the request; OpenSSH handles
+    a connection's packets in order and accepts ``ssh-userauth`` at once, so the wait is a
+    round trip for nothing. Only the signature's algorithm could depend on the server's
+    answer (``server-sig-algs``, for RSA keys): an RSA key waits unless that list is here.
+    """
+
+    _sent_early = False
+
+    def _request_auth(self) -> None:
+        self._sent_early = self._can_send_early()
+        # Set before anything is sent: the transport thread may handle the SERVICE_ACCEPT
+        # before this thread has signed, and must not send the request a second time.
+        super()._request_auth()
+        if self._sent_early:
+            accept = paramiko.Message()
+            accept.add_string("ssh-userauth")
+            accept.rewind()
+            super()._parse_service_accept(accept)  # signs and sends the request now
+
+    def _can_send_early(self) -> bool:
+        if self.auth_method != "publickey":
+            return False
+        key_type, _ = self._get_key_type_and_bits(self.private_key)
+        return "rsa" not in key_type or "server-sig-algs" in self.transport.server_extensions
+
+    def _parse_service_accept(self, m: paramiko.Message) -> None:
+        if not self._sent_early:
+            super()._parse_service_accept(m)
+
+
+class _PipelinedAuthTransport(paramiko.Transport):
+    """A Transport whose public-key authentication costs one round trip less on OpenSSH."""
+
+    def auth_publickey(
+        self, username: str, key: paramiko.PKey, event: threading.Event | None = None
+    ) -> list[str]:
+        if not speaks_openssh(self):
+            return super().auth_publickey(username, key, event)
+        # paramiko's own auth_publickey, with the pipelined handler
+        if not self.active or not self.initial_kex_done:
+            raise paramiko.SSHException("No existing session")
+        done = event if event is not None else threading.Event()
+        self.auth_handler = _PipelinedAuthHandler(self)
+        self.auth_handler.auth_publickey(username, key, done)
+        if event is not None:
+            return []
+        return self.auth_handler.wait_for_response(done)
+
+
 def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     """A connected TCP socket with Nagle's algorithm off.
 
@@ -372,6 +434,7 @@ def connect(
             auth_timeout=timeout,
             channel_timeout=timeout,
             sock=sock,
+            transport_factory=_PipelinedAuthTransport,
         )
     except paramiko.BadHostKeyException as error:
         client.close()
