@@ -24,6 +24,7 @@ from runicorn.remote_storage.sftp_pipeline import (
     ShrunkError,
     status_error,
 )
+from runicorn.testing.sshd import SshServer
 
 # -- an in-memory SFTP server ------------------------------------------------------------------
 
@@ -43,10 +44,21 @@ class FakeSftpChannel:
     ``silent`` answers nothing at all (``recv`` times out as paramiko's does).
     """
 
-    def __init__(self, files: dict[str, bytes], *, reverse: bool = False, silent: bool = False):
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        *,
+        reverse: bool = False,
+        silent: bool = False,
+        openssh_handles: bool = False,
+    ):
         self.files = files
         self.reverse = reverse
         self.silent = silent
+        # OpenSSH's sftp-server: a handle is the lowest free slot as four bytes; the default
+        # here is another scheme (ASCII counters) that no guess matches.
+        self.openssh_handles = openssh_handles
+        self.flights = 0  # sendall calls: one per batch of requests the client sent
         self.closed = False
         self.timeout: float | None = None
         self._inbox = bytearray()
@@ -67,6 +79,7 @@ class FakeSftpChannel:
         self.closed = True
 
     def sendall(self, data: bytes) -> None:
+        self.flights += 1
         self._inbox += data
         while len(self._inbox) >= 4:
             (size,) = struct.unpack_from(">I", self._inbox)
@@ -95,9 +108,11 @@ class FakeSftpChannel:
                     sp.FXP_STATUS, head + struct.pack(">I", 2) + _str(b"no") + _str(b"")
                 )
             else:
-                handle = str(len(self._handles)).encode()
+                handle = self._new_handle()
                 self._handles[handle] = path
                 answer = _packet(sp.FXP_HANDLE, head + _str(handle))
+        elif ptype in (sp.FXP_READ, sp.FXP_CLOSE) and name_or_handle not in self._handles:
+            answer = _packet(sp.FXP_STATUS, head + struct.pack(">I", 4) + _str(b"bad") + _str(b""))
         elif ptype == sp.FXP_READ:
             offset, size = struct.unpack_from(">QI", rest, 4 + length)
             data = self.files[self._handles[name_or_handle]][offset : offset + size]
@@ -106,8 +121,21 @@ class FakeSftpChannel:
             else:
                 answer = _packet(sp.FXP_STATUS, head + struct.pack(">I", 1) + _str(b"") + _str(b""))
         else:  # CLOSE and anything else: OK
+            if ptype == sp.FXP_CLOSE:
+                del self._handles[name_or_handle]
             answer = _packet(sp.FXP_STATUS, head + struct.pack(">I", 0) + _str(b"") + _str(b""))
         self._answers.append(answer)
+
+    def _new_handle(self) -> bytes:
+        if self.openssh_handles:
+            slot = next(
+                i
+                for i in range(len(self._handles) + 1)
+                if struct.pack(">I", i) not in self._handles
+            )
+            return struct.pack(">I", slot)
+        self._counter = getattr(self, "_counter", 0) + 1
+        return str(self._counter).encode()
 
     def recv(self, nbytes: int) -> bytes:
         if not self._out and self._answers and not self.silent:
@@ -172,6 +200,65 @@ def test_a_silent_server_times_out_and_fails_every_open_operation() -> None:
     assert not pipe.alive
 
 
+def _guessing(path: str, length: int = 100):
+    return _collect(path, 0, length, length, exact=False, predicted_handle=sp.OPENSSH_FIRST_HANDLE)
+
+
+def test_a_right_handle_guess_reads_a_prefix_in_one_round_trip() -> None:
+    channel = FakeSftpChannel({"/m": b"manifest bytes"}, openssh_handles=True)
+    pipe = SftpPipeline(channel, pipelined_init=True)  # type: ignore[arg-type]
+    op, pieces, outcome = _guessing("/m")
+    pipe.run(ops=[op])
+    assert b"".join(chunk for _, chunk in pieces) == b"manifest bytes"
+    assert outcome == [(None, len(b"manifest bytes"))]
+    assert channel.requests == [sp.FXP_OPEN, sp.FXP_READ, sp.FXP_CLOSE]
+    assert channel.flights == 1  # INIT, OPEN, READ and CLOSE left together
+    assert pipe.server_version == 3
+    assert channel._handles == {}  # the guessed CLOSE closed the file
+
+
+def test_a_wrong_handle_guess_is_dropped_and_the_file_read_with_its_real_handle() -> None:
+    channel = FakeSftpChannel({"/m": b"manifest bytes"})  # handles are not OpenSSH's
+    pipe = SftpPipeline(channel, pipelined_init=True)  # type: ignore[arg-type]
+    op, pieces, outcome = _guessing("/m")
+    pipe.run(ops=[op])
+    assert b"".join(chunk for _, chunk in pieces) == b"manifest bytes"
+    assert outcome == [(None, len(b"manifest bytes"))]
+    guessed, real = [sp.FXP_OPEN, sp.FXP_READ, sp.FXP_CLOSE], [sp.FXP_READ, sp.FXP_CLOSE]
+    assert channel.requests == guessed + real
+    assert channel._handles == {}
+
+
+def test_a_handle_guess_for_a_missing_file_reports_it_missing() -> None:
+    channel = FakeSftpChannel({}, openssh_handles=True)
+    pipe = SftpPipeline(channel, pipelined_init=True)  # type: ignore[arg-type]
+    op, pieces, outcome = _guessing("/absent")
+    pipe.run(ops=[op])
+    assert pieces == []
+    assert isinstance(outcome[0][0], FileNotFoundError)
+    assert op.done
+
+
+def test_a_handle_guess_never_reads_the_file_a_later_open_gets_that_handle_for() -> None:
+    # The first path is missing, so the second OPEN is given handle 0: the guessed READ and
+    # CLOSE went out before that OPEN, so they found no file, and the second file is intact.
+    channel = FakeSftpChannel({"/active": b"active manifest"}, openssh_handles=True)
+    pipe = SftpPipeline(channel, pipelined_init=True)  # type: ignore[arg-type]
+    first, first_pieces, first_outcome = _guessing("/full")
+    second, second_pieces, second_outcome = _collect("/active", 0, 100, 100, exact=False)
+    pipe.run(ops=[first, second])
+    assert first_pieces == [] and isinstance(first_outcome[0][0], FileNotFoundError)
+    assert b"".join(chunk for _, chunk in second_pieces) == b"active manifest"
+    assert second_outcome == [(None, len(b"active manifest"))]
+
+
+def test_a_handle_guess_needs_a_prefix_that_fits_one_read() -> None:
+    with pytest.raises(ValueError, match="one READ"):
+        _collect("/m", 0, 200, 100, exact=False, predicted_handle=sp.OPENSSH_FIRST_HANDLE)
+    with pytest.raises(ValueError, match="one READ"):
+        _collect("/m", 0, 100, 100, predicted_handle=sp.OPENSSH_FIRST_HANDLE)  # exact
+
+
 def test_status_codes_become_the_matching_python_exceptions() -> None:
     assert isinstance(status_error(sp.FX_NO_SUCH_FILE, "", "p"), FileNotFoundError)
     assert isinstance(status_error(sp.FX_PERMISSION_DENIED, "", "p"), PermissionError)
@@ -206,8 +293,25 @@ def pipeline(ssh_client: paramiko.SSHClient) -> Iterator[SftpPipeline]:
 
 
 @pytest.mark.sshd
-def test_the_server_speaks_version_3(pipeline: SftpPipeline) -> None:
+def test_the_server_speaks_version_3_once_the_pipelined_init_is_answered(
+    pipeline: SftpPipeline, tmp_path: Path, files: dict[str, bytes]
+) -> None:
+    # On OpenSSH the INIT leaves with the first requests: the version is known after them.
+    op, pieces, _ = _collect(str(tmp_path / "small.txt"), 0, 6, 1000)
+    pipeline.run(ops=[op])
     assert pipeline.server_version == 3
+    assert b"".join(chunk for _, chunk in pieces) == files["small.txt"]
+
+
+@pytest.mark.sshd
+def test_a_pipeline_opened_with_a_plain_init_knows_the_version_at_once(
+    ssh_client: paramiko.SSHClient,
+) -> None:
+    pipe = SftpPipeline.open(ssh_client.get_transport(), timeout=10, pipelined_init=False)
+    try:
+        assert pipe.server_version == 3
+    finally:
+        pipe.close()
 
 
 @pytest.mark.sshd
@@ -309,3 +413,86 @@ def test_a_closed_transport_fails_pending_operations_with_connection_error(
         pipe.run(ops=[op])
     assert isinstance(outcome[0], ConnectionError)
     assert not pipe.alive
+
+
+# -- the session's first round trip (open_sftp_client with a prefetch) -------------------------
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> dict[str, bytes]:
+    """A full manifest bigger than one prefix and an active one, as a generator leaves them."""
+    contents = {
+        ".runicorn/full_manifest.json.gz": os.urandom(sp.MAX_READ_SIZE + 1000),
+        ".runicorn/active_manifest.json.gz": os.urandom(3000),
+    }
+    for name, data in contents.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    return contents
+
+
+@pytest.mark.sshd
+def test_the_first_round_trip_reads_the_prefixes_of_every_path(
+    ssh_client: paramiko.SSHClient, sshd_server: SshServer, tmp_path: Path, published
+) -> None:
+    sshd_server.reset_request_counts()
+    paths = [*published, ".runicorn/missing.json.gz"]
+    client = sp.open_sftp_client(
+        ssh_client.get_transport(), root=str(tmp_path), prefetch=paths, timeout=10
+    )
+    try:
+        assert isinstance(client, sp.PrefetchingSFTPClient)
+        assert client.root == str(tmp_path)
+        for name, data in published.items():
+            assert (
+                client.prefetched.take(str(tmp_path), name, sp.MAX_READ_SIZE)
+                == data[: sp.MAX_READ_SIZE]
+            )
+        missing = client.prefetched.take(str(tmp_path), paths[-1], sp.MAX_READ_SIZE)
+        assert isinstance(missing, FileNotFoundError)
+        # Each answer is given once: a later reader asks the server again.
+        assert client.prefetched.take(str(tmp_path), paths[0], sp.MAX_READ_SIZE) is None
+        # paramiko can use the session as usual afterwards.
+        assert client.stat(str(tmp_path / paths[1])).st_size == 3000
+    finally:
+        client.close()
+    counts = sshd_server.sftp_request_count(wait_for_close=True)
+    # The guessed READ was right (one READ for the first file), the others read normally.
+    assert counts.by_type == {"open": 3, "read": 2, "close": 2, "stat": 1}
+
+
+@pytest.mark.sshd
+def test_the_first_round_trip_resolves_a_relative_root(
+    ssh_client: paramiko.SSHClient, tmp_path: Path, published
+) -> None:
+    relative = os.path.relpath(tmp_path, os.path.expanduser("~"))
+    name = ".runicorn/active_manifest.json.gz"
+    client = sp.open_sftp_client(
+        ssh_client.get_transport(), root=relative, prefetch=[name], timeout=10
+    )
+    try:
+        assert client.root == str(tmp_path)
+        assert client.prefetched.take(str(tmp_path), name, sp.MAX_READ_SIZE) == published[name]
+    finally:
+        client.close()
+
+
+@pytest.mark.sshd
+def test_the_first_round_trip_reports_a_root_that_does_not_exist(
+    ssh_client: paramiko.SSHClient, tmp_path: Path
+) -> None:
+    relative = os.path.relpath(tmp_path / "nowhere" / "deeper", os.path.expanduser("~"))
+    with pytest.raises(FileNotFoundError):
+        sp.open_sftp_client(ssh_client.get_transport(), root=relative, timeout=10)
+
+
+@pytest.mark.sshd
+def test_without_a_root_the_session_is_a_plain_sftp_client(
+    ssh_client: paramiko.SSHClient,
+) -> None:
+    client = sp.open_sftp_client(ssh_client.get_transport(), timeout=10)
+    try:
+        assert type(client) is paramiko.SFTPClient
+        assert client.normalize(".")
+    finally:
+        client.close()

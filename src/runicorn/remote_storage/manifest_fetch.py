@@ -26,12 +26,29 @@ from runicorn.manifest.models import ManifestFormat, ManifestType, SyncManifest,
 if TYPE_CHECKING:
     from runicorn.remote_storage.sync_stats import SyncRun
 
-__all__ = ["PREFIX_BYTES", "ManifestFetcher", "Probe", "check_root", "normalize_root"]
+__all__ = [
+    "PREFIX_BYTES",
+    "ManifestFetcher",
+    "Probe",
+    "check_root",
+    "first_probe_paths",
+    "normalize_root",
+]
 
 PREFIX_BYTES = 255 * 1024
 """How much of a manifest the no-change check reads: its header comes first, and this is one
 READ (OpenSSH's clamp), so a manifest up to this size (a gzip manifest of ~1,000 runs) arrives
 whole with the check and is not downloaded again when it changed."""
+
+
+def first_probe_paths() -> list[str]:
+    """What a sync's no-change check reads first: the ``.gz`` of the full manifest, then of
+    the active one (relative to the root). A caller that can read them early (the first round
+    trip of an SFTP session) saves the check its round trips."""
+    return [
+        f"{MANIFEST_DIRNAME}/{kind.filename}{ManifestFormat.GZIP_SUFFIX}"
+        for kind in (ManifestType.FULL, ManifestType.ACTIVE)
+    ]
 
 
 def normalize_root(root: str) -> str:

@@ -34,6 +34,7 @@ from runicorn.remote_storage.sftp_pipeline import (
     DirEntry,
     ListDirOp,
     Operation,
+    Prefetched,
     ReadRangeOp,
     SftpPipeline,
     ShrunkError,
@@ -428,14 +429,23 @@ class SftpRemote:
     def read_prefixes(self, paths: Sequence[str], length: int) -> list[bytes | BaseException]:
         """At most ``length`` bytes from the start of each path, all in one pipeline: the
         OPENs go out together and nobody waits for the CLOSEs, so reading one or several
-        prefixes that fit one READ (255 KiB) costs two round trips. Per path: the bytes, or
-        the exception (``FileNotFoundError`` …) reading it raised."""
+        prefixes that fit one READ (255 KiB) costs two round trips -- none for a path the
+        session's first round trip read already (a :class:`PrefetchingSFTPClient`). Per
+        path: the bytes, or the exception (``FileNotFoundError`` …) reading it raised."""
         if length < 0:
             raise ValueError("length must not be negative")
         pieces: list[list[bytes]] = [[] for _ in paths]
         errors: list[BaseException | None] = [None] * len(paths)
         ops: list[Operation] = []
+        prefetched: Prefetched | None = getattr(self._sftp, "prefetched", None)
         for index, path in enumerate(paths):
+            early = prefetched.take(self.root, relative_path(path), length) if prefetched else None
+            if isinstance(early, bytes):
+                pieces[index].append(early)
+                continue
+            if early is not None:
+                errors[index] = early
+                continue
 
             def on_done(error: BaseException | None, _received: int, i: int = index) -> None:
                 errors[i] = error
@@ -453,8 +463,9 @@ class SftpRemote:
                     detach_close=True,
                 )
             )
-        with self._borrowed() as pipe:
-            pipe.run(ops=ops)
+        if ops:
+            with self._borrowed() as pipe:
+                pipe.run(ops=ops)
         return [
             error if error is not None else b"".join(parts)
             for parts, error in zip(pieces, errors, strict=True)

@@ -23,22 +23,29 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import posixpath
 import stat
 import struct
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import paramiko
+
+from runicorn.remote_storage.ssh import speaks_openssh
 
 __all__ = [
     "DEFAULT_DEPTH",
     "DEFAULT_READ_SIZE",
     "DEFAULT_TIMEOUT",
     "MAX_READ_SIZE",
+    "OPENSSH_FIRST_HANDLE",
     "Attrs",
     "ListDirOp",
+    "Prefetched",
+    "PrefetchingSFTPClient",
     "ReadRangeOp",
+    "RealPathOp",
     "SftpPipeline",
     "SftpProtocolError",
     "ShrunkError",
@@ -102,6 +109,15 @@ ATTR_EXTENDED = 0x80000000
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">IBI")  # length, type, request id
+_INIT_PACKET = _U32.pack(5) + bytes([FXP_INIT]) + _U32.pack(SFTP_VERSION)
+
+OPENSSH_FIRST_HANDLE = _U32.pack(0)
+"""The handle OpenSSH's sftp-server gives the first file opened in a session.
+
+Its handles are the index of a slot in its handle table, as four bytes, the lowest free slot
+first (``handle_new``/``handle_to_string`` in sftp-server.c, unchanged since 2002). Knowing it
+lets the first READ leave with the OPEN; :class:`ReadRangeOp` checks the guess against the
+handle actually returned before it uses a byte."""
 
 
 class SftpProtocolError(ConnectionError):
@@ -286,6 +302,11 @@ class ReadRangeOp(Operation):
     op (its consumer failed); an aborted op reports nothing more and just closes its handle.
     ``detach_close=True``: the op is done once its CLOSE is sent (see :func:`detached`), so a
     run ends one round trip earlier; a read-only handle has nothing left to lose by then.
+    ``predicted_handle`` (a prefix that fits one READ, on a session where nothing else is open
+    yet): the READ and CLOSE go out right behind the OPEN, naming the handle the server is
+    expected to return, so the whole read costs one round trip. Their answers are used only if
+    the OPEN really returned that handle; otherwise they are dropped (they named no file or one
+    that this op then reads again properly) and the op goes on as usual.
     """
 
     def __init__(
@@ -302,9 +323,12 @@ class ReadRangeOp(Operation):
         should_abort: Callable[[], bool] | None = None,
         display_path: str | None = None,
         detach_close: bool = False,
+        predicted_handle: bytes | None = None,
     ) -> None:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length for {path!r}")
+        if predicted_handle is not None and (exact or size_cap is not None or length > read_size):
+            raise ValueError("a predicted handle is only for a prefix that fits one READ")
         self.path = path
         self._name = display_path if display_path is not None else path
         self._start = offset
@@ -327,6 +351,12 @@ class ReadRangeOp(Operation):
         self._reads_in_flight = 0
         self._finished = False  # outcome reported (or aborted): no more reads
         self._closing = False
+        self._predicted = predicted_handle
+        # guess: 0 none, 1 READ to send, 2 CLOSE to send, 3 answers due, 4 settled
+        self._guess_state = 0
+        self._guess_read: tuple[int, _Reader] | None = None
+        self._guess_matched = False
+        self._open_answered = False
         if size_cap is not None or (exact and length == 0):
             # A whole-file read learns the size; an empty range still checks it is a file.
             self._stat_state = 1
@@ -356,9 +386,19 @@ class ReadRangeOp(Operation):
     def next_request(self) -> Request | None:
         if not self._opened:
             self._opened = True
+            if self._predicted is not None:
+                self._guess_state = 1
             payload = _path(self.path) + _U32.pack(FXF_READ) + _U32.pack(0)
             return FXP_OPEN, payload, self._on_open
-        if self._handle is None or self._closing:
+        if self._guess_state == 1:
+            self._guess_state = 2
+            size = self._end - self._start
+            payload = _string(self._predicted) + _U64.pack(self._start) + _U32.pack(size)
+            return FXP_READ, payload, self._on_guessed_read
+        if self._guess_state == 2:
+            self._guess_state = 3
+            return FXP_CLOSE, _string(self._predicted), self._on_guessed_close
+        if self._guess_state == 3 or self._handle is None or self._closing:
             return None
         handle = _string(self._handle)
         if not self._aborted():
@@ -395,14 +435,44 @@ class ReadRangeOp(Operation):
     # answers -------------------------------------------------------------------------------
 
     def _on_open(self, ptype: int, body: _Reader) -> None:
+        self._open_answered = True
+        if self._guess_state in (1, 2):
+            self._guess_state = 0  # answered before the guess left (depth was full): no guess
         try:
             _expect(ptype, body, FXP_HANDLE, self._name)
             self._handle = body.string()
         except (OSError, EOFError) as error:
             if isinstance(error, SftpProtocolError):
                 raise
-            self.done = True
+            self.done = self._guess_state == 0  # else the guessed answers are still due
             self._finish(error)
+        self._settle_guess()
+
+    def _on_guessed_read(self, ptype: int, body: _Reader) -> None:
+        self._guess_read = (ptype, body)
+        self._settle_guess()
+
+    def _on_guessed_close(self, ptype: int, body: _Reader) -> None:
+        # The last answer of a guess that was right, or of an OPEN that failed. After a wrong
+        # guess the op reads the file with its real handle and ends with its own CLOSE.
+        if self._guess_matched or self._handle is None:
+            self.done = True
+
+    def _settle_guess(self) -> None:
+        """Once the OPEN and the guessed READ are both answered: keep or drop the guess."""
+        if self._guess_state != 3 or not self._open_answered or self._guess_read is None:
+            return
+        self._guess_state = 4
+        ptype, body = self._guess_read
+        self._guess_read = None
+        if self._handle is None or self._handle != self._predicted:
+            return  # OPEN failed, or another handle: the guessed requests named no file of ours
+        self._guess_matched = True
+        self._closing = True  # the guessed CLOSE is this file's
+        self._next = self._end
+        self._reads_in_flight += 1
+        self._on_read(ptype, body, self._start, self._end - self._start)
+        self._finish(None)  # one READ covered the prefix (or it failed, reported already)
 
     def _on_fstat(self, ptype: int, body: _Reader) -> None:
         self._stat_state = 0
@@ -591,26 +661,163 @@ class ListDirOp(Operation):
 # -- the pipeline ------------------------------------------------------------------------------
 
 
+class RealPathOp(Operation):
+    """REALPATH: the server's absolute, canonical form of ``path`` (``.``: the login directory).
+
+    ``on_done(path or None, error)`` once.
+    """
+
+    def __init__(self, path: str, on_done: Callable[[str | None, BaseException | None], None]):
+        self.path = path
+        self._on_done = on_done
+        self._sent = False
+
+    def next_request(self) -> Request | None:
+        if self._sent:
+            return None
+        self._sent = True
+        return FXP_REALPATH, _path(self.path), self._on_name
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self._on_done(None, error)
+
+    def _on_name(self, ptype: int, body: _Reader) -> None:
+        self.done = True
+        try:
+            _expect(ptype, body, FXP_NAME, self.path)
+            if body.u32() != 1:
+                raise SftpProtocolError(f"REALPATH of {self.path!r} did not return one name")
+            resolved = body.text()
+        except SftpProtocolError:
+            raise
+        except (OSError, EOFError) as error:
+            self._on_done(None, error)
+            return
+        self._on_done(resolved, None)
+
+
+@dataclass
+class Prefetched:
+    """File prefixes read in an SFTP session's first round trip, for the first caller that asks.
+
+    ``results`` maps a path relative to ``root`` to its first ``length`` bytes, or to the
+    exception reading it raised (``FileNotFoundError`` …).
+    """
+
+    root: str
+    length: int
+    results: dict[str, bytes | BaseException]
+
+    def take(self, root: str, path: str, length: int) -> bytes | BaseException | None:
+        """The answer for ``path``, once; None if it was not read with this root and length."""
+        if root.rstrip("/") != self.root.rstrip("/") or length != self.length:
+            return None
+        return self.results.pop(path, None)
+
+
+class PrefetchingSFTPClient(paramiko.SFTPClient):
+    """A paramiko ``SFTPClient`` whose INIT went out pipelined with its first requests.
+
+    Made by :func:`open_sftp_client`; ``root`` is the remote root it resolved and
+    ``prefetched`` what the first round trip read (consumed by :class:`SftpRemote`).
+    """
+
+    def __init__(
+        self, channel: paramiko.Channel, server_version: int, root: str, prefetched: Prefetched
+    ) -> None:
+        self._known_version = server_version
+        self.root = root
+        self.prefetched = prefetched
+        super().__init__(channel)
+
+    def _send_version(self) -> int:
+        # paramiko's __init__ calls this to exchange INIT/VERSION, which already happened.
+        return self._known_version
+
+
 def open_sftp_client(
     transport: paramiko.Transport,
     *,
     window_size: int | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
+    root: str | None = None,
+    prefetch: Sequence[str] = (),
+    prefetch_bytes: int = MAX_READ_SIZE,
 ) -> paramiko.SFTPClient:
-    """``paramiko.SFTPClient.from_transport`` with this channel window and timeout.
+    """An SFTP session on a new channel of ``transport``: a paramiko ``SFTPClient``.
 
-    Three round trips: channel open, subsystem request, INIT. OpenSSH's sshd opens a
-    session channel with a zero window until the subsystem runs, so the INIT cannot be sent
-    along with the request: nothing is gained by not waiting for its answer.
+    Plain, that is three round trips: channel open, subsystem request, INIT. OpenSSH's sshd
+    opens a session channel with a zero window until the subsystem runs, so nothing can go
+    along with the request. With ``root`` (relative: to the login directory) and
+    ``prefetch`` (paths relative to it) on an OpenSSH server, the INIT leaves together with
+    a REALPATH of a relative root and the reads of the first ``prefetch_bytes`` of each
+    path -- the first one with its handle guessed (:data:`OPENSSH_FIRST_HANDLE`), so it costs
+    no round trip of its own. The session is then a :class:`PrefetchingSFTPClient`: the
+    whole no-change check of a sync is the third round trip.
     """
     channel = transport.open_session(window_size=window_size, timeout=timeout)
     try:
         channel.settimeout(timeout)
         channel.invoke_subsystem("sftp")
-        return paramiko.SFTPClient(channel)
+        if root is None or not speaks_openssh(transport):
+            return paramiko.SFTPClient(channel)
+        return _first_round_trip(channel, root, prefetch, prefetch_bytes, timeout)
     except BaseException:
         channel.close()
         raise
+
+
+def _first_round_trip(
+    channel: paramiko.Channel,
+    root: str,
+    prefetch: Sequence[str],
+    length: int,
+    timeout: float | None,
+) -> PrefetchingSFTPClient:
+    """INIT, REALPATH (relative root only) and the prefetch reads, pipelined; see above."""
+    if not 0 <= length <= MAX_READ_SIZE:
+        raise ValueError(f"prefetch_bytes must be between 0 and {MAX_READ_SIZE}")
+    pipe = SftpPipeline(channel, timeout=timeout, borrowed=True, pipelined_init=True)
+    resolved: list[tuple[str | None, BaseException | None]] = []
+    results: dict[str, bytes | BaseException] = {}
+    pieces: dict[str, list[bytes]] = {path: [] for path in prefetch}
+    ops: list[Operation] = []
+    absolute = root.startswith("/")
+    if not absolute:
+        ops.append(RealPathOp(root or ".", lambda path, error: resolved.append((path, error))))
+    for index, path in enumerate(prefetch):
+
+        def on_done(error: BaseException | None, _received: int, path: str = path) -> None:
+            results[path] = error if error is not None else b"".join(pieces[path])
+
+        ops.append(
+            ReadRangeOp(
+                posixpath.join(root, path) if root else path,
+                0,
+                length,
+                max(length, 1),
+                lambda _offset, data, path=path: pieces[path].append(data),
+                on_done,
+                exact=False,
+                display_path=path,
+                predicted_handle=OPENSSH_FIRST_HANDLE if index == 0 and length else None,
+            )
+        )
+    pipe.run(ops=ops)
+    if absolute:
+        resolved_root = root
+    else:
+        path, error = resolved[0]
+        if error is not None:
+            raise error
+        assert path is not None
+        resolved_root = path
+    assert pipe.server_version is not None
+    return PrefetchingSFTPClient(
+        channel, pipe.server_version, resolved_root, Prefetched(resolved_root, length, results)
+    )
 
 
 @dataclass(eq=False)
@@ -642,6 +849,7 @@ class SftpPipeline:
         read_size: int = DEFAULT_READ_SIZE,
         timeout: float | None = DEFAULT_TIMEOUT,
         borrowed: bool = False,
+        pipelined_init: bool = False,
     ) -> None:
         if depth < 1:
             raise ValueError("depth must be at least 1")
@@ -669,7 +877,11 @@ class SftpPipeline:
             self._detached = self._shared.detached
             self._next_id = self._shared.next_id
         self._dead: BaseException | None = None
-        if not borrowed:
+        # pipelined_init: the INIT leaves with the first requests and VERSION is read before
+        # their answers (the server handles a session's packets in order), saving a round trip.
+        self._init_due = pipelined_init
+        self._version_due = False
+        if not borrowed and not pipelined_init:
             self._handshake()
 
     @classmethod
@@ -692,6 +904,7 @@ class SftpPipeline:
             max_packet_size=max_packet_size,
             timeout=timeout,  # type: ignore[arg-type]
         )
+        options.setdefault("pipelined_init", speaks_openssh(transport))
         try:
             channel.settimeout(timeout)  # type: ignore[arg-type]
             channel.invoke_subsystem("sftp")
@@ -725,7 +938,11 @@ class SftpPipeline:
 
     def _handshake(self) -> None:
         self.channel.settimeout(self.timeout)
-        self.channel.sendall(_U32.pack(5) + bytes([FXP_INIT]) + _U32.pack(SFTP_VERSION))
+        self.channel.sendall(_INIT_PACKET)
+        self._take_version()
+
+    def _take_version(self) -> None:
+        """Read and check the server's VERSION answer to our INIT."""
         ptype, body = self._read_packet()
         if ptype != FXP_VERSION:
             raise SftpProtocolError(f"server answered INIT with packet type {ptype}")
@@ -793,12 +1010,16 @@ class SftpPipeline:
         open_count = len(active)
         feed_empty = feed is None
         previous_timeout = self.channel.gettimeout() if self.borrowed else None
-        if self.borrowed:
+        if self.borrowed or self._init_due:
             self.channel.settimeout(self.timeout)
         pending = self._pending
         try:
             while True:
                 out = bytearray()
+                if self._init_due:
+                    self._init_due = False
+                    self._version_due = True
+                    out += _INIT_PACKET
                 while len(pending) < self.depth:
                     if ready:
                         op = ready[0]
@@ -831,6 +1052,9 @@ class SftpPipeline:
                     queued.add(id(new))
                 if out:
                     self.channel.sendall(bytes(out))
+                if self._version_due:
+                    self._version_due = False
+                    self._take_version()
                 if not pending:
                     if ready:
                         continue
