@@ -94,6 +94,37 @@ def test_second_sync_is_skipped_and_exits_zero(
 
 
 @pytest.mark.sshd
+def test_a_no_change_sync_is_four_sftp_requests_riding_on_the_session_start(
+    lab: LabInfo, ssh_config: Path, sshd_server: SshServer, tmp_path: Path
+) -> None:
+    args = ["sync", f"labserver:{lab.root}", str(tmp_path / "cache"), "--ssh-config"]
+    assert _run(*args, str(ssh_config)).exit_code == 0
+    sshd_server.reset_request_counts()
+    result = _run(*args, str(ssh_config), "--json")
+    assert _stats(result)["skipped"] is True
+    counts = sshd_server.sftp_request_count(wait_for_close=True)
+    # OPEN + READ + CLOSE of the full manifest (its handle guessed right: one READ) and the
+    # OPEN of the active manifest, which this lab does not have.
+    assert counts.by_type == {"open": 2, "read": 1, "close": 1}
+
+
+@pytest.mark.sshd
+def test_a_root_relative_to_the_login_directory_is_resolved_by_the_server(
+    lab: LabInfo, ssh_config: Path, tmp_path: Path
+) -> None:
+    login_directory = Path(os.path.expanduser("~"))
+    relative = os.path.relpath(lab.root, login_directory)
+    cache = tmp_path / "cache"
+    result = _run("sync", f"labserver:{relative}", str(cache), "--ssh-config", str(ssh_config))
+    assert result.exit_code == 0, result.output
+    document = _stats(
+        _run("sync", f"labserver:{relative}", str(cache), "--ssh-config", str(ssh_config), "--json")
+    )
+    assert document["skipped"] is True
+    assert document["source"] == f"labserver:{lab.root}"
+
+
+@pytest.mark.sshd
 def test_sync_with_explicit_port_identity_and_known_hosts(
     lab: LabInfo, sshd_server: SshServer, tmp_path: Path
 ) -> None:

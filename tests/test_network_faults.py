@@ -29,6 +29,7 @@ from _sync_helpers import (
 from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.remote_storage import service as service_module
+from runicorn.remote_storage import sftp_pipeline
 from runicorn.remote_storage.cache_manager import LocalCacheManager
 from runicorn.remote_storage.manifest_sync import ManifestSyncClient
 from runicorn.remote_storage.service import MetadataSyncService
@@ -380,7 +381,51 @@ def test_server_stalled_mid_transfer_fails_the_remaining_files_after_the_timeout
     assert_cache_equals_server(lab.root, cache)
 
 
+def _cli_args_through(proxy: WanProxy, sshd_server: SshServer, lab, tmp_path: Path, known_hosts):
+    return [
+        "sync",
+        f"{sshd_server.username}@{proxy.address[0]}:{lab.root}",
+        str(tmp_path / "cache"),
+        "--port",
+        str(proxy.port),
+        "-i",
+        str(sshd_server.client_key_path),
+        "--known-hosts",
+        str(known_hosts),
+        "--ssh-config",
+        str(tmp_path / "no_config"),
+        "--timeout",
+        "1",
+    ]
+
+
 def test_cli_timeout_option_ends_a_sync_against_a_stalled_server_with_exit_1(
+    tmp_path: Path,
+    backend: Backend,
+    proxy: WanProxy,
+    sshd_server: SshServer,
+    proxy_known_hosts: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lab = make_lab(tmp_path, backend, runs=4)
+    original = sftp_pipeline._first_round_trip
+
+    def stall_then_start(*args: Any, **kwargs: Any) -> Any:
+        proxy.stall()  # connected, authenticated, channel open: the server stops answering
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sftp_pipeline, "_first_round_trip", stall_then_start)
+    args = _cli_args_through(proxy, sshd_server, lab, tmp_path, proxy_known_hosts)
+
+    result, error = _within_watchdog(lambda: CliRunner().invoke(main, args, catch_exceptions=False))
+
+    assert error is None
+    assert result.exit_code == 1, result.output
+    assert "sent nothing for 1.0 s" in result.stderr
+    assert not (tmp_path / "cache").exists() or temp_files(tmp_path / "cache") == []
+
+
+def test_cli_server_stalling_after_the_manifest_arrived_is_a_partial_sync_exit_3(
     tmp_path: Path,
     backend: Backend,
     proxy: WanProxy,
@@ -392,28 +437,15 @@ def test_cli_timeout_option_ends_a_sync_against_a_stalled_server_with_exit_1(
     original_sync = ManifestSyncClient.sync
 
     def stall_then_sync(self: ManifestSyncClient, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        proxy.stall()  # connected and authenticated: the server now stops answering
+        proxy.stall()  # the manifest came with the session's first round trip; files did not
         return original_sync(self, *args, **kwargs)
 
     monkeypatch.setattr(ManifestSyncClient, "sync", stall_then_sync)
-    args = [
-        "sync",
-        f"{sshd_server.username}@{proxy.address[0]}:{lab.root}",
-        str(tmp_path / "cache"),
-        "--port",
-        str(proxy.port),
-        "-i",
-        str(sshd_server.client_key_path),
-        "--known-hosts",
-        str(proxy_known_hosts),
-        "--ssh-config",
-        str(tmp_path / "no_config"),
-        "--timeout",
-        "1",
-    ]
+    args = _cli_args_through(proxy, sshd_server, lab, tmp_path, proxy_known_hosts)
 
     result, error = _within_watchdog(lambda: CliRunner().invoke(main, args, catch_exceptions=False))
 
     assert error is None
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 3, result.output
     assert "sent nothing for 1.0 s" in result.stderr
+    assert temp_files(tmp_path / "cache") == []

@@ -1,3 +1,3 @@
-from runicorn.cli import main
+from runicorn.cli import entry_point
 
-main()
+entry_point()

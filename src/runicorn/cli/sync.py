@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +312,8 @@ def _connect(
     from runicorn.remote_storage.ssh import HostKeyError, SshConfigError, connect
 
     assert parsed.destination is not None
+    switch_interval = sys.getswitchinterval()
+    _preload_sync_engine()
     try:
         return connect(
             parsed.destination,
@@ -326,21 +329,61 @@ def _connect(
         _fail(as_json, EXIT_FAILURE, str(exc))
     except (paramiko.SSHException, OSError) as exc:
         _fail(as_json, EXIT_FAILURE, f"cannot connect to {parsed.destination}: {exc}")
+    finally:
+        sys.setswitchinterval(switch_interval)
     raise AssertionError("unreachable")
 
 
+def _preload_sync_engine() -> None:
+    """Import the sync engine on a thread while the SSH handshake waits for the network.
+
+    The handshake is several round trips of waiting; the imports are tens of milliseconds of
+    CPU that would otherwise come after it. A short switch interval (until the connection is
+    up) keeps the thread from delaying paramiko's reader when a packet arrives.
+    """
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # the main thread imports again and reports
+            import runicorn.remote_storage.cache_manager
+            import runicorn.remote_storage.manifest_sync
+            import runicorn.remote_storage.remote
+            import runicorn.remote_storage.service  # noqa: F401
+
+    sys.setswitchinterval(0.0005)
+    threading.Thread(target=load, name="runicorn-preload", daemon=True).start()
+
+
 def _sync_remote(client: Any, parsed: Source, cache_dir: Path, **options: Any) -> int:
+    import paramiko
+
+    from runicorn.remote_storage.manifest_fetch import PREFIX_BYTES, first_probe_paths
     from runicorn.remote_storage.sftp_pipeline import open_sftp_client
 
-    # Two round trips instead of paramiko's three; the window of the worker channels.
-    sftp = open_sftp_client(
-        client.get_transport(), window_size=8 * 1024 * 1024, timeout=options["timeout"]
-    )
+    root = parsed.root or "."
+    root = "." if root == "~" else root.removeprefix("~/")
+    # The session's first round trip resolves the root and reads the manifests' headers:
+    # on OpenSSH the whole no-change check rides on it. The window is the worker channels'.
     try:
-        root = parsed.root or "."
-        if not root.startswith("/"):
-            root = sftp.normalize(root.removeprefix("~/") if root != "~" else ".")
-        return _run(client, sftp, Source(parsed.destination, root), cache_dir, None, **options)
+        sftp = open_sftp_client(
+            client.get_transport(),
+            window_size=8 * 1024 * 1024,
+            timeout=options["timeout"],
+            root=root,
+            prefetch=[] if options["legacy"] else first_probe_paths(),
+            prefetch_bytes=PREFIX_BYTES,
+        )
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        _fail(
+            options["as_json"],
+            EXIT_FAILURE,
+            f"cannot start an SFTP session on {parsed.destination} for {root}: {exc}",
+        )
+    try:
+        resolved = getattr(sftp, "root", None)
+        if resolved is None and not root.startswith("/"):
+            resolved = sftp.normalize(root)
+        source = Source(parsed.destination, resolved or root)
+        return _run(client, sftp, source, cache_dir, None, **options)
     finally:
         sftp.close()
 
