@@ -2,7 +2,9 @@
 
 Groups: scanning a 1,000-run and a 10,000-run lab (about 10 small files per run, one
 ``media/`` subdirectory each; warm page cache) against ``os.walk`` + ``os.lstat`` in Python
-and ``find -printf``; diffing 10^5 and 10^6 manifest entries; tail-hashing 10^4 files.
+and ``find -printf``; a full scan + generate of the same labs (``find -printf`` beside it);
+diffing 10^5 and 10^6 manifest entries; tail-hashing 10^4 files; decoding (gunzip, parse,
+validate) and encoding (JSON, gzip) the 10,000-run lab's manifest of 100,000 entries.
 Every benchmark also checks its result, so ``--benchmark-disable`` makes them a test run.
 The labs are built here (not by ``runicorn.sample_lab``) so the numbers do not move when
 the sample generator changes.
@@ -10,11 +12,15 @@ the sample generator changes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from runicorn.manifest import ManifestGenerator, SyncManifest
+from runicorn.manifest.models import compress
 
 EVENT_LINE = b'{"step": 123, "loss": 0.123456, "acc": 0.987654, "time": 1735689600.5}\n'
 EVENTS = EVENT_LINE * 110 + b'{"step": 124, "lo'  # ~8 KiB ending in a half-written line
@@ -114,6 +120,72 @@ def test_scan_baseline_find_printf(benchmark, labs, n_runs):
     benchmark.group = f"scan {n_runs:,} runs"
     listing = benchmark.pedantic(find_printf, (root,), rounds=5, warmup_rounds=1)
     assert listing.count(b".png ") == n_runs * 4
+
+
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_runs", LAB_SIZES)
+def test_scan_and_generate_lab(benchmark, backend, labs, n_runs, tmp_path_factory):
+    """A full generation (``incremental=False``) into a fresh output each round: scan, tail
+    hashes, run metadata, model, JSON, gzip, atomic publication."""
+    root = labs(n_runs)
+    outputs = tmp_path_factory.mktemp(f"generate{n_runs}")
+    counter = itertools.count()
+    benchmark.group = f"scan + generate {n_runs:,} runs"
+
+    def fresh_generator():
+        output = outputs / str(next(counter))
+        return (ManifestGenerator(root, output, incremental=False, backend=backend),), {}
+
+    manifest, path = benchmark.pedantic(
+        ManifestGenerator.generate, setup=fresh_generator, rounds=3, warmup_rounds=1
+    )
+    assert manifest.total_experiments == n_runs
+    assert manifest.total_files == n_runs * len(RUN_FILES)
+    assert sum(entry.tail_hash is not None for entry in manifest.iter_files()) == 2 * n_runs
+    assert SyncManifest.from_json(path.read_bytes()).to_json() == path.read_bytes()
+
+
+@pytest.mark.parametrize("n_runs", LAB_SIZES)
+def test_scan_and_generate_baseline_find_printf(benchmark, labs, n_runs):
+    root = str(labs(n_runs))
+    benchmark.group = f"scan + generate {n_runs:,} runs"
+    listing = benchmark.pedantic(find_printf, (root,), rounds=3, warmup_rounds=1)
+    assert listing.count(b".png ") == n_runs * 4
+
+
+@pytest.fixture(scope="session")
+def published_manifest(labs, tmp_path_factory) -> tuple[bytes, bytes]:
+    """The ``.json`` and ``.json.gz`` of the 10,000-run lab (100,000 entries)."""
+    output = tmp_path_factory.mktemp("published") / "full_manifest.json"
+    _, path = ManifestGenerator(labs(10_000), output).generate()
+    return path.read_bytes(), path.with_name(path.name + ".gz").read_bytes()
+
+
+# The manifest model is one pure-Python module over orjson that both backends share, so
+# these two run once, not per backend: a second row would time the same code.
+def test_manifest_decode_100k_entries(benchmark, published_manifest):
+    """What a client does with a downloaded manifest: gunzip (bounded), parse, validate
+    every entry (types, sizes, path rules)."""
+    _, packed = published_manifest
+    benchmark.group = "manifest encode / decode, 100,000 entries"
+    manifest = benchmark.pedantic(SyncManifest.from_gzip, (packed,), rounds=5, warmup_rounds=1)
+    assert manifest.total_files == 100_000
+
+
+def test_manifest_encode_100k_entries(benchmark, published_manifest):
+    """What the generator does to publish: the model to compact JSON, then gzip."""
+    data, packed = published_manifest
+    manifest = SyncManifest.from_json(data)
+    benchmark.group = "manifest encode / decode, 100,000 entries"
+
+    def encode() -> tuple[bytes, bytes]:
+        encoded = manifest.to_json()
+        return encoded, compress(encoded)
+
+    encoded, compressed = benchmark.pedantic(encode, rounds=5, warmup_rounds=1)
+    assert (encoded, compressed) == (data, packed)
 
 
 # --------------------------------------------------------------------------------------

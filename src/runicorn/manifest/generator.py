@@ -33,6 +33,7 @@ from runicorn.manifest.models import (
     ManifestType,
     SyncManifest,
     compress,
+    encode_experiments,
     read_header,
 )
 from runicorn.manifest.state import FileMemo, GeneratorState, RunMemo, StatKey
@@ -223,7 +224,8 @@ class ManifestGenerator:
             remote_root=str(self.remote_root),
             experiments=experiments,
         )
-        digest = self._content_digest(manifest)
+        experiments_json = encode_experiments(experiments)
+        digest = self._content_digest(manifest, experiments_json)
         compressed = report.compressed_path
         published_revision = self._published_revision(output)
         unchanged = (
@@ -243,7 +245,7 @@ class ManifestGenerator:
         else:
             manifest.revision = max(previous.revision, published_revision or 0) + 1
             manifest.snapshot_id = self.uuid_factory()
-            data = manifest.to_json()
+            data = manifest.to_json(experiments_json)
             packed = compress(data)
             write_atomically(output, data)
             write_atomically(compressed, packed)
@@ -490,12 +492,13 @@ class ManifestGenerator:
         )
         return manifest
 
-    def _content_digest(self, manifest: SyncManifest) -> str:
-        """A fingerprint of everything but the per-generation header fields."""
+    @staticmethod
+    def _content_digest(manifest: SyncManifest, experiments_json: bytes) -> str:
+        """A fingerprint of everything but the per-generation header fields: the experiments
+        exactly as they are published (so the bytes are encoded once for both)."""
         hasher = blake3()
         hasher.update(orjson.dumps([manifest.server_hostname, manifest.remote_root]))
-        # orjson serialises the dataclasses natively: every field, in declaration order.
-        hasher.update(orjson.dumps(manifest.experiments))
+        hasher.update(experiments_json)
         return hasher.hexdigest()
 
     @staticmethod

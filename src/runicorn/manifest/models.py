@@ -12,6 +12,7 @@ import gzip
 import math
 import re
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -154,6 +155,12 @@ class SyncManifest:
     def to_dict(self) -> dict[str, Any]:
         """The JSON document. Header fields come first, so a reader can learn the revision
         from the first few kilobytes (see :func:`read_header`)."""
+        data = self._header_dict()
+        data["experiments"] = [exp.to_dict() for exp in self.experiments]
+        return data
+
+    def _header_dict(self) -> dict[str, Any]:
+        """Every top-level field but ``experiments``, which comes last, in document order."""
         data: dict[str, Any] = {
             "format_version": self.format_version,
             "manifest_type": self.manifest_type.value,
@@ -169,12 +176,21 @@ class SyncManifest:
         if self.tail_hash_window is not None:
             data["tail_hash_window"] = self.tail_hash_window
         data["statistics"] = self.statistics
-        data["experiments"] = [exp.to_dict() for exp in self.experiments]
         return data
 
-    def to_json(self) -> bytes:
-        """Deterministic compact JSON bytes."""
-        return orjson.dumps(self.to_dict())
+    def to_json(self, experiments_json: bytes | None = None) -> bytes:
+        """Deterministic compact JSON bytes, the same as ``orjson.dumps(self.to_dict())``.
+
+        ``experiments_json`` is :func:`encode_experiments` of this manifest's experiments,
+        when the caller already has it: the generator hashes those bytes for its content
+        digest, and encoding a large lab's entries once instead of twice is a tenth of a full
+        generation.
+        """
+        if experiments_json is None:
+            experiments_json = encode_experiments(self.experiments)
+        header = orjson.dumps(self._header_dict())
+        # compact JSON of an object ends in "}", and experiments is its last key
+        return b"".join((header[:-1], b',"experiments":', experiments_json, b"}"))
 
     @classmethod
     def from_json(cls, data: bytes, *, source: str = "manifest") -> SyncManifest:
@@ -231,6 +247,11 @@ def decompress_capped(data: bytes, limit: int, *, source: str = "manifest") -> b
     except zlib.error as error:
         raise ValueError(f"{source} is not valid gzip: {error}") from None
     return b"".join(parts)
+
+
+def encode_experiments(experiments: Iterable[ExperimentEntry]) -> bytes:
+    """The ``experiments`` array of a manifest's JSON, byte for byte as published."""
+    return orjson.dumps([exp.to_dict() for exp in experiments])
 
 
 def compress(data: bytes) -> bytes:
