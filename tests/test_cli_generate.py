@@ -170,7 +170,17 @@ def test_no_incremental_rereads_every_tail_with_the_same_result(lab, cli):
 def test_scan_threads_give_the_same_manifest(lab, tmp_path, cli):
     for project in ("a", "b", "c"):
         _run(lab, "exp", "20240101_000000_00000a", age=60, project=project)
-    one = _summary(cli("--root", str(lab), "--output", str(tmp_path / "1.json"), "--json"))
+    one = _summary(
+        cli(
+            "--root",
+            str(lab),
+            "--output",
+            str(tmp_path / "1.json"),
+            "--scan-threads",
+            "1",
+            "--json",
+        )
+    )
     four = _summary(
         cli(
             "--root",

@@ -264,6 +264,24 @@ def test_golden_generation_reports_the_broken_metadata(golden_generator):
 # --- what a manifest lists ----------------------------------------------------------------
 
 
+def test_scan_threads_default_to_what_the_backend_gains_from(lab, make_generator, backend):
+    generator = make_generator(lab)
+    if backend.releases_gil:
+        assert generator.scan_threads == backend.default_scan_threads()
+        assert 1 <= generator.scan_threads <= 4
+        assert generator.scan_threads <= (os.cpu_count() or 1)
+    else:
+        assert generator.scan_threads == 1
+    chosen, _ = generator.generate(output_path=lab.parent / "auto.json")
+    single, _ = make_generator(lab, scan_threads=1).generate(output_path=lab.parent / "one.json")
+    assert chosen.experiments == single.experiments
+
+
+def test_scan_threads_below_one_are_refused(lab, make_generator):
+    with pytest.raises(ValueError, match="scan_threads must be at least 1"):
+        make_generator(lab, scan_threads=0)
+
+
 def test_lock_files_and_soft_deleted_runs_are_never_listed(lab, make_generator):
     _write(lab / "proj" / "exp" / "runs" / "20240101_000000_000002" / ".deleted", b"", NOW)
     manifest, _ = make_generator(lab).generate()

@@ -55,9 +55,9 @@ RULE = "=" * 60
 @click.option(
     "--scan-threads",
     type=click.IntRange(1, 256),
-    default=1,
-    show_default=True,
-    help="Scan projects concurrently (worth it on NFS/Lustre).",
+    default=None,
+    help="Scan projects on N threads (more on NFS/Lustre). "
+    "Default: up to 4 with the compiled core, 1 with pure Python.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
@@ -67,7 +67,7 @@ def generate_manifest(
     manifest_type: str,
     active_window: int,
     no_incremental: bool,
-    scan_threads: int,
+    scan_threads: int | None,
     as_json: bool,
     verbose: bool,
 ) -> None:

@@ -39,6 +39,10 @@ FUNCTIONS = {
 }
 
 
+MAX_DEFAULT_SCAN_THREADS = 4
+"""More threads than this rarely help a local disk; on NFS or Lustre ask for more."""
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
@@ -54,6 +58,23 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<runicorn backend {self.name}>"
+
+    @property
+    def releases_gil(self) -> bool:
+        """Whether its scan and tail hashing run without the GIL (the compiled core's do),
+        so that threads make them faster rather than slower."""
+        return self.name == NATIVE
+
+    def default_scan_threads(self) -> int:
+        """Threads for a scan when the caller names none: up to 4 (one per usable core)
+        for the compiled core, 1 for pure Python, where threads only add GIL contention."""
+        if not self.releases_gil:
+            return 1
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(MAX_DEFAULT_SCAN_THREADS, cores))
 
 
 def _modules(kind: str) -> dict[str, ModuleType]:

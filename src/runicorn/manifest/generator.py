@@ -84,7 +84,8 @@ class ManifestGenerator:
 
     ``backend``, ``clock``, ``uuid_factory`` and ``hostname`` are injectable so tests get
     byte-identical manifests; ``scan_threads`` scans projects concurrently (useful on
-    network file systems where every stat is a round trip).
+    network file systems where every stat is a round trip); ``None`` lets the backend
+    choose (:meth:`Backend.default_scan_threads`). The manifest is the same either way.
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class ManifestGenerator:
         incremental: bool = True,
         *,
         backend: Backend | None = None,
-        scan_threads: int = 1,
+        scan_threads: int | None = None,
         clock: Callable[[], float] = time.time,
         uuid_factory: Callable[[], str] = lambda: str(uuid.uuid4()),
         hostname: str | None = None,
@@ -110,7 +111,9 @@ class ManifestGenerator:
         self.active_window_seconds = active_window_seconds
         self.incremental = incremental
         self.backend = backend or active_backend()
-        self.scan_threads = scan_threads
+        if scan_threads is not None and scan_threads < 1:
+            raise ValueError(f"scan_threads must be at least 1, got {scan_threads}")
+        self.scan_threads = scan_threads or self.backend.default_scan_threads()
         self.clock = clock
         self.uuid_factory = uuid_factory
         self.hostname = hostname or socket.gethostname()
