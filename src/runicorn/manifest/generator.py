@@ -614,11 +614,12 @@ def _read_small_file(path: str | Path, size_hint: int = 65536) -> bytes:
         chunks = []
         remaining = MAX_METADATA_BYTES
         while remaining > 0:
-            chunk = os.read(fd, min(remaining, max(size_hint, 4096) + 1))
-            if not chunk:
-                break
+            wanted = min(remaining, max(size_hint, 4096) + 1)
+            chunk = os.read(fd, wanted)
             chunks.append(chunk)
             remaining -= len(chunk)
+            if len(chunk) < wanted:
+                break  # a short read of a regular file is its end: no second read to learn it
         return b"".join(chunks)
     finally:
         os.close(fd)
