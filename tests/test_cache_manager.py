@@ -99,6 +99,72 @@ def test_open_parent_creates_directories_but_never_through_a_link(
     assert list(outside.iterdir()) == []
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_kept_directory_handles_save_the_walk_and_are_closed_after_the_block(
+    manager: LocalCacheManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walks = []
+    descend = LocalCacheManager._descend
+    monkeypatch.setattr(
+        LocalCacheManager,
+        "_descend",
+        staticmethod(lambda fd, part, *rest: walks.append(part) or descend(fd, part, *rest)),
+    )
+    before = _open_fds()
+    with manager.directory_handles():
+        for name in ("meta.json", "status.json", "events.jsonl"):
+            fd, got = manager.open_parent(f"{RUN}/{name}")
+            try:
+                os.close(os.open(got, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+            finally:
+                os.close(fd)
+        assert len(walks) == len(RUN.split("/"))  # one walk for three files
+        fd, _ = manager.open_parent(f"{RUN}/media/step_0.png")
+        os.close(fd)
+        assert walks[-1] == "media" and len(walks) == len(RUN.split("/")) + 1  # from the run
+        assert _open_fds() == before + len(RUN.split("/")) + 2  # root, 4 levels, media
+    assert _open_fds() == before
+    assert sorted(p.name for p in (manager.root_dir / RUN).iterdir()) == [
+        "events.jsonl",
+        "media",
+        "meta.json",
+        "status.json",
+    ]
+
+
+def test_kept_directory_handles_never_follow_a_link_planted_before_the_first_open(
+    manager: LocalCacheManager, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (manager.root_dir / RUN).parent.mkdir(parents=True)
+    (manager.root_dir / RUN).symlink_to(outside, target_is_directory=True)
+    with manager.directory_handles():
+        for _ in range(2):
+            with pytest.raises(ValueError, match="symbolic link"):
+                manager.open_parent(f"{RUN}/meta.json")
+    assert list(outside.iterdir()) == []
+
+
+def test_removing_a_run_drops_the_kept_handles_so_new_files_land_in_the_new_directory(
+    manager: LocalCacheManager,
+) -> None:
+    with manager.directory_handles():
+        fd, _ = manager.open_parent(f"{RUN}/meta.json")
+        os.close(fd)
+        project, name, _runs, run_id = RUN.split("/")
+        manager.remove_run(project, name, run_id)
+        fd, got = manager.open_parent(f"{RUN}/meta.json")
+        try:
+            os.close(os.open(got, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        finally:
+            os.close(fd)
+    assert (manager.root_dir / RUN / "meta.json").is_file()
+
+
 # --------------------------------------------------------------------------- state
 
 

@@ -22,11 +22,13 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import shutil
 import sqlite3
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,9 @@ LOCK_NAME = "sync.lock"
 SCHEMA_VERSION = 1
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+MAX_DIRECTORY_HANDLES = 128
+"""Directories :meth:`LocalCacheManager.directory_handles` keeps open at most (fewer when the
+process may open few files: an eighth of ``RLIMIT_NOFILE``)."""
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 LocalEntry = tuple[str, int, float, "str | None"]
@@ -200,6 +205,16 @@ def _run_key(path: str) -> tuple[str, str, str] | None:
     return parts[0], parts[1], parts[3]
 
 
+def _directory_handle_limit() -> int:
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 16
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DIRECTORY_HANDLES
+    return max(1, min(MAX_DIRECTORY_HANDLES, soft // 8))
+
+
 class LocalCacheManager:
     """Owns one cache directory: its mirrored tree, its state database and its lock.
 
@@ -213,6 +228,8 @@ class LocalCacheManager:
         self.db_path = self.state_dir / STATE_DB_NAME
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._handles: OrderedDict[tuple[str, ...], int] | None = None
+        self._handle_limit = 0
 
     # -- connection -----------------------------------------------------------------------
 
@@ -323,12 +340,72 @@ class LocalCacheManager:
         The caller closes ``dir_fd``. ``ValueError`` for an unsafe path or a link.
         """
         parts = split_relative_path(relative_path)
-        if create:
-            self.root_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root_dir, _DIR_FLAGS)
-        for part in parts[:-1]:
-            fd = self._descend(fd, part, relative_path, create)  # closes the parent, always
+        directory = tuple(parts[:-1])
+        fd, start = -1, 0
+        with self._lock:
+            handles = self._handles
+            if handles is not None:
+                for depth in range(len(directory), -1, -1):  # the nearest kept ancestor
+                    kept = handles.get(directory[:depth])
+                    if kept is not None:
+                        handles.move_to_end(directory[:depth])
+                        fd, start = os.dup(kept), depth
+                        break
+        if fd < 0:
+            if create:
+                self.root_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root_dir, _DIR_FLAGS)
+            if handles is not None:
+                self._keep_handle(handles, (), fd)
+        for depth in range(start, len(directory)):
+            # closes the parent, always
+            fd = self._descend(fd, directory[depth], relative_path, create)
+            if handles is not None:
+                self._keep_handle(handles, directory[: depth + 1], fd)
         return fd, parts[-1]
+
+    @contextlib.contextmanager
+    def directory_handles(self) -> Iterator[None]:
+        """Keep the directories :meth:`open_parent` opens open until the block ends.
+
+        A sync writes about ten files into each run directory, and each file was two walks
+        from the cache root, one ``open`` per component: most of a cold sync's local system
+        calls. A kept handle is a directory that was opened safely (no link followed), so
+        reusing it follows no link either. :meth:`remove_run` drops them all. Nested blocks
+        share the outer one's handles.
+        """
+        with self._lock:
+            if self._handles is not None:
+                outer = True
+            else:
+                outer = False
+                self._handles = OrderedDict()
+                self._handle_limit = _directory_handle_limit()
+        try:
+            yield
+        finally:
+            if not outer:
+                self._drop_handles(keep_caching=False)
+
+    def _keep_handle(
+        self, handles: OrderedDict[tuple[str, ...], int], directory: tuple[str, ...], fd: int
+    ) -> None:
+        with self._lock:
+            if self._handles is not handles or directory in handles:
+                return  # the block ended or the handles were dropped meanwhile
+            handles[directory] = os.dup(fd)
+            while len(handles) > self._handle_limit:
+                _, oldest = handles.popitem(last=False)
+                os.close(oldest)
+
+    def _drop_handles(self, *, keep_caching: bool) -> None:
+        with self._lock:
+            handles = self._handles
+            if handles is None:
+                return
+            self._handles = OrderedDict() if keep_caching else None
+        for fd in handles.values():
+            os.close(fd)
 
     @staticmethod
     def _descend(fd: int, part: str, relative_path: str, create: bool) -> int:
@@ -436,6 +513,7 @@ class LocalCacheManager:
         """Delete a run's files and its state; ``False`` when the cache did not have it."""
         prefix = run_prefix(project, name, run_id)
         run_dir = self.path_for(prefix.rstrip("/"))
+        self._drop_handles(keep_caching=True)  # none may name a directory about to go
         existed = False
         try:
             if stat.S_ISDIR(os.lstat(run_dir).st_mode):

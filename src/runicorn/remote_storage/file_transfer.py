@@ -309,11 +309,12 @@ class FileTransfer:
                 progress(completed, total, transfer.entry.path)
 
         try:
-            for _round in range(2):
-                self._fetch(pending, handle)
-                if not redo:
-                    break
-                pending, redo = redo, []
+            with self.cache.directory_handles():
+                for _round in range(2):
+                    self._fetch(pending, handle)
+                    if not redo:
+                        break
+                    pending, redo = redo, []
         finally:
             state.flush()
 

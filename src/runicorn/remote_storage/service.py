@@ -317,7 +317,9 @@ class MetadataSyncService:
         if self._known_sizes is None:
             self._known_sizes = {row[0]: row[1] for row in self.cache_manager.file_entries()}
         try:
-            size = os.lstat(self.cache_manager.path_for(path)).st_size
+            # A size for the live display, of a path the manifest check already validated:
+            # one lstat, not path_for's per-component link check (that guards writes).
+            size = os.lstat(os.path.join(self.cache_manager.root_dir, path)).st_size
         except (OSError, ValueError):
             return 0
         previous = self._known_sizes.get(path, 0)
