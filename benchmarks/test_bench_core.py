@@ -115,9 +115,11 @@ def test_scan_baseline_os_walk_lstat(benchmark, labs, n_runs):
 
 
 @pytest.mark.parametrize("n_runs", LAB_SIZES)
-def test_scan_baseline_find_printf(benchmark, labs, n_runs):
+@pytest.mark.parametrize("group", ["scan", "scan + generate"])
+def test_scan_baseline_find_printf(benchmark, labs, n_runs, group):
+    """``find -printf`` in both groups, so each table has its baseline from the same run."""
     root = str(labs(n_runs))
-    benchmark.group = f"scan {n_runs:,} runs"
+    benchmark.group = f"{group} {n_runs:,} runs"
     listing = benchmark.pedantic(find_printf, (root,), rounds=5, warmup_rounds=1)
     assert listing.count(b".png ") == n_runs * 4
 
@@ -145,14 +147,6 @@ def test_scan_and_generate_lab(benchmark, backend, labs, n_runs, tmp_path_factor
     assert manifest.total_files == n_runs * len(RUN_FILES)
     assert sum(entry.tail_hash is not None for entry in manifest.iter_files()) == 2 * n_runs
     assert SyncManifest.from_json(path.read_bytes()).to_json() == path.read_bytes()
-
-
-@pytest.mark.parametrize("n_runs", LAB_SIZES)
-def test_scan_and_generate_baseline_find_printf(benchmark, labs, n_runs):
-    root = str(labs(n_runs))
-    benchmark.group = f"scan + generate {n_runs:,} runs"
-    listing = benchmark.pedantic(find_printf, (root,), rounds=3, warmup_rounds=1)
-    assert listing.count(b".png ") == n_runs * 4
 
 
 @pytest.fixture(scope="session")
