@@ -48,10 +48,10 @@ LOCK_NAME = "sync.lock"
 SCHEMA_VERSION = 1
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 MAX_DIRECTORY_HANDLES = 128
 """Directories :meth:`LocalCacheManager.directory_handles` keeps open at most (fewer when the
 process may open few files: an eighth of ``RLIMIT_NOFILE``)."""
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 LocalEntry = tuple[str, int, float, "str | None"]
 """``(path, size, mtime, tail_hash)``: what :func:`runicorn.core.diff.diff_entries` takes."""
@@ -337,7 +337,8 @@ class LocalCacheManager:
 
         Each component is opened relative to its parent with ``O_NOFOLLOW`` (created when
         ``create``), so a symlink swapped in between a check and a write is refused too.
-        The caller closes ``dir_fd``. ``ValueError`` for an unsafe path or a link.
+        The caller closes ``dir_fd``. ``ValueError`` for an unsafe path or a link. Inside
+        :meth:`directory_handles` the walk starts from the nearest directory kept open.
         """
         parts = split_relative_path(relative_path)
         directory = tuple(parts[:-1])
@@ -375,16 +376,14 @@ class LocalCacheManager:
         share the outer one's handles.
         """
         with self._lock:
-            if self._handles is not None:
-                outer = True
-            else:
-                outer = False
+            nested = self._handles is not None
+            if not nested:
                 self._handles = OrderedDict()
                 self._handle_limit = _directory_handle_limit()
         try:
             yield
         finally:
-            if not outer:
+            if not nested:
                 self._drop_handles(keep_caching=False)
 
     def _keep_handle(
