@@ -20,6 +20,8 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
+from runicorn.cores import usable_cores
+
 logger = logging.getLogger(__name__)
 
 NATIVE = "native"
@@ -70,11 +72,7 @@ class Backend:
         for the compiled core, 1 for pure Python, where threads only add GIL contention."""
         if not self.releases_gil:
             return 1
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        return max(1, min(MAX_DEFAULT_SCAN_THREADS, cores))
+        return min(MAX_DEFAULT_SCAN_THREADS, usable_cores())
 
 
 def _modules(kind: str) -> dict[str, ModuleType]:
