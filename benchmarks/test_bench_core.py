@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from runicorn.manifest import ManifestGenerator, SyncManifest
-from runicorn.manifest.models import compress
+from runicorn.manifest.compression import compress
 
 EVENT_LINE = b'{"step": 123, "loss": 0.123456, "acc": 0.987654, "time": 1735689600.5}\n'
 EVENTS = EVENT_LINE * 110 + b'{"step": 124, "lo'  # ~8 KiB ending in a half-written line

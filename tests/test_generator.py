@@ -41,7 +41,7 @@ from runicorn.manifest import (
     ManifestType,
     SyncManifest,
 )
-from runicorn.manifest.models import compress
+from runicorn.manifest.compression import compress
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("RUNICORN_UPDATE_GOLDEN", "") not in ("", "0")

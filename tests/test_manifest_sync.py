@@ -29,7 +29,7 @@ from _sync_helpers import (
 from runicorn.core.backend import Backend
 from runicorn.layout import priority_for
 from runicorn.manifest import ManifestType, SyncManifest
-from runicorn.manifest.models import compress
+from runicorn.manifest.compression import compress
 from runicorn.remote_storage import file_transfer
 from runicorn.remote_storage.cache_manager import LocalCacheManager
 from runicorn.remote_storage.manifest_sync import TRUNCATED_JSON, ManifestSyncClient

@@ -23,7 +23,8 @@ from runicorn.manifest import (
     ManifestType,
     SyncManifest,
 )
-from runicorn.manifest.models import compress, decompress_capped, read_header
+from runicorn.manifest.compression import compress, decompress_capped
+from runicorn.manifest.models import read_header
 
 PREFIX = "proj/exp/runs/20240101_120000_abcdef/"
 

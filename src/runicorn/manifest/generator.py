@@ -26,13 +26,13 @@ from runicorn.atomic import exclusive_lock, temp_prefix_for, write_atomically
 from runicorn.core.backend import Backend, active_backend
 from runicorn.core.scan import Problem, ScanResult
 from runicorn.gcpause import paused_gc
+from runicorn.manifest.compression import compress
 from runicorn.manifest.models import (
     ExperimentEntry,
     FileEntry,
     ManifestFormat,
     ManifestType,
     SyncManifest,
-    compress,
     encode_experiments,
     read_header,
 )

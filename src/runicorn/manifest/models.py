@@ -8,10 +8,8 @@ deterministic (fixed key order, compact orjson) so both backends publish identic
 
 from __future__ import annotations
 
-import gzip
 import math
 import re
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -22,6 +20,7 @@ import orjson
 from runicorn import __version__
 from runicorn.gcpause import paused_gc
 from runicorn.layout import run_prefix
+from runicorn.manifest.compression import decompress_capped
 
 
 class ManifestType(str, Enum):
@@ -221,42 +220,9 @@ class SyncManifest:
             return _Validator(source).manifest(document)
 
 
-def decompress_capped(data: bytes, limit: int, *, source: str = "manifest") -> bytes:
-    """Gunzip ``data`` but refuse to produce more than ``limit`` bytes (gzip bombs)."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    parts: list[bytes] = []
-    produced = 0
-    pending = data
-    try:
-        while True:
-            chunk = inflater.decompress(pending, limit + 1 - produced)
-            produced += len(chunk)
-            parts.append(chunk)
-            if produced > limit:
-                raise ValueError(
-                    f"{source} decompresses to more than {limit} bytes; refusing it "
-                    "(a gzip bomb, or a lab too large for this reader's limit)"
-                )
-            if inflater.eof:
-                if inflater.unused_data.strip(b"\0"):
-                    raise ValueError(f"{source} has trailing data after the gzip stream")
-                break
-            pending = inflater.unconsumed_tail
-            if not pending:
-                raise ValueError(f"{source} is a truncated gzip stream")
-    except zlib.error as error:
-        raise ValueError(f"{source} is not valid gzip: {error}") from None
-    return b"".join(parts)
-
-
 def encode_experiments(experiments: Iterable[ExperimentEntry]) -> bytes:
     """The ``experiments`` array of a manifest's JSON, byte for byte as published."""
     return orjson.dumps([exp.to_dict() for exp in experiments])
-
-
-def compress(data: bytes) -> bytes:
-    """Deterministic gzip (no file name, zero mtime) so published bytes depend on content only."""
-    return gzip.compress(data, compresslevel=6, mtime=0)
 
 
 _HEADER_FIELD = re.compile(

@@ -1,0 +1,91 @@
+"""The ``.json.gz`` of a manifest: deterministic gzip out, size-capped gunzip in.
+
+A 100,000-run manifest is about 150 MB of JSON; deflating it on one core took a sixth of a
+full generation. So large documents are deflated in fixed pieces on several threads, as
+``pigz`` does: every piece but the last ends with a sync flush, which closes its deflate
+blocks on a byte boundary without ending the stream, so the pieces join into one ordinary
+gzip member that any reader (``gzip -d``, :func:`gzip.decompress`, a single
+``zlib.decompressobj``) accepts. The pieces have a fixed size, so the bytes depend on the
+content only, never on the thread count; a document of one piece comes out byte for byte
+as :func:`gzip.compress` with ``mtime=0`` makes it.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+from runicorn.cores import usable_cores
+
+COMPRESS_LEVEL = 6
+"""zlib's default: level 9 costs twice the time for about 3 % smaller manifests."""
+
+PIECE_BYTES = 4 * 1024 * 1024
+"""Deflated independently; each piece forgets the 32 KiB window of the one before, which
+costs well under 1 % of the compressed size at this length."""
+
+MAX_COMPRESS_THREADS = 4
+
+_GZIP_HEADER = struct.pack("<BBBBLBB", 0x1F, 0x8B, zlib.DEFLATED, 0, 0, 0, 3)
+"""Magic, deflate, no flags, mtime 0 (bytes depend on content only), no extra flags, OS
+Unix: what zlib, and so :func:`gzip.compress` at level 6 with ``mtime=0``, writes."""
+
+
+def _deflate_piece(piece: memoryview, last: bool) -> bytes:
+    deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = deflater.compress(piece)
+    return body + deflater.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def compress(data: bytes, threads: int | None = None) -> bytes:
+    """Deterministic gzip (no file name, zero mtime) so published bytes depend on content only.
+
+    ``threads`` (default: the usable cores, at most 4) deflate the 4 MiB pieces of a large
+    document concurrently; zlib releases the GIL while it works. The result is the same for
+    every thread count.
+    """
+    view = memoryview(data)
+    starts = range(0, max(len(data), 1), PIECE_BYTES)
+    pieces = [
+        (view[start : start + PIECE_BYTES], start + PIECE_BYTES >= len(data)) for start in starts
+    ]
+    workers = min(len(pieces), threads or min(MAX_COMPRESS_THREADS, usable_cores()))
+    if workers <= 1:
+        bodies = [_deflate_piece(piece, last) for piece, last in pieces]
+        checksum = zlib.crc32(data)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deflate") as pool:
+            futures = [pool.submit(_deflate_piece, piece, last) for piece, last in pieces]
+            checksum = zlib.crc32(data)  # meanwhile, on this thread
+            bodies = [future.result() for future in futures]
+    trailer = struct.pack("<LL", checksum, len(data) & 0xFFFFFFFF)
+    return b"".join((_GZIP_HEADER, *bodies, trailer))
+
+
+def decompress_capped(data: bytes, limit: int, *, source: str = "manifest") -> bytes:
+    """Gunzip ``data`` but refuse to produce more than ``limit`` bytes (gzip bombs)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    produced = 0
+    pending = data
+    try:
+        while True:
+            chunk = inflater.decompress(pending, limit + 1 - produced)
+            produced += len(chunk)
+            parts.append(chunk)
+            if produced > limit:
+                raise ValueError(
+                    f"{source} decompresses to more than {limit} bytes; refusing it "
+                    "(a gzip bomb, or a lab too large for this reader's limit)"
+                )
+            if inflater.eof:
+                if inflater.unused_data.strip(b"\0"):
+                    raise ValueError(f"{source} has trailing data after the gzip stream")
+                break
+            pending = inflater.unconsumed_tail
+            if not pending:
+                raise ValueError(f"{source} is a truncated gzip stream")
+    except zlib.error as error:
+        raise ValueError(f"{source} is not valid gzip: {error}") from None
+    return b"".join(parts)

@@ -1,0 +1,65 @@
+"""The published ``.json.gz``: deflated in pieces on several threads, yet one ordinary gzip
+stream whose bytes depend on the content only."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+import orjson
+import pytest
+
+from runicorn.manifest import compression
+from runicorn.manifest.compression import compress, decompress_capped
+
+
+def _json_like(rows: int) -> bytes:
+    return orjson.dumps(
+        [{"path": f"proj/exp/runs/r{i:06d}/media/step_{i}.png", "size": i * 7} for i in range(rows)]
+    )
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Pieces of 4 KiB, so a test document of a few hundred KiB has dozens of them."""
+    monkeypatch.setattr(compression, "PIECE_BYTES", 4096)
+    return 4096
+
+
+@pytest.mark.parametrize("data", [b"", b"x", b"ab" * 5000, _json_like(100)])
+def test_a_document_of_one_piece_is_what_gzip_compress_makes(data: bytes):
+    assert len(data) <= compression.PIECE_BYTES
+    assert compress(data) == gzip.compress(data, compresslevel=6, mtime=0)
+
+
+def test_pieces_join_into_one_gzip_stream_every_reader_accepts(small_pieces: int):
+    data = _json_like(5000)
+    assert len(data) > 20 * small_pieces
+    packed = compress(data, threads=2)
+    assert gzip.decompress(packed) == data
+    assert decompress_capped(packed, len(data)) == data
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    assert inflater.decompress(packed) == data
+    assert inflater.eof and inflater.unused_data == b""  # one member, not several
+
+
+@pytest.mark.parametrize("length_in_pieces", [1.0, 2.0, 2.5, 7.3])
+def test_the_bytes_do_not_depend_on_the_thread_count(small_pieces: int, length_in_pieces: float):
+    data = _json_like(2000)[: int(length_in_pieces * small_pieces)]
+    one = compress(data, threads=1)
+    assert compress(data, threads=2) == one
+    assert compress(data, threads=5) == one
+    assert gzip.decompress(one) == data
+
+
+def test_pieces_cost_little_compression(small_pieces: int):
+    """Even at 4 KiB (a thousandth of the real piece size) the loss is small."""
+    data = _json_like(20000)
+    whole = len(gzip.compress(data, compresslevel=6, mtime=0))
+    assert len(compress(data)) < whole * 1.5
+
+
+def test_a_truncated_piece_stream_is_refused(small_pieces: int):
+    packed = compress(_json_like(5000))
+    with pytest.raises(ValueError, match="truncated"):
+        decompress_capped(packed[: len(packed) // 2], 10**9)
