@@ -24,14 +24,16 @@ specification, so even their errors are the pure module's.
 """
 
 import os
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
 from libc.errno cimport errno, ENOENT, ENOTDIR, ELOOP, EINTR, ENOSYS
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, strlen
+from libc.string cimport memcpy, strcmp, strlen
 
 from runicorn.core import scan as _pure
 from runicorn.core.scan import (
+    MAX_READ_BYTES,
     REASON_NOT_A_DIRECTORY,
     REASON_NOT_REGULAR,
     REASON_SYMLINK,
@@ -45,6 +47,7 @@ from runicorn.core.scan import (
 from runicorn.layout import RUNS_DIRNAME
 
 __all__ = [
+    "MAX_READ_BYTES",
     "REASON_NOT_A_DIRECTORY",
     "REASON_NOT_REGULAR",
     "REASON_SYMLINK",
@@ -59,6 +62,7 @@ __all__ = [
 
 cdef extern from "Python.h":
     object PyUnicode_DecodeFSDefaultAndSize(const char *s, Py_ssize_t size)
+    bytes PyBytes_FromStringAndSize(const char *s, Py_ssize_t size)
 
 cdef extern from "<dirent.h>" nogil:
     ctypedef struct DIR:
@@ -114,6 +118,7 @@ cdef extern from "<fcntl.h>" nogil:
         O_RDONLY
         O_DIRECTORY
         O_NOFOLLOW
+        O_NONBLOCK
         O_CLOEXEC
         AT_FDCWD
         AT_SYMLINK_NOFOLLOW
@@ -121,6 +126,7 @@ cdef extern from "<fcntl.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     int dup(int fd)
+    Py_ssize_t read(int fd, void *buf, size_t count)
 
 cdef extern from "<sys/stat.h>" nogil:
     ctypedef long long c_off "off_t"
@@ -149,6 +155,7 @@ cdef enum:
     K_RUN = 1          # text: the run id; the files that follow belong to it
     K_FILE = 2         # text: path in run; stat fields
     K_PROBLEM = 3      # text: path relative to the root; code: reason
+    K_CONTENT = 4      # text: the bytes of the file recorded just before
 
 # problem codes: > 0 is an errno ("unreadable: <strerror>")
 cdef enum:
@@ -180,6 +187,9 @@ cdef struct Collector:
     Py_ssize_t n_rel
     Py_ssize_t cap_rel
     bint failed        # out of memory
+    const char *read_names   # run-level names whose bytes are wanted: NUL-separated,
+                             # ended by an empty name; NULL for none
+    char *read_buffer        # MAX_READ_BYTES + 1, allocated when first needed
 
 
 cdef bint _grow(void **buffer, Py_ssize_t *capacity, Py_ssize_t needed, size_t item) noexcept nogil:
@@ -222,6 +232,52 @@ cdef void _problem(Collector *c, int code) noexcept nogil:
     cdef Record *rec = _record(c, K_PROBLEM, c.rel, c.n_rel)
     if rec != NULL:
         rec.code = code
+
+
+cdef Py_ssize_t _max_read = MAX_READ_BYTES
+
+
+cdef bint _wanted(const Collector *c, const char *name) noexcept nogil:
+    cdef const char *wanted = c.read_names
+    if wanted == NULL:
+        return False
+    while wanted[0] != 0:
+        if strcmp(wanted, name) == 0:
+            return True
+        wanted += strlen(wanted) + 1
+    return False
+
+
+cdef void _read_content(Collector *c, int dir_fd, const char *name) noexcept nogil:
+    """Record the bytes of a small file (as ``_read_whole``): nothing when it cannot be
+    opened or read, or holds more than ``MAX_READ_BYTES``."""
+    cdef int fd
+    cdef Py_ssize_t filled = 0
+    cdef Py_ssize_t got
+    if c.read_buffer == NULL:
+        c.read_buffer = <char *>malloc(<size_t>_max_read + 1)
+        if c.read_buffer == NULL:
+            c.failed = True
+            return
+    while True:
+        fd = openat(dir_fd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        if fd >= 0 or errno != EINTR:
+            break
+    if fd < 0:
+        return
+    while filled <= _max_read:
+        got = read(fd, c.read_buffer + filled, <size_t>(_max_read + 1 - filled))
+        if got < 0:
+            if errno == EINTR:
+                continue
+            filled = -1
+            break
+        if got == 0:
+            break
+        filled += got
+    close(fd)
+    if 0 <= filled <= _max_read:
+        _record(c, K_CONTENT, c.read_buffer, filled)
 
 
 cdef Py_ssize_t _push(Collector *c, const char *name, Py_ssize_t length) noexcept nogil:
@@ -419,9 +475,10 @@ cdef int _kind_of(int dir_fd, const char *name, unsigned char d_type) noexcept n
 
 
 cdef void _scan_run_files(Collector *c, int parent, const char *name,
-                          Py_ssize_t in_run_start) noexcept nogil:
+                          Py_ssize_t in_run_start, bint run_level) noexcept nogil:
     """Record every regular file below ``name`` (a run directory or a directory inside one);
-    ``c.rel`` is the directory's path, its part from ``in_run_start`` the path in the run."""
+    ``c.rel`` is the directory's path, its part from ``in_run_start`` the path in the run.
+    In the run directory itself (``run_level``) the wanted files' bytes are recorded too."""
     cdef Listing listing
     cdef int code
     cdef int fd = _open_listing(c, parent, name, &listing, &code)
@@ -441,7 +498,7 @@ cdef void _scan_run_files(Collector *c, int parent, const char *name,
         d_type = listing.types[k]
         old = _push(c, entry, strlen(entry))
         if d_type == DT_DIR:
-            _scan_run_files(c, fd, entry, in_run_start)
+            _scan_run_files(c, fd, entry, in_run_start, False)
         elif d_type == DT_LNK:
             _problem(c, R_SYMLINK)
         elif d_type != DT_REG and d_type != DT_UNKNOWN:
@@ -457,8 +514,10 @@ cdef void _scan_run_files(Collector *c, int parent, const char *name,
                 rec.ctime_s = st.st_ctim.tv_sec
                 rec.ctime_ns = st.st_ctim.tv_nsec
                 rec.inode = st.st_ino
+                if run_level and st.st_size <= _max_read and _wanted(c, entry):
+                    _read_content(c, fd, entry)
         elif S_ISDIR(st.st_mode):
-            _scan_run_files(c, fd, entry, in_run_start)
+            _scan_run_files(c, fd, entry, in_run_start, False)
         elif S_ISLNK(st.st_mode):
             _problem(c, R_SYMLINK)
         else:
@@ -494,7 +553,7 @@ cdef void _scan_runs(Collector *c, int project_fd, const char *runs_path) noexce
             _problem(c, R_SYMLINK)
         elif kind == DT_DIR:
             _record(c, K_RUN, entry, length)
-            _scan_run_files(c, fd, entry, c.n_rel + 1)
+            _scan_run_files(c, fd, entry, c.n_rel + 1, True)
         else:
             _problem(c, R_NOT_A_DIRECTORY)
         _pop(c, old)
@@ -555,6 +614,7 @@ cdef class _Project:
     cdef Collector c
     cdef bytes name_bytes
     cdef str name
+    cdef bytes read_names   # keeps c.read_names alive
 
     def __cinit__(self):
         self.c.records = NULL
@@ -564,8 +624,11 @@ cdef class _Project:
         self.c.n_text = self.c.cap_text = 0
         self.c.n_rel = self.c.cap_rel = 0
         self.c.failed = False
+        self.c.read_names = NULL
+        self.c.read_buffer = NULL
 
     def __dealloc__(self):
+        free(self.c.read_buffer)
         free(self.c.records)
         free(self.c.text)
         free(self.c.rel)
@@ -573,6 +636,8 @@ cdef class _Project:
     cdef tuple scan(self, int root_fd, bytes runs_name):
         cdef const char *project = self.name_bytes
         cdef const char *runs = runs_name
+        if self.read_names is not None:
+            self.c.read_names = self.read_names
         with nogil:
             _scan_project(&self.c, root_fd, project, runs)
         if self.c.failed:
@@ -582,19 +647,28 @@ cdef class _Project:
     cdef tuple convert(self):
         cdef list runs = []
         cdef list problems = []
+        cdef dict contents = {}
         cdef list files = None
         cdef Py_ssize_t k
         cdef Record *rec
         cdef str project = self.name
         cdef object experiment = None
+        cdef object run_id = None
+        cdef object path_in_run = None
         cdef dict reasons = {}
         for k in range(self.c.n_records):
             rec = &self.c.records[k]
+            if rec.kind == K_CONTENT:
+                contents[f"{project}/{experiment}/{RUNS_DIRNAME}/{run_id}/{path_in_run}"] = \
+                    PyBytes_FromStringAndSize(self.c.text + rec.offset, rec.length)
+                continue
             text = PyUnicode_DecodeFSDefaultAndSize(self.c.text + rec.offset, rec.length)
             if rec.kind == K_FILE:
+                path_in_run = text
                 files.append((text, rec.size, _ns(rec.mtime_s, rec.mtime_ns),
                               _ns(rec.ctime_s, rec.ctime_ns), rec.inode))
             elif rec.kind == K_RUN:
+                run_id = text
                 if files is not None:
                     files.sort()
                 files = []
@@ -608,7 +682,7 @@ cdef class _Project:
                 problems.append((text, reason))
         if files is not None:
             files.sort()  # path_in_run is unique within a run: only it is ever compared
-        return runs, problems
+        return runs, problems, contents
 
 
 cdef inline object _ns(long long seconds, long long nanoseconds):
@@ -633,15 +707,28 @@ cdef tuple _scan_one(_Project project, int root_fd, bytes runs_name):
     return project.scan(root_fd, runs_name)
 
 
-def scan_experiments(root: str, threads: int = 1) -> ScanResult:
+def _read_names_blob(read) -> bytes | None:
+    """The spec's checked names as the C walk wants them (see ``Collector.read_names``); a
+    name the file system cannot encode matches no entry, as in the pure module."""
+    encoded = []
+    for name in sorted(_pure._read_names(read)):
+        try:
+            encoded.append(os.fsencode(name) + b"\0")
+        except UnicodeEncodeError:
+            continue
+    return b"".join(encoded) + b"\0" if encoded else None
+
+
+def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) -> ScanResult:
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    read_names = _read_names_blob(read)
     try:
         path = os.fspath(root)
     except TypeError:
         path = None
     if type(path) is not str or "\0" in path:
-        return _pure.scan_experiments(root, threads)
+        return _pure.scan_experiments(root, threads, read)
     cdef bytes root_bytes = os.fsencode(path)
     cdef const char *c_root = root_bytes
     cdef bytes runs_name = os.fsencode(RUNS_DIRNAME)
@@ -684,6 +771,7 @@ def scan_experiments(root: str, threads: int = 1) -> ScanResult:
                 project = _Project()
                 project.name_bytes = <bytes>entry
                 project.name = name
+                project.read_names = read_names
                 projects.append(project)
         if threads == 1 or len(projects) < 2:
             parts = [_scan_one(p, fd, runs_name) for p in projects]
@@ -694,12 +782,14 @@ def scan_experiments(root: str, threads: int = 1) -> ScanResult:
         _free_listing(&listing)
         close(fd)
     cdef list runs = []
-    for project_runs, project_problems in parts:
+    cdef dict contents = {}
+    for project_runs, project_problems, project_contents in parts:
         runs.extend(project_runs)
         problems.extend(project_problems)
+        contents.update(project_contents)
     runs.sort()  # (project, name, run_id) is unique: the file lists are never compared
     problems.sort()
-    return ScanResult(runs, problems)
+    return ScanResult(runs, problems, contents)
 
 
 scan_experiments.__doc__ = _pure.scan_experiments.__doc__

@@ -201,12 +201,15 @@ def scratch():
         shutil.rmtree(path, ignore_errors=True)
 
 
+read_names = st.lists(st.sampled_from([*ODD_NAMES, "meta.json", "a/b", "\ud800", ""]), max_size=4)
+
+
 @SETTINGS
-@given(tree=trees, threads=st.sampled_from([1, 1, 2, 3]))
-def test_scan_of_random_trees_matches(both, scratch, tree, threads):
+@given(tree=trees, threads=st.sampled_from([1, 1, 2, 3]), read=read_names)
+def test_scan_of_random_trees_matches(both, scratch, tree, threads, read):
     root = scratch()
     materialise(root, tree)
-    assert_same(both, "scan_experiments", root, threads)
+    assert_same(both, "scan_experiments", root, threads, read)
 
 
 @SETTINGS
@@ -223,6 +226,11 @@ def test_scan_result_does_not_depend_on_threads(both, scratch, tree):
 @pytest.mark.parametrize("threads", [0, -1, "2", None, 2.0])
 def test_scan_argument_errors_match(both, tmp_path, threads):
     assert_same(both, "scan_experiments", str(tmp_path), threads)
+
+
+@pytest.mark.parametrize("read", ["meta.json", [b"meta.json"], [1], None, 7, iter(["x"])], ids=repr)
+def test_scan_read_argument_errors_match(both, tmp_path, read):
+    assert_same(both, "scan_experiments", str(tmp_path), 1, read)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +255,10 @@ native, python = load_backend("native"), load_backend("python")
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 def outcome(call):
     try:
-        return ["returned", repr(call())]
+        result = call()
+        if hasattr(result, "contents"):  # a dict: equal in any order, but repr is not
+            result = result._replace(contents=sorted(result.contents.items()))
+        return ["returned", repr(result)]
     except Exception as error:
         return ["raised", type(error).__name__, str(error)]
 root = sys.argv[1]
@@ -255,6 +266,10 @@ requests = [(p, 3, c) for p in ("p/e/runs/r/locked.txt", "p/e/runs/r/meta.json")
 print(json.dumps({
     "scan": [outcome(lambda: b.scan_experiments(root)) for b in (native, python)],
     "scan_threads": [outcome(lambda: b.scan_experiments(root, 2)) for b in (native, python)],
+    "scan_read": [
+        outcome(lambda: b.scan_experiments(root, 1, ["meta.json", "locked.txt"]))
+        for b in (native, python)
+    ],
     "unlistable_root": [
         outcome(lambda: b.scan_experiments(root + "/p0")) for b in (native, python)
     ],

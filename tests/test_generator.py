@@ -35,6 +35,7 @@ import pytest
 from blake3 import blake3
 
 from runicorn.atomic import TEMP_PREFIX
+from runicorn.core.scan import MAX_READ_BYTES
 from runicorn.manifest import (
     ManifestGenerationError,
     ManifestGenerator,
@@ -560,6 +561,42 @@ def test_a_rewrite_with_the_same_size_and_mtime_is_hashed_again(lab, make_genera
     second = _entries(generator.generate()[0])[str(log.relative_to(lab))]
     assert second["tail_hash"] != first["tail_hash"]
     assert second["tail_hash"] == _tail_hash(log.read_bytes(), second["size"])
+
+
+@pytest.fixture
+def scan_spy(backend):
+    """The backend under test, recording the file names each scan was asked to read."""
+    asked: list[tuple[str, ...]] = []
+
+    def scan_experiments(root, threads, read=()):
+        asked.append(tuple(read))
+        return backend.scan_experiments(root, threads, read)
+
+    return dataclasses.replace(backend, scan_experiments=scan_experiments), asked
+
+
+def test_the_scan_reads_run_metadata_only_when_there_are_no_memos(lab, scan_spy):
+    spied, asked = scan_spy
+    generator = ManifestGenerator(lab, backend=spied, clock=lambda: NOW)
+    first, _ = generator.generate()
+    _write(lab / "proj/exp/runs/20240101_000000_000001/status.json", '{"status":"failed"}', NOW)
+    second, _ = generator.generate()
+    ManifestGenerator(lab, backend=spied, clock=lambda: NOW, incremental=False).generate()
+    assert asked == [("meta.json", "status.json"), (), ("meta.json", "status.json")]
+    statuses = [
+        {exp.run_id: exp.status for exp in manifest.experiments} for manifest in (first, second)
+    ]
+    assert statuses[0]["20240101_000000_000001"] == "finished"
+    assert statuses[1]["20240101_000000_000001"] == "failed"
+
+
+def test_metadata_too_large_for_the_scan_to_read_is_still_parsed(lab, make_generator):
+    run = lab / "proj/exp/runs/20240101_000000_000001"
+    padding = " " * MAX_READ_BYTES
+    _write(run / "status.json", '{"status": "failed",' + padding + '"x": 1}', NOW - HOUR)
+    manifest, _ = make_generator(lab).generate()
+    exp = next(e for e in manifest.experiments if e.run_id == "20240101_000000_000001")
+    assert exp.status == "failed"
 
 
 def test_status_rewritten_in_place_is_read_again(lab, make_generator):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from runicorn.core.scan import (
+    MAX_READ_BYTES,
     REASON_NOT_A_DIRECTORY,
     REASON_NOT_REGULAR,
     REASON_SYMLINK,
@@ -109,7 +110,7 @@ def test_hidden_files_inside_a_run_are_listed(backend, tmp_path):
 
 def test_experiment_without_runs_directory_is_skipped_silently(backend, tmp_path):
     (tmp_path / "p/new-experiment").mkdir(parents=True)
-    assert backend.scan_experiments(str(tmp_path)) == ScanResult([], [])
+    assert backend.scan_experiments(str(tmp_path)) == ScanResult([], [], {})
 
 
 def test_empty_run_directory_is_a_run_without_files(backend, tmp_path):
@@ -213,3 +214,56 @@ def test_root_that_is_a_file_raises_not_a_directory(backend, tmp_path):
 
 def test_root_may_be_a_path_object(backend, lab):
     assert backend.scan_experiments(lab) == backend.scan_experiments(str(lab))
+
+
+# --- reading small run-level files during the scan --------------------------------------
+
+
+def test_read_returns_the_named_run_level_files_by_root_relative_path(backend, lab):
+    result = backend.scan_experiments(str(lab), 1, ("meta.json", "status.json"))
+    assert result.contents == {
+        "vision/resnet/runs/20250101_000000_aaaaaa/meta.json": b"{}",
+        "vision/resnet/runs/20250102_000000_bbbbbb/meta.json": b"{}",
+        "nlp/bert/runs/20250103_000000_cccccc/status.json": b'{"status": "running"}',
+    }
+    assert result.runs == backend.scan_experiments(str(lab)).runs
+    assert backend.scan_experiments(str(lab)).contents == {}
+
+
+def test_read_skips_subdirectories_large_files_and_links(backend, tmp_path):
+    limit = MAX_READ_BYTES
+    make(
+        tmp_path,
+        {
+            "p/e/runs/r/media/meta.json": "nested",
+            "p/e/runs/r/meta.json": b"x" * limit,
+            "p/e/runs/r/status.json": b"y" * (limit + 1),
+            "p/e/runs/r/summary.json": "",
+        },
+    )
+    os.symlink("meta.json", tmp_path / "p/e/runs/r/logs.txt")
+    result = backend.scan_experiments(
+        str(tmp_path), 2, ["meta.json", "status.json", "summary.json", "logs.txt"]
+    )
+    assert result.contents == {
+        "p/e/runs/r/meta.json": b"x" * limit,
+        "p/e/runs/r/summary.json": b"",
+    }
+
+
+def test_read_with_threads_gives_the_same_contents(backend, lab):
+    names = {"meta.json", "status.json"}
+    assert backend.scan_experiments(str(lab), 4, names) == backend.scan_experiments(
+        str(lab), 1, names
+    )
+
+
+def test_read_names_that_cannot_name_a_file_match_nothing(backend, lab):
+    odd = ["resnet/meta.json", "meta.json\0", "", "\udcff", "\ud800"]
+    assert backend.scan_experiments(str(lab), 1, odd).contents == {}
+
+
+@pytest.mark.parametrize("read", ["meta.json", [b"meta.json"], [None]], ids=repr)
+def test_read_must_be_a_collection_of_names(backend, lab, read):
+    with pytest.raises(TypeError, match="read must be a collection of file names"):
+        backend.scan_experiments(str(lab), 1, read)

@@ -45,6 +45,9 @@ MAX_LOGGED_PROBLEMS = 50
 
 HEADER_PROBE_BYTES = 4096
 
+RUN_METADATA = ("meta.json", "status.json")
+"""The run files a generation parses (status, creation time)."""
+
 REUSE_MARGIN_NS = 2_000_000_000
 """A file is reused only if its mtime is this much older than the previous scan's start.
 
@@ -181,9 +184,12 @@ class ManifestGenerator:
             report.warnings.append(previous.warning)
             logger.warning("%s", previous.warning)
         memo = previous if self.incremental else GeneratorState()
+        # Without memos every run's metadata is parsed: let the scan read it while it holds
+        # the run's directory. With memos most runs are reused and only changed ones are read.
+        read = () if self.incremental and previous.memo_path is not None else RUN_METADATA
         scan_started_ns = time.time_ns()
         try:
-            scan = self.backend.scan_experiments(str(self.remote_root), self.scan_threads)
+            scan = self.backend.scan_experiments(str(self.remote_root), self.scan_threads, read)
         except OSError as error:
             raise ManifestGenerationError(
                 f"cannot read the experiments root {self.remote_root}: {error.strerror or error}"
@@ -210,7 +216,7 @@ class ManifestGenerator:
         # if it were empty: leave it out (its problem is reported) rather than publish that.
         unlisted = {path for path, _ in scan.problems}
         runs = [run for run in scan.runs if layout.run_prefix(*run[:3])[:-1] not in unlisted]
-        experiments = self._build_experiments(runs, tags, memo, next_state, report)
+        experiments = self._build_experiments(runs, scan.contents, tags, memo, next_state, report)
         if manifest_type is ManifestType.ACTIVE:
             horizon = now - self.active_window_seconds
             experiments = [
@@ -273,6 +279,7 @@ class ManifestGenerator:
     def _build_experiments(
         self,
         runs: list,
+        contents: dict[str, bytes],
         tags: dict[str, list[str]],
         memo: GeneratorState,
         next_state: GeneratorState,
@@ -283,7 +290,8 @@ class ManifestGenerator:
         reuse_before = memo.scan_started_ns - REUSE_MARGIN_NS
         pending: list[tuple[FileEntry, str, tuple]] = []
         experiments: list[ExperimentEntry] = []
-        is_synced, priority_for = layout.is_synced_file, layout.priority_for
+        # Runs repeat the same few names (meta.json, logs.txt, media/...): classify each once.
+        kinds: dict[str, tuple[int, bool] | None] = {}
         for project, name, run_id, records in runs:
             prefix = layout.run_prefix(project, name, run_id)
             files: list[FileEntry] = []
@@ -291,21 +299,19 @@ class ManifestGenerator:
             deleted = False
             for record in records:
                 path_in_run = record[0]
-                if path_in_run == layout.DELETED_MARKER:
-                    deleted = True
-                    break
-                if not is_synced(path_in_run):
+                try:
+                    kind = kinds[path_in_run]
+                except KeyError:
+                    kind = kinds[path_in_run] = _classify(path_in_run)
+                if kind is None:
+                    if path_in_run == layout.DELETED_MARKER:
+                        deleted = True
+                        break
                     continue
                 by_name[path_in_run] = record
                 path = prefix + path_in_run
-                append_only = path_in_run in layout.APPEND_ONLY_FILES
-                entry = FileEntry(
-                    path,
-                    record[1],
-                    record[2] / 1_000_000_000,
-                    priority_for(path_in_run),
-                    append_only,
-                )
+                priority, append_only = kind
+                entry = FileEntry(path, record[1], record[2] / 1_000_000_000, priority, append_only)
                 if append_only:
                     known = memo.files.get(path)
                     if (
@@ -322,7 +328,7 @@ class ManifestGenerator:
             if deleted:
                 continue  # soft-deleted: the user no longer wants it listed
             exp = self._describe_run(
-                project, name, run_id, files, by_name, memo, next_state, report
+                project, name, run_id, files, by_name, contents, memo, next_state, report
             )
             exp.tags = tags.get(run_id)
             experiments.append(exp)
@@ -358,11 +364,13 @@ class ManifestGenerator:
         run_id: str,
         files: list[FileEntry],
         by_name: dict[str, tuple],
+        contents: dict[str, bytes],
         memo: GeneratorState,
         next_state: GeneratorState,
         report: GenerationReport,
     ) -> ExperimentEntry:
-        """Status and creation time from meta.json / status.json (cached while unchanged)."""
+        """Status and creation time from meta.json / status.json (cached while unchanged;
+        their bytes come from ``contents`` when the scan read them)."""
         prefix = layout.run_prefix(project, name, run_id)
         meta_key = _stat_key(by_name["meta.json"]) if "meta.json" in by_name else None
         status_key = _stat_key(by_name["status.json"]) if "status.json" in by_name else None
@@ -380,8 +388,8 @@ class ManifestGenerator:
         ):
             run_memo = known
         else:
-            meta_doc = self._read_run_json(prefix, "meta.json", meta_key, report)
-            status_doc = self._read_run_json(prefix, "status.json", status_key, report)
+            meta_doc = self._read_run_json(prefix, "meta.json", meta_key, contents, report)
+            status_doc = self._read_run_json(prefix, "status.json", status_key, contents, report)
             created = layout.derive_created_at(meta_doc, status_doc, fallback=float("nan"))
             run_memo = RunMemo(
                 meta_key=meta_key,
@@ -403,13 +411,19 @@ class ManifestGenerator:
         )
 
     def _read_run_json(
-        self, prefix: str, filename: str, key: StatKey | None, report: GenerationReport
+        self,
+        prefix: str,
+        filename: str,
+        key: StatKey | None,
+        contents: dict[str, bytes],
+        report: GenerationReport,
     ) -> dict | None:
         if key is None:
             return None
-        path = os.path.join(self._root_str, prefix, filename)
+        data = contents.get(prefix + filename)
         try:
-            data = _read_small_file(path, size_hint=key[0])
+            if data is None:  # not read by the scan: large, unreadable there, or memoised
+                data = _read_small_file(os.path.join(self._root_str, prefix, filename), key[0])
         except OSError as error:
             message = f"{prefix}{filename}: cannot be read ({error.strerror}); using defaults"
             report.warnings.append(message)
@@ -520,6 +534,13 @@ class ManifestGenerator:
             logger.warning("skipped %s: %s", path, reason)
         if len(problems) > MAX_LOGGED_PROBLEMS:
             logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
+
+
+def _classify(path_in_run: str) -> tuple[int, bool] | None:
+    """(priority, append-only) of a file a manifest lists, ``None`` for one it leaves out."""
+    if not layout.is_synced_file(path_in_run):
+        return None
+    return layout.priority_for(path_in_run), layout.is_append_only(path_in_run)
 
 
 def _hash_pair(data: bytes, packed: bytes) -> str:
