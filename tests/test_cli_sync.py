@@ -4,6 +4,7 @@ config, and against a local directory, with the documented exit codes."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
+from _sync_helpers import assert_cache_equals_server
 from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.manifest import ManifestGenerator
@@ -364,3 +366,33 @@ def test_sigterm_exits_143_with_a_message(tmp_path: Path, monkeypatch) -> None:
     result = CliRunner().invoke(main, ["sync", str(lab), str(tmp_path / "cache"), "--json"])
     assert result.exit_code == 143
     assert '"exit_code":143' in result.output
+
+
+@pytest.mark.sshd
+@pytest.mark.parametrize("workers", ["1", "8"])
+def test_a_low_open_file_limit_slows_the_sync_down_instead_of_failing_files(
+    lab: LabInfo, ssh_config: Path, tmp_path: Path, workers: str
+) -> None:
+    """With 128 files in flight per channel a default ``ulimit -n`` of 1024 runs out at 8
+    workers; the transfer keeps its open files within what the limit leaves."""
+    open_now = len(os.listdir("/proc/self/fd"))
+    assert lab.listed_files > 24  # more files than the limit below leaves room for
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 24, hard))
+    try:
+        result = _run(
+            "sync",
+            f"labserver:{lab.root}",
+            str(tmp_path / "cache"),
+            "--ssh-config",
+            str(ssh_config),
+            "--workers",
+            workers,
+            "--json",
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    stats = _stats(result)
+    assert (stats["files_synced"], stats["failed_count"]) == (lab.listed_files, 0)
+    assert_cache_equals_server(lab.root, tmp_path / "cache")

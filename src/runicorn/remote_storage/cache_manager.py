@@ -22,7 +22,6 @@ import contextlib
 import errno
 import logging
 import os
-import resource
 import shutil
 import sqlite3
 import stat
@@ -36,6 +35,7 @@ from pathlib import Path
 import orjson
 
 from runicorn.atomic import TEMP_PREFIX, exclusive_lock
+from runicorn.fd_budget import directory_handle_share, soft_limit
 from runicorn.layout import run_prefix
 
 logger = logging.getLogger(__name__)
@@ -206,13 +206,10 @@ def _run_key(path: str) -> tuple[str, str, str] | None:
 
 
 def _directory_handle_limit() -> int:
-    try:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):
-        return 16
-    if soft == resource.RLIM_INFINITY:
+    limit = soft_limit()
+    if limit is None:
         return MAX_DIRECTORY_HANDLES
-    return max(1, min(MAX_DIRECTORY_HANDLES, soft // 8))
+    return min(MAX_DIRECTORY_HANDLES, directory_handle_share(limit))
 
 
 class LocalCacheManager:

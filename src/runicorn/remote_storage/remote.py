@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from runicorn.fd_budget import files_in_flight_per_channel
 from runicorn.remote_storage.sftp_pipeline import (
     DEFAULT_DEPTH,
     DEFAULT_READ_SIZE,
@@ -592,9 +593,11 @@ class SftpRemote:
         pipes: list[SftpPipeline],
         make_feed: Callable[[], Callable[[], Operation | None]],
         on_exit: Callable[[BaseException | None], None],
+        max_open: int | None = None,
     ) -> tuple[list[Callable[[], None]], Callable[[], None], Callable[[], None]]:
-        """Thread targets driving each pipe (or the borrowed channel if there is none), an
-        interrupt that makes them stop at once, and a cleanup to run after they are joined."""
+        """Thread targets driving each pipe (or the borrowed channel if there is none), each
+        with at most ``max_open`` operations open, an interrupt that makes them stop at once,
+        and a cleanup to run after they are joined."""
         borrowed_lock_held = False
         if not pipes:
             if not self._borrow_lock.acquire(blocking=False):
@@ -606,7 +609,7 @@ class SftpRemote:
             def target() -> None:
                 error: BaseException | None = None
                 try:
-                    pipe.run(make_feed())
+                    pipe.run(make_feed(), max_open=max_open)
                 except BaseException as failure:
                     error = failure
                     if not isinstance(failure, (ConnectionError, TimeoutError)):
@@ -687,7 +690,11 @@ class SftpRemote:
 
             return feed
 
-        targets, interrupt, cleanup = self._run_on_pipes(pipes, make_feed, run.worker_exit)
+        # Every file in flight holds a temp file open on this side.
+        max_open = files_in_flight_per_channel(max(1, len(pipes)), self.depth)
+        targets, interrupt, cleanup = self._run_on_pipes(
+            pipes, make_feed, run.worker_exit, max_open
+        )
         try:
             _run_fetch(run, targets, interrupt)
         finally:
