@@ -11,6 +11,7 @@ import paramiko
 import pytest
 
 from runicorn.remote_storage.ssh import (
+    AEAD_CIPHERS,
     ChangedHostKeyError,
     SshAuthenticationError,
     SshConfigError,
@@ -171,6 +172,35 @@ def test_parse_destination(destination: str, expected: tuple[str | None, str]) -
 def test_parse_destination_refuses_malformed_input(destination: str) -> None:
     with pytest.raises(SshConfigError):
         parse_destination(destination)
+
+
+def test_aes_gcm_is_negotiated_with_openssh(sshd_server: SshServer, tmp_path: Path) -> None:
+    client = _connect(sshd_server, sshd_server.known_hosts_path)
+    try:
+        transport = client.get_transport()
+        assert transport is not None
+        assert (transport.local_cipher, transport.remote_cipher) == (AEAD_CIPHERS[0],) * 2
+        sftp = client.open_sftp()
+        payload = bytes(range(256)) * 4096  # 1 MiB: many packets under the AEAD cipher
+        target = str(tmp_path / "gcm-check")
+        with sftp.open(target, "wb") as handle:
+            handle.write(payload)
+        with sftp.open(target, "rb") as handle:
+            assert handle.read() == payload
+    finally:
+        client.close()
+
+
+def test_a_server_without_aes_gcm_gets_aes_ctr(sshd_factory) -> None:
+    server = sshd_factory(extra_config=["Ciphers aes128-ctr,aes256-ctr"])
+    client = _connect(server, server.known_hosts_path)
+    try:
+        transport = client.get_transport()
+        assert transport is not None and transport.local_cipher == "aes128-ctr"
+        _, stdout, _ = client.exec_command("echo ok", timeout=10)
+        assert stdout.read().strip() == b"ok"
+    finally:
+        client.close()
 
 
 def test_password_only_server_fails_fast_instead_of_prompting(sshd_factory, tmp_path: Path) -> None:
