@@ -14,6 +14,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from runicorn.remote_storage import remote as remote_module
 from runicorn.remote_storage.remote import (
     FetchCancelled,
     FetchJob,
@@ -408,3 +409,44 @@ def test_read_prefixes_pipelines_the_opens_and_does_not_wait_for_the_closes(
     # Every CLOSE reached the server: two files, and the listing of the user's client.
     assert counts.by_type.get("open") == 3 and counts.by_type.get("close") == 3, counts.by_type
     assert counts.sessions == 0
+
+
+# --- the event queue between the workers and the caller's thread -------------------------------
+
+
+def test_queued_data_waits_for_room_by_bytes_not_by_event_count(monkeypatch) -> None:
+    monkeypatch.setattr(remote_module, "_EVENT_QUEUE_BYTES", 1000)
+    run = remote_module._FetchRun([], lambda result: None, None)
+    for offset in range(0, 800, 8):
+        run.data(0, offset, b"x" * 8)  # a hundred tiny events fit at once
+    posted = threading.Event()
+    worker = threading.Thread(target=lambda: (run.data(0, 800, b"y" * 300), posted.set()))
+    worker.start()
+    assert not posted.wait(0.3), "the queue took more bytes than its bound"
+    _, _, _, data = run.events.get_nowait()
+    run._taken(len(data))  # 8 bytes freed: still no room for 300
+    assert not posted.wait(0.2)
+    while not run.events.empty():
+        run._taken(len(run.events.get_nowait()[3]))
+    assert posted.wait(5)
+    worker.join(5)
+    assert run.events.get_nowait()[3] == b"y" * 300
+
+
+def test_an_event_larger_than_the_bound_passes_an_empty_queue(monkeypatch) -> None:
+    monkeypatch.setattr(remote_module, "_EVENT_QUEUE_BYTES", 10)
+    run = remote_module._FetchRun([], lambda result: None, None)
+    run.data(0, 0, b"z" * 100)
+    assert run.events.get_nowait()[3] == b"z" * 100
+
+
+def test_stopping_releases_a_worker_waiting_for_room(monkeypatch) -> None:
+    monkeypatch.setattr(remote_module, "_EVENT_QUEUE_BYTES", 10)
+    run = remote_module._FetchRun([], lambda result: None, None)
+    run.data(0, 0, b"a" * 10)
+    worker = threading.Thread(target=run.data, args=(0, 10, b"b" * 10))
+    worker.start()
+    run.stopping.set()
+    worker.join(5)
+    assert not worker.is_alive()
+    assert run.events.qsize() == 1  # the late event is dropped, as every post after a stop

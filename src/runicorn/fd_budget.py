@@ -1,8 +1,8 @@
 """How many files this process may still open, for sizing what a transfer keeps open at once.
 
-A transfer holds a temp file open for every file in flight: 128 per SFTP channel, so eight
-workers alone would take a whole default ``ulimit -n`` of 1024, and the files beyond it would
-fail with "Too many open files" instead of waiting their turn.
+A transfer holds a temp file open for every file in flight: up to 256 per SFTP channel, so
+four workers alone would take a whole default ``ulimit -n`` of 1024, and the files beyond it
+would fail with "Too many open files" instead of waiting their turn.
 """
 
 from __future__ import annotations
