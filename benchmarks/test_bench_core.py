@@ -4,7 +4,8 @@ Groups: scanning a 1,000-run and a 10,000-run lab (about 10 small files per run,
 ``media/`` subdirectory each; warm page cache) against ``os.walk`` + ``os.lstat`` in Python
 and ``find -printf``; a full scan + generate of the same labs (``find -printf`` beside it);
 diffing 10^5 and 10^6 manifest entries; tail-hashing 10^4 files; decoding (gunzip, parse,
-validate) and encoding (JSON, gzip) the 10,000-run lab's manifest of 100,000 entries.
+validate) and encoding (JSON, gzip) the 10,000-run lab's manifest of 100,000 entries;
+building the file entries of that lab from its scan.
 Every benchmark also checks its result, so ``--benchmark-disable`` makes them a test run.
 The labs are built here (not by ``runicorn.sample_lab``) so the numbers do not move when
 the sample generator changes.
@@ -21,6 +22,7 @@ import pytest
 
 from runicorn.manifest import ManifestGenerator, SyncManifest
 from runicorn.manifest.compression import compress
+from runicorn.manifest.state import FileMemo
 
 EVENT_LINE = b'{"step": 123, "loss": 0.123456, "acc": 0.987654, "time": 1735689600.5}\n'
 EVENTS = EVENT_LINE * 110 + b'{"step": 124, "lo'  # ~8 KiB ending in a half-written line
@@ -157,8 +159,8 @@ def published_manifest(labs, tmp_path_factory) -> tuple[bytes, bytes]:
     return path.read_bytes(), path.with_name(path.name + ".gz").read_bytes()
 
 
-# The manifest model is one pure-Python module over orjson that both backends share, so
-# these two run once, not per backend: a second row would time the same code.
+# Decoding is one pure-Python module over orjson that both backends share, so it runs once,
+# not per backend: a second row would time the same code.
 def test_manifest_decode_100k_entries(benchmark, published_manifest):
     """What a client does with a downloaded manifest: gunzip (bounded), parse, validate
     every entry (types, sizes, path rules)."""
@@ -168,18 +170,40 @@ def test_manifest_decode_100k_entries(benchmark, published_manifest):
     assert manifest.total_files == 100_000
 
 
-def test_manifest_encode_100k_entries(benchmark, published_manifest):
-    """What the generator does to publish: the model to compact JSON, then gzip."""
+def test_manifest_encode_100k_entries(benchmark, backend, published_manifest):
+    """What the generator does to publish: the entries to compact JSON (the backend's
+    ``encode_experiments``), the header around them, then gzip."""
     data, packed = published_manifest
     manifest = SyncManifest.from_json(data)
     benchmark.group = "manifest encode / decode, 100,000 entries"
 
     def encode() -> tuple[bytes, bytes]:
-        encoded = manifest.to_json()
+        encoded = manifest.to_json(backend.encode_experiments(manifest.experiments))
         return encoded, compress(encoded)
 
     encoded, compressed = benchmark.pedantic(encode, rounds=5, warmup_rounds=1)
     assert (encoded, compressed) == (data, packed)
+
+
+def test_build_file_entries_of_100k_files(benchmark, backend, labs):
+    """The generator's per-file step between scan and hashing: classify each file, build
+    its entry, reuse the memo of an unchanged log (here: every log has one)."""
+    root = labs(10_000)
+    scan = backend.scan_experiments(str(root), 1, ())
+    first = backend.build_file_entries(scan.runs, {}, 0, ("meta.json", "status.json"))
+    memos = {
+        entry.path: FileMemo((record[1], record[2], record[3], record[4]), 1, "ab" * 16)
+        for entry, record in first.stale
+    }
+    benchmark.group = "file entries, 100,000 files"
+    built = benchmark.pedantic(
+        backend.build_file_entries,
+        (scan.runs, memos, 1 << 62, ("meta.json", "status.json")),
+        rounds=5,
+        warmup_rounds=1,
+    )
+    assert sum(len(run.files) for run in built.runs) == 100_000
+    assert len(built.reused) == 20_000 and not built.stale
 
 
 # --------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ are handed to the specification one by one, in order, so even their errors are i
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from blake3 import blake3
 
@@ -32,6 +33,7 @@ from libc.errno cimport errno, EINTR
 from libc.stdlib cimport malloc, free
 from libc.string cimport memmove
 
+from runicorn.cores import usable_cores
 from runicorn.core import tailhash as _pure
 from runicorn.core.tailhash import DIGEST_BYTES, TAIL_WINDOW, TailRequest, TailResult, digest
 
@@ -63,6 +65,9 @@ cdef struct Job:
 # a batch holds this many window bytes before it is hashed (one big file may exceed it)
 cdef long long BATCH_BYTES = 4 << 20
 cdef long long MAX_SIZE = 1 << 62
+# threads reading one batch's windows (the caller's and helpers): file opens are system calls
+# that wait on the file system (a network round trip on NFS), so they overlap well
+cdef int MAX_THREADS = 4
 
 
 cdef int _pread_exact(int fd, char *buf, long long length, long long offset) noexcept nogil:
@@ -120,24 +125,57 @@ cdef bint _tail_of_open_file(int fd, Job *job, long long window) noexcept nogil:
     return True
 
 
-cdef void _run_jobs(Job *jobs, Py_ssize_t count, long long window) noexcept nogil:
-    cdef Py_ssize_t k
+cdef void _run_job(Job *job, long long window) noexcept nogil:
     cdef int fd
-    cdef Job *job
-    for k in range(count):
-        job = &jobs[k]
-        job.ok = False
-        while True:
-            fd = c_open(job.path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-            if fd >= 0 or errno != EINTR:
-                break
-        if fd < 0:
-            continue
-        job.ok = _tail_of_open_file(fd, job, window)
-        close(fd)
+    job.ok = False
+    while True:
+        fd = c_open(job.path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        if fd >= 0 or errno != EINTR:
+            break
+    if fd < 0:
+        return
+    job.ok = _tail_of_open_file(fd, job, window)
+    close(fd)
 
 
-cdef void _flush(list batch, list results, long long window) except *:
+cdef extern from *:
+    """
+    static inline Py_ssize_t runicorn_claim(Py_ssize_t *next) {
+        return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+    }
+    """
+    Py_ssize_t runicorn_claim(Py_ssize_t *next) noexcept nogil
+
+
+cdef struct Work:
+    Job *jobs
+    Py_ssize_t count
+    Py_ssize_t next       # the next job to claim, shared by every thread reading the batch
+    long long window
+
+
+cdef void _work(Work *work) noexcept nogil:
+    """Claim and run jobs until none is left (each thread of a batch runs this)."""
+    cdef Py_ssize_t k
+    while True:
+        k = runicorn_claim(&work.next)
+        if k >= work.count:
+            return
+        _run_job(&work.jobs[k], work.window)
+
+
+def _help(size_t address) -> None:
+    """Body of a helper thread: read windows of the batch whose ``Work`` is at ``address``."""
+    with nogil:
+        _work(<Work *>address)
+
+
+# A batch is shared with helper threads only when it has this many files: below it, starting
+# them costs more than the system calls it spreads.
+cdef Py_ssize_t MIN_JOBS_TO_SHARE = 64
+
+
+cdef void _flush(list batch, list results, long long window, object pool, int helpers) except *:
     """Read the windows of a batch of ``(index, path bytes, size, cut)`` and hash them."""
     cdef Py_ssize_t count = len(batch)
     cdef Py_ssize_t k
@@ -147,6 +185,7 @@ cdef void _flush(list batch, list results, long long window) except *:
     cdef char *base
     cdef bytearray buffer
     cdef bytes path
+    cdef Work work
     if count == 0:
         return
     for item in batch:
@@ -167,8 +206,17 @@ cdef void _flush(list batch, list results, long long window) except *:
             jobs[k].slot = base + total
             room = min(jobs[k].size, window)
             total += room
+        work.jobs = jobs
+        work.count = count
+        work.next = 0
+        work.window = window
+        started = []
+        if pool is not None and count >= MIN_JOBS_TO_SHARE:
+            started = [pool.submit(_help, <size_t>&work) for _ in range(helpers)]
         with nogil:
-            _run_jobs(jobs, count, window)
+            _work(&work)
+        for future in started:
+            future.result()
         view = memoryview(buffer)
         for k in range(count):
             if jobs[k].ok:
@@ -200,6 +248,19 @@ def hash_tails(
     if type(window) is not int or window > MAX_SIZE:
         return _pure.hash_tails(root, requests, window)
     cdef long long c_window = window
+    cdef int helpers = min(MAX_THREADS, usable_cores()) - 1
+    pool = None
+    if helpers > 0 and (not hasattr(requests, "__len__") or len(requests) >= MIN_JOBS_TO_SHARE):
+        pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="runicorn-tails")
+    try:
+        return _hash_all(root, requests, window, c_window, pool, helpers)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+cdef list _hash_all(object root, object requests, object window, long long c_window,
+                    object pool, int helpers):
     cdef list results = []
     cdef list batch = []
     cdef long long batch_bytes = 0
@@ -240,11 +301,11 @@ def hash_tails(
             batch.append((index, encoded, size, bool(cut_at_newline)))
             batch_bytes += min(<long long>size, c_window)
             if batch_bytes >= BATCH_BYTES:
-                _flush(batch, results, c_window)
+                _flush(batch, results, c_window, pool, helpers)
                 batch = []
                 batch_bytes = 0
         index += 1
-    _flush(batch, results, c_window)
+    _flush(batch, results, c_window, pool, helpers)
     return results
 
 

@@ -432,3 +432,191 @@ def test_tail_hash_root_and_path_types_match(both, tmp_path, root_type, rel):
     (tmp_path / "f").write_bytes(b"line\nhalf")
     root = root_type(str(tmp_path))
     assert_same(both, "hash_tails", root, [(rel, 0, False), (rel, 4, True)])
+
+
+# --------------------------------------------------------------------------------------
+# file entries and their JSON
+
+RUN_FILE_NAMES = [
+    "meta.json",
+    "status.json",
+    "summary.json",
+    "logs.txt",
+    "events.jsonl",
+    "media/step_1.png",
+    "media/logs.txt",
+    "x.lock",
+    ".deleted",
+    "new\nline.txt",
+    'quote".txt',
+    "émoji ✓",
+]
+stat_ints = st.integers(0, 2_000_000_000_000_000_000)
+records = st.dictionaries(
+    st.one_of(st.sampled_from(RUN_FILE_NAMES), names),
+    st.tuples(st.integers(0, 10**7), stat_ints, stat_ints, st.integers(0, 2**40)),
+    max_size=8,
+).map(lambda found: [(name, *stat) for name, stat in sorted(found.items())])
+scan_runs = st.lists(
+    st.tuples(st.sampled_from(["p", "proj ✓"]), st.sampled_from(["e", "x"]), names, records),
+    max_size=5,
+)
+watched_names = st.lists(st.sampled_from(RUN_FILE_NAMES), max_size=3).map(tuple)
+
+
+@st.composite
+def runs_with_memos(draw: st.DrawFn) -> tuple[list, dict, int]:
+    """Scan runs, memos for some of their append-only files (matching or not), and a reuse
+    boundary that falls among their mtimes."""
+    from runicorn.layout import run_prefix
+    from runicorn.manifest.state import FileMemo
+
+    runs = draw(scan_runs)
+    memos = {}
+    mtimes = [0]
+    for project, name, run_id, run_records in runs:
+        for path_in_run, size, mtime, ctime, inode in run_records:
+            mtimes.append(mtime)
+            if draw(st.booleans()):
+                key = (
+                    (size, mtime, ctime, inode)
+                    if draw(st.booleans())
+                    else (size + 1, mtime, ctime, inode)
+                )
+                memos[run_prefix(project, name, run_id) + path_in_run] = FileMemo(
+                    key,
+                    draw(st.integers(0, size + 1)),
+                    draw(st.sampled_from(["ab" * 16, "cd" * 16])),
+                )
+    return runs, memos, draw(st.sampled_from(mtimes)) + draw(st.integers(-1, 1))
+
+
+@SETTINGS
+@given(case=runs_with_memos(), watched=watched_names)
+def test_file_entries_of_random_scans_match(both, case, watched):
+    runs, memos, reuse_before = case
+    assert_same(both, "build_file_entries", runs, memos, reuse_before, watched)
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        (("p", "e", "r", [("logs.txt", 1, 2, 3, 4)]),),
+        [("p", "e", "r", (("logs.txt", 1, 2, 3, 4),))],
+        [("p", "e", "r", [("logs.txt", 1.5, 2, 3, 4)])],
+        [("p", "e", "r", [("logs.txt", 1, 2, 3)])],
+        [("p", "e", "r", [["logs.txt", 1, 2, 3, 4]])],
+        [("p", "e", "r", [(b"logs.txt", 1, 2, 3, 4)])],
+        [("p", "e", [("logs.txt", 1, 2, 3, 4)])],
+        [("p", "e", "r", [("meta.json", 1, 2, 3, 4), ("logs.txt", 1, "2", 3, 4)])],
+        [None],
+    ],
+    ids=repr,
+)
+def test_file_entries_of_malformed_scans_match(both, runs):
+    assert_same(both, "build_file_entries", runs, {}, 10, ("meta.json",))
+
+
+@pytest.mark.parametrize(
+    ("memos", "reuse_before", "watched"),
+    [
+        ({}, 10.5, ()),
+        ({}, 10, ["meta.json"]),
+        ({}, 10, (1,)),
+        ({"p/e/runs/r/logs.txt": None}, 10, ()),
+        ({"p/e/runs/r/logs.txt": "not a memo"}, 10, ()),
+    ],
+    ids=repr,
+)
+def test_file_entries_argument_errors_match(both, memos, reuse_before, watched):
+    runs = [("p", "e", "r", [("logs.txt", 1, 2, 3, 4), ("meta.json", 1, 2, 3, 4)])]
+    assert_same(both, "build_file_entries", runs, memos, reuse_before, watched)
+
+
+def test_file_entries_reuse_a_memo_whose_key_is_a_list_like_the_specification(both):
+    from runicorn.manifest.state import FileMemo
+
+    runs = [("p", "e", "r", [("logs.txt", 1, 2, 3, 4)])]
+    for key in ([1, 2, 3, 4], (1, 2, 3), (1.0, 2, 3, 4)):
+        memos = {"p/e/runs/r/logs.txt": FileMemo(key, 1, "ab" * 16)}
+        assert_same(both, "build_file_entries", runs, memos, 10, ())
+
+
+json_text = st.one_of(
+    names,
+    st.sampled_from(['a"b', "back\\slash", "ctl\x01\x1f", "\x7f", "\u2028", "é", "\ud800"]),
+)
+json_numbers = st.one_of(
+    st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from([2**64, -(2**63) - 1, True]),
+)
+json_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(0, 2**62).map(lambda ns: ns / 1e9),
+    st.sampled_from([0.0, -0.0, 1e16, 1e-5, 5e-324, 1.7976931348623157e308, 7]),
+)
+
+
+@st.composite
+def experiment_lists(draw: st.DrawFn) -> list:
+    from runicorn.manifest.models import ExperimentEntry, FileEntry
+
+    class OddEntry(FileEntry):
+        __slots__ = ()
+
+    def file_entry() -> FileEntry:
+        kind = draw(st.sampled_from([FileEntry, FileEntry, FileEntry, OddEntry]))
+        return kind(
+            draw(json_text),
+            draw(json_numbers),
+            draw(json_floats),
+            draw(st.one_of(st.integers(1, 4), json_numbers)),
+            draw(st.one_of(st.booleans(), st.sampled_from([0, 1, None]))),
+            draw(st.one_of(st.none(), st.just("ab" * 16), json_text)),
+        )
+
+    experiments = []
+    for _ in range(draw(st.integers(0, 4))):
+        files = [file_entry() for _ in range(draw(st.integers(0, 4)))]
+        experiments.append(
+            ExperimentEntry(
+                draw(json_text),
+                draw(json_text),
+                draw(json_text),
+                draw(st.sampled_from(["running", "finished", "unknown"])),
+                draw(json_floats),
+                draw(json_floats),
+                files if draw(st.integers(0, 5)) else tuple(files),
+                draw(st.one_of(st.none(), st.just([]), st.lists(json_text, max_size=2))),
+            )
+        )
+    return experiments if draw(st.booleans()) else tuple(experiments)
+
+
+@SETTINGS
+@given(experiments=experiment_lists())
+def test_experiment_json_matches_orjson_byte_for_byte(both, experiments):
+    assert_same(both, "encode_experiments", experiments)
+
+
+def test_experiment_json_of_a_generator_matches(both):
+    from runicorn.manifest.models import ExperimentEntry
+
+    def experiments():
+        yield ExperimentEntry("r", "p", "e", "running", 1.5, 2.5)
+
+    native, python = both
+    assert native.encode_experiments(experiments()) == python.encode_experiments(experiments())
+
+
+def test_tail_hashes_of_a_batch_shared_by_threads_match(both, tmp_path):
+    """Enough requests for the compiled core to spread a batch over helper threads."""
+    requests = []
+    for index in range(400):
+        data = (b"line %d\n" % index) * (index % 7) + b"half" * (index % 3)
+        if index % 11:
+            (tmp_path / f"f{index}").write_bytes(data)
+        requests.append((f"f{index}", max(0, len(data) - index % 2), bool(index % 5)))
+    expected = assert_same(both, "hash_tails", str(tmp_path), requests, 16)
+    assert expected[0] == "returned"
+    assert sum(result is None for result in expected[1]) >= 400 // 11

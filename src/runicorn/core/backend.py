@@ -32,12 +32,14 @@ MODULES = {
     "scan": ("runicorn.core.scan", "runicorn.core._native_scan"),
     "diff": ("runicorn.core.diff", "runicorn.core._native_diff"),
     "tailhash": ("runicorn.core.tailhash", "runicorn.core._native_tailhash"),
+    "entries": ("runicorn.core.entries", "runicorn.core._native_entries"),
 }
 
 FUNCTIONS = {
     "scan": ("scan_experiments",),
     "diff": ("diff_entries",),
     "tailhash": ("hash_tails",),
+    "entries": ("build_file_entries", "encode_experiments"),
 }
 
 
@@ -57,6 +59,8 @@ class Backend:
     scan_experiments: Any
     diff_entries: Any
     hash_tails: Any
+    build_file_entries: Any
+    encode_experiments: Any
 
     def __repr__(self) -> str:
         return f"<runicorn backend {self.name}>"

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from blake3 import blake3
@@ -33,10 +34,12 @@ from runicorn.manifest.models import (
     ManifestFormat,
     ManifestType,
     SyncManifest,
-    encode_experiments,
     read_header,
 )
 from runicorn.manifest.state import FileMemo, GeneratorState, RunMemo, StatKey
+
+if TYPE_CHECKING:
+    from runicorn.core.entries import RunFiles
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +236,7 @@ class ManifestGenerator:
             remote_root=str(self.remote_root),
             experiments=experiments,
         )
-        experiments_json = encode_experiments(experiments)
+        experiments_json = self.backend.encode_experiments(experiments)
         digest = self._content_digest(manifest, experiments_json)
         compressed = report.compressed_path
         published_revision = self._published_revision(output)
@@ -286,84 +289,61 @@ class ManifestGenerator:
         report: GenerationReport,
     ) -> list[ExperimentEntry]:
         """Turn scan records into experiment entries, hashing only the tails that changed."""
-        root = str(self.remote_root)
         reuse_before = memo.scan_started_ns - REUSE_MARGIN_NS
-        pending: list[tuple[FileEntry, str, tuple]] = []
+        built = self.backend.build_file_entries(runs, memo.files, reuse_before, RUN_METADATA)
+        next_state.files.update(built.reused)
+        report.files_reused += len(built.reused)
         experiments: list[ExperimentEntry] = []
-        # Runs repeat the same few names (meta.json, logs.txt, media/...): classify each once.
-        kinds: dict[str, tuple[int, bool] | None] = {}
-        for project, name, run_id, records in runs:
-            prefix = layout.run_prefix(project, name, run_id)
-            files: list[FileEntry] = []
-            by_name: dict[str, tuple] = {}
-            deleted = False
-            for record in records:
-                path_in_run = record[0]
-                try:
-                    kind = kinds[path_in_run]
-                except KeyError:
-                    kind = kinds[path_in_run] = _classify(path_in_run)
-                if kind is None:
-                    if path_in_run == layout.DELETED_MARKER:
-                        deleted = True
-                        break
-                    continue
-                by_name[path_in_run] = record
-                path = prefix + path_in_run
-                priority, append_only = kind
-                entry = FileEntry(path, record[1], record[2] / 1_000_000_000, priority, append_only)
-                if append_only:
-                    known = memo.files.get(path)
-                    if (
-                        known is not None
-                        and record[2] < reuse_before
-                        and known.key == (record[1], record[2], record[3], record[4])
-                    ):
-                        entry.size, entry.tail_hash = known.recorded_size, known.tail_hash
-                        next_state.files[path] = known
-                        report.files_reused += 1
-                    else:
-                        pending.append((entry, path, record))
-                files.append(entry)
-            if deleted:
+        for (project, name, run_id, _records), run_files in zip(runs, built.runs, strict=True):
+            if run_files is None:
                 continue  # soft-deleted: the user no longer wants it listed
             exp = self._describe_run(
-                project, name, run_id, files, by_name, contents, memo, next_state, report
+                project, name, run_id, run_files, contents, memo, next_state, report
             )
             exp.tags = tags.get(run_id)
             experiments.append(exp)
-
-        if pending:
-            requests = [(path, record[1], True) for _, path, record in pending]
-            results = self.backend.hash_tails(root, requests, ManifestFormat.TAIL_HASH_WINDOW)
-            vanished: set[str] = set()
-            for (entry, path, record), result in zip(pending, results, strict=True):
-                if result is None:
-                    vanished.add(path)
-                    continue
-                entry.size, entry.tail_hash = result
-                next_state.files[path] = FileMemo(_stat_key(record), result[0], result[1])
-            report.files_hashed += len(pending) - len(vanished)
-            if vanished:
-                report.files_vanished += len(vanished)
-                for path in sorted(vanished):
-                    message = f"{path}: vanished or shrank while it was read; left out this time"
-                    report.warnings.append(message)
-                    logger.warning("%s", message)
-                for exp in experiments:
-                    exp.files = [entry for entry in exp.files if entry.path not in vanished]
-        for exp in experiments:
-            if exp.files:
-                exp.updated_at = max(entry.mtime for entry in exp.files)
+        if built.stale:
+            self._hash_stale_tails(built.stale, experiments, next_state, report)
         return experiments
+
+    def _hash_stale_tails(
+        self,
+        stale: list[tuple[FileEntry, tuple]],
+        experiments: list[ExperimentEntry],
+        next_state: GeneratorState,
+        report: GenerationReport,
+    ) -> None:
+        """Hash the tails of the append-only files no memo vouches for, in one backend call;
+        a file that vanished or shrank meanwhile is left out of this manifest."""
+        requests = [(entry.path, record[1], True) for entry, record in stale]
+        results = self.backend.hash_tails(self._root_str, requests, ManifestFormat.TAIL_HASH_WINDOW)
+        vanished: set[str] = set()
+        for (entry, record), result in zip(stale, results, strict=True):
+            if result is None:
+                vanished.add(entry.path)
+                continue
+            entry.size, entry.tail_hash = result
+            next_state.files[entry.path] = FileMemo(_stat_key(record), result[0], result[1])
+        report.files_hashed += len(stale) - len(vanished)
+        if not vanished:
+            return
+        report.files_vanished += len(vanished)
+        for path in sorted(vanished):
+            message = f"{path}: vanished or shrank while it was read; left out this time"
+            report.warnings.append(message)
+            logger.warning("%s", message)
+        for exp in experiments:
+            files = [entry for entry in exp.files if entry.path not in vanished]
+            if len(files) != len(exp.files):
+                exp.files = files
+                exp.updated_at = max((e.mtime for e in files), default=exp.created_at)
 
     def _describe_run(
         self,
         project: str,
         name: str,
         run_id: str,
-        files: list[FileEntry],
-        by_name: dict[str, tuple],
+        run_files: RunFiles,
         contents: dict[str, bytes],
         memo: GeneratorState,
         next_state: GeneratorState,
@@ -372,19 +352,17 @@ class ManifestGenerator:
         """Status and creation time from meta.json / status.json (cached while unchanged;
         their bytes come from ``contents`` when the scan read them)."""
         prefix = layout.run_prefix(project, name, run_id)
-        meta_key = _stat_key(by_name["meta.json"]) if "meta.json" in by_name else None
-        status_key = _stat_key(by_name["status.json"]) if "status.json" in by_name else None
+        meta_record, status_record = run_files.watched
+        meta_key = None if meta_record is None else _stat_key(meta_record)
+        status_key = None if status_record is None else _stat_key(status_record)
         known = memo.runs.get(prefix)
         reuse_before = memo.scan_started_ns - REUSE_MARGIN_NS
-        fresh = all(key is None or key[1] < reuse_before for key in (meta_key, status_key))
         if (
             known is not None
-            and fresh
-            and (known.meta_key, known.status_key)
-            == (
-                meta_key,
-                status_key,
-            )
+            and (meta_key is None or meta_key[1] < reuse_before)
+            and (status_key is None or status_key[1] < reuse_before)
+            and known.meta_key == meta_key
+            and known.status_key == status_key
         ):
             run_memo = known
         else:
@@ -398,16 +376,15 @@ class ManifestGenerator:
                 created_at=None if created != created else created,
             )
         next_state.runs[prefix] = run_memo
-        oldest = min((entry.mtime for entry in files), default=0.0)
-        created_at = run_memo.created_at if run_memo.created_at is not None else oldest
+        created_at = run_memo.created_at if run_memo.created_at is not None else run_files.oldest
         return ExperimentEntry(
             run_id=run_id,
             project=project,
             name=name,
             status=run_memo.status,
             created_at=created_at,
-            updated_at=created_at,
-            files=files,
+            updated_at=run_files.newest if run_files.files else created_at,
+            files=run_files.files,
         )
 
     def _read_run_json(
@@ -534,13 +511,6 @@ class ManifestGenerator:
             logger.warning("skipped %s: %s", path, reason)
         if len(problems) > MAX_LOGGED_PROBLEMS:
             logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
-
-
-def _classify(path_in_run: str) -> tuple[int, bool] | None:
-    """(priority, append-only) of a file a manifest lists, ``None`` for one it leaves out."""
-    if not layout.is_synced_file(path_in_run):
-        return None
-    return layout.priority_for(path_in_run), layout.is_append_only(path_in_run)
 
 
 def _hash_pair(data: bytes, packed: bytes) -> str:
