@@ -294,6 +294,19 @@ def test_lock_files_and_soft_deleted_runs_are_never_listed(lab, make_generator):
     assert not [path for path in _paths(manifest) if path.endswith(".deleted")]
 
 
+def test_the_logs_of_a_soft_deleted_run_are_not_tail_hashed(lab, make_generator):
+    generator = make_generator(lab)
+    generator.generate()
+    hashed_with_it = generator.last_report.files_hashed
+    run = lab / "proj" / "exp" / "runs" / "20240101_000000_000002"
+    _write(run / ".deleted", b"", NOW)
+    generator = make_generator(lab, incremental=False)
+    generator.generate()
+    appended_logs = [p for p in run.iterdir() if p.name in ("events.jsonl", "logs.txt")]
+    assert appended_logs
+    assert generator.last_report.files_hashed == hashed_with_it - len(appended_logs)
+
+
 def test_every_regular_file_of_a_run_is_listed_with_its_stat(lab, make_generator):
     manifest, _ = make_generator(lab).generate()
     run = "proj/exp/runs/20240101_000000_000001/"
