@@ -86,8 +86,16 @@ def _transfer_api() -> Any:
     return remote
 
 
+# Nanosecond timestamps the kernel interface takes (a signed 64-bit count: 1677..2262);
+# file systems clamp further to their own range, as they do for ``touch -d``.
+_MIN_NS = -(2**63)
+_MAX_NS = 2**63 - 1
+
+
 def _ns(mtime: float) -> int:
-    return round(mtime * 1_000_000_000)
+    """A manifest mtime as the nanoseconds ``os.utime`` accepts: a hostile or far-future
+    value is clamped, never an ``OverflowError`` that would abort the sync."""
+    return min(max(round(mtime * 1_000_000_000), _MIN_NS), _MAX_NS)
 
 
 def _reason(error: BaseException, entry: FileEntry | None = None) -> str:
