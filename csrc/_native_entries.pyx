@@ -50,6 +50,77 @@ cdef extern from "Python.h":
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
 
 
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    ctypedef struct PyTypeObject:
+        PyObject *(*tp_alloc)(PyTypeObject *, Py_ssize_t)
+    int T_OBJECT_EX
+    void Py_INCREF(object o)
+    void Py_DECREF(object o)
+
+
+# -- FileEntry without its Python __init__ --------------------------------------------------
+#
+# ``FileEntry`` is a slots dataclass whose generated ``__init__`` only stores its six fields.
+# Running that bytecode is most of the cost of an entry, so the fast path allocates the
+# instance and stores the six slot values itself, at the offsets the slot descriptors
+# publish. It does so only when the class is exactly what was checked at import (those six
+# object slots, no __post_init__); otherwise the class is called.
+
+_FIELDS = ("path", "size", "mtime", "priority", "is_append_only", "tail_hash")
+cdef Py_ssize_t[6] _OFFSETS
+cdef bint _DIRECT_ENTRIES = False
+
+
+cdef bint _find_slot_offsets() except -1:
+    import dataclasses
+    if tuple(f.name for f in dataclasses.fields(FileEntry)) != _FIELDS \
+            or hasattr(FileEntry, "__post_init__") or type(FileEntry) is not type:
+        return False
+    cdef PyMemberDef *member
+    for k, name in enumerate(_FIELDS):
+        descriptor = FileEntry.__dict__.get(name)
+        if type(descriptor).__name__ != "member_descriptor":
+            return False
+        member = (<PyMemberDescrObject *><PyObject *>descriptor).d_member
+        if member.type != T_OBJECT_EX:
+            return False
+        _OFFSETS[k] = member.offset
+    return True
+
+
+_DIRECT_ENTRIES = _find_slot_offsets()
+_direct_entries = _DIRECT_ENTRIES  # visible to the tests: a changed FileEntry turns it off
+
+
+cdef inline void _store(PyObject *obj, Py_ssize_t offset, object value):
+    Py_INCREF(value)
+    (<PyObject **>(<char *>obj + offset))[0] = <PyObject *>value
+
+
+cdef object _new_entry(str path, object size, object mtime, object priority, object append_only):
+    """``FileEntry(path, size, mtime, priority, append_only)``."""
+    if not _DIRECT_ENTRIES:
+        return FileEntry(path, size, mtime, priority, append_only)
+    cdef PyTypeObject *kind = <PyTypeObject *><PyObject *>FileEntry
+    cdef PyObject *obj = kind.tp_alloc(kind, 0)
+    if obj is NULL:
+        raise MemoryError()
+    entry = <object>obj  # takes a new reference; the one tp_alloc returned is dropped below
+    Py_DECREF(entry)
+    _store(obj, _OFFSETS[0], path)
+    _store(obj, _OFFSETS[1], size)
+    _store(obj, _OFFSETS[2], mtime)
+    _store(obj, _OFFSETS[3], priority)
+    _store(obj, _OFFSETS[4], append_only)
+    _store(obj, _OFFSETS[5], None)
+    return entry
+
+
 cdef object _classify = _pure._classify
 cdef object _run_prefix = layout.run_prefix
 cdef str _DELETED = layout.DELETED_MARKER
@@ -161,7 +232,7 @@ cdef object _build(list runs, dict memos, object reuse_before_ns, tuple watched)
             if type(mtime) is not float:
                 raise _NotFast()
             append_only = (<tuple>kind)[1]
-            entry = FileEntry(path, record[1], mtime, (<tuple>kind)[0], append_only)
+            entry = _new_entry(path, record[1], mtime, (<tuple>kind)[0], append_only)
             if append_only:
                 hit = PyDict_GetItemWithError(memos, path)
                 known = None if hit is NULL else <object>hit

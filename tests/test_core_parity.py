@@ -533,6 +533,24 @@ def test_file_entries_argument_errors_match(both, memos, reuse_before, watched):
     assert_same(both, "build_file_entries", runs, memos, reuse_before, watched)
 
 
+def test_compiled_entries_are_ordinary_file_entries(both):
+    """The compiled builder stores the slots of ``FileEntry`` itself (no ``__init__`` call):
+    that must stay on for this class, and give objects like the constructor's."""
+    import gc
+    import sys
+
+    from runicorn.core import _native_entries
+    from runicorn.manifest.models import FileEntry
+
+    assert _native_entries._direct_entries
+    native, _ = both
+    built = native.build_file_entries([("p", "e", "r", [("meta.json", 5, 10**9, 0, 1)])], {}, 0)
+    entry = built.runs[0].files[0]
+    assert type(entry) is FileEntry and gc.is_tracked(entry)
+    assert entry == FileEntry("p/e/runs/r/meta.json", 5, 1.0, 1, False)
+    assert sys.getrefcount(entry) == sys.getrefcount(FileEntry("x", 0, 0.0)) + 1
+
+
 def test_file_entries_reuse_a_memo_whose_key_is_a_list_like_the_specification(both):
     from runicorn.manifest.state import FileMemo
 
