@@ -398,6 +398,12 @@ cdef int _put_value(Buffer *buf, object value, Floats *floats) except -1:
     return _put_bytes(buf, _dumps(value))
 
 
+cdef inline int _put_field(Buffer *buf, bytes key, object value, Floats *floats) except -1:
+    """``key`` (its JSON with the separator before it and the colon), then ``value``."""
+    _put_bytes(buf, key)
+    return _put_value(buf, value, floats)
+
+
 cdef inline bint _fast_experiment(object exp):
     return type(exp) is ExperimentEntry and type(exp.files) is list
 
@@ -428,20 +434,14 @@ cdef list _floats_of(object experiments):
 cdef int _put_file(Buffer *buf, object entry, Floats *floats) except -1:
     if type(entry) is not FileEntry:
         return _put_bytes(buf, _dumps(entry.to_dict()))
-    _put(buf, b'{"path":', 8)
-    _put_value(buf, entry.path, floats)
-    _put(buf, b',"size":', 8)
-    _put_value(buf, entry.size, floats)
-    _put(buf, b',"mtime":', 9)
-    _put_value(buf, entry.mtime, floats)
-    _put(buf, b',"priority":', 12)
-    _put_value(buf, entry.priority, floats)
-    _put(buf, b',"is_append_only":', 18)
-    _put_value(buf, entry.is_append_only, floats)
+    _put_field(buf, b'{"path":', entry.path, floats)
+    _put_field(buf, b',"size":', entry.size, floats)
+    _put_field(buf, b',"mtime":', entry.mtime, floats)
+    _put_field(buf, b',"priority":', entry.priority, floats)
+    _put_field(buf, b',"is_append_only":', entry.is_append_only, floats)
     tail_hash = entry.tail_hash
     if tail_hash is not None:
-        _put(buf, b',"tail_hash":', 13)
-        _put_value(buf, tail_hash, floats)
+        _put_field(buf, b',"tail_hash":', tail_hash, floats)
     return _put(buf, b"}", 1)
 
 
@@ -450,18 +450,12 @@ cdef int _put_experiment(Buffer *buf, object exp, Floats *floats) except -1:
     if not _fast_experiment(exp):
         return _put_bytes(buf, _dumps(exp.to_dict()))
     files = <list>exp.files
-    _put(buf, b'{"run_id":', 10)
-    _put_value(buf, exp.run_id, floats)
-    _put(buf, b',"project":', 11)
-    _put_value(buf, exp.project, floats)
-    _put(buf, b',"name":', 8)
-    _put_value(buf, exp.name, floats)
-    _put(buf, b',"status":', 10)
-    _put_value(buf, exp.status, floats)
-    _put(buf, b',"created_at":', 14)
-    _put_value(buf, exp.created_at, floats)
-    _put(buf, b',"updated_at":', 14)
-    _put_value(buf, exp.updated_at, floats)
+    _put_field(buf, b'{"run_id":', exp.run_id, floats)
+    _put_field(buf, b',"project":', exp.project, floats)
+    _put_field(buf, b',"name":', exp.name, floats)
+    _put_field(buf, b',"status":', exp.status, floats)
+    _put_field(buf, b',"created_at":', exp.created_at, floats)
+    _put_field(buf, b',"updated_at":', exp.updated_at, floats)
     _put(buf, b',"files":[', 10)
     for k in range(len(<list>files)):
         if k:
