@@ -9,8 +9,9 @@ storage directly, classify each distinct file name once, and write the manifest 
 straight into one buffer, with no dict per entry.
 
 Why it is a twin: :mod:`runicorn.core.entries` is the specification. The loops keep its
-shape and call the same Python where a rule lives (``run_prefix``, the file classifier,
-the ``FileEntry`` constructor), so rules are written once. Inputs the fast path does not
+shape and call the same Python where a rule lives (``run_prefix``, the file classifier),
+so rules are written once; a ``FileEntry`` is filled slot by slot only while the class is
+the plain six-field dataclass checked at import. Inputs the fast path does not
 recognise -- a run that is not a 4-tuple, a record that is not a 5-tuple of ``str`` and
 ``int`` -- make the whole call go to the specification, so its results and its errors are
 the pure module's. The encoder writes directly only the values whose JSON it can spell
