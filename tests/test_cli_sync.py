@@ -52,6 +52,11 @@ def _run(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def _alias_sync_args(lab: LabInfo, ssh_config: Path, cache: Path) -> list[str]:
+    """``runicorn sync labserver:<lab> <cache> --ssh-config <config>``: the lab over ssh."""
+    return ["sync", f"labserver:{lab.root}", str(cache), "--ssh-config", str(ssh_config)]
+
+
 def _stats(result: Result) -> dict:
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
@@ -63,11 +68,7 @@ def test_sync_over_ssh_through_a_config_alias_prints_json_stats(
     lab: LabInfo, ssh_config: Path, tmp_path: Path
 ) -> None:
     result = _run(
-        "sync",
-        f"labserver:{lab.root}",
-        str(tmp_path / "cache"),
-        "--ssh-config",
-        str(ssh_config),
+        *_alias_sync_args(lab, ssh_config, tmp_path / "cache"),
         "--json",
     )
     assert result.exit_code == 0, result.stderr
@@ -82,13 +83,7 @@ def test_sync_over_ssh_through_a_config_alias_prints_json_stats(
 def test_second_sync_is_skipped_and_exits_zero(
     lab: LabInfo, ssh_config: Path, tmp_path: Path
 ) -> None:
-    args = [
-        "sync",
-        f"labserver:{lab.root}",
-        str(tmp_path / "cache"),
-        "--ssh-config",
-        str(ssh_config),
-    ]
+    args = _alias_sync_args(lab, ssh_config, tmp_path / "cache")
     assert _run(*args).exit_code == 0
     result = _run(*args, "--json")
     assert result.exit_code == 0
@@ -99,10 +94,10 @@ def test_second_sync_is_skipped_and_exits_zero(
 def test_a_no_change_sync_is_four_sftp_requests_riding_on_the_session_start(
     lab: LabInfo, ssh_config: Path, sshd_server: SshServer, tmp_path: Path
 ) -> None:
-    args = ["sync", f"labserver:{lab.root}", str(tmp_path / "cache"), "--ssh-config"]
-    assert _run(*args, str(ssh_config)).exit_code == 0
+    args = _alias_sync_args(lab, ssh_config, tmp_path / "cache")
+    assert _run(*args).exit_code == 0
     sshd_server.reset_request_counts()
-    result = _run(*args, str(ssh_config), "--json")
+    result = _run(*args, "--json")
     assert _stats(result)["skipped"] is True
     counts = sshd_server.sftp_request_count(wait_for_close=True)
     # OPEN + READ + CLOSE of the full manifest (its handle guessed right: one READ) and the
@@ -150,11 +145,7 @@ def test_sync_with_explicit_port_identity_and_known_hosts(
 @pytest.mark.sshd
 def test_legacy_flag_walks_the_tree(lab: LabInfo, ssh_config: Path, tmp_path: Path) -> None:
     result = _run(
-        "sync",
-        f"labserver:{lab.root}",
-        str(tmp_path / "cache"),
-        "--ssh-config",
-        str(ssh_config),
+        *_alias_sync_args(lab, ssh_config, tmp_path / "cache"),
         "--legacy",
         "--json",
     )
@@ -231,13 +222,7 @@ def test_partial_sync_exits_3_and_the_next_sync_retries(
     saved = victim.read_bytes()
     victim.unlink()
     victim.mkdir()
-    args = [
-        "sync",
-        f"labserver:{lab.root}",
-        str(tmp_path / "cache"),
-        "--ssh-config",
-        str(ssh_config),
-    ]
+    args = _alias_sync_args(lab, ssh_config, tmp_path / "cache")
     result = _run(*args, "--json")
     assert result.exit_code == 3, result.stderr
     stats = _stats(result)
@@ -381,11 +366,7 @@ def test_a_low_open_file_limit_slows_the_sync_down_instead_of_failing_files(
     resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 24, hard))
     try:
         result = _run(
-            "sync",
-            f"labserver:{lab.root}",
-            str(tmp_path / "cache"),
-            "--ssh-config",
-            str(ssh_config),
+            *_alias_sync_args(lab, ssh_config, tmp_path / "cache"),
             "--workers",
             workers,
             "--json",
