@@ -24,7 +24,7 @@ are handed to the specification one by one, in order, so even their errors are i
 """
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from blake3 import blake3
 
@@ -143,8 +143,12 @@ cdef extern from *:
     static inline Py_ssize_t runicorn_claim(Py_ssize_t *next) {
         return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
     }
+    static inline void runicorn_close_claims(Py_ssize_t *next, Py_ssize_t count) {
+        __atomic_store_n(next, count, __ATOMIC_RELAXED);
+    }
     """
     Py_ssize_t runicorn_claim(Py_ssize_t *next) noexcept nogil
+    void runicorn_close_claims(Py_ssize_t *next, Py_ssize_t count) noexcept nogil
 
 
 cdef struct Work:
@@ -168,6 +172,19 @@ def _help(size_t address) -> None:
     """Body of a helper thread: read windows of the batch whose ``Work`` is at ``address``."""
     with nogil:
         _work(<Work *>address)
+
+
+cdef void _join_helpers(Work *work, list started) except *:
+    """Wait until no helper touches the batch any more, even after Ctrl+C: its jobs and
+    buffer are freed when the caller returns. Claims are closed first, so each helper
+    finishes at most the file it is reading."""
+    runicorn_close_claims(&work.next, work.count)
+    pending = set(started)
+    while pending:
+        try:
+            pending = wait(pending)[1]
+        except KeyboardInterrupt:
+            continue  # the first interrupt is already on its way up; finish the cleanup
 
 
 # A batch is shared with helper threads only when it has this many files: below it, starting
@@ -215,8 +232,9 @@ cdef void _flush(list batch, list results, long long window, object pool, int he
             started = [pool.submit(_help, <size_t>&work) for _ in range(helpers)]
         with nogil:
             _work(&work)
+        _join_helpers(&work, started)
         for future in started:
-            future.result()
+            future.result()  # a helper's exception, if any, is the caller's
         view = memoryview(buffer)
         for k in range(count):
             if jobs[k].ok:
