@@ -21,10 +21,9 @@ every entry that is not exactly a ``FileEntry``/``ExperimentEntry``, is encoded 
 itself, so the bytes are identical by construction (a property test checks it).
 """
 
-cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport realloc, free
 from libc.string cimport memcpy
 
 import orjson

@@ -325,7 +325,7 @@ class ManifestGenerator:
                 vanished.add(entry.path)
                 continue
             entry.size, entry.tail_hash = result
-            memos[entry.path] = FileMemo(record[1:], *result)
+            memos[entry.path] = FileMemo(_stat_key(record), *result)
         report.files_hashed += len(stale) - len(vanished)
         if not vanished:
             return
