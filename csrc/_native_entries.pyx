@@ -21,9 +21,7 @@ every entry that is not exactly a ``FileEntry``/``ExperimentEntry``, is encoded 
 itself, so the bytes are identical by construction (a property test checks it).
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject
-from libc.stdlib cimport realloc, free
 from libc.string cimport memcpy
 
 import orjson
@@ -48,6 +46,10 @@ cdef extern from "Python.h":
     long long PyLong_AsLongLongAndOverflow(object obj, int *overflow) except? -1
     double PyFloat_AS_DOUBLE(object op)
     PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
+    PyObject *_new_bytes "PyBytes_FromStringAndSize"(const char *s, Py_ssize_t n) except NULL
+    int _PyBytes_Resize(PyObject **bytes, Py_ssize_t size) except -1
+    char *_bytes_data "PyBytes_AS_STRING"(PyObject *bytes)
+    void Py_XDECREF(PyObject *obj)
 
 
 cdef extern from "Python.h":
@@ -289,23 +291,27 @@ def build_file_entries(
 # -- JSON ----------------------------------------------------------------------------------
 
 cdef struct Buffer:
-    char *data
+    PyObject *result   # the bytes object written into, resized as it fills; owned
+    char *data         # its contents
     Py_ssize_t length
     Py_ssize_t capacity
 
 
 cdef int _reserve(Buffer *buf, Py_ssize_t more) except -1:
+    """Room for ``more`` bytes. The JSON is written straight into the ``bytes`` it is
+    returned as, grown (and finally shrunk) in place: a large lab's manifest is 150 MB, and
+    a copy of it costs as much again in fresh memory."""
     cdef Py_ssize_t wanted = buf.length + more
     cdef Py_ssize_t capacity = buf.capacity
-    cdef char *grown
     if wanted <= capacity:
         return 0
     while capacity < wanted:
         capacity = capacity * 2 if capacity else 1 << 16
-    grown = <char *>realloc(buf.data, capacity)
-    if grown is NULL:
-        raise MemoryError()
-    buf.data = grown
+    if buf.result == NULL:
+        buf.result = _new_bytes(NULL, capacity)
+    else:
+        _PyBytes_Resize(&buf.result, capacity)  # on failure it is freed and NULL
+    buf.data = _bytes_data(buf.result)
     buf.capacity = capacity
     return 0
 
@@ -477,6 +483,7 @@ def encode_experiments(experiments: Sequence[ExperimentEntry]) -> bytes:
     floats.next = <const char *>float_text + 1  # past the "["
     floats.end = <const char *>float_text + len(float_text)
     cdef Buffer buf
+    buf.result = NULL
     buf.data = NULL
     buf.length = buf.capacity = 0
     cdef Py_ssize_t k
@@ -487,9 +494,10 @@ def encode_experiments(experiments: Sequence[ExperimentEntry]) -> bytes:
                 _put(&buf, b",", 1)
             _put_experiment(&buf, experiments[k], &floats)
         _put(&buf, b"]", 1)
-        return PyBytes_FromStringAndSize(buf.data, buf.length)
+        _PyBytes_Resize(&buf.result, buf.length)
+        return <bytes>buf.result
     finally:
-        free(buf.data)
+        Py_XDECREF(buf.result)
 
 
 build_file_entries.__doc__ = _pure.build_file_entries.__doc__
