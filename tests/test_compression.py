@@ -8,6 +8,8 @@ import zlib
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from runicorn.manifest import compression
 from runicorn.manifest.compression import compress, decompress_capped
@@ -50,6 +52,24 @@ def test_the_bytes_do_not_depend_on_the_thread_count(small_pieces: int, length_i
     assert compress(data, threads=2) == one
     assert compress(data, threads=5) == one
     assert gzip.decompress(one) == data
+
+
+@given(cuts=st.lists(st.integers(0, 30_000), max_size=5), threads=st.sampled_from([1, 2]))
+def test_a_document_given_in_parts_compresses_as_their_concatenation(cuts, threads):
+    """How the generator hands over a manifest (header, experiments, brace): parts of any
+    length, empty ones too, cut anywhere across the pieces."""
+    data = _json_like(1000)
+    bounds = [0, *sorted(cuts), len(data)]
+    parts = [data[a:b] for a, b in zip(bounds, bounds[1:]) if a <= b]
+    assert b"".join(parts) == data
+    original = compression.PIECE_BYTES
+    compression.PIECE_BYTES = 4096  # hypothesis reruns the test: no function-scoped fixture
+    try:
+        assert compress(parts, threads=threads) == compress(data, threads=1)
+        assert compress([bytearray(part) for part in parts]) == compress(data)
+    finally:
+        compression.PIECE_BYTES = original
+    assert compress(parts) == gzip.compress(data, compresslevel=6, mtime=0)
 
 
 def test_pieces_cost_little_compression(small_pieces: int):

@@ -95,6 +95,14 @@ def test_gzip_round_trip_gives_an_equal_manifest():
     assert SyncManifest.from_gzip(compress(manifest.to_json())) == manifest
 
 
+def test_json_pieces_concatenate_to_the_document_and_compress_as_it():
+    manifest = _manifest()
+    pieces = manifest.to_json_pieces()
+    assert len(pieces) == 3 and pieces[2] == b"}"
+    assert b"".join(pieces) == manifest.to_json() == orjson.dumps(manifest.to_dict())
+    assert compress(pieces) == compress(manifest.to_json())
+
+
 def test_encoding_is_deterministic_and_compression_depends_on_content_only():
     assert _manifest().to_json() == _manifest().to_json()
     assert compress(_manifest().to_json()) == compress(_manifest().to_json())

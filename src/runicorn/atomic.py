@@ -10,8 +10,13 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+Buffer = bytes | bytearray | memoryview
+Document = Buffer | Sequence[Buffer]
+"""Bytes to write: one buffer, or pieces that concatenate to them (a large manifest is
+written without first being copied into one buffer)."""
 
 TEMP_PREFIX = ".runicorn-tmp-"
 """Temp files start with this, so leftovers of a killed process are recognisable."""
@@ -20,6 +25,11 @@ TEMP_PREFIX = ".runicorn-tmp-"
 def temp_prefix_for(path: Path) -> str:
     """The prefix of temp files that will become ``path``: ``.runicorn-tmp-<name>.``"""
     return f"{TEMP_PREFIX}{path.name}."
+
+
+def pieces_of(data: Document) -> Sequence[Buffer]:
+    """The pieces of a :data:`Document`, a lone buffer as the only one."""
+    return (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
 def fsync_directory(directory: Path) -> None:
@@ -36,7 +46,9 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+def write_atomically(
+    path: Path, data: Document, *, mode: int = 0o644, durable: bool = True
+) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
 
     On any failure (including ``KeyboardInterrupt``) the temp file is removed and ``path`` is
@@ -45,7 +57,8 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o644, durable: boo
     fd, temp_name = tempfile.mkstemp(prefix=temp_prefix_for(path), suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for piece in pieces_of(data):
+                handle.write(piece)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())

@@ -16,6 +16,7 @@ import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+from runicorn.atomic import Buffer, Document, pieces_of
 from runicorn.cores import usable_cores
 
 COMPRESS_LEVEL = 6
@@ -32,34 +33,62 @@ _GZIP_HEADER = struct.pack("<BBBBLBB", 0x1F, 0x8B, zlib.DEFLATED, 0, 0, 0, 3)
 Unix: what zlib, and so :func:`gzip.compress` at level 6 with ``mtime=0``, writes."""
 
 
-def _deflate_piece(piece: memoryview, last: bool) -> bytes:
+def _deflate_piece(piece: Buffer, last: bool) -> bytes:
     deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
     body = deflater.compress(piece)
     return body + deflater.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
 
-def compress(data: bytes, threads: int | None = None) -> bytes:
+def _fixed_pieces(views: list[memoryview], total: int) -> list[tuple[Buffer, bool]]:
+    """``(piece, is_last)`` at every :data:`PIECE_BYTES` of the concatenation of ``views``;
+    a piece is a slice of one view, or a copy where it spans two."""
+    pieces: list[tuple[Buffer, bool]] = []
+    index, offset = 0, 0  # where the next piece starts: views[index][offset]
+    for start in range(0, max(total, 1), PIECE_BYTES):
+        wanted = min(PIECE_BYTES, total - start)
+        slices = []
+        while wanted > 0:
+            view = views[index]
+            taken = view[offset : offset + wanted]
+            slices.append(taken)
+            wanted -= len(taken)
+            offset += len(taken)
+            if offset == len(view):
+                index, offset = index + 1, 0
+        piece = slices[0] if len(slices) == 1 else b"".join(slices)
+        pieces.append((piece, start + PIECE_BYTES >= total))
+    return pieces
+
+
+def compress(data: Document, threads: int | None = None) -> bytes:
     """Deterministic gzip (no file name, zero mtime) so published bytes depend on content only.
 
-    ``threads`` (default: the usable cores, at most 4) deflate the 4 MiB pieces of a large
-    document concurrently; zlib releases the GIL while it works. The result is the same for
-    every thread count.
+    ``data`` may be given in pieces (see :data:`~runicorn.atomic.Document`); the gzip is
+    that of their concatenation. ``threads`` (default: the usable cores, at most 4) deflate
+    the 4 MiB pieces of a large document concurrently; zlib releases the GIL while it works.
+    The result is the same for every thread count.
     """
-    view = memoryview(data)
-    starts = range(0, max(len(data), 1), PIECE_BYTES)
-    pieces = [
-        (view[start : start + PIECE_BYTES], start + PIECE_BYTES >= len(data)) for start in starts
-    ]
+    views = [memoryview(part).cast("B") for part in pieces_of(data)]
+    views = [view for view in views if len(view)]
+    total = sum(len(view) for view in views)
+    pieces = _fixed_pieces(views, total) if views else [(b"", True)]
     workers = min(len(pieces), threads or min(MAX_COMPRESS_THREADS, usable_cores()))
+
+    def checksum() -> int:
+        crc = 0
+        for view in views:
+            crc = zlib.crc32(view, crc)
+        return crc
+
     if workers <= 1:
         bodies = [_deflate_piece(piece, last) for piece, last in pieces]
-        checksum = zlib.crc32(data)
+        crc = checksum()
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deflate") as pool:
             futures = [pool.submit(_deflate_piece, piece, last) for piece, last in pieces]
-            checksum = zlib.crc32(data)  # meanwhile, on this thread
+            crc = checksum()  # meanwhile, on this thread
             bodies = [future.result() for future in futures]
-    trailer = struct.pack("<LL", checksum, len(data) & 0xFFFFFFFF)
+    trailer = struct.pack("<LL", crc, total & 0xFFFFFFFF)
     return b"".join((_GZIP_HEADER, *bodies, trailer))
 
 

@@ -23,7 +23,13 @@ import orjson
 from blake3 import blake3
 
 from runicorn import layout
-from runicorn.atomic import exclusive_lock, temp_prefix_for, write_atomically
+from runicorn.atomic import (
+    Document,
+    exclusive_lock,
+    pieces_of,
+    temp_prefix_for,
+    write_atomically,
+)
 from runicorn.core.backend import Backend, active_backend
 from runicorn.core.scan import Problem, ScanResult
 from runicorn.gcpause import paused_gc
@@ -258,7 +264,7 @@ class ManifestGenerator:
         else:
             manifest.revision = max(previous.revision, published_revision or 0) + 1
             manifest.snapshot_id = self.uuid_factory()
-            data = manifest.to_json(experiments_json)
+            data = manifest.to_json_pieces(experiments_json)
             packed = compress(data)
             write_atomically(output, data)
             write_atomically(compressed, packed)
@@ -515,9 +521,12 @@ class ManifestGenerator:
             logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
 
 
-def _hash_pair(data: bytes, packed: bytes) -> str:
-    """Fingerprint of a published ``.json`` and ``.json.gz`` pair."""
-    return blake3(data).hexdigest() + blake3(packed).hexdigest()
+def _hash_pair(data: Document, packed: bytes) -> str:
+    """Fingerprint of a published ``.json`` (whole or in pieces) and ``.json.gz`` pair."""
+    hasher = blake3()
+    for piece in pieces_of(data):
+        hasher.update(piece)
+    return hasher.hexdigest() + blake3(packed).hexdigest()
 
 
 def _published_hash(output: Path, compressed: Path) -> str | None:
