@@ -57,6 +57,10 @@ HEADER_PROBE_BYTES = 4096
 RUN_METADATA = ("meta.json", "status.json")
 """The run files a generation parses (status, creation time)."""
 
+FINGERPRINT_RUNS_PER_UPDATE = 512
+"""The scan fingerprint hashes the records of this many runs at a time: a 100,000-run lab's
+records are 75 MB of JSON, which would otherwise be built whole only to be hashed."""
+
 REUSE_MARGIN_NS = 2_000_000_000
 """A file is reused only if its mtime is this much older than the previous scan's start.
 
@@ -448,7 +452,9 @@ class ManifestGenerator:
         (size, mtime, ctime, inode of every file), the scan's problems and the tags."""
         hasher = blake3()
         hasher.update(orjson.dumps([manifest_type.value, self.hostname, str(self.remote_root)]))
-        hasher.update(orjson.dumps(scan.runs))
+        runs = scan.runs
+        for start in range(0, len(runs), FINGERPRINT_RUNS_PER_UPDATE):
+            hasher.update(orjson.dumps(runs[start : start + FINGERPRINT_RUNS_PER_UPDATE]))
         hasher.update(orjson.dumps(scan.problems))
         hasher.update(orjson.dumps(tags))
         return hasher.hexdigest()
