@@ -4,6 +4,7 @@ stream whose bytes depend on the content only."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import zlib
 
 import orjson
@@ -60,7 +61,7 @@ def test_a_document_given_in_parts_compresses_as_their_concatenation(cuts, threa
     length, empty ones too, cut anywhere across the pieces."""
     data = _json_like(1000)
     bounds = [0, *sorted(cuts), len(data)]
-    parts = [data[a:b] for a, b in zip(bounds, bounds[1:]) if a <= b]
+    parts = [data[a:b] for a, b in itertools.pairwise(bounds)]
     assert b"".join(parts) == data
     original = compression.PIECE_BYTES
     compression.PIECE_BYTES = 4096  # hypothesis reruns the test: no function-scoped fixture
