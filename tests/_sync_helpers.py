@@ -64,6 +64,15 @@ def make_client(
     return ManifestSyncClient(sftp, str(lab_root), cache, 0.0, backend=backend, **options)
 
 
+def settle(sftp: paramiko.SFTPClient) -> None:
+    """Return once the server has handled every request sent on ``sftp`` so far.
+
+    A sync leaves the closes of its last handles in flight; sftp-server answers in order, so
+    one round trip is a barrier, and counting started after it sees none of them.
+    """
+    sftp.normalize(".")
+
+
 def server_files(root: Path) -> dict[str, bytes]:
     """What a cache of ``root`` must hold: every synced file of every listed run.
 
