@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -256,6 +257,7 @@ class ManifestGenerator:
             and published_revision == previous.revision
             and _published_hash(output, compressed) == previous.published_hash
         )
+        memos: bytes | None = None
         if unchanged:
             manifest.revision = previous.revision
             manifest.snapshot_id = previous.snapshot_id
@@ -269,8 +271,13 @@ class ManifestGenerator:
             manifest.revision = max(previous.revision, published_revision or 0) + 1
             manifest.snapshot_id = self.uuid_factory()
             data = manifest.to_json_pieces(experiments_json)
-            packed = compress(data)
-            write_atomically(output, data)
+            # zlib releases the GIL: while the gzip is made, write the JSON and encode the
+            # memos (the files still appear in the order .json, .json.gz, state)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="runicorn-gzip") as pool:
+                packing = pool.submit(compress, data)
+                write_atomically(output, data)
+                memos = next_state.encode_memos()
+                packed = packing.result()
             write_atomically(compressed, packed)
             next_state.published_hash = _hash_pair(data, packed)
             report.published = True
@@ -287,7 +294,7 @@ class ManifestGenerator:
         next_state.digest = digest
         if not report.published:
             next_state.published_hash = previous.published_hash
-        next_state.save(state_path)
+        next_state.save(state_path, memos)
         return manifest
 
     def _build_experiments(

@@ -143,8 +143,9 @@ class GeneratorState:
             return f"generator state {path} has an unknown format; rescanning everything"
         return doc
 
-    def save(self, path: Path) -> None:
-        """Write the memos, then the header that vouches for them."""
+    def encode_memos(self) -> bytes:
+        """The memo file's bytes; the generator encodes them while the manifest is being
+        compressed on other threads."""
         memos = {
             "state_version": STATE_VERSION,
             "scan_started_ns": self.scan_started_ns,
@@ -153,7 +154,14 @@ class GeneratorState:
                 p: [m.meta_key, m.status_key, m.status, m.created_at] for p, m in self.runs.items()
             },
         }
-        write_atomically(self.memo_path_for(path), orjson.dumps(memos), durable=False)
+        return orjson.dumps(memos)
+
+    def save(self, path: Path, memos: bytes | None = None) -> None:
+        """Write the memos (``memos``: :meth:`encode_memos` of this state, if already made),
+        then the header that vouches for them."""
+        if memos is None:
+            memos = self.encode_memos()
+        write_atomically(self.memo_path_for(path), memos, durable=False)
         header = {
             "state_version": STATE_VERSION,
             "revision": self.revision,
