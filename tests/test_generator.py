@@ -43,6 +43,7 @@ from runicorn.manifest import (
     SyncManifest,
 )
 from runicorn.manifest.compression import compress
+from runicorn.manifest.published import PublishedManifest
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("RUNICORN_UPDATE_GOLDEN", "") not in ("", "0")
@@ -1124,6 +1125,70 @@ def test_an_unchanged_tree_leaves_even_the_generator_state_untouched(lab, make_g
     before = (state.read_bytes(), state.stat().st_ino)
     make_generator(lab).generate()
     assert (state.read_bytes(), state.stat().st_ino) == before
+
+
+def test_an_unchanged_tree_answers_the_summary_without_decoding_the_runs(lab, make_generator):
+    make_generator(lab).generate()
+    generator = make_generator(lab)
+    incremental, _ = generator.generate()
+    rebuilt, _ = make_generator(lab, incremental=False).generate()
+    assert isinstance(incremental, PublishedManifest)
+    assert not incremental.is_decoded
+    assert incremental.statistics == rebuilt.statistics
+    assert (incremental.revision, incremental.snapshot_id) == (1, rebuilt.snapshot_id)
+    assert generator.last_report.files_reused == sum(e.is_append_only for e in rebuilt.iter_files())
+    assert not incremental.is_decoded
+    assert incremental.experiments == rebuilt.experiments
+    assert incremental.statistics == rebuilt.statistics
+
+
+def test_an_older_state_without_the_append_only_count_still_reports_reuse(lab, make_generator):
+    _, path = make_generator(lab).generate()
+    state = path.with_name(f".{path.name}.state")
+    header = orjson.loads(state.read_bytes())
+    del header["append_only_files"]
+    state.write_bytes(orjson.dumps(header))
+    generator = make_generator(lab)
+    manifest, _ = generator.generate()
+    assert not generator.last_report.published
+    assert generator.last_report.files_reused == 6  # events.jsonl and logs.txt of 3 runs
+    assert manifest.total_files == sum(len(exp.files) for exp in manifest.experiments)
+
+
+def test_a_published_manifest_equals_its_full_decoding_both_ways(lab, make_generator):
+    make_generator(lab).generate()
+    incremental, path = make_generator(lab).generate()
+    decoded = SyncManifest.from_json(path.read_bytes())
+    assert decoded == incremental
+    assert incremental == decoded
+    assert incremental != dataclasses.replace(decoded, revision=decoded.revision + 1)
+
+
+def test_a_published_manifest_finds_its_runs_behind_a_root_that_looks_like_json(
+    tmp_path, make_generator
+):
+    """Quotes in a header value are escaped, so the header still ends at the real key."""
+    root = tmp_path / 'lab,"experiments":[],"x'
+    _run(root)
+    make_generator(root).generate()
+    incremental, path = make_generator(root).generate()
+    assert isinstance(incremental, PublishedManifest)
+    assert incremental.remote_root == str(root)
+    assert incremental == SyncManifest.from_json(path.read_bytes())
+    assert [exp.run_id for exp in incremental.experiments] == ["20240101_000000_000001"]
+
+
+def test_assigning_runs_to_a_published_manifest_replaces_them(lab, make_generator):
+    make_generator(lab).generate()
+    incremental, _ = make_generator(lab).generate()
+    incremental.experiments = incremental.experiments[:1]
+    assert incremental.total_experiments == 1
+    assert incremental.is_decoded
+
+
+def test_bytes_of_another_writer_are_not_taken_for_a_published_manifest():
+    with pytest.raises(ValueError, match="not a manifest written by this generator"):
+        PublishedManifest(b'{"experiments": [], "revision": 1}')
 
 
 def test_an_edited_published_manifest_is_republished_with_a_new_revision(lab, make_generator):

@@ -43,6 +43,7 @@ from runicorn.manifest.models import (
     SyncManifest,
     read_header,
 )
+from runicorn.manifest.published import PublishedManifest
 from runicorn.manifest.state import FileMemo, GeneratorState, RunMemo, StatKey
 
 if TYPE_CHECKING:
@@ -218,9 +219,9 @@ class ManifestGenerator:
             unchanged_manifest = self._unchanged_since(previous, fingerprint, scan, output, report)
             if unchanged_manifest is not None:
                 report.runs_scanned = len(scan.runs)
-                report.files_reused = sum(
-                    entry.is_append_only for entry in unchanged_manifest.iter_files()
-                )
+                report.files_reused = previous.append_only_files
+                if report.files_reused is None:
+                    report.files_reused = _count_append_only(unchanged_manifest.experiments)
                 return unchanged_manifest
         memo_warning = previous.load_memos() if self.incremental else None
         if memo_warning:
@@ -238,6 +239,7 @@ class ManifestGenerator:
                 exp for exp in experiments if exp.status == "running" or exp.updated_at >= horizon
             ]
         report.runs_scanned = len(scan.runs)
+        next_state.append_only_files = _count_append_only(experiments)
 
         manifest = SyncManifest(
             manifest_type=manifest_type,
@@ -495,7 +497,7 @@ class ManifestGenerator:
         if _hash_pair(data, packed) != previous.published_hash:
             return None  # edited, corrupted or replaced since we published it
         try:
-            manifest = _load_own_manifest(data)
+            manifest = PublishedManifest(data)
         except (ValueError, KeyError, TypeError):
             return None
         if manifest.revision != previous.revision:
@@ -550,49 +552,8 @@ def _published_hash(output: Path, compressed: Path) -> str | None:
         return None
 
 
-def _load_own_manifest(data: bytes) -> SyncManifest:
-    """Decode a manifest this generator published, without re-validating every entry.
-
-    Only for the unchanged fast path, which then checks the decoded content against the
-    digest it recorded; anything malformed raises and sends the caller down the slow path.
-    """
-    doc = orjson.loads(data)
-    experiments = [
-        ExperimentEntry(
-            run_id=exp["run_id"],
-            project=exp["project"],
-            name=exp["name"],
-            status=exp["status"],
-            created_at=exp["created_at"],
-            updated_at=exp["updated_at"],
-            files=[
-                FileEntry(
-                    f["path"],
-                    f["size"],
-                    f["mtime"],
-                    f["priority"],
-                    f["is_append_only"],
-                    f.get("tail_hash"),
-                )
-                for f in exp["files"]
-            ],
-            tags=exp.get("tags"),
-        )
-        for exp in doc["experiments"]
-    ]
-    return SyncManifest(
-        manifest_type=ManifestType(doc["manifest_type"]),
-        revision=doc["revision"],
-        snapshot_id=doc["snapshot_id"],
-        generated_at=doc["generated_at"],
-        server_hostname=doc["server_hostname"],
-        remote_root=doc["remote_root"],
-        experiments=experiments,
-        format_version=doc["format_version"],
-        generator_version=doc.get("generator_version", ""),
-        tail_hash_algorithm=doc.get("tail_hash_algorithm"),
-        tail_hash_window=doc.get("tail_hash_window"),
-    )
+def _count_append_only(experiments: list[ExperimentEntry]) -> int:
+    return sum(entry.is_append_only for exp in experiments for entry in exp.files)
 
 
 def _remove_leftover_temp_files(*targets: Path) -> None:

@@ -50,6 +50,15 @@ def _key(value: list | None) -> StatKey | None:
     return (int(a), int(b), int(c), int(d))
 
 
+def _count(value: object) -> int | None:
+    """A count back from JSON (``None`` when absent); anything else is corrupt."""
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a count, got {value!r}")
+    return value
+
+
 @dataclass
 class GeneratorState:
     revision: int = 0
@@ -62,6 +71,9 @@ class GeneratorState:
     published_hash: str = ""
     """BLAKE3 of the published ``.json`` and ``.json.gz``: an edited or corrupted manifest on
     disk no longer matches and is republished."""
+    append_only_files: int | None = None
+    """How many append-only files the published manifest lists: the fast path reports them
+    as reused without decoding the manifest (``None`` in an older generator's state)."""
     files: dict[str, FileMemo] = field(default_factory=dict)
     runs: dict[str, RunMemo] = field(default_factory=dict)
     warning: str | None = None
@@ -91,6 +103,7 @@ class GeneratorState:
                 scan_started_ns=int(doc["scan_started_ns"]),
                 scan_fingerprint=str(doc.get("scan_fingerprint", "")),
                 published_hash=str(doc.get("published_hash", "")),
+                append_only_files=_count(doc.get("append_only_files")),
                 memo_path=cls.memo_path_for(path),
             )
         except (KeyError, TypeError, ValueError):
@@ -171,5 +184,6 @@ class GeneratorState:
             "scan_started_ns": self.scan_started_ns,
             "scan_fingerprint": self.scan_fingerprint,
             "published_hash": self.published_hash,
+            "append_only_files": self.append_only_files,
         }
         write_atomically(path, orjson.dumps(header), durable=False)
