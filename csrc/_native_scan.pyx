@@ -663,6 +663,9 @@ cdef class _Project:
         cdef object run_id = None
         cdef object path_in_run = None
         cdef dict reasons = {}
+        cdef bint have_newest = False
+        cdef long long newest_s = 0
+        cdef long long newest_ns = 0
         for k in range(self.c.n_records):
             rec = &self.c.records[k]
             if rec.kind == K_CONTENT:
@@ -672,6 +675,11 @@ cdef class _Project:
             text = PyUnicode_DecodeFSDefaultAndSize(self.c.text + rec.offset, rec.length)
             if rec.kind == K_FILE:
                 path_in_run = text
+                if not have_newest or rec.mtime_s > newest_s or (
+                        rec.mtime_s == newest_s and rec.mtime_ns > newest_ns):
+                    have_newest = True
+                    newest_s = rec.mtime_s
+                    newest_ns = rec.mtime_ns
                 files.append((text, rec.size, _ns(rec.mtime_s, rec.mtime_ns),
                               _ns(rec.ctime_s, rec.ctime_ns), rec.inode))
             elif rec.kind == K_RUN:
@@ -689,7 +697,7 @@ cdef class _Project:
                 problems.append((text, reason))
         if files is not None:
             files.sort()  # path_in_run is unique within a run: only it is ever compared
-        return runs, problems, contents
+        return runs, problems, contents, _ns(newest_s, newest_ns) if have_newest else None
 
 
 cdef inline object _ns(long long seconds, long long nanoseconds):
@@ -790,13 +798,16 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
         close(fd)
     cdef list runs = []
     cdef dict contents = {}
-    for project_runs, project_problems, project_contents in parts:
+    newest = None
+    for project_runs, project_problems, project_contents, project_newest in parts:
         runs.extend(project_runs)
         problems.extend(project_problems)
         contents.update(project_contents)
+        if project_newest is not None and (newest is None or project_newest > newest):
+            newest = project_newest
     runs.sort()  # (project, name, run_id) is unique: the file lists are never compared
     problems.sort()
-    return ScanResult(runs, problems, contents)
+    return ScanResult(runs, problems, contents, newest)
 
 
 scan_experiments.__doc__ = _pure.scan_experiments.__doc__

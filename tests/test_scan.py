@@ -69,6 +69,22 @@ def test_file_records_carry_lstat_size_times_and_inode(backend, lab):
     ]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_newest_mtime_is_the_latest_of_any_file_in_any_project(backend, tmp_path, threads):
+    make(tmp_path, {"a/e/runs/r/f": "", "a/e/runs/r/media/g": "", "b/e/runs/s/h": ""})
+    stamps = {"a/e/runs/r/f": 1_000, "a/e/runs/r/media/g": 3_000_000_007, "b/e/runs/s/h": -5}
+    for rel, ns in stamps.items():
+        os.utime(tmp_path / rel, ns=(0, ns))
+    result = backend.scan_experiments(str(tmp_path), threads)
+    assert result.newest_mtime_ns == 3_000_000_007
+    assert result.newest_mtime_ns == max(r[2] for run in result.runs for r in run[3])
+
+
+def test_a_lab_of_empty_runs_has_no_newest_mtime(backend, tmp_path):
+    (tmp_path / "p/e/runs/r").mkdir(parents=True)
+    assert backend.scan_experiments(str(tmp_path)).newest_mtime_ns is None
+
+
 def test_files_in_subdirectories_have_posix_paths_relative_to_the_run(backend, lab):
     result = backend.scan_experiments(str(lab))
     assert paths(result, 1) == ["events.jsonl", "media/step_1.png", "meta.json"]
@@ -110,7 +126,7 @@ def test_hidden_files_inside_a_run_are_listed(backend, tmp_path):
 
 def test_experiment_without_runs_directory_is_skipped_silently(backend, tmp_path):
     (tmp_path / "p/new-experiment").mkdir(parents=True)
-    assert backend.scan_experiments(str(tmp_path)) == ScanResult([], [], {})
+    assert backend.scan_experiments(str(tmp_path)) == ScanResult([], [], {}, None)
 
 
 def test_empty_run_directory_is_a_run_without_files(backend, tmp_path):

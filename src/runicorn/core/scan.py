@@ -51,6 +51,9 @@ class ScanResult(NamedTuple):
     contents: dict[str, bytes]
     """Bytes of the run-level files the caller asked for, by path relative to the root, in
     no particular order; a file larger than :data:`MAX_READ_BYTES`, or unreadable, is absent."""
+    newest_mtime_ns: int | None
+    """The newest ``mtime_ns`` among the records of ``runs`` (``None`` without any): the
+    generator asks it of every scan, and the scan has each record at hand once."""
 
 
 def _list_dir(path: str, rel: str, problems: list[Problem]) -> list[os.DirEntry[str]]:
@@ -152,7 +155,8 @@ def _scan_run_files(
 
 def _scan_project(
     root: str, project: str, read: frozenset[str]
-) -> tuple[list[RunScan], list[Problem], dict[str, bytes]]:
+) -> tuple[list[RunScan], list[Problem], dict[str, bytes], int | None]:
+    newest: int | None = None
     runs: list[RunScan] = []
     problems: list[Problem] = []
     contents: dict[str, bytes] = {}
@@ -178,7 +182,11 @@ def _scan_project(
             _scan_run_files(run_path, run_rel, "", files, problems, read, contents)
             files.sort(key=lambda record: record[0])
             runs.append((project, name, run_id, files))
-    return runs, problems, contents
+            if files:
+                run_newest = max(record[2] for record in files)
+                if newest is None or run_newest > newest:
+                    newest = run_newest
+    return runs, problems, contents, newest
 
 
 def _read_names(read: Collection[str]) -> frozenset[str]:
@@ -226,9 +234,12 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
             parts = list(pool.map(lambda project: _scan_project(root, project, names), projects))
     runs: list[RunScan] = []
     contents: dict[str, bytes] = {}
-    for project_runs, project_problems, project_contents in parts:
+    newest: int | None = None
+    for project_runs, project_problems, project_contents, project_newest in parts:
         runs.extend(project_runs)
         problems.extend(project_problems)
         contents.update(project_contents)
+        if project_newest is not None and (newest is None or project_newest > newest):
+            newest = project_newest
     problems.sort()
-    return ScanResult(runs, problems, contents)
+    return ScanResult(runs, problems, contents, newest)

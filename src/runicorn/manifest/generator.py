@@ -486,8 +486,7 @@ class ManifestGenerator:
         if not previous.scan_fingerprint or previous.scan_fingerprint != fingerprint:
             return None
         settled_before = previous.scan_started_ns - REUSE_MARGIN_NS
-        newest = max([record[2] for run in scan.runs for record in run[3]], default=0)
-        if newest >= settled_before:
+        if scan.newest_mtime_ns is not None and scan.newest_mtime_ns >= settled_before:
             return None
         try:
             data = output.read_bytes()
