@@ -110,19 +110,19 @@ class PublishedManifest(SyncManifest):
     def total_experiments(self) -> int:
         if self._document is not None:
             return self._header_statistics["total_experiments"]
-        return len(self._decoded)
+        return super().total_experiments
 
     @property
     def total_files(self) -> int:
         if self._document is not None:
             return self._header_statistics["total_files"]
-        return sum(len(exp.files) for exp in self._decoded)
+        return super().total_files
 
     @property
     def total_bytes(self) -> int:
         if self._document is not None:
             return self._header_statistics["total_bytes"]
-        return sum(entry.size for exp in self._decoded for entry in exp.files)
+        return super().total_bytes
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SyncManifest):
