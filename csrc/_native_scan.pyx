@@ -724,9 +724,12 @@ cdef tuple _scan_one(_Project project, int root_fd, bytes runs_name):
 
 def _read_names_blob(read) -> bytes | None:
     """The spec's checked names as the C walk wants them (see ``Collector.read_names``); a
-    name the file system cannot encode matches no entry, as in the pure module."""
+    name the file system cannot encode matches no entry, as in the pure module. So does the
+    empty name, which is left out: in the blob it would read as the end of the list."""
     encoded = []
     for name in sorted(_pure._read_names(read)):
+        if not name:
+            continue
         try:
             encoded.append(os.fsencode(name) + b"\0")
         except UnicodeEncodeError:

@@ -279,6 +279,13 @@ def test_read_names_that_cannot_name_a_file_match_nothing(backend, lab):
     assert backend.scan_experiments(str(lab), 1, odd).contents == {}
 
 
+@pytest.mark.parametrize("odd", ["", "\udcff", "a/b"], ids=repr)
+def test_a_name_that_matches_nothing_does_not_hide_the_names_beside_it(backend, lab, odd):
+    """Found by the parity test: the compiled scan stopped at an empty name in its list."""
+    contents = backend.scan_experiments(str(lab), 1, [odd, "meta.json"]).contents
+    assert contents == backend.scan_experiments(str(lab), 1, ["meta.json"]).contents != {}
+
+
 @pytest.mark.parametrize("read", ["meta.json", [b"meta.json"], [None]], ids=repr)
 def test_read_must_be_a_collection_of_names(backend, lab, read):
     with pytest.raises(TypeError, match="read must be a collection of file names"):
