@@ -110,6 +110,13 @@ class ExperimentEntry:
         return data
 
 
+EXPERIMENTS_KEY = b',"experiments":'
+"""What joins the header to the experiments array in the JSON :meth:`SyncManifest.to_json`
+writes. Inside a JSON string every ``"`` is escaped, so in those bytes the first occurrence
+of this is the key itself (what :class:`~runicorn.manifest.published.PublishedManifest`
+splits on)."""
+
+
 @dataclass(slots=True)
 class SyncManifest:
     """A complete manifest: header plus every listed run."""
@@ -195,7 +202,7 @@ class SyncManifest:
             experiments_json = encode_experiments(self.experiments)
         header = orjson.dumps(self._header_dict())
         # compact JSON of an object ends in "}", and experiments is its last key
-        return header[:-1] + b',"experiments":', experiments_json, b"}"
+        return header[:-1] + EXPERIMENTS_KEY, experiments_json, b"}"
 
     @classmethod
     def from_json(cls, data: bytes, *, source: str = "manifest") -> SyncManifest:

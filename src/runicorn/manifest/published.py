@@ -17,11 +17,13 @@ from typing import Any
 import orjson
 
 from runicorn.gcpause import paused_gc
-from runicorn.manifest.models import ExperimentEntry, FileEntry, ManifestType, SyncManifest
-
-_EXPERIMENTS_KEY = b',"experiments":'
-"""Where the header ends in the compact JSON the generator writes. Inside a JSON string
-every ``"`` is escaped, so the first occurrence of these bytes is the key itself."""
+from runicorn.manifest.models import (
+    EXPERIMENTS_KEY,
+    ExperimentEntry,
+    FileEntry,
+    ManifestType,
+    SyncManifest,
+)
 
 
 def decode_own_experiments(array: bytes | memoryview) -> list[ExperimentEntry]:
@@ -65,7 +67,7 @@ class PublishedManifest(SyncManifest):
     def __init__(self, document: bytes) -> None:
         """Decode the header of ``document``; ``ValueError`` or ``KeyError`` if it is not
         one of this generator's manifests."""
-        header_end = document.find(_EXPERIMENTS_KEY)
+        header_end = document.find(EXPERIMENTS_KEY)
         if header_end < 0 or not document.endswith(b"}"):
             raise ValueError("not a manifest written by this generator")
         header: dict[str, Any] = orjson.loads(document[:header_end] + b"}")
@@ -84,7 +86,7 @@ class PublishedManifest(SyncManifest):
             key: int(statistics[key]) for key in ("total_experiments", "total_files", "total_bytes")
         }
         self._document: bytes | None = document
-        self._array_start = header_end + len(_EXPERIMENTS_KEY)
+        self._array_start = header_end + len(EXPERIMENTS_KEY)
         self._decoded: list[ExperimentEntry] = []
 
     @property
