@@ -1,19 +1,39 @@
 """The published ``.json.gz``: deflated in pieces on several threads, yet one ordinary gzip
-stream whose bytes depend on the content only."""
+stream whose bytes depend on the content only. Every test runs with zlib-ng (the installed
+dependency) and with the standard zlib it falls back to."""
 
 from __future__ import annotations
 
 import gzip
 import itertools
+import subprocess
+import sys
 import zlib
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runicorn.manifest import compression
 from runicorn.manifest.compression import compress, decompress_capped
+
+LIBRARIES = {"zlib-ng": compression.zlib_ng, "zlib": zlib}
+
+
+@pytest.fixture(autouse=True, params=sorted(LIBRARIES))
+def deflate(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """The deflate library under test, as :mod:`runicorn.manifest.compression` uses it."""
+    library = LIBRARIES[request.param]
+    if library is None:
+        pytest.fail("zlib-ng is a declared dependency but did not import")
+    monkeypatch.setattr(compression, "DEFLATE", library)
+    return library
+
+
+def _gzip_of(deflate, data: bytes) -> bytes:
+    """What the library makes of ``data`` in one call (gzip wrapper, level as published)."""
+    return deflate.compress(data, compression.LEVELS[deflate.__name__], wbits=16 + 15)
 
 
 def _json_like(rows: int) -> bytes:
@@ -30,9 +50,28 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 @pytest.mark.parametrize("data", [b"", b"x", b"ab" * 5000, _json_like(100)])
-def test_a_document_of_one_piece_is_what_gzip_compress_makes(data: bytes):
+def test_a_document_of_one_piece_is_what_the_library_makes_of_it_in_one_call(deflate, data: bytes):
     assert len(data) <= compression.PIECE_BYTES
-    assert compress(data) == gzip.compress(data, compresslevel=6, mtime=0)
+    assert compress(data) == _gzip_of(deflate, data)
+    if deflate is zlib:
+        assert compress(data) == gzip.compress(data, compresslevel=6, mtime=0)
+
+
+def test_zlib_ng_is_the_library_in_use_where_it_is_installed():
+    """In a fresh interpreter, since the fixture here chooses the library."""
+    probe = "from runicorn.manifest import compression; print(compression.DEFLATE.__name__)"
+    chosen = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True)
+    assert chosen.stdout.decode().strip() == "zlib_ng.zlib_ng"
+
+
+def test_either_library_reads_what_the_other_wrote(small_pieces: int):
+    data = _json_like(5000)
+    for writer in LIBRARIES.values():
+        compression.DEFLATE = writer  # the fixture's monkeypatch restores it
+        packed = compress(data, threads=2)
+        for reader in LIBRARIES.values():
+            compression.DEFLATE = reader
+            assert decompress_capped(packed, len(data)) == data
 
 
 def test_pieces_join_into_one_gzip_stream_every_reader_accepts(small_pieces: int):
@@ -55,8 +94,9 @@ def test_the_bytes_do_not_depend_on_the_thread_count(small_pieces: int, length_i
     assert gzip.decompress(one) == data
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the library, unchanged
 @given(cuts=st.lists(st.integers(0, 30_000), max_size=5), threads=st.sampled_from([1, 2]))
-def test_a_document_given_in_parts_compresses_as_their_concatenation(cuts, threads):
+def test_a_document_given_in_parts_compresses_as_their_concatenation(deflate, cuts, threads):
     """How the generator hands over a manifest (header, experiments, brace): parts of any
     length, empty ones too, cut anywhere across the pieces."""
     data = _json_like(1000)
@@ -70,13 +110,13 @@ def test_a_document_given_in_parts_compresses_as_their_concatenation(cuts, threa
         assert compress([bytearray(part) for part in parts]) == compress(data)
     finally:
         compression.PIECE_BYTES = original
-    assert compress(parts) == gzip.compress(data, compresslevel=6, mtime=0)
+    assert compress(parts) == _gzip_of(deflate, data)
 
 
-def test_pieces_cost_little_compression(small_pieces: int):
+def test_pieces_cost_little_compression(deflate, small_pieces: int):
     """Even at 4 KiB (a thousandth of the real piece size) the loss is small."""
     data = _json_like(20000)
-    whole = len(gzip.compress(data, compresslevel=6, mtime=0))
+    whole = len(_gzip_of(deflate, data))
     assert len(compress(data)) < whole * 1.5
 
 
