@@ -392,3 +392,55 @@ def test_version_reports_the_forced_pure_python_backend():
         check=True,
     )
     assert result.stdout == f"runicorn {__version__} (backend: python)\n"
+
+
+# --- the console script's process --------------------------------------------------------------
+
+
+def _console_script(backend, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m runicorn ARGS`` in a child process, on the backend under test."""
+    env = {k: v for k, v in os.environ.items() if k != "RUNICORN_PURE_PYTHON"}
+    if backend.name == "python":
+        env["RUNICORN_PURE_PYTHON"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "runicorn", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_console_script_ends_without_losing_buffered_output(backend, lab: Path):
+    """The process ends with ``os._exit`` after the command returns: what was printed
+    reaches the pipe whole, and the published files are complete."""
+    done = _console_script(backend, "generate-manifest", "--root", str(lab), "--json")
+    assert (done.returncode, done.stderr) == (0, "")
+    summary = orjson.loads(done.stdout)
+    assert summary["backend"] == backend.name and summary["published"] is True
+    published = SyncManifest.from_json(Path(summary["output"]).read_bytes())
+    assert published == SyncManifest.from_gzip(Path(summary["compressed"]).read_bytes())
+    assert published.total_experiments == summary["experiments"] == 3
+
+    report = _console_script(backend, "generate-manifest", "--root", str(lab))
+    assert report.returncode == 0
+    assert "Manifest Unchanged" in report.stdout and report.stdout.endswith("=\n")
+
+
+def test_the_console_script_keeps_its_exit_codes(backend, tmp_path: Path):
+    missing = _console_script(backend, "generate-manifest", "--root", str(tmp_path / "nope"))
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error: ") and "not a readable directory" in missing.stderr
+    unreadable = tmp_path / "file"
+    unreadable.write_text("not a directory")
+    failed = _console_script(
+        backend,
+        "generate-manifest",
+        "--root",
+        str(tmp_path),
+        "--output",
+        str(unreadable / "m.json"),
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("error: ")
+    assert _console_script(backend, "generate-manifest", "--bogus").returncode == 2
