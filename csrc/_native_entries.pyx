@@ -414,6 +414,17 @@ cdef inline bint _fast_experiment(object exp):
     return type(exp) is ExperimentEntry and type(exp.files) is list
 
 
+cdef inline object _field(object entry, Py_ssize_t k, str name):
+    """Field ``k`` (``name``) of an exact ``FileEntry``, read from its slot; an unset slot
+    goes through ``getattr`` so that it raises what Python raises."""
+    cdef PyObject *value
+    if _DIRECT_ENTRIES:
+        value = (<PyObject **>(<char *><PyObject *>entry + _OFFSETS[k]))[0]
+        if value is not NULL:
+            return <object>value
+    return getattr(entry, name)
+
+
 cdef list _floats_of(object experiments):
     """Every ``float`` the fast path writes, in the order it writes them.
 
@@ -432,20 +443,22 @@ cdef list _floats_of(object experiments):
         if type(exp.updated_at) is float:
             found.append(exp.updated_at)
         for entry in <list>exp.files:
-            if type(entry) is FileEntry and type(entry.mtime) is float:
-                found.append(entry.mtime)
+            if type(entry) is FileEntry:
+                mtime = _field(entry, 2, "mtime")
+                if type(mtime) is float:
+                    found.append(mtime)
     return found
 
 
 cdef int _put_file(Buffer *buf, object entry, Floats *floats) except -1:
     if type(entry) is not FileEntry:
         return _put_bytes(buf, _dumps(entry.to_dict()))
-    _put_field(buf, b'{"path":', entry.path, floats)
-    _put_field(buf, b',"size":', entry.size, floats)
-    _put_field(buf, b',"mtime":', entry.mtime, floats)
-    _put_field(buf, b',"priority":', entry.priority, floats)
-    _put_field(buf, b',"is_append_only":', entry.is_append_only, floats)
-    tail_hash = entry.tail_hash
+    _put_field(buf, b'{"path":', _field(entry, 0, "path"), floats)
+    _put_field(buf, b',"size":', _field(entry, 1, "size"), floats)
+    _put_field(buf, b',"mtime":', _field(entry, 2, "mtime"), floats)
+    _put_field(buf, b',"priority":', _field(entry, 3, "priority"), floats)
+    _put_field(buf, b',"is_append_only":', _field(entry, 4, "is_append_only"), floats)
+    tail_hash = _field(entry, 5, "tail_hash")
     if tail_hash is not None:
         _put_field(buf, b',"tail_hash":', tail_hash, floats)
     return _put(buf, b"}", 1)
