@@ -627,6 +627,19 @@ def test_experiment_json_of_a_generator_matches(both):
     assert native.encode_experiments(experiments()) == python.encode_experiments(experiments())
 
 
+@pytest.mark.parametrize("unset", ["path", "size", "mtime", "tail_hash"])
+def test_experiment_json_of_an_entry_with_an_unset_field_raises_alike(both, unset):
+    """The compiled encoder reads the fields from their slots; an empty slot must still
+    raise Python's own AttributeError."""
+    from runicorn.manifest.models import ExperimentEntry, FileEntry
+
+    entry = FileEntry("p/e/runs/r/logs.txt", 4, 1.5, 3, True, "ab")
+    delattr(entry, unset)
+    experiments = [ExperimentEntry("r", "p", "e", "running", 1.5, 2.5, [entry])]
+    _, error_type, message, _ = assert_same(both, "encode_experiments", experiments)
+    assert error_type is AttributeError and unset in message
+
+
 def test_tail_hashes_of_a_batch_shared_by_threads_match(both, tmp_path):
     """Enough requests for the compiled core to spread a batch over helper threads."""
     requests = []
