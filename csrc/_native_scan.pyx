@@ -28,8 +28,8 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
 from libc.errno cimport errno, ENOENT, ENOTDIR, ELOOP, EINTR, ENOSYS
-from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, strcmp, strlen
+from libc.stdlib cimport malloc, realloc, free, qsort
+from libc.string cimport memcmp, memcpy, strcmp, strlen
 
 from runicorn.core import scan as _pure
 from runicorn.core.scan import (
@@ -615,6 +615,46 @@ cdef void _scan_project(Collector *c, int root_fd, const char *project,
     _free_listing(&listing)
 
 
+# a file record of the run being converted, and its name's bytes to sort it by
+cdef struct NameRef:
+    const char *text
+    Py_ssize_t length
+    Record *rec
+
+
+cdef int _by_name_bytes(const void *left, const void *right) noexcept nogil:
+    cdef const NameRef *a = <const NameRef *>left
+    cdef const NameRef *b = <const NameRef *>right
+    cdef Py_ssize_t shorter = a.length if a.length < b.length else b.length
+    cdef int order = memcmp(a.text, b.text, <size_t>shorter)
+    if order != 0:
+        return order
+    return (a.length > b.length) - (a.length < b.length)
+
+
+cdef void _emit_files(list files, NameRef *pending, Py_ssize_t n) except *:
+    """Append the records of one run to ``files`` as tuples, sorted by name.
+
+    They are made in the order of their names' bytes, which is the order of the ``str``
+    except where undecodable bytes became surrogates; the ``list.sort`` after it settles
+    those (and costs one pass over a list that is already sorted)."""
+    cdef Py_ssize_t k
+    cdef Record *rec
+    if n == 0:
+        return
+    qsort(pending, <size_t>n, sizeof(NameRef), _by_name_bytes)
+    for k in range(n):
+        rec = pending[k].rec
+        files.append((
+            PyUnicode_DecodeFSDefaultAndSize(pending[k].text, pending[k].length),
+            rec.size,
+            _ns(rec.mtime_s, rec.mtime_ns),
+            _ns(rec.ctime_s, rec.ctime_ns),
+            rec.inode,
+        ))
+    files.sort()  # path_in_run is unique within a run: only it is ever compared
+
+
 cdef class _Project:
     """One project walked into C records (without the GIL), then turned into tuples."""
 
@@ -658,45 +698,60 @@ cdef class _Project:
         cdef list files = None
         cdef Py_ssize_t k
         cdef Record *rec
+        cdef Record *last_file = NULL
         cdef str project = self.name
         cdef object experiment = None
         cdef object run_id = None
-        cdef object path_in_run = None
         cdef dict reasons = {}
         cdef bint have_newest = False
         cdef long long newest_s = 0
         cdef long long newest_ns = 0
-        for k in range(self.c.n_records):
-            rec = &self.c.records[k]
-            if rec.kind == K_CONTENT:
-                contents[f"{project}/{experiment}/{RUNS_DIRNAME}/{run_id}/{path_in_run}"] = \
-                    PyBytes_FromStringAndSize(self.c.text + rec.offset, rec.length)
-                continue
-            text = PyUnicode_DecodeFSDefaultAndSize(self.c.text + rec.offset, rec.length)
-            if rec.kind == K_FILE:
-                path_in_run = text
-                if not have_newest or rec.mtime_s > newest_s or (
-                        rec.mtime_s == newest_s and rec.mtime_ns > newest_ns):
-                    have_newest = True
-                    newest_s = rec.mtime_s
-                    newest_ns = rec.mtime_ns
-                files.append((text, rec.size, _ns(rec.mtime_s, rec.mtime_ns),
-                              _ns(rec.ctime_s, rec.ctime_ns), rec.inode))
-            elif rec.kind == K_RUN:
-                run_id = text
-                if files is not None:
-                    files.sort()
-                files = []
-                runs.append((project, experiment, text, files))
-            elif rec.kind == K_EXPERIMENT:
-                experiment = text
-            else:
-                reason = reasons.get(rec.code)
-                if reason is None:
-                    reason = reasons[rec.code] = _reason(rec.code)
-                problems.append((text, reason))
-        if files is not None:
-            files.sort()  # path_in_run is unique within a run: only it is ever compared
+        # the file records of the current run, turned into tuples in name order when the
+        # run ends: objects made in the order they are later read lie in that order in memory
+        cdef NameRef *pending = NULL
+        cdef Py_ssize_t n_pending = 0
+        cdef Py_ssize_t cap_pending = 0
+        try:
+            for k in range(self.c.n_records):
+                rec = &self.c.records[k]
+                if rec.kind == K_CONTENT:
+                    path_in_run = PyUnicode_DecodeFSDefaultAndSize(
+                        self.c.text + last_file.offset, last_file.length
+                    )
+                    contents[f"{project}/{experiment}/{RUNS_DIRNAME}/{run_id}/{path_in_run}"] = \
+                        PyBytes_FromStringAndSize(self.c.text + rec.offset, rec.length)
+                    continue
+                if rec.kind == K_FILE:
+                    last_file = rec
+                    if not have_newest or rec.mtime_s > newest_s or (
+                            rec.mtime_s == newest_s and rec.mtime_ns > newest_ns):
+                        have_newest = True
+                        newest_s = rec.mtime_s
+                        newest_ns = rec.mtime_ns
+                    if not _grow(<void **>&pending, &cap_pending, n_pending + 1, sizeof(NameRef)):
+                        raise MemoryError("out of memory while scanning " + repr(self.name))
+                    pending[n_pending].text = self.c.text + rec.offset
+                    pending[n_pending].length = rec.length
+                    pending[n_pending].rec = rec
+                    n_pending += 1
+                    continue
+                text = PyUnicode_DecodeFSDefaultAndSize(self.c.text + rec.offset, rec.length)
+                if rec.kind == K_RUN:
+                    _emit_files(files, pending, n_pending)
+                    n_pending = 0
+                    run_id = text
+                    files = []
+                    runs.append((project, experiment, text, files))
+                elif rec.kind == K_EXPERIMENT:
+                    experiment = text
+                else:
+                    reason = reasons.get(rec.code)
+                    if reason is None:
+                        reason = reasons[rec.code] = _reason(rec.code)
+                    problems.append((text, reason))
+            _emit_files(files, pending, n_pending)
+        finally:
+            free(pending)
         return runs, problems, contents, _ns(newest_s, newest_ns) if have_newest else None
 
 

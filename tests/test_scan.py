@@ -199,6 +199,25 @@ def test_undecodable_names_are_surrogate_escaped_like_os_fsdecode(backend, tmp_p
     assert (run_keys(result)[0][2], paths(result)) == (os.fsdecode(b"r\xff"), ["f\udcfe"])
 
 
+def test_file_names_whose_byte_order_is_not_their_code_point_order_sort_as_str(backend, tmp_path):
+    """The compiled scan makes a run's records in the order of their names' bytes; where
+    an undecodable byte became a surrogate that order differs from ``str`` order (b"\\xc3x"
+    is U+DCC3 then "x", after "é" = b"\\xc3\\xa9"), and the result must still be sorted as
+    ``str``. The contents read beside them stay with their own names."""
+    run = os.fsencode(str(tmp_path)) + b"/p/e/runs/r/"
+    os.makedirs(run)
+    for name in (b"\xc3x", "é".encode(), b"meta.json", b"\xc3", b"\xff", b"a"):
+        with open(run + name, "wb") as handle:
+            handle.write(name)
+    result = backend.scan_experiments(str(tmp_path), 2, ("meta.json",))
+    names = paths(result)
+    assert names == sorted(
+        os.fsdecode(n) for n in (b"\xc3x", b"\xc3\xa9", b"meta.json", b"\xc3", b"\xff", b"a")
+    )
+    assert names.index("é") < names.index(os.fsdecode(b"\xc3x"))
+    assert result.contents == {"p/e/runs/r/meta.json": b"meta.json"}
+
+
 def test_problems_are_sorted_by_path(backend, tmp_path):
     make(tmp_path, {"p/e/runs/z": "", "p/e/runs/a": "", "b/e/runs": ""})
     assert backend.scan_experiments(str(tmp_path)).problems == [
