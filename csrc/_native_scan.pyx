@@ -715,6 +715,8 @@ cdef class _Project:
             for k in range(self.c.n_records):
                 rec = &self.c.records[k]
                 if rec.kind == K_CONTENT:
+                    if last_file == NULL:  # the collector records contents after their file
+                        continue
                     path_in_run = PyUnicode_DecodeFSDefaultAndSize(
                         self.c.text + last_file.offset, last_file.length
                     )
