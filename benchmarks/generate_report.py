@@ -5,14 +5,23 @@ a full generation (``incremental=False``, a fresh output directory each round), 
 incremental regeneration with nothing changed, and ``find ROOT -printf '%P %s %T@\\n'`` over
 the same tree, all on a warm page cache; medians over ``--rounds`` rounds, per backend.
 
+A second table gives the CPU time of the full generation (user and kernel, all threads) and
+the ceiling it puts on the compiled core's speed-up: had the native backend kept every
+usable core busy for its whole run, it would still need ``native CPU / cores`` seconds, so
+it cannot beat the pure backend by more than ``pure wall / (native CPU / cores)``. The
+kernel's share (system calls and page faults, which both backends pay alike) gives a
+second, harder ceiling: ``pure wall / (native system CPU / cores)``.
+
     python benchmarks/generate_report.py                 # 1,000-run lab in a temp dir
     python benchmarks/generate_report.py --runs 200 --rounds 5 --backend python
+    python benchmarks/generate_report.py --runs 10000 --scale 0.01 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -20,10 +29,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from runicorn import __version__
 from runicorn.core.backend import NATIVE, PYTHON, load_backend, native_available
+from runicorn.cores import usable_cores
 from runicorn.manifest import ManifestGenerator
 from runicorn.sample_lab import build_sample_lab
 
@@ -43,6 +54,47 @@ def _median_seconds(
     return statistics.median(samples[1:])
 
 
+@dataclass(frozen=True)
+class CpuSample:
+    """One timed round: wall clock, and the process's CPU time over every thread."""
+
+    wall: float
+    user: float
+    system: float
+    minor_faults: int
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
+
+
+def _cpu_samples(
+    action: Callable[[], object], rounds: int, setup: Callable[[], None]
+) -> list[CpuSample]:
+    """Like :func:`_median_seconds`, but keeps each counted round's CPU time and faults."""
+    samples = []
+    for _ in range(rounds + 1):  # the first round warms up and is not counted
+        setup()
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        action()
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        samples.append(
+            CpuSample(
+                wall=wall,
+                user=after.ru_utime - before.ru_utime,
+                system=after.ru_stime - before.ru_stime,
+                minor_faults=after.ru_minflt - before.ru_minflt,
+            )
+        )
+    return samples[1:]
+
+
+def _median_of(samples: list[CpuSample], field: str) -> float:
+    return statistics.median(getattr(sample, field) for sample in samples)
+
+
 def _find(root: Path) -> None:
     command = ["find", str(root), "-printf", r"%P %s %T@\n"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -57,7 +109,7 @@ def measure(root: Path, backend_name: str, rounds: int, scratch: Path) -> dict[s
         out = scratch / f"{backend_name}-full-{next(outputs)}"
         state["full"] = ManifestGenerator(root, out, incremental=False, backend=backend)
 
-    full = _median_seconds(lambda: state["full"].generate(), rounds, fresh_full_generator)
+    full_samples = _cpu_samples(lambda: state["full"].generate(), rounds, fresh_full_generator)
     manifest, path = state["full"].generate()
 
     incremental_out = scratch / f"{backend_name}-inc"
@@ -68,7 +120,11 @@ def measure(root: Path, backend_name: str, rounds: int, scratch: Path) -> dict[s
     assert report is not None and not report.published and report.files_hashed == 0
 
     return {
-        "full": full,
+        "full": _median_of(full_samples, "wall"),
+        "full_user": _median_of(full_samples, "user"),
+        "full_system": _median_of(full_samples, "system"),
+        "full_cpu": _median_of(full_samples, "cpu"),
+        "full_faults": _median_of(full_samples, "minor_faults"),
         "incremental": incremental,
         "find": _median_seconds(lambda: _find(root), rounds),
         "runs": manifest.total_experiments,
@@ -96,13 +152,45 @@ def markdown(results: dict[str, dict[str, float]], lab_runs: int, rounds: int) -
             f"| {r['full'] / r['incremental']:.1f}x | {r['json_bytes'] / 1e6:.2f} MB "
             f"| {r['gz_bytes'] / 1e3:.0f} KB |"
         )
+    lines += ["", *cpu_markdown(results)]
     return "\n".join(lines)
+
+
+def cpu_markdown(results: dict[str, dict[str, float]]) -> list[str]:
+    """The CPU table of the full generation, and the ceilings it puts on the speed-up."""
+    cores = usable_cores()
+    lines = [
+        f"CPU time of the full generation (medians; all threads; {cores} usable cores):",
+        "",
+        "| backend | wall | user CPU | system CPU | cores busy | minor page faults |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['full'] * 1e3:.0f} ms | {r['full_user'] * 1e3:.0f} ms "
+            f"| {r['full_system'] * 1e3:.0f} ms | {r['full_cpu'] / r['full']:.2f} "
+            f"| {r['full_faults']:,.0f} |"
+        )
+    if NATIVE in results and PYTHON in results:
+        native, pure = results[NATIVE], results[PYTHON]
+        lines += [
+            "",
+            f"Speed-up of the native full generation over the pure one: "
+            f"{pure['full'] / native['full']:.2f}x measured; at most "
+            f"{pure['full'] / (native['full_cpu'] / cores):.2f}x with every core busy all the "
+            f"time; at most {pure['full'] / (native['full_system'] / cores):.2f}x even if "
+            f"everything but the kernel's work cost nothing.",
+        ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1000, help="runs in the sample lab")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="size factor of events, logs and media files"
+    )
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per measurement")
     parser.add_argument(
         "--backend",
@@ -120,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = workdir / "lab"
         print(f"building a {args.runs}-run sample lab in {root} ...", file=sys.stderr)
-        build_sample_lab(root, runs=args.runs, seed=args.seed, now=NOW)
+        build_sample_lab(root, runs=args.runs, seed=args.seed, scale=args.scale, now=NOW)
         _find(root)  # warm the page cache
         results = {}
         for name in backends:
