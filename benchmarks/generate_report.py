@@ -41,19 +41,6 @@ from runicorn.sample_lab import build_sample_lab
 NOW = 1_735_689_600.0
 
 
-def _median_seconds(
-    action: Callable[[], object], rounds: int, setup: Callable[[], None] | None = None
-) -> float:
-    samples = []
-    for _ in range(rounds + 1):  # the first round warms up and is not counted
-        if setup:
-            setup()
-        started = time.perf_counter()
-        action()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples[1:])
-
-
 @dataclass(frozen=True)
 class CpuSample:
     """One timed round: wall clock, and the process's CPU time over every thread."""
@@ -69,12 +56,14 @@ class CpuSample:
 
 
 def _cpu_samples(
-    action: Callable[[], object], rounds: int, setup: Callable[[], None]
+    action: Callable[[], object], rounds: int, setup: Callable[[], None] | None = None
 ) -> list[CpuSample]:
-    """Like :func:`_median_seconds`, but keeps each counted round's CPU time and faults."""
+    """Time ``rounds`` rounds of ``action`` after one uncounted warm-up round, each after
+    ``setup`` (untimed): wall clock, CPU time and page faults per round."""
     samples = []
     for _ in range(rounds + 1):  # the first round warms up and is not counted
-        setup()
+        if setup:
+            setup()
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         action()
@@ -93,6 +82,12 @@ def _cpu_samples(
 
 def _median_of(samples: list[CpuSample], field: str) -> float:
     return statistics.median(getattr(sample, field) for sample in samples)
+
+
+def _median_seconds(
+    action: Callable[[], object], rounds: int, setup: Callable[[], None] | None = None
+) -> float:
+    return _median_of(_cpu_samples(action, rounds, setup), "wall")
 
 
 def _find(root: Path) -> None:
