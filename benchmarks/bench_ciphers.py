@@ -20,7 +20,7 @@ from pathlib import Path
 
 import paramiko
 
-from runicorn.testing.sshd import SshServer
+from harness.sshd import SshServer
 
 PAIRS = [
     ("aes128-ctr", "hmac-sha2-256"),  # paramiko's first choice against OpenSSH

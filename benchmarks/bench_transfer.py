@@ -2,11 +2,11 @@
 
 Run: ``python benchmarks/bench_transfer.py [--runs 100] [--no-wan] [--slow]``
 
-It builds a lab (``runicorn.sample_lab`` when available, else synthetic files of similar sizes)
+It builds a lab (``runicorn.demo.sample_lab`` when available, else synthetic files of similar sizes)
 in a temporary directory, starts a throw-away sshd on 127.0.0.1, and fetches every file through
-:class:`runicorn.remote_storage.remote.SftpRemote` with different ``depth`` (requests in flight
+:class:`runicorn.transport.remote.SftpRemote` with different ``depth`` (requests in flight
 per channel), ``read_size`` and ``workers``. Over loopback first, then, if
-``runicorn.testing.wan_proxy`` is present, through a 50 ms RTT / 100 Mbit/s proxy, next to the
+``harness.wan_proxy`` is present, through a 50 ms RTT / 100 Mbit/s proxy, next to the
 time the link's bandwidth alone allows. Time is the fetch (including opening the worker
 channels), not the SSH handshake. Prints a table; ``--slow`` adds depth 1 on the WAN (minutes).
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import paramiko
 
-from runicorn.remote_storage.remote import FetchJob, FetchResult, SftpRemote
-from runicorn.testing.sshd import SshServer
+from harness.sshd import SshServer
+from runicorn.transport.remote import FetchJob, FetchResult, SftpRemote
 
 KIB = 1024
 
@@ -33,7 +33,7 @@ KIB = 1024
 def build_lab(root: Path, runs: int, scale: float) -> None:
     """The sample lab if a colleague's module has landed, else files of a similar shape."""
     try:
-        from runicorn.sample_lab import build_sample_lab
+        from runicorn.demo.sample_lab import build_sample_lab
     except ImportError:
         build_sample_lab = None
     if build_sample_lab is not None:
@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_wan:
                 return 0
             try:
-                from runicorn.testing.wan_proxy import WanProxy
+                from harness.wan_proxy import WanProxy
             except ImportError:
-                print("(no runicorn.testing.wan_proxy: WAN rows skipped)")
+                print("(no harness.wan_proxy: WAN rows skipped)")
                 return 0
             link = f"{args.rtt_ms:g}ms/{args.mbit:g}Mbit"
             limit = total * 8 / (args.mbit * 1e6)

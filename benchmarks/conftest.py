@@ -7,7 +7,7 @@ half here too.
 
 from __future__ import annotations
 
-from runicorn.testing.backends import (  # noqa: F401
+from harness.backends import (  # noqa: F401
     backend,
     pytest_addoption,
     pytest_generate_tests,

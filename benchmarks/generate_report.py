@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runicorn import __version__
+from runicorn._sys.cpu import usable_cores
 from runicorn.core.backend import NATIVE, PYTHON, load_backend, native_available
-from runicorn.cores import usable_cores
+from runicorn.demo.sample_lab import build_sample_lab
 from runicorn.manifest import ManifestGenerator
-from runicorn.sample_lab import build_sample_lab
 
 NOW = 1_735_689_600.0
 

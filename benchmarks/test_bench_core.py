@@ -7,7 +7,7 @@ diffing 10^5 and 10^6 manifest entries; tail-hashing 10^4 files; decoding (gunzi
 validate) and encoding (JSON per backend, then gzip) the 10,000-run lab's manifest of 100,000
 entries; building the file entries of that lab from its scan.
 Every benchmark also checks its result, so ``--benchmark-disable`` makes them a test run.
-The labs are built here (not by ``runicorn.sample_lab``) so the numbers do not move when
+The labs are built here (not by ``runicorn.demo.sample_lab``) so the numbers do not move when
 the sample generator changes.
 """
 
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from runicorn.gcpause import paused_gc
+from runicorn._sys.gcpause import paused_gc
+from runicorn.format.compression import compress
+from runicorn.generate.generator import RUN_METADATA
+from runicorn.generate.state import FileMemo
 from runicorn.manifest import ManifestGenerator, SyncManifest
-from runicorn.manifest.compression import compress
-from runicorn.manifest.generator import RUN_METADATA
-from runicorn.manifest.state import FileMemo
 
 EVENT_LINE = b'{"step": 123, "loss": 0.123456, "acc": 0.987654, "time": 1735689600.5}\n'
 EVENTS = EVENT_LINE * 110 + b'{"step": 124, "lo'  # ~8 KiB ending in a half-written line

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator, SyncManifest
-from runicorn.sample_lab import LabInfo, build_sample_lab
 
 RUNS = 1_000
 SEED = 7

@@ -1,7 +1,7 @@
 """Self-check of the WAN proxy: does it behave like a 50 ms RTT, 100 Mbit/s link?
 
 Why: every WAN benchmark number (docs/performance.md) is only as good as this emulation. The script
-measures, over loopback through :class:`runicorn.testing.wan_proxy.WanProxy`:
+measures, over loopback through :class:`harness.wan_proxy.WanProxy`:
 
 * RTT: 1-byte ping-pongs on an idle connection (expect about 2 * delay);
 * bulk throughput down (server -> client) and up (client -> server) for a 20 MiB transfer with a
@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from runicorn.testing.wan_proxy import WanProxy
+from harness.wan_proxy import WanProxy
 
 _CHUNK = 256 * 1024
 

@@ -32,10 +32,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.sshd import SshServer
+from harness.wan_proxy import WanProxy
+from runicorn.demo.sample_lab import build_sample_lab, training_step
 from runicorn.manifest import ManifestGenerator
-from runicorn.sample_lab import build_sample_lab, training_step
-from runicorn.testing.sshd import SshServer
-from runicorn.testing.wan_proxy import WanProxy
 
 ALIAS = "wanlab"
 

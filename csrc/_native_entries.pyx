@@ -26,7 +26,7 @@ from libc.string cimport memcpy
 
 import orjson
 
-from runicorn import layout
+from runicorn.format import layout
 from runicorn.core import entries as _pure
 from runicorn.core.entries import (
     NS_PER_SECOND,
@@ -36,7 +36,7 @@ from runicorn.core.entries import (
     RunFiles,
     RunScan,
 )
-from runicorn.manifest.models import ExperimentEntry, FileEntry
+from runicorn.format.models import ExperimentEntry, FileEntry
 
 __all__ = ["Entries", "FileKind", "FileStat", "NS_PER_SECOND", "RunFiles", "RunScan",
            "build_file_entries", "encode_experiments"]

@@ -44,7 +44,7 @@ from runicorn.core.scan import (
     ScanResult,
     reason_unreadable,
 )
-from runicorn.layout import RUNS_DIRNAME
+from runicorn.format.layout import RUNS_DIRNAME
 
 __all__ = [
     "MAX_READ_BYTES",

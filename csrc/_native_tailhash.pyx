@@ -33,7 +33,7 @@ from libc.errno cimport errno, EINTR
 from libc.stdlib cimport malloc, free
 from libc.string cimport memmove
 
-from runicorn.cores import usable_cores
+from runicorn._sys.cpu import usable_cores
 from runicorn.core import tailhash as _pure
 from runicorn.core.tailhash import DIGEST_BYTES, TAIL_WINDOW, TailRequest, TailResult, digest
 

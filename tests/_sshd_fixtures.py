@@ -13,7 +13,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from runicorn.testing.sshd import SshServer, find_sftp_server, find_sshd
+from harness.sshd import SshServer, find_sftp_server, find_sshd
 
 __all__ = ["sftp", "ssh_client", "sshd_factory", "sshd_server"]
 

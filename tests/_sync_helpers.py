@@ -8,13 +8,13 @@ from pathlib import Path
 
 import paramiko
 
-from runicorn import layout
-from runicorn.atomic import TEMP_PREFIX
+from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.core.backend import Backend
+from runicorn.demo.sample_lab import LabInfo, build_sample_lab
+from runicorn.format import layout
 from runicorn.manifest import ManifestGenerator, ManifestType, SyncManifest
-from runicorn.remote_storage.cache_manager import STATE_DIRNAME
-from runicorn.remote_storage.manifest_sync import ManifestSyncClient
-from runicorn.sample_lab import LabInfo, build_sample_lab
+from runicorn.sync.cache_manager import STATE_DIRNAME
+from runicorn.sync.client import ManifestSyncClient
 
 NOW = 1_700_000_000.0
 SEED = 11

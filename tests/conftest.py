@@ -7,7 +7,7 @@ from __future__ import annotations
 from _sshd_fixtures import *  # noqa: F403
 
 # The backend parametrization (and --no-native) is shared with the benchmarks.
-from runicorn.testing.backends import (  # noqa: F401
+from harness.backends import (  # noqa: F401
     backend,
     pytest_addoption,
     pytest_generate_tests,

@@ -35,12 +35,12 @@ from _sync_helpers import (
     server_files,
     temp_files,
 )
+from harness.sshd import SshServer
 from runicorn.core.backend import Backend
+from runicorn.demo.sample_lab import build_sample_lab
 from runicorn.remote_storage import MetadataSyncService
-from runicorn.remote_storage.cache_manager import LocalCacheManager
-from runicorn.remote_storage.manifest_sync import ManifestSyncClient
-from runicorn.sample_lab import build_sample_lab
-from runicorn.testing.sshd import SshServer
+from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.client import ManifestSyncClient
 
 pytestmark = pytest.mark.sshd
 

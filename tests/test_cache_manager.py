@@ -10,9 +10,9 @@ import paramiko
 import pytest
 
 from _sync_helpers import Lab, cache_files, make_client, make_lab, server_files
-from runicorn.atomic import TEMP_PREFIX
+from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.core.backend import Backend
-from runicorn.remote_storage.cache_manager import (
+from runicorn.sync.cache_manager import (
     STATE_DIRNAME,
     FileRecord,
     LocalCacheManager,

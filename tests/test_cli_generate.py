@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from runicorn import __version__
-from runicorn.atomic import TEMP_PREFIX
+from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.cli import main
 from runicorn.manifest import ManifestGenerator, SyncManifest
 
@@ -71,7 +71,7 @@ def lab(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def use_backend(backend, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("runicorn.manifest.generator.active_backend", lambda: backend)
+    monkeypatch.setattr("runicorn.generate.generator.active_backend", lambda: backend)
     return backend
 
 
@@ -316,7 +316,7 @@ def test_interrupt_exits_130_and_keeps_the_previous_manifest(lab, cli, monkeypat
 
 _PAUSING_CLI = r"""
 import dataclasses, os, sys
-import runicorn.manifest.generator as generator
+import runicorn.generate.generator as generator
 from runicorn.core.backend import load_backend
 from runicorn.cli import main
 root, backend_name, moment = sys.argv[1:4]

@@ -13,12 +13,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from _sync_helpers import assert_cache_equals_server
+from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import Backend
+from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
-from runicorn.remote_storage import service as service_module
-from runicorn.sample_lab import LabInfo, build_sample_lab
-from runicorn.testing.sshd import SshServer
+from runicorn.sync import service as service_module
 
 NOW = 1_700_000_000.0
 

@@ -15,15 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runicorn.manifest import compression
-from runicorn.manifest.compression import compress, decompress_capped
+from runicorn.format import compression
+from runicorn.format.compression import compress, decompress_capped
 
 LIBRARIES = {"zlib-ng": compression.zlib_ng, "zlib": zlib}
 
 
 @pytest.fixture(autouse=True, params=sorted(LIBRARIES))
 def deflate(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    """The deflate library under test, as :mod:`runicorn.manifest.compression` uses it."""
+    """The deflate library under test, as :mod:`runicorn.format.compression` uses it."""
     library = LIBRARIES[request.param]
     if library is None:
         pytest.fail("zlib-ng is a declared dependency but did not import")
@@ -59,7 +59,7 @@ def test_a_document_of_one_piece_is_what_the_library_makes_of_it_in_one_call(def
 
 def test_zlib_ng_is_the_library_in_use_where_it_is_installed():
     """In a fresh interpreter, since the fixture here chooses the library."""
-    probe = "from runicorn.manifest import compression; print(compression.DEFLATE.__name__)"
+    probe = "from runicorn.format import compression; print(compression.DEFLATE.__name__)"
     chosen = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True)
     assert chosen.stdout.decode().strip() == "zlib_ng.zlib_ng"
 

@@ -468,8 +468,8 @@ watched_names = st.lists(st.sampled_from(RUN_FILE_NAMES), max_size=3).map(tuple)
 def runs_with_memos(draw: st.DrawFn) -> tuple[list, dict, int]:
     """Scan runs, memos for some of their append-only files (matching or not), and a reuse
     boundary that falls among their mtimes."""
-    from runicorn.layout import run_prefix
-    from runicorn.manifest.state import FileMemo
+    from runicorn.format.layout import run_prefix
+    from runicorn.generate.state import FileMemo
 
     runs = draw(scan_runs)
     memos = {}
@@ -540,7 +540,7 @@ def test_compiled_entries_are_ordinary_file_entries(both):
     import sys
 
     from runicorn.core import _native_entries
-    from runicorn.manifest.models import FileEntry
+    from runicorn.format.models import FileEntry
 
     assert _native_entries._direct_entries
     native, _ = both
@@ -552,7 +552,7 @@ def test_compiled_entries_are_ordinary_file_entries(both):
 
 
 def test_file_entries_reuse_a_memo_whose_key_is_a_list_like_the_specification(both):
-    from runicorn.manifest.state import FileMemo
+    from runicorn.generate.state import FileMemo
 
     runs = [("p", "e", "r", [("logs.txt", 1, 2, 3, 4)])]
     for key in ([1, 2, 3, 4], (1, 2, 3), (1.0, 2, 3, 4)):
@@ -577,7 +577,7 @@ json_floats = st.one_of(
 
 @st.composite
 def experiment_lists(draw: st.DrawFn) -> list:
-    from runicorn.manifest.models import ExperimentEntry, FileEntry
+    from runicorn.format.models import ExperimentEntry, FileEntry
 
     class OddEntry(FileEntry):
         __slots__ = ()
@@ -618,7 +618,7 @@ def test_experiment_json_matches_orjson_byte_for_byte(both, experiments):
 
 
 def test_experiment_json_of_a_generator_matches(both):
-    from runicorn.manifest.models import ExperimentEntry
+    from runicorn.format.models import ExperimentEntry
 
     def experiments():
         yield ExperimentEntry("r", "p", "e", "running", 1.5, 2.5)
@@ -631,7 +631,7 @@ def test_experiment_json_of_a_generator_matches(both):
 def test_experiment_json_of_an_entry_with_an_unset_field_raises_alike(both, unset):
     """The compiled encoder reads the fields from their slots; an empty slot must still
     raise Python's own AttributeError."""
-    from runicorn.manifest.models import ExperimentEntry, FileEntry
+    from runicorn.format.models import ExperimentEntry, FileEntry
 
     entry = FileEntry("p/e/runs/r/logs.txt", 4, 1.5, 3, True, "ab")
     delattr(entry, unset)

@@ -26,11 +26,11 @@ from _sync_helpers import (
     server_files,
     temp_files,
 )
+from harness.sshd import SshServer
 from runicorn.core.backend import Backend
+from runicorn.demo.sample_lab import training_step
 from runicorn.manifest import ManifestGenerator, SyncManifest
-from runicorn.remote_storage.cache_manager import LocalCacheManager
-from runicorn.sample_lab import training_step
-from runicorn.testing.sshd import SshServer
+from runicorn.sync.cache_manager import LocalCacheManager
 
 RUNS = 20
 CHILD_TIMEOUT = 60.0
@@ -45,7 +45,7 @@ import os, random, signal, sys
 from pathlib import Path
 import paramiko
 from runicorn.core.backend import load_backend
-from runicorn.remote_storage.manifest_sync import ManifestSyncClient
+from runicorn.sync.client import ManifestSyncClient
 
 host, port, user, key, known_hosts, lab, cache, backend, seed, mode = sys.argv[1:]
 rng = random.Random(int(seed))

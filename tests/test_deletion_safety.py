@@ -27,13 +27,13 @@ from _sync_helpers import (
     make_client,
     make_lab,
 )
+from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.manifest import ManifestType
-from runicorn.remote_storage import service as service_module
-from runicorn.remote_storage.cache_manager import LocalCacheManager
-from runicorn.remote_storage.manifest_sync import ManifestSyncClient
-from runicorn.testing.sshd import SshServer
+from runicorn.sync import service as service_module
+from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.client import ManifestSyncClient
 
 pytestmark = pytest.mark.sshd
 

@@ -7,7 +7,7 @@ import resource
 
 import pytest
 
-from runicorn import fd_budget
+from runicorn._sys import fd_budget
 
 
 @pytest.fixture

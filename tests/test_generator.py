@@ -34,16 +34,16 @@ import orjson
 import pytest
 from blake3 import blake3
 
-from runicorn.atomic import TEMP_PREFIX
+from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.core.scan import MAX_READ_BYTES
+from runicorn.format.compression import compress
+from runicorn.format.published import PublishedManifest
 from runicorn.manifest import (
     ManifestGenerationError,
     ManifestGenerator,
     ManifestType,
     SyncManifest,
 )
-from runicorn.manifest.compression import compress
-from runicorn.manifest.published import PublishedManifest
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("RUNICORN_UPDATE_GOLDEN", "") not in ("", "0")

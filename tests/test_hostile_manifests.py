@@ -42,14 +42,14 @@ from _sync_helpers import (
     server_files,
     temp_files,
 )
+from harness.sshd import SshServer
 from runicorn.core.backend import Backend
-from runicorn.layout import MANIFEST_DIRNAME, run_prefix
-from runicorn.manifest.models import ManifestFormat
+from runicorn.demo.sample_lab import training_step
+from runicorn.format.layout import MANIFEST_DIRNAME, run_prefix
+from runicorn.format.models import ManifestFormat
 from runicorn.remote_storage import MetadataSyncService
-from runicorn.remote_storage.cache_manager import LocalCacheManager
-from runicorn.remote_storage.manifest_sync import ManifestSyncClient
-from runicorn.sample_lab import training_step
-from runicorn.testing.sshd import SshServer
+from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.client import ManifestSyncClient
 
 pytestmark = pytest.mark.sshd
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runicorn import layout
+from runicorn.format import layout
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,12 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from harness.sshd import SshServer
 from runicorn.core.backend import Backend
+from runicorn.demo.sample_lab import build_sample_lab
 from runicorn.manifest import ManifestGenerator, ManifestType
-from runicorn.remote_storage.cache_manager import STATE_DIRNAME, LocalCacheManager
-from runicorn.remote_storage.legacy import walk_remote
-from runicorn.sample_lab import build_sample_lab
-from runicorn.testing.sshd import SshServer
+from runicorn.sync.cache_manager import STATE_DIRNAME, LocalCacheManager
+from runicorn.sync.legacy import walk_remote
 
 NOW = 1_700_000_000.0
 
@@ -213,8 +213,8 @@ def _server_tree(lab) -> dict[str, bytes]:
 def test_legacy_sync_over_ssh_gives_the_same_cache_as_manifest_sync(
     tmp_path: Path, backend: Backend, sftp: paramiko.SFTPClient
 ) -> None:
-    from runicorn.remote_storage.manifest_sync import ManifestSyncClient
-    from runicorn.remote_storage.service import MetadataSyncService
+    from runicorn.sync.client import ManifestSyncClient
+    from runicorn.sync.service import MetadataSyncService
 
     lab = build_sample_lab(tmp_path / "lab", runs=12, seed=5, now=NOW)
     ManifestGenerator(lab.root, backend=backend).generate()
@@ -235,7 +235,7 @@ def test_legacy_sync_over_ssh_gives_the_same_cache_as_manifest_sync(
 def test_legacy_sync_records_each_runs_real_status(
     tmp_path: Path, backend: Backend, sftp: paramiko.SFTPClient
 ) -> None:
-    from runicorn.remote_storage.service import MetadataSyncService
+    from runicorn.sync.service import MetadataSyncService
 
     lab = build_sample_lab(tmp_path / "lab", runs=8, seed=6, now=NOW)
     cache = LocalCacheManager(tmp_path / "cache")
@@ -251,7 +251,7 @@ def test_legacy_sync_records_each_runs_real_status(
 def test_walk_over_ssh_costs_a_bounded_number_of_requests_per_directory(
     tmp_path: Path, sshd_server: SshServer, sftp: paramiko.SFTPClient
 ) -> None:
-    from runicorn.remote_storage.remote import SftpRemote
+    from runicorn.transport.remote import SftpRemote
 
     lab = build_sample_lab(tmp_path / "lab", runs=20, seed=7, now=NOW)
     remote = SftpRemote(sftp, str(lab.root))
@@ -271,7 +271,7 @@ def test_walk_over_ssh_costs_a_bounded_number_of_requests_per_directory(
 def test_fallback_after_a_manifest_sync_fetches_nothing_unchanged(
     tmp_path: Path, backend: Backend, sftp: paramiko.SFTPClient
 ) -> None:
-    from runicorn.remote_storage.service import MetadataSyncService
+    from runicorn.sync.service import MetadataSyncService
 
     lab = build_sample_lab(tmp_path / "lab", runs=8, seed=9, now=NOW)
     ManifestGenerator(lab.root, backend=backend).generate()
@@ -289,7 +289,7 @@ def test_fallback_after_a_manifest_sync_fetches_nothing_unchanged(
 def test_whole_second_mtimes_adopt_the_recorded_ones_only_when_size_and_second_match(
     tmp_path: Path,
 ) -> None:
-    from runicorn.remote_storage.legacy import adopt_cached_mtimes
+    from runicorn.sync.legacy import adopt_cached_mtimes
 
     files = {"meta.json": b"{}", "status.json": b"{}", "summary.json": b"{}"}
     run = _make_run(tmp_path, RUN, files)

@@ -19,7 +19,7 @@ import pytest
 from _sync_helpers import Lab, assert_cache_equals_server, make_client, make_lab, temp_files
 from runicorn.core.backend import Backend
 from runicorn.manifest import ManifestGenerator
-from runicorn.remote_storage.manifest_sync import JSON_ACCEPT_AFTER_ATTEMPTS, TRUNCATED_JSON
+from runicorn.sync.transfer import JSON_ACCEPT_AFTER_ATTEMPTS, TRUNCATED_JSON
 
 pytestmark = pytest.mark.sshd
 

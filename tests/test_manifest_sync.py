@@ -27,17 +27,18 @@ from _sync_helpers import (
     settle,
     temp_files,
 )
+from harness.sshd import SshServer
+from harness.wan_proxy import WanProxy
 from runicorn.core.backend import Backend
-from runicorn.layout import priority_for
+from runicorn.demo.sample_lab import training_step
+from runicorn.format.compression import compress
+from runicorn.format.layout import priority_for
 from runicorn.manifest import ManifestType, SyncManifest
-from runicorn.manifest.compression import compress
-from runicorn.remote_storage import file_transfer
-from runicorn.remote_storage.cache_manager import LocalCacheManager
-from runicorn.remote_storage.manifest_sync import TRUNCATED_JSON, ManifestSyncClient
-from runicorn.remote_storage.remote import SftpRemote
-from runicorn.sample_lab import training_step
-from runicorn.testing.sshd import SshServer
-from runicorn.testing.wan_proxy import WanProxy
+from runicorn.sync import transfer as file_transfer
+from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.client import ManifestSyncClient
+from runicorn.sync.transfer import TRUNCATED_JSON
+from runicorn.transport.remote import SftpRemote
 
 pytestmark = pytest.mark.sshd
 
@@ -364,7 +365,7 @@ import sys
 from pathlib import Path
 import paramiko
 from runicorn.core.backend import load_backend
-from runicorn.remote_storage.manifest_sync import ManifestSyncClient
+from runicorn.sync.client import ManifestSyncClient
 
 host, port, user, key, known_hosts, lab, cache, backend, stop_at = sys.argv[1:]
 ssh = paramiko.SSHClient()

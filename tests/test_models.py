@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runicorn.format.compression import compress, decompress_capped
+from runicorn.format.models import read_header
 from runicorn.manifest import (
     ExperimentEntry,
     FileEntry,
@@ -23,8 +25,6 @@ from runicorn.manifest import (
     ManifestType,
     SyncManifest,
 )
-from runicorn.manifest.compression import compress, decompress_capped
-from runicorn.manifest.models import read_header
 
 PREFIX = "proj/exp/runs/20240101_120000_abcdef/"
 

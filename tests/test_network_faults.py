@@ -26,15 +26,15 @@ from _sync_helpers import (
     server_files,
     temp_files,
 )
+from harness.sshd import SshServer
+from harness.wan_proxy import WanProxy
 from runicorn.cli import main
 from runicorn.core.backend import Backend
-from runicorn.remote_storage import service as service_module
-from runicorn.remote_storage import sftp_pipeline
-from runicorn.remote_storage.cache_manager import LocalCacheManager
-from runicorn.remote_storage.manifest_sync import ManifestSyncClient
-from runicorn.remote_storage.service import MetadataSyncService
-from runicorn.testing.sshd import SshServer
-from runicorn.testing.wan_proxy import WanProxy
+from runicorn.sync import service as service_module
+from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.client import ManifestSyncClient
+from runicorn.sync.service import MetadataSyncService
+from runicorn.transport import sftp_pipeline
 
 pytestmark = pytest.mark.sshd
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from runicorn.remote_storage import remote as remote_module
-from runicorn.remote_storage.remote import (
+from harness.sshd import SshServer
+from runicorn.transport import remote as remote_module
+from runicorn.transport.remote import (
     FetchCancelled,
     FetchJob,
     FetchResult,
@@ -25,7 +26,6 @@ from runicorn.remote_storage.remote import (
     SftpRemote,
     ShrunkError,
 )
-from runicorn.testing.sshd import SshServer
 
 MIB = 1024 * 1024
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from runicorn import layout
-from runicorn.sample_lab import (
+from runicorn.demo.sample_lab import (
     DEFAULT_ACTIVE_WINDOW,
     LabInfo,
     build_sample_lab,
     training_step,
 )
+from runicorn.format import layout
 
 NOW = 1_700_000_000.0
 RUN_ID = re.compile(r"^\d{8}_\d{6}_[0-9a-f]{6}$")
@@ -314,7 +314,7 @@ def test_steps_keep_every_events_file_valid(tmp_path: Path) -> None:
 def test_script_entry_point(tmp_path: Path) -> None:
     args = ["--runs", "5", "--scale", "0.01", "--seed", "2", "--now", str(NOW)]
     out = subprocess.run(
-        [sys.executable, "-m", "runicorn.sample_lab", str(tmp_path / "lab"), *args],
+        [sys.executable, "-m", "runicorn.demo.sample_lab", str(tmp_path / "lab"), *args],
         check=True,
         capture_output=True,
         text=True,

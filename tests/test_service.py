@@ -13,11 +13,11 @@ import paramiko
 import pytest
 
 from runicorn.core.backend import Backend
+from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
 from runicorn.remote_storage import MetadataSyncService, SyncProgress
-from runicorn.remote_storage import service as service_module
-from runicorn.remote_storage.cache_manager import STATE_DIRNAME, LocalCacheManager
-from runicorn.sample_lab import LabInfo, build_sample_lab
+from runicorn.sync import service as service_module
+from runicorn.sync.cache_manager import STATE_DIRNAME, LocalCacheManager
 
 pytestmark = pytest.mark.sshd
 

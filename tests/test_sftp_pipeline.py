@@ -16,15 +16,15 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from runicorn.remote_storage import sftp_pipeline as sp
-from runicorn.remote_storage.sftp_pipeline import (
+from harness.sshd import SshServer
+from runicorn.transport import sftp_pipeline as sp
+from runicorn.transport.sftp_pipeline import (
     ListDirOp,
     ReadRangeOp,
     SftpPipeline,
     ShrunkError,
     status_error,
 )
-from runicorn.testing.sshd import SshServer
 
 # -- an in-memory SFTP server ------------------------------------------------------------------
 

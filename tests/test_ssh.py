@@ -1,4 +1,4 @@
-"""runicorn.remote_storage.ssh against a real sshd: host keys are verified, never learned, and
+"""runicorn.transport.ssh against a real sshd: host keys are verified, never learned, and
 authentication never waits for a password."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from runicorn.remote_storage.ssh import (
+from harness.sshd import SshServer
+from runicorn.transport.ssh import (
     AEAD_CIPHERS,
     ChangedHostKeyError,
     SshAuthenticationError,
@@ -22,7 +23,6 @@ from runicorn.remote_storage.ssh import (
     resolve_host,
     speaks_openssh,
 )
-from runicorn.testing.sshd import SshServer
 
 pytestmark = pytest.mark.sshd
 

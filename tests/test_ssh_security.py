@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from _sync_helpers import assert_cache_equals_server, make_lab
+from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import PYTHON, Backend, load_backend
-from runicorn.remote_storage import service as service_module
-from runicorn.remote_storage.ssh import fingerprint
-from runicorn.testing.sshd import SshServer
+from runicorn.sync import service as service_module
+from runicorn.transport.ssh import fingerprint
 
 pytestmark = pytest.mark.sshd
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from runicorn.testing.sshd import SshServer, SshServerError
+from harness.sshd import SshServer, SshServerError
 
 pytestmark = pytest.mark.sshd
 

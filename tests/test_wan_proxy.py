@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from runicorn.testing.wan_proxy import WanProxy
+from harness.wan_proxy import WanProxy
 
 Handler = Callable[[socket.socket], None]
 

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import click
 
-from runicorn import __version__
+from runicorn._version import __version__
 
 # name -> (module, attribute): a command's module is imported only when that command runs
 # (or help lists it), so `runicorn sync` does not pay for the generator's imports.

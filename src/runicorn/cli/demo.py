@@ -42,9 +42,9 @@ def _heading(text: str) -> None:
 def _sync_once(lab: Path, cache_dir: Path) -> dict[str, Any]:
     """Publish the lab's manifest, then sync it into the cache; returns the stats."""
     from runicorn.manifest import ManifestGenerator, ManifestType
-    from runicorn.remote_storage.cache_manager import LocalCacheManager
-    from runicorn.remote_storage.remote import LocalRemote
-    from runicorn.remote_storage.service import MetadataSyncService
+    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.service import MetadataSyncService
+    from runicorn.transport.remote import LocalRemote
 
     generator = ManifestGenerator(lab)
     manifest, _ = generator.generate(ManifestType.FULL)
@@ -123,7 +123,7 @@ def demo(runs: int, keep: Path | None, seed: int, verbose: bool) -> None:
 
 
 def _demo(workdir: Path, runs: int, seed: int) -> None:
-    from runicorn.sample_lab import build_sample_lab, training_step
+    from runicorn.demo.sample_lab import build_sample_lab, training_step
 
     lab_dir = workdir / "lab"
     cache_dir = workdir / "cache"

@@ -309,7 +309,7 @@ def _connect(
 ) -> Any:
     import paramiko
 
-    from runicorn.remote_storage.ssh import HostKeyError, SshConfigError, connect
+    from runicorn.transport.ssh import HostKeyError, SshConfigError, connect
 
     assert parsed.destination is not None
     switch_interval = sys.getswitchinterval()
@@ -344,10 +344,7 @@ def _preload_sync_engine() -> None:
 
     def load() -> None:
         with contextlib.suppress(Exception):  # the main thread imports again and reports
-            import runicorn.remote_storage.cache_manager
-            import runicorn.remote_storage.manifest_sync
-            import runicorn.remote_storage.remote
-            import runicorn.remote_storage.service  # noqa: F401
+            pass
 
     sys.setswitchinterval(0.0005)
     threading.Thread(target=load, name="runicorn-preload", daemon=True).start()
@@ -356,8 +353,8 @@ def _preload_sync_engine() -> None:
 def _sync_remote(client: Any, parsed: Source, cache_dir: Path, **options: Any) -> int:
     import paramiko
 
-    from runicorn.remote_storage.manifest_fetch import PREFIX_BYTES, first_probe_paths
-    from runicorn.remote_storage.sftp_pipeline import open_sftp_client
+    from runicorn.sync.manifest_fetch import PREFIX_BYTES, first_probe_paths
+    from runicorn.transport.sftp_pipeline import open_sftp_client
 
     root = parsed.root or "."
     root = "." if root == "~" else root.removeprefix("~/")
@@ -389,7 +386,7 @@ def _sync_remote(client: Any, parsed: Source, cache_dir: Path, **options: Any) -
 
 
 def _sync_local(parsed: Source, cache_dir: Path, **options: Any) -> int:
-    from runicorn.remote_storage.remote import LocalRemote
+    from runicorn.transport.remote import LocalRemote
 
     remote = LocalRemote(parsed.root)
     try:
@@ -414,8 +411,8 @@ def _run(
     as_json: bool,
     timeout: float,
 ) -> int:
-    from runicorn.remote_storage.cache_manager import LocalCacheManager
-    from runicorn.remote_storage.service import MetadataSyncService
+    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.service import MetadataSyncService
 
     bar = _ProgressBar(use_color()) if sys.stderr.isatty() else None
     cache = LocalCacheManager(cache_dir)

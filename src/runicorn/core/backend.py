@@ -20,7 +20,7 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
-from runicorn.cores import usable_cores
+from runicorn._sys.cpu import usable_cores
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ twin and must return exactly the same objects and bytes. Together they are the p
 half of a generation: everything the generator does once per file between the scan and the
 gzip, so that a compiled build runs no interpreter loop per file.
 
-What a file means comes from :mod:`runicorn.layout` (listed or not, priority, append-only,
+What a file means comes from :mod:`runicorn.format.layout` (listed or not, priority, append-only,
 the soft-delete marker); what an append-only file's tail hash is comes from the memos of the
 previous generation when its stat key is unchanged and it is older than that generation's
 scan, and otherwise from hashing it (the caller does that, for the ``stale`` entries).
@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from runicorn import layout
+from runicorn.core.memo import FileMemo
 from runicorn.core.scan import FileStat, RunScan
-from runicorn.manifest.models import ExperimentEntry, FileEntry
-from runicorn.manifest.models import encode_experiments as _encode
-from runicorn.manifest.state import FileMemo
+from runicorn.format import layout
+from runicorn.format.models import ExperimentEntry, FileEntry
+from runicorn.format.models import encode_experiments as _encode
 
 NS_PER_SECOND = 1_000_000_000
 
@@ -46,7 +46,7 @@ class Entries(NamedTuple):
 
     runs: list[RunFiles | None]
     """One per scanned run, in order; ``None`` for a soft-deleted run (it holds
-    :data:`runicorn.layout.DELETED_MARKER`), which the manifest leaves out."""
+    :data:`runicorn.format.layout.DELETED_MARKER`), which the manifest leaves out."""
     reused: dict[str, FileMemo]
     """Memos whose tail hash was reused, by path: the next generation's memos."""
     stale: list[tuple[FileEntry, FileStat]]

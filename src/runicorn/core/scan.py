@@ -4,7 +4,7 @@ This pure-Python module is the specification of the scan; ``csrc/_native_scan.py
 compiled twin and must return exactly the same result for the same tree.
 
 The scan knows only the shape ``<project>/<name>/runs/<run_id>/`` (see
-:mod:`runicorn.layout`); what the files mean is decided by the caller. It never follows a
+:mod:`runicorn.format.layout`); what the files mean is decided by the caller. It never follows a
 symbolic link, and it never aborts on one bad entry: problems are collected and returned
 beside the result so that one unreadable run cannot hide the rest of the lab.
 """
@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from runicorn.layout import RUNS_DIRNAME, is_hidden
+from runicorn.format.layout import RUNS_DIRNAME, is_hidden
 
 FileStat = tuple[str, int, int, int, int]
 """``(path_in_run, size, mtime_ns, ctime_ns, inode)``; ``path_in_run`` is POSIX, relative to

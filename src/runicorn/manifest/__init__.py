@@ -1,14 +1,16 @@
-"""Server side of manifest-based sync: the manifest model and its generator.
+"""The API document's server-side import path, kept for code written against it.
 
-The generator (and the scanning machinery behind it) is imported on first use, so that a
-client, which needs only the model, does not pay for it on every sync.
+``from runicorn.manifest import ManifestGenerator, ManifestType`` works as the document
+says; the model lives in :mod:`runicorn.format.models` and the generator in
+:mod:`runicorn.generate.generator`. The generator (and the scanning machinery behind it) is
+imported on first use, so that a client, which needs only the model, does not pay for it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from runicorn.manifest.models import (
+from runicorn.format.models import (
     ExperimentEntry,
     FileEntry,
     ManifestFormat,
@@ -17,7 +19,7 @@ from runicorn.manifest.models import (
 )
 
 if TYPE_CHECKING:
-    from runicorn.manifest.generator import (
+    from runicorn.generate.generator import (
         GenerationReport,
         ManifestGenerationError,
         ManifestGenerator,
@@ -39,7 +41,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _GENERATOR_NAMES:
-        from runicorn.manifest import generator
+        from runicorn.generate import generator
 
         return getattr(generator, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

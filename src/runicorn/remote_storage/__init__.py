@@ -1,8 +1,9 @@
-"""Client side of manifest-based sync: fetch runs from a lab server into a local cache.
+"""The API document's client-side import paths, kept for code written against it.
 
-Kept light on purpose: ``import runicorn.remote_storage`` must not pull in paramiko's
-transport machinery or the transfer engine until a sync is actually built, so the names
-below are resolved on first use.
+``from runicorn.remote_storage import MetadataSyncService`` and the modules
+:mod:`.manifest_sync` and :mod:`.cache_manager` re-export what now lives in
+:mod:`runicorn.sync`. Names resolve on first use, so importing this package does not pull
+in paramiko's transport machinery until a sync is built.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runicorn.remote_storage.service import MetadataSyncService, SyncProgress
+    from runicorn.sync.service import MetadataSyncService, SyncProgress
 
 __all__ = ["MetadataSyncService", "SyncProgress"]
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from runicorn.remote_storage import service
+        from runicorn.sync import service
 
         return getattr(service, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ resumes where it stopped.
 How a file is brought up to date:
 
 * new or changed files are written to a temp file beside their destination (named with
-  :data:`runicorn.atomic.TEMP_PREFIX`), given the manifest's mtime and renamed into place:
+  :data:`runicorn._sys.atomic.TEMP_PREFIX`), given the manifest's mtime and renamed into place:
   a reader sees the old file or the new one, never a mix;
 * append-only logs that grew are extended in place, as ``rsync --append-verify`` would
   (spec 3.6): the bytes before the cached end must still match the server -- checked by the
@@ -36,15 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from runicorn.atomic import TEMP_PREFIX
+from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.core.backend import Backend
 from runicorn.core.tailhash import TAIL_WINDOW, digest
-from runicorn.manifest.models import FileEntry
-from runicorn.remote_storage.cache_manager import FileRecord, LocalCacheManager
+from runicorn.format.models import FileEntry
+from runicorn.sync.cache_manager import FileRecord, LocalCacheManager
 
 if TYPE_CHECKING:
-    from runicorn.remote_storage.manifest_sync import ProgressCallback
-    from runicorn.remote_storage.sync_stats import SyncRun
+    from runicorn.sync.stats import ProgressCallback, SyncRun
 
 __all__ = [
     "COMMIT_INTERVAL",
@@ -59,7 +58,7 @@ __all__ = [
 ]
 
 # The sync's log lines keep the client's logger name (documented in the Python API reference).
-logger = logging.getLogger("runicorn.remote_storage.manifest_sync")
+logger = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.5
 """Seconds between state commits at most, however slowly files land."""
@@ -81,7 +80,7 @@ _FILE_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 def _transfer_api() -> Any:
     """The transfer engine (``Remote``, ``FetchJob``, ``SftpRemote``): the one place this
     module depends on it, imported late so importing the client stays cheap."""
-    from runicorn.remote_storage import remote
+    from runicorn.transport import remote
 
     return remote
 

@@ -1,17 +1,21 @@
 """SyncRun: the counters of one sync call, and the stats dict they become.
 
-A sync fills them in three places -- choosing the manifest (:mod:`.manifest_sync`), reading
-it (:mod:`.manifest_fetch`) and bringing files over (:mod:`.file_transfer`) -- so they live
-in a module of their own that all three import.
+A sync fills them in three places -- choosing the manifest (:mod:`.client`), reading it
+(:mod:`.manifest_fetch`) and bringing files over (:mod:`.transfer`) -- so they live in a
+module of their own that all three import.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SyncRun"]
+__all__ = ["ProgressCallback", "SyncRun"]
+
+ProgressCallback = Callable[[int, int, str], None]
+"""``(completed, total, current_file)``: files finished so far, files to transfer."""
 
 
 @dataclass

@@ -309,7 +309,7 @@ class SshServer:
             wrapper = directory / "sftp-wrapper.sh"
             log = shlex.quote(str(self.sftp_log_path))
             wrapper.write_text(
-                "# runicorn.testing.sshd: sftp-server logging every request for counting.\n"
+                "# harness.sshd: sftp-server logging every request for counting.\n"
                 f'echo "{_SESSION_MARK} start $$" >>{log}\n'
                 f"{shlex.quote(sftp_server)} -l DEBUG3 -e 2>>{log}\n"
                 "status=$?\n"

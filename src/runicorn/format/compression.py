@@ -23,8 +23,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
-from runicorn.atomic import Buffer, Document, pieces_of
-from runicorn.cores import usable_cores
+from runicorn._sys.atomic import Buffer, Document, pieces_of
+from runicorn._sys.cpu import usable_cores
 
 try:
     from zlib_ng import zlib_ng
@@ -81,7 +81,7 @@ def _fixed_pieces(views: list[memoryview], total: int) -> list[tuple[Buffer, boo
 def compress(data: Document, threads: int | None = None) -> bytes:
     """Deterministic gzip (no file name, zero mtime) so published bytes depend on content only.
 
-    ``data`` may be given in pieces (see :data:`~runicorn.atomic.Document`); the gzip is
+    ``data`` may be given in pieces (see :data:`~runicorn._sys.atomic.Document`); the gzip is
     that of their concatenation. ``threads`` (default: the usable cores, at most 4) deflate
     the 4 MiB pieces of a large document concurrently; the library releases the GIL while it works.
     The result is the same for every thread count.

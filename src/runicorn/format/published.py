@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from runicorn.gcpause import paused_gc
-from runicorn.manifest.models import (
+from runicorn._sys.gcpause import paused_gc
+from runicorn.format.models import (
     EXPERIMENTS_KEY,
     ExperimentEntry,
     FileEntry,

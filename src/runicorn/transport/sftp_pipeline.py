@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import paramiko
 
-from runicorn.remote_storage.ssh import speaks_openssh
+from runicorn.transport.ssh import speaks_openssh
 
 __all__ = [
     "DEFAULT_DEPTH",

@@ -4,7 +4,7 @@ The walk lists ``<root>/<project>/<name>/runs/<run_id>/`` (and every directory b
 breadth-first, one :meth:`Remote.listdirs` call per level, so a 100-run lab costs about six
 batched calls -- each listing a whole level concurrently on several SFTP channels -- instead
 of one round trip per directory. What it finds is turned into a :class:`SyncManifest` by the
-same layout rules the generator uses (:mod:`runicorn.layout`), and that manifest is applied
+same layout rules the generator uses (:mod:`runicorn.format.layout`), and that manifest is applied
 by :meth:`ManifestSyncClient.sync_with_manifest`, so legacy and manifest syncs share one diff,
 transfer and state engine and produce the same cache.
 
@@ -39,12 +39,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from runicorn import __version__, layout
-from runicorn.manifest.models import ExperimentEntry, FileEntry, ManifestType, SyncManifest
+from runicorn._version import __version__
+from runicorn.format import layout
+from runicorn.format.models import ExperimentEntry, FileEntry, ManifestType, SyncManifest
 
 if TYPE_CHECKING:
-    from runicorn.remote_storage.cache_manager import LocalCacheManager
-    from runicorn.remote_storage.manifest_sync import ManifestSyncClient
+    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.client import ManifestSyncClient
 
 __all__ = [
     "LEGACY_GENERATOR",
@@ -429,7 +430,7 @@ def refine_runs_from_cache(cache: LocalCacheManager, manifest: SyncManifest) -> 
     trip per run); once the files are in the cache the answer is a local read away. Returns
     how many runs were updated.
     """
-    from runicorn.remote_storage.cache_manager import RunRecord
+    from runicorn.sync.cache_manager import RunRecord
 
     walked = {(e.project, e.name, e.run_id): e for e in manifest.experiments}
     records: dict[str, list[RunRecord]] = {}

@@ -10,7 +10,7 @@ between two syncs, reporting exactly what it changed.
 File contents are built with bulk string operations over pre-formatted pools (not one
 Python call per JSON field) so that a 1,000-run lab of ~150 MB builds in a few seconds.
 
-Run ``python -m runicorn.sample_lab ROOT --runs N --scale S --seed K`` to build one by hand.
+Run ``python -m runicorn.demo.sample_lab ROOT --runs N --scale S --seed K`` to build one by hand.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import orjson
 
-from runicorn.layout import (
+from runicorn.format.layout import (
     DELETED_MARKER,
     EXPERIMENTS_METADATA_FILENAME,
     LOCK_SUFFIX,
@@ -966,7 +966,7 @@ def _main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m runicorn.sample_lab",
+        prog="python -m runicorn.demo.sample_lab",
         description="Build a deterministic sample lab in the Runicorn run layout.",
     )
     parser.add_argument("root", type=Path, help="directory to create (must be missing or empty)")

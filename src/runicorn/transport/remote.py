@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from runicorn.fd_budget import files_in_flight_per_channel
-from runicorn.remote_storage.sftp_pipeline import (
+from runicorn._sys.fd_budget import files_in_flight_per_channel
+from runicorn.transport.sftp_pipeline import (
     DEFAULT_DEPTH,
     DEFAULT_READ_SIZE,
     DEFAULT_TIMEOUT,

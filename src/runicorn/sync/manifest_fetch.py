@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from runicorn.layout import MANIFEST_DIRNAME
-from runicorn.manifest.models import ManifestFormat, ManifestType, SyncManifest, read_header
+from runicorn.format.layout import MANIFEST_DIRNAME
+from runicorn.format.models import ManifestFormat, ManifestType, SyncManifest, read_header
 
 if TYPE_CHECKING:
-    from runicorn.remote_storage.sync_stats import SyncRun
+    from runicorn.sync.stats import SyncRun
 
 __all__ = [
     "PREFIX_BYTES",

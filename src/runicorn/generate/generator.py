@@ -23,19 +23,19 @@ from typing import TYPE_CHECKING
 import orjson
 from blake3 import blake3
 
-from runicorn import layout
-from runicorn.atomic import (
+from runicorn._sys.atomic import (
     Document,
     exclusive_lock,
     pieces_of,
     temp_prefix_for,
     write_atomically,
 )
+from runicorn._sys.gcpause import paused_gc
 from runicorn.core.backend import Backend, active_backend
 from runicorn.core.scan import Problem, ScanResult
-from runicorn.gcpause import paused_gc
-from runicorn.manifest.compression import compress
-from runicorn.manifest.models import (
+from runicorn.format import layout
+from runicorn.format.compression import compress
+from runicorn.format.models import (
     ExperimentEntry,
     FileEntry,
     ManifestFormat,
@@ -43,8 +43,8 @@ from runicorn.manifest.models import (
     SyncManifest,
     read_header,
 )
-from runicorn.manifest.published import PublishedManifest
-from runicorn.manifest.state import FileMemo, GeneratorState, RunMemo, StatKey
+from runicorn.format.published import PublishedManifest
+from runicorn.generate.state import FileMemo, GeneratorState, RunMemo, StatKey
 
 if TYPE_CHECKING:
     from runicorn.core.entries import RunFiles

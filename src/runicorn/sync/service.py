@@ -28,15 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from runicorn.remote_storage.legacy import WalkReport, sync_legacy, walk_remote
+from runicorn.sync.legacy import WalkReport, sync_legacy, walk_remote
 
 if TYPE_CHECKING:
     import paramiko
 
     from runicorn.core.backend import Backend
-    from runicorn.remote_storage.cache_manager import LocalCacheManager
-    from runicorn.remote_storage.manifest_sync import ManifestSyncClient
-    from runicorn.remote_storage.remote import Remote
+    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.client import ManifestSyncClient
+    from runicorn.transport.remote import Remote
 
 __all__ = ["MODE_LEGACY", "MODE_MANIFEST", "MetadataSyncService", "SyncProgress"]
 
@@ -245,7 +245,7 @@ class MetadataSyncService:
     def _client(
         self, remote: Remote | None, *, delete: bool, jitter: float, root: str | None = None
     ) -> ManifestSyncClient:
-        from runicorn.remote_storage.manifest_sync import ManifestSyncClient
+        from runicorn.sync.client import ManifestSyncClient
 
         return ManifestSyncClient(
             self.sftp_client,  # type: ignore[arg-type]  # None with an explicit remote
@@ -269,7 +269,7 @@ class MetadataSyncService:
             return self.remote, False
         if self.sftp_client is None:
             raise ValueError("MetadataSyncService needs an sftp_client or a remote")
-        from runicorn.remote_storage.remote import SftpRemote
+        from runicorn.transport.remote import SftpRemote
 
         return SftpRemote(self.sftp_client, root, timeout=self.timeout), True
 

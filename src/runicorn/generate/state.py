@@ -18,20 +18,10 @@ from pathlib import Path
 
 import orjson
 
-from runicorn.atomic import write_atomically
+from runicorn._sys.atomic import write_atomically
+from runicorn.core.memo import FileMemo, StatKey
 
 STATE_VERSION = 2
-
-StatKey = tuple[int, int, int, int]
-"""``(size, mtime_ns, ctime_ns, inode)``"""
-
-
-@dataclass(slots=True)
-class FileMemo:
-    key: StatKey
-    recorded_size: int
-    tail_hash: str
-
 
 @dataclass(slots=True)
 class RunMemo:

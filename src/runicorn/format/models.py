@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from runicorn import __version__
-from runicorn.gcpause import paused_gc
-from runicorn.layout import run_prefix
-from runicorn.manifest.compression import decompress_capped
+from runicorn._sys.gcpause import paused_gc
+from runicorn._version import __version__
+from runicorn.format.compression import decompress_capped
+from runicorn.format.layout import run_prefix
 
 
 class ManifestType(str, Enum):
@@ -113,7 +113,7 @@ class ExperimentEntry:
 EXPERIMENTS_KEY = b',"experiments":'
 """What joins the header to the experiments array in the JSON :meth:`SyncManifest.to_json`
 writes. Inside a JSON string every ``"`` is escaped, so in those bytes the first occurrence
-of this is the key itself (what :class:`~runicorn.manifest.published.PublishedManifest`
+of this is the key itself (what :class:`~runicorn.format.published.PublishedManifest`
 splits on)."""
 
 

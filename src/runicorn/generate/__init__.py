@@ -1,0 +1,1 @@
+"""Server side: scan an experiments root and publish its manifest atomically."""

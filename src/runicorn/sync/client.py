@@ -1,0 +1,487 @@
+"""ManifestSyncClient: mirror a lab server's runs into a local cache from its manifest.
+
+One sync is: wait a random jitter, learn from a few kilobytes of the manifest whether
+anything changed since the last sync (a handful of SFTP requests, whatever the lab's size),
+otherwise download and validate the manifest, diff it against the cache state with a sorted
+merge (through the backend seam), and fetch what differs -- priority 1 files of every run
+first -- over pipelined SFTP channels. The cache state is committed as files land, so a
+killed sync resumes where it stopped.
+
+This module holds the client and its decisions, the ones that weigh the server's manifest
+against what the cache last applied: which manifest to apply and whether anything changed,
+what to delete (the deletion guard), and the state recorded around a sync. The mechanics
+live beside it:
+
+* :mod:`.manifest_fetch` finds, reads (header fast path, size caps) and validates the
+  server's manifest;
+* :mod:`.file_transfer` turns the diff into fetched, verified (append-verify) and installed
+  files, committing the state in batches;
+* :mod:`.sync_stats` holds the counters all three fill and the stats dict they become.
+
+Everything the server says is untrusted: manifests are size-capped and validated, and every
+destination goes through :meth:`LocalCacheManager.open_parent`, which refuses paths that
+could leave the cache and symbolic links inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runicorn.core.backend import Backend, active_backend
+from runicorn.format.models import ManifestFormat, ManifestType, SyncManifest
+from runicorn.sync.cache_manager import LocalCacheManager, RunRecord
+from runicorn.sync.manifest_fetch import (
+    ManifestFetcher,
+    check_root,
+    normalize_root,
+)
+from runicorn.sync.stats import ProgressCallback, SyncRun
+from runicorn.sync.transfer import FileTransfer, Transfer, plan
+
+if TYPE_CHECKING:
+    import paramiko
+
+__all__ = ["ManifestSyncClient", "ProgressCallback"]
+
+# The API document names this logger; the client keeps it so that logging configured
+# against the document still sees the client's messages.
+logger = logging.getLogger("runicorn.remote_storage.manifest_sync")
+
+
+MASS_DELETE_FRACTION = 0.5
+MASS_DELETE_LIMIT = 100
+
+_MODES = ("auto", "full", "active")
+
+
+class ManifestSyncClient:
+    """Syncs one remote experiments root into one local cache directory.
+
+    Tuning knobs (class attributes, settable per instance or globally):
+
+    * ``MAX_WORKERS``: SFTP channels fetching concurrently, each opened on the same SSH
+      transport (an ``SFTPClient`` is never shared between threads); ``max_workers=``
+      overrides it per client.
+    * ``BATCH_SIZE``: finished files per state commit (also at most every 0.5 s). It bounds
+      what a killed sync fetches again when re-run; commits are cheap (SQLite WAL).
+    """
+
+    MAX_WORKERS = 3
+    BATCH_SIZE = 5
+
+    def __init__(
+        self,
+        sftp_client: paramiko.SFTPClient | None,
+        remote_root: str,
+        cache_dir: Path,
+        jitter_max: float = 5.0,
+        *,
+        backend: Backend | None = None,
+        remote: Any = None,
+        cache_manager: LocalCacheManager | None = None,
+        max_workers: int | None = None,
+        delete: bool = False,
+        allow_mass_delete: bool = False,
+        dry_run: bool = False,
+        timeout: float = 30.0,
+        max_manifest_bytes: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
+        manifest_type: str | ManifestType = "auto",
+    ) -> None:
+        if sftp_client is None and remote is None:
+            raise ValueError("pass an sftp_client, or a remote to sync from")
+        mode = manifest_type.value if isinstance(manifest_type, ManifestType) else manifest_type
+        if mode not in _MODES:
+            raise ValueError(f"manifest_type must be one of {_MODES}, got {manifest_type!r}")
+        if jitter_max < 0:
+            raise ValueError(f"jitter_max must be >= 0, got {jitter_max}")
+        if max_workers is not None and max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        self.sftp_client = sftp_client
+        self.remote_root = remote_root
+        self.cache_dir = Path(cache_dir)
+        self.jitter_max = jitter_max
+        self.backend = backend or active_backend()
+        self.cache = cache_manager or LocalCacheManager(self.cache_dir)
+        if cache_manager is not None and cache_manager.root_dir != Path(
+            os.path.abspath(self.cache_dir)
+        ):
+            raise ValueError(
+                f"cache_manager manages {cache_manager.root_dir}, not cache_dir {self.cache_dir}"
+            )
+        self.max_workers = max_workers
+        self.delete = delete
+        self.allow_mass_delete = allow_mass_delete
+        self.dry_run = dry_run
+        self.timeout = timeout
+        self.max_manifest_bytes = max_manifest_bytes
+        self.manifest_type = mode
+        self._remote = remote
+        self._owns_remote = remote is None
+        self._busy = threading.Lock()
+
+    # -- the remote ------------------------------------------------------------------------
+
+    @property
+    def remote(self) -> Any:
+        """The :class:`Remote` this client reads from (built from ``sftp_client`` on first use)."""
+        if self._remote is None:
+            from runicorn.transport.remote import SftpRemote  # late: importing stays cheap
+
+            self._remote = SftpRemote(self.sftp_client, self.remote_root, timeout=self.timeout)
+        return self._remote
+
+    @property
+    def remote_id(self) -> str:
+        """Who the cache state is about: host and root of the server (spec: host + root)."""
+        explicit = getattr(self._remote, "remote_id", None)
+        if isinstance(explicit, str) and explicit:
+            return explicit
+        root = normalize_root(self.remote_root)
+        if self.sftp_client is not None:
+            with contextlib.suppress(Exception):
+                transport = self.sftp_client.get_channel().get_transport()
+                peer = transport.getpeername()
+                host = transport.hostname or peer[0]
+                return f"sftp://{transport.get_username()}@{host}:{peer[1]}/{root.lstrip('/')}"
+        return f"file://{os.path.abspath(self.remote_root)}"
+
+    def close(self) -> None:
+        """Close the remote if this client built it, and the state database."""
+        if self._owns_remote and self._remote is not None:
+            with contextlib.suppress(Exception):
+                self._remote.close()
+            self._remote = None
+        self.cache.close()
+
+    # -- public API ------------------------------------------------------------------------
+
+    def sync(self, progress_callback: ProgressCallback | None = None) -> dict[str, Any]:
+        """Bring the cache up to date with the server's manifest; returns this call's stats.
+
+        Raises ``OSError`` (``IOError``) when no manifest can be read and ``ValueError``
+        when the manifest fails validation. Per-file problems do not raise: they are
+        counted in ``failed_count``, listed in ``failed_files`` and retried next time.
+        """
+        run = SyncRun(started=time.monotonic())
+        if self.jitter_max > 0:
+            time.sleep(random.uniform(0, self.jitter_max))
+        with self._busy, self._locked():
+            remote_id = self.remote_id
+            full_state = self.cache.applied_manifest(remote_id, ManifestType.FULL.value)
+            if full_state is None and not self.dry_run:
+                # A first sync fetches everything: open the worker channels while the
+                # manifest downloads, not after.
+                warm_up = getattr(self.remote, "warm_up", None)
+                if warm_up is not None:
+                    warm_up(self.max_workers or self.MAX_WORKERS)
+            if full_state is None or self.manifest_type != "active":
+                manifest = self._check_full(run, remote_id, full_state)
+            else:
+                manifest = self._check_active(run, remote_id, forced=True)
+                if manifest is None and not run.skipped:
+                    logger.info("no active manifest on the server; using the full manifest")
+                    manifest = self._check_full(run, remote_id, full_state)
+            if manifest is None:
+                if not self.dry_run:
+                    self.cache.save_remote_sync(remote_id, "unchanged")
+                return run.stats()
+            self._apply(manifest, run, progress_callback, remote_id, record_header=True)
+        return run.stats()
+
+    def sync_with_manifest(
+        self, manifest: SyncManifest, progress_callback: ProgressCallback | None = None
+    ) -> dict[str, Any]:
+        """Apply a manifest built elsewhere (the legacy walk): same diff, transfer and state.
+
+        The manifest is validated again (``ValueError``); its revision is not remembered
+        for the no-change check, since a synthesised manifest has none worth trusting.
+        """
+        run = SyncRun(started=time.monotonic())
+        checked = SyncManifest.from_dict(manifest.to_dict(), source="synthesised manifest")
+        with self._busy, self._locked():
+            self._apply(checked, run, progress_callback, self.remote_id, record_header=False)
+        return run.stats()
+
+    # -- choosing the manifest --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self.dry_run:
+            yield
+            return
+        with self.cache.sync_lock():
+            yield
+
+    def _is_clean(self, remote_id: str) -> bool:
+        """Whether nothing is pending locally: no failures, no interrupted sync, and every
+        recorded file on disk with its recorded size (one lstat each)."""
+        return (
+            not self.cache.failed_files()
+            and not self.cache.is_dirty()
+            and not self.cache.damaged_files()
+        )
+
+    def _manifests(self) -> ManifestFetcher:
+        """Reads this server's manifests, with the client's current settings."""
+        return ManifestFetcher(lambda: self.remote, self.remote_root, self.max_manifest_bytes)
+
+    def _check_full(self, run: SyncRun, remote_id: str, state: Any) -> SyncManifest | None:
+        """The full manifest to apply, or ``None`` after a cheap no-change check."""
+        probe = None
+        deletions_pending = self.delete and state is not None and state.vanished > 0
+        if (
+            state is not None
+            and state.clean
+            and not deletions_pending
+            and self._is_clean(remote_id)
+        ):
+            # The active manifest is probed in the same round trip, in case it is needed.
+            also_active = self.manifest_type == "auto"
+            probes = self._manifests().probe_many(
+                [(ManifestType.FULL, False)] + [(ManifestType.ACTIVE, True)] * also_active, run
+            )
+            probe = probes[0]
+            if probe is None:
+                raise OSError(self._manifests().missing_message(ManifestType.FULL))
+            header = probe.header
+            if header is not None and (
+                header["manifest_type"],
+                header["revision"],
+                header["snapshot_id"],
+            ) == (ManifestType.FULL.value, state.revision, state.snapshot_id):
+                run.manifest_type = ManifestType.FULL.value
+                run.manifest_revision = state.revision
+                if also_active:
+                    active = self._check_active(run, remote_id, forced=False, probe=probes[1])
+                    if active is not None:
+                        return active
+                    if run.manifest_type == ManifestType.ACTIVE.value:
+                        return None  # the active check decided (stale or unchanged)
+                run.skipped = True
+                run.reason = f"manifest revision {state.revision} unchanged"
+                return None
+        else:
+            # A first or unclean sync needs the whole manifest anyway; a small one arrives
+            # with this first READ (two round trips, no FSTAT, nobody waits for the CLOSE).
+            probe = self._manifests().probe_many([(ManifestType.FULL, False)], run)[0]
+        return self._manifests().download(ManifestType.FULL, run, probe)
+
+    def _check_active(
+        self, run: SyncRun, remote_id: str, *, forced: bool, probe: Any = False
+    ) -> SyncManifest | None:
+        """The active manifest when it moved since last applied; ``None`` when unchanged,
+        absent (auto mode probes only the ``.gz`` the generator always writes) or stale.
+        ``probe``: what probing it found already (``None``: absent); not given: probe now."""
+        state = self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
+        clean = state is not None and state.clean and (not forced or self._is_clean(remote_id))
+        if probe is False:
+            probe = self._manifests().probe_many([(ManifestType.ACTIVE, not forced)], run)[0]
+        if probe is None:
+            return None
+        header = probe.header
+        if (
+            clean
+            and header is not None
+            and (header["manifest_type"], header["revision"], header["snapshot_id"])
+            == (ManifestType.ACTIVE.value, state.revision, state.snapshot_id)
+        ):
+            if forced:
+                run.manifest_type = ManifestType.ACTIVE.value
+                run.manifest_revision = state.revision
+                run.skipped = True
+                run.reason = f"active manifest revision {state.revision} unchanged"
+            return None
+        manifest = self._manifests().download(ManifestType.ACTIVE, run, probe)
+        full = self.cache.applied_manifest(remote_id, ManifestType.FULL.value)
+        if full is not None and manifest.generated_at < full.generated_at:
+            # Older than the full manifest already applied: its files may be older too.
+            if not self.dry_run:
+                self.cache.save_applied_manifest(
+                    remote_id,
+                    ManifestType.ACTIVE.value,
+                    manifest.revision,
+                    manifest.snapshot_id,
+                    manifest.generated_at,
+                    clean=True,
+                )
+            run.manifest_type = ManifestType.ACTIVE.value
+            run.manifest_revision = manifest.revision
+            run.skipped = True
+            run.reason = (
+                f"active manifest revision {manifest.revision} is older than the full "
+                "manifest already applied; nothing to do"
+            )
+            return None
+        return manifest
+
+    # -- applying a manifest -------------------------------------------------------------------
+
+    def _apply(
+        self,
+        manifest: SyncManifest,
+        run: SyncRun,
+        progress: ProgressCallback | None,
+        remote_id: str,
+        *,
+        record_header: bool,
+    ) -> None:
+        check_root(manifest, self.remote_root, local=self.sftp_client is None)
+        is_full = manifest.manifest_type is ManifestType.FULL
+        run.manifest_type = manifest.manifest_type.value
+        run.manifest_revision = manifest.revision
+        entries = sorted(manifest.iter_files(), key=lambda entry: entry.path)
+        local = self.cache.file_entries()
+        damaged = self.cache.damaged_files(local)
+        if damaged:
+            logger.info(
+                "%d cached file(s) missing or changed locally; fetching them again", len(damaged)
+            )
+            local = [row for row in local if row[0] not in damaged]
+        diff = self.backend.diff_entries(
+            [(e.path, e.size, e.mtime, e.is_append_only, e.tail_hash) for e in entries], local
+        )
+        local_sizes = {row[0]: row[1] for row in local}
+        transfers = plan(entries, diff, local_sizes, self.cache)
+        transfers.sort(key=lambda t: (t.entry.priority, t.entry.path))
+        run.files_total = len(transfers)
+        run.bytes_total = sum(t.length for t in transfers)
+        vanished, gone = self._runs_to_delete(manifest, remote_id, run) if is_full else ([], [])
+
+        if self.dry_run:
+            run.incremental_count = sum(1 for t in transfers if t.append)
+            run.full_count = len(transfers) - run.incremental_count
+            run.deleted_count = len(gone)
+            run.extra["dry_run"] = True
+            run.reason = (
+                f"dry run: would fetch {run.files_total} file(s), {run.bytes_total} bytes"
+                + (f", delete {len(gone)} run(s)" if gone else "")
+            )
+            return
+
+        if self.cache.is_dirty():
+            self.cache.clean_temp_files()
+        self.cache.set_dirty(True)
+        if is_full:
+            listed = {entry.path for entry in entries}
+            self.cache.clear_failures(
+                f.path for f in self.cache.failed_files(remote_id) if f.path not in listed
+            )
+        now = time.time()
+        self.cache.save_runs(
+            remote_id, [self._run_record(exp, None) for exp in manifest.experiments]
+        )
+        self.cache.save_progress(remote_id=remote_id, forget=sorted(damaged))
+
+        self._transfer(transfers, run, progress, remote_id)
+
+        for project, name, run_id in gone:
+            self.cache.remove_run(project, name, run_id)
+            logger.info(
+                "removed run %s/%s/%s: the server no longer lists it", project, name, run_id
+            )
+            run.deleted_count += 1
+        failed_runs = {tuple(path.split("/", 4)[:4]) for path in run.failed}
+        self.cache.save_runs(
+            remote_id,
+            [
+                self._run_record(
+                    exp, None if (exp.project, exp.name, "runs", exp.run_id) in failed_runs else now
+                )
+                for exp in manifest.experiments
+            ],
+        )
+        clean = not run.failed
+        if record_header:
+            self.cache.save_applied_manifest(
+                remote_id,
+                run.manifest_type,
+                manifest.revision,
+                manifest.snapshot_id,
+                manifest.generated_at,
+                clean=clean,
+                vanished=len(vanished) - run.deleted_count,
+            )
+        self.cache.save_remote_sync(remote_id, "ok" if clean else "partial")
+        self.cache.set_dirty(False)
+        if not run.reason:
+            run.reason = (
+                f"applied {run.manifest_type} manifest revision {manifest.revision}: "
+                f"{run.files_synced} file(s) synced, {len(run.failed)} failed"
+            )
+        logger.info("%s", run.reason)
+
+    @staticmethod
+    def _run_record(exp: Any, last_synced: float | None) -> RunRecord:
+        return RunRecord(
+            project=exp.project,
+            name=exp.name,
+            run_id=exp.run_id,
+            status=exp.status,
+            created_at=exp.created_at,
+            updated_at=exp.updated_at,
+            tags=tuple(exp.tags) if exp.tags else None,
+            last_synced=last_synced,
+        )
+
+    def _transfer(
+        self,
+        transfers: list[Transfer],
+        run: SyncRun,
+        progress: ProgressCallback | None,
+        remote_id: str,
+    ) -> None:
+        """Fetch, verify and install every planned file (:class:`FileTransfer`) with this
+        client's cache, backend, remote and tuning knobs; the one seam to the transfer."""
+        FileTransfer(
+            self.cache,
+            self.backend,
+            lambda: self.remote,
+            workers=self.max_workers or self.MAX_WORKERS,
+            batch_size=self.BATCH_SIZE,
+        ).transfer(transfers, run, progress, remote_id)
+
+    def _runs_to_delete(
+        self, manifest: SyncManifest, remote_id: str, run: SyncRun
+    ) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+        """Runs of this remote the full manifest no longer lists, and those of them to
+        delete: all when deleting is asked and safe (spec 3.10), else none (logged, and
+        the reason reported)."""
+        cached = self.cache.runs_of_remote(remote_id)
+        listed = {(exp.project, exp.name, exp.run_id) for exp in manifest.experiments}
+        gone = [key for key in cached if key not in listed]
+        if not gone:
+            return [], []
+        refusal = ""
+        if not self.delete:
+            logger.info(
+                "%d cached run(s) are no longer on the server; kept (delete=True removes them)",
+                len(gone),
+            )
+            run.extra["vanished_runs"] = len(gone)
+            return gone, []
+        if not listed:
+            refusal = (
+                f"the manifest lists no runs while the cache holds {len(cached)}; refusing to "
+                "delete anything (an empty or truncated manifest?)"
+            )
+        elif not self.allow_mass_delete and (
+            len(gone) > MASS_DELETE_FRACTION * len(cached) or len(gone) > MASS_DELETE_LIMIT
+        ):
+            refusal = (
+                f"{len(gone)} of {len(cached)} cached runs would be deleted; refusing a mass "
+                "deletion (pass allow_mass_delete=True / --allow-mass-delete if intended)"
+            )
+        if refusal:
+            logger.warning("%s", refusal)
+            run.extra["deletion_refused"] = refusal
+            run.reason = refusal
+            return gone, []
+        return gone, gone
