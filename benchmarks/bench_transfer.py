@@ -31,7 +31,7 @@ KIB = 1024
 
 
 def build_lab(root: Path, runs: int, scale: float) -> None:
-    """The sample lab if a colleague's module has landed, else files of a similar shape."""
+    """The sample lab (:mod:`runicorn.demo.sample_lab`) if it imports, else similar files."""
     try:
         from runicorn.demo.sample_lab import build_sample_lab
     except ImportError:

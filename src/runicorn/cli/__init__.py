@@ -65,8 +65,8 @@ def main() -> None:
 _WITHOUT_CYCLE_COLLECTOR = frozenset({"generate-manifest"})
 """Commands whose process runs without the cyclic garbage collector: one bounded job whose
 objects are freed by reference counting. A generation holds its million objects with the
-collector paused anyway; re-enabled, its first pass visited all of them (0.37 s after a
-100,000-run generation, measured with perf)."""
+collector paused anyway; re-enabled, its first pass would visit all of them (a few tenths
+of a second after a 100,000-run generation) for nothing to collect."""
 
 
 def entry_point() -> NoReturn:
@@ -76,7 +76,7 @@ def entry_point() -> NoReturn:
     every file it wrote is closed and renamed and every connection closed, so only the
     buffered streams and log handlers are flushed and the process ends with :func:`os._exit`.
     Freeing a 100,000-run manifest object by object would take about 0.4 s more, and the
-    collector's last pass over paramiko's imports about 40 ms (measured). An exception other
+    collector's last pass over paramiko's imports tens of milliseconds. An exception other
     than ``SystemExit`` ends the process the ordinary way, traceback and all.
     """
     if sys.argv[1:2] and sys.argv[1] in _WITHOUT_CYCLE_COLLECTOR:

@@ -1,8 +1,10 @@
-"""The hot paths -- scanning, diffing, tail hashing -- in two interchangeable backends.
+"""The hot paths -- scanning, diffing, tail hashing, building file entries -- in two
+interchangeable backends.
 
-The modules ``scan``, ``diff`` and ``tailhash`` are the pure-Python specification; their
-compiled twins are ``_native_scan``, ``_native_diff`` and ``_native_tailhash``.
-:mod:`runicorn.core.backend` chooses between them.
+The modules ``scan``, ``diff``, ``tailhash`` and ``entries`` are the pure-Python
+specification; their compiled twins are ``_native_scan``, ``_native_diff``,
+``_native_tailhash`` and ``_native_entries`` (sources in ``csrc/``). ``memo`` holds what both
+entry builders consume. :mod:`runicorn.core.backend` chooses between the two sets.
 """
 
 from runicorn.core.backend import Backend, active_backend, load_backend, native_available

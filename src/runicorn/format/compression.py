@@ -1,19 +1,20 @@
 """The ``.json.gz`` of a manifest: deterministic gzip out, size-capped gunzip in.
 
-A 100,000-run manifest is about 150 MB of JSON; deflating it on one core took a sixth of a
-full generation. So large documents are deflated in fixed pieces on several threads, as
-``pigz`` does: every piece but the last ends with a sync flush, which closes its deflate
-blocks on a byte boundary without ending the stream, so the pieces join into one ordinary
-gzip member that any reader (``gzip -d``, :func:`gzip.decompress`, a single
-``zlib.decompressobj``) accepts. The pieces have a fixed size, so the bytes depend on the
-content only, never on the thread count; a document of one piece comes out byte for byte
-as :func:`gzip.compress` with ``mtime=0`` makes it with the same deflate library and level.
+A 100,000-run manifest is about 150 MB of JSON, and deflating it on one core would be a
+large share of a full generation. So large documents are deflated in fixed pieces on
+several threads, as ``pigz`` does: every piece but the last ends with a sync flush, which
+closes its deflate blocks on a byte boundary without ending the stream, so the pieces join
+into one ordinary gzip member that any reader (``gzip -d``, :func:`gzip.decompress`, a
+single ``zlib.decompressobj``) accepts. The pieces have a fixed size, so the bytes depend
+on the content only, never on the thread count; a document of one piece comes out byte for
+byte as :func:`gzip.compress` with ``mtime=0`` makes it with the same deflate library and
+level.
 
 The library is zlib-ng (the ``zlib-ng`` package, zlib's API) where it is installed, else
-the standard :mod:`zlib`. On a 100,000-run manifest (153 MB of JSON, two threads) zlib-ng
-at level 5 deflated in 0.43 s to 17.10 MB where zlib at level 6 took 0.93 s for 17.59 MB,
-and it inflates in half the time. Either output is plain gzip that the other, and every
-other reader, accepts.
+the standard :mod:`zlib`: zlib-ng deflates a large manifest in about half the time and a
+little smaller, and inflates it in about half the time too (figures in
+``docs/performance.md``). Either output is plain gzip that the other, and every other
+reader, accepts.
 """
 
 from __future__ import annotations

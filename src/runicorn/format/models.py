@@ -189,8 +189,8 @@ class SyncManifest:
 
         ``experiments_json`` is :func:`encode_experiments` of this manifest's experiments,
         when the caller already has it: the generator hashes those bytes for its content
-        digest, and encoding a large lab's entries once instead of twice is a tenth of a full
-        generation.
+        digest, and encoding a large lab's entries a second time would add about a tenth to a
+        full generation.
         """
         return b"".join(self.to_json_pieces(experiments_json))
 

@@ -23,8 +23,13 @@ from runicorn.core.memo import FileMemo, StatKey
 
 STATE_VERSION = 2
 
+
 @dataclass(slots=True)
 class RunMemo:
+    """A run's status and creation time as derived from its ``meta.json`` and
+    ``status.json``, with the two files' stat keys when read: while the keys hold, the run is
+    described again without opening either file."""
+
     meta_key: StatKey | None
     status_key: StatKey | None
     status: str

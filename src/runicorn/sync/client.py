@@ -14,9 +14,9 @@ live beside it:
 
 * :mod:`.manifest_fetch` finds, reads (header fast path, size caps) and validates the
   server's manifest;
-* :mod:`.file_transfer` turns the diff into fetched, verified (append-verify) and installed
+* :mod:`.transfer` turns the diff into fetched, verified (append-verify) and installed
   files, committing the state in batches;
-* :mod:`.sync_stats` holds the counters all three fill and the stats dict they become.
+* :mod:`.stats` holds the counters all three fill and the stats dict they become.
 
 Everything the server says is untrusted: manifests are size-capped and validated, and every
 destination goes through :meth:`LocalCacheManager.open_parent`, which refuses paths that

@@ -6,7 +6,7 @@ cheaply and safely: the first :data:`PREFIX_BYTES` of every candidate in one pip
 (the header that tells whether anything changed, and the whole of a small manifest), the rest
 only when needed, size-capped before and while decompressing, then validated, including that
 it describes the root that was asked for. Deciding *which* manifest to apply, from what the
-cache last applied, is the client's job (:mod:`.manifest_sync`).
+cache last applied, is the client's job (:mod:`.client`).
 
 Everything the server says is untrusted.
 """

@@ -57,7 +57,8 @@ __all__ = [
     "plan",
 ]
 
-# The sync's log lines keep the client's logger name (documented in the Python API reference).
+# Per-file outcomes log under this module's own name; the client keeps the API document's
+# logger name for its decisions (both listed in the Python API reference).
 logger = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.5
