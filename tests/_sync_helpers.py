@@ -13,7 +13,7 @@ from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.format import layout
 from runicorn.manifest import ManifestGenerator, ManifestType, SyncManifest
-from runicorn.sync.cache_manager import STATE_DIRNAME
+from runicorn.sync.cache import STATE_DIRNAME
 from runicorn.sync.client import ManifestSyncClient
 
 NOW = 1_700_000_000.0

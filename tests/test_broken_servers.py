@@ -39,7 +39,7 @@ from harness.sshd import SshServer
 from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import build_sample_lab
 from runicorn.remote_storage import MetadataSyncService
-from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 
 pytestmark = pytest.mark.sshd

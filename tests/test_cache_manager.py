@@ -12,11 +12,12 @@ import pytest
 from _sync_helpers import Lab, cache_files, make_client, make_lab, server_files
 from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.core.backend import Backend
-from runicorn.sync.cache_manager import (
+from runicorn.sync.cache import (
     STATE_DIRNAME,
     FileRecord,
     LocalCacheManager,
 )
+from runicorn.sync.cache.tree import CacheTree
 
 RUN = "proj/exp/runs/20240101_000000_abcdef"
 
@@ -107,9 +108,9 @@ def test_kept_directory_handles_save_the_walk_and_are_closed_after_the_block(
     manager: LocalCacheManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     walks = []
-    descend = LocalCacheManager._descend
+    descend = CacheTree._descend
     monkeypatch.setattr(
-        LocalCacheManager,
+        CacheTree,
         "_descend",
         staticmethod(lambda fd, part, *rest: walks.append(part) or descend(fd, part, *rest)),
     )

@@ -30,7 +30,7 @@ from harness.sshd import SshServer
 from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import training_step
 from runicorn.manifest import ManifestGenerator, SyncManifest
-from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.cache import LocalCacheManager
 
 RUNS = 20
 CHILD_TIMEOUT = 60.0

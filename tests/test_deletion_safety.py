@@ -32,7 +32,7 @@ from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.manifest import ManifestType
 from runicorn.sync import service as service_module
-from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 
 pytestmark = pytest.mark.sshd

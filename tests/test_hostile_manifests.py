@@ -48,7 +48,7 @@ from runicorn.demo.sample_lab import training_step
 from runicorn.format.layout import MANIFEST_DIRNAME, run_prefix
 from runicorn.format.models import ManifestFormat
 from runicorn.remote_storage import MetadataSyncService
-from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 
 pytestmark = pytest.mark.sshd

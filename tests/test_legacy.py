@@ -16,7 +16,7 @@ from harness.sshd import SshServer
 from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import build_sample_lab
 from runicorn.manifest import ManifestGenerator, ManifestType
-from runicorn.sync.cache_manager import STATE_DIRNAME, LocalCacheManager
+from runicorn.sync.cache import STATE_DIRNAME, LocalCacheManager
 from runicorn.sync.legacy import walk_remote
 
 NOW = 1_700_000_000.0

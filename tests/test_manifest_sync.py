@@ -35,7 +35,7 @@ from runicorn.format.compression import compress
 from runicorn.format.layout import priority_for
 from runicorn.manifest import ManifestType, SyncManifest
 from runicorn.sync import transfer as file_transfer
-from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 from runicorn.sync.transfer import TRUNCATED_JSON
 from runicorn.transport.remote import SftpRemote

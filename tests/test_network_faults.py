@@ -31,7 +31,7 @@ from harness.wan_proxy import WanProxy
 from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.sync import service as service_module
-from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 from runicorn.sync.service import MetadataSyncService
 from runicorn.transport import sftp_pipeline

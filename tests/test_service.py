@@ -17,7 +17,7 @@ from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
 from runicorn.remote_storage import MetadataSyncService, SyncProgress
 from runicorn.sync import service as service_module
-from runicorn.sync.cache_manager import STATE_DIRNAME, LocalCacheManager
+from runicorn.sync.cache import STATE_DIRNAME, LocalCacheManager
 
 pytestmark = pytest.mark.sshd
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         ManifestGenerationError,
         ManifestGenerator,
     )
-    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.client import ManifestSyncClient
     from runicorn.sync.service import MetadataSyncService, SyncProgress
     from runicorn.sync.stats import ProgressCallback
@@ -50,7 +50,7 @@ _HOMES = {
     "GenerationReport": "runicorn.generate.generator",
     "ManifestGenerationError": "runicorn.generate.generator",
     "ManifestGenerator": "runicorn.generate.generator",
-    "LocalCacheManager": "runicorn.sync.cache_manager",
+    "LocalCacheManager": "runicorn.sync.cache",
     "ManifestSyncClient": "runicorn.sync.client",
     "MetadataSyncService": "runicorn.sync.service",
     "SyncProgress": "runicorn.sync.service",

@@ -42,7 +42,7 @@ def _heading(text: str) -> None:
 def _sync_once(lab: Path, cache_dir: Path) -> dict[str, Any]:
     """Publish the lab's manifest, then sync it into the cache; returns the stats."""
     from runicorn.manifest import ManifestGenerator, ManifestType
-    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.service import MetadataSyncService
     from runicorn.transport.remote import LocalRemote
 

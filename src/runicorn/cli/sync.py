@@ -411,7 +411,7 @@ def _run(
     as_json: bool,
     timeout: float,
 ) -> int:
-    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.service import MetadataSyncService
 
     bar = _ProgressBar(use_color()) if sys.stderr.isatty() else None

@@ -1,5 +1,5 @@
-"""The API document's import path of the local cache (``runicorn.sync.cache_manager``)."""
+"""The API document's import path of the local cache (``runicorn.sync.cache``)."""
 
-from runicorn.sync.cache_manager import LocalCacheManager
+from runicorn.sync.cache import LocalCacheManager
 
 __all__ = ["LocalCacheManager"]

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from runicorn.core.backend import Backend, active_backend
 from runicorn.format.models import ManifestFormat, ManifestType, SyncManifest
-from runicorn.sync.cache_manager import LocalCacheManager, RunRecord
+from runicorn.sync.cache import LocalCacheManager, RunRecord
 from runicorn.sync.manifest_fetch import (
     ManifestFetcher,
     check_root,

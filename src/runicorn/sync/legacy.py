@@ -44,7 +44,7 @@ from runicorn.format import layout
 from runicorn.format.models import ExperimentEntry, FileEntry, ManifestType, SyncManifest
 
 if TYPE_CHECKING:
-    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.client import ManifestSyncClient
 
 __all__ = [
@@ -430,7 +430,7 @@ def refine_runs_from_cache(cache: LocalCacheManager, manifest: SyncManifest) -> 
     trip per run); once the files are in the cache the answer is a local read away. Returns
     how many runs were updated.
     """
-    from runicorn.sync.cache_manager import RunRecord
+    from runicorn.sync.cache import RunRecord
 
     walked = {(e.project, e.name, e.run_id): e for e in manifest.experiments}
     records: dict[str, list[RunRecord]] = {}

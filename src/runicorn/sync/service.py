@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import paramiko
 
     from runicorn.core.backend import Backend
-    from runicorn.sync.cache_manager import LocalCacheManager
+    from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.client import ManifestSyncClient
     from runicorn.transport.remote import Remote
 

@@ -40,7 +40,7 @@ from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.core.backend import Backend
 from runicorn.core.tailhash import TAIL_WINDOW, digest
 from runicorn.format.models import FileEntry
-from runicorn.sync.cache_manager import FileRecord, LocalCacheManager
+from runicorn.sync.cache import FileRecord, LocalCacheManager
 
 if TYPE_CHECKING:
     from runicorn.sync.stats import ProgressCallback, SyncRun

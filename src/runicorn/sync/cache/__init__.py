@@ -1,0 +1,37 @@
+"""The local cache: a mirror of the server's run tree plus the sync state that describes it.
+
+Layout under ``root_dir``::
+
+    <project>/<name>/runs/<run_id>/...   the mirrored files, exactly as on the server
+    .runicorn-cache/state.sqlite3        what was synced (SQLite, WAL)
+    .runicorn-cache/sync.lock            held by the one sync writing into this cache
+
+The state directory is a dot name: the manifest validator refuses hidden project names, so
+no manifest path can ever reach it. :mod:`.tree` owns the files (safe paths, directory
+handles, leftovers), :mod:`.state_db` the SQLite state, and :mod:`.manager` composes them
+into :class:`LocalCacheManager`, the one object the sync engine and users hold.
+"""
+
+from runicorn.sync.cache.manager import LOCK_NAME, LocalCacheManager
+from runicorn.sync.cache.state_db import (
+    STATE_DB_NAME,
+    AppliedManifest,
+    CachedRun,
+    FailedFile,
+    FileRecord,
+    RunRecord,
+)
+from runicorn.sync.cache.tree import STATE_DIRNAME, split_relative_path
+
+__all__ = [
+    "LOCK_NAME",
+    "STATE_DB_NAME",
+    "STATE_DIRNAME",
+    "AppliedManifest",
+    "CachedRun",
+    "FailedFile",
+    "FileRecord",
+    "LocalCacheManager",
+    "RunRecord",
+    "split_relative_path",
+]

@@ -1,0 +1,194 @@
+"""LocalCacheManager: one cache directory, its tree and its state behind one object.
+
+The sync engine and users see one cache; inside it are two parts that change for different
+reasons: :class:`~runicorn.sync.cache.tree.CacheTree` (the files, reached without following
+a link) and :class:`~runicorn.sync.cache.state_db.StateDatabase` (what was synced). The
+manager composes them and holds the writer lock; the few operations that touch both
+(listing runs with their paths, removing a run, checking recorded files on disk) live here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runicorn._sys.atomic import exclusive_lock
+from runicorn.sync.cache.state_db import (
+    STATE_DB_NAME,
+    AppliedManifest,
+    CachedRun,
+    FailedFile,
+    FileRecord,
+    RunRecord,
+    StateDatabase,
+)
+from runicorn.sync.cache.tree import CacheTree
+
+if TYPE_CHECKING:
+    from runicorn.core.diff import LocalEntry
+
+LOCK_NAME = "sync.lock"
+
+
+class LocalCacheManager:
+    """Owns one cache directory: its mirrored tree, its state database and its lock.
+
+    Safe to share between threads. Nothing is created on disk until the first write, so a
+    dry run against a new cache writes nothing.
+    """
+
+    def __init__(self, root_dir: Path) -> None:
+        self.tree = CacheTree(root_dir)
+        self.root_dir = self.tree.root_dir
+        self.state_dir = self.tree.state_dir
+        self.db_path = self.state_dir / STATE_DB_NAME
+        self.state = StateDatabase(self.db_path, prepare=self.tree.ensure_state_dir)
+
+    # -- lifetime and locking -------------------------------------------------------------
+
+    def ensure_state_dir(self) -> None:
+        """Create the cache root and its state directory (refusing a symlinked state dir)."""
+        self.tree.ensure_state_dir()
+
+    @contextlib.contextmanager
+    def sync_lock(self) -> Iterator[None]:
+        """Held by the sync writing into this cache; a second sync waits for the first."""
+        self.tree.ensure_state_dir()
+        with exclusive_lock(self.state_dir / LOCK_NAME):
+            yield
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One atomic unit of state changes: all of them land, or none do."""
+        return self.state.transaction()
+
+    def close(self) -> None:
+        """Close the state database (it reopens on the next use)."""
+        self.state.close()
+
+    # -- the tree ---------------------------------------------------------------------------
+
+    def path_for(self, relative_path: str) -> Path:
+        """The cache path of a manifest path; see :meth:`CacheTree.path_for`."""
+        return self.tree.path_for(relative_path)
+
+    def open_parent(self, relative_path: str, *, create: bool = True) -> tuple[int, str]:
+        """``(dir_fd, name)`` of a manifest path's directory; see :meth:`CacheTree.open_parent`."""
+        return self.tree.open_parent(relative_path, create=create)
+
+    def directory_handles(self) -> contextlib.AbstractContextManager[None]:
+        """Keep the directories :meth:`open_parent` opens until the block ends."""
+        return self.tree.directory_handles()
+
+    def temp_files(self) -> list[Path]:
+        """Leftover temp files of a sync that was killed."""
+        return self.tree.temp_files()
+
+    def clean_temp_files(self) -> int:
+        """Remove leftover temp files; returns how many. Call only under :meth:`sync_lock`."""
+        return self.tree.clean_temp_files()
+
+    def disk_usage(self) -> int:
+        """Bytes of every regular file under the cache root, state included."""
+        return self.tree.disk_usage()
+
+    # -- both: runs and recorded files -------------------------------------------------------
+
+    def list_runs(self) -> list[CachedRun]:
+        """Every run in the cache with its status, last sync time and recorded size."""
+        return self.state.list_runs(self.tree.run_path)
+
+    def get_run(self, run_id: str) -> CachedRun | None:
+        """The run with this id (run ids carry a timestamp and random hex: unique in practice)."""
+        for run in self.list_runs():
+            if run.run_id == run_id:
+                return run
+        return None
+
+    def remove_run(self, project: str, name: str, run_id: str) -> bool:
+        """Delete a run's files and its state; ``False`` when the cache did not have it."""
+        existed = self.tree.remove_run_files(project, name, run_id)
+        forgotten = self.state.forget_run(project, name, run_id)
+        return existed or forgotten
+
+    def damaged_files(self, entries: Iterable[LocalEntry] | None = None) -> set[str]:
+        """Recorded files (all, or ``entries``) that are missing on disk, not regular, or of
+        another size: one ``lstat`` each, the cheap check before trusting the state."""
+        return self.tree.damaged_files(entries if entries is not None else self.file_entries())
+
+    # -- the state --------------------------------------------------------------------------
+
+    def file_entries(self) -> list[LocalEntry]:
+        """Every recorded file, sorted by path."""
+        return self.state.file_entries()
+
+    def save_progress(
+        self,
+        *,
+        remote_id: str,
+        synced: Sequence[FileRecord] = (),
+        forget: Sequence[str] = (),
+        failed: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Record finished files, forget stale records and note failures, in one commit."""
+        self.state.save_progress(remote_id=remote_id, synced=synced, forget=forget, failed=failed)
+
+    def failed_files(self, remote_id: str | None = None) -> list[FailedFile]:
+        """Files a sync could not fetch; the next sync retries them."""
+        return self.state.failed_files(remote_id)
+
+    def clear_failures(self, paths: Iterable[str]) -> None:
+        """Forget failures of paths the server no longer lists."""
+        self.state.clear_failures(paths)
+
+    def save_runs(self, remote_id: str, runs: Sequence[RunRecord]) -> None:
+        """Insert or update runs from a manifest; ``last_synced=None`` keeps the old value."""
+        self.state.save_runs(remote_id, runs)
+
+    def runs_of_remote(self, remote_id: str) -> list[tuple[str, str, str]]:
+        """``(project, name, run_id)`` of every cached run that came from ``remote_id``."""
+        return self.state.runs_of_remote(remote_id)
+
+    def applied_manifest(self, remote_id: str, manifest_type: str) -> AppliedManifest | None:
+        """The last manifest of this type applied from ``remote_id``, if any."""
+        return self.state.applied_manifest(remote_id, manifest_type)
+
+    def save_applied_manifest(
+        self,
+        remote_id: str,
+        manifest_type: str,
+        revision: int,
+        snapshot_id: str,
+        generated_at: float,
+        *,
+        clean: bool,
+        vanished: int = 0,
+    ) -> None:
+        """Remember the manifest a sync applied."""
+        self.state.save_applied_manifest(
+            remote_id,
+            manifest_type,
+            revision,
+            snapshot_id,
+            generated_at,
+            clean=clean,
+            vanished=vanished,
+        )
+
+    def save_remote_sync(self, remote_id: str, outcome: str) -> None:
+        """Record when ``remote_id`` was last synced and how it went."""
+        self.state.save_remote_sync(remote_id, outcome)
+
+    def last_sync(self, remote_id: str) -> tuple[float, str] | None:
+        """``(time, outcome)`` of the last sync from ``remote_id``."""
+        return self.state.last_sync(remote_id)
+
+    def set_dirty(self, dirty: bool) -> None:
+        """Mark a sync in progress; a set mark at start means the last one was killed."""
+        self.state.set_dirty(dirty)
+
+    def is_dirty(self) -> bool:
+        """Whether the last sync was killed before it cleared its mark."""
+        return self.state.is_dirty()

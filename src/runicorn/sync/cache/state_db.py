@@ -1,0 +1,455 @@
+"""The cache's sync state: what was synced, kept in one SQLite database (WAL).
+
+The state lives in SQLite because a sync saves it incrementally (a commit every few files),
+and a transaction either happened or did not: a sync killed at any point resumes from the
+last commit without re-fetching finished files. File paths in the database are relative to
+the cache root, as the manifest lists them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+
+from runicorn.format.layout import run_prefix
+
+if TYPE_CHECKING:
+    from runicorn.core.diff import LocalEntry
+
+STATE_DB_NAME = "state.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    tail_hash TEXT,
+    synced_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    project TEXT NOT NULL,
+    name TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    tags TEXT,
+    last_synced REAL,
+    PRIMARY KEY (project, name, run_id)
+);
+CREATE INDEX IF NOT EXISTS runs_by_id ON runs (run_id);
+CREATE TABLE IF NOT EXISTS failed_files (
+    path TEXT PRIMARY KEY,
+    remote_id TEXT NOT NULL,
+    error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_attempt REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS remotes (
+    remote_id TEXT PRIMARY KEY,
+    last_sync REAL,
+    last_outcome TEXT
+);
+CREATE TABLE IF NOT EXISTS applied_manifests (
+    remote_id TEXT NOT NULL,
+    manifest_type TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    snapshot_id TEXT NOT NULL,
+    generated_at REAL NOT NULL,
+    clean INTEGER NOT NULL,
+    vanished INTEGER NOT NULL DEFAULT 0,
+    applied_at REAL NOT NULL,
+    PRIMARY KEY (remote_id, manifest_type)
+);
+"""
+
+
+@dataclass(frozen=True)
+class CachedRun:
+    """One run in the cache, as a UI lists it."""
+
+    project: str
+    name: str
+    run_id: str
+    status: str
+    last_synced: float | None
+    path: Path
+    size: int
+    """Bytes of the run's synced files, as recorded."""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    tags: tuple[str, ...] = ()
+    remote_id: str = ""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a sync writes about a run (from a manifest's experiment entry)."""
+
+    project: str
+    name: str
+    run_id: str
+    status: str
+    created_at: float
+    updated_at: float
+    tags: tuple[str, ...] | None
+    last_synced: float | None
+    """``None`` keeps the previous value (the run still has files pending)."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One synced file: it is on disk at ``path`` with this size, mtime and tail hash."""
+
+    path: str
+    size: int
+    mtime: float
+    tail_hash: str | None
+
+
+@dataclass(frozen=True)
+class FailedFile:
+    """A file a sync could not fetch, kept so the next sync retries it and a UI can say why."""
+
+    path: str
+    remote_id: str
+    error: str
+    attempts: int
+    last_attempt: float
+
+
+@dataclass(frozen=True)
+class AppliedManifest:
+    """The last manifest of one type a sync applied from a remote."""
+
+    remote_id: str
+    manifest_type: str
+    revision: int
+    snapshot_id: str
+    generated_at: float
+    clean: bool
+    """False when some files failed: the same revision must be applied again."""
+    applied_at: float
+    vanished: int = 0
+    """Cached runs of this remote the manifest did not list and that were kept."""
+
+
+RunKey = tuple[str, str, str]
+"""``(project, name, run_id)`` of a run."""
+
+
+def _run_key(path: str) -> RunKey | None:
+    """``(project, name, run_id)`` of a mirrored file path, or ``None`` off the run layout."""
+    parts = path.split("/", 4)
+    if len(parts) < 5:
+        return None
+    return parts[0], parts[1], parts[3]
+
+
+def _cached_run(
+    row: tuple, sizes: dict[RunKey, int], run_path: Callable[[str, str, str], Path]
+) -> CachedRun:
+    project, name, run_id, status, last_synced, created, updated, tags, remote_id = row
+    return CachedRun(
+        project=project,
+        name=name,
+        run_id=run_id,
+        status=status,
+        last_synced=last_synced,
+        path=run_path(project, name, run_id),
+        size=sizes.get((project, name, run_id), 0),
+        created_at=created,
+        updated_at=updated,
+        tags=tuple(orjson.loads(tags)) if tags else (),
+        remote_id=remote_id,
+    )
+
+
+def _like_prefix(prefix: str) -> str:
+    """A ``LIKE`` pattern (``ESCAPE '\\'``) matching every path that starts with ``prefix``."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+class StateDatabase:
+    """The SQLite state of one cache: synced files, runs, failures, applied manifests.
+
+    Safe to share between threads (one connection behind a lock). The database is created
+    on the first write, after ``prepare`` has made its directory; reads of a cache that has
+    none return nothing, so a dry run against a new cache writes nothing.
+    """
+
+    def __init__(self, db_path: Path, *, prepare: Callable[[], None]) -> None:
+        self.db_path = db_path
+        self._prepare = prepare
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _connect(self, *, create: bool) -> sqlite3.Connection | None:
+        with self._lock:
+            if self._conn is not None:
+                return self._conn
+            if not create and not self.db_path.exists():
+                return None
+            if create:
+                self._prepare()
+            conn = sqlite3.connect(
+                self.db_path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            self._conn = conn
+            return conn
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            conn = self._connect(create=False)
+            if conn is None:
+                return []
+            return conn.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit of state changes: all of them land, or none do."""
+        with self._lock:
+            conn = self._connect(create=True)
+            assert conn is not None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def exists(self) -> bool:
+        """Whether the database is there (opening it if so); never creates it."""
+        return self._connect(create=False) is not None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def list_runs(self, run_path: Callable[[str, str, str], Path]) -> list[CachedRun]:
+        """Every recorded run with the bytes of its recorded files; ``run_path`` says where
+        the tree keeps a run (``project, name, run_id`` to its directory)."""
+        sizes: dict[RunKey, int] = {}
+        for path, size in self._read("SELECT path, size FROM files"):
+            key = _run_key(path)
+            if key is not None:
+                sizes[key] = sizes.get(key, 0) + size
+        rows = self._read(
+            "SELECT project, name, run_id, status, last_synced, created_at, updated_at, tags,"
+            " remote_id FROM runs ORDER BY project, name, run_id"
+        )
+        return [_cached_run(row, sizes, run_path) for row in rows]
+
+    def save_runs(self, remote_id: str, runs: Sequence[RunRecord]) -> None:
+        """Insert or update runs from a manifest; ``last_synced=None`` keeps the old value."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO runs (project, name, run_id, remote_id, status, created_at,"
+                " updated_at, tags, last_synced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (project, name, run_id) DO UPDATE SET"
+                " remote_id = excluded.remote_id, status = excluded.status,"
+                " created_at = excluded.created_at, updated_at = excluded.updated_at,"
+                " tags = excluded.tags,"
+                " last_synced = COALESCE(excluded.last_synced, runs.last_synced)",
+                [
+                    (
+                        r.project,
+                        r.name,
+                        r.run_id,
+                        remote_id,
+                        r.status,
+                        r.created_at,
+                        r.updated_at,
+                        orjson.dumps(list(r.tags)).decode() if r.tags else None,
+                        r.last_synced,
+                    )
+                    for r in runs
+                ],
+            )
+
+    def forget_run(self, project: str, name: str, run_id: str) -> bool:
+        """Drop a run and the records of every file and failure under its directory;
+        ``False`` when the run was not recorded. Never creates the database."""
+        if not self.exists():
+            return False
+        pattern = _like_prefix(run_prefix(project, name, run_id))
+        with self.transaction() as conn:
+            deleted = conn.execute(
+                "DELETE FROM runs WHERE project = ? AND name = ? AND run_id = ?",
+                (project, name, run_id),
+            ).rowcount
+            conn.execute("DELETE FROM files WHERE path LIKE ? ESCAPE '\\'", (pattern,))
+            conn.execute("DELETE FROM failed_files WHERE path LIKE ? ESCAPE '\\'", (pattern,))
+        return deleted > 0
+
+    def runs_of_remote(self, remote_id: str) -> list[RunKey]:
+        """``(project, name, run_id)`` of every cached run that came from ``remote_id``."""
+        return [
+            (project, name, run_id)
+            for project, name, run_id in self._read(
+                "SELECT project, name, run_id FROM runs WHERE remote_id = ?"
+                " ORDER BY project, name, run_id",
+                (remote_id,),
+            )
+        ]
+
+    # -- files ------------------------------------------------------------------------------
+
+    def file_entries(self) -> list[LocalEntry]:
+        """Every recorded file, sorted by path (SQLite's byte order equals Python's)."""
+        return [
+            (path, size, mtime, tail_hash)
+            for path, size, mtime, tail_hash in self._read(
+                "SELECT path, size, mtime, tail_hash FROM files ORDER BY path"
+            )
+        ]
+
+    def save_progress(
+        self,
+        *,
+        remote_id: str,
+        synced: Sequence[FileRecord] = (),
+        forget: Sequence[str] = (),
+        failed: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Record finished files, forget stale records and note failures, in one commit."""
+        now = time.time()
+        with self.transaction() as conn:
+            if forget:
+                conn.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in forget])
+            if synced:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO files (path, size, mtime, tail_hash, synced_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(r.path, r.size, r.mtime, r.tail_hash, now) for r in synced],
+                )
+                conn.executemany(
+                    "DELETE FROM failed_files WHERE path = ?", [(r.path,) for r in synced]
+                )
+            if failed:
+                conn.executemany(
+                    "INSERT INTO failed_files (path, remote_id, error, attempts, last_attempt)"
+                    " VALUES (?, ?, ?, 1, ?) ON CONFLICT (path) DO UPDATE SET"
+                    " error = excluded.error, attempts = attempts + 1,"
+                    " last_attempt = excluded.last_attempt, remote_id = excluded.remote_id",
+                    [(path, remote_id, error, now) for path, error in failed],
+                )
+
+    def failed_files(self, remote_id: str | None = None) -> list[FailedFile]:
+        """Files a sync could not fetch; the next sync retries them."""
+        sql = "SELECT path, remote_id, error, attempts, last_attempt FROM failed_files"
+        params: tuple = ()
+        if remote_id is not None:
+            sql += " WHERE remote_id = ?"
+            params = (remote_id,)
+        return [FailedFile(*row) for row in self._read(sql + " ORDER BY path", params)]
+
+    def clear_failures(self, paths: Iterable[str]) -> None:
+        """Forget failures of paths the server no longer lists."""
+        rows = [(path,) for path in paths]
+        if rows:
+            with self.transaction() as conn:
+                conn.executemany("DELETE FROM failed_files WHERE path = ?", rows)
+
+    # -- remotes and applied manifests ------------------------------------------------------
+
+    def applied_manifest(self, remote_id: str, manifest_type: str) -> AppliedManifest | None:
+        """The last manifest of this type applied from ``remote_id``, if any."""
+        rows = self._read(
+            "SELECT remote_id, manifest_type, revision, snapshot_id, generated_at, clean,"
+            " applied_at, vanished FROM applied_manifests"
+            " WHERE remote_id = ? AND manifest_type = ?",
+            (remote_id, manifest_type),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return AppliedManifest(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
+
+    def save_applied_manifest(
+        self,
+        remote_id: str,
+        manifest_type: str,
+        revision: int,
+        snapshot_id: str,
+        generated_at: float,
+        *,
+        clean: bool,
+        vanished: int = 0,
+    ) -> None:
+        """Remember the manifest a sync applied, so the next one can skip an unchanged one."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO applied_manifests (remote_id, manifest_type, revision,"
+                " snapshot_id, generated_at, clean, vanished, applied_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    remote_id,
+                    manifest_type,
+                    revision,
+                    snapshot_id,
+                    generated_at,
+                    int(clean),
+                    vanished,
+                    time.time(),
+                ),
+            )
+
+    def save_remote_sync(self, remote_id: str, outcome: str) -> None:
+        """Record when ``remote_id`` was last synced and how it went."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO remotes (remote_id, last_sync, last_outcome)"
+                " VALUES (?, ?, ?)",
+                (remote_id, time.time(), outcome),
+            )
+
+    def last_sync(self, remote_id: str) -> tuple[float, str] | None:
+        """``(time, outcome)`` of the last sync from ``remote_id``."""
+        rows = self._read(
+            "SELECT last_sync, last_outcome FROM remotes WHERE remote_id = ?", (remote_id,)
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    # -- interrupted-sync marker -------------------------------------------------------------
+
+    def set_dirty(self, dirty: bool) -> None:
+        """Mark a sync in progress; a set mark at start means the last one was killed."""
+        with self.transaction() as conn:
+            if dirty:
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dirty', '1')")
+            else:
+                conn.execute("DELETE FROM meta WHERE key = 'dirty'")
+
+    def is_dirty(self) -> bool:
+        """Whether a sync set the mark and never cleared it (it was killed)."""
+        return bool(self._read("SELECT 1 FROM meta WHERE key = 'dirty'"))

@@ -1,0 +1,304 @@
+"""The cache tree: the mirrored files under a cache's ``root_dir``, reached without ever
+following a symbolic link.
+
+Every path that comes from a server goes through :meth:`CacheTree.path_for` or
+:meth:`CacheTree.open_parent`, which re-validate it and refuse a link at any component, so
+nothing is ever written outside ``root_dir``. The tree knows nothing of the sync state; it
+reserves the state directory (a dot name, unreachable from manifests) and leaves it alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runicorn._sys.atomic import TEMP_PREFIX
+from runicorn._sys.fd_budget import directory_handle_share, soft_limit
+from runicorn.format.layout import run_prefix
+
+if TYPE_CHECKING:
+    from runicorn.core.diff import LocalEntry
+
+logger = logging.getLogger(__name__)
+
+STATE_DIRNAME = ".runicorn-cache"
+"""The cache's own directory under ``root_dir`` (a dot name: unreachable from manifests)."""
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+MAX_DIRECTORY_HANDLES = 128
+"""Directories :meth:`CacheTree.directory_handles` keeps open at most (fewer when the
+process may open few files: an eighth of ``RLIMIT_NOFILE``)."""
+
+
+def split_relative_path(relative_path: str) -> list[str]:
+    """Check a manifest path again (spec 3.9) and return its components; ``ValueError`` if
+    it could escape the cache or collide with the cache's own files."""
+    if not isinstance(relative_path, str) or not relative_path:
+        raise ValueError(f"cache path must be a non-empty string, got {relative_path!r}")
+    if "\0" in relative_path or "\\" in relative_path:
+        raise ValueError(f"cache path {relative_path!r} contains a NUL or backslash")
+    if relative_path.startswith("/") or (len(relative_path) > 1 and relative_path[1] == ":"):
+        raise ValueError(f"cache path {relative_path!r} is absolute")
+    parts = relative_path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ValueError(f"cache path {relative_path!r} has an empty, '.' or '..' component")
+        if part.startswith(TEMP_PREFIX):
+            raise ValueError(f"cache path {relative_path!r} uses the reserved temp prefix")
+    if parts[0].startswith("."):
+        raise ValueError(
+            f"cache path {relative_path!r} starts with a hidden name (reserved for the cache)"
+        )
+    return parts
+
+
+def _directory_handle_limit() -> int:
+    limit = soft_limit()
+    if limit is None:
+        return MAX_DIRECTORY_HANDLES
+    return min(MAX_DIRECTORY_HANDLES, directory_handle_share(limit))
+
+
+class CacheTree:
+    """The files under one cache directory: safe paths, kept directory handles, leftovers.
+
+    Safe to share between threads (the kept handles sit behind a lock). Nothing is created
+    on disk until the first write.
+    """
+
+    def __init__(self, root_dir: Path) -> None:
+        self.root_dir = Path(os.path.abspath(root_dir))
+        self.state_dir = self.root_dir / STATE_DIRNAME
+        self._lock = threading.Lock()
+        self._handles: OrderedDict[tuple[str, ...], int] | None = None
+        self._handle_limit = 0
+
+    def ensure_state_dir(self) -> None:
+        """Create the cache root and its state directory (refusing a symlinked state dir)."""
+        self.root_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(self.state_dir, 0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(self.state_dir).st_mode):
+                raise ValueError(
+                    f"{self.state_dir} exists but is not a directory; move it away so the "
+                    "cache can keep its state there"
+                ) from None
+
+    def run_path(self, project: str, name: str, run_id: str) -> Path:
+        """Where a run's files are mirrored (unchecked: for display, not for writing)."""
+        return self.root_dir / run_prefix(project, name, run_id).rstrip("/")
+
+    # -- safe paths -----------------------------------------------------------------------
+
+    def path_for(self, relative_path: str) -> Path:
+        """The cache path of a manifest path, after checking it cannot leave the cache.
+
+        Raises ``ValueError`` for ``..``, absolute paths, NUL or backslash, reserved names,
+        and when any existing component below ``root_dir`` is a symbolic link: a symlinked
+        directory pointing elsewhere must never be followed.
+        """
+        parts = split_relative_path(relative_path)
+        current = self.root_dir
+        for part in parts:
+            current = current / part
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                break  # nothing below a missing component can be a link yet
+            except OSError as error:
+                if error.errno != errno.ENAMETOOLONG:
+                    raise
+                break  # a name the file system cannot hold was never created here
+            except NotADirectoryError:
+                raise ValueError(
+                    f"cache path {relative_path!r}: a file stands where a directory should be"
+                ) from None
+            if stat.S_ISLNK(mode):
+                raise ValueError(
+                    f"cache path {relative_path!r}: {current} is a symbolic link; refusing to "
+                    "follow it (remove the link so the sync can write a real directory there)"
+                )
+        return self.root_dir.joinpath(*parts)
+
+    def open_parent(self, relative_path: str, *, create: bool = True) -> tuple[int, str]:
+        """Open the directory that holds ``relative_path`` and return ``(dir_fd, name)``.
+
+        Each component is opened relative to its parent with ``O_NOFOLLOW`` (created when
+        ``create``), so a symlink swapped in between a check and a write is refused too.
+        The caller closes ``dir_fd``. ``ValueError`` for an unsafe path or a link. Inside
+        :meth:`directory_handles` the walk starts from the nearest directory kept open.
+        """
+        parts = split_relative_path(relative_path)
+        directory = tuple(parts[:-1])
+        fd, start = -1, 0
+        with self._lock:
+            handles = self._handles
+            if handles is not None:
+                for depth in range(len(directory), -1, -1):  # the nearest kept ancestor
+                    kept = handles.get(directory[:depth])
+                    if kept is not None:
+                        handles.move_to_end(directory[:depth])
+                        fd, start = os.dup(kept), depth
+                        break
+        if fd < 0:
+            if create:
+                self.root_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root_dir, _DIR_FLAGS)
+            if handles is not None:
+                self._keep_handle(handles, (), fd)
+        for depth in range(start, len(directory)):
+            # closes the parent, always
+            fd = self._descend(fd, directory[depth], relative_path, create)
+            if handles is not None:
+                self._keep_handle(handles, directory[: depth + 1], fd)
+        return fd, parts[-1]
+
+    @contextlib.contextmanager
+    def directory_handles(self) -> Iterator[None]:
+        """Keep the directories :meth:`open_parent` opens open until the block ends.
+
+        A sync writes about ten files into each run directory, and each file would
+        otherwise be a walk from the cache root, one ``open`` per component: most of a cold
+        sync's local system calls. A kept handle is a directory that was opened safely (no
+        link followed), so reusing it follows no link either. :meth:`remove_run_files`
+        drops them all. Nested blocks share the outer one's handles.
+        """
+        with self._lock:
+            nested = self._handles is not None
+            if not nested:
+                self._handles = OrderedDict()
+                self._handle_limit = _directory_handle_limit()
+        try:
+            yield
+        finally:
+            if not nested:
+                self._drop_handles(keep_caching=False)
+
+    def _keep_handle(
+        self, handles: OrderedDict[tuple[str, ...], int], directory: tuple[str, ...], fd: int
+    ) -> None:
+        with self._lock:
+            if self._handles is not handles or directory in handles:
+                return  # the block ended or the handles were dropped meanwhile
+            handles[directory] = os.dup(fd)
+            while len(handles) > self._handle_limit:
+                _, oldest = handles.popitem(last=False)
+                os.close(oldest)
+
+    def _drop_handles(self, *, keep_caching: bool) -> None:
+        with self._lock:
+            handles = self._handles
+            if handles is None:
+                return
+            self._handles = OrderedDict() if keep_caching else None
+        for fd in handles.values():
+            os.close(fd)
+
+    @staticmethod
+    def _descend(fd: int, part: str, relative_path: str, create: bool) -> int:
+        """Open child directory ``part`` of ``fd`` without following links; closes ``fd``."""
+        try:
+            try:
+                child = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                child = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ValueError(
+                    f"cache path {relative_path!r}: component {part!r} is a symbolic link or "
+                    "not a directory; refusing to follow it"
+                ) from None
+            raise
+        finally:
+            os.close(fd)
+        return child
+
+    # -- temp files of killed syncs --------------------------------------------------------
+
+    def temp_files(self) -> list[Path]:
+        """Leftover temp files (``atomic.TEMP_PREFIX``) of a sync that was killed."""
+        found: list[Path] = []
+        if not self.root_dir.is_dir():
+            return found
+        for directory, dirnames, filenames in os.walk(self.root_dir):
+            if directory == str(self.root_dir):
+                dirnames[:] = [d for d in dirnames if d != STATE_DIRNAME]
+            found.extend(
+                Path(directory, name) for name in filenames if name.startswith(TEMP_PREFIX)
+            )
+        return sorted(found)
+
+    def clean_temp_files(self) -> int:
+        """Remove leftover temp files; returns how many. Call only under the sync lock."""
+        removed = 0
+        for path in self.temp_files():
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        if removed:
+            logger.info("removed %d temp file(s) left by an interrupted sync", removed)
+        return removed
+
+    # -- what is on disk --------------------------------------------------------------------
+
+    def disk_usage(self) -> int:
+        """Bytes of every regular file under the cache root, state included (lstat sizes)."""
+        total = 0
+        if not self.root_dir.is_dir():
+            return 0
+        for directory, _dirs, filenames in os.walk(self.root_dir):
+            for name in filenames:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(directory, name))
+                    if stat.S_ISREG(st.st_mode):
+                        total += st.st_size
+        return total
+
+    def remove_run_files(self, project: str, name: str, run_id: str) -> bool:
+        """Delete a run's directory, never through a link; ``False`` when it was not there."""
+        run_dir = self.path_for(run_prefix(project, name, run_id).rstrip("/"))
+        self._drop_handles(keep_caching=True)  # none may name a directory about to go
+        try:
+            if stat.S_ISDIR(os.lstat(run_dir).st_mode):
+                shutil.rmtree(run_dir)
+                return True
+        except OSError as error:
+            # Absent, or named too long for this file system (its files all failed): only
+            # the state remembers such a run.
+            if error.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
+                raise
+        return False
+
+    def damaged_files(self, entries: Iterable[LocalEntry]) -> set[str]:
+        """Of these recorded files, those missing on disk, not regular, or of another size.
+
+        One ``lstat`` per file, no reads: the cheap local check before trusting the state.
+        """
+        damaged: set[str] = set()
+        root = str(self.root_dir)
+        for path, size, _mtime, _hash in entries:
+            try:
+                st = os.lstat(os.path.join(root, path))
+            except OSError:
+                damaged.add(path)
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                damaged.add(path)
+        return damaged
