@@ -25,7 +25,7 @@ import orjson
 import paramiko
 import pytest
 
-from _sync_helpers import (
+from harness.lab import (
     NOW,
     Lab,
     assert_cache_equals_server,

@@ -16,7 +16,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from _sync_helpers import (
+from harness.lab import (
     NOW,
     SEED,
     assert_cache_equals_server,

@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from _sync_helpers import (
+from harness.lab import (
     Lab,
     assert_cache_equals_server,
     cache_files,

@@ -16,7 +16,7 @@ import orjson
 import paramiko
 import pytest
 
-from _sync_helpers import Lab, assert_cache_equals_server, make_client, make_lab, temp_files
+from harness.lab import Lab, assert_cache_equals_server, make_client, make_lab, temp_files
 from runicorn.core.backend import Backend
 from runicorn.manifest import ManifestGenerator
 from runicorn.sync.transfer import JSON_ACCEPT_AFTER_ATTEMPTS, TRUNCATED_JSON

@@ -9,7 +9,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from _sync_helpers import Lab, cache_files, make_client, make_lab, server_files
+from harness.lab import Lab, cache_files, make_client, make_lab, server_files
 from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.core.backend import Backend
 from runicorn.sync.cache import (

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
-from _sync_helpers import assert_cache_equals_server
+from harness.lab import assert_cache_equals_server
 from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import Backend

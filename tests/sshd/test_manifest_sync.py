@@ -15,7 +15,7 @@ import orjson
 import paramiko
 import pytest
 
-from _sync_helpers import (
+from harness.lab import (
     NOW,
     SEED,
     Lab,

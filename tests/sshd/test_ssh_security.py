@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from _sync_helpers import assert_cache_equals_server, make_lab
+from harness.lab import assert_cache_equals_server, make_lab
 from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import PYTHON, Backend, load_backend

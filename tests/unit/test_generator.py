@@ -8,7 +8,7 @@ Golden manifests: ``tests/golden/{full,active}_manifest.json`` are what the fixe
 :func:`_build_golden_tree` must produce, byte for byte, on every backend. After an
 intentional change of the format or of the tree, regenerate them with::
 
-    RUNICORN_UPDATE_GOLDEN=1 pytest tests/test_generator.py -k golden --no-native
+    RUNICORN_UPDATE_GOLDEN=1 pytest tests/unit/test_generator.py -k golden --no-native
 
 and review the diff. The tree is generated through ``/proc/self/cwd/lab`` (the test first
 changes into its temporary directory) so that ``remote_root`` in the manifest is the same
@@ -45,7 +45,7 @@ from runicorn.manifest import (
     SyncManifest,
 )
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN_DIR = Path(__file__).parents[1] / "golden"
 UPDATE_GOLDEN = os.environ.get("RUNICORN_UPDATE_GOLDEN", "") not in ("", "0")
 
 NOW = 1_704_200_000.0
