@@ -9,12 +9,13 @@ A generation that fails or is interrupted leaves the previous manifest in place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from runicorn.format.published import PublishedManifest
 from runicorn.generate.state import FileMemo, GeneratorState, RunMemo, StatKey
 
 if TYPE_CHECKING:
-    from runicorn.core.entries import RunFiles
+    from runicorn.core.entries import Entries, RunFiles
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,23 @@ class ManifestGenerator:
             compressed_path=output.with_name(output.name + ManifestFormat.GZIP_SUFFIX),
         )
         self.last_report = report
+        self._check_root_and_output_dir(output)
+        state_path = output.with_name(f".{output.name}.state")
+        try:
+            with self._acquire_lock(output):
+                manifest = self._generate_locked(manifest_type, output, state_path, report)
+        except ManifestGenerationError:
+            raise
+        except OSError as error:
+            raise ManifestGenerationError(f"manifest generation failed: {error}") from error
+        report.duration = time.monotonic() - started
+        return manifest, output
+
+    # -- one generation, stage by stage ---------------------------------------------------
+
+    def _check_root_and_output_dir(self, output: Path) -> None:
+        """Fail early, with a message a user can act on, when there is nothing to scan or
+        nowhere to publish; creates the output directory."""
         if not self.remote_root.is_dir():
             raise ManifestGenerationError(
                 f"experiments root {self.remote_root} is not a readable directory; "
@@ -171,19 +189,15 @@ class ManifestGenerator:
             raise ManifestGenerationError(
                 f"cannot create the manifest directory {output.parent}: {error.strerror}"
             ) from error
-        lock_path = output.with_name(f".{output.name}{layout.LOCK_SUFFIX}")
-        state_path = output.with_name(f".{output.name}.state")
-        try:
-            with exclusive_lock(lock_path), paused_gc():
-                manifest = self._generate_locked(manifest_type, output, state_path, report)
-        except ManifestGenerationError:
-            raise
-        except OSError as error:
-            raise ManifestGenerationError(f"manifest generation failed: {error}") from error
-        report.duration = time.monotonic() - started
-        return manifest, output
 
-    # -- one generation, under the lock ---------------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def _acquire_lock(output: Path) -> Iterator[None]:
+        """Hold the output's lock, so generators racing for one manifest take turns and a
+        revision is never published twice. The cyclic GC is paused meanwhile: a generation
+        builds up to millions of entries that hold no cycles (see :mod:`runicorn._sys.gcpause`)."""
+        with exclusive_lock(output.with_name(f".{output.name}{layout.LOCK_SUFFIX}")), paused_gc():
+            yield
 
     def _generate_locked(
         self,
@@ -192,14 +206,52 @@ class ManifestGenerator:
         state_path: Path,
         report: GenerationReport,
     ) -> SyncManifest:
+        """The stages of one generation, run under the output's lock. Until :meth:`_publish`
+        nothing published changes, so a failure or an interrupt leaves the previous manifest."""
         _remove_leftover_temp_files(
             output, report.compressed_path, state_path, GeneratorState.memo_path_for(state_path)
         )
+        previous = self._load_previous_state(state_path, report)
+        scan_started_ns, scan = self._scan(previous, report)
+        now = self.clock()
+        tags = self._read_tags(report)
+        fingerprint = self._scan_fingerprint(manifest_type, scan, tags)
+        unchanged_manifest = self._reuse_unchanged_manifest(
+            manifest_type, previous, fingerprint, scan, output, report
+        )
+        if unchanged_manifest is not None:
+            return unchanged_manifest
+        memo = self._reuse_memos(previous, report)
+        next_state = GeneratorState(scan_started_ns=scan_started_ns, scan_fingerprint=fingerprint)
+        runs = _listed_runs(scan)
+        built = self._build_file_entries(runs, memo, next_state, report)
+        experiments = self._describe_runs(
+            runs, built, scan.contents, tags, memo, next_state, report
+        )
+        if built.stale:
+            self._hash_stale_tails(built.stale, experiments, next_state, report)
+        experiments = self._select_for_type(manifest_type, experiments, now)
+        report.runs_scanned = len(scan.runs)
+        next_state.append_only_files = _count_append_only(experiments)
+        manifest, experiments_json, digest = self._encode(manifest_type, experiments, now)
+        memos: bytes | None = None
+        if self._decide_revision(manifest, digest, previous, output, report):
+            memos = self._publish(manifest, experiments_json, next_state, output, report)
+        self._save_state(next_state, manifest, digest, previous, state_path, memos, report)
+        return manifest
+
+    def _load_previous_state(self, state_path: Path, report: GenerationReport) -> GeneratorState:
+        """The last generation's bookkeeping: its revision, fingerprints and where its memos
+        are. An unusable state is a warning, not an error: everything is recomputed."""
         previous = GeneratorState.load(state_path)
         if previous.warning:
             report.warnings.append(previous.warning)
             logger.warning("%s", previous.warning)
-        memo = previous if self.incremental else GeneratorState()
+        return previous
+
+    def _scan(self, previous: GeneratorState, report: GenerationReport) -> tuple[int, ScanResult]:
+        """One stat per file through the backend; returns the scan's start (the reuse
+        boundary of the next generation) and its result, problems reported and logged."""
         # Without memos every run's metadata is parsed: let the scan read it while it holds
         # the run's directory. With memos most runs are reused and only changed ones are read.
         read = () if self.incremental and previous.memo_path is not None else RUN_METADATA
@@ -212,107 +264,64 @@ class ManifestGenerator:
             ) from error
         report.problems.extend(scan.problems)
         self._log_problems(scan.problems)
-        now = self.clock()
-        tags = self._read_tags(report)
-        fingerprint = self._scan_fingerprint(manifest_type, scan, tags)
-        if self.incremental and manifest_type is ManifestType.FULL:
-            unchanged_manifest = self._unchanged_since(previous, fingerprint, scan, output, report)
-            if unchanged_manifest is not None:
-                report.runs_scanned = len(scan.runs)
-                report.files_reused = previous.append_only_files
-                if report.files_reused is None:
-                    report.files_reused = _count_append_only(unchanged_manifest.experiments)
-                return unchanged_manifest
-        memo_warning = previous.load_memos() if self.incremental else None
+        return scan_started_ns, scan
+
+    def _reuse_unchanged_manifest(
+        self,
+        manifest_type: ManifestType,
+        previous: GeneratorState,
+        fingerprint: str,
+        scan: ScanResult,
+        output: Path,
+        report: GenerationReport,
+    ) -> SyncManifest | None:
+        """The fast path of an incremental full generation: the published manifest when the
+        tree is provably unchanged (see :meth:`_unchanged_since`), with the report filled
+        in; ``None`` when the manifest must be built."""
+        if not (self.incremental and manifest_type is ManifestType.FULL):
+            return None
+        unchanged_manifest = self._unchanged_since(previous, fingerprint, scan, output, report)
+        if unchanged_manifest is not None:
+            report.runs_scanned = len(scan.runs)
+            report.files_reused = previous.append_only_files
+            if report.files_reused is None:
+                report.files_reused = _count_append_only(unchanged_manifest.experiments)
+        return unchanged_manifest
+
+    def _reuse_memos(self, previous: GeneratorState, report: GenerationReport) -> GeneratorState:
+        """What the last generation learnt per file and per run, read only now that the
+        fast path has missed (it never needs them); an empty memory when not incremental."""
+        if not self.incremental:
+            return GeneratorState()
+        memo_warning = previous.load_memos()
         if memo_warning:
             report.warnings.append(memo_warning)
             logger.warning("%s", memo_warning)
-        next_state = GeneratorState(scan_started_ns=scan_started_ns, scan_fingerprint=fingerprint)
-        # A run whose directory could not be listed would otherwise appear with no files, as
-        # if it were empty: leave it out (its problem is reported) rather than publish that.
-        unlisted = {path for path, _ in scan.problems}
-        runs = [run for run in scan.runs if layout.run_prefix(*run[:3])[:-1] not in unlisted]
-        experiments = self._build_experiments(runs, scan.contents, tags, memo, next_state, report)
-        if manifest_type is ManifestType.ACTIVE:
-            horizon = now - self.active_window_seconds
-            experiments = [
-                exp for exp in experiments if exp.status == "running" or exp.updated_at >= horizon
-            ]
-        report.runs_scanned = len(scan.runs)
-        next_state.append_only_files = _count_append_only(experiments)
+        return previous
 
-        manifest = SyncManifest(
-            manifest_type=manifest_type,
-            revision=0,
-            snapshot_id="",
-            generated_at=now,
-            server_hostname=self.hostname,
-            remote_root=str(self.remote_root),
-            experiments=experiments,
-        )
-        experiments_json = self.backend.encode_experiments(experiments)
-        digest = self._content_digest(manifest, experiments_json)
-        compressed = report.compressed_path
-        published_revision = self._published_revision(output)
-        unchanged = (
-            previous.digest == digest
-            and published_revision == previous.revision
-            and _published_hash(output, compressed) == previous.published_hash
-        )
-        memos: bytes | None = None
-        if unchanged:
-            manifest.revision = previous.revision
-            manifest.snapshot_id = previous.snapshot_id
-            manifest.generated_at = previous.generated_at
-            logger.info(
-                "%s manifest unchanged at revision %d; nothing published",
-                manifest_type.value,
-                manifest.revision,
-            )
-        else:
-            manifest.revision = max(previous.revision, published_revision or 0) + 1
-            manifest.snapshot_id = self.uuid_factory()
-            data = manifest.to_json_pieces(experiments_json)
-            # zlib releases the GIL: while the gzip is made, write the JSON and encode the
-            # memos (the files still appear in the order .json, .json.gz, state)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="runicorn-gzip") as pool:
-                packing = pool.submit(compress, data)
-                write_atomically(output, data)
-                memos = next_state.encode_memos()
-                packed = packing.result()
-            write_atomically(compressed, packed)
-            next_state.published_hash = _hash_pair(data, packed)
-            report.published = True
-            logger.info(
-                "published %s manifest revision %d: %d runs, %d files",
-                manifest_type.value,
-                manifest.revision,
-                manifest.total_experiments,
-                manifest.total_files,
-            )
-        next_state.revision = manifest.revision
-        next_state.snapshot_id = manifest.snapshot_id
-        next_state.generated_at = manifest.generated_at
-        next_state.digest = digest
-        if not report.published:
-            next_state.published_hash = previous.published_hash
-        next_state.save(state_path, memos)
-        return manifest
+    def _build_file_entries(
+        self, runs: list, memo: GeneratorState, next_state: GeneratorState, report: GenerationReport
+    ) -> Entries:
+        """Every listed file's entry, in one backend call; append-only files a memo vouches
+        for keep their recorded size and tail hash, the others come back as stale."""
+        reuse_before = memo.scan_started_ns - REUSE_MARGIN_NS
+        built = self.backend.build_file_entries(runs, memo.files, reuse_before, RUN_METADATA)
+        next_state.files.update(built.reused)
+        report.files_reused += len(built.reused)
+        return built
 
-    def _build_experiments(
+    def _describe_runs(
         self,
         runs: list,
+        built: Entries,
         contents: dict[str, bytes],
         tags: dict[str, list[str]],
         memo: GeneratorState,
         next_state: GeneratorState,
         report: GenerationReport,
     ) -> list[ExperimentEntry]:
-        """Turn scan records into experiment entries, hashing only the tails that changed."""
-        reuse_before = memo.scan_started_ns - REUSE_MARGIN_NS
-        built = self.backend.build_file_entries(runs, memo.files, reuse_before, RUN_METADATA)
-        next_state.files.update(built.reused)
-        report.files_reused += len(built.reused)
+        """One experiment entry per run that is not soft-deleted: its files, its tags, and
+        its status and times (see :meth:`_describe_run`)."""
         experiments: list[ExperimentEntry] = []
         for (project, name, run_id, _records), run_files in zip(runs, built.runs, strict=True):
             if run_files is None:
@@ -322,8 +331,6 @@ class ManifestGenerator:
             )
             exp.tags = tags.get(run_id)
             experiments.append(exp)
-        if built.stale:
-            self._hash_stale_tails(built.stale, experiments, next_state, report)
         return experiments
 
     def _hash_stale_tails(
@@ -358,6 +365,117 @@ class ManifestGenerator:
             if len(files) != len(exp.files):
                 exp.files = files
                 exp.updated_at = max((e.mtime for e in files), default=exp.created_at)
+
+    def _select_for_type(
+        self, manifest_type: ManifestType, experiments: list[ExperimentEntry], now: float
+    ) -> list[ExperimentEntry]:
+        """A full manifest lists every run; an active one only the runs still running or
+        written to within the active window, so a frequent sync stays small."""
+        if manifest_type is not ManifestType.ACTIVE:
+            return experiments
+        horizon = now - self.active_window_seconds
+        return [exp for exp in experiments if exp.status == "running" or exp.updated_at >= horizon]
+
+    def _encode(
+        self, manifest_type: ManifestType, experiments: list[ExperimentEntry], now: float
+    ) -> tuple[SyncManifest, bytes, str]:
+        """The manifest (revision not decided yet), its experiments encoded once, and the
+        digest of that encoding: the same bytes decide the revision and get published."""
+        manifest = SyncManifest(
+            manifest_type=manifest_type,
+            revision=0,
+            snapshot_id="",
+            generated_at=now,
+            server_hostname=self.hostname,
+            remote_root=str(self.remote_root),
+            experiments=experiments,
+        )
+        experiments_json = self.backend.encode_experiments(experiments)
+        return manifest, experiments_json, self._content_digest(manifest, experiments_json)
+
+    def _decide_revision(
+        self,
+        manifest: SyncManifest,
+        digest: str,
+        previous: GeneratorState,
+        output: Path,
+        report: GenerationReport,
+    ) -> bool:
+        """Give ``manifest`` its revision and snapshot; ``True`` when it must be published.
+
+        Unchanged content keeps the previous revision, snapshot and time, so clients see
+        nothing new. Changed content goes one above both the remembered and the published
+        revision: a lost or stale state file never makes a revision go back or repeat.
+        """
+        published_revision = self._published_revision(output)
+        unchanged = (
+            previous.digest == digest
+            and published_revision == previous.revision
+            and _published_hash(output, report.compressed_path) == previous.published_hash
+        )
+        if unchanged:
+            manifest.revision = previous.revision
+            manifest.snapshot_id = previous.snapshot_id
+            manifest.generated_at = previous.generated_at
+            logger.info(
+                "%s manifest unchanged at revision %d; nothing published",
+                manifest.manifest_type.value,
+                manifest.revision,
+            )
+            return False
+        manifest.revision = max(previous.revision, published_revision or 0) + 1
+        manifest.snapshot_id = self.uuid_factory()
+        return True
+
+    def _publish(
+        self,
+        manifest: SyncManifest,
+        experiments_json: bytes,
+        next_state: GeneratorState,
+        output: Path,
+        report: GenerationReport,
+    ) -> bytes:
+        """Write the ``.json`` then the ``.json.gz``, each atomically; returns the encoded
+        memos, made here because their encoding overlaps the compression."""
+        data = manifest.to_json_pieces(experiments_json)
+        # zlib releases the GIL: while the gzip is made, write the JSON and encode the
+        # memos (the files still appear in the order .json, .json.gz, state)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="runicorn-gzip") as pool:
+            packing = pool.submit(compress, data)
+            write_atomically(output, data)
+            memos = next_state.encode_memos()
+            packed = packing.result()
+        write_atomically(report.compressed_path, packed)
+        next_state.published_hash = _hash_pair(data, packed)
+        report.published = True
+        logger.info(
+            "published %s manifest revision %d: %d runs, %d files",
+            manifest.manifest_type.value,
+            manifest.revision,
+            manifest.total_experiments,
+            manifest.total_files,
+        )
+        return memos
+
+    @staticmethod
+    def _save_state(
+        next_state: GeneratorState,
+        manifest: SyncManifest,
+        digest: str,
+        previous: GeneratorState,
+        state_path: Path,
+        memos: bytes | None,
+        report: GenerationReport,
+    ) -> None:
+        """Remember this generation for the next one, after publishing: a generation killed
+        before this point is redone in full, never trusted half-way."""
+        next_state.revision = manifest.revision
+        next_state.snapshot_id = manifest.snapshot_id
+        next_state.generated_at = manifest.generated_at
+        next_state.digest = digest
+        if not report.published:
+            next_state.published_hash = previous.published_hash
+        next_state.save(state_path, memos)
 
     def _describe_run(
         self,
@@ -437,6 +555,8 @@ class ManifestGenerator:
         return doc
 
     def _read_tags(self, report: GenerationReport) -> dict[str, list[str]]:
+        """Tags by run id, from the root's experiments metadata file; a missing, unreadable
+        or invalid file costs the runs their tags (with a warning), never the generation."""
         path = self.remote_root / layout.EXPERIMENTS_METADATA_FILENAME
         try:
             data = _read_small_file(path)
@@ -529,6 +649,7 @@ class ManifestGenerator:
 
     @staticmethod
     def _log_problems(problems: list[Problem]) -> None:
+        """Log the scan's problems, the first :data:`MAX_LOGGED_PROBLEMS` one by one."""
         for path, reason in problems[:MAX_LOGGED_PROBLEMS]:
             logger.warning("skipped %s: %s", path, reason)
         if len(problems) > MAX_LOGGED_PROBLEMS:
@@ -552,7 +673,18 @@ def _published_hash(output: Path, compressed: Path) -> str | None:
 
 
 def _count_append_only(experiments: list[ExperimentEntry]) -> int:
+    """How many append-only files the experiments list (the report's reuse count)."""
     return sum(entry.is_append_only for exp in experiments for entry in exp.files)
+
+
+def _listed_runs(scan: ScanResult) -> list:
+    """The scanned runs whose directories could be listed.
+
+    A run whose directory could not be listed would otherwise appear with no files, as if it
+    were empty: it is left out (its problem is reported) rather than published that way.
+    """
+    unlisted = {path for path, _ in scan.problems}
+    return [run for run in scan.runs if layout.run_prefix(*run[:3])[:-1] not in unlisted]
 
 
 def _remove_leftover_temp_files(*targets: Path) -> None:
