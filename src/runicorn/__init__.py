@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.client import ManifestSyncClient
     from runicorn.sync.service import MetadataSyncService, SyncProgress
-    from runicorn.sync.stats import ProgressCallback
+    from runicorn.sync.stats import ProgressCallback, SyncStats
     from runicorn.transport.remote import LocalRemote, Remote, SftpRemote
     from runicorn.transport.ssh import HostKeyError, SshConfigError, connect
 
@@ -55,6 +55,7 @@ _HOMES = {
     "MetadataSyncService": "runicorn.sync.service",
     "SyncProgress": "runicorn.sync.service",
     "ProgressCallback": "runicorn.sync.stats",
+    "SyncStats": "runicorn.sync.stats",
     "LocalRemote": "runicorn.transport.remote",
     "Remote": "runicorn.transport.remote",
     "SftpRemote": "runicorn.transport.remote",
@@ -83,6 +84,7 @@ __all__ = [
     "SshConfigError",
     "SyncManifest",
     "SyncProgress",
+    "SyncStats",
     "__version__",
     "active_backend",
     "connect",

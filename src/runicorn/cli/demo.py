@@ -13,8 +13,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -28,9 +29,12 @@ from runicorn.cli._common import (
 )
 from runicorn.cli._common import error as print_error
 
+if TYPE_CHECKING:
+    from runicorn.sync.stats import SyncStats
 
-def _count(items: object, noun: str) -> str:
-    number = len(items)  # type: ignore[arg-type]
+
+def _count(items: Sized, noun: str) -> str:
+    number = len(items)
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
@@ -39,7 +43,7 @@ def _heading(text: str) -> None:
     click.secho(text, bold=True, fg="cyan" if use_color() else None, color=use_color())
 
 
-def _sync_once(lab: Path, cache_dir: Path) -> dict[str, Any]:
+def _sync_once(lab: Path, cache_dir: Path) -> SyncStats:
     """Publish the lab's manifest, then sync it into the cache; returns the stats."""
     from runicorn.manifest import ManifestGenerator, ManifestType
     from runicorn.sync.cache import LocalCacheManager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import orjson
@@ -93,7 +94,7 @@ def generate_manifest(
         sys.exit(EXIT_FAILURE)
     report = generator.last_report
     assert report is not None
-    summary = {
+    summary: dict[str, Any] = {
         "type": manifest.manifest_type.value,
         "output": str(path),
         "compressed": str(report.compressed_path),

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
@@ -40,6 +40,13 @@ from runicorn.cli._common import (
     use_color,
 )
 from runicorn.cli._common import error as print_error
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from runicorn.sync.service import MetadataSyncService, SyncProgress
+    from runicorn.sync.stats import SyncStats
+    from runicorn.transport.remote import Remote
 
 # [USER@]HOST:PATH, where HOST may be a bracketed IPv6 address. Like scp, a colon after a
 # slash does not count (``./a:b`` is a local path).
@@ -82,7 +89,7 @@ class _ProgressBar:
         self.drawn = False
         self.started = time.monotonic()
 
-    def __call__(self, progress: Any) -> None:
+    def __call__(self, progress: SyncProgress) -> None:
         now = time.monotonic()
         if now - self.last_draw < self.REFRESH and progress.phase == "transferring":
             return
@@ -93,7 +100,7 @@ class _ProgressBar:
         sys.stderr.flush()
         self.drawn = True
 
-    def render(self, progress: Any, elapsed: float) -> str:
+    def render(self, progress: SyncProgress, elapsed: float) -> str:
         mode = progress.mode or "sync"
         if progress.phase in ("manifest", "walking", "idle"):
             what = "reading manifest" if progress.phase == "manifest" else "listing the server"
@@ -132,7 +139,7 @@ class _ProgressBar:
             sys.stderr.flush()
 
 
-def _summary_line(source: Source, service: Any, stats: dict[str, Any]) -> str:
+def _summary_line(source: Source, service: MetadataSyncService, stats: SyncStats) -> str:
     mode = service.progress.mode or "manifest"
     took = f"{float(stats.get('duration') or 0.0):.2f} s"
     if stats.get("skipped"):
@@ -161,7 +168,7 @@ def _summary_line(source: Source, service: Any, stats: dict[str, Any]) -> str:
     return line
 
 
-def _fail(as_json: bool, code: int, message: str, **extra: Any) -> None:
+def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     print_error(message)
     if as_json:
         click.echo(orjson.dumps({"error": message, "exit_code": code, **extra}).decode())
@@ -306,7 +313,7 @@ def _connect(
     known_hosts: str | None,
     timeout: float,
     as_json: bool,
-) -> Any:
+) -> paramiko.SSHClient:
     import paramiko
 
     from runicorn.transport.ssh import HostKeyError, SshConfigError, connect
@@ -350,7 +357,9 @@ def _preload_sync_engine() -> None:
     threading.Thread(target=load, name="runicorn-preload", daemon=True).start()
 
 
-def _sync_remote(client: Any, parsed: Source, cache_dir: Path, **options: Any) -> int:
+def _sync_remote(
+    client: paramiko.SSHClient, parsed: Source, cache_dir: Path, **options: Any
+) -> int:
     import paramiko
 
     from runicorn.sync.manifest_fetch import PREFIX_BYTES, first_probe_paths
@@ -361,8 +370,11 @@ def _sync_remote(client: Any, parsed: Source, cache_dir: Path, **options: Any) -
     # The session's first round trip resolves the root and reads the manifests' headers:
     # on OpenSSH the whole no-change check rides on it. The window is the worker channels'.
     try:
+        transport = client.get_transport()
+        if transport is None:  # connect() returns a connected client; never expected
+            raise EOFError("the SSH connection is not open")
         sftp = open_sftp_client(
-            client.get_transport(),
+            transport,
             window_size=8 * 1024 * 1024,
             timeout=options["timeout"],
             root=root,
@@ -396,11 +408,11 @@ def _sync_local(parsed: Source, cache_dir: Path, **options: Any) -> int:
 
 
 def _run(
-    client: Any,
-    sftp: Any,
+    client: paramiko.SSHClient | None,
+    sftp: paramiko.SFTPClient | None,
     source: Source,
     cache_dir: Path,
-    remote: Any,
+    remote: Remote | None,
     *,
     workers: int | None,
     jitter: float,

@@ -15,12 +15,22 @@ import importlib
 import logging
 import os
 import platform
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from runicorn._sys.cpu import usable_cores
+
+if TYPE_CHECKING:
+    from runicorn.core import diff, entries, scan, tailhash
+    from runicorn.core.diff import DiffResult, LocalEntry, RemoteEntry
+    from runicorn.core.entries import Entries
+    from runicorn.core.memo import FileMemo
+    from runicorn.core.scan import RunScan, ScanResult
+    from runicorn.core.tailhash import TailRequest, TailResult
+    from runicorn.format.models import ExperimentEntry
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,56 @@ MAX_DEFAULT_SCAN_THREADS = 4
 """More threads than this rarely help a local disk; on NFS or Lustre ask for more."""
 
 
+class ScanExperiments(Protocol):
+    """:func:`runicorn.core.scan.scan_experiments`."""
+
+    def __call__(self, root: str, threads: int = 1, read: Collection[str] = ()) -> ScanResult: ...
+
+
+class DiffEntries(Protocol):
+    """:func:`runicorn.core.diff.diff_entries`."""
+
+    def __call__(
+        self, remote: Sequence[RemoteEntry], local: Sequence[LocalEntry]
+    ) -> DiffResult: ...
+
+
+class HashTails(Protocol):
+    """:func:`runicorn.core.tailhash.hash_tails`."""
+
+    def __call__(
+        self, root: str, requests: Sequence[TailRequest], window: int = ...
+    ) -> list[TailResult | None]: ...
+
+
+class BuildFileEntries(Protocol):
+    """:func:`runicorn.core.entries.build_file_entries`."""
+
+    def __call__(
+        self,
+        runs: Sequence[RunScan],
+        memos: Mapping[str, FileMemo],
+        reuse_before_ns: int,
+        watched: tuple[str, ...] = (),
+    ) -> Entries: ...
+
+
+class EncodeExperiments(Protocol):
+    """:func:`runicorn.core.entries.encode_experiments`."""
+
+    def __call__(self, experiments: Sequence[ExperimentEntry]) -> bytes: ...
+
+
+if TYPE_CHECKING:
+    # The pure twins are the specification: mypy proves each one fits its protocol (the
+    # compiled twins have no stubs; a test compares their signatures with the pure ones).
+    _scan: ScanExperiments = scan.scan_experiments
+    _diff: DiffEntries = diff.diff_entries
+    _hash: HashTails = tailhash.hash_tails
+    _build: BuildFileEntries = entries.build_file_entries
+    _encode: EncodeExperiments = entries.encode_experiments
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
@@ -56,11 +116,11 @@ class Backend:
     """One complete implementation of the hot paths."""
 
     name: str
-    scan_experiments: Any
-    diff_entries: Any
-    hash_tails: Any
-    build_file_entries: Any
-    encode_experiments: Any
+    scan_experiments: ScanExperiments
+    diff_entries: DiffEntries
+    hash_tails: HashTails
+    build_file_entries: BuildFileEntries
+    encode_experiments: EncodeExperiments
 
     def __repr__(self) -> str:
         return f"<runicorn backend {self.name}>"

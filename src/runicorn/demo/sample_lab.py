@@ -532,7 +532,7 @@ def _artifacts(rng: random.Random, plan: _RunPlan) -> list[dict[str, object]]:
 def _experiments(seed: int, projects: int) -> list[tuple[str, str]]:
     """The (project, name) pairs of a lab: 2-5 experiment names per project."""
     rng = random.Random(f"runicorn-sample-lab:{seed}:experiments")
-    out = []
+    out: list[tuple[str, str]] = []
     for p in range(projects):
         base = _PROJECT_ORDER[p % len(_PROJECT_ORDER)]
         project = base if p < len(_PROJECT_ORDER) else f"{base}{p // len(_PROJECT_ORDER) + 1}"
@@ -644,7 +644,7 @@ def _plan_runs(
             created = ended - duration
             last_write = ended - rng.uniform(0.0, 5.0)
         deleted_at = None
-        if status != "running" and delete_roll < 0.04:
+        if ended is not None and delete_roll < 0.04:  # not running
             deleted_at = ended + (now - _FINISHED_MARGIN - ended) * delete_after
         plans.append(
             _RunPlan(

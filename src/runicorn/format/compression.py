@@ -27,6 +27,7 @@ from types import ModuleType
 from runicorn._sys.atomic import Buffer, Document, pieces_of
 from runicorn._sys.cpu import usable_cores
 
+zlib_ng: ModuleType | None
 try:
     from zlib_ng import zlib_ng
 except ImportError:  # an install without the wheel: the standard library does the same work
@@ -54,8 +55,9 @@ Unix: what zlib and zlib-ng write at these levels, as :func:`gzip.compress` does
 def _deflate_piece(deflate: ModuleType, piece: Buffer, last: bool) -> bytes:
     level = LEVELS[deflate.__name__]
     deflater = deflate.compressobj(level, deflate.DEFLATED, -deflate.MAX_WBITS)
-    body = deflater.compress(piece)
-    return body + deflater.flush(deflate.Z_FINISH if last else deflate.Z_SYNC_FLUSH)
+    body: bytes = deflater.compress(piece)
+    tail: bytes = deflater.flush(deflate.Z_FINISH if last else deflate.Z_SYNC_FLUSH)
+    return body + tail
 
 
 def _fixed_pieces(views: list[memoryview], total: int) -> list[tuple[Buffer, bool]]:

@@ -8,6 +8,7 @@ append-only -- is stated here once, so the scanners, the generator and the clien
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import orjson
 
@@ -80,7 +81,7 @@ def run_prefix(project: str, name: str, run_id: str) -> str:
 # --- What a run says about itself -------------------------------------------------------
 
 
-def parse_json_object(data: bytes | None) -> dict | None:
+def parse_json_object(data: bytes | None) -> dict[str, Any] | None:
     """A JSON object from a run's metadata file, or ``None`` when it is missing, truncated
     (the SDK rewrites these files in place) or not an object."""
     if not data:
@@ -99,7 +100,7 @@ def _finite_number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def derive_status(status_doc: dict | None) -> str:
+def derive_status(status_doc: dict[str, Any] | None) -> str:
     """The run's status from status.json, ``unknown`` when it cannot be read."""
     if status_doc is None:
         return UNKNOWN_STATUS
@@ -107,7 +108,9 @@ def derive_status(status_doc: dict | None) -> str:
     return status if isinstance(status, str) and status else UNKNOWN_STATUS
 
 
-def derive_created_at(meta_doc: dict | None, status_doc: dict | None, fallback: float) -> float:
+def derive_created_at(
+    meta_doc: dict[str, Any] | None, status_doc: dict[str, Any] | None, fallback: float
+) -> float:
     """meta.json ``created_at``, else status.json ``started_at``, else ``fallback`` (the
     oldest file mtime of the run)."""
     for doc, key in ((meta_doc, "created_at"), (status_doc, "started_at")):
@@ -118,7 +121,7 @@ def derive_created_at(meta_doc: dict | None, status_doc: dict | None, fallback: 
     return fallback
 
 
-def tags_by_run(metadata_doc: dict | None) -> dict[str, list[str]]:
+def tags_by_run(metadata_doc: dict[str, Any] | None) -> dict[str, list[str]]:
     """Tags per run id from ``.experiments_metadata.json``.
 
     Accepts ``{run_id: {"tags": [...]}}`` and ``{run_id: [...]}``; anything else is ignored.

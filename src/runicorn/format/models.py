@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -153,7 +153,7 @@ class SyncManifest:
             "total_bytes": self.total_bytes,
         }
 
-    def iter_files(self):
+    def iter_files(self) -> Iterator[FileEntry]:
         """Every file entry of every run, in manifest order."""
         for exp in self.experiments:
             yield from exp.files
@@ -482,7 +482,7 @@ class _Validator:
                 )
 
 
-def check_relative_path(path: str, prefix: str, fail: Any) -> None:
+def check_relative_path(path: str, prefix: str, fail: Callable[[str], Exception]) -> None:
     """Enforce spec section 3.9 on one path; ``fail(message)`` builds the exception."""
     if "\0" in path or "\\" in path:
         raise fail(f"{path!r} contains a NUL or backslash")

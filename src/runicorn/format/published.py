@@ -94,7 +94,7 @@ class PublishedManifest(SyncManifest):
         """Whether the experiments have been turned into objects yet."""
         return self._document is None
 
-    @property  # type: ignore[override]
+    @property
     def experiments(self) -> list[ExperimentEntry]:
         if self._document is not None:
             self._decoded = decode_own_experiments(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -36,7 +37,7 @@ class RunMemo:
     created_at: float | None
 
 
-def _key(value: list | None) -> StatKey | None:
+def _key(value: list[Any] | None) -> StatKey | None:
     """A stat key back from JSON; anything malformed makes the caller treat the state as
     corrupt (``ValueError``/``TypeError``)."""
     if value is None:
@@ -135,7 +136,7 @@ class GeneratorState:
         return None
 
     @staticmethod
-    def _read(path: Path) -> dict | str | None:
+    def _read(path: Path) -> dict[str, Any] | str | None:
         """The JSON object in ``path``; ``None`` if missing; a warning text if unusable."""
         try:
             data = path.read_bytes()

@@ -33,21 +33,25 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 from runicorn.core.backend import Backend, active_backend
-from runicorn.format.models import ManifestFormat, ManifestType, SyncManifest
+from runicorn.format.models import ExperimentEntry, ManifestFormat, ManifestType, SyncManifest
 from runicorn.sync.cache import LocalCacheManager, RunRecord
 from runicorn.sync.manifest_fetch import (
     ManifestFetcher,
     check_root,
     normalize_root,
 )
-from runicorn.sync.stats import ProgressCallback, SyncRun
+from runicorn.sync.stats import ProgressCallback, SyncRun, SyncStats
 from runicorn.sync.transfer import FileTransfer, Transfer, plan
 
 if TYPE_CHECKING:
     import paramiko
+
+    from runicorn.sync.cache import AppliedManifest
+    from runicorn.sync.manifest_fetch import Probe
+    from runicorn.transport.remote import Remote
 
 __all__ = ["ManifestSyncClient", "ProgressCallback"]
 
@@ -85,7 +89,7 @@ class ManifestSyncClient:
         jitter_max: float = 5.0,
         *,
         backend: Backend | None = None,
-        remote: Any = None,
+        remote: Remote | None = None,
         cache_manager: LocalCacheManager | None = None,
         max_workers: int | None = None,
         delete: bool = False,
@@ -130,11 +134,13 @@ class ManifestSyncClient:
     # -- the remote ------------------------------------------------------------------------
 
     @property
-    def remote(self) -> Any:
+    def remote(self) -> Remote:
         """The :class:`Remote` this client reads from (built from ``sftp_client`` on first use)."""
         if self._remote is None:
             from runicorn.transport.remote import SftpRemote  # late: importing stays cheap
 
+            if self.sftp_client is None:
+                raise ValueError("pass an sftp_client, or a remote to sync from")
             self._remote = SftpRemote(self.sftp_client, self.remote_root, timeout=self.timeout)
         return self._remote
 
@@ -147,10 +153,14 @@ class ManifestSyncClient:
         root = normalize_root(self.remote_root)
         if self.sftp_client is not None:
             with contextlib.suppress(Exception):
-                transport = self.sftp_client.get_channel().get_transport()
-                peer = transport.getpeername()
-                host = transport.hostname or peer[0]
-                return f"sftp://{transport.get_username()}@{host}:{peer[1]}/{root.lstrip('/')}"
+                channel = self.sftp_client.get_channel()
+                if channel is not None:
+                    transport = channel.get_transport()
+                    peer = transport.getpeername()
+                    # ``hostname`` is set by paramiko's Transport, though its stubs omit it.
+                    host = getattr(transport, "hostname", None) or peer[0]
+                    user = transport.get_username()
+                    return f"sftp://{user}@{host}:{peer[1]}/{root.lstrip('/')}"
         return f"file://{os.path.abspath(self.remote_root)}"
 
     def close(self) -> None:
@@ -163,7 +173,7 @@ class ManifestSyncClient:
 
     # -- public API ------------------------------------------------------------------------
 
-    def sync(self, progress_callback: ProgressCallback | None = None) -> dict[str, Any]:
+    def sync(self, progress_callback: ProgressCallback | None = None) -> SyncStats:
         """Bring the cache up to date with the server's manifest; returns this call's stats.
 
         Raises ``OSError`` (``IOError``) when no manifest can be read and ``ValueError``
@@ -198,7 +208,7 @@ class ManifestSyncClient:
 
     def sync_with_manifest(
         self, manifest: SyncManifest, progress_callback: ProgressCallback | None = None
-    ) -> dict[str, Any]:
+    ) -> SyncStats:
         """Apply a manifest built elsewhere (the legacy walk): same diff, transfer and state.
 
         The manifest is validated again (``ValueError``); its revision is not remembered
@@ -233,7 +243,9 @@ class ManifestSyncClient:
         """Reads this server's manifests, with the client's current settings."""
         return ManifestFetcher(lambda: self.remote, self.remote_root, self.max_manifest_bytes)
 
-    def _check_full(self, run: SyncRun, remote_id: str, state: Any) -> SyncManifest | None:
+    def _check_full(
+        self, run: SyncRun, remote_id: str, state: AppliedManifest | None
+    ) -> SyncManifest | None:
         """The full manifest to apply, or ``None`` after a cheap no-change check."""
         probe = None
         deletions_pending = self.delete and state is not None and state.vanished > 0
@@ -275,7 +287,12 @@ class ManifestSyncClient:
         return self._manifests().download(ManifestType.FULL, run, probe)
 
     def _check_active(
-        self, run: SyncRun, remote_id: str, *, forced: bool, probe: Any = False
+        self,
+        run: SyncRun,
+        remote_id: str,
+        *,
+        forced: bool,
+        probe: Probe | Literal[False] | None = False,
     ) -> SyncManifest | None:
         """The active manifest when it moved since last applied; ``None`` when unchanged,
         absent (auto mode probes only the ``.gz`` the generator always writes) or stale.
@@ -289,6 +306,7 @@ class ManifestSyncClient:
         header = probe.header
         if (
             clean
+            and state is not None  # (clean says so; for the type checker)
             and header is not None
             and (header["manifest_type"], header["revision"], header["snapshot_id"])
             == (ManifestType.ACTIVE.value, state.revision, state.snapshot_id)
@@ -419,7 +437,7 @@ class ManifestSyncClient:
         logger.info("%s", run.reason)
 
     @staticmethod
-    def _run_record(exp: Any, last_synced: float | None) -> RunRecord:
+    def _run_record(exp: ExperimentEntry, last_synced: float | None) -> RunRecord:
         return RunRecord(
             project=exp.project,
             name=exp.name,

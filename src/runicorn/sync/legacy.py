@@ -46,6 +46,7 @@ from runicorn.format.models import ExperimentEntry, FileEntry, ManifestType, Syn
 if TYPE_CHECKING:
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.client import ManifestSyncClient
+    from runicorn.sync.stats import SyncStats
 
 __all__ = [
     "LEGACY_GENERATOR",
@@ -68,15 +69,28 @@ ROOT = "."
 
 
 class _Entry(Protocol):
-    name: str
-    is_dir: bool
-    is_symlink: bool
-    size: int
-    mtime: float
+    """What a walk reads of a listed entry (a :class:`RemoteEntry`); read-only."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def is_dir(self) -> bool: ...
+
+    @property
+    def is_symlink(self) -> bool: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def mtime(self) -> float: ...
 
 
 class _Lister(Protocol):
-    def listdirs(self, paths: Sequence[str]) -> Mapping[str, Sequence[_Entry] | BaseException]: ...
+    """The part of a :class:`Remote` a walk uses."""
+
+    def listdirs(self, paths: list[str]) -> Mapping[str, Sequence[_Entry] | BaseException]: ...
 
     def read_file(self, path: str, max_bytes: int) -> bytes: ...
 
@@ -411,7 +425,7 @@ def sync_legacy(
     progress_callback: Callable[[int, int, str], None] | None = None,
     *,
     refine: bool = True,
-) -> dict[str, Any]:
+) -> SyncStats:
     """Apply a walk's manifest through the client's diff/transfer/state engine, then give
     the synced runs their real status (see :func:`refine_runs_from_cache`)."""
     adopted = adopt_cached_mtimes(report.manifest, cache.file_entries())
@@ -457,7 +471,7 @@ def refine_runs_from_cache(cache: LocalCacheManager, manifest: SyncManifest) -> 
     return sum(len(runs) for runs in records.values())
 
 
-def _read_cached_json(cache: LocalCacheManager, relative_path: str) -> dict | None:
+def _read_cached_json(cache: LocalCacheManager, relative_path: str) -> dict[str, Any] | None:
     """A cached metadata file as a JSON object; ``None`` if missing, a link or not JSON."""
     try:
         path = cache.path_for(relative_path)

@@ -25,6 +25,7 @@ from runicorn.format.models import ManifestFormat, ManifestType, SyncManifest, r
 
 if TYPE_CHECKING:
     from runicorn.sync.stats import SyncRun
+    from runicorn.transport.remote import Remote
 
 __all__ = [
     "PREFIX_BYTES",
@@ -89,7 +90,7 @@ class ManifestFetcher:
     the client's at the time of the call.
     """
 
-    remote: Callable[[], Any]
+    remote: Callable[[], Remote]
     remote_root: str
     max_manifest_bytes: int
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from runicorn.core.backend import Backend
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.client import ManifestSyncClient
+    from runicorn.sync.stats import SyncStats
     from runicorn.transport.remote import Remote
 
 __all__ = ["MODE_LEGACY", "MODE_MANIFEST", "MetadataSyncService", "SyncProgress"]
@@ -113,7 +114,7 @@ class MetadataSyncService:
         self.timeout = timeout
         self.on_progress = on_progress
         self.progress = SyncProgress()
-        self.last_stats: dict[str, Any] | None = None
+        self.last_stats: SyncStats | None = None
         self.last_walk: WalkReport | None = None
         self.fallback_reason: str | None = None
         """Why the last sync used the legacy walk (``None`` when it did not)."""
@@ -172,7 +173,7 @@ class MetadataSyncService:
         )
         return failed == 0
 
-    def _run(self) -> dict[str, Any]:
+    def _run(self) -> SyncStats:
         if self.use_manifest_sync:
             self._update(phase=PHASE_MANIFEST, mode=MODE_MANIFEST)
             client = self._client(self.remote, delete=self.delete, jitter=self.manifest_sync_jitter)
@@ -192,7 +193,7 @@ class MetadataSyncService:
                 client.close()
         return self._run_legacy()
 
-    def _run_legacy(self) -> dict[str, Any]:
+    def _run_legacy(self) -> SyncStats:
         self._update(phase=PHASE_WALKING, mode=MODE_LEGACY)
         root = self._absolute_root()
         remote, owned = self._remote(root)
@@ -248,7 +249,7 @@ class MetadataSyncService:
         from runicorn.sync.client import ManifestSyncClient
 
         return ManifestSyncClient(
-            self.sftp_client,  # type: ignore[arg-type]  # None with an explicit remote
+            self.sftp_client,  # None with an explicit remote
             root or self.remote_root,
             self.cache_manager.root_dir,
             jitter,

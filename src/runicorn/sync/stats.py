@@ -1,4 +1,4 @@
-"""SyncRun: the counters of one sync call, and the stats dict they become.
+"""SyncRun: the counters of one sync call, and the stats dict (:class:`SyncStats`) they become.
 
 A sync fills them in three places -- choosing the manifest (:mod:`.client`), reading it
 (:mod:`.manifest_fetch`) and bringing files over (:mod:`.transfer`) -- so they live in a
@@ -10,12 +10,63 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict
 
-__all__ = ["ProgressCallback", "SyncRun"]
+__all__ = ["ProgressCallback", "SyncRun", "SyncStats", "SyncStatsExtra"]
 
 ProgressCallback = Callable[[int, int, str], None]
 """``(completed, total, current_file)``: files finished so far, files to transfer."""
+
+
+class SyncStatsExtra(TypedDict, total=False):
+    """The keys of :class:`SyncStats` that only some syncs report."""
+
+    dry_run: bool
+    """``True`` when nothing was written (``dry_run=True``)."""
+    vanished_runs: int
+    """Cached runs the full manifest no longer lists, kept because deleting was not asked."""
+    deletion_refused: str
+    """Why the deletion guard refused to delete the runs that left the server."""
+    invalid_json_files: dict[str, str]
+    """JSON files installed although they do not parse, by path, with what happened."""
+
+
+class SyncStats(SyncStatsExtra):
+    """What ``sync()`` returns: the API document's keys, then runicorn's own.
+
+    Required keys are present in every result; the keys of :class:`SyncStatsExtra` only
+    when they apply. (A ``total=False`` base stands in for ``NotRequired``, which needs
+    Python 3.11.)
+    """
+
+    files_synced: int
+    bytes_downloaded: int
+    """Every byte read from the server this call, manifests included."""
+    incremental_count: int
+    """Append-only files extended in place (after the append-verify)."""
+    full_count: int
+    """Files fetched whole."""
+    failed_count: int
+    duration: float
+    """Seconds this call took, the jitter included."""
+    manifest_revision: int | None
+    """The revision applied or found unchanged; ``None`` when no manifest was read."""
+    skipped: bool
+    """Nothing to do: the manifest's revision is the one last applied."""
+    reason: str
+    manifest_type: str
+    """``full`` or ``active`` (empty when no manifest was read)."""
+    deleted_count: int
+    files_total: int
+    """Files planned for transfer."""
+    bytes_total: int
+    """Bytes planned for transfer."""
+    failed_files: dict[str, str]
+    """Why each failed file failed, by path (sorted)."""
+
+
+def _no_extra() -> SyncStatsExtra:
+    return {}
 
 
 @dataclass
@@ -36,10 +87,10 @@ class SyncRun:
     skipped: bool = False
     reason: str = ""
     connection_lost: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: SyncStatsExtra = field(default_factory=_no_extra)
 
-    def stats(self) -> dict[str, Any]:
-        result = {
+    def stats(self) -> SyncStats:
+        return {
             "files_synced": self.files_synced,
             "bytes_downloaded": self.bytes_downloaded,
             "incremental_count": self.incremental_count,
@@ -54,6 +105,5 @@ class SyncRun:
             "files_total": self.files_total,
             "bytes_total": self.bytes_total,
             "failed_files": dict(sorted(self.failed.items())),
+            **self.extra,
         }
-        result.update(self.extra)
-        return result

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -43,7 +43,9 @@ from runicorn.format.models import FileEntry
 from runicorn.sync.cache import FileRecord, LocalCacheManager
 
 if TYPE_CHECKING:
+    from runicorn.core.diff import DiffResult
     from runicorn.sync.stats import ProgressCallback, SyncRun
+    from runicorn.transport.remote import FetchResult, Remote
 
 __all__ = [
     "COMMIT_INTERVAL",
@@ -76,14 +78,6 @@ SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 """Appended bytes are held until verified; beyond this they spill to an unnamed temp file."""
 
 _FILE_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-
-
-def _transfer_api() -> Any:
-    """The transfer engine (``Remote``, ``FetchJob``, ``SftpRemote``): the one place this
-    module depends on it, imported late so importing the client stays cheap."""
-    from runicorn.transport import remote
-
-    return remote
 
 
 # Nanosecond timestamps the kernel interface takes (a signed 64-bit count: 1677..2262);
@@ -155,7 +149,7 @@ class Transfer:
     overlap: int = 0
     temp_name: str | None = None
     fd: int = -1
-    spool: Any = None
+    spool: tempfile.SpooledTemporaryFile[bytes] | None = None
     error: BaseException | None = None
     received: int = 0
 
@@ -173,7 +167,7 @@ class Transfer:
             if self.spool is None:
                 # Spills (unnamed) into the cache's state dir: same disk as the cache.
                 self.spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in discard)
-                    max_size=SPOOL_MEMORY_BYTES, dir=self.cache.state_dir
+                    max_size=SPOOL_MEMORY_BYTES, dir=str(self.cache.state_dir)
                 )
             return
         if self.fd >= 0:
@@ -208,6 +202,7 @@ class Transfer:
                 raise ValueError("the transfer delivered more bytes than the manifest lists")
             self.open_target()
             if self.append:
+                assert self.spool is not None  # open_target made it
                 self.spool.write(data)
             else:
                 _write_all(self.fd, data, self.received)
@@ -240,7 +235,10 @@ class _Redo(Exception):
 
 
 def plan(
-    entries: Sequence[FileEntry], diff: Any, local_sizes: dict[str, int], cache: LocalCacheManager
+    entries: Sequence[FileEntry],
+    diff: DiffResult,
+    local_sizes: dict[str, int],
+    cache: LocalCacheManager,
 ) -> list[Transfer]:
     """One :class:`Transfer` per file the diff found new, replaced or grown (appended)."""
     transfers = [Transfer(entries[i], False, cache) for i in diff.new]
@@ -275,7 +273,7 @@ class FileTransfer:
 
     cache: LocalCacheManager
     backend: Backend
-    remote: Callable[[], Any]
+    remote: Callable[[], Remote]
     workers: int
     batch_size: int
 
@@ -335,9 +333,11 @@ class FileTransfer:
         even when the engine itself fails."""
         if not transfers:
             return
-        api = _transfer_api()
+        # The transfer engine is imported late, so importing the client stays cheap.
+        from runicorn.transport.remote import FetchJob
+
         jobs = [
-            api.FetchJob(
+            FetchJob(
                 path=t.entry.path,
                 offset=t.offset,
                 length=t.length,
@@ -349,9 +349,9 @@ class FileTransfer:
         ]
         unreported = {id(t): t for t in transfers}
 
-        def on_result(result: Any) -> None:
-            transfer = result.job.tag
-            if unreported.pop(id(transfer), None) is not None:
+        def on_result(result: FetchResult) -> None:
+            transfer = unreported.pop(id(result.job.tag), None)
+            if transfer is not None:
                 handle(transfer, result.error, result.bytes_received)
 
         workers = min(self.workers, len(jobs))
@@ -444,6 +444,7 @@ class FileTransfer:
         os.close(transfer.fd)
         transfer.fd = -1
         dir_fd, name = self.cache.open_parent(entry.path, create=False)
+        assert transfer.temp_name is not None  # open_target made it
         try:
             os.replace(transfer.temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         finally:
@@ -462,6 +463,7 @@ class FileTransfer:
         entry = transfer.entry
         transfer.open_target()
         spool = transfer.spool
+        assert spool is not None  # open_target made it
         added = transfer.length - transfer.overlap
         dir_fd, name = self.cache.open_parent(entry.path, create=False)
         try:
