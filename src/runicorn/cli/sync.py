@@ -351,7 +351,9 @@ def _preload_sync_engine() -> None:
 
     def load() -> None:
         with contextlib.suppress(Exception):  # the main thread imports again and reports
-            pass
+            import runicorn.sync.client
+            import runicorn.sync.service
+            import runicorn.transport.remote  # noqa: F401
 
     sys.setswitchinterval(0.0005)
     threading.Thread(target=load, name="runicorn-preload", daemon=True).start()
