@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -161,7 +161,7 @@ def _run_key(path: str) -> RunKey | None:
 
 
 def _cached_run(
-    row: tuple, sizes: dict[RunKey, int], run_path: Callable[[str, str, str], Path]
+    row: tuple[Any, ...], sizes: dict[RunKey, int], run_path: Callable[[str, str, str], Path]
 ) -> CachedRun:
     project, name, run_id, status, last_synced, created, updated, tags, remote_id = row
     return CachedRun(
@@ -222,7 +222,7 @@ class StateDatabase:
             self._conn = conn
             return conn
 
-    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             conn = self._connect(create=False)
             if conn is None:
@@ -367,7 +367,7 @@ class StateDatabase:
     def failed_files(self, remote_id: str | None = None) -> list[FailedFile]:
         """Files a sync could not fetch; the next sync retries them."""
         sql = "SELECT path, remote_id, error, attempts, last_attempt FROM failed_files"
-        params: tuple = ()
+        params: tuple[str, ...] = ()
         if remote_id is not None:
             sql += " WHERE remote_id = ?"
             params = (remote_id,)
