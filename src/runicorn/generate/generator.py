@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from blake3 import blake3
@@ -33,7 +33,8 @@ from runicorn._sys.atomic import (
 )
 from runicorn._sys.gcpause import paused_gc
 from runicorn.core.backend import Backend, active_backend
-from runicorn.core.scan import Problem, ScanResult
+from runicorn.core.memo import FileMemo, StatKey
+from runicorn.core.scan import FileStat, Problem, RunScan, ScanResult
 from runicorn.format import layout
 from runicorn.format.compression import compress
 from runicorn.format.models import (
@@ -45,7 +46,7 @@ from runicorn.format.models import (
     read_header,
 )
 from runicorn.format.published import PublishedManifest
-from runicorn.generate.state import FileMemo, GeneratorState, RunMemo, StatKey
+from runicorn.generate.state import GeneratorState, RunMemo
 
 if TYPE_CHECKING:
     from runicorn.core.entries import Entries, RunFiles
@@ -96,7 +97,7 @@ class GenerationReport:
 
 def _stat_key(record: tuple[str, int, int, int, int]) -> StatKey:
     """``(size, mtime_ns, ctime_ns, inode)`` of a scan record (a slice: no Python loop)."""
-    return record[1:]  # type: ignore[return-value]
+    return record[1:]
 
 
 class ManifestGenerator:
@@ -283,9 +284,10 @@ class ManifestGenerator:
         unchanged_manifest = self._unchanged_since(previous, fingerprint, scan, output, report)
         if unchanged_manifest is not None:
             report.runs_scanned = len(scan.runs)
-            report.files_reused = previous.append_only_files
-            if report.files_reused is None:
-                report.files_reused = _count_append_only(unchanged_manifest.experiments)
+            reused = previous.append_only_files
+            if reused is None:
+                reused = _count_append_only(unchanged_manifest.experiments)
+            report.files_reused = reused
         return unchanged_manifest
 
     def _reuse_memos(self, previous: GeneratorState, report: GenerationReport) -> GeneratorState:
@@ -300,7 +302,11 @@ class ManifestGenerator:
         return previous
 
     def _build_file_entries(
-        self, runs: list, memo: GeneratorState, next_state: GeneratorState, report: GenerationReport
+        self,
+        runs: list[RunScan],
+        memo: GeneratorState,
+        next_state: GeneratorState,
+        report: GenerationReport,
     ) -> Entries:
         """Every listed file's entry, in one backend call; append-only files a memo vouches
         for keep their recorded size and tail hash, the others come back as stale."""
@@ -312,7 +318,7 @@ class ManifestGenerator:
 
     def _describe_runs(
         self,
-        runs: list,
+        runs: list[RunScan],
         built: Entries,
         contents: dict[str, bytes],
         tags: dict[str, list[str]],
@@ -335,7 +341,7 @@ class ManifestGenerator:
 
     def _hash_stale_tails(
         self,
-        stale: list[tuple[FileEntry, tuple]],
+        stale: list[tuple[FileEntry, FileStat]],
         experiments: list[ExperimentEntry],
         next_state: GeneratorState,
         report: GenerationReport,
@@ -533,7 +539,7 @@ class ManifestGenerator:
         key: StatKey | None,
         contents: dict[str, bytes],
         report: GenerationReport,
-    ) -> dict | None:
+    ) -> dict[str, Any] | None:
         if key is None:
             return None
         data = contents.get(prefix + filename)
@@ -677,7 +683,7 @@ def _count_append_only(experiments: list[ExperimentEntry]) -> int:
     return sum(entry.is_append_only for exp in experiments for entry in exp.files)
 
 
-def _listed_runs(scan: ScanResult) -> list:
+def _listed_runs(scan: ScanResult) -> list[RunScan]:
     """The scanned runs whose directories could be listed.
 
     A run whose directory could not be listed would otherwise appear with no files, as if it
