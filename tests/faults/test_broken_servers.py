@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-import paramiko
 import pytest
 
 from harness.lab import (
@@ -31,7 +30,6 @@ from harness.lab import (
     assert_cache_equals_server,
     cache_files,
     make_client,
-    make_lab,
     server_files,
     temp_files,
 )
@@ -40,35 +38,10 @@ from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import build_sample_lab
 from runicorn.remote_storage import MetadataSyncService
 from runicorn.sync.cache import LocalCacheManager
-from runicorn.sync.client import ManifestSyncClient
 
-pytestmark = pytest.mark.sshd
+pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=6)]
 
 UNPRIVILEGED_USER = "runicorn-unpriv"
-
-
-@pytest.fixture
-def lab(tmp_path: Path, backend: Backend) -> Lab:
-    return make_lab(tmp_path, backend, runs=6)
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def client_for(sftp: paramiko.SFTPClient, lab: Lab, cache: Path, backend: Backend):
-    clients: list[ManifestSyncClient] = []
-
-    def build(**options: object) -> ManifestSyncClient:
-        client = make_client(sftp, lab.root, cache, backend, **options)
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        client.close()
 
 
 def _rel(lab: Lab, name: str, *, running: bool = False) -> str:

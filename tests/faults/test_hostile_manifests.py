@@ -37,8 +37,6 @@ from harness.lab import (
     Lab,
     assert_cache_equals_server,
     cache_files,
-    make_client,
-    make_lab,
     server_files,
     temp_files,
 )
@@ -51,22 +49,12 @@ from runicorn.remote_storage import MetadataSyncService
 from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 
-pytestmark = pytest.mark.sshd
+pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=4)]
 
 GIB = 1024**3
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def lab(tmp_path: Path, backend: Backend) -> Lab:
-    return make_lab(tmp_path, backend, runs=4)
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 @pytest.fixture
@@ -76,20 +64,6 @@ def outside(tmp_path: Path) -> Path:
     directory.mkdir()
     (directory / "precious.txt").write_bytes(b"do not touch\n")
     return directory
-
-
-@pytest.fixture
-def client_for(sftp: paramiko.SFTPClient, lab: Lab, cache: Path, backend: Backend):
-    clients: list[ManifestSyncClient] = []
-
-    def build(**options: object) -> ManifestSyncClient:
-        client = make_client(sftp, lab.root, cache, backend, **options)
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        client.close()
 
 
 def _document(lab: Lab) -> dict:

@@ -151,8 +151,8 @@ def test_syncs_during_live_writes_never_install_half_lines_or_truncated_json(
         trainer.stdin.close()
         assert trainer.wait(timeout=30) == 0
     finally:
-        trainer.kill()
-        trainer.wait()
+        with trainer:  # leaving it waits and closes the pipes
+            trainer.kill()
 
     _generate(lab)  # the writer is gone: one more round leaves the cache equal to the server
     final = client.sync()

@@ -16,7 +16,6 @@ import gzip
 from pathlib import Path
 
 import orjson
-import paramiko
 import pytest
 from click.testing import CliRunner
 
@@ -24,8 +23,6 @@ from harness.lab import (
     Lab,
     assert_cache_equals_server,
     cache_files,
-    make_client,
-    make_lab,
 )
 from harness.sshd import SshServer
 from runicorn.cli import main
@@ -33,33 +30,8 @@ from runicorn.core.backend import Backend
 from runicorn.manifest import ManifestType
 from runicorn.sync import service as service_module
 from runicorn.sync.cache import LocalCacheManager
-from runicorn.sync.client import ManifestSyncClient
 
-pytestmark = pytest.mark.sshd
-
-
-@pytest.fixture
-def lab(tmp_path: Path, backend: Backend) -> Lab:
-    return make_lab(tmp_path, backend, runs=10)
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def client_for(sftp: paramiko.SFTPClient, lab: Lab, cache: Path, backend: Backend):
-    clients: list[ManifestSyncClient] = []
-
-    def build(**options: object) -> ManifestSyncClient:
-        client = make_client(sftp, lab.root, cache, backend, **options)
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        client.close()
+pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=10)]
 
 
 @pytest.fixture

@@ -43,31 +43,6 @@ from runicorn.transport.remote import SftpRemote
 pytestmark = pytest.mark.sshd
 
 
-@pytest.fixture
-def lab(tmp_path: Path, backend: Backend) -> Lab:
-    return make_lab(tmp_path, backend)
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def client_for(sftp: paramiko.SFTPClient, lab: Lab, cache: Path, backend: Backend):
-    """Build clients on the test's SFTP session; all are closed after the test."""
-    clients: list[ManifestSyncClient] = []
-
-    def build(**options: object) -> ManifestSyncClient:
-        client = make_client(sftp, lab.root, cache, backend, **options)
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        client.close()
-
-
 def _step(lab: Lab, dt: float = 60.0, **options: object):
     """One training step on the server, then the server's timer publishes the manifest."""
     info = training_step(lab.root, seed=SEED, now=lab.now + dt, **options)
@@ -416,8 +391,8 @@ def test_sync_killed_mid_way_resumes_without_refetching_finished_files(
                 break
         child.send_signal(signal.SIGKILL)
     finally:
-        child.kill()
-        child.wait()
+        with child:  # leaving it waits and closes the pipes
+            child.kill()
 
     expected = server_files(lab.root)
     landed = {p: data for p, data in cache_files(cache).items() if p not in temp_files(cache)}

@@ -1028,8 +1028,8 @@ def test_a_reader_never_sees_a_partial_manifest(tmp_path, make_generator):
         reader.stdin.close()
         result = orjson.loads(reader.stdout.readline())
     finally:
-        reader.kill()
-        reader.wait()
+        with reader:  # leaving it waits and closes the pipes
+            reader.kill()
     assert result["errors"] == []
     assert result["reads"] > 0
     assert set(result["revisions"]) <= published
@@ -1094,8 +1094,8 @@ def test_a_generation_killed_mid_write_leaves_a_valid_manifest(
     try:
         assert child.stdout.readline().strip() == "PAUSED"
     finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        with child:  # leaving it waits and closes the pipes
+            child.send_signal(signal.SIGKILL)
     assert child.returncode == -signal.SIGKILL
     json_now = SyncManifest.from_json(path.read_bytes())
     gz_now = SyncManifest.from_gzip((out / "full_manifest.json.gz").read_bytes())
