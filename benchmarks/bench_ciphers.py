@@ -20,6 +20,7 @@ from pathlib import Path
 
 import paramiko
 
+import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
 from harness.sshd import SshServer
 
 PAIRS = [

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import paramiko
 
+import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
 from harness.sshd import SshServer
 from runicorn.transport.remote import FetchJob, FetchResult, SftpRemote
 

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
 from harness.wan_proxy import WanProxy
 
 _CHUNK = 256 * 1024

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
 from harness.sshd import SshServer
 from harness.wan_proxy import WanProxy
 from runicorn.demo.sample_lab import build_sample_lab, training_step
