@@ -1,14 +1,15 @@
 """The pytest side of the two-backend rule: every test and benchmark runs on both.
 
-``tests/conftest.py`` and ``benchmarks/conftest.py`` import these hooks and the ``backend``
-fixture, so a test that takes ``backend`` (directly or through a fixture that does) runs once
-against the compiled core and once against pure Python. ``--no-native`` (or
-``RUNICORN_PURE_PYTHON=1``) keeps only the pure half, for machines without a compiler.
+``tests/conftest.py`` and ``benchmarks/conftest.py`` load this module as a plugin (its hooks
+and the ``backend`` fixture), so a test that takes ``backend`` (directly or through a fixture
+that does) runs once against the compiled core and once against pure Python. ``--no-native`` (or
+``RUNICORN_PURE_PYTHON=1``) keeps only the pure half, for machines without a compiler;
+``--only-native`` keeps only the compiled half (CI's passes over other paramiko versions,
+where the backend is not what varies).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -17,13 +18,26 @@ from runicorn.core.backend import NATIVE, PYTHON, Backend, load_backend, native_
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    # Both conftests register it; the second registration of one session is a no-op.
-    with contextlib.suppress(ValueError):
-        parser.addoption(
-            "--no-native",
-            action="store_true",
-            default=False,
-            help="deselect the compiled backend (where it cannot be built)",
+    # tests/ and benchmarks/ both load this module with pytest_plugins; pytest registers it once.
+    parser.addoption(
+        "--no-native",
+        action="store_true",
+        default=False,
+        help="deselect the compiled backend (where it cannot be built)",
+    )
+    parser.addoption(
+        "--only-native",
+        action="store_true",
+        default=False,
+        help="deselect the pure-Python backend (for passes where the backend is not tested)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    pure_forced = os.environ.get("RUNICORN_PURE_PYTHON", "") not in ("", "0")
+    if config.getoption("--only-native") and (config.getoption("--no-native") or pure_forced):
+        raise pytest.UsageError(
+            "--only-native contradicts --no-native and RUNICORN_PURE_PYTHON=1; drop one"
         )
 
 
@@ -32,6 +46,8 @@ def backend_names(config: pytest.Config) -> list[str]:
     pure_forced = os.environ.get("RUNICORN_PURE_PYTHON", "") not in ("", "0")
     if config.getoption("--no-native") or pure_forced:
         return [PYTHON]
+    if config.getoption("--only-native"):
+        return [NATIVE]
     return [NATIVE, PYTHON]
 
 
