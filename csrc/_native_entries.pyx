@@ -472,6 +472,9 @@ cdef int _put_experiment(Buffer *buf, object exp, Floats *floats) except -1:
     _put_field(buf, b'{"run_id":', exp.run_id, floats)
     _put_field(buf, b',"project":', exp.project, floats)
     _put_field(buf, b',"name":', exp.name, floats)
+    path = exp.path
+    if path is not None:
+        _put_field(buf, b',"path":', path, floats)
     _put_field(buf, b',"status":', exp.status, floats)
     _put_field(buf, b',"created_at":', exp.created_at, floats)
     _put_field(buf, b',"updated_at":', exp.updated_at, floats)

@@ -44,7 +44,7 @@ from runicorn.core.scan import (
     ScanResult,
     reason_unreadable,
 )
-from runicorn.format.layout import RUNS_DIRNAME
+from runicorn.format.layout import RUNS_DIRNAME, run_prefix as _run_prefix
 
 __all__ = [
     "MAX_READ_BYTES",
@@ -489,15 +489,25 @@ cdef void _scan_run_files(Collector *c, int parent, const char *name,
     cdef Listing listing
     cdef int code
     cdef int fd = _open_listing(c, parent, name, &listing, &code)
+    if fd < 0:
+        if code:
+            _problem(c, code)
+        return
+    _scan_listed_files(c, fd, &listing, in_run_start, run_level)
+    close(fd)
+    _free_listing(&listing)
+
+
+cdef void _scan_listed_files(Collector *c, int fd, Listing *listing_ptr,
+                             Py_ssize_t in_run_start, bint run_level) noexcept nogil:
+    """:func:`_scan_run_files` of a directory already open (``fd``) and listed; the caller
+    closes and frees both."""
+    cdef Listing listing = listing_ptr[0]
     cdef Py_ssize_t k, old
     cdef const char *entry
     cdef unsigned char d_type
     cdef c_stat st
     cdef Record *rec
-    if fd < 0:
-        if code:
-            _problem(c, code)
-        return
     for k in range(listing.count):
         if c.failed:
             break
@@ -530,6 +540,74 @@ cdef void _scan_run_files(Collector *c, int parent, const char *name,
         else:
             _problem(c, R_NOT_REGULAR)
         _pop(c, old)
+
+
+cdef bint _is_run_listing(const Listing *listing) noexcept nogil:
+    """Whether a directory below ``runs/`` is a run: it holds ``meta.json`` or
+    ``status.json`` (``RUN_MARKERS``), of any type."""
+    cdef Py_ssize_t k
+    cdef const char *entry
+    for k in range(listing.count):
+        entry = listing.names + listing.offsets[k]
+        if strcmp(entry, b"meta.json") == 0 or strcmp(entry, b"status.json") == 0:
+            return True
+    return False
+
+
+cdef void _walk_run_paths(Collector *c, int fd, const Listing *listing,
+                          Py_ssize_t path_start) noexcept nogil:
+    """The runs-path layout below one path component (``fd``, listed): each visible
+    subdirectory is a run when it holds a run marker, else a path component walked on.
+    ``c.rel`` is the component's path from the root; from ``path_start`` it is the run
+    path (``path_start`` past its end: the empty path)."""
+    cdef Listing child
+    cdef int code
+    cdef int child_fd
+    cdef Py_ssize_t k, old, length, path_length
+    cdef const char *entry
+    cdef int kind
+    for k in range(listing.count):
+        if c.failed:
+            break
+        entry = listing.names + listing.offsets[k]
+        if entry[0] == b'.':
+            continue
+        length = strlen(entry)
+        kind = _kind_of(fd, entry, listing.types[k])
+        path_length = c.n_rel - path_start if c.n_rel > path_start else 0
+        old = _push(c, entry, length)
+        if kind == DT_LNK:
+            _problem(c, R_SYMLINK)
+        elif kind == DT_DIR:
+            child_fd = _open_listing(c, fd, entry, &child, &code)
+            if child_fd < 0:
+                if code:
+                    _problem(c, code)
+            else:
+                if _is_run_listing(&child):
+                    _record(c, K_EXPERIMENT, c.rel + path_start, path_length)
+                    _record(c, K_RUN, entry, length)
+                    _scan_listed_files(c, child_fd, &child, c.n_rel + 1, True)
+                else:
+                    _walk_run_paths(c, child_fd, &child, path_start)
+                close(child_fd)
+                _free_listing(&child)
+        _pop(c, old)
+
+
+cdef void _scan_run_paths(Collector *c, int root_fd, const char *runs_name) noexcept nogil:
+    """The runs-path layout: every run below ``<root>/runs``, at any depth."""
+    cdef Listing listing
+    cdef int code
+    cdef int fd
+    cdef Py_ssize_t length = strlen(runs_name)
+    _push(c, runs_name, length)
+    fd = _open_listing(c, root_fd, runs_name, &listing, &code)
+    if fd < 0:
+        if code:
+            _problem(c, code)
+        return
+    _walk_run_paths(c, fd, &listing, length + 1)
     close(fd)
     _free_listing(&listing)
 
@@ -683,10 +761,14 @@ cdef class _Project:
     cdef tuple scan(self, int root_fd, bytes runs_name):
         cdef const char *project = self.name_bytes
         cdef const char *runs = runs_name
+        cdef bint run_paths = self.name == RUNS_DIRNAME
         if self.read_names is not None:
             self.c.read_names = self.read_names
         with nogil:
-            _scan_project(&self.c, root_fd, project, runs)
+            if run_paths:
+                _scan_run_paths(&self.c, root_fd, runs)
+            else:
+                _scan_project(&self.c, root_fd, project, runs)
         if self.c.failed:
             raise MemoryError("out of memory while scanning " + repr(self.name))
         return self.convert()
@@ -702,6 +784,7 @@ cdef class _Project:
         cdef str project = self.name
         cdef object experiment = None
         cdef object run_id = None
+        cdef object prefix = None
         cdef dict reasons = {}
         cdef bint have_newest = False
         cdef long long newest_s = 0
@@ -720,7 +803,9 @@ cdef class _Project:
                     path_in_run = PyUnicode_DecodeFSDefaultAndSize(
                         self.c.text + last_file.offset, last_file.length
                     )
-                    contents[f"{project}/{experiment}/{RUNS_DIRNAME}/{run_id}/{path_in_run}"] = \
+                    if prefix is None:
+                        prefix = _run_prefix(project, experiment, run_id)
+                    contents[prefix + path_in_run] = \
                         PyBytes_FromStringAndSize(self.c.text + rec.offset, rec.length)
                     continue
                 if rec.kind == K_FILE:
@@ -742,6 +827,7 @@ cdef class _Project:
                     _emit_files(files, pending, n_pending)
                     n_pending = 0
                     run_id = text
+                    prefix = None
                     files = []
                     runs.append((project, experiment, text, files))
                 elif rec.kind == K_EXPERIMENT:

@@ -41,6 +41,10 @@ def error(message: str) -> None:
     click.secho(f"error: {message}", fg="red" if use_color() else None, err=True)
 
 
+def warning(message: str) -> None:
+    click.secho(f"warning: {message}", fg="yellow" if use_color() else None, err=True)
+
+
 @contextmanager
 def terminate_as_exit() -> Iterator[None]:
     """Turn SIGTERM into ``SystemExit(143)`` so cleanup code (temp files, locks) runs."""

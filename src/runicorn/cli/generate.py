@@ -16,7 +16,9 @@ from runicorn.cli._common import (
     error,
     human_bytes,
     terminate_as_exit,
+    warning,
 )
+from runicorn.format import layout
 from runicorn.manifest import ManifestGenerationError, ManifestGenerator, ManifestType
 
 RULE = "=" * 60
@@ -28,7 +30,8 @@ RULE = "=" * 60
     type=click.Path(path_type=Path),
     default=Path("."),
     show_default=True,
-    help="Experiments root (the directory holding <project>/<name>/runs/<run_id>).",
+    help="Experiments root (the directory holding <project>/<name>/runs/<run_id> "
+    "or runs/<path...>/<run_id>).",
 )
 @click.option(
     "--output",
@@ -74,7 +77,11 @@ def generate_manifest(
 ) -> None:
     """Write <type>_manifest.json and .json.gz describing every run's files.
 
-    Exit codes: 0 success (also when nothing changed), 1 failure, 130 interrupted.
+    Runs are found in both layouts: <project>/<name>/runs/<run_id>/ (SDK 0.5) and
+    runs/<path...>/<run_id>/ (SDK 0.6+); the summary names which the root holds.
+
+    Exit codes: 0 success (also when nothing changed, and for a root without runs, which
+    is warned about on stderr), 1 failure, 130 interrupted.
     """
     configure_logging(verbose)
     generator = ManifestGenerator(
@@ -94,6 +101,14 @@ def generate_manifest(
         sys.exit(EXIT_FAILURE)
     report = generator.last_report
     assert report is not None
+    if report.runs_scanned == 0:
+        root_path = generator.remote_root
+        warning(
+            f"no run found under {root_path}: looked for "
+            f"{root_path}/<project>/<name>/{layout.RUNS_DIRNAME}/<run_id>/ and "
+            f"{root_path}/{layout.RUNS_DIRNAME}/<path...>/<run_id>/ (a directory holding "
+            f"{' or '.join(layout.RUN_MARKERS)}); is --root the SDK's storage root?"
+        )
     summary: dict[str, Any] = {
         "type": manifest.manifest_type.value,
         "output": str(path),
@@ -101,6 +116,7 @@ def generate_manifest(
         "revision": manifest.revision,
         "snapshot_id": manifest.snapshot_id,
         "published": report.published,
+        "layout": report.run_layout,
         "experiments": manifest.total_experiments,
         "files": manifest.total_files,
         "total_bytes": manifest.total_bytes,
@@ -124,6 +140,7 @@ def generate_manifest(
         f"Revision:      {summary['revision']}"
         + ("" if report.published else " (unchanged: nothing changed since it was published)"),
         f"Snapshot ID:   {summary['snapshot_id']}",
+        f"Layout:        {summary['layout']}",
         f"Experiments:   {summary['experiments']}",
         f"Files:         {summary['files']}",
         f"Total Size:    {human_bytes(summary['total_bytes'])}",

@@ -3,8 +3,9 @@
 This pure-Python module is the specification of the scan; ``csrc/_native_scan.pyx`` is its
 compiled twin and must return exactly the same result for the same tree.
 
-The scan knows only the shape ``<project>/<name>/runs/<run_id>/`` (see
-:mod:`runicorn.format.layout`); what the files mean is decided by the caller. It never follows a
+The scan knows only the shapes of the two layouts, ``<project>/<name>/runs/<run_id>/`` and
+``runs/<path...>/<run_id>/`` (see :mod:`runicorn.format.layout`); what the files mean is
+decided by the caller. It never follows a
 symbolic link, and it never aborts on one bad entry: problems are collected and returned
 beside the result so that one unreadable run cannot hide the rest of the lab.
 """
@@ -17,14 +18,15 @@ from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from runicorn.format.layout import RUNS_DIRNAME, is_hidden
+from runicorn.format.layout import RUNS_DIRNAME, is_hidden, is_run_dir_listing
 
 FileStat = tuple[str, int, int, int, int]
 """``(path_in_run, size, mtime_ns, ctime_ns, inode)``; ``path_in_run`` is POSIX, relative to
 the run directory (``media/step_1.png``)."""
 
 RunScan = tuple[str, str, str, list[FileStat]]
-"""``(project, name, run_id, files)`` with ``files`` sorted by ``path_in_run``."""
+"""``(project, name, run_id, files)`` with ``files`` sorted by ``path_in_run``; a runs-path
+run is ``("runs", path, run_id, files)`` (see :func:`runicorn.format.layout.run_path_of`)."""
 
 Problem = tuple[str, str]
 """``(path relative to the root, reason)``."""
@@ -80,7 +82,14 @@ def _subdirs(
     path: str, rel: str, problems: list[Problem], report_files: bool
 ) -> Iterator[tuple[str, str, str]]:
     """Yield ``(name, path, rel)`` of the visible subdirectories of a layout level."""
-    for entry in _list_dir(path, rel, problems):
+    return _subdirs_of(_list_dir(path, rel, problems), rel, problems, report_files)
+
+
+def _subdirs_of(
+    listing: list[os.DirEntry[str]], rel: str, problems: list[Problem], report_files: bool
+) -> Iterator[tuple[str, str, str]]:
+    """:func:`_subdirs` of a listing already read."""
+    for entry in listing:
         if is_hidden(entry.name):
             continue
         child_rel = f"{rel}/{entry.name}" if rel else entry.name
@@ -124,10 +133,12 @@ def _scan_run_files(
     problems: list[Problem],
     read: Collection[str] = (),
     contents: dict[str, bytes] | None = None,
+    listing: list[os.DirEntry[str]] | None = None,
 ) -> None:
     """Append a stat record for every regular file below a run directory (one lstat each),
-    and the bytes of the files named in ``read`` to ``contents``."""
-    for entry in _list_dir(path, rel, problems):
+    and the bytes of the files named in ``read`` to ``contents``; ``listing`` is the
+    directory's listing when the caller has already read it."""
+    for entry in _list_dir(path, rel, problems) if listing is None else listing:
         child_rel = f"{rel}/{entry.name}"
         in_run = prefix + entry.name
         try:
@@ -180,12 +191,68 @@ def _scan_project(
         for run_id, run_path, run_rel in _subdirs(runs_path, runs_rel, problems, True):
             files: list[FileStat] = []
             _scan_run_files(run_path, run_rel, "", files, problems, read, contents)
-            files.sort(key=lambda record: record[0])
-            runs.append((project, name, run_id, files))
-            if files:
-                run_newest = max(record[2] for record in files)
-                if newest is None or run_newest > newest:
-                    newest = run_newest
+            newest = _add_run(runs, (project, name, run_id, files), newest)
+    return runs, problems, contents, newest
+
+
+def _scan_top(
+    root: str, top: str, read: frozenset[str]
+) -> tuple[list[RunScan], list[Problem], dict[str, bytes], int | None]:
+    """One unit of work: a project, or the whole runs-path tree."""
+    if top == RUNS_DIRNAME:
+        return _scan_runs_tree(root, read)
+    return _scan_project(root, top, read)
+
+
+def _add_run(
+    runs: list[RunScan],
+    run: RunScan,
+    newest: int | None,
+) -> int | None:
+    """Append a run (its files sorted by name); return the newest mtime seen so far."""
+    files = run[3]
+    files.sort(key=lambda record: record[0])
+    runs.append(run)
+    if files:
+        run_newest = max(record[2] for record in files)
+        if newest is None or run_newest > newest:
+            return run_newest
+    return newest
+
+
+def _scan_runs_tree(
+    root: str, read: frozenset[str]
+) -> tuple[list[RunScan], list[Problem], dict[str, bytes], int | None]:
+    """The runs-path layout: every run below ``<root>/runs``, at any depth.
+
+    A visible directory holding ``meta.json`` or ``status.json`` is a run (everything below
+    it is its files); any other visible directory is a path component and is walked on.
+    Regular files among path components are ignored silently, as at the project levels.
+    """
+    newest: int | None = None
+    runs: list[RunScan] = []
+    problems: list[Problem] = []
+    contents: dict[str, bytes] = {}
+    top = os.path.join(root, RUNS_DIRNAME)
+    # (listing, rel, path) of path components still to walk: each directory is listed once
+    pending = [(_list_dir(top, RUNS_DIRNAME, problems), RUNS_DIRNAME, "")]
+    while pending:
+        listing, rel, run_path = pending.pop()
+        for name, child_path, child_rel in _subdirs_of(listing, rel, problems, False):
+            reported = len(problems)
+            child_listing = _list_dir(child_path, child_rel, problems)
+            if len(problems) > reported:
+                continue  # unreadable or vanished: neither a run nor a path known to be one
+            if is_run_dir_listing({entry.name for entry in child_listing}):
+                files: list[FileStat] = []
+                _scan_run_files(
+                    child_path, child_rel, "", files, problems, read, contents, child_listing
+                )
+                newest = _add_run(runs, (RUNS_DIRNAME, run_path, name, files), newest)
+            else:
+                child_run_path = f"{run_path}/{name}" if run_path else name
+                pending.append((child_listing, child_rel, child_run_path))
+    runs.sort(key=lambda run: (run[1], run[2]))
     return runs, problems, contents, newest
 
 
@@ -199,11 +266,17 @@ def _read_names(read: Collection[str]) -> frozenset[str]:
 def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) -> ScanResult:
     """Scan every run below ``root`` and stat each of its files once.
 
-    Regular files at the root, in a project or in an experiment directory are ignored
-    silently; a non-directory where ``runs`` or a run directory should be, a symbolic link
-    anywhere (never followed), an unreadable directory and a file that vanished mid-scan are
-    reported as problems and skipped. Hidden names (leading dot) above the run level are
-    skipped. With ``threads > 1`` projects are scanned concurrently (worth it on NFS or
+    Both layouts are scanned: ``<project>/<name>/runs/<run_id>/`` and, below a top-level
+    ``runs`` directory (never a project), ``runs/<path...>/<run_id>/``, where a directory is a
+    run when it holds ``meta.json`` or ``status.json``. Runs come sorted by
+    ``(project, name, run_id)``, a runs-path run being ``("runs", path, run_id, files)``.
+
+    Regular files at the root, in a project, in an experiment directory or among the path
+    components below ``runs`` are ignored silently; a non-directory where a project-name
+    ``runs`` or run directory should be, a symbolic link anywhere (never followed), an
+    unreadable directory and a file that vanished mid-scan are reported as problems and
+    skipped. Hidden names (leading dot) above the run level are skipped (``runs/.recycle``
+    among them). With ``threads > 1`` projects are scanned concurrently (worth it on NFS or
     Lustre, where every stat is a network round trip); the result does not depend on it.
 
     ``read`` names run-level files (``meta.json``) whose bytes are returned too, read while
@@ -228,10 +301,10 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
         elif _is_dir(entry):
             projects.append(entry.name)
     if threads == 1 or len(projects) < 2:
-        parts = [_scan_project(root, project, names) for project in projects]
+        parts = [_scan_top(root, project, names) for project in projects]
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            parts = list(pool.map(lambda project: _scan_project(root, project, names), projects))
+            parts = list(pool.map(lambda project: _scan_top(root, project, names), projects))
     runs: list[RunScan] = []
     contents: dict[str, bytes] = {}
     newest: int | None = None

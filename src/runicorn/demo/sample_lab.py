@@ -1,4 +1,4 @@
-"""A deterministic, seeded sample lab in the Runicorn run layout.
+"""A deterministic, seeded sample lab in either Runicorn run layout.
 
 Tests, benchmarks and ``runicorn demo`` need realistic trees -- many runs, append-only logs
 of realistic size, running and finished runs, soft-deleted runs, lock files -- that are
@@ -9,6 +9,11 @@ between two syncs, reporting exactly what it changed.
 
 File contents are built with bulk string operations over pre-formatted pools (not one
 Python call per JSON field) so that a 1,000-run lab of ~150 MB builds in a few seconds.
+
+By default runs are laid out as the API document has them (``<project>/<name>/runs/<run_id>``,
+SDK 0.5); ``layout="runs-path"`` writes them as SDK 0.6+ does (``runs/<project>/<name>/<run_id>``,
+a ``path`` in meta.json, the SQLite index files at the root, deleted runs moved to
+``runs/.recycle``).
 
 Run ``python -m runicorn.demo.sample_lab ROOT --runs N --scale S --seed K`` to build one by hand.
 """
@@ -34,10 +39,16 @@ import orjson
 from runicorn.format.layout import (
     DELETED_MARKER,
     EXPERIMENTS_METADATA_FILENAME,
+    INDEX_FILE_PREFIX,
+    LAYOUT_PROJECT_NAME,
+    LAYOUT_RUNS_PATH,
     LOCK_SUFFIX,
+    RECYCLE_DIRNAME,
     RUNS_DIRNAME,
     is_hidden,
+    is_run_dir_listing,
     is_synced_file,
+    run_prefix,
 )
 
 __all__ = [
@@ -111,9 +122,12 @@ class RunInfo:
 
     path: Path
     rel: str
-    """``project/name/runs/run_id`` (POSIX, no trailing slash)."""
+    """``project/name/runs/run_id`` or ``runs/<path>/run_id`` (POSIX, no trailing slash);
+    ``runs/.recycle/run_id`` for a soft-deleted run of a runs-path lab."""
     project: str
+    """``runs`` in a runs-path lab (as a manifest lists such runs)."""
     name: str
+    """The run's path (``project/name``) in a runs-path lab."""
     run_id: str
     status: str
     created_at: float
@@ -374,8 +388,12 @@ class _RunPlan:
 def _write_run(
     root: Path, plan: _RunPlan, pools: _Pools, rng: random.Random, scale: float
 ) -> RunInfo:
-    """Write every file of one run from its plan; ``rng`` only drives content and sizes."""
-    rel = f"{plan.project}/{plan.name}/{RUNS_DIRNAME}/{plan.run_id}"
+    """Write every file of one run from its plan; ``rng`` only drives content and sizes.
+
+    A plan of project ``runs`` is a runs-path run (its name is the path), written as SDK 0.6+
+    writes one; a soft-deleted one is moved to ``runs/.recycle``, as its viewer does."""
+    runs_path = plan.project == RUNS_DIRNAME
+    rel = run_prefix(plan.project, plan.name, plan.run_id)[:-1]
     run_dir = root / rel
     os.mkdir(run_dir)
     d = str(run_dir) + os.sep
@@ -385,10 +403,12 @@ def _write_run(
     end = plan.ended_at if plan.ended_at is not None else last
     duration = max(1.0, last - created)
 
-    meta = {
-        "id": plan.run_id,
-        "project": plan.project,
-        "name": plan.name,
+    meta: dict[str, object] = {"id": plan.run_id}
+    if runs_path:
+        meta |= {"path": plan.name, "alias": None}
+    else:
+        meta |= {"project": plan.project, "name": plan.name}
+    meta |= {
         "created_at": round(created, 3),
         "python": rng.choice(_PYTHONS),
         "platform": rng.choice(_PLATFORMS),
@@ -465,6 +485,12 @@ def _write_run(
         files[DELETED_MARKER] = _write(d + DELETED_MARKER, _json(marker), plan.deleted_at)
         dir_mtime = plan.deleted_at
     _set_mtime(run_dir, dir_mtime)
+    if runs_path and plan.deleted_at is not None:
+        recycle = root / RUNS_DIRNAME / RECYCLE_DIRNAME
+        recycle.mkdir(exist_ok=True)
+        rel = f"{RUNS_DIRNAME}/{RECYCLE_DIRNAME}/{plan.run_id}"
+        os.rename(run_dir, root / rel)
+        run_dir = root / rel
 
     return RunInfo(
         path=run_dir,
@@ -560,8 +586,13 @@ def build_sample_lab(
     scale: float = 1.0,
     projects: int | None = None,
     now: float | None = None,
+    layout: str = LAYOUT_PROJECT_NAME,
 ) -> LabInfo:
     """Build a lab of ``runs`` runs under ``root`` (which must be missing or empty).
+
+    ``layout`` is ``"project-name"`` (``<project>/<name>/runs/<run_id>``) or ``"runs-path"``
+    (``runs/<project>/<name>/<run_id>``, as SDK 0.6+ writes; with its root index files).
+    The same seed gives the same runs, contents and mtimes in either layout.
 
     The same ``seed`` and ``now`` give a byte-identical tree with identical mtimes; ``scale``
     multiplies the sizes of events, logs and media without changing which runs exist. With
@@ -582,9 +613,15 @@ def build_sample_lab(
         projects = min(len(_PROJECT_ORDER), 3 + runs // 500)
     if projects < 1:
         raise ValueError(f"projects must be >= 1, got {projects}")
+    if layout not in (LAYOUT_PROJECT_NAME, LAYOUT_RUNS_PATH):
+        raise ValueError(
+            f"layout must be {LAYOUT_PROJECT_NAME!r} or {LAYOUT_RUNS_PATH!r}, got {layout!r}"
+        )
 
     started = time.perf_counter()
     experiments = _experiments(seed, projects)
+    if layout == LAYOUT_RUNS_PATH:
+        experiments = [(RUNS_DIRNAME, f"{project}/{name}") for project, name in experiments]
     plans = _plan_runs(seed, runs, now, experiments)
     pools = _pools(seed)
 
@@ -603,12 +640,17 @@ def build_sample_lab(
     tag_time = max((p.created_at for p in plans if p.run_id in tags), default=now - _DAY)
     meta_bytes = _write(meta_path, _json({k: {"tags": v} for k, v in tags.items()}), tag_time)
 
+    index_files, index_bytes = 0, 0
+    if layout == LAYOUT_RUNS_PATH:
+        index_files, index_bytes = _write_index_files(root, seed, tag_time)
     _settle_dir_mtimes(root, experiments, plans)
 
     info = LabInfo(root=root, seed=seed, scale=scale, now=now, runs=infos, tags=tags)
-    info.total_files = 1 + sum(len(r.files) for r in infos)
-    info.total_bytes = meta_bytes + sum(sum(r.files.values()) for r in infos)
+    info.total_files = 1 + index_files + sum(len(r.files) for r in infos)
+    info.total_bytes = meta_bytes + index_bytes + sum(sum(r.files.values()) for r in infos)
     info.total_dirs = created_dirs + 2 * len(infos)
+    if (root / RUNS_DIRNAME / RECYCLE_DIRNAME).is_dir():
+        info.total_dirs += 1
     logger.debug(
         "built sample lab %s: %d runs, %d files, %d bytes in %.2fs",
         root,
@@ -662,10 +704,28 @@ def _plan_runs(
     return plans
 
 
+def _write_index_files(root: Path, seed: int, mtime: float) -> tuple[int, int]:
+    """The SDK 0.6+ SQLite index (``runicorn.db`` with its WAL and shared memory) as opaque
+    seeded bytes: never synced, so only their presence matters. Returns (files, bytes)."""
+    rng = random.Random(f"runicorn-sample-lab:{seed}:index")
+    sizes = {"": 16384, "-wal": 8232, "-shm": 32768}
+    total = 0
+    for suffix, size in sizes.items():
+        total += _write(root / (INDEX_FILE_PREFIX + suffix), rng.randbytes(size), mtime)
+    return len(sizes), total
+
+
+def _experiment_dirs(project: str, name: str) -> list[str]:
+    """The directories (relative, outermost first) that hold an experiment's run dirs."""
+    parts = run_prefix(project, name, "_").split("/")[:-2]
+    return ["/".join(parts[: k + 1]) for k in range(len(parts))]
+
+
 def _make_experiment_dirs(root: Path, experiments: Iterable[tuple[str, str]]) -> int:
     count = 0
     for project, name in experiments:
-        for sub in (root / project, root / project / name, root / project / name / RUNS_DIRNAME):
+        for rel in _experiment_dirs(project, name):
+            sub = root / rel
             if not sub.exists():
                 sub.mkdir()
                 count += 1
@@ -681,14 +741,13 @@ def _settle_dir_mtimes(
         key = (p.project, p.name)
         latest[key] = max(latest.get(key, p.created_at), p.created_at)
     fallback = min((p.created_at for p in plans), default=0.0)
-    per_project: dict[str, float] = {}
+    newest: dict[str, float] = {}
     for project, name in experiments:
         t = latest.get((project, name), fallback)
-        _set_mtime(root / project / name / RUNS_DIRNAME, t)
-        _set_mtime(root / project / name, t)
-        per_project[project] = max(per_project.get(project, t), t)
-    for project, t in per_project.items():
-        _set_mtime(root / project, t)
+        for rel in _experiment_dirs(project, name):
+            newest[rel] = max(newest.get(rel, t), t)
+    for rel, t in newest.items():
+        _set_mtime(root / rel, t)
 
 
 # --------------------------------------------------------------------------- live lab
@@ -703,10 +762,14 @@ class _LiveRun:
 
 
 def _scan_runs(root: Path) -> tuple[list[_LiveRun], list[tuple[str, str]]]:
-    """Non-deleted runs under ``root`` and the experiments that exist, sorted."""
+    """Non-deleted runs under ``root`` and the experiments that exist, sorted; runs-path
+    experiments are ``("runs", path)``."""
     runs: list[_LiveRun] = []
     experiments: list[tuple[str, str]] = []
+    _scan_run_paths(root / RUNS_DIRNAME, "", runs, experiments)
     for project in _sorted_dirs(root):
+        if project == RUNS_DIRNAME:
+            continue
         for name in _sorted_dirs(root / project):
             runs_dir = root / project / name / RUNS_DIRNAME
             if not runs_dir.is_dir():
@@ -720,6 +783,27 @@ def _scan_runs(root: Path) -> tuple[list[_LiveRun], list[tuple[str, str]]]:
                 rel = f"{project}/{name}/{RUNS_DIRNAME}/{run_id}"
                 runs.append(_LiveRun(rel=rel, path=path, status=status, created_at=created))
     return runs, experiments
+
+
+def _scan_run_paths(
+    directory: Path, path: str, runs: list[_LiveRun], experiments: list[tuple[str, str]]
+) -> None:
+    """The runs-path part of :func:`_scan_runs`: a directory holding run directories is an
+    experiment (as the lab writes them: never runs beside path components)."""
+    found = False
+    for name in _sorted_dirs(directory):
+        child = directory / name
+        if is_run_dir_listing(os.listdir(child)):
+            found = True
+            if (child / DELETED_MARKER).exists():
+                continue
+            status, created = _read_status(child)
+            rel = run_prefix(RUNS_DIRNAME, path, name)[:-1]
+            runs.append(_LiveRun(rel=rel, path=child, status=status, created_at=created))
+        else:
+            _scan_run_paths(child, f"{path}/{name}" if path else name, runs, experiments)
+    if found or (path and not any(_sorted_dirs(directory))):
+        experiments.append((RUNS_DIRNAME, path))
 
 
 def _sorted_dirs(path: Path) -> Iterator[str]:
@@ -810,6 +894,10 @@ def training_step(
             marker = {"deleted_at": round(now, 3), "reason": "user"}
             _write(victim.path / DELETED_MARKER, _json(marker), now)
             _set_mtime(victim.path, now)
+            if victim.rel.startswith(f"{RUNS_DIRNAME}/"):  # the viewer's recycle bin
+                recycle = root / RUNS_DIRNAME / RECYCLE_DIRNAME
+                recycle.mkdir(exist_ok=True)
+                os.rename(victim.path, recycle / victim.path.name)
             info.soft_deleted.append(victim.rel)
         else:
             shutil.rmtree(victim.path)
@@ -911,7 +999,7 @@ def _add_runs(
     taken = {
         e.name
         for project, name in experiments
-        for e in os.scandir(root / project / name / RUNS_DIRNAME)
+        for e in os.scandir(root / run_prefix(project, name, "_")[:-3])
     }
     added = []
     for _ in range(count):
@@ -967,7 +1055,7 @@ def _main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m runicorn.demo.sample_lab",
-        description="Build a deterministic sample lab in the Runicorn run layout.",
+        description="Build a deterministic sample lab in a Runicorn run layout.",
     )
     parser.add_argument("root", type=Path, help="directory to create (must be missing or empty)")
     parser.add_argument("--runs", type=int, default=100)
@@ -976,6 +1064,13 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--projects", type=int, default=None)
     parser.add_argument(
         "--now", type=float, default=None, help="clock (epoch s), for repeatability"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=(LAYOUT_PROJECT_NAME, LAYOUT_RUNS_PATH),
+        default=LAYOUT_PROJECT_NAME,
+        help="project-name: <project>/<name>/runs/<run_id> (SDK 0.5); "
+        "runs-path: runs/<project>/<name>/<run_id> (SDK 0.6+)",
     )
     args = parser.parse_args(argv)
 
@@ -987,6 +1082,7 @@ def _main(argv: list[str] | None = None) -> int:
         scale=args.scale,
         projects=args.projects,
         now=args.now,
+        layout=args.layout,
     )
     elapsed = time.perf_counter() - t0
     print(f"root:          {lab.root}")

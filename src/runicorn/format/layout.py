@@ -1,8 +1,24 @@
-"""The Runicorn run layout: where runs live and what their files mean.
+"""The Runicorn run layouts: where runs live and what their files mean.
 
-Runs live at ``<root>/<project>/<name>/runs/<run_id>/``. Every rule about that layout --
-which directories are runs, which files belong to a run, their sync priority, which are
-append-only -- is stated here once, so the scanners, the generator and the client agree.
+Two layouts, both found on one root:
+
+* **project-name** (the API document's, SDK 0.5 and earlier):
+  ``<root>/<project>/<name>/runs/<run_id>/``;
+* **runs-path** (SDK 0.6 and later): ``<root>/runs/<path...>/<run_id>/``, where ``<path>`` has
+  any number of components (none included) and a directory below ``runs/`` is a run when it
+  holds ``meta.json`` or ``status.json`` -- otherwise it is one more path component. This is
+  how the upstream SDK writes runs and how its viewer finds them.
+
+A top-level ``runs`` directory is always the runs-path layout, never a project: the upstream
+viewers (0.5 and 0.7 alike) skip a project named ``runs``. So project ``runs`` *means* the
+runs-path layout everywhere -- in a scan, a manifest, the cache: such a run is listed with
+``project`` ``"runs"``, ``name`` its path (``""`` for the empty path) and, in a manifest, the
+optional field ``path`` equal to the name. ``(project, name, run_id)`` stays unique across
+both layouts, and a run's directory follows from it alone (:func:`run_prefix`).
+
+Every rule about the layouts -- which directories are runs, which files belong to a run,
+their sync priority, which are append-only -- is stated here once, so the scanners, the
+generator and the client agree.
 """
 
 from __future__ import annotations
@@ -13,7 +29,26 @@ from typing import Any
 import orjson
 
 RUNS_DIRNAME = "runs"
-"""The directory between an experiment name and its run ids."""
+"""The directory between an experiment name and its run ids (project-name layout), and the
+top-level directory holding every run of the runs-path layout."""
+
+RUN_MARKERS = ("meta.json", "status.json")
+"""Below ``runs/`` (runs-path layout), a directory holding an entry of one of these names is a
+run; any other directory is a path component (the upstream viewer's rule)."""
+
+RECYCLE_DIRNAME = ".recycle"
+"""Where the upstream viewer moves deleted runs (``runs/.recycle/<run_id>``); never synced
+(hidden, like every dot name above the run level)."""
+
+INDEX_FILE_PREFIX = "runicorn.db"
+"""The upstream SDK's SQLite index at the root (``runicorn.db``, ``-wal``, ``-shm``): server
+paths, written mid-transaction, rebuilt by the viewer from the run files. Never synced."""
+
+LAYOUT_PROJECT_NAME = "project-name"
+LAYOUT_RUNS_PATH = "runs-path"
+LAYOUT_MIXED = "mixed"
+LAYOUT_NONE = "none"
+"""Names of what a root holds, as ``generate-manifest`` reports them."""
 
 MANIFEST_DIRNAME = ".runicorn"
 """Where generated manifests live, under the experiments root."""
@@ -74,8 +109,39 @@ def priority_for(path_in_run: str) -> int:
 
 
 def run_prefix(project: str, name: str, run_id: str) -> str:
-    """The manifest path prefix (with trailing slash) of every file of a run."""
+    """The manifest path prefix (with trailing slash) of every file of a run.
+
+    Project ``runs`` is the runs-path layout, whose path is the ``name``:
+    ``runs/<name>/<run_id>/`` (``runs/<run_id>/`` for the empty path).
+    """
+    if project == RUNS_DIRNAME:
+        return f"{RUNS_DIRNAME}/{name}/{run_id}/" if name else f"{RUNS_DIRNAME}/{run_id}/"
     return f"{project}/{name}/{RUNS_DIRNAME}/{run_id}/"
+
+
+def run_path_of(project: str, name: str) -> str | None:
+    """The runs-path ``path`` of a run, ``None`` for a project-name run."""
+    return name if project == RUNS_DIRNAME else None
+
+
+def is_run_dir_listing(names) -> bool:
+    """Whether a directory below ``runs/`` with these entry names is a run (runs-path)."""
+    return any(marker in names for marker in RUN_MARKERS)
+
+
+def is_index_file(name: str) -> bool:
+    """The upstream SDK's root index (``runicorn.db`` and its ``-wal``/``-shm``/journal)."""
+    return name.startswith(INDEX_FILE_PREFIX)
+
+
+def layout_name(project_name_runs: int, runs_path_runs: int) -> str:
+    """What a root holds: :data:`LAYOUT_PROJECT_NAME`, :data:`LAYOUT_RUNS_PATH`,
+    :data:`LAYOUT_MIXED` or :data:`LAYOUT_NONE`."""
+    if project_name_runs and runs_path_runs:
+        return LAYOUT_MIXED
+    if runs_path_runs:
+        return LAYOUT_RUNS_PATH
+    return LAYOUT_PROJECT_NAME if project_name_runs else LAYOUT_NONE
 
 
 # --- What a run says about itself -------------------------------------------------------

@@ -20,7 +20,7 @@ import orjson
 from runicorn._sys.gcpause import paused_gc
 from runicorn._version import __version__
 from runicorn.format.compression import decompress_capped
-from runicorn.format.layout import run_prefix
+from runicorn.format.layout import RUNS_DIRNAME, run_prefix
 
 
 class ManifestType(str, Enum):
@@ -79,7 +79,11 @@ class FileEntry:
 
 @dataclass(slots=True)
 class ExperimentEntry:
-    """One run and its files, sorted by path."""
+    """One run and its files, sorted by path.
+
+    A runs-path run (``runs/<path...>/<run_id>/``) has ``project`` ``"runs"``, ``name`` its
+    path and ``path`` the same path; ``path`` is ``None`` for a project-name run.
+    """
 
     run_id: str
     project: str
@@ -89,6 +93,7 @@ class ExperimentEntry:
     updated_at: float
     files: list[FileEntry] = field(default_factory=list)
     tags: list[str] | None = None
+    path: str | None = None
 
     @property
     def prefix(self) -> str:
@@ -100,11 +105,13 @@ class ExperimentEntry:
             "run_id": self.run_id,
             "project": self.project,
             "name": self.name,
-            "status": self.status,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "files": [entry.to_dict() for entry in self.files],
         }
+        if self.path is not None:
+            data["path"] = self.path
+        data["status"] = self.status
+        data["created_at"] = self.created_at
+        data["updated_at"] = self.updated_at
+        data["files"] = [entry.to_dict() for entry in self.files]
         if self.tags:
             data["tags"] = list(self.tags)
         return data
@@ -363,6 +370,20 @@ class _Validator:
             raise self.fail(where, f"{text!r} is not a safe path component")
         return text
 
+    def run_path(self, value: Any, where: str) -> str:
+        """A runs-path run's ``path``: ``""`` or visible components joined by ``/``."""
+        if value is None:
+            raise self.fail(
+                where,
+                f"project {RUNS_DIRNAME!r} is the runs-path layout (runs/<path>/<run_id>/) and "
+                "needs the field 'path' (a manifest of an older generator listing a project "
+                "named 'runs'? regenerate it with this version)",
+            )
+        text = self.string(value, f"{where}.path")
+        if text and not all(_is_safe_component(part) for part in text.split("/")):
+            raise self.fail(f"{where}.path", f"{text!r} is not a safe relative path")
+        return text
+
     def manifest(self, doc: Any) -> SyncManifest:
         if not isinstance(doc, dict):
             raise self.fail("top level", f"expected an object, got {type(doc).__name__}")
@@ -418,13 +439,28 @@ class _Validator:
     def experiment(self, raw: Any, where: str, seen_paths: set[str]) -> ExperimentEntry:
         if not isinstance(raw, dict):
             raise self.fail(where, f"expected an object, got {type(raw).__name__}")
+        project = self.component(self.require(raw, "project", where), f"{where}.project")
+        raw_path = raw.get("path")
+        if project == RUNS_DIRNAME or raw_path is not None:
+            path = self.run_path(raw_path, where)
+            name = self.string(self.require(raw, "name", where), f"{where}.name")
+            if project != RUNS_DIRNAME or name != path:
+                raise self.fail(
+                    where,
+                    f"a runs-path run has project {RUNS_DIRNAME!r} and name equal to its path; "
+                    f"got project {project!r}, name {name!r}, path {path!r}",
+                )
+        else:
+            path = None
+            name = self.component(self.require(raw, "name", where), f"{where}.name")
         exp = ExperimentEntry(
             run_id=self.component(self.require(raw, "run_id", where), f"{where}.run_id"),
-            project=self.component(self.require(raw, "project", where), f"{where}.project"),
-            name=self.component(self.require(raw, "name", where), f"{where}.name"),
+            project=project,
+            name=name,
             status=self.string(self.require(raw, "status", where), f"{where}.status"),
             created_at=self.number(self.require(raw, "created_at", where), f"{where}.created_at"),
             updated_at=self.number(self.require(raw, "updated_at", where), f"{where}.updated_at"),
+            path=path,
         )
         where = f"{where} (run {exp.prefix.rstrip('/')})"
         tags = raw.get("tags")

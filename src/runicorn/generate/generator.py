@@ -93,6 +93,8 @@ class GenerationReport:
     files_reused: int = 0
     files_vanished: int = 0
     duration: float = 0.0
+    run_layout: str = layout.LAYOUT_NONE
+    """Which run layouts the root holds (:func:`runicorn.format.layout.layout_name`)."""
 
 
 def _stat_key(record: tuple[str, int, int, int, int]) -> StatKey:
@@ -265,6 +267,8 @@ class ManifestGenerator:
             ) from error
         report.problems.extend(scan.problems)
         self._log_problems(scan.problems)
+        runs_path_runs = sum(run[0] == layout.RUNS_DIRNAME for run in scan.runs)
+        report.run_layout = layout.layout_name(len(scan.runs) - runs_path_runs, runs_path_runs)
         return scan_started_ns, scan
 
     def _reuse_unchanged_manifest(
@@ -530,6 +534,7 @@ class ManifestGenerator:
             created_at=created_at,
             updated_at=run_files.newest if run_files.files else created_at,
             files=run_files.files,
+            path=layout.run_path_of(project, name),
         )
 
     def _read_run_json(

@@ -406,13 +406,12 @@ class ManifestSyncClient:
                 "removed run %s/%s/%s: the server no longer lists it", project, name, run_id
             )
             run.deleted_count += 1
-        failed_runs = {tuple(path.split("/", 4)[:4]) for path in run.failed}
+        # every directory prefix of a failed file: a run failed when its prefix is one
+        failed_dirs = {path[: end + 1] for path in run.failed for end in _slashes(path)}
         self.cache.save_runs(
             remote_id,
             [
-                self._run_record(
-                    exp, None if (exp.project, exp.name, "runs", exp.run_id) in failed_runs else now
-                )
+                self._run_record(exp, None if exp.prefix in failed_dirs else now)
                 for exp in manifest.experiments
             ],
         )
@@ -503,3 +502,11 @@ class ManifestSyncClient:
             run.reason = refusal
             return gone, []
         return gone, gone
+
+
+def _slashes(path: str) -> Iterator[int]:
+    """The index of every ``/`` in ``path``."""
+    end = path.find("/")
+    while end >= 0:
+        yield end
+        end = path.find("/", end + 1)

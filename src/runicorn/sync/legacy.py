@@ -1,11 +1,17 @@
 """Legacy sync: mirror a server that publishes no manifest by walking its tree over SFTP.
 
-The walk lists ``<root>/<project>/<name>/runs/<run_id>/`` (and every directory below a run)
-breadth-first, one :meth:`Remote.listdirs` call per level, so a 100-run lab costs about six
-batched calls -- each listing a whole level concurrently on several SFTP channels -- instead
-of one round trip per directory. What it finds is turned into a :class:`SyncManifest` by the
-same layout rules the generator uses (:mod:`runicorn.format.layout`), and that manifest is applied
-by :meth:`ManifestSyncClient.sync_with_manifest`, so legacy and manifest syncs share one diff,
+The walk lists ``<root>/<project>/<name>/runs/<run_id>/`` and
+``<root>/runs/<path...>/<run_id>/`` (and every directory below a run) breadth-first, one
+:meth:`Remote.listdirs` call per level, so a 100-run lab costs about six batched calls --
+each listing a whole level concurrently on several SFTP channels -- instead of one round
+trip per directory. Below ``runs/`` a directory is a run when its listing holds
+``meta.json`` or ``status.json``, and a path component otherwise (see
+:mod:`runicorn.format.layout`); root-level files such as the SDK's ``runicorn.db`` index are
+never part of a run, so never synced.
+
+What it finds is turned into a :class:`SyncManifest` by the same layout rules the generator
+uses (:mod:`runicorn.format.layout`), and that manifest is applied by
+:meth:`ManifestSyncClient.sync_with_manifest`, so legacy and manifest syncs share one diff,
 transfer and state engine and produce the same cache.
 
 What a walk cannot know, and how that is handled (kept simple on purpose):
@@ -227,8 +233,17 @@ class _Walk:
                 f"{reason}; check the path and its permissions on the server"
             ) from root_value
         projects = self.subdirs(sorted(root_value, key=lambda e: e.name), ROOT, strict=False)
+        # a top-level runs directory is the runs-path layout, never a project
+        runs_tree = layout.RUNS_DIRNAME in projects
+        projects = [project for project in projects if project != layout.RUNS_DIRNAME]
 
-        level = self.list_level(projects)
+        level = self.list_level(projects + ([layout.RUNS_DIRNAME] if runs_tree else []))
+        # directories below runs/ not known yet to be runs or path components: (dir, path)
+        candidates: list[tuple[str, str]] = []
+        if runs_tree:
+            entries = self.listing(level, layout.RUNS_DIRNAME)
+            for name in self.subdirs(entries or (), layout.RUNS_DIRNAME, strict=False):
+                candidates.append((_join(layout.RUNS_DIRNAME, name), ""))
         experiments: list[str] = []
         for project in projects:
             entries = self.listing(level, project)
@@ -263,11 +278,12 @@ class _Walk:
                 runs[_join(runs_dir, run_id)] = _Run(project, name, run_id)
 
         # Run directories and everything below them, one level per call. Each pending
-        # directory carries its run and its path inside the run.
+        # directory carries its run and its path inside the run; the runs-path candidates
+        # are listed on the same calls, and become runs or path components once listed.
         pending: list[tuple[str, _Run, str]] = [(path, run, "") for path, run in runs.items()]
         unreadable_runs: set[str] = set()
-        while pending:
-            level = self.list_level([path for path, _, _ in pending])
+        while pending or candidates:
+            level = self.list_level([path for path, _, _ in pending] + [c for c, _ in candidates])
             following: list[tuple[str, _Run, str]] = []
             for path, run, in_run in pending:
                 entries = self.listing(level, path)
@@ -275,17 +291,42 @@ class _Walk:
                     if not in_run:
                         unreadable_runs.add(path)
                     continue
-                if not in_run and any(e.name == layout.DELETED_MARKER for e in entries):
-                    run.deleted = True
-                    self.soft_deleted += 1
-                    continue
-                following += self.run_files(entries, path, run, in_run)
+                if in_run:
+                    following += self.run_files(entries, path, run, in_run)
+                else:
+                    following += self.top_of_run(entries, path, run)
+            next_candidates: list[tuple[str, str]] = []
+            for path, run_path in candidates:
+                entries = self.listing(level, path)
+                if entries is None:
+                    continue  # warned; neither a run nor a path component known to be one
+                name = path.rsplit("/", 1)[1]
+                if layout.is_run_dir_listing({entry.name for entry in entries}):
+                    run = _Run(layout.RUNS_DIRNAME, run_path, name)
+                    runs[path] = run
+                    following += self.top_of_run(entries, path, run)
+                else:
+                    child_path = f"{run_path}/{name}" if run_path else name
+                    next_candidates += [
+                        (_join(path, child), child_path)
+                        for child in self.subdirs(entries, path, strict=False)
+                    ]
             pending = following
-        return [
-            run
-            for path, run in sorted(runs.items())
-            if not run.deleted and path not in unreadable_runs
-        ]
+            candidates = next_candidates
+        return sorted(
+            (run for path, run in runs.items() if not run.deleted and path not in unreadable_runs),
+            key=lambda run: (run.project, run.name, run.run_id),
+        )
+
+    def top_of_run(
+        self, entries: Sequence[_Entry], path: str, run: _Run
+    ) -> list[tuple[str, _Run, str]]:
+        """The listing of a run directory: soft-deleted, or its files and subdirectories."""
+        if any(e.name == layout.DELETED_MARKER for e in entries):
+            run.deleted = True
+            self.soft_deleted += 1
+            return []
+        return self.run_files(entries, path, run, "")
 
     def run_files(
         self, entries: Sequence[_Entry], path: str, run: _Run, in_run: str
@@ -354,6 +395,7 @@ def walk_remote(
                 updated_at=max(mtimes, default=0.0),
                 files=files,
                 tags=tags.get(run.run_id),
+                path=layout.run_path_of(run.project, run.name),
             )
         )
     experiments.sort(key=lambda exp: (exp.project, exp.name, exp.run_id))

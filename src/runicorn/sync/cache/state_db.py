@@ -152,12 +152,19 @@ RunKey = tuple[str, str, str]
 """``(project, name, run_id)`` of a run."""
 
 
-def _run_key(path: str) -> RunKey | None:
-    """``(project, name, run_id)`` of a mirrored file path, or ``None`` off the run layout."""
-    parts = path.split("/", 4)
-    if len(parts) < 5:
-        return None
-    return parts[0], parts[1], parts[3]
+def _run_key(path: str, runs: dict[str, RunKey]) -> RunKey | None:
+    """``(project, name, run_id)`` of a mirrored file path, or ``None`` off every run.
+
+    ``runs`` maps run prefixes (:func:`run_prefix`) to keys: a runs-path run's depth is not
+    fixed, so the path's directory prefixes are looked up, shortest first.
+    """
+    end = path.find("/")
+    while end >= 0:
+        key = runs.get(path[: end + 1])
+        if key is not None:
+            return key
+        end = path.find("/", end + 1)
+    return None
 
 
 def _cached_run(
@@ -258,15 +265,16 @@ class StateDatabase:
     def list_runs(self, run_path: Callable[[str, str, str], Path]) -> list[CachedRun]:
         """Every recorded run with the bytes of its recorded files; ``run_path`` says where
         the tree keeps a run (``project, name, run_id`` to its directory)."""
-        sizes: dict[RunKey, int] = {}
-        for path, size in self._read("SELECT path, size FROM files"):
-            key = _run_key(path)
-            if key is not None:
-                sizes[key] = sizes.get(key, 0) + size
         rows = self._read(
             "SELECT project, name, run_id, status, last_synced, created_at, updated_at, tags,"
             " remote_id FROM runs ORDER BY project, name, run_id"
         )
+        prefixes = {run_prefix(*row[:3]): (row[0], row[1], row[2]) for row in rows}
+        sizes: dict[RunKey, int] = {}
+        for path, size in self._read("SELECT path, size FROM files"):
+            key = _run_key(path, prefixes)
+            if key is not None:
+                sizes[key] = sizes.get(key, 0) + size
         return [_cached_run(row, sizes, run_path) for row in rows]
 
     def save_runs(self, remote_id: str, runs: Sequence[RunRecord]) -> None:
