@@ -46,11 +46,17 @@ class Lab:
 
 
 def make_lab(
-    tmp_path: Path, backend: Backend, *, runs: int = 10, scale: float = 0.05, publish: bool = True
+    tmp_path: Path,
+    backend: Backend,
+    *,
+    runs: int = 10,
+    scale: float = 0.05,
+    publish: bool = True,
+    run_layout: str = layout.LAYOUT_PROJECT_NAME,
 ) -> Lab:
     """A seeded sample lab under ``tmp_path/lab`` with its full manifest published."""
     root = tmp_path / "lab"
-    info = build_sample_lab(root, runs=runs, seed=SEED, scale=scale, now=NOW)
+    info = build_sample_lab(root, runs=runs, seed=SEED, scale=scale, now=NOW, layout=run_layout)
     lab = Lab(root=root, info=info, now=NOW, backend=backend)
     if publish:
         lab.publish()
@@ -76,26 +82,52 @@ def settle(sftp: paramiko.SFTPClient) -> None:
 def server_files(root: Path) -> dict[str, bytes]:
     """What a cache of ``root`` must hold: every synced file of every listed run.
 
-    Hidden top-level entries (manifests, tags), lock files, soft-delete markers and
-    soft-deleted runs are not synced.
+    Runs are ``<project>/<name>/runs/<run_id>`` and, below a top-level ``runs``, the first
+    directory holding meta.json or status.json (written out here again, independently of the
+    scanners). Hidden names above the run level (manifests, tags, the recycle bin), files
+    outside runs (the SDK's index), lock files, soft-delete markers and soft-deleted runs are
+    not synced.
     """
     found: dict[str, bytes] = {}
-    for directory, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(directory, root)
-        depth = 0 if rel_dir == "." else rel_dir.count("/") + 1
-        if depth < 4:
-            dirnames[:] = [d for d in dirnames if not layout.is_hidden(d)]
-        if depth == 4 and layout.DELETED_MARKER in filenames:
-            dirnames[:] = []
+    for run_dir in _run_dirs(root):
+        names = os.listdir(root / run_dir)
+        if layout.DELETED_MARKER in names:
             continue
-        if depth < 4:
+        for directory, _dirnames, filenames in os.walk(root / run_dir):
+            rel_dir = os.path.relpath(directory, root)
+            for name in filenames:
+                rel = f"{rel_dir}/{name}"
+                if layout.is_synced_file(rel[len(run_dir) + 1 :]):
+                    found[rel] = (Path(directory) / name).read_bytes()
+    return found
+
+
+def _visible_dirs(path: Path) -> list[str]:
+    return sorted(
+        entry.name
+        for entry in os.scandir(path)
+        if entry.is_dir(follow_symlinks=False) and not layout.is_hidden(entry.name)
+    )
+
+
+def _run_dirs(root: Path) -> list[str]:
+    found: list[str] = []
+    for project in _visible_dirs(root):
+        if project == layout.RUNS_DIRNAME:
             continue
-        run_dir = "/".join(rel_dir.split("/")[:4])
-        for name in filenames:
-            rel = f"{rel_dir}/{name}"
-            in_run = rel[len(run_dir) + 1 :]
-            if layout.is_synced_file(in_run):
-                found[rel] = (Path(directory) / name).read_bytes()
+        for name in _visible_dirs(root / project):
+            runs = root / project / name / layout.RUNS_DIRNAME
+            if runs.is_dir() and not runs.is_symlink():
+                found += [f"{project}/{name}/runs/{run_id}" for run_id in _visible_dirs(runs)]
+    pending = [layout.RUNS_DIRNAME] if (root / layout.RUNS_DIRNAME).is_dir() else []
+    while pending:
+        rel = pending.pop()
+        for child in _visible_dirs(root / rel):
+            names = os.listdir(root / rel / child)
+            if "meta.json" in names or "status.json" in names:
+                found.append(f"{rel}/{child}")
+            else:
+                pending.append(f"{rel}/{child}")
     return found
 
 

@@ -447,3 +447,41 @@ def test_the_console_script_keeps_its_exit_codes(backend, tmp_path: Path):
     assert failed.returncode == 1
     assert failed.stderr.startswith("error: ")
     assert _console_script(backend, "generate-manifest", "--bogus").returncode == 2
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+def test_a_runs_path_root_is_named_and_listed(tmp_path, cli):
+    root = tmp_path / "lab"
+    run = root / "runs" / "cv" / "yolo" / "20240101_000000_000001"
+    _write(run / "meta.json", '{"id":"20240101_000000_000001","path":"cv/yolo"}', 86_400)
+    _write(run / "events.jsonl", '{"step":0}\n', 86_400)
+    _write(root / "runicorn.db", "SQLite format 3", 60)
+    _write(root / "runicorn.db-wal", "", 60)
+    summary = _summary(cli("--root", str(root), "--json"))
+    assert (summary["layout"], summary["experiments"], summary["files"]) == ("runs-path", 1, 2)
+    manifest = _manifest(root / ".runicorn" / "full_manifest.json")
+    assert [entry.path for entry in manifest.iter_files()] == [
+        "runs/cv/yolo/20240101_000000_000001/events.jsonl",
+        "runs/cv/yolo/20240101_000000_000001/meta.json",
+    ]
+    result = cli("--root", str(root))
+    assert "Layout:        runs-path" in result.stdout
+
+
+def test_a_root_with_both_layouts_is_mixed(lab, cli):
+    _write(lab / "runs" / "20240101_000000_00000a" / "status.json", "{}", 60)
+    summary = _summary(cli("--root", str(lab), "--json"))
+    assert (summary["layout"], summary["experiments"]) == ("mixed", 4)
+
+
+def test_a_root_without_runs_exits_0_and_says_what_it_looked_for(tmp_path, cli):
+    (tmp_path / "not-a-lab" / "src").mkdir(parents=True)
+    result = cli("--root", str(tmp_path / "not-a-lab"), "--json")
+    summary = _summary(result)
+    assert (summary["layout"], summary["experiments"], summary["published"]) == ("none", 0, True)
+    root = tmp_path / "not-a-lab"
+    assert "no run found" in result.stderr
+    assert f"{root}/<project>/<name>/runs/<run_id>/" in result.stderr
+    assert f"{root}/runs/<path...>/<run_id>/" in result.stderr

@@ -146,7 +146,41 @@ project_nodes = weighted(
     (1, dirs(experiment_nodes(), max_size=3)),
     (1, leaves),
 )
-trees = st.dictionaries(names, project_nodes, max_size=4)
+marker_nodes = weighted((4, file_nodes), (1, st.just(("dir", {}))), (1, symlink_nodes))
+
+
+@st.composite
+def run_path_nodes(draw: st.DrawFn, depth: int = 0) -> tuple:
+    """A directory below ``runs/`` (runs-path layout): runs (a directory holding meta.json
+    or status.json, of any type), deeper path components, and stray leaves."""
+    kinds = ["run", "run", "path", "leaf"] if depth < 3 else ["run", "leaf"]
+    children: dict[str, tuple] = {}
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(names)
+        kind = draw(st.sampled_from(kinds))
+        if kind == "run":
+            node = draw(dirs(run_contents))
+            if node[0] == "dir" and draw(st.integers(0, 4)):
+                node[1][draw(st.sampled_from(["meta.json", "status.json"]))] = draw(marker_nodes)
+        elif kind == "path":
+            node = draw(run_path_nodes(depth + 1))
+        else:
+            node = draw(leaves)
+        children[name] = node
+    return ("dir", children)
+
+
+def _with_runs_tree(pair: tuple[dict, tuple | None]) -> dict:
+    tree, runs = pair
+    if runs is not None:
+        tree = {**tree, "runs": runs}
+    return tree
+
+
+trees = st.tuples(
+    st.dictionaries(names, project_nodes, max_size=4),
+    st.one_of(st.none(), run_path_nodes(), st.just(("symlink", "/tmp"))),
+).map(_with_runs_tree)
 
 TIMES_NS = [
     0,
@@ -293,6 +327,12 @@ def test_permission_errors_match_for_an_unprivileged_user(both, scratch):
         "p/e-no-search/runs/r/meta.json": "{}",
         "p0/e/runs/r/meta.json": "{}",
         "q/e/runs/r/meta.json": "{}",
+        "runs/p/r/meta.json": "{}",
+        "runs/p/r-locked/meta.json": "{}",
+        "runs/p-locked/r/meta.json": "{}",
+        "runs/p-no-search/r/status.json": "{}",
+        "runs/r/sub-locked/x": "y",
+        "runs/r/meta.json": "{}",
     }
     for rel, text in layout.items():
         os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
@@ -304,6 +344,10 @@ def test_permission_errors_match_for_an_unprivileged_user(both, scratch):
         ("p/e-locked-runs/runs", 0o000),
         ("p/e-no-search", 0o644),
         ("p0", 0o000),
+        ("runs/p/r-locked", 0o000),
+        ("runs/p-locked", 0o000),
+        ("runs/p-no-search", 0o644),
+        ("runs/r/sub-locked", 0o000),
     ]:
         os.chmod(os.path.join(root, rel), mode)
     completed = subprocess.run(
@@ -606,6 +650,7 @@ def experiment_lists(draw: st.DrawFn) -> list:
                 draw(json_floats),
                 files if draw(st.integers(0, 5)) else tuple(files),
                 draw(st.one_of(st.none(), st.just([]), st.lists(json_text, max_size=2))),
+                draw(st.one_of(st.none(), st.just(""), json_text)),
             )
         )
     return experiments if draw(st.booleans()) else tuple(experiments)

@@ -256,6 +256,88 @@ def test_golden_manifests_are_valid_and_cover_the_tree():
     }
 
 
+def _build_runs_path_golden_tree(root: Path) -> None:
+    """The fixed SDK 0.6+ tree: runs at several depths and at the empty path, the viewer's
+    recycle bin, the root index files, archive blobs and lock files beside run files."""
+    old = NOW - 2 * 24 * HOUR
+    live = NOW - 60
+
+    deep = root / "runs" / "cv" / "yolo" / "ablation" / "20231231_090000_a1b2c3"
+    _write(deep / "meta.json", '{"id":"20231231_090000_a1b2c3","path":"cv/yolo/ablation"}', old)
+    _write(deep / "status.json", '{"status":"finished","started_at":1704013200}', old, 5)
+    _write(deep / "events.jsonl", _events(120), old, 999_999_999)
+    _write(deep / "events.jsonl.lock", b"", old)
+    _write(deep / "logs.txt", "epoch 0 done\n", old)
+    _write(deep / "assets.json", '{"code":[{"archive_path":"/srv/lab/archive/blobs/ab"}]}', old)
+    _write(deep / ".outputs_state.json", "{}", old)
+    _write(deep / "media" / "step_0001.png", b"\x89PNG\r\n\x1a\n", old)
+
+    running = root / "runs" / "cv" / "20240102_120000_d4e5f6"
+    _write(running / "meta.json", '{"id":"20240102_120000_d4e5f6","created_at":1704196800}', live)
+    _write(running / "status.json", '{"status":"running","started_at":1704196800}', live)
+    _write(running / "events.jsonl", _events(3) + '{"step":3,"lo', live, 1)
+    _write(running / "logs.txt.lock", b"", live)
+
+    top = root / "runs" / "20240101_000000_0f0f0f"
+    _write(top / "status.json", '{"status":"failed"}', old)
+
+    recycled = root / "runs" / ".recycle" / "20231230_000000_0a0b0c"
+    _write(recycled / "meta.json", '{"id":"20231230_000000_0a0b0c","path":"cv"}', old)
+    _write(recycled / ".deleted", "{}", old)
+    (root / "runs" / "cv" / "20240102_130000_made00" / "media").mkdir(parents=True)
+    _write(root / "runicorn.db", b"SQLite format 3\0", old)
+    _write(root / "runicorn.db-wal", b"", old)
+    _write(root / "runicorn.db-shm", b"", old)
+    _write(root / "archive" / "blobs" / "ab", b"code snapshot", old)
+
+
+RUNS_PATH_GOLDEN = GOLDEN_DIR / "runs_path_full_manifest.json"
+
+
+def test_runs_path_golden_tree_gives_the_golden_manifest_byte_for_byte(
+    tmp_path, monkeypatch, make_generator
+):
+    monkeypatch.chdir(tmp_path)
+    _build_runs_path_golden_tree(tmp_path / "lab")
+    generator = make_generator(
+        Path("/proc/self/cwd/lab"),
+        uuid_factory=lambda: "6f1c2a8e-0000-4000-8000-00000000beef",
+        hostname="gpu-lab-01",
+    )
+    manifest, path = generator.generate()
+    if UPDATE_GOLDEN:
+        RUNS_PATH_GOLDEN.write_bytes(path.read_bytes())
+    assert path.read_bytes() == RUNS_PATH_GOLDEN.read_bytes()
+    assert generator.last_report.run_layout == "runs-path"
+    assert [(exp.path, exp.run_id, exp.status) for exp in manifest.experiments] == [
+        ("", "20240101_000000_0f0f0f", "failed"),
+        ("cv", "20240102_120000_d4e5f6", "running"),
+        ("cv/yolo/ablation", "20231231_090000_a1b2c3", "finished"),
+    ]
+    listed = [entry.path for entry in manifest.iter_files()]
+    assert not [p for p in listed if "runicorn.db" in p or "archive" in p or ".recycle" in p]
+    assert "runs/cv/yolo/ablation/20231231_090000_a1b2c3/.outputs_state.json" in listed
+
+
+def test_mixed_layouts_are_named_and_listed_together(lab, make_generator):
+    _write(lab / "runs" / "p" / "20240101_000000_00000a" / "meta.json", "{}", NOW - HOUR)
+    generator = make_generator(lab)
+    manifest, _ = generator.generate()
+    assert generator.last_report.run_layout == "mixed"
+    assert [(exp.project, exp.name, exp.path) for exp in manifest.experiments] == [
+        ("other", "exp", None),
+        ("proj", "exp", None),
+        ("proj", "exp", None),
+        ("runs", "p", "p"),
+    ]
+
+
+def test_an_empty_root_has_layout_none(tmp_path, make_generator):
+    generator = make_generator(tmp_path)
+    manifest, _ = generator.generate()
+    assert manifest.experiments == [] and generator.last_report.run_layout == "none"
+
+
 def test_golden_generation_reports_the_broken_metadata(golden_generator):
     golden_generator.generate()
     warnings = "\n".join(golden_generator.last_report.warnings)

@@ -142,3 +142,44 @@ def test_no_metadata_gives_no_tags(doc):
 
 def test_tags_from_truncated_metadata_file_are_empty():
     assert layout.tags_by_run(layout.parse_json_object(b'{"r1": {"tags": ["a"')) == {}
+
+
+# --- the runs-path layout ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        ("", "runs/20240101_000000_abcdef/"),
+        ("cv", "runs/cv/20240101_000000_abcdef/"),
+        ("cv/yolo/ablation", "runs/cv/yolo/ablation/20240101_000000_abcdef/"),
+    ],
+)
+def test_project_runs_is_the_runs_path_layout_with_the_path_as_name(name, prefix):
+    assert layout.run_prefix("runs", name, "20240101_000000_abcdef") == prefix
+    assert layout.run_path_of("runs", name) == name
+
+
+def test_other_projects_have_no_runs_path():
+    assert layout.run_path_of("vision", "resnet") is None
+
+
+@pytest.mark.parametrize(
+    ("names", "is_run"),
+    [
+        ({"meta.json"}, True),
+        ({"status.json", "media"}, True),
+        ({"events.jsonl", "media", "logs.txt"}, False),
+        (set(), False),
+    ],
+)
+def test_a_directory_below_runs_is_a_run_when_it_holds_meta_or_status(names, is_run):
+    assert layout.is_run_dir_listing(names) is is_run
+
+
+@pytest.mark.parametrize(
+    ("counts", "name"),
+    [((0, 0), "none"), ((3, 0), "project-name"), ((0, 2), "runs-path"), ((1, 1), "mixed")],
+)
+def test_layout_names(counts, name):
+    assert layout.layout_name(*counts) == name

@@ -551,3 +551,108 @@ def test_format_constants_match_the_spec():
     assert ManifestFormat.TAIL_HASH_WINDOW == 4096
     assert ManifestType.FULL.filename == "full_manifest.json"
     assert ManifestType.ACTIVE.filename == "active_manifest.json"
+
+
+# --- runs-path runs (runs/<path...>/<run_id>/) ---------------------------------------------
+
+RUN_ID = "20240101_120000_abcdef"
+
+
+def _runs_path_document(path: str = "cv/yolo") -> dict:
+    prefix = f"runs/{path}/{RUN_ID}/" if path else f"runs/{RUN_ID}/"
+    manifest = _manifest()
+    manifest.experiments = [
+        ExperimentEntry(
+            run_id=RUN_ID,
+            project="runs",
+            name=path,
+            path=path,
+            status="finished",
+            created_at=1.0,
+            updated_at=2.0,
+            files=[FileEntry(prefix + "meta.json", 5, 2.0, 1)],
+        )
+    ]
+    return orjson.loads(manifest.to_json())
+
+
+@pytest.mark.parametrize("path", ["", "cv", "cv/yolo/ablation-2"])
+def test_a_runs_path_run_round_trips_with_its_path(path):
+    data = orjson.dumps(_runs_path_document(path))
+    manifest = SyncManifest.from_json(data)
+    exp = manifest.experiments[0]
+    assert (exp.project, exp.name, exp.path) == ("runs", path, path)
+    assert exp.prefix == (f"runs/{path}/{RUN_ID}/" if path else f"runs/{RUN_ID}/")
+    assert manifest.to_json() == data
+
+
+def test_path_follows_name_in_the_document_and_is_absent_for_project_name_runs():
+    experiment = _runs_path_document()["experiments"][0]
+    assert list(experiment)[:5] == ["run_id", "project", "name", "path", "status"]
+    assert "path" not in _document()["experiments"][0]
+
+
+def test_a_run_of_project_runs_without_a_path_is_refused_with_a_hint():
+    doc = _runs_path_document()
+    del doc["experiments"][0]["path"]
+    _reject(doc, "experiments[0]", "runs-path layout", "'path'")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("project", "cv"), ("name", "cv/other"), ("name", "cv"), ("path", "cv/other")],
+)
+def test_project_name_and_path_of_a_runs_path_run_must_agree(field, value):
+    doc = _runs_path_document()
+    doc["experiments"][0][field] = value
+    _reject(doc, "experiments[0]")
+
+
+@pytest.mark.parametrize(
+    "path", ["..", "cv/..", "cv//yolo", "/cv", "cv/", ".recycle", "cv/.x", "a\\b", "a\0b"]
+)
+def test_unsafe_run_paths_are_refused(path):
+    doc = _runs_path_document()
+    doc["experiments"][0]["path"] = doc["experiments"][0]["name"] = path
+    _reject(doc, "experiments[0]")
+
+
+@pytest.mark.parametrize("value", [1, None, ["cv"]])
+def test_a_path_that_is_not_a_string_is_refused(value):
+    doc = _runs_path_document()
+    doc["experiments"][0]["path"] = value
+    doc["experiments"][0]["project"] = "runs"
+    _reject(doc, "experiments[0]")
+
+
+@pytest.mark.parametrize(
+    "file_path",
+    [
+        f"runs/cv/{RUN_ID}/meta.json",  # another run's directory: one level up
+        f"runs/cv/yolo/other/{RUN_ID}/meta.json",
+        "runs/cv/yolo/meta.json",
+        f"cv/yolo/runs/{RUN_ID}/meta.json",  # the project-name spelling of the same run
+        f"runs/cv/yolo/{RUN_ID}/../x",
+        f"runs/cv/yolo/{RUN_ID}/",
+    ],
+)
+def test_files_of_a_runs_path_run_must_lie_under_its_directory(file_path):
+    doc = _runs_path_document()
+    doc["experiments"][0]["files"][0]["path"] = file_path
+    _reject(doc, "experiments[0]", "files[0].path")
+
+
+def test_the_same_run_id_in_both_layouts_is_two_runs():
+    doc = _runs_path_document("cv/yolo")
+    legacy = dict(doc["experiments"][0], project="cv", name="yolo")
+    del legacy["path"]
+    legacy["files"] = [dict(legacy["files"][0], path=f"cv/yolo/runs/{RUN_ID}/meta.json")]
+    doc["experiments"].append(legacy)
+    doc["statistics"]["total_experiments"] = 2
+    doc["statistics"]["total_files"] = 2
+    doc["statistics"]["total_bytes"] = 10
+    manifest = SyncManifest.from_json(orjson.dumps(doc))
+    assert [exp.prefix for exp in manifest.experiments] == [
+        f"runs/cv/yolo/{RUN_ID}/",
+        f"cv/yolo/runs/{RUN_ID}/",
+    ]

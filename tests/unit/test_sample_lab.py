@@ -321,3 +321,59 @@ def test_script_entry_point(tmp_path: Path) -> None:
     )
     assert "runs:          5" in out.stdout
     assert len(list((tmp_path / "lab").glob("*/*/runs/*"))) == 5
+
+
+# ------------------------------------------------------------------------------ runs-path
+
+
+@pytest.fixture(scope="module")
+def runs_path_lab(tmp_path_factory: pytest.TempPathFactory) -> LabInfo:
+    return build_sample_lab(
+        tmp_path_factory.mktemp("lab"), 200, seed=7, scale=0.02, now=NOW, layout="runs-path"
+    )
+
+
+def test_runs_path_lab_holds_the_same_runs_as_the_default_one(
+    lab: LabInfo, runs_path_lab: LabInfo
+) -> None:
+    def described(info: LabInfo) -> list[tuple]:
+        return [
+            (r.run_id, r.status, r.created_at, r.updated_at, r.deleted, sorted(r.files))
+            for r in info.runs
+        ]
+
+    assert described(runs_path_lab) == described(lab)
+    for default, sdk06 in zip(lab.runs, runs_path_lab.runs, strict=True):
+        assert (sdk06.project, sdk06.name) == ("runs", f"{default.project}/{default.name}")
+        if sdk06.deleted:  # moved to the viewer's recycle bin
+            assert sdk06.rel == f"runs/.recycle/{sdk06.run_id}"
+        else:
+            assert sdk06.rel == f"runs/{default.project}/{default.name}/{default.run_id}"
+        assert sdk06.path == runs_path_lab.root / sdk06.rel and sdk06.path.is_dir()
+        meta = orjson.loads((sdk06.path / "meta.json").read_bytes())
+        assert meta["path"] == sdk06.name and "project" not in meta and "name" not in meta
+
+
+def test_runs_path_lab_info_matches_disk_index_files_included(runs_path_lab: LabInfo) -> None:
+    files = {k: v for k, v in snapshot(runs_path_lab.root).items() if v[0] == "f"}
+    assert len(files) == runs_path_lab.total_files
+    assert sum(v[1] for v in files.values()) == runs_path_lab.total_bytes
+    assert {"runicorn.db", "runicorn.db-wal", "runicorn.db-shm"} <= set(files)
+
+
+def test_an_unknown_layout_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="layout"):
+        build_sample_lab(tmp_path, 1, layout="flat")
+
+
+def test_training_step_on_a_runs_path_lab(tmp_path: Path) -> None:
+    lab = build_sample_lab(tmp_path / "lab", 40, seed=2, scale=0.02, now=NOW, layout="runs-path")
+    running = {r.rel for r in lab.running_runs}
+    step = training_step(lab.root, seed=5, now=NOW + 300)
+    assert running and {p.rsplit("/", 1)[0] for p in step.appended} == running
+    for rel in step.added:
+        assert rel.startswith("runs/") and (lab.root / rel / "status.json").is_file()
+    for rel in step.soft_deleted:
+        run_id = rel.rsplit("/", 1)[1]
+        assert not (lab.root / rel).exists()
+        assert (lab.root / "runs" / ".recycle" / run_id / layout.DELETED_MARKER).is_file()

@@ -309,3 +309,137 @@ def test_a_name_that_matches_nothing_does_not_hide_the_names_beside_it(backend, 
 def test_read_must_be_a_collection_of_names(backend, lab, read):
     with pytest.raises(TypeError, match="read must be a collection of file names"):
         backend.scan_experiments(str(lab), 1, read)
+
+
+# --- the runs-path layout: runs/<path...>/<run_id>/ ----------------------------------------
+
+
+@pytest.fixture
+def runs_path_lab(tmp_path: Path) -> Path:
+    """An SDK 0.6+ root: runs at several depths, the empty path, the viewer's recycle bin,
+    the root index files, archive blobs, lock files and a run directory still being made."""
+    return make(
+        tmp_path,
+        {
+            "runs/cv/yolo/20250101_000000_aaaaaa/meta.json": '{"path": "cv/yolo"}',
+            "runs/cv/yolo/20250101_000000_aaaaaa/events.jsonl": '{"step": 1}\n',
+            "runs/cv/yolo/20250101_000000_aaaaaa/events.jsonl.lock": "",
+            "runs/cv/yolo/20250101_000000_aaaaaa/media/a.png": b"\x89PNG",
+            "runs/cv/20250102_000000_bbbbbb/status.json": '{"status": "running"}',
+            "runs/20250103_000000_cccccc/meta.json": '{"path": ""}',
+            "runs/a/b/c/d/20250104_000000_dddddd/meta.json": "{}",
+            "runs/.recycle/20250105_000000_eeeeee/meta.json": "{}",
+            "runs/.recycle/20250105_000000_eeeeee/.deleted": "{}",
+            "runs/cv/notes.txt": "a file among path components",
+            "runs/cv/being_made/media/.keep": "",
+            "runicorn.db": b"SQLite format 3\0",
+            "runicorn.db-wal": b"",
+            "runicorn.db-shm": b"",
+            "archive/blobs/ab12": b"blob",
+        },
+    )
+
+
+def test_runs_path_runs_are_found_at_any_depth_with_their_path_as_name(backend, runs_path_lab):
+    result = backend.scan_experiments(str(runs_path_lab))
+    assert run_keys(result) == [
+        ("runs", "", "20250103_000000_cccccc"),
+        ("runs", "a/b/c/d", "20250104_000000_dddddd"),
+        ("runs", "cv", "20250102_000000_bbbbbb"),
+        ("runs", "cv/yolo", "20250101_000000_aaaaaa"),
+    ]
+    assert result.problems == []
+
+
+def test_a_runs_path_run_holds_every_file_below_it(backend, runs_path_lab):
+    result = backend.scan_experiments(str(runs_path_lab))
+    assert paths(result, 3) == ["events.jsonl", "events.jsonl.lock", "media/a.png", "meta.json"]
+
+
+def test_a_directory_without_meta_or_status_is_a_path_component(backend, tmp_path):
+    """The upstream viewer's rule: the directory the SDK has made but not yet written
+    meta.json into is walked as a path, and its media directory holds no run."""
+    make(tmp_path, {"runs/p/20250101_000000_aaaaaa/media/x.png": b"x"})
+    assert backend.scan_experiments(str(tmp_path)).runs == []
+    make(tmp_path, {"runs/p/20250101_000000_aaaaaa/status.json": "{}"})
+    assert run_keys(backend.scan_experiments(str(tmp_path))) == [
+        ("runs", "p", "20250101_000000_aaaaaa")
+    ]
+
+
+def test_a_marker_of_any_type_makes_a_run(backend, tmp_path):
+    (tmp_path / "runs" / "r1" / "meta.json").mkdir(parents=True)
+    result = backend.scan_experiments(str(tmp_path))
+    assert run_keys(result) == [("runs", "", "r1")]
+    assert result.runs[0][3] == []
+
+
+def test_runs_below_a_run_are_its_files(backend, tmp_path):
+    make(tmp_path, {"runs/r1/meta.json": "{}", "runs/r1/sub/r2/meta.json": "{}"})
+    result = backend.scan_experiments(str(tmp_path))
+    assert run_keys(result) == [("runs", "", "r1")]
+    assert paths(result) == ["meta.json", "sub/r2/meta.json"]
+
+
+def test_top_level_runs_is_never_a_project(backend, tmp_path):
+    """A 0.5 project literally named runs is read as the runs-path layout, as both upstream
+    viewers read it: its run is at path <name>/runs."""
+    make(tmp_path, {"runs/exp/runs/20250101_000000_aaaaaa/meta.json": "{}"})
+    assert run_keys(backend.scan_experiments(str(tmp_path))) == [
+        ("runs", "exp/runs", "20250101_000000_aaaaaa")
+    ]
+
+
+def test_both_layouts_on_one_root_sort_by_project_name_run_id(backend, lab, runs_path_lab):
+    result = backend.scan_experiments(str(lab))
+    projects = [key[0] for key in run_keys(result)]
+    assert projects == ["nlp"] + ["runs"] * 4 + ["vision"] * 2
+
+
+def test_runs_path_recycle_hidden_names_index_and_archive_are_not_runs(backend, tmp_path):
+    make(
+        tmp_path,
+        {
+            "runs/.recycle/r1/meta.json": "{}",
+            "runs/.hidden/r2/meta.json": "{}",
+            "runs/p/.r3/meta.json": "{}",
+            "runicorn.db": b"",
+            "archive/blobs/ab": b"",
+        },
+    )
+    result = backend.scan_experiments(str(tmp_path))
+    assert result.runs == [] and result.problems == []
+
+
+def test_runs_path_symbolic_links_are_reported_not_followed(backend, tmp_path):
+    make(tmp_path, {"elsewhere/r1/meta.json": "{}"})
+    (tmp_path / "runs" / "p").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "runs" / "p" / "link")
+    os.symlink(tmp_path / "elsewhere" / "r1", tmp_path / "runs" / "r1")
+    result = backend.scan_experiments(str(tmp_path))
+    assert result.runs == []
+    assert result.problems == [
+        ("runs/p/link", REASON_SYMLINK),
+        ("runs/r1", REASON_SYMLINK),
+    ]
+
+
+def test_runs_as_a_symbolic_link_is_reported(backend, tmp_path):
+    make(tmp_path, {"elsewhere/r1/meta.json": "{}"})
+    os.symlink(tmp_path / "elsewhere", tmp_path / "runs")
+    result = backend.scan_experiments(str(tmp_path))
+    assert result.runs == [] and result.problems == [("runs", REASON_SYMLINK)]
+
+
+def test_runs_path_contents_are_keyed_by_the_path_from_the_root(backend, runs_path_lab):
+    result = backend.scan_experiments(str(runs_path_lab), 2, ("meta.json", "status.json"))
+    assert result.contents == {
+        "runs/20250103_000000_cccccc/meta.json": b'{"path": ""}',
+        "runs/a/b/c/d/20250104_000000_dddddd/meta.json": b"{}",
+        "runs/cv/20250102_000000_bbbbbb/status.json": b'{"status": "running"}',
+        "runs/cv/yolo/20250101_000000_aaaaaa/meta.json": b'{"path": "cv/yolo"}',
+    }
+
+
+def test_runs_path_scan_does_not_depend_on_threads(backend, lab, runs_path_lab):
+    assert backend.scan_experiments(str(lab), 3) == backend.scan_experiments(str(lab), 1)

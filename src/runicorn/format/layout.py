@@ -42,7 +42,8 @@ RECYCLE_DIRNAME = ".recycle"
 
 INDEX_FILE_PREFIX = "runicorn.db"
 """The upstream SDK's SQLite index at the root (``runicorn.db``, ``-wal``, ``-shm``): server
-paths, written mid-transaction, rebuilt by the viewer from the run files. Never synced."""
+paths, written mid-transaction, rebuilt by the viewer from the run files. Never synced: only
+files inside run directories are, and the index lies at the root."""
 
 LAYOUT_PROJECT_NAME = "project-name"
 LAYOUT_RUNS_PATH = "runs-path"
@@ -127,11 +128,6 @@ def run_path_of(project: str, name: str) -> str | None:
 def is_run_dir_listing(names) -> bool:
     """Whether a directory below ``runs/`` with these entry names is a run (runs-path)."""
     return any(marker in names for marker in RUN_MARKERS)
-
-
-def is_index_file(name: str) -> bool:
-    """The upstream SDK's root index (``runicorn.db`` and its ``-wal``/``-shm``/journal)."""
-    return name.startswith(INDEX_FILE_PREFIX)
 
 
 def layout_name(project_name_runs: int, runs_path_runs: int) -> str:
