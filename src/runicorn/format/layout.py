@@ -24,6 +24,7 @@ generator and the client agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -125,7 +126,7 @@ def run_path_of(project: str, name: str) -> str | None:
     return name if project == RUNS_DIRNAME else None
 
 
-def is_run_dir_listing(names) -> bool:
+def is_run_dir_listing(names: Collection[str]) -> bool:
     """Whether a directory below ``runs/`` with these entry names is a run (runs-path)."""
     return any(marker in names for marker in RUN_MARKERS)
 
