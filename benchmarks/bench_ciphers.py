@@ -1,6 +1,6 @@
 """Client CPU per SSH cipher and MAC for one large SFTP download from a local sshd.
 
-Run: ``PYTHONPATH=tests python benchmarks/bench_ciphers.py [--mib 200] [--rounds 2]``
+Run: ``python benchmarks/bench_ciphers.py [--mib 200] [--rounds 2]``
 
 A cold sync over a WAN link is bound by the link, but the client shares two cores with the
 server and everything else, so the CPU each byte costs in paramiko decides how close it gets

@@ -1,6 +1,6 @@
 """How pipelining depth and read size change the time to fetch a 100-run lab over SFTP.
 
-Run: ``PYTHONPATH=tests python benchmarks/bench_transfer.py [--runs 100] [--no-wan] [--slow]``
+Run: ``python benchmarks/bench_transfer.py [--runs 100] [--no-wan] [--slow]``
 
 It builds a lab (``runicorn.demo.sample_lab`` when available, else synthetic files of similar sizes)
 in a temporary directory, starts a throw-away sshd on 127.0.0.1, and fetches every file through

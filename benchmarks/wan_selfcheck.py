@@ -8,7 +8,7 @@ measures, over loopback through :class:`harness.wan_proxy.WanProxy`:
   plain socket (expect close to the cap: delay must be pipelined, not paid per chunk);
 * RTT on a second connection while a bulk download runs (the queueing delay behind bulk data).
 
-Usage: ``PYTHONPATH=tests python benchmarks/wan_selfcheck.py [--rtt-ms 50] [--mbit 100] [--mib 20]``
+Usage: ``python benchmarks/wan_selfcheck.py [--rtt-ms 50] [--mbit 100] [--mib 20]``
 """
 
 from __future__ import annotations

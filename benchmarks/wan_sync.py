@@ -17,7 +17,7 @@ Bytes are what the proxy carried towards the client; SFTP requests are counted b
 (sftp-server's own log), not trusted from the client. rsync excludes ``*.lock`` and
 ``.runicorn/`` so both tools move the same files.
 
-    PYTHONPATH=tests python benchmarks/wan_sync.py --runs 100 500 --rtt-ms 50 --mbit 100 --repeat 3
+    python benchmarks/wan_sync.py --runs 100 500 --rtt-ms 50 --mbit 100 --repeat 3
 """
 
 from __future__ import annotations
