@@ -71,6 +71,32 @@ def test_path_for_refuses_paths_that_could_leave_or_corrupt_the_cache(
         manager.path_for(path)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{RUN}/../../../../../etc/passwd",
+        "/etc/passwd",
+        "C:/Windows/win.ini",
+        f"{RUN}/a\\b",
+        f"{RUN}/nul\0byte",
+        f"{RUN}//meta.json",
+        f"{RUN}/./meta.json",
+        f"{STATE_DIRNAME}/state.sqlite3",
+        f"{RUN}/{TEMP_PREFIX}x.part",
+        "",
+    ],
+)
+def test_open_parent_refuses_the_same_paths_when_their_directory_is_kept_open(
+    manager: LocalCacheManager, path: str
+) -> None:
+    # The kept-handle shortcut checks only the last component: it must refuse all the same.
+    with manager.directory_handles():
+        fd, _name = manager.open_parent(f"{RUN}/media/x.png")
+        os.close(fd)
+        with pytest.raises(ValueError):
+            os.close(manager.open_parent(path)[0])
+
+
 def test_path_for_refuses_a_symlinked_directory_pointing_outside(
     manager: LocalCacheManager, tmp_path: Path
 ) -> None:

@@ -54,10 +54,12 @@ def lab_root(tmp_path: Path, lab: dict[str, bytes]) -> Path:
     return tmp_path / "lab"
 
 
-@pytest.fixture(params=["local", pytest.param("sftp", marks=pytest.mark.sshd)])
+@pytest.fixture(params=["local", "local-threaded", pytest.param("sftp", marks=pytest.mark.sshd)])
 def remote(request: pytest.FixtureRequest, lab_root: Path) -> Iterator[Remote]:
     if request.param == "local":
         instance: Remote = LocalRemote(lab_root)
+    elif request.param == "local-threaded":
+        instance = LocalRemote(lab_root, threaded=True)
     else:
         sftp: paramiko.SFTPClient = request.getfixturevalue("sftp")
         instance = SftpRemote(sftp, str(lab_root), timeout=20)

@@ -25,6 +25,7 @@ that could leave the cache and symbolic links inside it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -78,6 +79,11 @@ SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 """Appended bytes are held until verified; beyond this they spill to an unnamed temp file."""
 
 _FILE_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+
+# Temp names: a random token drawn once per process and a counter, so that naming a temp
+# file costs no system call; ``O_EXCL`` still refuses any name that happens to exist.
+_TEMP_TOKEN = secrets.token_hex(4)
+_temp_numbers = itertools.count()
 
 
 # Nanosecond timestamps the kernel interface takes (a signed 64-bit count: 1677..2262);
@@ -152,6 +158,8 @@ class Transfer:
     spool: tempfile.SpooledTemporaryFile[bytes] | None = None
     error: BaseException | None = None
     received: int = 0
+    whole: bytes | None = None
+    """A JSON file's bytes when they arrived in one piece: its check needs no read back."""
 
     @property
     def offset(self) -> int:
@@ -175,7 +183,7 @@ class Transfer:
         dir_fd, _name = self.cache.open_parent(self.entry.path, create=True)
         try:
             for _attempt in range(8):
-                name = f"{TEMP_PREFIX}{secrets.token_hex(8)}.part"
+                name = f"{TEMP_PREFIX}{_TEMP_TOKEN}{next(_temp_numbers):x}.part"
                 try:
                     self.fd = os.open(
                         name,
@@ -206,6 +214,12 @@ class Transfer:
                 self.spool.write(data)
             else:
                 _write_all(self.fd, data, self.received)
+                if (
+                    not self.received
+                    and len(data) == self.length
+                    and self.entry.path.endswith(".json")
+                ):
+                    self.whole = data
             self.received += len(data)
         except Exception as error:  # remembered, and raised so the engine drops the job
             self.error = error
@@ -217,6 +231,7 @@ class Transfer:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+        self.whole = None
         if self.spool is not None:
             self.spool.close()
             self.spool = None
@@ -425,7 +440,8 @@ class FileTransfer:
         transfer.open_target()
         if entry.path.endswith(".json") and entry.size <= JSON_CHECK_MAX_BYTES:
             try:
-                orjson.loads(_pread_exact(transfer.fd, entry.size, 0))
+                data = transfer.whole
+                orjson.loads(data if data is not None else _pread_exact(transfer.fd, entry.size, 0))
             except orjson.JSONDecodeError:
                 if attempts + 1 < JSON_ACCEPT_AFTER_ATTEMPTS:
                     return TRUNCATED_JSON

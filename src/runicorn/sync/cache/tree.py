@@ -62,6 +62,17 @@ def split_relative_path(relative_path: str) -> list[str]:
     return parts
 
 
+def _plain_name(name: str) -> bool:
+    """Whether a last path component passes :func:`split_relative_path` (its own checks)."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "\0" not in name
+        and "\\" not in name
+        and not name.startswith(TEMP_PREFIX)
+    )
+
+
 def _directory_handle_limit() -> int:
     limit = soft_limit()
     if limit is None:
@@ -80,7 +91,7 @@ class CacheTree:
         self.root_dir = Path(os.path.abspath(root_dir))
         self.state_dir = self.root_dir / STATE_DIRNAME
         self._lock = threading.Lock()
-        self._handles: OrderedDict[tuple[str, ...], int] | None = None
+        self._handles: OrderedDict[str, int] | None = None
         self._handle_limit = 0
 
     def ensure_state_dir(self) -> None:
@@ -139,16 +150,25 @@ class CacheTree:
         The caller closes ``dir_fd``. ``ValueError`` for an unsafe path or a link. Inside
         :meth:`directory_handles` the walk starts from the nearest directory kept open.
         """
+        directory, _sep, name = relative_path.rpartition("/")
+        with self._lock:
+            handles = self._handles
+            if handles is not None and directory and _plain_name(name):
+                # A kept directory was validated when it was opened: only the name is new.
+                kept = handles.get(directory)
+                if kept is not None:
+                    handles.move_to_end(directory)
+                    return os.dup(kept), name
         parts = split_relative_path(relative_path)
-        directory = tuple(parts[:-1])
         fd, start = -1, 0
         with self._lock:
             handles = self._handles
             if handles is not None:
-                for depth in range(len(directory), -1, -1):  # the nearest kept ancestor
-                    kept = handles.get(directory[:depth])
+                for depth in range(len(parts) - 1, -1, -1):  # the nearest kept ancestor
+                    key = "/".join(parts[:depth])
+                    kept = handles.get(key)
                     if kept is not None:
-                        handles.move_to_end(directory[:depth])
+                        handles.move_to_end(key)
                         fd, start = os.dup(kept), depth
                         break
         if fd < 0:
@@ -156,12 +176,12 @@ class CacheTree:
                 self.root_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root_dir, _DIR_FLAGS)
             if handles is not None:
-                self._keep_handle(handles, (), fd)
-        for depth in range(start, len(directory)):
+                self._keep_handle(handles, "", fd)
+        for depth in range(start, len(parts) - 1):
             # closes the parent, always
-            fd = self._descend(fd, directory[depth], relative_path, create)
+            fd = self._descend(fd, parts[depth], relative_path, create)
             if handles is not None:
-                self._keep_handle(handles, directory[: depth + 1], fd)
+                self._keep_handle(handles, "/".join(parts[: depth + 1]), fd)
         return fd, parts[-1]
 
     @contextlib.contextmanager
@@ -185,9 +205,7 @@ class CacheTree:
             if not nested:
                 self._drop_handles(keep_caching=False)
 
-    def _keep_handle(
-        self, handles: OrderedDict[tuple[str, ...], int], directory: tuple[str, ...], fd: int
-    ) -> None:
+    def _keep_handle(self, handles: OrderedDict[str, int], directory: str, fd: int) -> None:
         with self._lock:
             if self._handles is not handles or directory in handles:
                 return  # the block ended or the handles were dropped meanwhile
