@@ -1,0 +1,285 @@
+"""The long-running publisher: republish manifests as the experiments tree changes.
+
+It learns of changes from a change source (:mod:`runicorn.generate.changes`: inotify, or
+polling where inotify cannot see every write) and turns them into generations through the
+ordinary :meth:`ManifestGenerator.generate` -- same lock, same atomic publish, same
+content-based revisions -- so a cron generation beside it, and every client, stay correct.
+
+Scheduling: the **active** manifest is generated ``debounce`` seconds after the last change
+of a burst, and at most ``max_delay`` seconds after its first, so hundreds of runs appending
+at once make one publication and a steady stream still gets one every ``max_delay``. The
+**full** manifest follows within ``full_interval`` seconds of a change, at most once per
+interval, and only when something changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from runicorn.format.models import ManifestType, SyncManifest
+from runicorn.generate.changes import (
+    Changes,
+    ChangeSource,
+    ChangeSourceFailed,
+    InotifySource,
+    PollingSource,
+    Waker,
+    WatchBudgetExceeded,
+    polling_reason,
+    watch_budget,
+)
+from runicorn.generate.generator import (
+    GenerationReport,
+    ManifestGenerationError,
+    ManifestGenerator,
+)
+
+logger = logging.getLogger(__name__)
+
+DEBOUNCE_SECONDS = 0.2
+MAX_DELAY_SECONDS = 1.0
+FULL_INTERVAL_SECONDS = 60.0
+POLL_INTERVAL_SECONDS = 5.0
+RETRY_SECONDS = 5.0
+"""After a failed generation (root gone, disk full), how long until the next attempt."""
+
+SOURCE_AUTO = "auto"
+SOURCE_INOTIFY = "inotify"
+SOURCE_POLL = "poll"
+
+PublishCallback = Callable[[GenerationReport, SyncManifest], None]
+
+
+class ManifestPublisher:
+    """Keeps ``<root>/.runicorn/{active,full}_manifest.json`` current until :meth:`stop`.
+
+    ``source`` is ``"auto"`` (inotify unless the file system or the watch limit rules it
+    out), ``"inotify"`` (the same, but a refusal is an error) or ``"poll"``. ``outputs``
+    overrides where each manifest type is published. ``on_generation`` is called after
+    every generation, published or not, on the thread running :meth:`run`.
+
+    :meth:`run` blocks; :meth:`stop` and :meth:`request_rescan` may be called from any
+    thread or from a signal handler.
+    """
+
+    def __init__(
+        self,
+        generator: ManifestGenerator,
+        *,
+        source: str = SOURCE_AUTO,
+        full_interval: float = FULL_INTERVAL_SECONDS,
+        poll_interval: float = POLL_INTERVAL_SECONDS,
+        debounce: float = DEBOUNCE_SECONDS,
+        max_delay: float = MAX_DELAY_SECONDS,
+        outputs: dict[ManifestType, Path] | None = None,
+        on_generation: PublishCallback | None = None,
+    ) -> None:
+        if source not in (SOURCE_AUTO, SOURCE_INOTIFY, SOURCE_POLL):
+            raise ValueError(f"source must be auto, inotify or poll, got {source!r}")
+        for label, value in (("full_interval", full_interval), ("debounce", debounce)):
+            if value < 0:
+                raise ValueError(f"{label} must be >= 0, got {value}")
+        if max_delay < debounce:
+            raise ValueError(f"max_delay ({max_delay}) must be >= debounce ({debounce})")
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive, got {poll_interval}")
+        self.generator = generator
+        self.requested_source = source
+        self.full_interval = full_interval
+        self.poll_interval = poll_interval
+        self.debounce = debounce
+        self.max_delay = max_delay
+        self.outputs = {
+            kind: (outputs or {}).get(kind) or generator.output_dir / kind.filename
+            for kind in (ManifestType.ACTIVE, ManifestType.FULL)
+        }
+        self.on_generation = on_generation
+        self.source: ChangeSource | None = None
+        self._waker = Waker()
+        self._stop = threading.Event()
+        self._rescan = threading.Event()
+        self._started = threading.Event()
+
+    # -- control (any thread) ------------------------------------------------------------
+
+    def stop(self) -> None:
+        """End :meth:`run` after the generation in progress, if any."""
+        self._stop.set()
+        self._waker.wake()
+
+    def request_rescan(self) -> None:
+        """Re-establish the watches and regenerate both manifests now (what SIGHUP does)."""
+        self._rescan.set()
+        self._waker.wake()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until the source watches the tree and the first manifests are published."""
+        return self._started.wait(timeout)
+
+    @property
+    def source_name(self) -> str | None:
+        return None if self.source is None else self.source.name
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Watch and publish until :meth:`stop`. Raises :class:`ChangeSourceFailed` only
+        when inotify was demanded (``source="inotify"``) and cannot be used."""
+        self.source = self._open_source()
+        try:
+            self._loop()
+        finally:
+            self.source.close()
+            self._waker.close()
+
+    def _loop(self) -> None:
+        assert self.source is not None
+        # The first generations come after the watches are in place, so nothing written
+        # meanwhile is missed.
+        active_due: float | None = time.monotonic()
+        first_change: float | None = active_due
+        full_due: float | None = active_due
+        last_full = float("-inf")
+        started = False
+        while not self._stop.is_set():
+            now = time.monotonic()
+            deadlines = [due for due in (active_due, full_due) if due is not None]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            changes = self._wait(timeout)
+            if self._stop.is_set():
+                break
+            now = time.monotonic()
+            if self._rescan.is_set():
+                self._rescan.clear()
+                logger.info("rescan requested: re-watching and regenerating")
+                self._rescan_source()
+                changes.rescan = True
+                active_due = full_due = first_change = now
+            elif changes:
+                if first_change is None:
+                    first_change = now
+                quiet = now if changes.rescan else now + self.debounce
+                active_due = min(first_change + self.max_delay, quiet)
+                due = max(active_due, last_full + self.full_interval)
+                full_due = due if full_due is None else min(full_due, due)
+            if active_due is not None and now >= active_due:
+                if self._generate(ManifestType.ACTIVE):
+                    active_due = first_change = None
+                else:
+                    active_due = first_change = now + RETRY_SECONDS
+            if full_due is not None and time.monotonic() >= full_due:
+                if self._generate(ManifestType.FULL):
+                    full_due = None
+                    last_full = time.monotonic()
+                else:
+                    full_due = now + RETRY_SECONDS
+            if not started and active_due is None and full_due is None:
+                started = True
+                self._started.set()
+
+    def _wait(self, timeout: float | None) -> Changes:
+        """The next changes; a failing inotify source is replaced by polling here."""
+        assert self.source is not None
+        try:
+            return self.source.wait(timeout)
+        except ChangeSourceFailed as error:
+            self._fall_back(str(error))
+            return Changes(rescan=True)
+
+    def _rescan_source(self) -> None:
+        assert self.source is not None
+        try:
+            self.source.rescan()
+        except ChangeSourceFailed as error:
+            self._fall_back(str(error))
+
+    def _fall_back(self, reason: str) -> None:
+        assert self.source is not None
+        if self.requested_source == SOURCE_INOTIFY:
+            raise ChangeSourceFailed(reason)
+        self.source.close()
+        logger.warning(
+            "inotify stopped working (%s); falling back to polling every %g s",
+            reason,
+            self.poll_interval,
+        )
+        self.source = self._polling()
+
+    def _open_source(self) -> ChangeSource:
+        root = self.generator.remote_root
+        if self.requested_source == SOURCE_POLL:
+            logger.info("polling %s every %g s (polling was asked for)", root, self.poll_interval)
+            return self._polling()
+        reason = polling_reason(root)
+        if reason is None:
+            available, used, limit = watch_budget()
+            source = InotifySource(
+                root,
+                self._waker,
+                outputs=self.outputs.values(),
+                budget=available,
+            )
+            try:
+                source.start()
+            except WatchBudgetExceeded:
+                needed = source.needed_watches()
+                source.close()
+                reason = (
+                    f"the tree needs {needed} inotify watches (one per directory) but only "
+                    f"{available} are free (limit {limit}, {used} in use by this user's "
+                    "processes, 10% left to others); raise fs.inotify.max_user_watches"
+                )
+            except ChangeSourceFailed as error:
+                source.close()
+                reason = str(error)
+            else:
+                logger.info(
+                    "watching %s with inotify: %d directories (%s watches free of %s)",
+                    root,
+                    source.watch_count,
+                    "?" if available is None else available,
+                    "?" if limit is None else limit,
+                )
+                return source
+        if self.requested_source == SOURCE_INOTIFY:
+            raise ChangeSourceFailed(f"cannot watch {root} with inotify: {reason}")
+        logger.warning("polling %s every %g s: %s", root, self.poll_interval, reason)
+        return self._polling()
+
+    def _polling(self) -> PollingSource:
+        source = PollingSource(self._waker, self.poll_interval)
+        source.start()
+        return source
+
+    def _generate(self, manifest_type: ManifestType) -> bool:
+        """One generation; ``False`` (logged) when it failed and should be retried."""
+        try:
+            manifest, _ = self.generator.generate(manifest_type, self.outputs[manifest_type])
+        except ManifestGenerationError as error:
+            logger.error(
+                "%s manifest not published (retrying in %g s): %s",
+                manifest_type.value,
+                RETRY_SECONDS,
+                error,
+            )
+            return False
+        report = self.generator.last_report
+        assert report is not None
+        if report.published:
+            logger.info(
+                "published %s manifest revision %d: %d runs, %d files (%.3f s)",
+                manifest_type.value,
+                manifest.revision,
+                manifest.total_experiments,
+                manifest.total_files,
+                report.duration,
+            )
+        else:
+            logger.debug("%s manifest unchanged (%.3f s)", manifest_type.value, report.duration)
+        if self.on_generation is not None:
+            self.on_generation(report, manifest)
+        return True
