@@ -179,6 +179,7 @@ class ManifestPublisher:
                     full_due = now + RETRY_SECONDS
             if not started and active_due is None and full_due is None:
                 started = True
+                logger.info("manifests up to date; waiting for changes")
                 self._started.set()
 
     def _wait(self, timeout: float | None) -> Changes:
