@@ -317,10 +317,6 @@ class InotifySource:
 
     def start(self) -> None:
         """Watch the whole tree; raises :class:`ChangeSourceFailed` when it cannot."""
-        try:
-            self._inotify = Inotify()
-        except InotifyUnavailable as error:
-            raise ChangeSourceFailed(str(error)) from error
         self._watch_root()
 
     def rescan(self) -> None:
@@ -391,9 +387,14 @@ class InotifySource:
         return (st.st_dev, st.st_ino) != self._root_identity
 
     def _watch_root(self) -> None:
-        """Drop every watch and watch the tree now at the root path (if there is one)."""
-        assert self._inotify is not None
-        self._inotify.close()
+        """Drop every watch and watch the tree now at the root path (if there is one).
+
+        A fresh instance rather than removing watches one by one: events still queued for
+        the old tree go with it.
+        """
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
         try:
             self._inotify = Inotify()
         except InotifyUnavailable as error:

@@ -129,11 +129,12 @@ class ManifestPublisher:
     def run(self) -> None:
         """Watch and publish until :meth:`stop`. Raises :class:`ChangeSourceFailed` only
         when inotify was demanded (``source="inotify"``) and cannot be used."""
-        self.source = self._open_source()
         try:
+            self.source = self._open_source()
             self._loop()
         finally:
-            self.source.close()
+            if self.source is not None:
+                self.source.close()
             self._waker.close()
 
     def _loop(self) -> None:
