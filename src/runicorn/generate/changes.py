@@ -75,6 +75,9 @@ ROOT_CHECK_SECONDS = 1.0
 """While idle, how often the root's identity is checked: a root deleted and recreated, or
 renamed away with a new one put in its place, is re-watched within this long."""
 
+POLL_PACE = 4.0
+"""See :meth:`PollingSource.pace`."""
+
 NETWORK_FILESYSTEMS = frozenset(
     {
         "nfs",
@@ -552,6 +555,12 @@ class PollingSource:
 
     def rescan(self) -> None:
         self._next_tick = time.monotonic()
+
+    def pace(self, generation_seconds: float) -> None:
+        """Leave ``POLL_PACE`` times the last generation's duration before the next tick,
+        if that is longer than the interval: a lab whose every scan takes seconds is then
+        polled with at most a fifth of a core."""
+        self._next_tick = max(self._next_tick, time.monotonic() + POLL_PACE * generation_seconds)
 
     def wait(self, timeout: float | None) -> Changes:
         now = time.monotonic()

@@ -46,6 +46,10 @@ FULL_INTERVAL_SECONDS = 60.0
 POLL_INTERVAL_SECONDS = 5.0
 RETRY_SECONDS = 5.0
 """After a failed generation (root gone, disk full), how long until the next attempt."""
+ACTIVE_PACE = 1.0
+"""After an active generation that took T seconds, the next starts no sooner than
+``ACTIVE_PACE * T`` later: on a lab so large that a generation outlasts ``max_delay``, a
+steady stream of changes costs at most half a core, not a whole one."""
 
 SOURCE_AUTO = "auto"
 SOURCE_INOTIFY = "inotify"
@@ -103,6 +107,7 @@ class ManifestPublisher:
         self._stop = threading.Event()
         self._rescan = threading.Event()
         self._started = threading.Event()
+        self._last_duration = 0.0
 
     # -- control (any thread) ------------------------------------------------------------
 
@@ -145,6 +150,7 @@ class ManifestPublisher:
         first_change: float | None = active_due
         full_due: float | None = active_due
         last_full = float("-inf")
+        earliest_active = float("-inf")
         started = False
         while not self._stop.is_set():
             now = time.monotonic()
@@ -164,12 +170,16 @@ class ManifestPublisher:
                 if first_change is None:
                     first_change = now
                 quiet = now if changes.rescan else now + self.debounce
-                active_due = min(first_change + self.max_delay, quiet)
+                active_due = max(min(first_change + self.max_delay, quiet), earliest_active)
                 due = max(active_due, last_full + self.full_interval)
                 full_due = due if full_due is None else min(full_due, due)
             if active_due is not None and now >= active_due:
                 if self._generate(ManifestType.ACTIVE):
                     active_due = first_change = None
+                    took = self._last_duration
+                    earliest_active = time.monotonic() + ACTIVE_PACE * took
+                    if isinstance(self.source, PollingSource):
+                        self.source.pace(took)
                 else:
                     active_due = first_change = now + RETRY_SECONDS
             if full_due is not None and time.monotonic() >= full_due:
@@ -271,6 +281,7 @@ class ManifestPublisher:
             return False
         report = self.generator.last_report
         assert report is not None
+        self._last_duration = report.duration
         if report.published:
             logger.info(
                 "published %s manifest revision %d: %d runs, %d files (%.3f s)",
