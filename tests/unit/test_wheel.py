@@ -92,6 +92,13 @@ def test_wheel_marks_the_package_as_typed(names: list[str]) -> None:
     assert "runicorn/py.typed" in names
 
 
+def test_wheel_holds_the_service_units_runicorn_units_prints(names: list[str]) -> None:
+    source = ROOT / "src"
+    units = {p.relative_to(source).as_posix() for p in source.rglob("units/*.service")}
+    assert units, "no units/*.service found in the source tree"
+    assert units <= set(names), f"missing from the wheel: {sorted(units - set(names))}"
+
+
 def _imported_top_levels(code: str) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(code)):

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runicorn._sys.atomic import temp_prefix_for
-from runicorn.format.layout import EXPERIMENTS_METADATA_FILENAME, RUNS_DIRNAME, is_hidden
+from runicorn.format.layout import (
+    EXPERIMENTS_METADATA_FILENAME,
+    RUN_MARKERS,
+    RUNS_DIRNAME,
+    is_hidden,
+)
 from runicorn.format.models import ManifestFormat
 from runicorn.generate.inotify import (
     IN_ATTRIB,
@@ -265,12 +270,6 @@ def watch_budget() -> tuple[int | None, int, int | None]:
 # --- inotify ---------------------------------------------------------------------------
 
 
-def _above_runs(rel: str) -> bool:
-    """Whether ``rel`` is a project or experiment level, where hidden names are not part of
-    the tree (the scan skips them); inside ``runs/`` every directory counts."""
-    return RUNS_DIRNAME not in rel.split("/")[:-1] if rel else True
-
-
 class InotifySource:
     """Watches every directory of the experiments tree and reports where changes happened.
 
@@ -427,12 +426,34 @@ class InotifySource:
     def _full_path(self, rel: str) -> str:
         return os.path.join(self._root_str, rel) if rel else self._root_str
 
-    def _wanted(self, rel: str, name: str) -> bool:
-        """Whether the child ``name`` of the directory ``rel`` is part of the tree."""
-        if _above_runs(f"{rel}/{name}" if rel else name) and is_hidden(name):
-            return not rel and name == EXPERIMENTS_METADATA_FILENAME
+    def _wanted(self, rel: str, name: str, is_dir: bool = True) -> bool:
+        """Whether the child ``name`` of the directory ``rel`` is part of the tree.
+
+        The rules of the scan: at the root only directories count, and the tags file (the
+        SDK's ``runicorn.db`` index, written all the time, never is); hidden names count
+        only inside a run directory (not ``.runicorn/``, not ``runs/.recycle/``).
+        """
+        if not rel and not is_dir:
+            return name == EXPERIMENTS_METADATA_FILENAME
+        if is_hidden(name) and not self._inside_run(rel):
+            return False
         ignored = self._ignored.get(self._full_path(rel))
         return ignored is None or not name.startswith(ignored)
+
+    def _inside_run(self, rel: str) -> bool:
+        """Whether ``rel`` is a run directory or below one, in either layout: the fourth
+        level of ``<project>/<name>/runs/<run_id>/``, or below ``runs/`` a directory that
+        holds a run marker (``meta.json``, ``status.json``), itself or an ancestor."""
+        parts = rel.split("/") if rel else []
+        if not parts:
+            return False
+        if parts[0] != RUNS_DIRNAME:
+            return len(parts) >= 4 and parts[2] == RUNS_DIRNAME
+        for depth in range(2, len(parts) + 1):
+            directory = os.path.join(self._root_str, *parts[:depth])
+            if any(os.path.lexists(os.path.join(directory, m)) for m in RUN_MARKERS):
+                return True
+        return False
 
     def _subdirectories(self, rel: str) -> list[str]:
         """The directories below ``rel`` that belong to the tree (none if it is unreadable
@@ -521,7 +542,7 @@ class InotifySource:
             if not event.name:
                 changes.directories.add(rel)
                 continue
-            if not self._wanted(rel, event.name):
+            if not self._wanted(rel, event.name, bool(mask & IN_ISDIR)):
                 continue
             child = f"{rel}/{event.name}" if rel else event.name
             if mask & IN_ISDIR:

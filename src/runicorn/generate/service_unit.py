@@ -24,7 +24,7 @@ def systemd_quote(argument: str) -> str:
     """One ``ExecStart`` word: specifiers (``%``) and variables (``$``) escaped, quoted
     when it holds a space, a quote or a backslash."""
     escaped = argument.replace("%", "%%").replace("$", "$$")
-    if escaped and not any(char in escaped for char in ' \t"\'\\;'):
+    if escaped and not any(char in escaped for char in " \t\"'\\;"):
         return escaped
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

@@ -514,3 +514,57 @@ def test_a_root_that_does_not_exist_yet_is_waited_for(backend, tmp_path):
     _make_run(root, "exp", "run_a")
     child.expect("published full manifest revision 1")
     assert child.finish(signal.SIGTERM)[0] == 0
+
+
+# --- both run layouts, and what is not part of the tree ------------------------------------------
+
+
+def test_a_run_in_the_runs_path_layout_appears(running, lab):
+    run = lab / "runs" / "team" / "vision" / "run_p"
+    _write(run / "meta.json", '{"id":"run_p"}')
+    _write(run / "status.json", '{"status":"running"}')
+    _write(run / "events.jsonl", '{"step":0}\n')
+    running.wait_for(
+        ManifestType.FULL, lambda m: "runs/team/vision/run_p/events.jsonl" in _sizes(m)
+    )
+    with open(run / "events.jsonl", "a") as handle:
+        handle.write('{"step":1}\n')
+    size = (run / "events.jsonl").stat().st_size
+    key = "runs/team/vision/run_p/events.jsonl"
+    running.wait_for(ManifestType.ACTIVE, lambda m: _sizes(m).get(key) == size)
+
+
+def test_hidden_directories_are_watched_only_inside_runs(lab):
+    _write(lab / "runs" / ".recycle" / "run_old" / "meta.json", "{}")
+    _write(lab / "runs" / "team" / "run_p" / "meta.json", "{}")
+    _write(lab / "runs" / "team" / "run_p" / ".cache" / "x", "x")
+    _write(lab / "proj" / "exp" / "runs" / "run_a" / ".hidden" / "x", "x")
+    _write(lab / ".git" / "objects" / "x", "x")
+    waker = Waker()
+    source = InotifySource(lab, waker)
+    source.start()
+    try:
+        watched = set(source._wds)
+        assert {"proj/exp/runs/run_a/.hidden", "runs/team/run_p/.cache"} <= watched
+        assert not {"runs/.recycle", ".git", ".runicorn"} & watched
+    finally:
+        source.close()
+        waker.close()
+
+
+def test_the_sdk_index_at_the_root_is_not_a_change(lab):
+    """SDK 0.6+ keeps runicorn.db (and -wal, -shm) at the root and writes it all the time;
+    it is never synced, so it must not cost a generation."""
+    waker = Waker()
+    source = InotifySource(lab, waker)
+    source.start()
+    try:
+        for name in ("runicorn.db", "runicorn.db-wal", "runicorn.db-shm"):
+            (lab / name).write_bytes(b"x")
+        waker.wake()
+        assert not source.wait(0)
+        (lab / ".experiments_metadata.json").write_text("{}")  # the tags are part of it
+        assert source.wait(DEADLINE_SECONDS).directories == {""}
+    finally:
+        source.close()
+        waker.close()
