@@ -150,7 +150,7 @@ class Inotify:
 
     def __init__(self) -> None:
         self._libc = _libc()
-        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd: int = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
             raise InotifyUnavailable(code, f"inotify_init1 failed: {os.strerror(code)}")
@@ -165,7 +165,7 @@ class Inotify:
         Raises ``OSError`` with the kernel's errno: ``ENOSPC`` when the user's watch limit
         is reached, ``ENOENT``/``ENOTDIR`` when the path vanished or is no longer a directory.
         """
-        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(path), mask)
+        wd: int = self._libc.inotify_add_watch(self._fd, os.fsencode(path), mask)
         if wd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), path)

@@ -17,7 +17,7 @@ PUBLISHER_UNIT = "runicorn-publisher.service"
 
 
 def _template(name: str) -> str:
-    return resources.files("runicorn.generate").joinpath("units", name).read_text("utf-8")
+    return (resources.files("runicorn.generate") / "units" / name).read_text("utf-8")
 
 
 def systemd_quote(argument: str) -> str:
