@@ -241,7 +241,57 @@ def test_damaged_files_are_those_missing_or_resized_on_disk(manager: LocalCacheM
         ],
     )
 
+    for name in ("meta.json", "status.json"):
+        os.utime(root / name, (1.0, 1.0))  # as a sync leaves them: the server's mtime
+
     assert manager.damaged_files() == {f"{RUN}/status.json", f"{RUN}/summary.json"}
+
+
+def test_a_file_written_locally_after_the_sync_is_damaged_even_at_the_same_size(
+    manager: LocalCacheManager,
+) -> None:
+    """A viewer rewriting a cached ``status.json`` (same size or not) leaves it newer than
+    the server's mtime the sync gave it: the next sync must put the server's copy back."""
+    root = manager.root_dir / RUN
+    root.mkdir(parents=True)
+    synced_at = 1_700_000_000.0
+    for name in ("meta.json", "status.json"):
+        (root / name).write_bytes(b'{"status": "running"}')
+        os.utime(root / name, (synced_at, synced_at))
+    manager.save_progress(
+        remote_id="r",
+        synced=[
+            FileRecord(f"{RUN}/meta.json", 21, synced_at, None),
+            FileRecord(f"{RUN}/status.json", 21, synced_at, None),
+        ],
+    )
+    assert manager.damaged_files() == set()
+
+    (root / "status.json").write_bytes(b'{"status": "failed!"}')  # same size, now
+
+    assert manager.damaged_files() == {f"{RUN}/status.json"}
+
+
+def test_a_coarse_or_clamped_mtime_on_disk_is_not_a_local_write(
+    manager: LocalCacheManager,
+) -> None:
+    """File systems round installed mtimes down and clamp far-future ones: older than
+    recorded is never a local write (no re-download on every sync)."""
+    root = manager.root_dir / RUN
+    root.mkdir(parents=True)
+    (root / "meta.json").write_bytes(b"{}")
+    (root / "status.json").write_bytes(b"{}")
+    os.utime(root / "meta.json", ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    os.utime(root / "status.json", (4_000_000_000.0, 4_000_000_000.0))
+    manager.save_progress(
+        remote_id="r",
+        synced=[
+            FileRecord(f"{RUN}/meta.json", 2, 1_700_000_000.987654, None),
+            FileRecord(f"{RUN}/status.json", 2, 1e30, None),
+        ],
+    )
+
+    assert manager.damaged_files() == set()
 
 
 # --------------------------------------------------------------------------- user-facing queries

@@ -168,6 +168,21 @@ def _summary_line(source: Source, service: MetadataSyncService, stats: SyncStats
     return line
 
 
+def _viewer_document(report: Any) -> dict[str, Any] | None:
+    """What the viewer was told, for ``--json`` (``None``: no viewer was involved)."""
+    if report is None:
+        return None
+    return {
+        "url": report.url,
+        "reached": report.reached,
+        "reindexed": report.reindexed,
+        "status_checked": report.status_checked,
+        "forgotten": report.forgotten,
+        "restored": report.restored,
+        "problem": report.problem,
+    }
+
+
 def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     print_error(message)
     if as_json:
@@ -224,6 +239,16 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     show_default=True,
     help="Seconds before a silent server counts as gone.",
 )
+@click.option(
+    "--viewer",
+    "viewer_url",
+    metavar="URL",
+    envvar="RUNICORN_VIEWER_URL",
+    default=None,
+    help="A running upstream Runicorn viewer serving CACHE_DIR (http://127.0.0.1:23300): "
+    "tell it which runs the sync added, changed or removed [env: RUNICORN_VIEWER_URL; "
+    "'' disables].",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
 def sync(
     source: str,
@@ -240,6 +265,7 @@ def sync(
     allow_mass_delete: bool,
     as_json: bool,
     timeout: float,
+    viewer_url: str | None,
     verbose: bool,
 ) -> None:
     """Mirror the runs under REMOTE_ROOT on a lab server into CACHE_DIR.
@@ -271,6 +297,8 @@ def sync(
         "allow_mass_delete": allow_mass_delete,
         "as_json": as_json,
         "timeout": timeout,
+        # Like every RUNICORN_* variable, "0" or empty counts as unset.
+        "viewer_url": None if (viewer_url or "").strip() in ("", "0") else viewer_url.strip(),
     }
     client = None
     try:
@@ -424,6 +452,7 @@ def _run(
     allow_mass_delete: bool,
     as_json: bool,
     timeout: float,
+    viewer_url: str | None,
 ) -> int:
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.service import MetadataSyncService
@@ -444,7 +473,16 @@ def _run(
         dry_run=dry_run,
         timeout=timeout,
         on_progress=bar,
+        viewer_url=viewer_url,
     )
+    if viewer_url and not dry_run and not cache.is_marked_remote_cache:
+        click.echo(
+            "warning: the upstream viewer marks a running run failed when it cannot find the "
+            "run's process on this machine, unless the run's path contains 'remote_cache'; "
+            f"name the cache directory so (e.g. {cache.root_dir}_remote_cache) to stop it. "
+            "Until then each sync puts the server's status back.",
+            err=True,
+        )
     try:
         ok = service.sync_all()
     finally:
@@ -466,6 +504,7 @@ def _run(
             "dry_run": dry_run,
             "fallback_reason": service.fallback_reason,
             "warnings": list(service.progress.warnings),
+            "viewer": _viewer_document(service.last_viewer_report),
             "exit_code": code,
         }
         click.echo(orjson.dumps(document, default=str).decode())

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from runicorn.core.backend import Backend, active_backend
+from runicorn.format.layout import DELETED_MARKER, run_prefix
 from runicorn.format.models import ExperimentEntry, ManifestFormat, ManifestType, SyncManifest
 from runicorn.sync.cache import LocalCacheManager, RunRecord
 from runicorn.sync.manifest_fetch import (
@@ -45,12 +46,14 @@ from runicorn.sync.manifest_fetch import (
 )
 from runicorn.sync.stats import ProgressCallback, SyncRun, SyncStats
 from runicorn.sync.transfer import FileTransfer, Transfer, plan
+from runicorn.sync.viewer import ViewerChanges
 
 if TYPE_CHECKING:
     import paramiko
 
     from runicorn.sync.cache import AppliedManifest
     from runicorn.sync.manifest_fetch import Probe
+    from runicorn.sync.viewer import ViewerNotifier
     from runicorn.transport.remote import Remote
 
 __all__ = ["ManifestSyncClient", "ProgressCallback"]
@@ -98,6 +101,7 @@ class ManifestSyncClient:
         timeout: float = 30.0,
         max_manifest_bytes: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
         manifest_type: str | ManifestType = "auto",
+        viewer: ViewerNotifier | None = None,
     ) -> None:
         if sftp_client is None and remote is None:
             raise ValueError("pass an sftp_client, or a remote to sync from")
@@ -127,6 +131,9 @@ class ManifestSyncClient:
         self.timeout = timeout
         self.max_manifest_bytes = max_manifest_bytes
         self.manifest_type = mode
+        self.viewer = viewer
+        self.last_changes = ViewerChanges()
+        """Runs the last sync added, changed and removed (what a viewer is told)."""
         self._remote = remote
         self._owns_remote = remote is None
         self._busy = threading.Lock()
@@ -202,6 +209,8 @@ class ManifestSyncClient:
             if manifest is None:
                 if not self.dry_run:
                     self.cache.save_remote_sync(remote_id, "unchanged")
+                    if self.viewer is not None:
+                        self._unhide({key[2] for key in self.cache.runs_of_remote(remote_id)})
                 return run.stats()
             self._apply(manifest, run, progress_callback, remote_id, record_header=True)
         return run.stats()
@@ -237,6 +246,7 @@ class ManifestSyncClient:
             not self.cache.failed_files()
             and not self.cache.is_dirty()
             and not self.cache.damaged_files()
+            and not self.cache.recycled_runs()
         )
 
     def _manifests(self) -> ManifestFetcher:
@@ -356,6 +366,8 @@ class ManifestSyncClient:
         run.manifest_type = manifest.manifest_type.value
         run.manifest_revision = manifest.revision
         entries = sorted(manifest.iter_files(), key=lambda entry: entry.path)
+        if not self.dry_run:
+            self._undo_viewer_deletions(manifest)
         local = self.cache.file_entries()
         damaged = self.cache.damaged_files(local)
         if damaged:
@@ -393,6 +405,7 @@ class ManifestSyncClient:
                 f.path for f in self.cache.failed_files(remote_id) if f.path not in listed
             )
         now = time.time()
+        cached_ids = {key[2] for key in self.cache.runs_of_remote(remote_id)}
         self.cache.save_runs(
             remote_id, [self._run_record(exp, None) for exp in manifest.experiments]
         )
@@ -400,6 +413,9 @@ class ManifestSyncClient:
 
         self._transfer(transfers, run, progress, remote_id)
 
+        if gone and self.viewer is not None:
+            # Only while the directories exist can the viewer drop them from its index.
+            self.viewer.forget_runs(run_id for _project, _name, run_id in gone)
         for project, name, run_id in gone:
             self.cache.remove_run(project, name, run_id)
             logger.info(
@@ -415,6 +431,7 @@ class ManifestSyncClient:
                 for exp in manifest.experiments
             ],
         )
+        self.last_changes = self._changes(manifest, transfers, run, cached_ids, gone)
         clean = not run.failed
         if record_header:
             self.cache.save_applied_manifest(
@@ -434,6 +451,78 @@ class ManifestSyncClient:
                 f"{run.files_synced} file(s) synced, {len(run.failed)} failed"
             )
         logger.info("%s", run.reason)
+
+    @staticmethod
+    def _changes(
+        manifest: SyncManifest,
+        transfers: list[Transfer],
+        run: SyncRun,
+        cached_ids: set[str],
+        gone: list[tuple[str, str, str]],
+    ) -> ViewerChanges:
+        """Runs this sync added, changed (some file landed) and removed, by id."""
+        run_of = {
+            run_prefix(exp.project, exp.name, exp.run_id): exp.run_id
+            for exp in manifest.experiments
+        }
+        added = {exp.run_id for exp in manifest.experiments} - cached_ids
+        changed: set[str] = set()
+        for transfer in transfers:
+            path = transfer.entry.path
+            if path in run.failed:
+                continue
+            cut = path.rfind("/")
+            while cut > 0:  # the nearest enclosing run directory
+                run_id = run_of.get(path[: cut + 1])
+                if run_id is not None:
+                    changed.add(run_id)
+                    break
+                cut = path.rfind("/", 0, cut)
+        removed = [run_id for _project, _name, run_id in gone]
+        return ViewerChanges(
+            added=tuple(sorted(added)),
+            changed=tuple(sorted(changed - added)),
+            removed=tuple(sorted(removed)),
+        )
+
+    def _undo_viewer_deletions(self, manifest: SyncManifest) -> None:
+        """Put runs the upstream viewer moved to its recycle bin back where the server has
+        them: the cache is a mirror, and a run in both places would be two copies of one run.
+
+        The directory is moved back as it is (nothing is fetched again), still carrying the
+        viewer's ``.deleted`` marker, so the viewer, whose index still holds the run as
+        deleted, can restore it: this sync's viewer is asked to at once; without one, the
+        run is remembered and the next sync with a viewer asks (or the user restores it in
+        the viewer's recycle bin). Runs the server no longer lists stay in the bin.
+        """
+        listed = {exp.run_id for exp in manifest.experiments}
+        put_back = sorted(set(self.cache.recycled_runs()) & listed)
+        for run_id in put_back:
+            self.cache.put_back(run_id)
+            logger.info(
+                "run %s was in the viewer's recycle bin; put it back (the server still has it)",
+                run_id,
+            )
+        if put_back:
+            self.cache.set_viewer_hidden_runs(self.cache.viewer_hidden_runs() | set(put_back))
+        self._unhide(listed)
+
+    def _unhide(self, listed: set[str]) -> None:
+        """Have this sync's viewer restore the runs put back from its recycle bin that it
+        still hides; forget those that left the server or were restored meanwhile."""
+        hidden = self.cache.viewer_hidden_runs()
+        if not hidden:
+            return
+        by_id = {run.run_id: run for run in self.cache.list_runs()}
+        pending = {
+            run_id
+            for run_id in hidden & listed
+            if run_id in by_id and (by_id[run_id].path / DELETED_MARKER).exists()
+        }
+        if pending and self.viewer is not None:
+            pending -= set(self.viewer.restore_runs(pending))
+        if pending != hidden:
+            self.cache.set_viewer_hidden_runs(pending)
 
     @staticmethod
     def _run_record(exp: ExperimentEntry, last_synced: float | None) -> RunRecord:

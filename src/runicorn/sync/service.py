@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.client import ManifestSyncClient
     from runicorn.sync.stats import SyncStats
+    from runicorn.sync.viewer import ViewerNotifier, ViewerReport
     from runicorn.transport.remote import Remote
 
 __all__ = ["MODE_LEGACY", "MODE_MANIFEST", "MetadataSyncService", "SyncProgress"]
@@ -98,6 +99,8 @@ class MetadataSyncService:
         dry_run: bool = False,
         timeout: float = 30.0,
         on_progress: Callable[[SyncProgress], None] | None = None,
+        viewer_url: str | None = None,
+        viewer_timeout: float = 10.0,
     ) -> None:
         self.ssh_session = ssh_session
         self.sftp_client = sftp_client
@@ -113,6 +116,12 @@ class MetadataSyncService:
         self.dry_run = dry_run
         self.timeout = timeout
         self.on_progress = on_progress
+        self.viewer_url = viewer_url
+        """An upstream viewer serving the cache, told what each sync changed (see
+        :mod:`runicorn.sync.viewer`); ``None``: no viewer is told."""
+        self.viewer_timeout = viewer_timeout
+        self.last_viewer_report: ViewerReport | None = None
+        """What telling the viewer achieved in the last sync (``None``: nothing was sent)."""
         self.progress = SyncProgress()
         self.last_stats: SyncStats | None = None
         self.last_walk: WalkReport | None = None
@@ -122,6 +131,8 @@ class MetadataSyncService:
         self._known_sizes: dict[str, int] | None = None
         self._run_lock = threading.Lock()
         self._progress_lock = threading.Lock()
+        self._viewer: ViewerNotifier | None = None
+        self._last_client: ManifestSyncClient | None = None
 
     # -- public API ---------------------------------------------------------------------
 
@@ -151,7 +162,10 @@ class MetadataSyncService:
         self.last_stats = None
         self.last_walk = None
         self.fallback_reason = None
+        self.last_viewer_report = None
         self._reset_progress()
+        self._viewer = self._make_viewer()
+        self._last_client = None
         try:
             stats = self._run()
         except (KeyboardInterrupt, SystemExit):
@@ -163,6 +177,7 @@ class MetadataSyncService:
             self._update(phase=PHASE_FAILED, last_error=message)
             return False
         self.last_stats = stats
+        self._tell_viewer()
         failed = int(stats.get("failed_count", 0) or 0)
         self._update(
             phase=PHASE_DONE if not failed else PHASE_FAILED,
@@ -172,6 +187,30 @@ class MetadataSyncService:
             last_error=None if not failed else f"{failed} file(s) failed; the next sync retries",
         )
         return failed == 0
+
+    def _make_viewer(self) -> ViewerNotifier | None:
+        if not self.viewer_url or self.dry_run:
+            return None
+        from runicorn.sync.viewer import ViewerNotifier
+
+        return ViewerNotifier(
+            self.viewer_url, self.cache_manager.root_dir, timeout=self.viewer_timeout
+        )
+
+    def _tell_viewer(self) -> None:
+        """Have the viewer index what the sync added and re-read what it changed (removed
+        runs were dropped from its index before their directories went)."""
+        viewer, self._viewer = self._viewer, None
+        if viewer is None:
+            return
+        if self._last_client is not None:
+            viewer.refresh(self._last_client.last_changes)
+        report = viewer.report
+        if report.reached or report.problem:
+            self.last_viewer_report = report
+        if report.problem:
+            with self._progress_lock:
+                self.progress.warnings.append(f"viewer {report.url}: {report.problem}")
 
     def _run(self) -> SyncStats:
         if self.use_manifest_sync:
@@ -248,7 +287,7 @@ class MetadataSyncService:
     ) -> ManifestSyncClient:
         from runicorn.sync.client import ManifestSyncClient
 
-        return ManifestSyncClient(
+        client = ManifestSyncClient(
             self.sftp_client,  # None with an explicit remote
             root or self.remote_root,
             self.cache_manager.root_dir,
@@ -261,7 +300,10 @@ class MetadataSyncService:
             allow_mass_delete=self.allow_mass_delete,
             dry_run=self.dry_run,
             timeout=self.timeout,
+            viewer=self._viewer,
         )
+        self._last_client = client
+        return client
 
     def _remote(self, root: str) -> tuple[Remote, bool]:
         """The remote to walk and fetch from, and whether this service made it (and must

@@ -25,7 +25,7 @@ from runicorn.sync.cache.state_db import (
     RunRecord,
     StateDatabase,
 )
-from runicorn.sync.cache.tree import CacheTree
+from runicorn.sync.cache.tree import CacheTree, is_marked_remote_cache
 
 if TYPE_CHECKING:
     from runicorn.core.diff import LocalEntry
@@ -114,9 +114,48 @@ class LocalCacheManager:
         return existed or forgotten
 
     def damaged_files(self, entries: Iterable[LocalEntry] | None = None) -> set[str]:
-        """Recorded files (all, or ``entries``) that are missing on disk, not regular, or of
-        another size: one ``lstat`` each, the cheap check before trusting the state."""
+        """Recorded files (all, or ``entries``) that are missing on disk, not regular, of
+        another size or written locally since they were synced: one ``lstat`` each, the
+        cheap check before trusting the state."""
         return self.tree.damaged_files(entries if entries is not None else self.file_entries())
+
+    # -- what the upstream viewer does to the cache -------------------------------------------
+
+    @property
+    def is_marked_remote_cache(self) -> bool:
+        """Whether the upstream viewer recognises this cache as a remote cache (by its path)
+        and so never rewrites the status of a run whose process it cannot find."""
+        return is_marked_remote_cache(self.root_dir)
+
+    def recycled_runs(self) -> dict[str, tuple[Path, CachedRun]]:
+        """Mirrored runs the upstream viewer moved to its recycle bin, by run id: the
+        recycled directory and the run as the state knows it. Cheap when the bin is absent."""
+        recycled = self.tree.recycled_runs()
+        if not recycled:
+            return {}
+        return {
+            run.run_id: (recycled[run.run_id], run)
+            for run in self.list_runs()
+            if run.run_id in recycled
+        }
+
+    def put_back(self, run_id: str) -> bool:
+        """Move a mirrored run out of the viewer's recycle bin to its mirrored place (or drop
+        the recycled copy when that place is taken). ``False`` when it was not recycled."""
+        found = self.recycled_runs().get(run_id)
+        if found is None:
+            return False
+        recycled, run = found
+        self.tree.put_back(recycled, run.path)
+        return True
+
+    def viewer_hidden_runs(self) -> set[str]:
+        """Runs put back from the viewer's recycle bin that its index still hides."""
+        return self.state.viewer_hidden_runs()
+
+    def set_viewer_hidden_runs(self, run_ids: Iterable[str]) -> None:
+        """Replace the set :meth:`viewer_hidden_runs` returns."""
+        self.state.set_viewer_hidden_runs(run_ids)
 
     # -- the state --------------------------------------------------------------------------
 

@@ -461,3 +461,22 @@ class StateDatabase:
     def is_dirty(self) -> bool:
         """Whether a sync set the mark and never cleared it (it was killed)."""
         return bool(self._read("SELECT 1 FROM meta WHERE key = 'dirty'"))
+
+    # -- runs the upstream viewer still hides ---------------------------------------------------
+
+    def viewer_hidden_runs(self) -> set[str]:
+        """Run ids put back from the viewer's recycle bin that no viewer has un-hidden yet."""
+        rows = self._read("SELECT value FROM meta WHERE key = 'viewer_hidden'")
+        return set(orjson.loads(rows[0][0])) if rows else set()
+
+    def set_viewer_hidden_runs(self, run_ids: Iterable[str]) -> None:
+        """Replace the set :meth:`viewer_hidden_runs` returns."""
+        ids = sorted(set(run_ids))
+        with self.transaction() as conn:
+            if ids:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('viewer_hidden', ?)",
+                    (orjson.dumps(ids).decode(),),
+                )
+            else:
+                conn.execute("DELETE FROM meta WHERE key = 'viewer_hidden'")

@@ -35,6 +35,17 @@ STATE_DIRNAME = ".runicorn-cache"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+MTIME_SLACK_NS = 1_000_000_000
+"""How much newer than recorded a cached file may look before it counts as written locally
+(timestamp rounding on coarse file systems)."""
+
+VIEWER_RECYCLE_DIR = ("runs", ".recycle")
+"""Where the upstream viewer moves runs deleted in its UI, under the directory it serves."""
+
+REMOTE_CACHE_MARKERS = (".runicorn_remote_cache", "remote_cache", "_remote_")
+"""Substrings of a run's path by which the upstream viewer recognises a remote cache (and
+then never rewrites the run's status): see :func:`is_marked_remote_cache`."""
+
 MAX_DIRECTORY_HANDLES = 128
 """Directories :meth:`CacheTree.directory_handles` keeps open at most (fewer when the
 process may open few files: an eighth of ``RLIMIT_NOFILE``)."""
@@ -305,18 +316,79 @@ class CacheTree:
         return False
 
     def damaged_files(self, entries: Iterable[LocalEntry]) -> set[str]:
-        """Of these recorded files, those missing on disk, not regular, or of another size.
+        """Of these recorded files, those missing on disk, not regular, of another size, or
+        written locally since the sync installed them.
 
         One ``lstat`` per file, no reads: the cheap local check before trusting the state.
+        A sync gives every file it installs the server's mtime, so a file modified since
+        (a viewer rewriting ``status.json``) is newer on disk than on record. Only *newer*
+        counts, by more than :data:`MTIME_SLACK_NS`: file systems with coarse timestamps
+        round an installed mtime down, and a far-future server mtime is clamped down.
         """
         damaged: set[str] = set()
         root = str(self.root_dir)
-        for path, size, _mtime, _hash in entries:
+        for path, size, mtime, _hash in entries:
             try:
                 st = os.lstat(os.path.join(root, path))
             except OSError:
                 damaged.add(path)
                 continue
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_size != size
+                or (mtime >= 0 and st.st_mtime_ns > mtime * 1_000_000_000 + MTIME_SLACK_NS)
+            ):
                 damaged.add(path)
         return damaged
+
+    # -- what the upstream viewer does to a cache --------------------------------------------
+
+    def recycled_runs(self) -> dict[str, Path]:
+        """Run directories in the upstream viewer's recycle bin (``runs/.recycle/<run_id>``).
+
+        The viewer moves a run there when it is deleted in its UI. Two ``lstat`` calls when
+        the bin does not exist (the usual case); links are never followed.
+        """
+        recycle = self.root_dir.joinpath(*VIEWER_RECYCLE_DIR)
+        try:
+            for directory in (recycle.parent, recycle):
+                if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                    return {}
+            with os.scandir(recycle) as entries:
+                return {
+                    entry.name: Path(entry.path)
+                    for entry in entries
+                    if entry.is_dir(follow_symlinks=False)
+                }
+        except OSError:
+            return {}
+
+    def put_back(self, recycled: Path, run_dir: Path) -> bool:
+        """Move a recycled run directory back to where the sync mirrors it, keeping its
+        files (and their mtimes, so nothing is fetched again). When the mirrored directory
+        exists already, the recycled copy is deleted instead: one run, one directory.
+        ``True`` when the directory was moved back."""
+        relative = run_dir.relative_to(self.root_dir).as_posix()
+        target = self.path_for(relative)  # refuses links on the way
+        self._drop_handles(keep_caching=True)  # a kept handle may name the recycled directory
+        try:
+            os.lstat(target)
+        except FileNotFoundError:
+            dir_fd, name = self.open_parent(relative, create=True)
+            try:
+                os.rename(recycled, name, dst_dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+            return True
+        shutil.rmtree(recycled)
+        return False
+
+
+def is_marked_remote_cache(path: Path | str) -> bool:
+    """Whether the upstream viewer treats runs under ``path`` as a remote cache.
+
+    Its rule (``update_status_if_process_dead``): a run whose directory path, lower-cased,
+    contains one of :data:`REMOTE_CACHE_MARKERS` is never marked failed for a dead process.
+    """
+    lowered = str(path).lower()
+    return any(marker in lowered for marker in REMOTE_CACHE_MARKERS)
