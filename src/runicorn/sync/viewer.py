@@ -142,14 +142,18 @@ class ViewerNotifier:
         body: bytes | None = None,
         content_type: str | None = None,
     ) -> Any:
-        import urllib.request  # late: only a sync with a viewer pays for importing it
+        import http.client  # late: only a sync with a viewer pays for importing these
+        import urllib.request
 
         headers = {"Accept": "application/json"}
         if content_type is not None:
             headers["Content-Type"] = content_type
         request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            payload = response.read()
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except http.client.HTTPException as error:  # something else listens there
+            raise OSError(f"not an HTTP answer ({type(error).__name__}: {error})") from error
         return json.loads(payload) if payload else None
 
     def _post_json(self, path: str, document: Any) -> Any:
