@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from runicorn.sync.service import MetadataSyncService, SyncProgress
     from runicorn.sync.stats import SyncStats
+    from runicorn.sync.viewer import ViewerReport
     from runicorn.transport.remote import Remote
 
 # [USER@]HOST:PATH, where HOST may be a bracketed IPv6 address. Like scp, a colon after a
@@ -168,7 +169,14 @@ def _summary_line(source: Source, service: MetadataSyncService, stats: SyncStats
     return line
 
 
-def _viewer_document(report: Any) -> dict[str, Any] | None:
+def _viewer_url(value: str | None) -> str | None:
+    """``--viewer`` or ``RUNICORN_VIEWER_URL``; like every RUNICORN_* variable, ``0`` or an
+    empty value counts as unset."""
+    url = (value or "").strip()
+    return None if url in ("", "0") else url
+
+
+def _viewer_document(report: ViewerReport | None) -> dict[str, Any] | None:
     """What the viewer was told, for ``--json`` (``None``: no viewer was involved)."""
     if report is None:
         return None
@@ -297,8 +305,7 @@ def sync(
         "allow_mass_delete": allow_mass_delete,
         "as_json": as_json,
         "timeout": timeout,
-        # Like every RUNICORN_* variable, "0" or empty counts as unset.
-        "viewer_url": None if (viewer_url or "").strip() in ("", "0") else viewer_url.strip(),
+        "viewer_url": _viewer_url(viewer_url),
     }
     client = None
     try:
