@@ -364,21 +364,29 @@ class Viewer:
 
 # -- building the virtual environments ---------------------------------------------------------
 
-_built: dict[str, UpstreamSdk] = {}
+_built: dict[str, UpstreamSdk | UpstreamError] = {}
 
 
 def upstream_sdk(version: str) -> UpstreamSdk:
     """The virtual environment with ``runicorn==version``: reused when it works, (re)built
-    otherwise, under a lock so parallel sessions build it once."""
-    if version in _built:
-        return _built[version]
+    otherwise, under a lock so parallel sessions build it once. A build that failed is not
+    tried again in the same session: every later caller gets the same error at once."""
+    known = _built.get(version)
+    if isinstance(known, UpstreamError):
+        raise known
+    if known is not None:
+        return known
     base = _cache_dir()
     base.mkdir(parents=True, exist_ok=True)
     venv = base / f"upstream-{version}"
-    with open(base / f"upstream-{version}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _venv_works(venv, version):
-            _build(venv, version)
+    try:
+        with open(base / f"upstream-{version}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _venv_works(venv, version):
+                _build(venv, version)
+    except UpstreamError as error:
+        _built[version] = error
+        raise
     sdk = UpstreamSdk(version, venv)
     _built[version] = sdk
     return sdk

@@ -55,10 +55,12 @@ PLAIN_CACHE = "labcache"
 
 
 def _sdk(version: str) -> UpstreamSdk:
+    """The upstream version's venv; without it the test fails (never skips) with pip's word."""
     try:
         return upstream_sdk(version)
     except UpstreamError as error:
-        pytest.fail(str(error), pytrace=False)
+        message = str(error)
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from runicorn.core.backend import Backend, active_backend
-from runicorn.format.layout import DELETED_MARKER, run_prefix
+from runicorn.format.layout import DELETED_MARKER
 from runicorn.format.models import ExperimentEntry, ManifestFormat, ManifestType, SyncManifest
 from runicorn.sync.cache import LocalCacheManager, RunRecord
 from runicorn.sync.manifest_fetch import (
@@ -461,10 +461,7 @@ class ManifestSyncClient:
         gone: list[tuple[str, str, str]],
     ) -> ViewerChanges:
         """Runs this sync added, changed (some file landed) and removed, by id."""
-        run_of = {
-            run_prefix(exp.project, exp.name, exp.run_id): exp.run_id
-            for exp in manifest.experiments
-        }
+        run_of = {exp.prefix: exp.run_id for exp in manifest.experiments}
         added = {exp.run_id for exp in manifest.experiments} - cached_ids
         changed: set[str] = set()
         for transfer in transfers:
