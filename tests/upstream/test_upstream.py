@@ -68,16 +68,7 @@ def viewer_sdk() -> UpstreamSdk:
     return _sdk(VIEWER_VERSION)
 
 
-_RUNS_PATH_LAYOUT = pytest.mark.xfail(
-    strict=True,
-    reason="the 0.6+ SDK's runs/<path...>/<run_id>/ layout is not scanned yet (issue 22, item 1)",
-)
-
-
-@pytest.fixture(
-    params=[pytest.param(v, marks=_RUNS_PATH_LAYOUT) if v >= "0.6" else v for v in SDK_VERSIONS],
-    ids=[f"sdk{v}" for v in SDK_VERSIONS],
-)
+@pytest.fixture(params=SDK_VERSIONS, ids=[f"sdk{v}" for v in SDK_VERSIONS])
 def sdk(request: pytest.FixtureRequest) -> UpstreamSdk:
     return _sdk(request.param)
 
