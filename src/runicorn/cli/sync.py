@@ -173,7 +173,14 @@ def _viewer_url(value: str | None) -> str | None:
     """``--viewer`` or ``RUNICORN_VIEWER_URL``; like every RUNICORN_* variable, ``0`` or an
     empty value counts as unset."""
     url = (value or "").strip()
-    return None if url in ("", "0") else url
+    if url in ("", "0"):
+        return None
+    from runicorn.sync.viewer import normalize_viewer_url
+
+    try:
+        return normalize_viewer_url(url)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--viewer") from None
 
 
 def _viewer_document(report: ViewerReport | None) -> dict[str, Any] | None:

@@ -116,6 +116,10 @@ class MetadataSyncService:
         self.dry_run = dry_run
         self.timeout = timeout
         self.on_progress = on_progress
+        if viewer_url:
+            from runicorn.sync.viewer import normalize_viewer_url
+
+            normalize_viewer_url(viewer_url)  # a malformed URL is the caller's error, now
         self.viewer_url = viewer_url
         """An upstream viewer serving the cache, told what each sync changed (see
         :mod:`runicorn.sync.viewer`); ``None``: no viewer is told."""

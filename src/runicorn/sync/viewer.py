@@ -45,6 +45,7 @@ __all__ = [
     "ViewerChanges",
     "ViewerNotifier",
     "ViewerReport",
+    "normalize_viewer_url",
     "notify_viewer",
     "viewer_url_from_env",
 ]
@@ -98,7 +99,9 @@ def viewer_url_from_env() -> str | None:
     return value or None
 
 
-def _normalize_url(url: str) -> str:
+def normalize_viewer_url(url: str) -> str:
+    """``url`` as the notifier uses it (``http://`` added when no scheme is given, no
+    trailing slash); ``ValueError`` when it is not an http(s) address."""
     url = url.strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
@@ -126,7 +129,7 @@ class ViewerNotifier:
     def __init__(
         self, url: str, cache_dir: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self.url = _normalize_url(url)
+        self.url = normalize_viewer_url(url)
         self.cache_dir = Path(os.path.abspath(cache_dir))
         self.timeout = timeout
         self.report = ViewerReport(url=self.url)
