@@ -323,7 +323,8 @@ class CacheTree:
         A sync gives every file it installs the server's mtime, so a file modified since
         (a viewer rewriting ``status.json``) is newer on disk than on record. Only *newer*
         counts, by more than :data:`MTIME_SLACK_NS`: file systems with coarse timestamps
-        round an installed mtime down, and a far-future server mtime is clamped down.
+        round an installed mtime down, and a far-future server mtime is clamped down (a
+        negative one, which some file systems clamp *up*, is not compared).
         """
         damaged: set[str] = set()
         root = str(self.root_dir)
