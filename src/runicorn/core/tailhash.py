@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from blake3 import blake3
 
+from runicorn._sys.fileio import pread_exact
+
 TAIL_WINDOW = 4096
 """Bytes hashed at the end of a file (manifest header ``tail_hash_window``)."""
 
@@ -30,42 +32,28 @@ def digest(data: bytes) -> str:
     return blake3(data).hexdigest(length=DIGEST_BYTES)
 
 
-def _pread_exact(fd: int, length: int, offset: int) -> bytes | None:
-    """Read exactly ``length`` bytes at ``offset``, or ``None`` if the file is shorter."""
-    parts = []
-    while length > 0:
-        chunk = os.pread(fd, length, offset)
-        if not chunk:
-            return None
-        parts.append(chunk)
-        length -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
-
-
 def _tail_of_open_file(fd: int, size: int, cut_at_newline: bool, window: int) -> TailResult | None:
-    end = size
-    data: bytes | None = None
-    if cut_at_newline:
-        end = 0
-        pos = size
-        while pos > 0:
-            start = max(0, pos - window)
-            chunk = _pread_exact(fd, pos - start, start)
-            if chunk is None:
-                return None
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                if end == size:
-                    data = chunk  # the file ends with a complete line: the window is read
-                break
-            pos = start
-    if data is None:
-        start = max(0, end - window)
-        data = _pread_exact(fd, end - start, start)
+    try:
+        end = size
+        data: bytes | None = None
+        if cut_at_newline:
+            end = 0
+            pos = size
+            while pos > 0:
+                start = max(0, pos - window)
+                chunk = pread_exact(fd, start, pos - start)
+                newline = chunk.rfind(b"\n")
+                if newline >= 0:
+                    end = start + newline + 1
+                    if end == size:
+                        data = chunk  # the file ends with a complete line: the window is read
+                    break
+                pos = start
         if data is None:
-            return None
+            start = max(0, end - window)
+            data = pread_exact(fd, start, end - start)
+    except EOFError:
+        return None  # shorter than ``size`` now: no answer for this size
     return end, digest(data)
 
 

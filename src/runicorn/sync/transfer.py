@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from runicorn._sys.atomic import TEMP_PREFIX
+from runicorn._sys.fileio import pread_upto
 from runicorn.core.backend import Backend
 from runicorn.core.tailhash import TAIL_WINDOW, digest
 from runicorn.format.models import FileEntry
@@ -120,18 +121,6 @@ def _is_connection_error(error: BaseException | None) -> bool:
     if type(error).__name__ == "ShrunkError":
         return False
     return isinstance(error, ConnectionError | TimeoutError | EOFError)
-
-
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    parts: list[bytes] = []
-    while length > 0:
-        chunk = os.pread(fd, length, offset)
-        if not chunk:
-            break
-        parts.append(chunk)
-        length -= len(chunk)
-        offset += len(chunk)
-    return b"".join(parts)
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
@@ -441,7 +430,7 @@ class FileTransfer:
         if entry.path.endswith(".json") and entry.size <= JSON_CHECK_MAX_BYTES:
             try:
                 data = transfer.whole
-                orjson.loads(data if data is not None else _pread_exact(transfer.fd, entry.size, 0))
+                orjson.loads(data if data is not None else pread_upto(transfer.fd, 0, entry.size))
             except orjson.JSONDecodeError:
                 if attempts + 1 < JSON_ACCEPT_AFTER_ATTEMPTS:
                     return TRUNCATED_JSON
@@ -491,12 +480,12 @@ class FileTransfer:
                 state.forget.append(entry.path)
                 raise _Redo("the cached copy changed size since it was recorded")
             spool.seek(0)
-            if _pread_exact(fd, transfer.overlap, transfer.offset) != spool.read(transfer.overlap):
+            if pread_upto(fd, transfer.offset, transfer.overlap) != spool.read(transfer.overlap):
                 state.forget.append(entry.path)
                 raise _Redo("the bytes before the cached end differ on the server (rewritten)")
             if entry.tail_hash is not None:
                 cached = min(transfer.local_size, max(0, TAIL_WINDOW - added))
-                window = _pread_exact(fd, cached, transfer.local_size - cached)
+                window = pread_upto(fd, transfer.local_size - cached, cached)
                 spool.seek(transfer.length - min(added, TAIL_WINDOW))
                 if digest(window + spool.read()) != entry.tail_hash:
                     state.forget.append(entry.path)

@@ -1,0 +1,57 @@
+"""Positional reads with a stated contract.
+
+``os.pread`` may return fewer bytes than asked for even before the end of a file (a signal,
+a network file system, a pipe-like file), and an empty result is its only sign of EOF. Every
+caller that wants "these bytes of the file" loops; these two helpers are that loop, written
+once. Both read explicit ranges and never "to EOF", so a writer appending meanwhile cannot
+make them read more than asked.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["MAX_CHUNK", "pread_exact", "pread_upto"]
+
+MAX_CHUNK = 1024 * 1024
+"""Largest single ``os.pread``: it allocates the size it is asked for before it reads, so a
+generous ``length`` on a small file must not cost that much memory."""
+
+
+def pread_upto(fd: int, offset: int, length: int) -> bytes:
+    """Bytes ``[offset, offset + length)`` of ``fd``; fewer only if the file ends first.
+
+    The result is shorter than ``length`` exactly when EOF lies inside the range (then it
+    holds everything up to EOF, and is empty when ``offset`` is at or past EOF). Short reads
+    before EOF are retried. ``length == 0`` returns ``b""`` without a system call.
+    ValueError if ``offset`` or ``length`` is negative; ``OSError`` from ``os.pread`` passes
+    through. The file position of ``fd`` is not used or moved.
+    """
+    if offset < 0 or length < 0:
+        raise ValueError(f"pread_upto: negative offset ({offset}) or length ({length})")
+    pieces: list[bytes] = []
+    position, end = offset, offset + length
+    while position < end:
+        data = os.pread(fd, min(MAX_CHUNK, end - position), position)
+        if not data:
+            break
+        pieces.append(data)
+        position += len(data)
+    if len(pieces) == 1:
+        return pieces[0]
+    return b"".join(pieces)
+
+
+def pread_exact(fd: int, offset: int, length: int) -> bytes:
+    """Exactly ``length`` bytes at ``offset`` of ``fd``, or EOFError if the file ends first.
+
+    As :func:`pread_upto`, but a range that EOF cuts short is an error: the EOFError says
+    where the file ended. Use it where a short file means the file changed under the caller.
+    """
+    data = pread_upto(fd, offset, length)
+    if len(data) != length:
+        raise EOFError(
+            f"file ends at byte {offset + len(data)}, inside the range [{offset}, "
+            f"{offset + length}) that was to be read"
+        )
+    return data
