@@ -4,7 +4,7 @@ Run: ``python benchmarks/bench_transfer.py [--runs 100] [--no-wan] [--slow]``
 
 It builds a lab (``runicorn.demo.sample_lab`` when available, else synthetic files of similar sizes)
 in a temporary directory, starts a throw-away sshd on 127.0.0.1, and fetches every file through
-:class:`runicorn.transport.remote.SftpRemote` with different ``depth`` (requests in flight
+:class:`runicorn.transport.sftp_remote.SftpRemote` with different ``depth`` (requests in flight
 per channel), ``read_size`` and ``workers``. Over loopback first, then, if
 ``harness.wan_proxy`` is present, through a 50 ms RTT / 100 Mbit/s proxy, next to the
 time the link's bandwidth alone allows. Time is the fetch (including opening the worker
@@ -26,7 +26,8 @@ import paramiko
 
 import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
 from harness.sshd import SshServer
-from runicorn.transport.remote import FetchJob, FetchResult, SftpRemote
+from runicorn.transport.remote import FetchJob, FetchResult
+from runicorn.transport.sftp_remote import SftpRemote
 
 KIB = 1024
 

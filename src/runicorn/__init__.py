@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from runicorn.sync.client import ManifestSyncClient
     from runicorn.sync.service import MetadataSyncService, SyncProgress
     from runicorn.sync.stats import ProgressCallback, SyncStats
-    from runicorn.transport.remote import LocalRemote, Remote, SftpRemote
+    from runicorn.transport.local_remote import LocalRemote
+    from runicorn.transport.remote import Remote
+    from runicorn.transport.sftp_remote import SftpRemote
     from runicorn.transport.ssh import HostKeyError, SshConfigError, connect
 
 _HOMES = {
@@ -56,9 +58,9 @@ _HOMES = {
     "SyncProgress": "runicorn.sync.service",
     "ProgressCallback": "runicorn.sync.stats",
     "SyncStats": "runicorn.sync.stats",
-    "LocalRemote": "runicorn.transport.remote",
+    "LocalRemote": "runicorn.transport.local_remote",
     "Remote": "runicorn.transport.remote",
-    "SftpRemote": "runicorn.transport.remote",
+    "SftpRemote": "runicorn.transport.sftp_remote",
     "HostKeyError": "runicorn.transport.ssh",
     "SshConfigError": "runicorn.transport.ssh",
     "connect": "runicorn.transport.ssh",

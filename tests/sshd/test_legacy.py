@@ -251,7 +251,7 @@ def test_legacy_sync_records_each_runs_real_status(
 def test_walk_over_ssh_costs_a_bounded_number_of_requests_per_directory(
     tmp_path: Path, sshd_server: SshServer, sftp: paramiko.SFTPClient
 ) -> None:
-    from runicorn.transport.remote import SftpRemote
+    from runicorn.transport.sftp_remote import SftpRemote
 
     lab = build_sample_lab(tmp_path / "lab", runs=20, seed=7, now=NOW)
     remote = SftpRemote(sftp, str(lab.root))

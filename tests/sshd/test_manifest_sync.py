@@ -38,7 +38,7 @@ from runicorn.sync import transfer as file_transfer
 from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 from runicorn.sync.transfer import TRUNCATED_JSON
-from runicorn.transport.remote import SftpRemote
+from runicorn.transport.sftp_remote import SftpRemote
 
 pytestmark = pytest.mark.sshd
 

@@ -15,17 +15,17 @@ import paramiko
 import pytest
 
 from harness.sshd import SshServer
-from runicorn.transport import remote as remote_module
+from runicorn.transport import fetch as fetch_module
+from runicorn.transport.local_remote import LocalRemote
 from runicorn.transport.remote import (
     FetchCancelled,
     FetchJob,
     FetchResult,
-    LocalRemote,
     Remote,
-    RemoteEntry,
-    SftpRemote,
+    RemoteDirEntry,
     ShrunkError,
 )
+from runicorn.transport.sftp_remote import SftpRemote
 
 MIB = 1024 * 1024
 
@@ -359,7 +359,7 @@ def test_local_remote_never_follows_a_symlink_as_the_final_component(lab_root: P
 
 
 def test_remote_entry_is_a_value() -> None:
-    assert RemoteEntry("a", False, False, 1, 2.0) == RemoteEntry("a", False, False, 1, 2.0)
+    assert RemoteDirEntry("a", False, False, 1, 2.0) == RemoteDirEntry("a", False, False, 1, 2.0)
 
 
 def test_keyboard_interrupt_in_a_callback_stops_the_fetch_and_leaves_no_thread(
@@ -417,8 +417,8 @@ def test_read_prefixes_pipelines_the_opens_and_does_not_wait_for_the_closes(
 
 
 def test_queued_data_waits_for_room_by_bytes_not_by_event_count(monkeypatch) -> None:
-    monkeypatch.setattr(remote_module, "_EVENT_QUEUE_BYTES", 1000)
-    run = remote_module._FetchRun([], lambda result: None, None)
+    monkeypatch.setattr(fetch_module, "_EVENT_QUEUE_BYTES", 1000)
+    run = fetch_module.FetchRun([], lambda result: None, None)
     for offset in range(0, 800, 8):
         run.data(0, offset, b"x" * 8)  # a hundred tiny events fit at once
     posted = threading.Event()
@@ -436,15 +436,15 @@ def test_queued_data_waits_for_room_by_bytes_not_by_event_count(monkeypatch) -> 
 
 
 def test_an_event_larger_than_the_bound_passes_an_empty_queue(monkeypatch) -> None:
-    monkeypatch.setattr(remote_module, "_EVENT_QUEUE_BYTES", 10)
-    run = remote_module._FetchRun([], lambda result: None, None)
+    monkeypatch.setattr(fetch_module, "_EVENT_QUEUE_BYTES", 10)
+    run = fetch_module.FetchRun([], lambda result: None, None)
     run.data(0, 0, b"z" * 100)
     assert run.events.get_nowait()[3] == b"z" * 100
 
 
 def test_stopping_releases_a_worker_waiting_for_room(monkeypatch) -> None:
-    monkeypatch.setattr(remote_module, "_EVENT_QUEUE_BYTES", 10)
-    run = remote_module._FetchRun([], lambda result: None, None)
+    monkeypatch.setattr(fetch_module, "_EVENT_QUEUE_BYTES", 10)
+    run = fetch_module.FetchRun([], lambda result: None, None)
     run.data(0, 0, b"a" * 10)
     worker = threading.Thread(target=run.data, args=(0, 10, b"b" * 10))
     worker.start()

@@ -18,13 +18,12 @@ import pytest
 
 from harness.sshd import SshServer
 from runicorn.transport import sftp_pipeline as sp
-from runicorn.transport.sftp_pipeline import (
-    ListDirOp,
-    ReadRangeOp,
-    SftpPipeline,
-    ShrunkError,
-    status_error,
-)
+from runicorn.transport import sftp_protocol as proto
+from runicorn.transport.openssh_shortcuts import OPENSSH_FIRST_HANDLE, PrefetchingSFTPClient
+from runicorn.transport.remote import ShrunkError
+from runicorn.transport.sftp_ops import ListDirOp, ReadRangeOp
+from runicorn.transport.sftp_pipeline import SftpPipeline
+from runicorn.transport.sftp_protocol import status_error
 
 # -- an in-memory SFTP server ------------------------------------------------------------------
 
@@ -90,8 +89,8 @@ class FakeSftpChannel:
             self._handle(packet[0], packet[1:])
 
     def _handle(self, ptype: int, body: bytes) -> None:
-        if ptype == sp.FXP_INIT:
-            self._out += _packet(sp.FXP_VERSION, struct.pack(">I", 3))
+        if ptype == proto.FXP_INIT:
+            self._out += _packet(proto.FXP_VERSION, struct.pack(">I", 3))
             return
         (rid,) = struct.unpack_from(">I", body)
         self.requests.append(ptype)
@@ -101,29 +100,33 @@ class FakeSftpChannel:
         rest = body[4:]
         (length,) = struct.unpack_from(">I", rest)
         name_or_handle = rest[4 : 4 + length]
-        if ptype == sp.FXP_OPEN:
+        if ptype == proto.FXP_OPEN:
             path = name_or_handle.decode()
             if path not in self.files:
                 answer = _packet(
-                    sp.FXP_STATUS, head + struct.pack(">I", 2) + _str(b"no") + _str(b"")
+                    proto.FXP_STATUS, head + struct.pack(">I", 2) + _str(b"no") + _str(b"")
                 )
             else:
                 handle = self._new_handle()
                 self._handles[handle] = path
-                answer = _packet(sp.FXP_HANDLE, head + _str(handle))
-        elif ptype in (sp.FXP_READ, sp.FXP_CLOSE) and name_or_handle not in self._handles:
-            answer = _packet(sp.FXP_STATUS, head + struct.pack(">I", 4) + _str(b"bad") + _str(b""))
-        elif ptype == sp.FXP_READ:
+                answer = _packet(proto.FXP_HANDLE, head + _str(handle))
+        elif ptype in (proto.FXP_READ, proto.FXP_CLOSE) and name_or_handle not in self._handles:
+            answer = _packet(
+                proto.FXP_STATUS, head + struct.pack(">I", 4) + _str(b"bad") + _str(b"")
+            )
+        elif ptype == proto.FXP_READ:
             offset, size = struct.unpack_from(">QI", rest, 4 + length)
             data = self.files[self._handles[name_or_handle]][offset : offset + size]
             if data:
-                answer = _packet(sp.FXP_DATA, head + _str(data))
+                answer = _packet(proto.FXP_DATA, head + _str(data))
             else:
-                answer = _packet(sp.FXP_STATUS, head + struct.pack(">I", 1) + _str(b"") + _str(b""))
+                answer = _packet(
+                    proto.FXP_STATUS, head + struct.pack(">I", 1) + _str(b"") + _str(b"")
+                )
         else:  # CLOSE and anything else: OK
-            if ptype == sp.FXP_CLOSE:
+            if ptype == proto.FXP_CLOSE:
                 del self._handles[name_or_handle]
-            answer = _packet(sp.FXP_STATUS, head + struct.pack(">I", 0) + _str(b"") + _str(b""))
+            answer = _packet(proto.FXP_STATUS, head + struct.pack(">I", 0) + _str(b"") + _str(b""))
         self._answers.append(answer)
 
     def _new_handle(self) -> bytes:
@@ -201,7 +204,15 @@ def test_a_silent_server_times_out_and_fails_every_open_operation() -> None:
 
 
 def _guessing(path: str, length: int = 100):
-    return _collect(path, 0, length, length, exact=False, predicted_handle=sp.OPENSSH_FIRST_HANDLE)
+    return _collect(
+        path,
+        0,
+        length,
+        length,
+        exact=False,
+        short_read_is_eof=True,
+        predicted_handle=OPENSSH_FIRST_HANDLE,
+    )
 
 
 def test_a_right_handle_guess_reads_a_prefix_in_one_round_trip() -> None:
@@ -211,7 +222,7 @@ def test_a_right_handle_guess_reads_a_prefix_in_one_round_trip() -> None:
     pipe.run(ops=[op])
     assert b"".join(chunk for _, chunk in pieces) == b"manifest bytes"
     assert outcome == [(None, len(b"manifest bytes"))]
-    assert channel.requests == [sp.FXP_OPEN, sp.FXP_READ, sp.FXP_CLOSE]
+    assert channel.requests == [proto.FXP_OPEN, proto.FXP_READ, proto.FXP_CLOSE]
     assert channel.flights == 1  # INIT, OPEN, READ and CLOSE left together
     assert pipe.server_version == 3
     assert channel._handles == {}  # the guessed CLOSE closed the file
@@ -224,7 +235,10 @@ def test_a_wrong_handle_guess_is_dropped_and_the_file_read_with_its_real_handle(
     pipe.run(ops=[op])
     assert b"".join(chunk for _, chunk in pieces) == b"manifest bytes"
     assert outcome == [(None, len(b"manifest bytes"))]
-    guessed, real = [sp.FXP_OPEN, sp.FXP_READ, sp.FXP_CLOSE], [sp.FXP_READ, sp.FXP_CLOSE]
+    guessed, real = (
+        [proto.FXP_OPEN, proto.FXP_READ, proto.FXP_CLOSE],
+        [proto.FXP_READ, proto.FXP_CLOSE],
+    )
     assert channel.requests == guessed + real
     assert channel._handles == {}
 
@@ -254,17 +268,25 @@ def test_a_handle_guess_never_reads_the_file_a_later_open_gets_that_handle_for()
 
 def test_a_handle_guess_needs_a_prefix_that_fits_one_read() -> None:
     with pytest.raises(ValueError, match="one READ"):
-        _collect("/m", 0, 200, 100, exact=False, predicted_handle=sp.OPENSSH_FIRST_HANDLE)
+        _collect(
+            "/m",
+            0,
+            200,
+            100,
+            exact=False,
+            short_read_is_eof=True,
+            predicted_handle=OPENSSH_FIRST_HANDLE,
+        )
     with pytest.raises(ValueError, match="one READ"):
-        _collect("/m", 0, 100, 100, predicted_handle=sp.OPENSSH_FIRST_HANDLE)  # exact
+        _collect("/m", 0, 100, 100, predicted_handle=OPENSSH_FIRST_HANDLE)  # exact
 
 
 def test_status_codes_become_the_matching_python_exceptions() -> None:
-    assert isinstance(status_error(sp.FX_NO_SUCH_FILE, "", "p"), FileNotFoundError)
-    assert isinstance(status_error(sp.FX_PERMISSION_DENIED, "", "p"), PermissionError)
-    assert isinstance(status_error(sp.FX_EOF, "", "p"), EOFError)
-    assert isinstance(status_error(sp.FX_CONNECTION_LOST, "", "p"), ConnectionError)
-    failure = status_error(sp.FX_FAILURE, "boom", "p")
+    assert isinstance(status_error(proto.FX_NO_SUCH_FILE, "", "p"), FileNotFoundError)
+    assert isinstance(status_error(proto.FX_PERMISSION_DENIED, "", "p"), PermissionError)
+    assert isinstance(status_error(proto.FX_EOF, "", "p"), EOFError)
+    assert isinstance(status_error(proto.FX_CONNECTION_LOST, "", "p"), ConnectionError)
+    failure = status_error(proto.FX_FAILURE, "boom", "p")
     assert type(failure) is OSError and failure.errno == errno.EIO and "boom" in str(failure)
 
 
@@ -441,7 +463,7 @@ def test_the_first_round_trip_reads_the_prefixes_of_every_path(
         ssh_client.get_transport(), root=str(tmp_path), prefetch=paths, timeout=10
     )
     try:
-        assert isinstance(client, sp.PrefetchingSFTPClient)
+        assert isinstance(client, PrefetchingSFTPClient)
         assert client.root == str(tmp_path)
         for name, data in published.items():
             assert (

@@ -11,6 +11,7 @@ import paramiko
 import pytest
 
 from harness.sshd import SshServer
+from runicorn.transport.openssh_shortcuts import speaks_openssh
 from runicorn.transport.ssh import (
     AEAD_CIPHERS,
     ChangedHostKeyError,
@@ -21,7 +22,6 @@ from runicorn.transport.ssh import (
     fingerprint,
     parse_destination,
     resolve_host,
-    speaks_openssh,
 )
 
 pytestmark = pytest.mark.sshd

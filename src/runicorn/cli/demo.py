@@ -48,7 +48,7 @@ def _sync_once(lab: Path, cache_dir: Path) -> SyncStats:
     from runicorn.manifest import ManifestGenerator, ManifestType
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.service import MetadataSyncService
-    from runicorn.transport.remote import LocalRemote
+    from runicorn.transport.local_remote import LocalRemote
 
     generator = ManifestGenerator(lab)
     manifest, _ = generator.generate(ManifestType.FULL)

@@ -442,7 +442,7 @@ def _sync_remote(
 
 
 def _sync_local(parsed: Source, cache_dir: Path, **options: Any) -> int:
-    from runicorn.transport.remote import LocalRemote
+    from runicorn.transport.local_remote import LocalRemote
 
     remote = LocalRemote(parsed.root)
     try:

@@ -144,7 +144,7 @@ class ManifestSyncClient:
     def remote(self) -> Remote:
         """The :class:`Remote` this client reads from (built from ``sftp_client`` on first use)."""
         if self._remote is None:
-            from runicorn.transport.remote import SftpRemote  # late: importing stays cheap
+            from runicorn.transport.sftp_remote import SftpRemote  # late: importing stays cheap
 
             if self.sftp_client is None:
                 raise ValueError("pass an sftp_client, or a remote to sync from")

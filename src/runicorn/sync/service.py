@@ -316,7 +316,7 @@ class MetadataSyncService:
             return self.remote, False
         if self.sftp_client is None:
             raise ValueError("MetadataSyncService needs an sftp_client or a remote")
-        from runicorn.transport.remote import SftpRemote
+        from runicorn.transport.sftp_remote import SftpRemote
 
         return SftpRemote(self.sftp_client, root, timeout=self.timeout), True
 

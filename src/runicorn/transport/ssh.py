@@ -19,7 +19,6 @@ import logging
 import os
 import shlex
 import socket
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,10 @@ from typing import Any
 
 import paramiko
 
+from runicorn.transport import openssh_shortcuts
+
 __all__ = [
+    "AEAD_CIPHERS",
     "DEFAULT_SSH_CONFIG",
     "DEFAULT_TIMEOUT",
     "SYSTEM_KNOWN_HOSTS",
@@ -41,7 +43,6 @@ __all__ = [
     "fingerprint",
     "parse_destination",
     "resolve_host",
-    "speaks_openssh",
 ]
 
 logger = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey):
         resolved = self.resolved
-        known_types = _known_key_types(client, hostname)
+        known_types = _known_key_types(resolved, hostname)
         also = (
             f" (known_hosts has a key of another type for it: {', '.join(known_types)}; "
             "the server did not offer that one)"
@@ -247,13 +248,15 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
         )
 
 
-def _known_key_types(client: paramiko.SSHClient, hostname: str) -> list[str]:
-    types: list[str] = []
-    for keys in (client.get_host_keys(), client._system_host_keys):
-        entry = keys.lookup(hostname)
-        if entry is not None:
-            types.extend(entry.keys())
-    return sorted(set(types))
+def _known_key_types(resolved: ResolvedHost, hostname: str) -> list[str]:
+    """Key types the known_hosts files list for ``hostname`` (for the error message only)."""
+    known = paramiko.HostKeys()
+    for path in [*resolved.system_known_hosts, *resolved.user_known_hosts]:
+        if os.path.isfile(path):
+            with contextlib.suppress(OSError, paramiko.SSHException):
+                known.load(path)
+    entry = known.lookup(hostname)
+    return sorted(entry.keys()) if entry is not None else []
 
 
 def _keyscan_command(resolved: ResolvedHost, key: paramiko.PKey) -> str:
@@ -295,76 +298,21 @@ def _load_known_hosts(client: paramiko.SSHClient, resolved: ResolvedHost) -> Non
             logger.warning("known_hosts file %s could not be read: %s", path, error)
 
 
-def speaks_openssh(transport: paramiko.Transport) -> bool:
-    """Whether the server's SSH banner says it is OpenSSH, whose behaviour the round-trip
-    savings (here and in :mod:`.sftp_pipeline`) rely on; any other server gets the plain
-    protocol."""
-    version = getattr(transport, "remote_version", "") or ""
-    return version.startswith("SSH-2.0-OpenSSH")
-
-
-class _PipelinedAuthHandler(paramiko.AuthHandler):
-    """Sends a public-key USERAUTH_REQUEST right behind its SERVICE_REQUEST.
-
-    paramiko waits for SERVICE_ACCEPT before it signs and sends the request; OpenSSH handles
-    a connection's packets in order and accepts ``ssh-userauth`` at once, so the wait is a
-    round trip for nothing. Only the signature's algorithm could depend on the server's
-    answer (``server-sig-algs``, for RSA keys): an RSA key waits unless that list is here.
-    """
-
-    _sent_early = False
-
-    def _request_auth(self) -> None:
-        self._sent_early = self._can_send_early()
-        # Set before anything is sent: the transport thread may handle the SERVICE_ACCEPT
-        # before this thread has signed, and must not send the request a second time.
-        super()._request_auth()
-        if self._sent_early:
-            accept = paramiko.Message()
-            accept.add_string("ssh-userauth")
-            accept.rewind()
-            super()._parse_service_accept(accept)  # signs and sends the request now
-
-    def _can_send_early(self) -> bool:
-        if self.auth_method != "publickey":
-            return False
-        key_type, _ = self._get_key_type_and_bits(self.private_key)
-        return "rsa" not in key_type or "server-sig-algs" in self.transport.server_extensions
-
-    def _parse_service_accept(self, m: paramiko.Message) -> None:
-        if not self._sent_early:
-            super()._parse_service_accept(m)
-
-
 AEAD_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
-"""Offered first: one AES-GCM pass per packet instead of AES-CTR plus an HMAC. paramiko's
-client used 13-20 % less CPU for the same download (``benchmarks/bench_ciphers.py``), which
-a cold sync needs on a busy machine. A server without them gets paramiko's usual order."""
+"""Offered first: one AES-GCM pass per packet instead of AES-CTR plus an HMAC, so paramiko's
+client spends less CPU on the same download (``benchmarks/bench_ciphers.py``), which a cold
+sync needs on a busy machine. A server without them gets paramiko's usual order."""
 
 
-class _ClientTransport(paramiko.Transport):
-    """paramiko's Transport with AES-GCM offered first and a public-key authentication that
-    costs one round trip less on OpenSSH."""
-
-    _preferred_ciphers = (
-        *AEAD_CIPHERS,
-        *(name for name in paramiko.Transport._preferred_ciphers if name not in AEAD_CIPHERS),
-    )
-
-    def auth_publickey(
-        self, username: str, key: paramiko.PKey, event: threading.Event | None = None
-    ) -> list[str]:
-        if not speaks_openssh(self):
-            return super().auth_publickey(username, key, event)
-        # paramiko's own auth_publickey, with the pipelined handler
-        if not self.active or not self.initial_kex_done:
-            raise paramiko.SSHException("No existing session")
-        done = event if event is not None else threading.Event()
-        self.auth_handler = _PipelinedAuthHandler(self)
-        self.auth_handler.auth_publickey(username, key, done)
-        if event is not None:
-            return []
-        return self.auth_handler.wait_for_response(done)
+def _make_transport(*args: Any, **kwargs: Any) -> paramiko.Transport:
+    """``SSHClient.connect``'s transport factory: the class :mod:`.openssh_shortcuts` picks,
+    with AES-GCM offered first (through the public ``SecurityOptions``)."""
+    transport = openssh_shortcuts.transport_class()(*args, **kwargs)
+    options = transport.get_security_options()
+    offered = tuple(options.ciphers)
+    first = tuple(name for name in AEAD_CIPHERS if name in offered)
+    options.ciphers = (*first, *(name for name in offered if name not in first))
+    return transport
 
 
 def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
@@ -446,7 +394,7 @@ def connect(
             auth_timeout=timeout,
             channel_timeout=timeout,
             sock=sock,
-            transport_factory=_ClientTransport,
+            transport_factory=_make_transport,
         )
     except paramiko.BadHostKeyException as error:
         client.close()

@@ -1,0 +1,255 @@
+"""Round trips saved by leaning on paramiko internals and on OpenSSH's behaviour, in one place.
+
+Why: on a 50 ms link a sync that finds nothing new is a handful of round trips, and three of
+them can be skipped when the server is OpenSSH -- the SSH authentication request can leave
+behind its service request, the SFTP INIT can leave with the first requests, and the handle
+of a session's first file is known in advance. Each of these needs either paramiko's private
+methods or a fact about OpenSSH that no standard promises. Everything that does lives here.
+
+The switch: :func:`enabled` is true for a server whose SSH banner says OpenSSH, false for any
+other, and false everywhere when the environment variable ``RUNICORN_OPENSSH_SHORTCUTS`` is
+``0`` (also ``off``, ``false``, ``no``). With it off the transport speaks the plain protocol
+through paramiko's public API only (one round trip more for each shortcut). A paramiko
+release that renames a hooked attribute is caught by ``tests/test_paramiko_hooks.py``, which
+checks every entry of :data:`PRIVATE_API`; setting the variable is the way out for a user
+until a fixed runicorn is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import paramiko
+
+__all__ = [
+    "ENV_VAR",
+    "OPENSSH_FIRST_HANDLE",
+    "PRIVATE_API",
+    "ClientTransport",
+    "PipelinedAuthHandler",
+    "Prefetched",
+    "PrefetchingSFTPClient",
+    "PrivateHook",
+    "enabled",
+    "environment_allows",
+    "speaks_openssh",
+    "transport_class",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "RUNICORN_OPENSSH_SHORTCUTS"
+_OFF_VALUES = frozenset({"0", "off", "false", "no"})
+
+OPENSSH_FIRST_HANDLE = (0).to_bytes(4, "big")
+"""The handle OpenSSH's sftp-server gives the first file opened in a session.
+
+Its handles are the index of a slot in its handle table, as four bytes, the lowest free slot
+first (``handle_new``/``handle_to_string`` in sftp-server.c, unchanged since 2002). Knowing it
+lets the first READ leave with the OPEN; :class:`~.sftp_ops.ReadRangeOp` checks the guess
+against the handle actually returned before it uses a byte."""
+
+
+# -- the switch --------------------------------------------------------------------------------
+
+
+def environment_allows() -> bool:
+    """False when ``RUNICORN_OPENSSH_SHORTCUTS`` turns the shortcuts off (read at each call)."""
+    return os.environ.get(ENV_VAR, "").strip().lower() not in _OFF_VALUES
+
+
+def speaks_openssh(transport: paramiko.Transport) -> bool:
+    """Whether the server's SSH banner says it is OpenSSH."""
+    version = getattr(transport, "remote_version", "") or ""
+    return version.startswith("SSH-2.0-OpenSSH")
+
+
+def enabled(transport: paramiko.Transport) -> bool:
+    """The one switch: shortcuts for this connection (an OpenSSH server, not turned off)."""
+    return environment_allows() and speaks_openssh(transport)
+
+
+# -- what paramiko must still provide ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrivateHook:
+    """One private (or undocumented) paramiko attribute this module relies on.
+
+    ``parameters`` names a method's parameters after ``self`` as we call or override them;
+    None marks an attribute of an instance (set in ``__init__``), not a method.
+    """
+
+    owner: str
+    name: str
+    parameters: tuple[str, ...] | None
+    use: str
+
+
+PRIVATE_API: tuple[PrivateHook, ...] = (
+    PrivateHook(
+        "paramiko.SFTPClient",
+        "_send_version",
+        (),
+        "PrefetchingSFTPClient overrides it: __init__ must get the server version from it",
+    ),
+    PrivateHook(
+        "paramiko.AuthHandler",
+        "_request_auth",
+        (),
+        "PipelinedAuthHandler overrides it to send the USERAUTH_REQUEST right behind it",
+    ),
+    PrivateHook(
+        "paramiko.AuthHandler",
+        "_parse_service_accept",
+        ("m",),
+        "PipelinedAuthHandler calls it early and drops the server's later SERVICE_ACCEPT",
+    ),
+    PrivateHook(
+        "paramiko.AuthHandler",
+        "_get_key_type_and_bits",
+        ("key",),
+        "PipelinedAuthHandler asks it whether the key is an RSA key",
+    ),
+    PrivateHook(
+        "paramiko.AuthHandler",
+        "_client_handler_table",
+        None,
+        "must dispatch SERVICE_ACCEPT to the handler's own _parse_service_accept",
+    ),
+    PrivateHook("paramiko.AuthHandler", "auth_method", None, "PipelinedAuthHandler reads it"),
+    PrivateHook("paramiko.AuthHandler", "private_key", None, "PipelinedAuthHandler reads it"),
+    PrivateHook(
+        "paramiko.Transport",
+        "auth_handler",
+        None,
+        "ClientTransport installs its PipelinedAuthHandler there, as auth_publickey does",
+    ),
+    PrivateHook(
+        "paramiko.Transport",
+        "initial_kex_done",
+        None,
+        "ClientTransport.auth_publickey checks it, as paramiko's does",
+    ),
+    PrivateHook(
+        "paramiko.Transport",
+        "server_extensions",
+        None,
+        "PipelinedAuthHandler looks for server-sig-algs in it",
+    ),
+    PrivateHook("paramiko.Transport", "remote_version", None, "speaks_openssh reads the banner"),
+)
+"""Checked by ``tests/test_paramiko_hooks.py`` against the installed paramiko."""
+
+
+# -- SSH authentication in one round trip less ------------------------------------------------
+
+
+class PipelinedAuthHandler(paramiko.AuthHandler):
+    """Sends a public-key USERAUTH_REQUEST right behind its SERVICE_REQUEST.
+
+    paramiko waits for SERVICE_ACCEPT before it signs and sends the request; OpenSSH handles
+    a connection's packets in order and accepts ``ssh-userauth`` at once, so the wait is a
+    round trip for nothing. Only the signature's algorithm could depend on the server's
+    answer (``server-sig-algs``, for RSA keys): an RSA key waits unless that list is here.
+    """
+
+    _sent_early = False
+
+    def _request_auth(self) -> None:
+        self._sent_early = self._can_send_early()
+        # Set before anything is sent: the transport thread may handle the SERVICE_ACCEPT
+        # before this thread has signed, and must not send the request a second time.
+        super()._request_auth()
+        if self._sent_early:
+            accept = paramiko.Message()
+            accept.add_string("ssh-userauth")
+            accept.rewind()
+            super()._parse_service_accept(accept)  # signs and sends the request now
+
+    def _can_send_early(self) -> bool:
+        if self.auth_method != "publickey":
+            return False
+        key_type, _ = self._get_key_type_and_bits(self.private_key)
+        return "rsa" not in key_type or "server-sig-algs" in self.transport.server_extensions
+
+    def _parse_service_accept(self, m: paramiko.Message) -> None:
+        if not self._sent_early:
+            super()._parse_service_accept(m)
+
+
+class ClientTransport(paramiko.Transport):
+    """paramiko's Transport whose public-key authentication costs one round trip less when
+    :func:`enabled`; otherwise exactly paramiko's."""
+
+    def auth_publickey(
+        self, username: str, key: paramiko.PKey, event: threading.Event | None = None
+    ) -> list[str]:
+        if not enabled(self):
+            logger.debug("plain authentication: no OpenSSH shortcuts for %s", self.remote_version)
+            return super().auth_publickey(username, key, event)
+        # paramiko's own auth_publickey, with the pipelined handler
+        if not self.active or not self.initial_kex_done:
+            raise paramiko.SSHException("No existing session")
+        done = event if event is not None else threading.Event()
+        self.auth_handler = PipelinedAuthHandler(self)
+        self.auth_handler.auth_publickey(username, key, done)
+        if event is not None:
+            return []
+        return self.auth_handler.wait_for_response(done)
+
+
+def transport_class() -> type[paramiko.Transport]:
+    """The Transport class for a new connection: paramiko's own when the environment turns
+    the shortcuts off (then not one private attribute is touched), else :class:`ClientTransport`,
+    which decides per server once it has seen the banner."""
+    if environment_allows():
+        return ClientTransport
+    logger.debug("OpenSSH shortcuts are off (%s=%s)", ENV_VAR, os.environ.get(ENV_VAR))
+    return paramiko.Transport
+
+
+# -- an SFTP session whose INIT went out with its first requests ------------------------------
+
+
+@dataclass
+class Prefetched:
+    """File prefixes read in an SFTP session's first round trip, for the first caller that asks.
+
+    ``results`` maps a path relative to ``root`` to its first ``length`` bytes, or to the
+    exception reading it raised (``FileNotFoundError`` …).
+    """
+
+    root: str
+    length: int
+    results: dict[str, bytes | BaseException]
+
+    def take(self, root: str, path: str, length: int) -> bytes | BaseException | None:
+        """The answer for ``path``, once; None if it was not read with this root and length."""
+        if root.rstrip("/") != self.root.rstrip("/") or length != self.length:
+            return None
+        return self.results.pop(path, None)
+
+
+class PrefetchingSFTPClient(paramiko.SFTPClient):
+    """A paramiko ``SFTPClient`` whose INIT went out pipelined with its first requests.
+
+    Made by :func:`~.sftp_pipeline.open_sftp_client`; ``root`` is the remote root it resolved
+    and ``prefetched`` what the first round trip read (consumed by
+    :class:`~.sftp_remote.SftpRemote`).
+    """
+
+    def __init__(
+        self, channel: paramiko.Channel, server_version: int, root: str, prefetched: Prefetched
+    ) -> None:
+        self._known_version = server_version
+        self.root = root
+        self.prefetched = prefetched
+        super().__init__(channel)
+
+    def _send_version(self) -> int:
+        # paramiko's __init__ calls this to exchange INIT/VERSION, which already happened.
+        return self._known_version

@@ -1,0 +1,538 @@
+"""A remote experiments root read over SFTP: :class:`SftpRemote`.
+
+Cheap calls ride the user's own SFTP channel; transfers and many-directory listings run on a
+few extra channels of the same SSH connection, each a :class:`~.sftp_pipeline.SftpPipeline`
+with many requests in flight (see :mod:`.remote` for the threading contract of ``fetch``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import posixpath
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from runicorn._sys.fd_budget import files_in_flight_per_channel
+from runicorn.transport import openssh_shortcuts
+from runicorn.transport.fetch import FetchRun, copy_error, run_fetch
+from runicorn.transport.remote import FetchJob, FetchResult, RemoteDirEntry, relative_path
+from runicorn.transport.sftp_ops import DirEntry, ListDirOp, Operation, ReadRangeOp
+from runicorn.transport.sftp_pipeline import (
+    DEFAULT_DEPTH,
+    DEFAULT_READ_SIZE,
+    DEFAULT_TIMEOUT,
+    SftpPipeline,
+)
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from runicorn.transport.openssh_shortcuts import Prefetched
+
+__all__ = ["FETCH_DEPTH", "SMALL_FETCH_BYTES", "SftpRemote"]
+
+logger = logging.getLogger(__name__)
+
+# Requests in flight per channel. The many small files that go first (priority 1) are
+# latency-bound, so more of them in flight fills the link sooner; four times the pipeline's
+# default measured best at 50 ms RTT and 100 Mbit/s (benchmarks/bench_transfer.py). Memory
+# stays bounded by the channel window, not by the depth; open files by ``fd_budget``.
+FETCH_DEPTH = 4 * DEFAULT_DEPTH
+# A fetch at most this big (and of at most ``depth`` files) runs on the client's own channel:
+# opening worker channels costs two round trips, more than such a fetch gains from them.
+SMALL_FETCH_BYTES = 2 * 1024 * 1024
+
+
+class SftpRemote:
+    """A remote root read over SFTP, with pipelined requests on extra channels.
+
+    Cheap calls (``read_prefix``, ``read_file``, ``listdir``) speak on the channel of the given
+    ``sftp_client`` (no new channel, a few round trips), which must not be used by other threads
+    meanwhile. ``fetch`` and ``listdirs`` open up to ``workers`` more channels on the same SSH
+    transport, once, and keep them until :meth:`close`; if the server refuses channels
+    (``MaxSessions``), fewer are used, down to the client's own channel.
+    """
+
+    def __init__(
+        self,
+        sftp_client: paramiko.SFTPClient,
+        root: str,
+        *,
+        depth: int = FETCH_DEPTH,
+        read_size: int = DEFAULT_READ_SIZE,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        workers: int = 4,
+        window_size: int | None = 8 * 1024 * 1024,
+    ) -> None:
+        if depth < 1 or read_size < 1 or workers < 1:
+            raise ValueError("depth, read_size and workers must be at least 1")
+        self.root = root.rstrip("/") or ("/" if root.startswith("/") else ".")
+        self.depth = depth
+        self.read_size = read_size
+        self.timeout = timeout
+        self.workers = workers
+        self.window_size = window_size
+        self._sftp = sftp_client
+        self._transport = sftp_client.get_channel().get_transport()
+        # OpenSSH answers a READ short only at the end of the file (openssh_shortcuts).
+        self._short_read_is_eof = openssh_shortcuts.enabled(self._transport)
+        self._pipes: list[SftpPipeline] = []
+        self._channel_limit: int | None = None  # extra channels the server allows, once known
+        self._pipes_lock = threading.Lock()
+        self._borrow_lock = threading.Lock()
+        self._borrowed_pipe: SftpPipeline | None = None
+        self._warm_up: threading.Thread | None = None
+        self._transfer_lock = threading.Lock()  # one fetch/listdirs drives the pipes at a time
+        self._transfer_owner: int | None = None
+        self._closed = False
+
+    def __enter__(self) -> SftpRemote:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _full(self, path: str) -> str:
+        relative = relative_path(path)
+        return posixpath.join(self.root, relative) if relative else self.root
+
+    # -- calls on the client's own channel -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _borrowed(self) -> Any:
+        if self._closed:
+            raise ValueError("this SftpRemote is closed")
+        if not self._borrow_lock.acquire(blocking=False):
+            raise RuntimeError(
+                "the SFTP client's channel is busy with a transfer; do not call the Remote from "
+                "a fetch callback or from two threads"
+            )
+        try:
+            yield self._borrowed_pipeline()
+        finally:
+            self._borrow_lock.release()
+
+    def _borrowed_pipeline(self) -> SftpPipeline:
+        """The one pipeline on the client's channel (the caller holds ``_borrow_lock``).
+
+        Kept for the Remote's life: answers it does not wait for (detached CLOSEs) arrive
+        later and must meet the pipeline that knows their ids.
+        """
+        pipe = self._borrowed_pipe
+        if pipe is None or not pipe.alive:
+            pipe = SftpPipeline.borrow(
+                self._sftp,
+                depth=self.depth,
+                read_size=self.read_size,
+                timeout=self.timeout,
+            )
+            self._borrowed_pipe = pipe
+        return pipe
+
+    def _read(self, path: str, length: int, *, size_cap: int | None = None) -> bytes:
+        """Read from the start of ``path`` on the client's channel (prefix or whole file)."""
+        pieces: list[bytes] = []
+        outcome: list[BaseException | None] = []
+        op = ReadRangeOp(
+            self._full(path),
+            0,
+            length,
+            self.read_size,
+            lambda offset, data: pieces.append(data),
+            lambda error, received: outcome.append(error),
+            exact=False,
+            short_read_is_eof=self._short_read_is_eof,
+            size_cap=size_cap,
+            display_path=path,
+        )
+        with self._borrowed() as pipe:
+            pipe.run(ops=[op])
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
+        return b"".join(pieces)
+
+    def read_prefix(self, path: str, length: int) -> bytes:
+        """At most ``length`` bytes from the start of ``path``: OPEN + READ + CLOSE when
+        ``length`` fits one read (a short read is taken as the end of the file)."""
+        if length < 0:
+            raise ValueError("length must not be negative")
+        return self._read(path, length)
+
+    def read_prefixes(self, paths: Sequence[str], length: int) -> list[bytes | BaseException]:
+        """At most ``length`` bytes from the start of each path, all in one pipeline: the
+        OPENs go out together and nobody waits for the CLOSEs, so reading one or several
+        prefixes that fit one READ (255 KiB) costs two round trips -- none for a path the
+        session's first round trip read already (a :class:`PrefetchingSFTPClient`). Per
+        path: the bytes, or the exception (``FileNotFoundError`` …) reading it raised."""
+        if length < 0:
+            raise ValueError("length must not be negative")
+        pieces: list[list[bytes]] = [[] for _ in paths]
+        errors: list[BaseException | None] = [None] * len(paths)
+        ops: list[Operation] = []
+        prefetched: Prefetched | None = getattr(self._sftp, "prefetched", None)
+        for index, path in enumerate(paths):
+            early = prefetched.take(self.root, relative_path(path), length) if prefetched else None
+            if isinstance(early, bytes):
+                pieces[index].append(early)
+                continue
+            if early is not None:
+                errors[index] = early
+                continue
+
+            def on_done(error: BaseException | None, _received: int, i: int = index) -> None:
+                errors[i] = error
+
+            ops.append(
+                ReadRangeOp(
+                    self._full(path),
+                    0,
+                    length,
+                    self.read_size,
+                    lambda _offset, data, i=index: pieces[i].append(data),
+                    on_done,
+                    exact=False,
+                    short_read_is_eof=self._short_read_is_eof,
+                    display_path=path,
+                    detach_close=True,
+                )
+            )
+        if ops:
+            with self._borrowed() as pipe:
+                pipe.run(ops=ops)
+        return [
+            error if error is not None else b"".join(parts)
+            for parts, error in zip(pieces, errors, strict=True)
+        ]
+
+    def warm_up(self, workers: int) -> None:
+        """Start opening ``workers`` worker channels in the background, so that a large
+        fetch that follows (a first sync) does not wait for them; returns at once."""
+        with self._pipes_lock:
+            if self._closed or (self._warm_up is not None and self._warm_up.is_alive()):
+                return
+
+            def open_them() -> None:
+                with contextlib.suppress(Exception):
+                    self._open_pipes(workers)
+
+            self._warm_up = threading.Thread(
+                target=open_them, name="runicorn-sftp-warm-up", daemon=True
+            )
+            self._warm_up.start()
+
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        """The whole file, pipelined (OPEN, FSTAT with the first READ, the rest, CLOSE);
+        ValueError if it is larger than ``max_bytes``. A file growing meanwhile is read up to
+        the size FSTAT reported."""
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        return self._read(path, min(self.read_size, max_bytes + 1), size_cap=max_bytes)
+
+    def listdir(self, path: str) -> list[RemoteDirEntry]:
+        """Entries of one directory ('' is the root), sorted by name, links not followed."""
+        results: list[tuple[list[DirEntry] | None, BaseException | None]] = []
+        op = ListDirOp(
+            self._full(path),
+            lambda entries, error: results.append((entries, error)),
+            display_path=path,
+        )
+        with self._borrowed() as pipe:
+            pipe.run(ops=[op])
+        entries, error = results[0]
+        if error is not None:
+            raise error
+        return [_entry(item) for item in entries or []]
+
+    # -- worker channels -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transfer(self) -> Iterator[None]:
+        """Serialise fetch/listdirs: a pipeline must be driven by one thread at a time."""
+        if self._transfer_owner == threading.get_ident():
+            raise RuntimeError("do not call the Remote from a fetch callback")
+        with self._transfer_lock:
+            self._transfer_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._transfer_owner = None
+
+    def _open_pipes(self, wanted: int) -> list[SftpPipeline]:
+        """Up to ``wanted`` live worker pipelines, opening missing ones concurrently."""
+        with self._pipes_lock:
+            if self._closed:
+                raise ValueError("this SftpRemote is closed")
+            self._pipes = [pipe for pipe in self._pipes if pipe.alive]
+            if self._channel_limit is not None:
+                wanted = min(wanted, self._channel_limit)
+            missing = wanted - len(self._pipes)
+            if missing > 0:
+                self._pipes.extend(self._open_channels(missing))
+            return self._pipes[:wanted]
+
+    def _open_channels(self, count: int) -> list[SftpPipeline]:
+        import paramiko
+
+        opened: list[SftpPipeline] = []
+        refused: list[BaseException] = []
+        lock = threading.Lock()
+
+        def open_one() -> None:
+            try:
+                pipe = SftpPipeline.open(
+                    self._transport,
+                    window_size=self.window_size,
+                    depth=self.depth,
+                    read_size=self.read_size,
+                    timeout=self.timeout,
+                )
+            except (paramiko.SSHException, OSError, EOFError) as error:
+                with lock:
+                    refused.append(error)
+                return
+            with lock:
+                opened.append(pipe)
+
+        threads = [
+            threading.Thread(target=open_one, name=f"runicorn-sftp-open-{n}", daemon=True)
+            for n in range(count)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            for thread in threads:
+                thread.join()
+            for pipe in opened:
+                pipe.close()
+            raise
+        if refused and self._transport.is_active():
+            self._channel_limit = len(self._pipes) + len(opened)
+            logger.warning(
+                "the SSH server refused %d of %d extra SFTP channels (%s); continuing with %d "
+                "(raise MaxSessions in sshd_config for more parallelism)",
+                len(refused),
+                count,
+                refused[0],
+                max(self._channel_limit, 1),
+            )
+        return opened
+
+    def _run_on_pipes(
+        self,
+        pipes: list[SftpPipeline],
+        make_feed: Callable[[], Callable[[], Operation | None]],
+        on_exit: Callable[[BaseException | None], None],
+        max_open: int | None = None,
+    ) -> tuple[list[Callable[[], None]], Callable[[], None], Callable[[], None]]:
+        """Thread targets driving each pipe (or the borrowed channel if there is none), each
+        with at most ``max_open`` operations open, an interrupt that makes them stop at once,
+        and a cleanup to run after they are joined."""
+        borrowed_lock_held = False
+        if not pipes:
+            if not self._borrow_lock.acquire(blocking=False):
+                raise RuntimeError("the SFTP client's channel is busy")
+            borrowed_lock_held = True
+            pipes = [self._borrowed_pipeline()]
+
+        def target_for(pipe: SftpPipeline) -> Callable[[], None]:
+            def target() -> None:
+                error: BaseException | None = None
+                try:
+                    pipe.run(make_feed(), max_open=max_open)
+                except BaseException as failure:
+                    error = failure
+                    if not isinstance(failure, (ConnectionError, TimeoutError)):
+                        logger.debug("SFTP worker failed", exc_info=True)
+                finally:
+                    on_exit(error)
+
+            return target
+
+        def interrupt() -> None:
+            for pipe in pipes:
+                if pipe.borrowed:
+                    # Closing the user's channel would kill their SFTPClient; stop by draining.
+                    continue
+                pipe.close()
+
+        def cleanup() -> None:
+            if borrowed_lock_held:
+                self._borrow_lock.release()
+
+        return [target_for(pipe) for pipe in pipes], interrupt, cleanup
+
+    def fetch(
+        self,
+        jobs: Iterable[FetchJob],
+        on_result: Callable[[FetchResult], None],
+        *,
+        workers: int,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Run ``jobs`` in priority order over up to ``workers`` channels, many files in flight
+        on each; ``on_result`` once per job. All callbacks run on this thread (module doc).
+
+        Cancelling (``cancel`` set) stops at once: open channels are closed (reopened by the
+        next call) and each unfinished job is reported with FetchCancelled. A KeyboardInterrupt
+        stops the same way, then propagates without further callbacks.
+        """
+        run = FetchRun(jobs, on_result, cancel)
+        if not run.jobs:
+            return
+        with self._transfer():
+            self._fetch(run, workers)
+
+    def _fetch(self, run: FetchRun, workers: int) -> None:
+        small = (
+            len(run.jobs) <= self.depth and sum(job.length for job in run.jobs) <= SMALL_FETCH_BYTES
+        )
+        if small:
+            # Opening channels costs round trips that a small fetch does not win back: use
+            # the client's own channel, plus whatever worker channels are open already.
+            with self._pipes_lock:
+                pipes = [pipe for pipe in self._pipes if pipe.alive][: max(1, workers)]
+        else:
+            pipes = self._open_pipes(max(1, workers))
+
+        def make_feed() -> Callable[[], Operation | None]:
+            def feed() -> Operation | None:
+                while True:
+                    index = run.take()
+                    if index is None:
+                        return None
+                    job = run.jobs[index]
+                    try:
+                        full = self._full(job.path)
+                        return ReadRangeOp(
+                            full,
+                            job.offset,
+                            job.length,
+                            self.read_size,
+                            lambda offset, data, i=index: run.data(i, offset, data),
+                            lambda error, received, i=index: run.done(i, error, received),
+                            should_abort=lambda i=index: run.abandoned(i),
+                            display_path=job.path,
+                            detach_close=True,
+                        )
+                    except ValueError as error:
+                        run.done(index, error, 0)
+
+            return feed
+
+        # Every file in flight holds a temp file open on this side.
+        max_open = files_in_flight_per_channel(max(1, len(pipes)), self.depth)
+        targets, interrupt, cleanup = self._run_on_pipes(
+            pipes, make_feed, run.worker_exit, max_open
+        )
+        try:
+            run_fetch(run, targets, interrupt)
+        finally:
+            cleanup()
+
+    def listdirs(self, paths: list[str]) -> dict[str, list[RemoteDirEntry] | BaseException]:
+        """List many directories at once: pipelined over the worker channels (legacy walk)."""
+        unique = list(dict.fromkeys(paths))
+        results: dict[str, list[RemoteDirEntry] | BaseException] = {}
+        if not unique:
+            return results
+        if len(unique) == 1:
+            try:
+                results[unique[0]] = self.listdir(unique[0])
+            except (OSError, EOFError, ValueError) as error:
+                results[unique[0]] = error
+            return results
+        lock = threading.Lock()
+        pending = list(reversed(unique))
+        errors: list[BaseException] = []
+
+        def record(path: str, entries: list[DirEntry] | None, error: BaseException | None) -> None:
+            with lock:
+                if error is not None:
+                    results[path] = error
+                else:
+                    results[path] = [_entry(item) for item in entries or []]
+
+        def make_feed() -> Callable[[], Operation | None]:
+            def feed() -> Operation | None:
+                while True:
+                    with lock:
+                        if not pending:
+                            return None
+                        path = pending.pop()
+                    try:
+                        full = self._full(path)
+                    except ValueError as error:
+                        record(path, None, error)
+                        continue
+                    return ListDirOp(
+                        full,
+                        lambda entries, error, p=path: record(p, entries, error),
+                        display_path=path,
+                        detach_close=True,
+                    )
+
+            return feed
+
+        def on_exit(error: BaseException | None) -> None:
+            if error is not None:
+                with lock:
+                    errors.append(error)
+
+        with self._transfer():
+            pipes = self._open_pipes(min(self.workers, max(1, len(unique) // 8)))
+            targets, interrupt, cleanup = self._run_on_pipes(pipes, make_feed, on_exit)
+            self._run_listing(targets, interrupt, cleanup)
+        failure = errors[-1] if errors else ConnectionError("directory listing did not finish")
+        for path in unique:
+            if path not in results:
+                results[path] = copy_error(failure)
+        return results
+
+    @staticmethod
+    def _run_listing(
+        targets: list[Callable[[], None]],
+        interrupt: Callable[[], None],
+        cleanup: Callable[[], None],
+    ) -> None:
+        threads = [
+            threading.Thread(target=t, name="runicorn-listdirs", daemon=True) for t in targets
+        ]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            interrupt()
+            for thread in threads:
+                thread.join()
+            raise
+        finally:
+            cleanup()
+
+    def close(self) -> None:
+        """Close the worker channels (the caller's SFTP client stays open: it is theirs)."""
+        warm_up = self._warm_up
+        if warm_up is not None:
+            warm_up.join()
+        with self._pipes_lock:
+            self._closed = True
+            pipes, self._pipes = self._pipes, []
+        for pipe in pipes:
+            pipe.close()
+
+
+def _entry(item: DirEntry) -> RemoteDirEntry:
+    attrs = item.attrs
+    return RemoteDirEntry(
+        name=item.name,
+        is_dir=attrs.is_dir,
+        is_symlink=attrs.is_symlink,
+        size=attrs.size or 0,
+        mtime=float(attrs.mtime or 0),
+    )
