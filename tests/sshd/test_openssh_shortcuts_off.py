@@ -13,7 +13,7 @@ import paramiko
 import pytest
 from click.testing import CliRunner
 
-from _sync_helpers import (
+from harness.lab import (
     Lab,
     assert_cache_equals_server,
     cache_files,

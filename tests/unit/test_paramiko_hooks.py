@@ -168,7 +168,7 @@ def test_the_tested_ends_of_the_paramiko_range_lie_inside_the_pin() -> None:
     tomllib = pytest.importorskip("tomllib")
     from packaging.requirements import Requirement
 
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     pins = [Requirement(d) for d in data["project"]["dependencies"]]
     paramiko_pin = next(r for r in pins if r.name == "paramiko")
