@@ -193,14 +193,15 @@ class ReadRangeOp(Operation):
                 self._guess_state = 1
             payload = encode_path(self.path) + U32.pack(FXF_READ) + U32.pack(0)
             return FXP_OPEN, payload, self._on_open
-        if self._guess_state == 1:
-            self._guess_state = 2
-            size = self._end - self._start
-            payload = encode_string(self._predicted) + U64.pack(self._start) + U32.pack(size)
-            return FXP_READ, payload, self._on_guessed_read
-        if self._guess_state == 2:
+        if self._guess_state in (1, 2) and self._predicted is not None:
+            guessed = encode_string(self._predicted)
+            if self._guess_state == 1:
+                self._guess_state = 2
+                size = self._end - self._start
+                payload = guessed + U64.pack(self._start) + U32.pack(size)
+                return FXP_READ, payload, self._on_guessed_read
             self._guess_state = 3
-            return FXP_CLOSE, encode_string(self._predicted), self._on_guessed_close
+            return FXP_CLOSE, guessed, self._on_guessed_close
         if self._guess_state == 3 or self._handle is None or self._closing:
             return None
         handle = encode_string(self._handle)

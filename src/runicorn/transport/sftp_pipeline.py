@@ -441,6 +441,9 @@ def _first_round_trip(
         ops.append(RealPathOp(root or ".", lambda path, error: resolved.append((path, error))))
     for index, path in enumerate(prefetch):
 
+        def on_data(_offset: int, data: bytes, path: str = path) -> None:
+            pieces[path].append(data)
+
         def on_done(error: BaseException | None, _received: int, path: str = path) -> None:
             results[path] = error if error is not None else b"".join(pieces[path])
 
@@ -450,7 +453,7 @@ def _first_round_trip(
                 0,
                 length,
                 max(length, 1),
-                lambda _offset, data, path=path: pieces[path].append(data),
+                on_data,
                 on_done,
                 exact=False,
                 display_path=path,
@@ -459,14 +462,13 @@ def _first_round_trip(
             )
         )
     pipe.run(ops=ops)
-    if absolute:
-        resolved_root = root
-    else:
-        path, error = resolved[0]
+    resolved_root = root
+    if not absolute:
+        real, error = resolved[0]
         if error is not None:
             raise error
-        assert path is not None
-        resolved_root = path
+        assert real is not None
+        resolved_root = real
     assert pipe.server_version is not None
     prefetched = openssh_shortcuts.Prefetched(resolved_root, length, results)
     return openssh_shortcuts.PrefetchingSFTPClient(

@@ -8,11 +8,12 @@ with many requests in flight (see :mod:`.remote` for the threading contract of `
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import posixpath
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from runicorn._sys.fd_budget import files_in_flight_per_channel
 from runicorn.transport import openssh_shortcuts
@@ -75,7 +76,10 @@ class SftpRemote:
         self.workers = workers
         self.window_size = window_size
         self._sftp = sftp_client
-        self._transport = sftp_client.get_channel().get_transport()
+        channel = sftp_client.get_channel()
+        if channel is None:
+            raise ValueError("the SFTP client has no channel (it is closed)")
+        self._transport = channel.get_transport()
         # OpenSSH answers a READ short only at the end of the file (openssh_shortcuts).
         self._short_read_is_eof = openssh_shortcuts.enabled(self._transport)
         self._pipes: list[SftpPipeline] = []
@@ -101,7 +105,7 @@ class SftpRemote:
     # -- calls on the client's own channel -------------------------------------------------------
 
     @contextlib.contextmanager
-    def _borrowed(self) -> Any:
+    def _borrowed(self) -> Iterator[SftpPipeline]:
         if self._closed:
             raise ValueError("this SftpRemote is closed")
         if not self._borrow_lock.acquire(blocking=False):
@@ -181,6 +185,9 @@ class SftpRemote:
                 errors[index] = early
                 continue
 
+            def on_data(_offset: int, data: bytes, i: int = index) -> None:
+                pieces[i].append(data)
+
             def on_done(error: BaseException | None, _received: int, i: int = index) -> None:
                 errors[i] = error
 
@@ -190,7 +197,7 @@ class SftpRemote:
                     0,
                     length,
                     self.read_size,
-                    lambda _offset, data, i=index: pieces[i].append(data),
+                    on_data,
                     on_done,
                     exact=False,
                     short_read_is_eof=self._short_read_is_eof,
@@ -413,9 +420,9 @@ class SftpRemote:
                             job.offset,
                             job.length,
                             self.read_size,
-                            lambda offset, data, i=index: run.data(i, offset, data),
-                            lambda error, received, i=index: run.done(i, error, received),
-                            should_abort=lambda i=index: run.abandoned(i),
+                            functools.partial(run.data, index),
+                            functools.partial(run.done, index),
+                            should_abort=functools.partial(run.abandoned, index),
                             display_path=job.path,
                             detach_close=True,
                         )
@@ -471,7 +478,7 @@ class SftpRemote:
                         continue
                     return ListDirOp(
                         full,
-                        lambda entries, error, p=path: record(p, entries, error),
+                        functools.partial(record, path),
                         display_path=path,
                         detach_close=True,
                     )

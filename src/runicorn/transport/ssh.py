@@ -22,7 +22,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import paramiko
 
@@ -226,7 +226,9 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
     def __init__(self, resolved: ResolvedHost) -> None:
         self.resolved = resolved
 
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey):
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> NoReturn:
         resolved = self.resolved
         known_types = _known_key_types(resolved, hostname)
         also = (
@@ -271,7 +273,9 @@ def _keyscan_command(resolved: ResolvedHost, key: paramiko.PKey) -> str:
     return f"ssh-keyscan {port}-t {key_type} {shlex.quote(resolved.hostname)} >> {target}"
 
 
-def _changed_key_error(resolved: ResolvedHost, error: paramiko.BadHostKeyException):
+def _changed_key_error(
+    resolved: ResolvedHost, error: paramiko.BadHostKeyException
+) -> ChangedHostKeyError:
     name = resolved.known_hosts_name
     return ChangedHostKeyError(
         f"WARNING: THE HOST KEY OF {name} HAS CHANGED. known_hosts says "
@@ -386,7 +390,7 @@ def connect(
             resolved.hostname,
             port=resolved.port,
             username=resolved.username,
-            key_filename=key_files or None,
+            key_filename=key_files or None,  # type: ignore[arg-type]  # a list works too
             allow_agent=use_agent,
             look_for_keys=look_for_keys,
             timeout=timeout,
