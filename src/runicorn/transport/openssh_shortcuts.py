@@ -10,7 +10,7 @@ The switch: :func:`enabled` is true for a server whose SSH banner says OpenSSH, 
 other, and false everywhere when the environment variable ``RUNICORN_OPENSSH_SHORTCUTS`` is
 ``0`` (also ``off``, ``false``, ``no``). With it off the transport speaks the plain protocol
 through paramiko's public API only (one round trip more for each shortcut). A paramiko
-release that renames a hooked attribute is caught by ``tests/unit/test_paramiko_hooks.py``, which
+release that renames a hooked attribute is caught by ``tests/sshd/test_paramiko_hooks.py``, which
 checks every entry of :data:`PRIVATE_API`; setting the variable is the way out for a user
 until a fixed runicorn is released.
 """
@@ -143,7 +143,7 @@ PRIVATE_API: tuple[PrivateHook, ...] = (
     ),
     PrivateHook("paramiko.Transport", "remote_version", None, "speaks_openssh reads the banner"),
 )
-"""Checked by ``tests/unit/test_paramiko_hooks.py`` against the installed paramiko."""
+"""Checked by ``tests/sshd/test_paramiko_hooks.py`` against the installed paramiko."""
 
 
 # -- SSH authentication in one round trip less ------------------------------------------------

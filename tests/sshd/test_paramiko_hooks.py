@@ -2,7 +2,9 @@
 signature we call or override: a paramiko release that changes one fails here, loudly and by
 name, instead of breaking every sync in the field.
 
-No server is needed: the classes are inspected and instantiated on an unconnected socket.
+No server is needed: the classes are inspected and instantiated on an unconnected socket. The
+module sits with the real-sshd tests all the same, so that CI's pass over both ends of the
+tested paramiko range (which runs tests/sshd) checks the hooks on each.
 """
 
 from __future__ import annotations
