@@ -60,11 +60,6 @@ def connection(sshd_server: SshServer) -> Iterator[paramiko.SSHClient]:
 
 
 @pytest.fixture
-def lab(tmp_path: Path, backend: Backend) -> Lab:
-    return make_lab(tmp_path, backend)
-
-
-@pytest.fixture
 def session(connection: paramiko.SSHClient, lab: Lab) -> Iterator[paramiko.SFTPClient]:
     """The SFTP session the CLI would open, asking for the first-round-trip prefetch."""
     transport = connection.get_transport()
@@ -122,9 +117,8 @@ def test_prefix_reads_ask_on_past_a_short_answer_and_stop_at_eof(
 
 
 def test_cold_then_incremental_sync_mirrors_the_server(
-    session: paramiko.SFTPClient, lab: Lab, tmp_path: Path, backend: Backend
+    session: paramiko.SFTPClient, lab: Lab, cache: Path, backend: Backend
 ) -> None:
-    cache = tmp_path / "cache"
     client = make_client(session, lab.root, cache, backend, delete=True)
     try:
         cold = client.sync()
