@@ -75,7 +75,7 @@ ROOT = "."
 
 
 class _Entry(Protocol):
-    """What a walk reads of a listed entry (a :class:`RemoteEntry`); read-only."""
+    """What a walk reads of a listed entry (a transport ``RemoteDirEntry``); read-only."""
 
     @property
     def name(self) -> str: ...
