@@ -17,11 +17,14 @@ through the viewer's public HTTP API, with the standard library only:
   the runs the index holds as running (the rest of a run's page is read from its files);
 * runs the sync **removes**: ``DELETE /api/runs/{id}/permanent``, sent *before* the cache
   deletes them, since the viewer can only drop a run from its index while the run's
-  directory is still there. The viewer then deletes the directory itself (and, in the
-  cache's ``archive/``, blobs no other run uses; a later sync fetches again any the server
-  still lists);
+  directory is still there. The viewer then deletes the directory itself (and anything
+  under the cache's ``archive/`` that only this run used: nothing the sync put there, since
+  ``archive/`` is not synced);
 * runs the viewer had moved to its recycle bin (``runs/.recycle``) and the server still has:
-  ``POST /api/recycle-bin/restore`` puts them back, in its index as on disk.
+  the sync moves them back itself, to where the server has them (the viewer would move a
+  ``<project>/<name>/runs/<id>`` run to ``runs/<project>/<name>/<id>``), and
+  ``POST /api/recycle-bin/restore`` then clears the viewer's deleted mark, in its index
+  as on disk.
 
 No viewer answering is a warning (in :attr:`ViewerReport.problem` and the log), never an
 error: the sync itself succeeded. Addresses other than loopback are allowed (a viewer on
