@@ -41,7 +41,9 @@ from runicorn.sync.cache import LocalCacheManager
 
 pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=6)]
 
-UNPRIVILEGED_USER = "runicorn-unpriv"
+# One user per test process: test runs of two checkouts on one machine each create and
+# remove their own, so one never deletes the user the other is logged in as.
+UNPRIVILEGED_USER = f"runicorn-unpriv-{os.getpid()}"
 
 
 def _rel(lab: Lab, name: str, *, running: bool = False) -> str:
