@@ -395,7 +395,7 @@ def _preload_sync_engine() -> None:
         with contextlib.suppress(Exception):  # the main thread imports again and reports
             import runicorn.sync.client
             import runicorn.sync.service
-            import runicorn.transport.remote  # noqa: F401
+            import runicorn.transport.sftp_remote  # noqa: F401  (and the SFTP engine)
 
     sys.setswitchinterval(0.0005)
     threading.Thread(target=load, name="runicorn-preload", daemon=True).start()
