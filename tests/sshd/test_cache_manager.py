@@ -297,6 +297,44 @@ def test_a_coarse_or_clamped_mtime_on_disk_is_not_a_local_write(
 # --------------------------------------------------------------------------- user-facing queries
 
 
+def test_damaged_runs_lstats_only_status_json_and_damaged_under_checks_those_runs(
+    manager: LocalCacheManager,
+) -> None:
+    other = RUN.replace("runs/", "runs/other-")
+    records = []
+    for run in (RUN, other):
+        for name, data in (("status.json", b"{}"), ("summary.json", b"{}")):
+            path = manager.root_dir / run / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            records.append(FileRecord(f"{run}/{name}", 2, path.stat().st_mtime, None))
+    manager.save_progress(remote_id="r", synced=records)
+    assert manager.damaged_runs() == set()
+
+    (manager.root_dir / other / "summary.json").unlink()  # not looked at by the quick check
+    assert manager.damaged_runs() == set()
+    (manager.root_dir / RUN / "status.json").write_bytes(b"{ }")
+    (manager.root_dir / RUN / "summary.json").unlink()
+
+    assert manager.damaged_runs() == {f"{RUN}/status.json"}
+    entries = manager.file_entries()
+    assert manager.damaged_under(entries, [f"{RUN}/"]) == {
+        f"{RUN}/status.json",
+        f"{RUN}/summary.json",
+    }
+    assert manager.damaged_files() == {
+        f"{RUN}/status.json",
+        f"{RUN}/summary.json",
+        f"{other}/summary.json",
+    }
+
+
+def test_verified_at_is_remembered(manager: LocalCacheManager) -> None:
+    assert manager.verified_at() is None
+    manager.set_verified_at(1735689600.25)
+    assert manager.verified_at() == 1735689600.25
+
+
 def test_list_runs_reports_every_synced_run(synced: tuple[Lab, LocalCacheManager]) -> None:
     lab, cache = synced
 

@@ -266,6 +266,22 @@ def test_local_directory_syncs_through_the_same_engine(lab: LabInfo, tmp_path: P
     assert stats["mode"] == "manifest"
 
 
+def test_verify_checks_every_cached_file_and_fetches_what_is_damaged(
+    lab: LabInfo, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    assert _run("sync", str(lab.root), str(cache)).exit_code == 0
+    victim = next(cache.rglob("summary.json"))
+    victim.write_bytes(b"{}")
+
+    quick = _stats(_run("sync", str(lab.root), str(cache), "--json"))
+    verified = _stats(_run("sync", str(lab.root), str(cache), "--json", "--verify"))
+
+    assert quick["skipped"] is True and "verified" not in quick
+    assert (verified["files_synced"], verified["verified"]) == (1, True)
+    assert_cache_equals_server(lab.root, cache)
+
+
 def test_local_directory_without_manifest_uses_the_legacy_walk(
     lab: LabInfo, tmp_path: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,15 +195,89 @@ def test_appended_file_keeps_its_inode_for_tailing_viewers(
 
 
 def test_locally_damaged_file_is_fetched_again(lab: Lab, cache: Path, client_for) -> None:
-    client = client_for()
-    client.sync()
+    client_for().sync()
     victim = cache / _a_run(lab).rel / "summary.json"
     victim.unlink()
 
-    stats = client.sync()
+    stats = client_for(verify=True).sync()
 
     assert stats["skipped"] is False
     assert stats["files_synced"] == 1
+    assert stats["verified"] is True
+    assert_cache_equals_server(lab.root, cache)
+
+
+def test_damage_outside_status_json_waits_for_the_full_check(
+    lab: Lab, cache: Path, client_for
+) -> None:
+    client_for().sync()
+    victim = cache / _a_run(lab).rel / "summary.json"
+    victim.unlink()
+
+    quick = client_for().sync()  # within VERIFY_INTERVAL of the cold sync's full check
+
+    assert quick["skipped"] is True and "verified" not in quick
+    assert not victim.exists()
+    client = client_for()
+    client.VERIFY_INTERVAL = 0.0  # the slow cadence, come round
+    due = client.sync()
+    assert (due["files_synced"], due["verified"]) == (1, True)
+    assert_cache_equals_server(lab.root, cache)
+
+
+@pytest.mark.parametrize("damage", ["run directory removed", "status rewritten"])
+def test_the_quick_check_of_every_sync_finds_a_run_or_status_changed_locally(
+    lab: Lab, cache: Path, client_for, damage: str
+) -> None:
+    client_for().sync()
+    run = cache / _a_run(lab).rel
+    if damage == "run directory removed":
+        shutil.rmtree(run)
+    else:
+        (run / "status.json").write_bytes(b'{"status": "failed", "rewritten": "by a viewer"}')
+
+    stats = client_for().sync()
+
+    assert stats["skipped"] is False and "verified" not in stats
+    assert_cache_equals_server(lab.root, cache)
+
+
+def test_a_no_change_sync_lstats_one_file_per_run(
+    lab: Lab, cache: Path, client_for, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client_for().sync()
+    cached: list[str] = []
+    lstat = os.lstat
+
+    def counting(path, *args, **kwargs):
+        if str(path).startswith(str(cache)):
+            cached.append(str(path))
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", counting)
+    stats = client_for().sync()
+
+    runs_with_status = {
+        os.path.dirname(path) for path in server_files(lab.root) if path.endswith("/status.json")
+    }
+    assert stats["skipped"] is True
+    checked = [path for path in cached if path.endswith("/status.json")]
+    assert {os.path.dirname(os.path.relpath(path, cache)) for path in checked} == runs_with_status
+    assert len(checked) == len(runs_with_status)
+    assert len(cached) - len(checked) <= 8  # the state directory and lock, not the files
+
+
+def test_an_interrupted_sync_makes_the_next_one_check_every_file(
+    lab: Lab, cache: Path, client_for
+) -> None:
+    client = client_for()
+    client.sync()
+    (cache / _a_run(lab).rel / "summary.json").unlink()
+    client.cache.set_dirty(True)  # what a sync killed mid-way leaves behind
+
+    stats = client_for().sync()
+
+    assert (stats["files_synced"], stats["verified"]) == (1, True)
     assert_cache_equals_server(lab.root, cache)
 
 

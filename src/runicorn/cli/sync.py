@@ -242,6 +242,11 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
 @click.option("--dry-run", is_flag=True, help="Report what would move; write nothing.")
 @click.option("--delete", is_flag=True, help="Remove cached runs that left the server.")
 @click.option(
+    "--verify",
+    is_flag=True,
+    help="Check every cached file on disk (else each run's status.json; all files daily).",
+)
+@click.option(
     "--allow-mass-delete",
     is_flag=True,
     help="With --delete: allow removing more runs than the safety threshold.",
@@ -277,6 +282,7 @@ def sync(
     legacy: bool,
     dry_run: bool,
     delete: bool,
+    verify: bool,
     allow_mass_delete: bool,
     as_json: bool,
     timeout: float,
@@ -309,6 +315,7 @@ def sync(
         "legacy": legacy,
         "dry_run": dry_run,
         "delete": delete,
+        "verify": verify,
         "allow_mass_delete": allow_mass_delete,
         "as_json": as_json,
         "timeout": timeout,
@@ -463,6 +470,7 @@ def _run(
     legacy: bool,
     dry_run: bool,
     delete: bool,
+    verify: bool,
     allow_mass_delete: bool,
     as_json: bool,
     timeout: float,
@@ -486,6 +494,7 @@ def _run(
         allow_mass_delete=allow_mass_delete,
         dry_run=dry_run,
         timeout=timeout,
+        verify=verify,
         on_progress=bar,
         viewer_url=viewer_url,
     )

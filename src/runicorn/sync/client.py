@@ -51,12 +51,16 @@ from runicorn.sync.viewer import ViewerChanges
 if TYPE_CHECKING:
     import paramiko
 
+    from runicorn.core.diff import LocalEntry
     from runicorn.sync.cache import AppliedManifest
     from runicorn.sync.manifest_fetch import Probe
     from runicorn.sync.viewer import ViewerNotifier
     from runicorn.transport.remote import Remote
 
 __all__ = ["ManifestSyncClient", "ProgressCallback"]
+
+STATUS_NAME = "status.json"
+"""The file of every run the quick local check looks at (see ``_disk_damage``)."""
 
 # The API document names this logger; the client keeps it so that logging configured
 # against the document still sees the client's messages.
@@ -79,10 +83,15 @@ class ManifestSyncClient:
       overrides it per client.
     * ``BATCH_SIZE``: finished files per state commit (also at most every 0.5 s). It bounds
       what a killed sync fetches again when re-run; commits are cheap (SQLite WAL).
+    * ``VERIFY_INTERVAL``: seconds between full checks of the cached files on disk. Every
+      sync checks each run's ``status.json`` (one ``lstat`` per run); every cached file
+      (one ``lstat`` each) is checked when ``verify=True``, after an interrupted sync, and
+      on the first sync this long after the last full check.
     """
 
     MAX_WORKERS = 3
     BATCH_SIZE = 5
+    VERIFY_INTERVAL = 24 * 3600.0
 
     def __init__(
         self,
@@ -102,6 +111,7 @@ class ManifestSyncClient:
         max_manifest_bytes: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
         manifest_type: str | ManifestType = "auto",
         viewer: ViewerNotifier | None = None,
+        verify: bool = False,
     ) -> None:
         if sftp_client is None and remote is None:
             raise ValueError("pass an sftp_client, or a remote to sync from")
@@ -134,6 +144,9 @@ class ManifestSyncClient:
         self.viewer = viewer
         self.last_changes = ViewerChanges()
         """Runs the last sync added, changed and removed (what a viewer is told)."""
+        self.verify = verify
+        self._full_check = False
+        self._damage: set[str] | None = None
         self._remote = remote
         self._owns_remote = remote is None
         self._busy = threading.Lock()
@@ -192,6 +205,7 @@ class ManifestSyncClient:
             time.sleep(random.uniform(0, self.jitter_max))
         with self._busy, self._locked():
             remote_id = self.remote_id
+            self._start_disk_check(full=None)
             full_state = self.cache.applied_manifest(remote_id, ManifestType.FULL.value)
             if full_state is None and not self.dry_run:
                 # A first sync fetches everything: open the worker channels while the
@@ -226,6 +240,9 @@ class ManifestSyncClient:
         run = SyncRun(started=time.monotonic())
         checked = SyncManifest.from_dict(manifest.to_dict(), source="synthesised manifest")
         with self._busy, self._locked():
+            # The legacy walk lists every server file anyway: checking every cached one is
+            # in proportion.
+            self._start_disk_check(full=True)
             self._apply(checked, run, progress_callback, self.remote_id, record_header=False)
         return run.stats()
 
@@ -239,15 +256,51 @@ class ManifestSyncClient:
         with self.cache.sync_lock():
             yield
 
-    def _is_clean(self, remote_id: str) -> bool:
-        """Whether nothing is pending locally: no failures, no interrupted sync, and every
-        recorded file on disk with its recorded size (one lstat each)."""
+    def _is_clean(self, remote_id: str, run: SyncRun) -> bool:
+        """Whether nothing is pending locally: no failures, no interrupted sync, and nothing
+        damaged on disk as far as this sync checks (:meth:`_disk_damage`)."""
         return (
             not self.cache.failed_files()
             and not self.cache.is_dirty()
-            and not self.cache.damaged_files()
             and not self.cache.recycled_runs()
+            and not self._disk_damage(run)
         )
+
+    # -- what local damage is looked for --------------------------------------------------------
+
+    def _start_disk_check(self, *, full: bool | None) -> None:
+        """Decide how this sync checks the cached files on disk (``None``: by the rules)."""
+        self._damage = None
+        if full is None:
+            full = self.verify or self.cache.is_dirty()
+            if not full:
+                when = self.cache.verified_at()
+                full = when is None or not 0 <= time.time() - when < self.VERIFY_INTERVAL
+        self._full_check = full
+
+    def _disk_damage(self, run: SyncRun, local: list[LocalEntry] | None = None) -> set[str]:
+        """Recorded files missing or changed on disk, found once per sync.
+
+        The full check lstats every recorded file. The quick one lstats each run's
+        ``status.json`` and fully checks only the runs where that found something: a run
+        directory removed or moved away, or a status rewritten in the cache (a viewer).
+        ``local`` is the recorded files when the caller has them already.
+        """
+        if self._damage is not None:
+            return self._damage
+        if self._full_check:
+            damage = self.cache.damaged_files(local)
+            run.extra["verified"] = True
+            if not self.dry_run:
+                self.cache.set_verified_at(time.time())
+        else:
+            damage = self.cache.damaged_runs()
+            if damage:
+                runs = {path[: -len(STATUS_NAME)] for path in damage}
+                entries = local if local is not None else self.cache.file_entries()
+                damage |= self.cache.damaged_under(entries, runs)
+        self._damage = damage
+        return damage
 
     def _manifests(self) -> ManifestFetcher:
         """Reads this server's manifests, with the client's current settings."""
@@ -263,7 +316,7 @@ class ManifestSyncClient:
             state is not None
             and state.clean
             and not deletions_pending
-            and self._is_clean(remote_id)
+            and self._is_clean(remote_id, run)
         ):
             # The active manifest is probed in the same round trip, in case it is needed.
             also_active = self.manifest_type == "auto"
@@ -308,7 +361,7 @@ class ManifestSyncClient:
         absent (auto mode probes only the ``.gz`` the generator always writes) or stale.
         ``probe``: what probing it found already (``None``: absent); not given: probe now."""
         state = self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
-        clean = state is not None and state.clean and (not forced or self._is_clean(remote_id))
+        clean = state is not None and state.clean and (not forced or self._is_clean(remote_id, run))
         if probe is False:
             probe = self._manifests().probe_many([(ManifestType.ACTIVE, not forced)], run)[0]
         if probe is None:
@@ -366,10 +419,10 @@ class ManifestSyncClient:
         run.manifest_type = manifest.manifest_type.value
         run.manifest_revision = manifest.revision
         entries = sorted(manifest.iter_files(), key=lambda entry: entry.path)
-        if not self.dry_run:
-            self._undo_viewer_deletions(manifest)
+        if not self.dry_run and self._undo_viewer_deletions(manifest):
+            self._damage = None  # runs moved back: what the local check found may be back
         local = self.cache.file_entries()
-        damaged = self.cache.damaged_files(local)
+        damaged = self._disk_damage(run, local)
         if damaged:
             logger.info(
                 "%d cached file(s) missing or changed locally; fetching them again", len(damaged)
@@ -482,7 +535,7 @@ class ManifestSyncClient:
             removed=tuple(sorted(removed)),
         )
 
-    def _undo_viewer_deletions(self, manifest: SyncManifest) -> None:
+    def _undo_viewer_deletions(self, manifest: SyncManifest) -> bool:
         """Put runs the upstream viewer moved to its recycle bin back where the server has
         them: the cache is a mirror, and a run in both places would be two copies of one run.
 
@@ -490,7 +543,8 @@ class ManifestSyncClient:
         viewer's ``.deleted`` marker, so the viewer, whose index still holds the run as
         deleted, can restore it: this sync's viewer is asked to at once; without one, the
         run is remembered and the next sync with a viewer asks (or the user restores it in
-        the viewer's recycle bin). Runs the server no longer lists stay in the bin.
+        the viewer's recycle bin). Runs the server no longer lists stay in the bin. ``True``
+        when a run was put back.
         """
         listed = {exp.run_id for exp in manifest.experiments}
         put_back = sorted(set(self.cache.recycled_runs()) & listed)
@@ -503,6 +557,7 @@ class ManifestSyncClient:
         if put_back:
             self.cache.set_viewer_hidden_runs(self.cache.viewer_hidden_runs() | set(put_back))
         self._unhide(listed)
+        return bool(put_back)
 
     def _unhide(self, listed: set[str]) -> None:
         """Have this sync's viewer restore the runs put back from its recycle bin that it

@@ -101,6 +101,7 @@ class MetadataSyncService:
         on_progress: Callable[[SyncProgress], None] | None = None,
         viewer_url: str | None = None,
         viewer_timeout: float = 10.0,
+        verify: bool = False,
     ) -> None:
         self.ssh_session = ssh_session
         self.sftp_client = sftp_client
@@ -115,6 +116,7 @@ class MetadataSyncService:
         self.allow_mass_delete = allow_mass_delete
         self.dry_run = dry_run
         self.timeout = timeout
+        self.verify = verify
         self.on_progress = on_progress
         if viewer_url:
             from runicorn.sync.viewer import normalize_viewer_url
@@ -305,6 +307,7 @@ class MetadataSyncService:
             dry_run=self.dry_run,
             timeout=self.timeout,
             viewer=self._viewer,
+            verify=self.verify,
         )
         self._last_client = client
         return client

@@ -29,6 +29,9 @@ class SyncStatsExtra(TypedDict, total=False):
     """Why the deletion guard refused to delete the runs that left the server."""
     invalid_json_files: dict[str, str]
     """JSON files installed although they do not parse, by path, with what happened."""
+    verified: bool
+    """``True`` when this sync checked every cached file on disk (the full check), not only
+    each run's ``status.json``."""
 
 
 class SyncStats(SyncStatsExtra):

@@ -9,6 +9,7 @@ manager composes them and holds the writer lock; the few operations that touch b
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -156,6 +157,33 @@ class LocalCacheManager:
     def set_viewer_hidden_runs(self, run_ids: Iterable[str]) -> None:
         """Replace the set :meth:`viewer_hidden_runs` returns."""
         self.state.set_viewer_hidden_runs(run_ids)
+
+    def damaged_runs(self) -> set[str]:
+        """The quick check: recorded ``status.json`` files that are missing on disk, not
+        regular, or changed (as :meth:`damaged_files` judges them); one ``lstat`` per run.
+
+        It finds a run directory removed or moved away and a status rewritten in the cache
+        (what a viewer does to it), at the cost of the run count, not the file count."""
+        return self.tree.damaged_files(self.state.status_entries())
+
+    def damaged_under(self, entries: Sequence[LocalEntry], prefixes: Iterable[str]) -> set[str]:
+        """:meth:`damaged_files` of the sorted ``entries`` whose path starts with one of
+        ``prefixes`` (run directories, ending in ``/``): the full check of a few runs."""
+        chosen: list[LocalEntry] = []
+        for prefix in sorted(set(prefixes)):
+            index = bisect.bisect_left(entries, (prefix,))
+            while index < len(entries) and entries[index][0].startswith(prefix):
+                chosen.append(entries[index])
+                index += 1
+        return self.tree.damaged_files(chosen)
+
+    def verified_at(self) -> float | None:
+        """When a sync last checked every recorded file on disk (``None``: never)."""
+        return self.state.verified_at()
+
+    def set_verified_at(self, when: float) -> None:
+        """Record that every recorded file was checked on disk at ``when``."""
+        self.state.set_verified_at(when)
 
     # -- the state --------------------------------------------------------------------------
 

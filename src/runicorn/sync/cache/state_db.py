@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS files (
     tail_hash TEXT,
     synced_at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_run_status ON files (path, size, mtime, tail_hash)
+    WHERE substr(path, -12) = '/status.json';
 CREATE TABLE IF NOT EXISTS runs (
     project TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -341,6 +343,17 @@ class StateDatabase:
             )
         ]
 
+    def status_entries(self) -> list[LocalEntry]:
+        """The recorded ``status.json`` of every run, sorted by path: one per run directory,
+        read from a partial index (not a scan of every recorded file)."""
+        return [
+            (path, size, mtime, tail_hash)
+            for path, size, mtime, tail_hash in self._read(
+                "SELECT path, size, mtime, tail_hash FROM files"
+                " WHERE substr(path, -12) = '/status.json' ORDER BY path"
+            )
+        ]
+
     def save_progress(
         self,
         *,
@@ -480,3 +493,18 @@ class StateDatabase:
                 )
             else:
                 conn.execute("DELETE FROM meta WHERE key = 'viewer_hidden'")
+
+    # -- the full check of the files on disk ------------------------------------------------
+
+    def verified_at(self) -> float | None:
+        """When a sync last checked every recorded file on disk (``None``: never)."""
+        rows = self._read("SELECT value FROM meta WHERE key = 'verified_at'")
+        return float(rows[0][0]) if rows else None
+
+    def set_verified_at(self, when: float) -> None:
+        """Record that every recorded file was checked on disk at ``when``."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('verified_at', ?)",
+                (repr(float(when)),),
+            )
