@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parent
-SCRIPTS = ["wan_sync", "wan_selfcheck", "bench_transfer", "bench_ciphers", "generate_report"]
+SCRIPTS = [
+    "wan_sync",
+    "wan_selfcheck",
+    "bench_transfer",
+    "bench_ciphers",
+    "generate_report",
+    "lab_scale",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -242,6 +242,24 @@ def test_the_quick_check_of_every_sync_finds_a_run_or_status_changed_locally(
     assert_cache_equals_server(lab.root, cache)
 
 
+@pytest.mark.parametrize("damage", ["removed", "a fifo"])
+def test_a_grown_log_damaged_locally_between_full_checks_is_fetched_whole(
+    lab: Lab, cache: Path, client_for, damage: str
+) -> None:
+    client_for().sync()
+    run = _a_run(lab, running=True)
+    cached_log = cache / run.rel / "events.jsonl"
+    cached_log.unlink()
+    if damage == "a fifo":
+        os.mkfifo(cached_log)  # an append must neither hang on it nor write into it
+    _step(lab)
+
+    stats = client_for(delete=True).sync()
+
+    assert stats["failed_count"] == 0 and "verified" not in stats
+    assert_cache_equals_server(lab.root, cache)
+
+
 def test_a_no_change_sync_lstats_one_file_per_run(
     lab: Lab, cache: Path, client_for, monkeypatch: pytest.MonkeyPatch
 ) -> None:

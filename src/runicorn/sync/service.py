@@ -133,8 +133,6 @@ class MetadataSyncService:
         self.last_walk: WalkReport | None = None
         self.fallback_reason: str | None = None
         """Why the last sync used the legacy walk (``None`` when it did not)."""
-        self._sizes: dict[str, int] = {}
-        self._known_sizes: dict[str, int] | None = None
         self._run_lock = threading.Lock()
         self._progress_lock = threading.Lock()
         self._viewer: ViewerNotifier | None = None
@@ -258,7 +256,6 @@ class MetadataSyncService:
                     len(report.warnings),
                 )
                 delete = False
-            self._sizes = {entry.path: entry.size for entry in report.manifest.iter_files()}
             self._update(phase=PHASE_TRANSFERRING)
             client = self._client(remote, delete=delete, jitter=0.0, root=root)
             try:
@@ -326,8 +323,6 @@ class MetadataSyncService:
     # -- progress -----------------------------------------------------------------------
 
     def _reset_progress(self) -> None:
-        self._sizes = {}
-        self._known_sizes = None
         with self._progress_lock:
             self.progress = SyncProgress(phase=PHASE_IDLE, started_at=time.time())
 
@@ -335,7 +330,12 @@ class MetadataSyncService:
         with self._progress_lock:
             for key, value in changes.items():
                 setattr(self.progress, key, value)
+            if self.on_progress is None:
+                return
             snapshot = copy.copy(self.progress)
+        self._notify(snapshot)
+
+    def _notify(self, snapshot: SyncProgress) -> None:
         if self.on_progress is not None:
             try:
                 self.on_progress(snapshot)
@@ -343,34 +343,21 @@ class MetadataSyncService:
                 logger.exception("progress callback failed")
 
     def _on_file(self, completed: int, total: int, current_file: str, *extra: Any) -> None:
-        """The engine's ``(completed, total, current_file)`` callback, plus optional
-        ``(bytes_done, bytes_total)`` when the engine reports bytes."""
-        changes: dict[str, Any] = {
-            "phase": PHASE_TRANSFERRING,
-            "synced_files": completed,
-            "total_files": total,
-            "current_file": current_file,
-        }
-        if len(extra) >= 2:
-            changes["synced_bytes"], changes["total_bytes"] = int(extra[0]), int(extra[1])
-        elif current_file:
-            with self._progress_lock:
-                done = self.progress.synced_bytes
-            changes["synced_bytes"] = done + self._bytes_of(current_file)
-        self._update(**changes)
+        """The engine's ``(completed, total, current_file)`` callback, plus the
+        ``(bytes_done, bytes_total)`` it reports to callbacks that ask (``wants_bytes``).
+        Called once per file: it sets the fields directly, and snapshots them only when
+        there is an ``on_progress`` to hand the snapshot to."""
+        with self._progress_lock:
+            progress = self.progress
+            progress.phase = PHASE_TRANSFERRING
+            progress.synced_files = completed
+            progress.total_files = total
+            progress.current_file = current_file
+            if len(extra) >= 2:
+                progress.synced_bytes, progress.total_bytes = int(extra[0]), int(extra[1])
+            if self.on_progress is None:
+                return
+            snapshot = copy.copy(progress)
+        self._notify(snapshot)
 
-    def _bytes_of(self, path: str) -> int:
-        """Bytes one finished file moved, for the live display (the stats hold the exact
-        total): its listed size in a walk; in manifest mode, what it grew by in the cache."""
-        if self._sizes:
-            return self._sizes.get(path, 0)
-        if self._known_sizes is None:
-            self._known_sizes = {row[0]: row[1] for row in self.cache_manager.file_entries()}
-        try:
-            # A size for the live display, of a path the manifest check already validated:
-            # one lstat, not path_for's per-component link check (that guards writes).
-            size = os.lstat(os.path.join(self.cache_manager.root_dir, path)).st_size
-        except (OSError, ValueError):
-            return 0
-        previous = self._known_sizes.get(path, 0)
-        return size - previous if 0 < previous < size else size
+    _on_file.wants_bytes = True  # type: ignore[attr-defined]

@@ -25,10 +25,12 @@ that could leave the cache and symbolic links inside it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -295,7 +297,9 @@ class FileTransfer:
         """
         total = len(transfers)
         state = _StateBatch(self.cache, remote_id, self.batch_size)
-        completed = 0
+        completed = moved = 0
+        # A callback that asks (``wants_bytes``) also gets (bytes moved, bytes planned).
+        with_bytes = progress is not None and getattr(progress, "wants_bytes", False)
         if progress is not None:
             progress(0, total, "")
         attempts = {f.path: f.attempts for f in self.cache.failed_files()}
@@ -303,8 +307,9 @@ class FileTransfer:
         redo: list[Transfer] = []
 
         def handle(transfer: Transfer, error: BaseException | None, received: int) -> None:
-            nonlocal completed
+            nonlocal completed, moved
             run.bytes_downloaded += received
+            moved += received
             if _is_connection_error(error):
                 run.connection_lost = True
             outcome = self._finish(transfer, error, state, run, attempts)
@@ -315,7 +320,9 @@ class FileTransfer:
                 self._fail(transfer.entry.path, "connection lost", state, run)
             completed += 1
             state.maybe_flush()
-            if progress is not None:
+            if with_bytes:
+                progress(completed, total, transfer.entry.path, moved, run.bytes_total)  # type: ignore[call-arg,misc]
+            elif progress is not None:
                 progress(completed, total, transfer.entry.path)
 
         try:
@@ -472,11 +479,23 @@ class FileTransfer:
         added = transfer.length - transfer.overlap
         dir_fd, name = self.cache.open_parent(entry.path, create=False)
         try:
-            fd = os.open(name, os.O_RDWR | os.O_APPEND | _FILE_FLAGS, dir_fd=dir_fd)
+            # Non-blocking: a FIFO planted in the cache must not hang the sync.
+            fd = os.open(name, os.O_RDWR | os.O_APPEND | os.O_NONBLOCK | _FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as error:
+            if error.errno not in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise
+            # Removed or replaced (by a link, a directory) in the cache since it was
+            # recorded, which only the full local check looks for: replace it whole.
+            state.forget.append(entry.path)
+            raise _Redo("the cached copy is gone or no longer a regular file") from None
         finally:
             os.close(dir_fd)
         try:
-            if os.fstat(fd).st_size != transfer.local_size:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                state.forget.append(entry.path)
+                raise _Redo("the cached copy is no longer a regular file")
+            if info.st_size != transfer.local_size:
                 state.forget.append(entry.path)
                 raise _Redo("the cached copy changed size since it was recorded")
             spool.seek(0)

@@ -207,6 +207,10 @@ class StateDatabase:
         self._prepare = prepare
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._no_failures = False
+        """Set when ``failed_files`` is known empty: a commit of synced files then skips
+        deleting their (absent) failures. Known only within one sync (another process's
+        sync may record failures between two): :meth:`set_dirty` forgets it."""
 
     # -- connection -----------------------------------------------------------------------
 
@@ -257,6 +261,7 @@ class StateDatabase:
         return self._connect(create=False) is not None
 
     def close(self) -> None:
+        self._no_failures = False
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -373,10 +378,15 @@ class StateDatabase:
                     " VALUES (?, ?, ?, ?, ?)",
                     [(r.path, r.size, r.mtime, r.tail_hash, now) for r in synced],
                 )
-                conn.executemany(
-                    "DELETE FROM failed_files WHERE path = ?", [(r.path,) for r in synced]
-                )
+                if not self._no_failures:
+                    conn.executemany(
+                        "DELETE FROM failed_files WHERE path = ?", [(r.path,) for r in synced]
+                    )
+                    self._no_failures = (
+                        conn.execute("SELECT 1 FROM failed_files LIMIT 1").fetchone() is None
+                    )
             if failed:
+                self._no_failures = False
                 conn.executemany(
                     "INSERT INTO failed_files (path, remote_id, error, attempts, last_attempt)"
                     " VALUES (?, ?, ?, 1, ?) ON CONFLICT (path) DO UPDATE SET"
@@ -465,6 +475,7 @@ class StateDatabase:
 
     def set_dirty(self, dirty: bool) -> None:
         """Mark a sync in progress; a set mark at start means the last one was killed."""
+        self._no_failures = False
         with self.transaction() as conn:
             if dirty:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('dirty', '1')")
