@@ -31,7 +31,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -150,6 +150,7 @@ class ManifestSyncClient:
         self._remote = remote
         self._owns_remote = remote is None
         self._busy = threading.Lock()
+        self._watch_stop = threading.Event()
 
     # -- the remote ------------------------------------------------------------------------
 
@@ -182,6 +183,18 @@ class ManifestSyncClient:
                     user = transport.get_username()
                     return f"sftp://{user}@{host}:{peer[1]}/{root.lstrip('/')}"
         return f"file://{os.path.abspath(self.remote_root)}"
+
+    def use_sftp_client(self, sftp_client: paramiko.SFTPClient) -> None:
+        """Read from ``sftp_client`` from now on (a fresh session after the old one dropped);
+        the remote built on the old one is closed."""
+        if not self._owns_remote:
+            raise ValueError("this client reads from a remote it was given; replace that")
+        with self._busy:
+            if self._remote is not None:
+                with contextlib.suppress(Exception):
+                    self._remote.close()
+                self._remote = None
+            self.sftp_client = sftp_client
 
     def close(self) -> None:
         """Close the remote if this client built it, and the state database."""
@@ -228,6 +241,46 @@ class ManifestSyncClient:
                 return run.stats()
             self._apply(manifest, run, progress_callback, remote_id, record_header=True)
         return run.stats()
+
+    def watch(
+        self,
+        *,
+        interval: float = 1.5,
+        full_interval: float = 30.0,
+        on_sync: Callable[[SyncStats], None] | None = None,
+        on_error: Callable[[BaseException, float], None] | None = None,
+        reconnect: Callable[[], paramiko.SFTPClient] | None = None,
+    ) -> None:
+        """Sync, then keep the cache fresh until :meth:`stop_watch` (from any thread).
+
+        Every ``interval`` seconds the active manifest is probed and applied when it moved;
+        every ``full_interval`` seconds the full one too (new and removed runs, anything
+        between two active manifests). ``on_sync`` gets the stats of every pass (``skipped``
+        when nothing changed); ``on_error`` gets each failed pass's error and the seconds until the next
+        attempt (1 s, doubling to 30 s); ``reconnect`` returns a fresh SFTP session after a
+        connection error. A failed pass never raises; see :mod:`runicorn.sync.watch`.
+        """
+        from runicorn.sync.watch import CacheWatcher  # late: a plain sync never needs it
+
+        watcher = CacheWatcher(
+            self,
+            interval=interval,
+            full_interval=full_interval,
+            on_sync=on_sync,
+            on_error=on_error,
+            reconnect=reconnect,
+            stop_event=self._watch_stop,
+        )
+        try:
+            watcher.run()
+        finally:
+            self._watch_stop.clear()
+
+    def stop_watch(self) -> None:
+        """End :meth:`watch` once its pass in progress is over. Safe from any thread and
+        from a signal handler; called before :meth:`watch` starts, that watch returns at
+        once."""
+        self._watch_stop.set()
 
     def sync_with_manifest(
         self, manifest: SyncManifest, progress_callback: ProgressCallback | None = None

@@ -1,0 +1,176 @@
+"""``ManifestSyncClient.watch`` against a real OpenSSH server, on both backends: what the
+server publishes reaches the cache while the watch runs, it costs little while idle, it
+survives a dropped session, and it stops when told to from another thread.
+
+The server side is the test's: it changes the lab and publishes manifests as a publisher
+would. Every wait is for a condition re-checked after each pass (``on_sync``), with a
+deadline.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from harness.lab import Lab, cache_files
+from harness.sshd import SshServer
+from runicorn.manifest import ManifestType
+from runicorn.sync.cache import LocalCacheManager
+from runicorn.sync.client import ManifestSyncClient
+from runicorn.sync.watch import CacheWatcher
+
+pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=6, scale=0.02)]
+
+DEADLINE_SECONDS = 30.0
+
+
+class Watching:
+    """A client's watch on a thread, and waits for conditions after its passes."""
+
+    def __init__(self, client: ManifestSyncClient, **options: object) -> None:
+        self.client = client
+        self.passes: list[dict] = []
+        self.errors: list[BaseException] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(
+            target=client.watch,
+            kwargs={
+                "interval": 0.02,
+                "full_interval": 0.5,
+                "on_sync": self._on_sync,
+                "on_error": self._on_error,
+                **options,
+            },
+            daemon=True,
+        )
+
+    def _on_sync(self, stats: dict) -> None:
+        with self._changed:
+            self.passes.append(stats)
+            self._changed.notify_all()
+
+    def _on_error(self, error: BaseException, _retry_in: float) -> None:
+        with self._changed:
+            self.errors.append(error)
+            self._changed.notify_all()
+
+    def start(self) -> Watching:
+        self._thread.start()
+        self.wait_for(lambda: len(self.passes) >= 1)
+        return self
+
+    def stop(self) -> None:
+        self.client.stop_watch()
+        self._thread.join(DEADLINE_SECONDS)
+        assert not self._thread.is_alive(), "the watch did not stop"
+
+    def wait_for(self, condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        with self._changed:
+            while not condition():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pytest.fail(f"condition not met; last passes {self.passes[-3:]}")
+                self._changed.wait(remaining)
+
+
+@pytest.fixture
+def watching(client_for) -> Iterator[Watching]:
+    watch = Watching(client_for()).start()
+    yield watch
+    watch.stop()
+
+
+def _running_events(lab: Lab) -> tuple[Path, str]:
+    run = next(r for r in lab.info.listed_runs if r.status == "running")
+    return run.path / "events.jsonl", f"{run.rel}/events.jsonl"
+
+
+def test_an_appended_line_reaches_the_cache(watching: Watching, lab: Lab, cache: Path):
+    events, rel = _running_events(lab)
+    with open(events, "a") as handle:
+        handle.write('{"step": 99999}\n')
+    lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+    expected = events.read_bytes()
+    watching.wait_for(lambda: cache_files(cache).get(rel) == expected)
+    assert any(p["manifest_type"] == "active" and not p["skipped"] for p in watching.passes)
+
+
+def test_a_new_run_arrives_and_a_removed_one_is_kept_without_delete(
+    watching: Watching, lab: Lab, cache: Path
+):
+    source = next(r for r in lab.info.listed_runs if r.status == "running")
+    new = source.path.with_name(source.run_id + "_copy")
+    shutil.copytree(source.path, new)
+    removed = next(r for r in lab.info.listed_runs if r.status != "running")
+    shutil.rmtree(removed.path)
+    lab.publish(ManifestType.FULL, now=lab.now + 60)
+    new_rel = f"{source.rel}_copy/meta.json"
+    watching.wait_for(lambda: new_rel in cache_files(cache))
+    watching.wait_for(lambda: any(p.get("vanished_runs") for p in watching.passes))
+    assert (cache / removed.rel / "meta.json").exists()
+    runs = {r.run_id for r in LocalCacheManager(cache).list_runs()}
+    assert {source.run_id + "_copy", removed.run_id} <= runs
+
+
+def test_an_idle_watch_costs_at_most_three_requests_a_probe(
+    client_for, lab: Lab, sshd_server: SshServer
+):
+    """OPEN, READ and CLOSE of the active manifest's ``.gz`` (the publisher writes it; a
+    server without one costs two failed OPENs more and a probe of the full manifest)."""
+    lab.publish(ManifestType.ACTIVE)
+    watch = Watching(client_for(), full_interval=3600.0, interval=0.01).start()
+    try:
+        watch.wait_for(lambda: len(watch.passes) >= 2)
+        sshd_server.reset_request_counts()
+        first = len(watch.passes)
+        watch.wait_for(lambda: len(watch.passes) >= first + 10)
+    finally:
+        watch.stop()
+    probes = len(watch.passes) - first
+    counts = sshd_server.sftp_request_count()
+    # A probe in flight when counting started may add its requests to the count.
+    assert counts.total <= 3 * (probes + 1), counts.by_type
+    assert all(p["skipped"] and p["manifest_type"] == "active" for p in watch.passes[first:])
+
+
+def test_a_dropped_session_is_reported_and_replaced(
+    client_for, lab: Lab, cache: Path, ssh_client: paramiko.SSHClient
+):
+    dropped = ssh_client.open_sftp()
+    client = client_for()
+    client.use_sftp_client(dropped)
+    watch = Watching(client, reconnect=ssh_client.open_sftp)
+    watch.start()
+    try:
+        dropped.close()
+        watch.wait_for(lambda: bool(watch.errors))
+        events, rel = _running_events(lab)
+        with open(events, "a") as handle:
+            handle.write('{"step": 424242}\n')
+        lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+        expected = events.read_bytes()
+        watch.wait_for(lambda: cache_files(cache).get(rel) == expected)
+    finally:
+        watch.stop()
+
+
+def test_stop_before_the_watch_starts_ends_it_at_once(client_for, cache: Path):
+    client = client_for()
+    client.stop_watch()
+    client.watch(interval=0.01, full_interval=1.0)  # returns at once: no pass is made
+    assert cache_files(cache) == {}
+
+
+def test_the_watcher_refuses_intervals_that_cannot_work(client_for):
+    client = client_for()
+    with pytest.raises(ValueError, match="interval"):
+        CacheWatcher(client, interval=0)
+    with pytest.raises(ValueError, match="interval"):
+        CacheWatcher(client, interval=2.0, full_interval=1.0)
