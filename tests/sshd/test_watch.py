@@ -9,17 +9,25 @@ deadline.
 
 from __future__ import annotations
 
+import os
+import queue
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import orjson
 import paramiko
 import pytest
+from click.testing import CliRunner
 
-from harness.lab import Lab, cache_files
+from harness.lab import Lab, assert_cache_equals_server, cache_files
 from harness.sshd import SshServer
+from runicorn.cli import main
 from runicorn.manifest import ManifestType
 from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
@@ -174,3 +182,80 @@ def test_the_watcher_refuses_intervals_that_cannot_work(client_for):
         CacheWatcher(client, interval=0)
     with pytest.raises(ValueError, match="interval"):
         CacheWatcher(client, interval=2.0, full_interval=1.0)
+
+
+# --- runicorn sync --watch ---------------------------------------------------------------------
+
+
+class _Lines:
+    """A child's stream read line by line on a thread, for waits with a deadline."""
+
+    def __init__(self, stream) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def expect(self, condition: Callable[[str], bool]) -> str:
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail(f"no expected line; saw {self.seen}")
+            self.seen.append(line)
+            if condition(line):
+                return line
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sync_watch_applies_changes_until_a_signal_then_exits_0(
+    lab: Lab, cache: Path, sshd_server: SshServer, tmp_path: Path, backend, signum
+):
+    config = sshd_server.write_ssh_config(tmp_path / "ssh_config", "labserver")
+    env = {k: v for k, v in os.environ.items() if k != "RUNICORN_PURE_PYTHON"}
+    if backend.name == "python":
+        env["RUNICORN_PURE_PYTHON"] = "1"
+    lab.publish(ManifestType.ACTIVE)
+    command = [sys.executable, "-m", "runicorn", "sync", f"labserver:{lab.root}", str(cache)]
+    command += ["--ssh-config", str(config), "--watch", "--json"]
+    command += ["--interval", "0.02", "--full-interval", "0.5"]
+    child = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out = _Lines(child.stdout)
+        first = orjson.loads(out.expect(lambda line: line.startswith("{")))
+        assert first["files_synced"] > 0
+        events, _rel = _running_events(lab)
+        with open(events, "a") as handle:
+            handle.write('{"step": 777}\n')
+        lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+        applied = orjson.loads(out.expect(lambda line: line.startswith("{")))
+        assert (applied["manifest_type"], applied["files_synced"]) == ("active", 1)
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=DEADLINE_SECONDS)
+    finally:
+        child.kill()
+    assert child.returncode == 0, stderr
+    assert "stopped; the cache is consistent" in stderr
+    assert_cache_equals_server(lab.root, cache)
+
+
+@pytest.mark.parametrize("flag", ["--legacy", "--dry-run"])
+def test_sync_watch_refuses_what_it_cannot_follow(tmp_path: Path, flag: str):
+    result = CliRunner().invoke(
+        main, ["sync", str(tmp_path), str(tmp_path / "cache"), "--watch", flag]
+    )
+    assert result.exit_code == 2
+    assert "--watch follows the server's manifests" in result.output

@@ -269,6 +269,28 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     "tell it which runs the sync added, changed or removed [env: RUNICORN_VIEWER_URL; "
     "'' disables].",
 )
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Keep running on one connection: sync, then apply the server's manifests as they "
+    "change until SIGTERM or Ctrl+C (exit 0). Reconnects with backoff when the connection "
+    "drops.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01),
+    default=1.5,
+    show_default=True,
+    help="With --watch: seconds between probes of the active manifest (3 SFTP requests "
+    "each while idle).",
+)
+@click.option(
+    "--full-interval",
+    type=click.FloatRange(min=0.01),
+    default=30.0,
+    show_default=True,
+    help="With --watch: seconds between checks of the full manifest (new and removed runs).",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
 def sync(
     source: str,
@@ -287,6 +309,9 @@ def sync(
     as_json: bool,
     timeout: float,
     viewer_url: str | None,
+    watch: bool,
+    interval: float,
+    full_interval: float,
     verbose: bool,
 ) -> None:
     """Mirror the runs under REMOTE_ROOT on a lab server into CACHE_DIR.
@@ -302,6 +327,7 @@ def sync(
       4    host key unknown or changed: verify it, then add it to known_hosts
       130  interrupted (Ctrl+C); the cache stays consistent
       143  terminated (SIGTERM); the cache stays consistent
+    With --watch, SIGTERM and Ctrl+C end it with 0 (the cache stays consistent).
     """
     configure_logging(verbose)
     if allow_mass_delete and not delete:
@@ -309,6 +335,35 @@ def sync(
     parsed = parse_source(source)
     if parsed.is_local and not os.path.isdir(parsed.root):
         _fail(as_json, EXIT_FAILURE, f"{parsed.root} is not a directory (and not HOST:PATH)")
+    if watch:
+        if legacy or dry_run:
+            raise click.UsageError(
+                "--watch follows the server's manifests: no --legacy or --dry-run"
+            )
+        if full_interval < interval:
+            raise click.UsageError("--full-interval must be at least --interval")
+        if _viewer_url(viewer_url):
+            print_error(
+                "--viewer is not told of the changes a --watch applies (not supported yet); "
+                "restart the viewer or run a plain sync with --viewer to refresh it"
+            )
+        from runicorn.cli._sync_watch import SshOptions, watch_cache
+
+        sys.exit(
+            watch_cache(
+                parsed.destination,
+                parsed.root,
+                cache_dir,
+                SshOptions(port, identities, ssh_config, known_hosts, timeout),
+                workers=workers,
+                jitter=jitter,
+                delete=delete,
+                allow_mass_delete=allow_mass_delete,
+                as_json=as_json,
+                interval=interval,
+                full_interval=full_interval,
+            )
+        )
     options = {
         "workers": workers,
         "jitter": jitter,

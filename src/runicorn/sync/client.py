@@ -255,10 +255,11 @@ class ManifestSyncClient:
 
         Every ``interval`` seconds the active manifest is probed and applied when it moved;
         every ``full_interval`` seconds the full one too (new and removed runs, anything
-        between two active manifests). ``on_sync`` gets the stats of every pass (``skipped``
-        when nothing changed); ``on_error`` gets each failed pass's error and the seconds until the next
-        attempt (1 s, doubling to 30 s); ``reconnect`` returns a fresh SFTP session after a
-        connection error. A failed pass never raises; see :mod:`runicorn.sync.watch`.
+        between two active manifests). ``on_sync`` gets the stats of every pass
+        (``skipped`` when nothing changed); ``on_error`` gets each failed pass's error and
+        the seconds until the next attempt (1 s, doubling to 30 s); ``reconnect`` returns a
+        fresh SFTP session after a connection error. A failed pass never raises; see
+        :mod:`runicorn.sync.watch`.
         """
         from runicorn.sync.watch import CacheWatcher  # late: a plain sync never needs it
 

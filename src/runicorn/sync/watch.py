@@ -123,7 +123,9 @@ class CacheWatcher:
             client.manifest_type, client.jitter_max = mode, jitter
 
     def _report(self, error: BaseException, retry_in: float) -> None:
-        logger.warning("sync failed (%s); retrying in %g s", error, retry_in)
+        # A caller with on_error reports it itself; otherwise the log is the only trace.
+        level = logging.INFO if self.on_error is not None else logging.WARNING
+        logger.log(level, "sync failed (%s); retrying in %g s", error, retry_in)
         if self.on_error is not None:
             self.on_error(error, retry_in)
 

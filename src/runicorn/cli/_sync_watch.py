@@ -1,0 +1,201 @@
+"""``runicorn sync SOURCE CACHE --watch``: one connection, a cache kept fresh until a signal.
+
+The loop is :meth:`ManifestSyncClient.watch`; this module connects, prints one line (or one
+JSON object) per pass that changed the cache, reports failures and reconnections on stderr,
+and turns SIGTERM and Ctrl+C into a clean stop with exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import orjson
+
+from runicorn.cli._common import EXIT_FAILURE, EXIT_HOST_KEY, EXIT_OK, error, human_bytes
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from runicorn.sync.client import ManifestSyncClient
+    from runicorn.sync.stats import SyncStats
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    port: int | None
+    identities: tuple[str, ...]
+    ssh_config: str
+    known_hosts: str | None
+    timeout: float
+
+
+class _Connection:
+    """The SSH connection a watch lives on, re-established when it dropped."""
+
+    def __init__(self, destination: str, options: SshOptions) -> None:
+        self.destination = destination
+        self.options = options
+        self.ssh: paramiko.SSHClient | None = None
+
+    def connect(self) -> paramiko.SSHClient:
+        from runicorn.transport.ssh import connect
+
+        options = self.options
+        self.ssh = connect(
+            self.destination,
+            port=options.port,
+            config_path=options.ssh_config,
+            known_hosts=options.known_hosts,
+            identity_files=options.identities,
+            timeout=options.timeout,
+        )
+        return self.ssh
+
+    def sftp(self) -> paramiko.SFTPClient:
+        """A fresh SFTP session, on a new SSH connection if the old one is gone."""
+        transport = None if self.ssh is None else self.ssh.get_transport()
+        if transport is None or not transport.is_active():
+            self.close()
+            self.connect()
+            assert self.ssh is not None
+            click.echo(f"reconnected to {self.destination}", err=True)
+        assert self.ssh is not None
+        return self.ssh.open_sftp()
+
+    def close(self) -> None:
+        if self.ssh is not None:
+            with contextlib.suppress(Exception):
+                self.ssh.close()
+            self.ssh = None
+
+
+def watch_cache(
+    destination: str | None,
+    root: str,
+    cache_dir: Path,
+    ssh: SshOptions,
+    *,
+    workers: int | None,
+    jitter: float,
+    delete: bool,
+    allow_mass_delete: bool,
+    as_json: bool,
+    interval: float,
+    full_interval: float,
+) -> int:
+    """Watch until SIGTERM or Ctrl+C; the exit code (0, or 1/4 when the first connection
+    cannot be made)."""
+    from runicorn.sync.client import ManifestSyncClient
+
+    connection = None if destination is None else _Connection(destination, ssh)
+    options: dict[str, Any] = {
+        "max_workers": workers,
+        "delete": delete,
+        "allow_mass_delete": allow_mass_delete,
+        "timeout": ssh.timeout,
+    }
+    if connection is None:
+        from runicorn.transport.remote import LocalRemote
+
+        client = ManifestSyncClient(
+            None, root, cache_dir, jitter, remote=LocalRemote(root), **options
+        )
+        reconnect = None
+    else:
+        code, sftp, resolved = _first_connection(connection, root, as_json)
+        if sftp is None:
+            return code
+        client = ManifestSyncClient(sftp, resolved, cache_dir, jitter, **options)
+        reconnect = connection.sftp
+    source = root if destination is None else f"{destination}:{client.remote_root}"
+    click.echo(f"watching {source} into {cache_dir}", err=True)
+    try:
+        with _signals_stop(client):
+            client.watch(
+                interval=interval,
+                full_interval=full_interval,
+                on_sync=lambda stats: _report(stats, as_json),
+                on_error=_report_error,
+                reconnect=reconnect,
+            )
+    except KeyboardInterrupt:
+        pass  # a second signal: the pass in progress was abandoned; its files are kept
+    finally:
+        client.close()
+        if connection is not None:
+            connection.close()
+    click.echo("stopped; the cache is consistent", err=True)
+    return EXIT_OK
+
+
+def _first_connection(
+    connection: _Connection, root: str, as_json: bool
+) -> tuple[int, paramiko.SFTPClient | None, str]:
+    """Connect and open the session; on failure the exit code and ``None``."""
+    import paramiko
+
+    from runicorn.transport.ssh import HostKeyError, SshConfigError
+
+    try:
+        ssh = connection.connect()
+        sftp = ssh.open_sftp()
+    except HostKeyError as exc:
+        error(str(exc))
+        return EXIT_HOST_KEY, None, root
+    except (SshConfigError, paramiko.SSHException, OSError) as exc:
+        error(f"cannot connect to {connection.destination}: {exc}")
+        return EXIT_FAILURE, None, root
+    root = root or "."
+    root = "." if root == "~" else root.removeprefix("~/")
+    resolved = root if root.startswith("/") else sftp.normalize(root)
+    return EXIT_OK, sftp, resolved
+
+
+def _report(stats: SyncStats, as_json: bool) -> None:
+    """One line per pass that changed the cache (JSON Lines with --json)."""
+    if stats["skipped"]:
+        return
+    if as_json:
+        click.echo(orjson.dumps({**stats, "time": time.time()}, default=str).decode())
+        return
+    line = (
+        f"{time.strftime('%H:%M:%S')} {stats['manifest_type'] or 'manifest'} revision "
+        f"{stats['manifest_revision']}: {stats['files_synced']} files, "
+        f"{human_bytes(stats['bytes_downloaded'])}"
+    )
+    if stats["deleted_count"]:
+        line += f", {stats['deleted_count']} runs deleted"
+    if stats["failed_count"]:
+        line += f", {stats['failed_count']} failed (retried next pass)"
+    click.echo(line)
+
+
+def _report_error(exc: BaseException, retry_in: float) -> None:
+    error(f"sync failed: {exc}; retrying in {retry_in:g} s")
+
+
+@contextlib.contextmanager
+def _signals_stop(client: ManifestSyncClient) -> Iterator[None]:
+    """SIGTERM and SIGINT stop the watch after its pass; a second one abandons the pass."""
+    stops = 0
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            raise KeyboardInterrupt
+        client.stop_watch()
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
