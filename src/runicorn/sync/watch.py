@@ -21,15 +21,27 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from runicorn.format.models import ManifestType
 
 if TYPE_CHECKING:
     import paramiko
 
-    from runicorn.sync.client import ManifestSyncClient
     from runicorn.sync.stats import SyncStats
+
+
+class WatchedClient(Protocol):
+    """What the loop needs of a :class:`~runicorn.sync.client.ManifestSyncClient` (which
+    imports this module: naming it here would make an import cycle)."""
+
+    remote_root: str
+    manifest_type: str
+    jitter_max: float
+
+    def sync(self) -> SyncStats: ...
+
+    def use_sftp_client(self, sftp_client: paramiko.SFTPClient) -> None: ...
 
 logger = logging.getLogger("runicorn.remote_storage.manifest_sync")
 
@@ -50,7 +62,7 @@ class CacheWatcher:
 
     def __init__(
         self,
-        client: ManifestSyncClient,
+        client: WatchedClient,
         *,
         interval: float = INTERVAL_SECONDS,
         full_interval: float = FULL_INTERVAL_SECONDS,
