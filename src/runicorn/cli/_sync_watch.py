@@ -102,7 +102,7 @@ def watch_cache(
         "timeout": ssh.timeout,
     }
     if connection is None:
-        from runicorn.transport.remote import LocalRemote
+        from runicorn.transport.local_remote import LocalRemote
 
         client = ManifestSyncClient(
             None, root, cache_dir, jitter, remote=LocalRemote(root), **options
