@@ -1,5 +1,6 @@
 # cython: language_level=3, binding=True, annotation_typing=False, boundscheck=True, wraparound=True
-"""Compiled twin of :mod:`runicorn.core.tailhash`: tail windows read in C, hashed by BLAKE3.
+"""Compiled twin of :mod:`runicorn.core.tailhash`: tail windows read in C, hashed by BLAKE3
+(or MD5, for manifests of 0.5.x generators).
 
 Why this module exists: generating a manifest tail-hashes every append-only file of a lab,
 tens of thousands of files. The pure module pays for a Python ``os.open``, ``os.pread`` and
@@ -35,9 +36,21 @@ from libc.string cimport memmove
 
 from runicorn._sys.cpu import usable_cores
 from runicorn.core import tailhash as _pure
-from runicorn.core.tailhash import DIGEST_BYTES, TAIL_WINDOW, TailRequest, TailResult, digest
+from runicorn.core.tailhash import (
+    DIGEST_BYTES,
+    LEGACY_TAIL_HASH_ALGORITHM,
+    TAIL_HASH_ALGORITHM,
+    TAIL_HASH_ALGORITHMS,
+    TAIL_WINDOW,
+    TailRequest,
+    TailResult,
+    digest,
+    hasher_for,
+)
 
-__all__ = ["DIGEST_BYTES", "TAIL_WINDOW", "TailRequest", "TailResult", "digest", "hash_tails"]
+__all__ = ["DIGEST_BYTES", "LEGACY_TAIL_HASH_ALGORITHM", "TAIL_HASH_ALGORITHM",
+           "TAIL_HASH_ALGORITHMS", "TAIL_WINDOW", "TailRequest", "TailResult", "digest",
+           "hash_tails", "hasher_for"]
 
 cdef extern from "Python.h":
     bytes PyUnicode_EncodeFSDefault(object unicode)
@@ -192,8 +205,10 @@ cdef void _join_helpers(Work *work, list started) except *:
 cdef Py_ssize_t MIN_JOBS_TO_SHARE = 64
 
 
-cdef void _flush(list batch, list results, long long window, object pool, int helpers) except *:
-    """Read the windows of a batch of ``(index, path bytes, size, cut)`` and hash them."""
+cdef void _flush(list batch, list results, long long window, object pool, int helpers,
+                 object hasher) except *:
+    """Read the windows of a batch of ``(index, path bytes, size, cut)`` and hash them with
+    ``hasher`` (``None``: BLAKE3-128, called directly)."""
     cdef Py_ssize_t count = len(batch)
     cdef Py_ssize_t k
     cdef long long total = 0
@@ -242,7 +257,8 @@ cdef void _flush(list batch, list results, long long window, object pool, int he
                 window_bytes = view[offset:offset + jobs[k].length]
                 results[batch[k][0]] = (
                     jobs[k].end,
-                    blake3(window_bytes).hexdigest(length=DIGEST_BYTES),
+                    blake3(window_bytes).hexdigest(length=DIGEST_BYTES)
+                    if hasher is None else hasher(window_bytes),
                 )
         view.release()
     finally:
@@ -259,26 +275,32 @@ cdef inline str _join(str root, str rel_path):
 
 
 def hash_tails(
-    root: str, requests: Sequence[TailRequest], window: int = TAIL_WINDOW
+    root: str,
+    requests: Sequence[TailRequest],
+    window: int = TAIL_WINDOW,
+    algorithm: str = TAIL_HASH_ALGORITHM,
 ) -> list[TailResult | None]:
     if window < 1:
         raise ValueError(f"window must be at least 1 byte, got {window}")
+    hasher = hasher_for(algorithm)
     if type(window) is not int or window > MAX_SIZE:
-        return _pure.hash_tails(root, requests, window)
+        return _pure.hash_tails(root, requests, window, algorithm)
+    if algorithm == TAIL_HASH_ALGORITHM and type(algorithm) is str:
+        hasher = None
     cdef long long c_window = window
     cdef int helpers = min(MAX_THREADS, usable_cores()) - 1
     pool = None
     if helpers > 0 and (not hasattr(requests, "__len__") or len(requests) >= MIN_JOBS_TO_SHARE):
         pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="runicorn-tails")
     try:
-        return _hash_all(root, requests, window, c_window, pool, helpers)
+        return _hash_all(root, requests, window, c_window, pool, helpers, algorithm, hasher)
     finally:
         if pool is not None:
             pool.shutdown()
 
 
 cdef list _hash_all(object root, object requests, object window, long long c_window,
-                    object pool, int helpers):
+                    object pool, int helpers, object algorithm, object hasher):
     cdef list results = []
     cdef list batch = []
     cdef long long batch_bytes = 0
@@ -286,7 +308,7 @@ cdef list _hash_all(object root, object requests, object window, long long c_win
     for request in requests:
         if type(request) is not tuple or len(<tuple>request) != 3:
             # unpacking errors are worded by CPython, not by Cython: ask the specification
-            results.append(_pure.hash_tails(root, [request], window)[0])
+            results.append(_pure.hash_tails(root, [request], window, algorithm)[0])
             index += 1
             continue
         rel_path, size, cut_at_newline = <tuple>request
@@ -313,17 +335,17 @@ cdef list _hash_all(object root, object requests, object window, long long c_win
         if encoded is None:
             # not the fast path's kind of request: the specification answers it
             results[index] = _pure.hash_tails(
-                root, [(rel_path, size, cut_at_newline)], window
+                root, [(rel_path, size, cut_at_newline)], window, algorithm
             )[0]
         else:
             batch.append((index, encoded, size, bool(cut_at_newline)))
             batch_bytes += min(<long long>size, c_window)
             if batch_bytes >= BATCH_BYTES:
-                _flush(batch, results, c_window, pool, helpers)
+                _flush(batch, results, c_window, pool, helpers, hasher)
                 batch = []
                 batch_bytes = 0
         index += 1
-    _flush(batch, results, c_window, pool, helpers)
+    _flush(batch, results, c_window, pool, helpers, hasher)
     return results
 
 

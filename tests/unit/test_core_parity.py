@@ -442,16 +442,25 @@ requests = st.lists(st.tuples(request_paths, request_sizes, st.booleans()), max_
 windows = st.one_of(st.integers(1, 9), st.sampled_from([16, 64, 4096]))
 
 
+algorithms = st.sampled_from(["blake3-128", "blake3-128", "md5"])
+
+
 @SETTINGS
-@given(files=tail_files, requests=requests, window=windows)
-def test_tail_hashes_of_random_requests_match(both, scratch, files, requests, window):
+@given(files=tail_files, requests=requests, window=windows, algorithm=algorithms)
+def test_tail_hashes_of_random_requests_match(both, scratch, files, requests, window, algorithm):
     root = scratch()
     for name, data in files.items():
         Path(root, name).write_bytes(data)
     os.mkdir(os.path.join(root, "dir"))
     os.mkdir(os.path.join(root, "sub"))
     os.symlink("f", os.path.join(root, "link"))
-    assert_same(both, "hash_tails", root, requests, window)
+    assert_same(both, "hash_tails", root, requests, window, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "", None, "BLAKE3-128", 5])
+def test_tail_hash_algorithm_errors_match(both, tmp_path, algorithm):
+    (tmp_path / "f").write_bytes(b"line\nhalf")
+    assert_same(both, "hash_tails", str(tmp_path), [("f", 9, True)], 4096, algorithm)
 
 
 @pytest.mark.parametrize("window", [0, -5, 1.5, "4", 1 << 70])
@@ -696,3 +705,4 @@ def test_tail_hashes_of_a_batch_shared_by_threads_match(both, tmp_path):
     expected = assert_same(both, "hash_tails", str(tmp_path), requests, 16)
     assert expected[0] == "returned"
     assert sum(result is None for result in expected[1]) >= 400 // 11
+    assert assert_same(both, "hash_tails", str(tmp_path), requests, 16, "md5")[0] == "returned"

@@ -1293,3 +1293,50 @@ def test_a_deleted_gzip_copy_is_republished(lab, make_generator):
     assert generator.last_report.published
     assert path.with_name(path.name + ".gz").exists()
     assert second.revision == first.revision + 1
+
+
+# --- revisions another generator published ---------------------------------------------------
+
+
+def test_revision_goes_above_an_indented_manifest_of_another_generator(lab, make_generator):
+    """A 0.5.x generator indents its JSON: its revision is still found, never undercut."""
+    from harness.v05_generator import publish_v05
+
+    for _ in range(6):
+        publish_v05(lab)
+    manifest, _ = make_generator(lab).generate()
+    assert manifest.revision == 7
+
+
+def test_a_v05_revision_counter_is_counted_and_raised(lab, make_generator):
+    """Ours, 0.5.x, ours, ... on one root: one rising sequence of revisions (0.5.x reads only
+    its own counter, which ours keeps at the last revision it published)."""
+    from harness.v05_generator import STATE_FILENAME, publish_v05
+
+    state = lab / ".runicorn" / STATE_FILENAME
+    revisions = []
+    for turn in range(6):
+        if turn % 2:
+            revisions.append(publish_v05(lab)["revision"])
+        else:
+            run = lab / "proj" / "exp" / "runs" / f"2024010{turn}_000000_00000{turn}"
+            _write(run / "meta.json", "{}", NOW - HOUR)
+            revisions.append(make_generator(lab).generate()[0].revision)
+            assert orjson.loads(state.read_bytes())["last_revision"] == revisions[-1]
+    assert revisions == [1, 2, 3, 4, 5, 6]
+    assert "last_generated" in orjson.loads(state.read_bytes())  # its other keys stay
+
+
+def test_a_damaged_v05_counter_is_ignored_and_left_alone(lab, make_generator):
+    (lab / ".runicorn").mkdir()
+    (lab / ".runicorn" / ".manifest_state.json").write_text("{not json")
+    manifest, _ = make_generator(lab).generate()
+    assert manifest.revision == 1
+    assert (lab / ".runicorn" / ".manifest_state.json").read_text() == "{not json"
+
+
+def test_a_higher_v05_counter_lifts_our_revision(lab, make_generator):
+    (lab / ".runicorn").mkdir()
+    (lab / ".runicorn" / ".manifest_state.json").write_text('{"last_revision": 41}')
+    manifest, _ = make_generator(lab).generate()
+    assert manifest.revision == 42

@@ -656,3 +656,33 @@ def test_the_same_run_id_in_both_layouts_is_two_runs():
         f"runs/cv/yolo/{RUN_ID}/",
         f"cv/yolo/runs/{RUN_ID}/",
     ]
+
+
+# --- manifests of 0.5.x generators ---------------------------------------------------------
+
+
+def test_a_manifest_without_an_algorithm_has_md5_tail_hashes():
+    doc = _document()
+    del doc["tail_hash_algorithm"]
+    assert SyncManifest.from_json(orjson.dumps(doc)).tail_hashes_by == "md5"
+    assert _manifest().tail_hashes_by == "blake3-128"
+
+
+def test_md5_may_also_be_named():
+    doc = _document()
+    doc["tail_hash_algorithm"] = "md5"
+    assert SyncManifest.from_json(orjson.dumps(doc)).tail_hashes_by == "md5"
+
+
+def test_read_header_finds_the_header_of_an_indented_manifest():
+    import json
+
+    doc = _document()
+    del doc["tail_hash_algorithm"]
+    text = json.dumps(doc, indent=2).encode()
+    assert read_header(text[:1024]) == {
+        "format_version": "1.0",
+        "manifest_type": "full",
+        "revision": 7,
+        "snapshot_id": "00000000-0000-4000-8000-000000000007",
+    }

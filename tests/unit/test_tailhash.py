@@ -115,3 +115,30 @@ def test_negative_size_is_rejected(backend, root):
 def test_window_below_one_byte_is_rejected(backend, root):
     with pytest.raises(ValueError, match="window must be at least 1 byte"):
         backend.hash_tails(str(root), [], window=0)
+
+
+# --- MD5, the tail hash of manifests that name no algorithm (0.5.x generators) --------------
+
+
+def test_md5_is_of_the_same_window(backend, root):
+    import hashlib
+
+    data = (root / "big").read_bytes()
+    assert backend.hash_tails(str(root), [("big", len(data) - 7, False)], 4096, "md5") == [
+        (len(data) - 7, hashlib.md5(data[-4096 - 7 : -7]).hexdigest())
+    ]
+
+
+def test_md5_cuts_at_a_newline_like_blake3(backend, root):
+    import hashlib
+
+    size = len(b"first line\nsecond line\nhalf a li")
+    [(end, md5)] = backend.hash_tails(str(root), [("log.txt", size, True)], 4096, "md5")
+    [(blake_end, _)] = backend.hash_tails(str(root), [("log.txt", size, True)])
+    assert end == blake_end and md5 == hashlib.md5(b"first line\nsecond line\n").hexdigest()
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "", "MD5"])
+def test_unknown_algorithm_is_rejected(backend, root, algorithm):
+    with pytest.raises(ValueError, match="unknown tail hash algorithm"):
+        backend.hash_tails(str(root), [("big", 1, False)], 4096, algorithm)

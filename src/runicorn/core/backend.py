@@ -75,7 +75,11 @@ class HashTails(Protocol):
     """:func:`runicorn.core.tailhash.hash_tails`."""
 
     def __call__(
-        self, root: str, requests: Sequence[TailRequest], window: int = ...
+        self,
+        root: str,
+        requests: Sequence[TailRequest],
+        window: int = ...,
+        algorithm: str = ...,
     ) -> list[TailResult | None]: ...
 
 

@@ -41,6 +41,9 @@ class ManifestFormat:
     VERSION = "1.0"
     SUPPORTED_MAJOR = "1"
     TAIL_HASH_ALGORITHM = "blake3-128"
+    LEGACY_TAIL_HASH_ALGORITHM = "md5"
+    """The tail hash of a manifest that names no algorithm: 0.5.x generators (and the API
+    document's example) write MD5 of the same window."""
     TAIL_HASH_WINDOW = 4096
     GZIP_SUFFIX = ".gz"
     MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
@@ -145,6 +148,12 @@ class SyncManifest:
         return len(self.experiments)
 
     @property
+    def tail_hashes_by(self) -> str:
+        """The algorithm of this manifest's tail hashes: the header's, else MD5 (see
+        :attr:`ManifestFormat.LEGACY_TAIL_HASH_ALGORITHM`)."""
+        return self.tail_hash_algorithm or ManifestFormat.LEGACY_TAIL_HASH_ALGORITHM
+
+    @property
     def total_files(self) -> int:
         return sum(len(exp.files) for exp in self.experiments)
 
@@ -246,8 +255,9 @@ def encode_experiments(experiments: Iterable[ExperimentEntry]) -> bytes:
 
 
 _HEADER_FIELD = re.compile(
-    rb'"(revision|snapshot_id|manifest_type|format_version)":("[^"]*"|-?\d+)'
+    rb'"(revision|snapshot_id|manifest_type|format_version)"[ \t\r\n]*:[ \t\r\n]*("[^"]*"|-?\d+)'
 )
+"""A header field, compact (ours) or with JSON whitespace (0.5.x generators indent theirs)."""
 
 
 def read_header(prefix: bytes) -> dict[str, Any] | None:
@@ -400,7 +410,10 @@ class _Validator:
                 "manifest_type", f"expected 'full' or 'active', got {raw_type!r}"
             ) from None
         algorithm = doc.get("tail_hash_algorithm")
-        if algorithm is not None and algorithm != ManifestFormat.TAIL_HASH_ALGORITHM:
+        if algorithm is not None and algorithm not in (
+            ManifestFormat.TAIL_HASH_ALGORITHM,
+            ManifestFormat.LEGACY_TAIL_HASH_ALGORITHM,
+        ):
             raise self.fail("tail_hash_algorithm", f"unsupported algorithm {algorithm!r}")
         window = doc.get("tail_hash_window")
         if window is not None and window != ManifestFormat.TAIL_HASH_WINDOW:

@@ -58,6 +58,14 @@ MAX_LOGGED_PROBLEMS = 50
 
 HEADER_PROBE_BYTES = 4096
 
+LEGACY_STATE_FILENAME = ".manifest_state.json"
+"""The revision counter a 0.5.x generator keeps beside its manifests (``last_revision``,
+one for both types) and reads instead of the published manifest. We count it among the
+revisions found on disk and raise it to each revision we publish, so neither generator makes
+the revision go back on a root both publish to."""
+
+MAX_LEGACY_STATE_BYTES = 65536
+
 RUN_METADATA = ("meta.json", "status.json")
 """The run files a generation parses (status, creation time)."""
 
@@ -414,8 +422,9 @@ class ManifestGenerator:
         """Give ``manifest`` its revision and snapshot; ``True`` when it must be published.
 
         Unchanged content keeps the previous revision, snapshot and time, so clients see
-        nothing new. Changed content goes one above both the remembered and the published
-        revision: a lost or stale state file never makes a revision go back or repeat.
+        nothing new. Changed content goes one above the remembered revision, the published
+        one and a 0.5.x generator's counter: a lost or stale state file, or another
+        generator publishing on the same root, never makes a revision go back or repeat.
         """
         published_revision = self._published_revision(output)
         unchanged = (
@@ -433,7 +442,10 @@ class ManifestGenerator:
                 manifest.revision,
             )
             return False
-        manifest.revision = max(previous.revision, published_revision or 0) + 1
+        legacy_revision = _legacy_revision(output.parent / LEGACY_STATE_FILENAME)
+        manifest.revision = (
+            max(previous.revision, published_revision or 0, legacy_revision or 0) + 1
+        )
         manifest.snapshot_id = self.uuid_factory()
         return True
 
@@ -458,6 +470,7 @@ class ManifestGenerator:
         write_atomically(report.compressed_path, packed)
         next_state.published_hash = _hash_pair(data, packed)
         report.published = True
+        _raise_legacy_revision(output.parent / LEGACY_STATE_FILENAME, manifest.revision)
         logger.info(
             "published %s manifest revision %d: %d runs, %d files",
             manifest.manifest_type.value,
@@ -650,13 +663,21 @@ class ManifestGenerator:
 
     @staticmethod
     def _published_revision(output: Path) -> int | None:
-        """The revision of the manifest currently published at ``output``, if readable."""
+        """The revision of the manifest currently published at ``output``, if readable.
+
+        Ours has it in the first bytes; another generator's (0.5.x indents its JSON, and may
+        order the fields otherwise) is read whole when the header is not found early."""
         try:
             with open(output, "rb") as handle:
-                header = read_header(handle.read(HEADER_PROBE_BYTES))
+                probe = handle.read(HEADER_PROBE_BYTES)
+                header = read_header(probe)
+                if header is None and len(probe) == HEADER_PROBE_BYTES:
+                    probe += handle.read(ManifestFormat.MAX_DECOMPRESSED_BYTES)
         except OSError:
             return None
-        return header["revision"] if header else None
+        if header is not None:
+            return int(header["revision"])
+        return _revision_of(probe)
 
     @staticmethod
     def _log_problems(problems: list[Problem]) -> None:
@@ -673,6 +694,51 @@ def _hash_pair(data: Document, packed: bytes) -> str:
     for piece in pieces_of(data):
         hasher.update(piece)
     return hasher.hexdigest() + blake3(packed).hexdigest()
+
+
+def _revision_of(document: bytes) -> int | None:
+    """``revision`` of a whole JSON manifest, ``None`` when it is not one."""
+    try:
+        revision = orjson.loads(document).get("revision")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return revision if type(revision) is int and revision >= 0 else None
+
+
+def _read_legacy_state(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as handle:
+            doc = layout.parse_json_object(handle.read(MAX_LEGACY_STATE_BYTES))
+    except OSError:
+        return None
+    return doc
+
+
+def _legacy_revision(path: Path) -> int | None:
+    """A 0.5.x generator's ``last_revision`` (:data:`LEGACY_STATE_FILENAME`), if any."""
+    doc = _read_legacy_state(path)
+    revision = doc.get("last_revision") if doc is not None else None
+    return revision if type(revision) is int and revision >= 0 else None
+
+
+def _raise_legacy_revision(path: Path, revision: int) -> None:
+    """Raise the 0.5.x counter to ``revision`` (creating it if missing), so that generator's
+    next revision comes after ours: it reads only its own counter. Its other keys are kept;
+    a counter that is not a JSON object is left alone; a failure is logged, never fatal
+    (the manifest is published already)."""
+    doc: dict[str, Any] | None = {}
+    if path.exists():
+        doc = _read_legacy_state(path)
+    if doc is None:
+        return
+    current = doc.get("last_revision")
+    if type(current) is int and current >= revision:
+        return
+    doc["last_revision"] = revision
+    try:
+        write_atomically(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    except OSError as error:
+        logger.warning("cannot raise the 0.5.x revision counter %s: %s", path, error.strerror)
 
 
 def _published_hash(output: Path, compressed: Path) -> str | None:

@@ -472,6 +472,7 @@ class ManifestSyncClient:
         is_full = manifest.manifest_type is ManifestType.FULL
         run.manifest_type = manifest.manifest_type.value
         run.manifest_revision = manifest.revision
+        run.tail_hash_algorithm = manifest.tail_hashes_by
         entries = sorted(manifest.iter_files(), key=lambda entry: entry.path)
         if not self.dry_run and self._undo_viewer_deletions(manifest):
             self._damage = None  # runs moved back: what the local check found may be back

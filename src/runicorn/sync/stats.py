@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypedDict
 
+from runicorn.format.models import ManifestFormat
+
 __all__ = ["ProgressCallback", "SyncRun", "SyncStats", "SyncStatsExtra"]
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -79,6 +81,9 @@ class SyncRun:
     started: float
     manifest_type: str = ""
     manifest_revision: int | None = None
+    tail_hash_algorithm: str = ManifestFormat.TAIL_HASH_ALGORITHM
+    """Of the manifest being applied (:attr:`SyncManifest.tail_hashes_by`): appends are
+    verified with it."""
     bytes_downloaded: int = 0
     files_synced: int = 0
     incremental_count: int = 0

@@ -401,7 +401,7 @@ class FileTransfer:
                 return "failed"
             if transfer.append:
                 try:
-                    self._append(transfer, state)
+                    self._append(transfer, state, run.tail_hash_algorithm)
                 except _Redo as why:
                     logger.info("%s: %s; fetching the whole file", path, why)
                     return "redo"
@@ -465,12 +465,13 @@ class FileTransfer:
         state.synced.append(FileRecord(entry.path, entry.size, entry.mtime, entry.tail_hash))
         return None
 
-    def _append(self, transfer: Transfer, state: _StateBatch) -> None:
+    def _append(self, transfer: Transfer, state: _StateBatch, algorithm: str) -> None:
         """Extend the cached file in place after the append-verify (spec 3.6).
 
         Nothing is written until the overlap equals the cached end and the manifest's tail
-        hash matches the cached bytes plus the new ones; the tail is hashed again on disk
-        afterwards (a local writer interfering). Any mismatch raises :class:`_Redo`.
+        hash (by ``algorithm``, the manifest's) matches the cached bytes plus the new ones;
+        the tail is hashed again on disk afterwards (a local writer interfering). Any
+        mismatch raises :class:`_Redo`.
         """
         entry = transfer.entry
         transfer.open_target()
@@ -506,7 +507,7 @@ class FileTransfer:
                 cached = min(transfer.local_size, max(0, TAIL_WINDOW - added))
                 window = pread_upto(fd, transfer.local_size - cached, cached)
                 spool.seek(transfer.length - min(added, TAIL_WINDOW))
-                if digest(window + spool.read()) != entry.tail_hash:
+                if digest(window + spool.read(), algorithm) != entry.tail_hash:
                     state.forget.append(entry.path)
                     raise _Redo("the tail hash does not match the cached end plus the new bytes")
             spool.seek(transfer.overlap)
@@ -518,7 +519,10 @@ class FileTransfer:
                 added -= len(chunk)
             if entry.tail_hash is not None:
                 result = self.backend.hash_tails(
-                    str(self.cache.root_dir), [(entry.path, entry.size, False)], TAIL_WINDOW
+                    str(self.cache.root_dir),
+                    [(entry.path, entry.size, False)],
+                    TAIL_WINDOW,
+                    algorithm,
                 )[0]
                 if result is None or result[1] != entry.tail_hash:
                     state.forget.append(entry.path)
