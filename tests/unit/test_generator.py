@@ -1340,3 +1340,11 @@ def test_a_higher_v05_counter_lifts_our_revision(lab, make_generator):
     (lab / ".runicorn" / ".manifest_state.json").write_text('{"last_revision": 41}')
     manifest, _ = make_generator(lab).generate()
     assert manifest.revision == 42
+
+
+def test_our_own_raise_of_the_v05_counter_does_not_tie_full_and_active(lab, make_generator):
+    generator = make_generator(lab)
+    revisions = [generator.generate(kind)[0].revision for kind in ("active", "full", "active")]
+    assert revisions == [1, 1, 1]
+    state = orjson.loads((lab / ".runicorn" / ".manifest_state.json").read_bytes())
+    assert state == {"last_revision": 1, "raised_by": "runicorn"}

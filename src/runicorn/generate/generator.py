@@ -64,6 +64,11 @@ one for both types) and reads instead of the published manifest. We count it amo
 revisions found on disk and raise it to each revision we publish, so neither generator makes
 the revision go back on a root both publish to."""
 
+LEGACY_STATE_MARK = ("raised_by", "runicorn")
+"""Written into the 0.5.x counter with our raise. The 0.5.x generator rewrites the whole file,
+so the mark says whether the value is still ours: ours is not counted again (it would tie the
+full and active revisions together), theirs is."""
+
 MAX_LEGACY_STATE_BYTES = 65536
 
 RUN_METADATA = ("meta.json", "status.json")
@@ -715,9 +720,13 @@ def _read_legacy_state(path: Path) -> dict[str, Any] | None:
 
 
 def _legacy_revision(path: Path) -> int | None:
-    """A 0.5.x generator's ``last_revision`` (:data:`LEGACY_STATE_FILENAME`), if any."""
+    """A 0.5.x generator's ``last_revision`` (:data:`LEGACY_STATE_FILENAME`), if any and
+    not our own raise."""
     doc = _read_legacy_state(path)
-    revision = doc.get("last_revision") if doc is not None else None
+    key, mark = LEGACY_STATE_MARK
+    if doc is None or doc.get(key) == mark:
+        return None
+    revision = doc.get("last_revision")
     return revision if type(revision) is int and revision >= 0 else None
 
 
@@ -735,6 +744,7 @@ def _raise_legacy_revision(path: Path, revision: int) -> None:
     if type(current) is int and current >= revision:
         return
     doc["last_revision"] = revision
+    doc[LEGACY_STATE_MARK[0]] = LEGACY_STATE_MARK[1]
     try:
         write_atomically(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     except OSError as error:
