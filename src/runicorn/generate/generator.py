@@ -227,6 +227,9 @@ class ManifestGenerator:
         _remove_leftover_temp_files(
             output, report.compressed_path, state_path, GeneratorState.memo_path_for(state_path)
         )
+        legacy_state = output.parent / LEGACY_STATE_FILENAME
+        with _legacy_state_lock(legacy_state):  # shared by the full and active generations
+            _remove_leftover_temp_files(legacy_state)
         previous = self._load_previous_state(state_path, report)
         scan_started_ns, scan = self._scan(previous, report)
         now = self.clock()
@@ -730,23 +733,30 @@ def _legacy_revision(path: Path) -> int | None:
     return revision if type(revision) is int and revision >= 0 else None
 
 
+def _legacy_state_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock our generations take to change the 0.5.x counter: the full and the active
+    generation hold different locks, and both write it. (The 0.5.x generator takes none.)"""
+    return exclusive_lock(path.with_name(path.name + layout.LOCK_SUFFIX))
+
+
 def _raise_legacy_revision(path: Path, revision: int) -> None:
     """Raise the 0.5.x counter to ``revision`` (creating it if missing), so that generator's
     next revision comes after ours: it reads only its own counter. Its other keys are kept;
     a counter that is not a JSON object is left alone; a failure is logged, never fatal
     (the manifest is published already)."""
-    doc: dict[str, Any] | None = {}
-    if path.exists():
-        doc = _read_legacy_state(path)
-    if doc is None:
-        return
-    current = doc.get("last_revision")
-    if type(current) is int and current >= revision:
-        return
-    doc["last_revision"] = revision
-    doc[LEGACY_STATE_MARK[0]] = LEGACY_STATE_MARK[1]
     try:
-        write_atomically(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        with _legacy_state_lock(path):
+            doc: dict[str, Any] | None = {}
+            if path.exists():
+                doc = _read_legacy_state(path)
+            if doc is None:
+                return
+            current = doc.get("last_revision")
+            if type(current) is int and current >= revision:
+                return
+            doc["last_revision"] = revision
+            doc[LEGACY_STATE_MARK[0]] = LEGACY_STATE_MARK[1]
+            write_atomically(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     except OSError as error:
         logger.warning("cannot raise the 0.5.x revision counter %s: %s", path, error.strerror)
 
