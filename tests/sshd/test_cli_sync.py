@@ -326,6 +326,16 @@ def test_demo_keeps_its_lab_and_cache_when_asked(tmp_path: Path) -> None:
     assert (keep / "cache").is_dir()
 
 
+def test_demo_on_the_sdk_06_layout(tmp_path: Path) -> None:
+    keep = tmp_path / "demo"
+    result = _run("demo", "--runs", "3", "--layout", "runs-path", "--keep", str(keep))
+    assert result.exit_code == 0, result.stderr
+    assert "Second sync" in result.stdout
+    assert (keep / "lab" / "runicorn.db").is_file()
+    cached = [p.relative_to(keep / "cache").parts[0] for p in (keep / "cache").rglob("*.json")]
+    assert cached and set(cached) - {".runicorn-cache"} == {"runs"}
+
+
 def test_interrupt_exits_130_with_a_resume_hint(
     lab: LabInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

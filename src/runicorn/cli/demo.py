@@ -100,8 +100,17 @@ def _sync_once(lab: Path, cache_dir: Path) -> SyncStats:
     help="Build the lab and cache in this (new or empty) directory and keep them.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Sample lab seed.")
+@click.option(
+    "--layout",
+    "run_layout",
+    type=click.Choice(["project-name", "runs-path"]),
+    default="project-name",
+    show_default=True,
+    help="How the lab lays out runs: <project>/<name>/runs/<run_id> (SDK 0.5) or "
+    "runs/<path...>/<run_id> (SDK 0.6+).",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
-def demo(runs: int, keep: Path | None, seed: int, verbose: bool) -> None:
+def demo(runs: int, keep: Path | None, seed: int, run_layout: str, verbose: bool) -> None:
     """Build a sample lab, sync it, train a step, sync again; show what moved."""
     configure_logging(verbose)
     if keep is not None:
@@ -114,7 +123,7 @@ def demo(runs: int, keep: Path | None, seed: int, verbose: bool) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="runicorn-demo-"))
     try:
         with terminate_as_exit():
-            _demo(workdir, runs, seed)
+            _demo(workdir, runs, seed, run_layout)
     except KeyboardInterrupt:
         print_error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
@@ -126,7 +135,7 @@ def demo(runs: int, keep: Path | None, seed: int, verbose: bool) -> None:
         click.echo(f"Try: runicorn sync {workdir / 'lab'} {workdir / 'cache'}")
 
 
-def _demo(workdir: Path, runs: int, seed: int) -> None:
+def _demo(workdir: Path, runs: int, seed: int, run_layout: str) -> None:
     from runicorn.demo.sample_lab import build_sample_lab, training_step
 
     lab_dir = workdir / "lab"
@@ -134,7 +143,7 @@ def _demo(workdir: Path, runs: int, seed: int) -> None:
     started = time.monotonic()
 
     _heading(f"1. A lab server with {runs} runs")
-    lab = build_sample_lab(lab_dir, runs=runs, seed=seed)
+    lab = build_sample_lab(lab_dir, runs=runs, seed=seed, layout=run_layout)
     running = len(lab.running_runs)
     click.echo(
         f"  built {lab_dir}: {len(lab.listed_runs)} runs ({running} still training), "
