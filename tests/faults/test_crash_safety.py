@@ -68,7 +68,15 @@ def hooked(real):
         return result
     return call
 
-if mode == "rename":
+if mode == "bytes":
+    # Transfer has slots: the class's sink is wrapped, not each instance's.
+    from runicorn.sync.transfer import Transfer
+    real_sink = Transfer.sink
+    def counted_sink(self, offset, data):
+        real_sink(self, offset, data)
+        count(len(data))
+    Transfer.sink = counted_sink
+elif mode == "rename":
     os.replace = hooked(os.replace)
 elif mode == "utime":
     os.utime = hooked(os.utime)
@@ -78,11 +86,6 @@ class Client(ManifestSyncClient):
         global kill_at
         if mode == "bytes":
             kill_at = rng.randrange(sum(t.length for t in transfers))
-            for t in transfers:
-                def sink(offset, data, real=t.sink):
-                    real(offset, data)
-                    count(len(data))
-                t.sink = sink
         elif mode == "rename":
             kill_at = rng.randrange(max(1, sum(1 for t in transfers if not t.append)))
         else:

@@ -486,7 +486,10 @@ class ManifestSyncClient:
         diff = self.backend.diff_entries(
             [(e.path, e.size, e.mtime, e.is_append_only, e.tail_hash) for e in entries], local
         )
-        local_sizes = {row[0]: row[1] for row in local}
+        # Sizes of the cached copies of changed files only, not a dict of every file.
+        changed = {entries[i].path for i in (*diff.replaced, *diff.grown)}
+        local_sizes = {row[0]: row[1] for row in local if row[0] in changed}
+        del local, changed
         transfers = plan(entries, diff, local_sizes, self.cache)
         transfers.sort(key=lambda t: (t.entry.priority, t.entry.path))
         run.files_total = len(transfers)

@@ -134,7 +134,7 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> 
             offset += written
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Transfer:
     """One file being fetched: where its bytes go while they arrive (worker threads) and
     what the main thread must check before they become visible."""
@@ -354,14 +354,22 @@ class FileTransfer:
                 length=t.length,
                 priority=t.entry.priority,
                 sink=t.sink,
-                tag=t,
+                tag=index,
             )
-            for t in transfers
+            for index, t in enumerate(transfers)
         ]
-        unreported = {id(t): t for t in transfers}
+        # One byte per transfer, not a dict entry: a cold sync of a large lab hands the
+        # engine close to a million jobs.
+        unreported = bytearray(b"\x01") * len(transfers)
+
+        def take(index: int) -> Transfer | None:
+            if not unreported[index]:
+                return None
+            unreported[index] = 0
+            return transfers[index]
 
         def on_result(result: FetchResult) -> None:
-            transfer = unreported.pop(id(result.job.tag), None)
+            transfer = take(result.job.tag)  # type: ignore[arg-type]
             if transfer is not None:
                 handle(transfer, result.error, result.bytes_received)
 
@@ -372,12 +380,14 @@ class FileTransfer:
             except (OSError, EOFError, ValueError, RuntimeError) as error:
                 logger.warning("the transfer stopped: %s", _reason(error))
                 lost = error if _is_connection_error(error) else ConnectionError(str(error))
-                for transfer in sorted(unreported.values(), key=lambda t: t.entry.path):
-                    unreported.pop(id(transfer), None)
-                    handle(transfer, lost, transfer.received)
+                left = [i for i, flag in enumerate(unreported) if flag]
+                for index in sorted(left, key=lambda i: transfers[i].entry.path):
+                    unreported[index] = 0
+                    handle(transfers[index], lost, transfers[index].received)
         finally:
-            for transfer in unreported.values():
-                transfer.discard()
+            for index, flag in enumerate(unreported):
+                if flag:
+                    transfers[index].discard()
 
     def _finish(
         self,

@@ -61,7 +61,7 @@ class RemoteDirEntry:
     mtime: float
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class FetchJob:
     """Read bytes ``[offset, offset + length)`` of ``path`` (relative POSIX, under the root).
 
@@ -77,7 +77,7 @@ class FetchJob:
     tag: object = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class FetchResult:
     """The outcome of one job: ``error`` is None on success, else what failed.
 
