@@ -595,19 +595,26 @@ cdef void _walk_run_paths(Collector *c, int fd, const Listing *listing,
         _pop(c, old)
 
 
-cdef void _scan_run_paths(Collector *c, int root_fd, const char *runs_name) noexcept nogil:
-    """The runs-path layout: every run below ``<root>/runs``, at any depth."""
+cdef void _scan_run_path_unit(Collector *c, int root_fd, const char *rel_path,
+                              Py_ssize_t path_start) noexcept nogil:
+    """One unit of the runs-path layout: ``runs/<name>`` (``rel_path``, relative to the
+    root), a run itself or the first component of runs' paths; ``path_start`` is where the
+    name starts in it."""
     cdef Listing listing
     cdef int code
     cdef int fd
-    cdef Py_ssize_t length = strlen(runs_name)
-    _push(c, runs_name, length)
-    fd = _open_listing(c, root_fd, runs_name, &listing, &code)
+    _push(c, rel_path, strlen(rel_path))
+    fd = _open_listing(c, root_fd, rel_path, &listing, &code)
     if fd < 0:
         if code:
             _problem(c, code)
         return
-    _walk_run_paths(c, fd, &listing, length + 1)
+    if _is_run_listing(&listing):
+        _record(c, K_EXPERIMENT, c.rel, 0)
+        _record(c, K_RUN, c.rel + path_start, c.n_rel - path_start)
+        _scan_listed_files(c, fd, &listing, c.n_rel + 1, True)
+    else:
+        _walk_run_paths(c, fd, &listing, path_start)
     close(fd)
     _free_listing(&listing)
 
@@ -740,6 +747,7 @@ cdef class _Project:
     cdef bytes name_bytes
     cdef str name
     cdef bytes read_names   # keeps c.read_names alive
+    cdef bint run_path_unit  # name_bytes is runs/<name> of the runs-path layout
 
     def __cinit__(self):
         self.c.records = NULL
@@ -749,6 +757,7 @@ cdef class _Project:
         self.c.n_text = self.c.cap_text = 0
         self.c.n_rel = self.c.cap_rel = 0
         self.c.failed = False
+        self.run_path_unit = False
         self.c.read_names = NULL
         self.c.read_buffer = NULL
 
@@ -761,12 +770,13 @@ cdef class _Project:
     cdef tuple scan(self, int root_fd, bytes runs_name):
         cdef const char *project = self.name_bytes
         cdef const char *runs = runs_name
-        cdef bint run_paths = self.name == RUNS_DIRNAME
+        cdef bint run_paths = self.run_path_unit
+        cdef Py_ssize_t path_start = len(runs_name) + 1
         if self.read_names is not None:
             self.c.read_names = self.read_names
         with nogil:
             if run_paths:
-                _scan_run_paths(&self.c, root_fd, runs)
+                _scan_run_path_unit(&self.c, root_fd, project, path_start)
             else:
                 _scan_project(&self.c, root_fd, project, runs)
         if self.c.failed:
@@ -928,6 +938,17 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
                 kind = _kind_of(fd, entry, listing.types[k])
             if kind == DT_LNK:
                 problems.append((name, REASON_SYMLINK))
+            elif kind == DT_DIR and name == RUNS_DIRNAME:
+                # the runs-path layout: each directory of runs/ a unit, listed here as the
+                # specification lists it (one directory, by its own helpers)
+                listed = _pure._list_dir(os.path.join(path, RUNS_DIRNAME), RUNS_DIRNAME, problems)
+                for child, _, _ in _pure._subdirs_of(listed, RUNS_DIRNAME, problems, False):
+                    project = _Project()
+                    project.name_bytes = os.fsencode(RUNS_DIRNAME + "/" + child)
+                    project.name = RUNS_DIRNAME
+                    project.read_names = read_names
+                    project.run_path_unit = True
+                    projects.append(project)
             elif kind == DT_DIR:
                 project = _Project()
                 project.name_bytes = <bytes>entry

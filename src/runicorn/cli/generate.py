@@ -75,7 +75,7 @@ RULE = "=" * 60
     "--scan-threads",
     type=click.IntRange(1, 256),
     default=None,
-    help="Scan projects on N threads (more on NFS/Lustre). "
+    help="Scan projects (and the directories of runs/) on N threads (more on NFS/Lustre). "
     "Default: up to 4 with the compiled core, 1 with pure Python.",
 )
 @click.option(

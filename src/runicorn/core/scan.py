@@ -195,13 +195,18 @@ def _scan_project(
     return runs, problems, contents, newest
 
 
-def _scan_top(
-    root: str, top: str, read: frozenset[str]
+_Unit = tuple[bool, str]
+"""One unit of a scan's work: ``(False, project)``, or ``(True, name)`` for the directory
+``runs/<name>`` of the runs-path layout (a run, or the first component of runs' paths)."""
+
+
+def _scan_unit(
+    root: str, unit: _Unit, read: frozenset[str]
 ) -> tuple[list[RunScan], list[Problem], dict[str, bytes], int | None]:
-    """One unit of work: a project, or the whole runs-path tree."""
-    if top == RUNS_DIRNAME:
-        return _scan_runs_tree(root, read)
-    return _scan_project(root, top, read)
+    runs_path, name = unit
+    if runs_path:
+        return _scan_run_path_unit(root, name, read)
+    return _scan_project(root, name, read)
 
 
 def _add_run(
@@ -220,39 +225,42 @@ def _add_run(
     return newest
 
 
-def _scan_runs_tree(
-    root: str, read: frozenset[str]
+def _scan_run_path_unit(
+    root: str, name: str, read: frozenset[str]
 ) -> tuple[list[RunScan], list[Problem], dict[str, bytes], int | None]:
-    """The runs-path layout: every run below ``<root>/runs``, at any depth.
+    """The runs-path layout below ``runs/<name>``, at any depth.
 
     A visible directory holding ``meta.json`` or ``status.json`` is a run (everything below
     it is its files); any other visible directory is a path component and is walked on.
     Regular files among path components are ignored silently, as at the project levels.
+    Each directory of ``runs/`` is a unit of its own, so an SDK 0.6+ root, which holds all
+    its runs in ``runs/``, is still scanned on several threads.
     """
     newest: int | None = None
     runs: list[RunScan] = []
     problems: list[Problem] = []
     contents: dict[str, bytes] = {}
-    top = os.path.join(root, RUNS_DIRNAME)
-    # (listing, rel, path) of path components still to walk: each directory is listed once
-    pending = [(_list_dir(top, RUNS_DIRNAME, problems), RUNS_DIRNAME, "")]
+    # (directory, its listing, rel, the run path it is) of directories not yet known to be
+    # runs or path components: each directory is listed once
+    rel = f"{RUNS_DIRNAME}/{name}"
+    path = os.path.join(root, RUNS_DIRNAME, name)
+    listing = _list_dir(path, rel, problems)
+    if problems:
+        return runs, problems, contents, newest  # unreadable or vanished
+    pending = [(path, listing, rel, name, "")]
     while pending:
-        listing, rel, run_path = pending.pop()
-        for name, child_path, child_rel in _subdirs_of(listing, rel, problems, False):
+        path, listing, rel, name, run_path = pending.pop()
+        if is_run_dir_listing({entry.name for entry in listing}):
+            files: list[FileStat] = []
+            _scan_run_files(path, rel, "", files, problems, read, contents, listing)
+            newest = _add_run(runs, (RUNS_DIRNAME, run_path, name, files), newest)
+            continue
+        child_run_path = f"{run_path}/{name}" if run_path else name
+        for child, child_path, child_rel in _subdirs_of(listing, rel, problems, False):
             reported = len(problems)
             child_listing = _list_dir(child_path, child_rel, problems)
-            if len(problems) > reported:
-                continue  # unreadable or vanished: neither a run nor a path known to be one
-            if is_run_dir_listing({entry.name for entry in child_listing}):
-                files: list[FileStat] = []
-                _scan_run_files(
-                    child_path, child_rel, "", files, problems, read, contents, child_listing
-                )
-                newest = _add_run(runs, (RUNS_DIRNAME, run_path, name, files), newest)
-            else:
-                child_run_path = f"{run_path}/{name}" if run_path else name
-                pending.append((child_listing, child_rel, child_run_path))
-    runs.sort(key=lambda run: (run[1], run[2]))
+            if len(problems) == reported:  # else unreadable or vanished: neither run nor path
+                pending.append((child_path, child_listing, child_rel, child, child_run_path))
     return runs, problems, contents, newest
 
 
@@ -292,19 +300,19 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
     with os.scandir(root) as it:
         top = sorted(it, key=lambda entry: entry.name)
     problems: list[Problem] = []
-    projects: list[str] = []
+    units: list[_Unit] = []
     for entry in top:
         if is_hidden(entry.name):
             continue
         if entry.is_symlink():
             problems.append((entry.name, REASON_SYMLINK))
         elif _is_dir(entry):
-            projects.append(entry.name)
-    if threads == 1 or len(projects) < 2:
-        parts = [_scan_top(root, project, names) for project in projects]
+            units += _units_of(root, entry.name, problems)
+    if threads == 1 or len(units) < 2:
+        parts = [_scan_unit(root, unit, names) for unit in units]
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            parts = list(pool.map(lambda project: _scan_top(root, project, names), projects))
+            parts = list(pool.map(lambda unit: _scan_unit(root, unit, names), units))
     runs: list[RunScan] = []
     contents: dict[str, bytes] = {}
     newest: int | None = None
@@ -314,5 +322,15 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
         contents.update(project_contents)
         if project_newest is not None and (newest is None or project_newest > newest):
             newest = project_newest
+    runs.sort(key=lambda run: (run[0], run[1], run[2]))  # the runs-path units interleave
     problems.sort()
     return ScanResult(runs, problems, contents, newest)
+
+
+def _units_of(root: str, top: str, problems: list[Problem]) -> list[_Unit]:
+    """The units of work of a top-level directory: the project, or for ``runs`` each of its
+    visible directories (listed here, once)."""
+    if top != RUNS_DIRNAME:
+        return [(False, top)]
+    listing = _list_dir(os.path.join(root, RUNS_DIRNAME), RUNS_DIRNAME, problems)
+    return [(True, name) for name, _, _ in _subdirs_of(listing, RUNS_DIRNAME, problems, False)]
