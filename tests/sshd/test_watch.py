@@ -193,7 +193,12 @@ class _Lines:
     def __init__(self, stream) -> None:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the end of the stream (the child has exited), before it is closed."""
+        self._thread.join(DEADLINE_SECONDS)
 
     def _read(self, stream) -> None:
         for line in stream:
@@ -226,33 +231,32 @@ def test_sync_watch_applies_changes_until_a_signal_then_exits_0(
     command = [sys.executable, "-m", "runicorn", "sync", f"labserver:{lab.root}", str(cache)]
     command += ["--ssh-config", str(config), "--watch", "--json"]
     command += ["--interval", "0.02", "--full-interval", "0.5"]
-    child = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as child:
         out = _Lines(child.stdout)
-        first = orjson.loads(out.expect(lambda line: line.startswith("{")))
-        assert first["files_synced"] > 0
-        events, _rel = _running_events(lab)
-        with open(events, "a") as handle:
-            handle.write('{"step": 777}\n')
-        lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
-        # (the active manifest published before the start may be applied first, moving
-        # nothing: the cold full sync brought its files already)
-        applied = orjson.loads(
-            out.expect(lambda line: line.startswith("{") and '"files_synced":0,' not in line)
-        )
-        assert (applied["manifest_type"], applied["files_synced"]) == ("active", 1)
-        child.send_signal(signum)
-        _, stderr = child.communicate(timeout=DEADLINE_SECONDS)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
+        try:
+            first = orjson.loads(out.expect(lambda line: line.startswith("{")))
+            assert first["files_synced"] > 0
+            events, _rel = _running_events(lab)
+            with open(events, "a") as handle:
+                handle.write('{"step": 777}\n')
+            lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+            # (the active manifest published before the start may be applied first, moving
+            # nothing: the cold full sync brought its files already)
+            applied = orjson.loads(
+                out.expect(lambda line: line.startswith("{") and '"files_synced":0,' not in line)
+            )
+            assert (applied["manifest_type"], applied["files_synced"]) == ("active", 1)
+            child.send_signal(signum)
+            assert child.stderr is not None
+            stderr = child.stderr.read()  # to its end: the child has exited
+            child.wait(DEADLINE_SECONDS)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            out.join()
     assert child.returncode == 0, stderr
     assert "stopped; the cache is consistent" in stderr
     assert_cache_equals_server(lab.root, cache)

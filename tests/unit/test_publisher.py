@@ -408,7 +408,8 @@ class Child:
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         for line in self.process.stderr:
@@ -437,11 +438,19 @@ class Child:
             missing = {text for text in missing if text not in line}
 
     def finish(self, signum: int) -> tuple[int, str]:
+        """Send ``signum``; the exit code and stdout once the child has exited."""
+        assert self.process.stdout is not None and self.process.stderr is not None
         self.process.send_signal(signum)
         try:
-            stdout, _ = self.process.communicate(timeout=DEADLINE_SECONDS)
+            stdout = self.process.stdout.read()  # until the child exits (it prints little)
+            self.process.wait(DEADLINE_SECONDS)
         finally:
-            self.process.kill()
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self._reader.join(DEADLINE_SECONDS)  # stderr to its end before it is closed
+            self.process.stdout.close()
+            self.process.stderr.close()
         return self.process.returncode, stdout
 
 

@@ -1,0 +1,118 @@
+"""``runicorn sync --watch`` when the link dies: it says so, reconnects with backoff on a new
+SSH connection, and keeps the cache fresh afterwards, on both backends."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from harness.lab import Lab, assert_cache_equals_server
+from harness.sshd import SshServer
+from harness.wan_proxy import WanProxy
+from runicorn.manifest import ManifestType
+
+pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=6, scale=0.02)]
+
+DEADLINE_SECONDS = 60.0
+
+
+class _Lines:
+    """A child's stream read line by line on a thread, for waits with a deadline."""
+
+    def __init__(self, stream) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the end of the stream (the child has exited), before it is closed."""
+        self._thread.join(DEADLINE_SECONDS)
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def expect(self, condition: Callable[[str], bool]) -> str:
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail(f"no expected line; saw {self.seen}")
+            self.seen.append(line)
+            if condition(line):
+                return line
+
+
+def _config_through(proxy: WanProxy, sshd_server: SshServer, tmp_path: Path) -> Path:
+    """An ssh_config alias reaching the server through the proxy, trusting its key there."""
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[{proxy.address[0]}]:{proxy.port} {sshd_server.host_public_key}\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "\n".join(
+            [
+                "Host labserver",
+                f"    HostName {proxy.address[0]}",
+                f"    Port {proxy.port}",
+                f"    User {sshd_server.username}",
+                f"    IdentityFile {sshd_server.client_key_path}",
+                "    IdentitiesOnly yes",
+                f"    UserKnownHostsFile {known_hosts}",
+                "",
+            ]
+        )
+    )
+    return config
+
+
+def test_a_dropped_connection_is_reported_and_reestablished(
+    lab: Lab, sshd_server: SshServer, tmp_path: Path, backend
+):
+    lab.publish(ManifestType.ACTIVE)
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "RUNICORN_PURE_PYTHON"}
+    if backend.name == "python":
+        env["RUNICORN_PURE_PYTHON"] = "1"
+    with WanProxy(sshd_server.port) as proxy:
+        config = _config_through(proxy, sshd_server, tmp_path)
+        command = [sys.executable, "-m", "runicorn", "sync", f"labserver:{lab.root}", str(cache)]
+        command += ["--ssh-config", str(config), "--watch", "--json", "--timeout", "2"]
+        command += ["--interval", "0.05", "--full-interval", "0.5"]
+        with subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as child:
+            out, err = _Lines(child.stdout), _Lines(child.stderr)
+            try:
+                out.expect(lambda line: line.startswith("{"))  # the cold sync
+                proxy.close_all()
+                err.expect(lambda line: "sync failed" in line and "retrying in" in line)
+                err.expect(lambda line: "reconnected to labserver" in line)
+                run = next(r for r in lab.info.listed_runs if r.status == "running")
+                with open(run.path / "events.jsonl", "a") as handle:
+                    handle.write('{"step": 31337}\n')
+                lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+                out.expect(lambda line: line.startswith("{") and '"files_synced":1,' in line)
+                child.send_signal(signal.SIGTERM)
+                child.wait(DEADLINE_SECONDS)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                out.join()
+                err.join()
+    assert child.returncode == 0, err.seen
+    assert_cache_equals_server(lab.root, cache)
