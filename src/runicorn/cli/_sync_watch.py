@@ -86,6 +86,7 @@ def watch_cache(
     jitter: float,
     delete: bool,
     allow_mass_delete: bool,
+    verify: bool,
     as_json: bool,
     interval: float,
     full_interval: float,
@@ -99,6 +100,7 @@ def watch_cache(
         "max_workers": workers,
         "delete": delete,
         "allow_mass_delete": allow_mass_delete,
+        "verify": verify,
         "timeout": ssh.timeout,
     }
     if connection is None:
@@ -121,7 +123,7 @@ def watch_cache(
             client.watch(
                 interval=interval,
                 full_interval=full_interval,
-                on_sync=lambda stats: _report(stats, as_json),
+                on_sync=lambda stats: _after_pass(client, stats, as_json),
                 on_error=_report_error,
                 reconnect=reconnect,
             )
@@ -156,6 +158,12 @@ def _first_connection(
     root = "." if root == "~" else root.removeprefix("~/")
     resolved = root if root.startswith("/") else sftp.normalize(root)
     return EXIT_OK, sftp, resolved
+
+
+def _after_pass(client: ManifestSyncClient, stats: SyncStats, as_json: bool) -> None:
+    # --verify checks every cached file once, on the first pass, not every few seconds.
+    client.verify = False
+    _report(stats, as_json)
 
 
 def _report(stats: SyncStats, as_json: bool) -> None:

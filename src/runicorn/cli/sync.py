@@ -359,6 +359,7 @@ def sync(
                 jitter=jitter,
                 delete=delete,
                 allow_mass_delete=allow_mass_delete,
+                verify=verify,
                 as_json=as_json,
                 interval=interval,
                 full_interval=full_interval,
