@@ -279,7 +279,7 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
 @click.option(
     "--interval",
     type=click.FloatRange(min=0.01),
-    default=1.5,
+    default=1.7,
     show_default=True,
     help="With --watch: seconds between probes of the active manifest (3 SFTP requests "
     "each while idle).",

@@ -245,7 +245,7 @@ class ManifestSyncClient:
     def watch(
         self,
         *,
-        interval: float = 1.5,
+        interval: float = 1.7,
         full_interval: float = 30.0,
         on_sync: Callable[[SyncStats], None] | None = None,
         on_error: Callable[[BaseException, float], None] | None = None,
