@@ -58,6 +58,7 @@ _INSTALL_HINT = "install openssh-server (Debian/Ubuntu: apt-get install -y opens
 # Levels at which sshd logs "Server listening on ..." (an INFO message).
 _LISTEN_LOGGED_LEVELS = {"INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3"}
 _START_ATTEMPTS = 5
+_HAVE_PROC = Path("/proc/self").is_dir()
 
 # sftp-server logs each request as it parses it ("debug3: request 7: open flags 1") and each
 # reply as "request 7: sent status 0"; only the former are requests.
@@ -523,16 +524,31 @@ class SshServer:
 
     def _log_since_reset(self) -> list[str]:
         """Complete lines appended to the sftp log since the last reset."""
+        return self._log_lines(self._count_offset)
+
+    def _log_lines(self, offset: int) -> list[str]:
+        """Complete lines of the sftp log from byte ``offset`` on."""
         with open(self.sftp_log_path, "rb") as handle:
-            handle.seek(self._count_offset)
+            handle.seek(offset)
             data = handle.read()
         # A line still being written has no newline yet; it is counted once complete.
         complete = data[: data.rfind(b"\n") + 1]
         return complete.decode("utf-8", errors="replace").splitlines()
 
-    def reset_request_counts(self) -> None:
-        """Start counting afresh: later counts include only requests logged from now on."""
+    def reset_request_counts(
+        self, *, after_sessions_end: bool = False, timeout: float = 5.0
+    ) -> None:
+        """Start counting afresh: later counts include only requests logged from now on.
+
+        A client that has returned may still have requests in flight to its sftp-server (an
+        asynchronous CLOSE, a prefetch it abandoned): the server logs them after the client is
+        gone, under load well after. ``after_sessions_end=True`` first waits until every SFTP
+        session this server ever started has ended, so none of its requests land in the new
+        count; use it when the previous operation's clients are all closed.
+        """
         self._require_counting()
+        if after_sessions_end:
+            self._wait_sessions_ended(0, timeout)
         self._count_offset = self.sftp_log_path.stat().st_size
 
     def open_sftp_sessions(self) -> set[int]:
@@ -556,16 +572,27 @@ class SshServer:
     def wait_sftp_sessions_closed(self, timeout: float = 5.0) -> None:
         """Wait until every SFTP session started since the reset has ended on the server."""
         self._require_counting()
+        self._wait_sessions_ended(self._count_offset, timeout)
+
+    def _wait_sessions_ended(self, offset: int, timeout: float) -> None:
+        """Wait until every session whose start is logged at or after ``offset`` has ended.
+
+        A wrapper killed by a signal never logs its end; its vanished process counts as ended.
+        """
         deadline = time.monotonic() + timeout
         while True:
-            running = self.open_sftp_sessions()
+            running = {
+                pid
+                for pid in self._open_sessions(self._log_lines(offset))
+                if not _HAVE_PROC or Path(f"/proc/{pid}").exists()
+            }
             if not running:
                 return
             if time.monotonic() >= deadline:
                 raise SshServerError(
                     f"sftp-server processes {sorted(running)} still running after {timeout} s; "
-                    "close the SFTP clients (and their channels) before counting with "
-                    "wait_for_close=True"
+                    "close the SFTP clients (and their channels) before waiting for their "
+                    "sessions to end"
                 )
             time.sleep(0.005)
 
