@@ -84,10 +84,16 @@ def test_cold_sync_records_every_run_for_the_ui(lab: Lab, cache: Path, client_fo
 def test_unchanged_manifest_is_skipped_with_at_most_four_sftp_requests(
     lab: Lab, client_for, sshd_server: SshServer, sftp: paramiko.SFTPClient
 ) -> None:
-    client_for().sync()
+    sshd_server.reset_request_counts()
+    first_client = client_for()
+    first_client.sync()
+    first_client.close()  # as a process that exits: its worker channels end
     fresh_client = client_for()  # a new process would start like this: state from disk only
 
-    settle(sftp)  # the first sync's last closes are not the second's requests
+    # The first sync's last closes are not the second's requests: its worker channels'
+    # sessions must have ended, and its own channel's requests been answered.
+    sshd_server.wait_sftp_sessions_closed()
+    settle(sftp)
     sshd_server.reset_request_counts()
     stats = fresh_client.sync()
     counts = sshd_server.sftp_request_count(wait_for_close=True)
