@@ -4,17 +4,14 @@ SSH connection, and keeps the cache fresh afterwards, on both backends."""
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from harness.child_lines import ChildLines
 from harness.lab import Lab, assert_cache_equals_server
 from harness.sshd import SshServer
 from harness.wan_proxy import WanProxy
@@ -23,38 +20,6 @@ from runicorn.manifest import ManifestType
 pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=6, scale=0.02)]
 
 DEADLINE_SECONDS = 60.0
-
-
-class _Lines:
-    """A child's stream read line by line on a thread, for waits with a deadline."""
-
-    def __init__(self, stream) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def join(self) -> None:
-        """Wait for the end of the stream (the child has exited), before it is closed."""
-        self._thread.join(DEADLINE_SECONDS)
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def expect(self, condition: Callable[[str], bool]) -> str:
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                pytest.fail(f"no expected line; saw {self.seen}")
-            self.seen.append(line)
-            if condition(line):
-                return line
 
 
 def _config_through(proxy: WanProxy, sshd_server: SshServer, tmp_path: Path) -> Path:
@@ -95,7 +60,8 @@ def test_a_dropped_connection_is_reported_and_reestablished(
         with subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ) as child:
-            out, err = _Lines(child.stdout), _Lines(child.stderr)
+            out = ChildLines(child.stdout, DEADLINE_SECONDS)
+            err = ChildLines(child.stderr, DEADLINE_SECONDS)
             try:
                 out.expect(lambda line: line.startswith("{"))  # the cold sync
                 proxy.close_all()

@@ -10,7 +10,6 @@ deadline.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import paramiko
 import pytest
 from click.testing import CliRunner
 
+from harness.child_lines import ChildLines
 from harness.lab import Lab, assert_cache_equals_server, cache_files
 from harness.sshd import SshServer
 from runicorn.cli import main
@@ -187,38 +187,6 @@ def test_the_watcher_refuses_intervals_that_cannot_work(client_for):
 # --- runicorn sync --watch ---------------------------------------------------------------------
 
 
-class _Lines:
-    """A child's stream read line by line on a thread, for waits with a deadline."""
-
-    def __init__(self, stream) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def join(self) -> None:
-        """Wait for the end of the stream (the child has exited), before it is closed."""
-        self._thread.join(DEADLINE_SECONDS)
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def expect(self, condition: Callable[[str], bool]) -> str:
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                pytest.fail(f"no expected line; saw {self.seen}")
-            self.seen.append(line)
-            if condition(line):
-                return line
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sync_watch_applies_changes_until_a_signal_then_exits_0(
     lab: Lab, cache: Path, sshd_server: SshServer, tmp_path: Path, backend, signum
@@ -234,7 +202,7 @@ def test_sync_watch_applies_changes_until_a_signal_then_exits_0(
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as child:
-        out = _Lines(child.stdout)
+        out = ChildLines(child.stdout, DEADLINE_SECONDS)
         try:
             first = orjson.loads(out.expect(lambda line: line.startswith("{")))
             assert first["files_synced"] > 0
