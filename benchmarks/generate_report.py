@@ -151,6 +151,15 @@ def markdown(results: dict[str, dict[str, float]], lab_runs: int, rounds: int) -
     return "\n".join(lines)
 
 
+def _ceiling(pure_wall: float, native_cpu: float, cores: int) -> str:
+    """``pure_wall / (native_cpu / cores)``: the most the native run could gain. A tiny lab
+    can record no CPU time at all (getrusage counts in clock ticks), and then there is no
+    bound to print."""
+    if native_cpu <= 0:
+        return "an unbounded factor (no CPU time recorded)"
+    return f"{pure_wall / (native_cpu / cores):.2f}x"
+
+
 def cpu_markdown(results: dict[str, dict[str, float]]) -> list[str]:
     """The CPU table of the full generation, and the ceilings it puts on the speed-up."""
     cores = usable_cores()
@@ -172,9 +181,9 @@ def cpu_markdown(results: dict[str, dict[str, float]]) -> list[str]:
             "",
             f"Speed-up of the native full generation over the pure one: "
             f"{pure['full'] / native['full']:.2f}x measured; at most "
-            f"{pure['full'] / (native['full_cpu'] / cores):.2f}x with every core busy all the "
-            f"time; at most {pure['full'] / (native['full_system'] / cores):.2f}x even if "
-            f"everything but the kernel's work cost nothing.",
+            f"{_ceiling(pure['full'], native['full_cpu'], cores)} with every core busy all "
+            f"the time; at most {_ceiling(pure['full'], native['full_system'], cores)} even "
+            f"if everything but the kernel's work cost nothing.",
         ]
     return lines
 

@@ -17,3 +17,9 @@ def test_report_prints_both_tables_and_the_speed_up_ceilings(capsys):
     if len(backends) == 2:
         assert "with every core busy all the time" in report
         assert "everything but the kernel's work cost nothing" in report
+
+
+def test_a_ceiling_over_no_recorded_cpu_time_is_named_not_divided():
+    # A 30-run lab on an idle machine can record 0 s of system CPU (getrusage ticks).
+    assert generate_report._ceiling(1.0, 0.0, 2) == "an unbounded factor (no CPU time recorded)"
+    assert generate_report._ceiling(1.0, 0.5, 2) == "4.00x"
