@@ -44,26 +44,26 @@ def synced(
 
 # --------------------------------------------------------------------------- safe paths
 
+UNSAFE_PATHS = [
+    f"{RUN}/../../../../../etc/passwd",
+    "/etc/passwd",
+    "C:/Windows/win.ini",
+    f"{RUN}/a\\b",
+    f"{RUN}/nul\0byte",
+    f"{RUN}//meta.json",
+    f"{RUN}/./meta.json",
+    f"{STATE_DIRNAME}/state.sqlite3",
+    f"{RUN}/{TEMP_PREFIX}x.part",
+    "",
+]
+"""Paths a manifest could name that would leave or corrupt the cache."""
+
 
 def test_path_for_resolves_a_manifest_path_inside_the_cache(manager: LocalCacheManager) -> None:
     assert manager.path_for(f"{RUN}/meta.json") == manager.root_dir / RUN / "meta.json"
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        f"{RUN}/../../../../../etc/passwd",
-        "/etc/passwd",
-        "C:/Windows/win.ini",
-        f"{RUN}/a\\b",
-        f"{RUN}/nul\0byte",
-        f"{RUN}//meta.json",
-        f"{RUN}/./meta.json",
-        f"{STATE_DIRNAME}/state.sqlite3",
-        f"{RUN}/{TEMP_PREFIX}x.part",
-        "",
-    ],
-)
+@pytest.mark.parametrize("path", UNSAFE_PATHS)
 def test_path_for_refuses_paths_that_could_leave_or_corrupt_the_cache(
     manager: LocalCacheManager, path: str
 ) -> None:
@@ -71,21 +71,7 @@ def test_path_for_refuses_paths_that_could_leave_or_corrupt_the_cache(
         manager.path_for(path)
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        f"{RUN}/../../../../../etc/passwd",
-        "/etc/passwd",
-        "C:/Windows/win.ini",
-        f"{RUN}/a\\b",
-        f"{RUN}/nul\0byte",
-        f"{RUN}//meta.json",
-        f"{RUN}/./meta.json",
-        f"{STATE_DIRNAME}/state.sqlite3",
-        f"{RUN}/{TEMP_PREFIX}x.part",
-        "",
-    ],
-)
+@pytest.mark.parametrize("path", UNSAFE_PATHS)
 def test_open_parent_refuses_the_same_paths_when_their_directory_is_kept_open(
     manager: LocalCacheManager, path: str
 ) -> None:
