@@ -61,7 +61,8 @@ class Publisher:
         self.lines: queue.Queue[str] = queue.Queue()
         self.published = 0
         self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.process.stderr is not None
@@ -80,10 +81,14 @@ class Publisher:
 
     def stop(self) -> int:
         self.process.terminate()
-        return self.process.wait(60)
+        code = self.process.wait(60)
+        self._reader.join(10)  # its last lines, up to EOF
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+        return code
 
 
-def _running_runs(root: Path, count: int) -> list[Path]:
+def running_runs(root: Path, count: int) -> list[Path]:
     """``count`` runs that are not soft-deleted (their appends are in the manifests)."""
     runs = [
         run
@@ -94,7 +99,7 @@ def _running_runs(root: Path, count: int) -> list[Path]:
     return runs[:count]
 
 
-def _write_load(runs: list[Path], rate: float, seconds: float) -> int:
+def write_load(runs: list[Path], rate: float, seconds: float) -> int:
     """Append ``rate`` lines a second to each run's events.jsonl for ``seconds``."""
     handles = [open(run / "events.jsonl", "a") for run in runs]  # noqa: SIM115
     lines = 0
@@ -141,11 +146,11 @@ def main() -> None:
     idle_cpu = cpu_seconds(pid) - before
     idle_published = publisher.published - published
 
-    runs = _running_runs(args.root, args.writers)
+    runs = running_runs(args.root, args.writers)
     before = cpu_seconds(pid)
     published = publisher.published
     wall = time.monotonic()
-    lines = _write_load(runs, args.rate, args.load)
+    lines = write_load(runs, args.rate, args.load)
     wall = time.monotonic() - wall
     load_cpu = cpu_seconds(pid) - before
     load_published = publisher.published - published

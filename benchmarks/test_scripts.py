@@ -18,6 +18,8 @@ SCRIPTS = [
     "bench_ciphers",
     "generate_report",
     "lab_scale",
+    "live_latency",
+    "publisher_cpu",
 ]
 
 

@@ -51,7 +51,7 @@ class Measurement:
     detail: str = ""
 
 
-def _write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
+def write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
     """An ssh_config and known_hosts that reach the server through the proxy's port."""
     known_hosts = directory / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{proxy_port} {server.host_public_key}\n")
@@ -115,7 +115,7 @@ def run_lab(
         SshServer(count_requests=True) as server,
         WanProxy("127.0.0.1", server.port, delay_ms=delay_ms, bandwidth_bps=bandwidth_bps) as proxy,
     ):
-        config = _write_client_config(server, proxy.port, workdir)
+        config = write_client_config(server, proxy.port, workdir)
         for round_number in range(repeat):
             cache = workdir / f"cache{runs}-{round_number}"
             mirror = workdir / f"rsync{runs}-{round_number}"
