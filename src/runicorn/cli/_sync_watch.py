@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import paramiko
 
     from runicorn.sync.client import ManifestSyncClient
+    from runicorn.sync.selection import RunSelection
     from runicorn.sync.stats import SyncStats
 
 
@@ -90,6 +91,7 @@ def watch_cache(
     as_json: bool,
     interval: float,
     full_interval: float,
+    selection: RunSelection | None = None,
 ) -> int:
     """Watch until SIGTERM or Ctrl+C; the exit code (0, or 1/4 when the first connection
     cannot be made)."""
@@ -101,6 +103,7 @@ def watch_cache(
         "delete": delete,
         "allow_mass_delete": allow_mass_delete,
         "verify": verify,
+        "selection": selection,
         "timeout": ssh.timeout,
     }
     if connection is None:

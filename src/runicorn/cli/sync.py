@@ -44,6 +44,7 @@ from runicorn.cli._common import error as print_error
 if TYPE_CHECKING:
     import paramiko
 
+    from runicorn.sync.selection import RunSelection
     from runicorn.sync.service import MetadataSyncService, SyncProgress
     from runicorn.sync.stats import SyncStats
     from runicorn.sync.viewer import ViewerReport
@@ -291,6 +292,31 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     show_default=True,
     help="With --watch: seconds between checks of the full manifest (new and removed runs).",
 )
+@click.option(
+    "--project",
+    "projects",
+    metavar="NAME",
+    multiple=True,
+    help="Only runs of this project (repeatable); a runs/<path>/<id> run is in the project "
+    "named by its path's first component.",
+)
+@click.option(
+    "--include",
+    metavar="GLOB",
+    multiple=True,
+    help="Only runs whose project/name/run_id (runs/<path>/<id>) matches (repeatable); "
+    "'*' stays within one component, '**' crosses them, a leading match selects the subtree.",
+)
+@click.option(
+    "--exclude", metavar="GLOB", multiple=True, help="Leave out matching runs (repeatable)."
+)
+@click.option(
+    "--since",
+    metavar="DURATION",
+    default=None,
+    help="Only runs created or updated within DURATION (90s, 30m, 12h, 7d, 2w). Runs left "
+    "out are neither fetched nor deleted.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
 def sync(
     source: str,
@@ -312,6 +338,10 @@ def sync(
     watch: bool,
     interval: float,
     full_interval: float,
+    projects: tuple[str, ...],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    since: str | None,
     verbose: bool,
 ) -> None:
     """Mirror the runs under REMOTE_ROOT on a lab server into CACHE_DIR.
@@ -332,6 +362,7 @@ def sync(
     configure_logging(verbose)
     if allow_mass_delete and not delete:
         raise click.UsageError("--allow-mass-delete only makes sense with --delete")
+    selection = _selection(projects, include, exclude, since)
     parsed = parse_source(source)
     if parsed.is_local and not os.path.isdir(parsed.root):
         _fail(as_json, EXIT_FAILURE, f"{parsed.root} is not a directory (and not HOST:PATH)")
@@ -363,6 +394,7 @@ def sync(
                 as_json=as_json,
                 interval=interval,
                 full_interval=full_interval,
+                selection=selection,
             )
         )
     options = {
@@ -376,6 +408,7 @@ def sync(
         "as_json": as_json,
         "timeout": timeout,
         "viewer_url": _viewer_url(viewer_url),
+        "selection": selection,
     }
     client = None
     try:
@@ -408,6 +441,24 @@ def sync(
         if client is not None:
             client.close()
     sys.exit(code)
+
+
+def _selection(
+    projects: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], since: str | None
+) -> RunSelection:
+    """The runs to mirror from the selection options (usage errors name the option)."""
+    from runicorn.sync.selection import RunSelection, parse_duration
+
+    seconds = None
+    if since is not None:
+        try:
+            seconds = parse_duration(since)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--since") from None
+    try:
+        return RunSelection.of(projects, include, exclude, seconds)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--project/--include/--exclude") from None
 
 
 def _connect(
@@ -531,6 +582,7 @@ def _run(
     as_json: bool,
     timeout: float,
     viewer_url: str | None,
+    selection: RunSelection,
 ) -> int:
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.service import MetadataSyncService
@@ -553,6 +605,10 @@ def _run(
         verify=verify,
         on_progress=bar,
         viewer_url=viewer_url,
+        projects=selection.projects,
+        include=selection.include,
+        exclude=selection.exclude,
+        since=selection.since,
     )
     if viewer_url and not dry_run and not cache.is_marked_remote_cache:
         click.echo(

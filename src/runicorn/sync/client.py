@@ -31,7 +31,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -44,6 +44,7 @@ from runicorn.sync.manifest_fetch import (
     check_root,
     normalize_root,
 )
+from runicorn.sync.selection import RunSelection
 from runicorn.sync.stats import ProgressCallback, SyncRun, SyncStats
 from runicorn.sync.transfer import FileTransfer, Transfer, plan
 from runicorn.sync.viewer import ViewerChanges
@@ -112,6 +113,11 @@ class ManifestSyncClient:
         manifest_type: str | ManifestType = "auto",
         viewer: ViewerNotifier | None = None,
         verify: bool = False,
+        projects: Sequence[str] = (),
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        since: float | str | None = None,
+        selection: RunSelection | None = None,
     ) -> None:
         if sftp_client is None and remote is None:
             raise ValueError("pass an sftp_client, or a remote to sync from")
@@ -145,6 +151,12 @@ class ManifestSyncClient:
         self.last_changes = ViewerChanges()
         """Runs the last sync added, changed and removed (what a viewer is told)."""
         self.verify = verify
+        narrowed = RunSelection.of(projects, include, exclude, since)
+        if selection is not None and not narrowed.is_everything:
+            raise ValueError("pass a selection, or projects/include/exclude/since, not both")
+        self.selection = selection if selection is not None else narrowed
+        """The runs this client mirrors (:mod:`runicorn.sync.selection`); others are never
+        fetched nor deleted."""
         self._full_check = False
         self._damage: set[str] | None = None
         self._remote = remote
@@ -220,6 +232,12 @@ class ManifestSyncClient:
             remote_id = self.remote_id
             self._start_disk_check(full=None)
             full_state = self.cache.applied_manifest(remote_id, ManifestType.FULL.value)
+            if full_state is not None and (
+                self.cache.selection_applied(remote_id) != self.selection.fingerprint
+            ):
+                # Applied under another selection: runs it left out may be wanted now, so
+                # the whole manifest is weighed again (the no-change check cannot tell).
+                full_state = None
             if full_state is None and not self.dry_run:
                 # A first sync fetches everything: open the worker channels while the
                 # manifest downloads, not after.
@@ -470,6 +488,10 @@ class ManifestSyncClient:
     ) -> None:
         check_root(manifest, self.remote_root, local=self.sftp_client is None)
         is_full = manifest.manifest_type is ManifestType.FULL
+        served = manifest
+        manifest, left_out = self.selection.restrict(served)
+        if not self.selection.is_everything:
+            run.extra["runs_filtered_out"] = left_out
         run.manifest_type = manifest.manifest_type.value
         run.manifest_revision = manifest.revision
         run.tail_hash_algorithm = manifest.tail_hashes_by
@@ -494,7 +516,7 @@ class ManifestSyncClient:
         transfers.sort(key=lambda t: (t.entry.priority, t.entry.path))
         run.files_total = len(transfers)
         run.bytes_total = sum(t.length for t in transfers)
-        vanished, gone = self._runs_to_delete(manifest, remote_id, run) if is_full else ([], [])
+        vanished, gone = self._runs_to_delete(served, remote_id, run) if is_full else ([], [])
 
         if self.dry_run:
             run.incremental_count = sum(1 for t in transfers if t.append)
@@ -544,6 +566,8 @@ class ManifestSyncClient:
         )
         self.last_changes = self._changes(manifest, transfers, run, cached_ids, gone)
         clean = not run.failed
+        if is_full:
+            self.cache.save_selection_applied(remote_id, self.selection.fingerprint)
         if record_header:
             self.cache.save_applied_manifest(
                 remote_id,
@@ -670,7 +694,7 @@ class ManifestSyncClient:
         """Runs of this remote the full manifest no longer lists, and those of them to
         delete: all when deleting is asked and safe (spec 3.10), else none (logged, and
         the reason reported)."""
-        cached = self.cache.runs_of_remote(remote_id)
+        cached = self._selected_cached_runs(remote_id)
         listed = {(exp.project, exp.name, exp.run_id) for exp in manifest.experiments}
         gone = [key for key in cached if key not in listed]
         if not gone:
@@ -701,6 +725,28 @@ class ManifestSyncClient:
             run.reason = refusal
             return gone, []
         return gone, gone
+
+    def _selected_cached_runs(self, remote_id: str) -> list[tuple[str, str, str]]:
+        """This remote's cached runs inside the selection: only they may ever be deleted.
+
+        The time window is weighed on what the cache recorded of each run; ``max_runs``
+        ranks the manifest's runs only, so it never keeps a vanished run out.
+        """
+        cached = self.cache.runs_of_remote(remote_id)
+        selection = self.selection
+        if selection.is_everything:
+            return cached
+        if selection.since is None:
+            return [key for key in cached if selection.selects_key(*key)]
+        now = time.time()
+        return [
+            (run.project, run.name, run.run_id)
+            for run in self.cache.list_runs()
+            if run.remote_id == remote_id
+            and selection.selects(
+                run.project, run.name, run.run_id, run.created_at, run.updated_at, now
+            )
+        ]
 
 
 def _slashes(path: str) -> Iterator[int]:

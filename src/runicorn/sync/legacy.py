@@ -52,6 +52,7 @@ from runicorn.format.models import ExperimentEntry, FileEntry, ManifestType, Syn
 if TYPE_CHECKING:
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.client import ManifestSyncClient
+    from runicorn.sync.selection import RunSelection
     from runicorn.sync.stats import SyncStats
 
 __all__ = [
@@ -167,9 +168,12 @@ def _reason(error: BaseException) -> str:
 class _Walk:
     """State of one breadth-first walk."""
 
-    def __init__(self, remote: _Lister, remote_root: str) -> None:
+    def __init__(
+        self, remote: _Lister, remote_root: str, selection: RunSelection | None = None
+    ) -> None:
         self.remote = remote
         self.remote_root = remote_root
+        self.selection = selection
         self.warnings: list[str] = []
         self.levels = 0
         self.directories = 0
@@ -236,6 +240,10 @@ class _Walk:
         # a top-level runs directory is the runs-path layout, never a project
         runs_tree = layout.RUNS_DIRNAME in projects
         projects = [project for project in projects if project != layout.RUNS_DIRNAME]
+        if self.selection is not None:
+            # Top-level directories no selected run can be under are never listed.
+            runs_tree = runs_tree and self.selection.may_select_project(layout.RUNS_DIRNAME)
+            projects = [p for p in projects if self.selection.may_select_project(p)]
 
         level = self.list_level(projects + ([layout.RUNS_DIRNAME] if runs_tree else []))
         # directories below runs/ not known yet to be runs or path components: (dir, path)
@@ -372,13 +380,17 @@ def walk_remote(
     *,
     hostname: str | None = None,
     clock: Callable[[], float] = time.time,
+    selection: RunSelection | None = None,
 ) -> WalkReport:
     """Walk the remote tree breadth-first and synthesise a FULL manifest of revision 0.
+
+    With a ``selection``, top-level directories holding no selected run are not listed (the
+    manifest then leaves their runs out; the client applies the selection to the rest).
 
     Raises ``OSError`` when the root itself cannot be listed. Everything else that could not
     be read is in ``WalkReport.warnings`` (and logged), and the walk goes on without it.
     """
-    walk = _Walk(remote, remote_root)
+    walk = _Walk(remote, remote_root, selection)
     runs = walk.run()
     tags = _read_tags(remote, walk.warnings)
     experiments: list[ExperimentEntry] = []

@@ -24,11 +24,12 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from runicorn.sync.legacy import WalkReport, sync_legacy, walk_remote
+from runicorn.sync.selection import RunSelection
 
 if TYPE_CHECKING:
     import paramiko
@@ -102,6 +103,10 @@ class MetadataSyncService:
         viewer_url: str | None = None,
         viewer_timeout: float = 10.0,
         verify: bool = False,
+        projects: Sequence[str] = (),
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        since: float | str | None = None,
     ) -> None:
         self.ssh_session = ssh_session
         self.sftp_client = sftp_client
@@ -117,6 +122,8 @@ class MetadataSyncService:
         self.dry_run = dry_run
         self.timeout = timeout
         self.verify = verify
+        self.selection = RunSelection.of(projects, include, exclude, since)
+        """The runs mirrored (:mod:`runicorn.sync.selection`), by manifest and walk alike."""
         self.on_progress = on_progress
         if viewer_url:
             from runicorn.sync.viewer import normalize_viewer_url
@@ -241,7 +248,7 @@ class MetadataSyncService:
         root = self._absolute_root()
         remote, owned = self._remote(root)
         try:
-            report = walk_remote(remote, root)
+            report = walk_remote(remote, root, selection=self.selection)
             self.last_walk = report
             self._update(
                 warnings=list(report.warnings),
@@ -305,6 +312,7 @@ class MetadataSyncService:
             timeout=self.timeout,
             viewer=self._viewer,
             verify=self.verify,
+            selection=self.selection,
         )
         self._last_client = client
         return client

@@ -34,6 +34,10 @@ class SyncStatsExtra(TypedDict, total=False):
     verified: bool
     """``True`` when this sync checked every cached file on disk (the full check), not only
     each run's ``status.json``."""
+    runs_filtered_out: int
+    """Runs of the applied manifest left out by the run selection (``projects``,
+    ``include``, ``exclude``, ``since``): not fetched, not deleted. Present when a selection
+    was given and a manifest was applied."""
 
 
 class SyncStats(SyncStatsExtra):

@@ -244,6 +244,14 @@ class LocalCacheManager:
             vanished=vanished,
         )
 
+    def selection_applied(self, remote_id: str) -> str:
+        """See :meth:`StateDatabase.selection_applied`."""
+        return self.state.selection_applied(remote_id)
+
+    def save_selection_applied(self, remote_id: str, fingerprint: str) -> None:
+        """See :meth:`StateDatabase.save_selection_applied`."""
+        self.state.save_selection_applied(remote_id, fingerprint)
+
     def save_remote_sync(self, remote_id: str, outcome: str) -> None:
         """Record when ``remote_id`` was last synced and how it went."""
         self.state.save_remote_sync(remote_id, outcome)

@@ -455,6 +455,23 @@ class StateDatabase:
                 ),
             )
 
+    def selection_applied(self, remote_id: str) -> str:
+        """The fingerprint of the run selection the last full manifest from ``remote_id``
+        was applied under (``""``: every run, or none applied yet)."""
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (f"selection {remote_id}",))
+        return str(rows[0][0]) if rows else ""
+
+    def save_selection_applied(self, remote_id: str, fingerprint: str) -> None:
+        """Record the selection a full manifest from ``remote_id`` was applied under."""
+        with self.transaction() as conn:
+            if fingerprint:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (f"selection {remote_id}", fingerprint),
+                )
+            else:
+                conn.execute("DELETE FROM meta WHERE key = ?", (f"selection {remote_id}",))
+
     def save_remote_sync(self, remote_id: str, outcome: str) -> None:
         """Record when ``remote_id`` was last synced and how it went."""
         with self.transaction() as conn:
