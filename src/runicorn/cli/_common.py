@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -23,13 +24,32 @@ EXIT_TERMINATED = 143
 def configure_logging(verbose: bool) -> None:
     """Send the library's log records to stderr: warnings by default, everything with -v."""
     logger = logging.getLogger("runicorn")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger.handlers = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     # paramiko is chatty at INFO; keep it at warnings unless asked.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is at each record: while a live display runs, that is
+    the display's proxy, which prints the line above the display instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+# C0 and C1 control characters (ESC, CR, BS, BEL, ...) and the bidirectional overrides.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``): a run name or path from
+    a server can then neither move the cursor nor restyle or forge terminal output."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
 def use_color() -> bool:

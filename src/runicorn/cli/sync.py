@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -37,7 +35,6 @@ from runicorn.cli._common import (
     configure_logging,
     human_bytes,
     terminate_as_exit,
-    use_color,
 )
 from runicorn.cli._common import error as print_error
 
@@ -45,7 +42,7 @@ if TYPE_CHECKING:
     import paramiko
 
     from runicorn.sync.selection import RunSelection
-    from runicorn.sync.service import MetadataSyncService, SyncProgress
+    from runicorn.sync.service import MetadataSyncService
     from runicorn.sync.stats import SyncStats
     from runicorn.sync.viewer import ViewerReport
     from runicorn.transport.remote import Remote
@@ -78,67 +75,6 @@ def parse_source(spec: str) -> Source:
     if match is None:
         return Source(None, os.path.abspath(spec))
     return Source(match.group("dest"), match.group("path"))
-
-
-class _ProgressBar:
-    """A one-line progress display on stderr: files, bytes, speed, ETA, current file."""
-
-    REFRESH = 0.1
-
-    def __init__(self, color: bool) -> None:
-        self.color = color
-        self.last_draw = 0.0
-        self.drawn = False
-        self.started = time.monotonic()
-
-    def __call__(self, progress: SyncProgress) -> None:
-        now = time.monotonic()
-        if now - self.last_draw < self.REFRESH and progress.phase == "transferring":
-            return
-        self.last_draw = now
-        width = shutil.get_terminal_size((100, 20)).columns
-        line = self.render(progress, now - self.started)
-        sys.stderr.write("\r" + line[: width - 1].ljust(width - 1))
-        sys.stderr.flush()
-        self.drawn = True
-
-    def render(self, progress: SyncProgress, elapsed: float) -> str:
-        mode = progress.mode or "sync"
-        if progress.phase in ("manifest", "walking", "idle"):
-            what = "reading manifest" if progress.phase == "manifest" else "listing the server"
-            return f"{mode}: {what} …"
-        total = progress.total_files
-        done = progress.synced_files
-        fraction = done / total if total else 0.0
-        if progress.total_bytes:
-            fraction = progress.synced_bytes / progress.total_bytes
-        bar_width = 20
-        filled = int(bar_width * min(fraction, 1.0))
-        bar = "#" * filled + "-" * (bar_width - filled)
-        if self.color:
-            bar = click.style(bar[:filled], fg="green") + bar[filled:]
-        speed = progress.synced_bytes / elapsed if elapsed > 0 else 0.0
-        parts = [f"[{bar}] {done}/{total} files", f"{human_bytes(progress.synced_bytes)}"]
-        eta: float | None = None
-        if progress.total_bytes:
-            parts[-1] += f"/{human_bytes(progress.total_bytes)}"
-            remaining = progress.total_bytes - progress.synced_bytes
-            if speed > 0 and remaining > 0:
-                eta = remaining / speed
-        elif done and total > done:
-            eta = elapsed * (total - done) / done  # bytes to go unknown: go by files
-        if eta is not None:
-            parts.append(f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        parts.insert(2, f"{human_bytes(speed)}/s")
-        if progress.current_file:
-            parts.append(progress.current_file.rsplit("/", 3)[-1])
-        return "  ".join(parts)
-
-    def finish(self) -> None:
-        if self.drawn:
-            width = shutil.get_terminal_size((100, 20)).columns
-            sys.stderr.write("\r" + " " * (width - 1) + "\r")
-            sys.stderr.flush()
 
 
 def _summary_line(source: Source, service: MetadataSyncService, stats: SyncStats) -> str:
@@ -507,6 +443,7 @@ def _preload_sync_engine() -> None:
 
     def load() -> None:
         with contextlib.suppress(Exception):  # the main thread imports again and reports
+            import runicorn.cli.progress  # (and rich)
             import runicorn.sync.client
             import runicorn.sync.service
             import runicorn.transport.sftp_remote  # noqa: F401  (and the SFTP engine)
@@ -584,10 +521,11 @@ def _run(
     viewer_url: str | None,
     selection: RunSelection,
 ) -> int:
+    from runicorn.cli.progress import SyncProgressDisplay
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.service import MetadataSyncService
 
-    bar = _ProgressBar(use_color()) if sys.stderr.isatty() else None
+    display = SyncProgressDisplay()
     cache = LocalCacheManager(cache_dir)
     service = MetadataSyncService(
         client,
@@ -603,7 +541,7 @@ def _run(
         dry_run=dry_run,
         timeout=timeout,
         verify=verify,
-        on_progress=bar,
+        on_progress=display.track() if display.enabled else None,
         viewer_url=viewer_url,
         projects=selection.projects,
         include=selection.include,
@@ -619,10 +557,9 @@ def _run(
             err=True,
         )
     try:
-        ok = service.sync_all()
+        with display:
+            ok = service.sync_all()
     finally:
-        if bar is not None:
-            bar.finish()
         cache.close()
     stats = service.last_stats
     if stats is None:
