@@ -1,41 +1,20 @@
 """The systemd unit shipped for the publisher, filled in for one root and one user.
 
 The template lives beside this module (``units/runicorn-publisher.service``, package data);
-its ``@NAME@`` placeholders are replaced with values quoted the way systemd reads them, so a
-root with spaces or a ``%`` in it still makes a valid unit.
+the quoting and filling shared with the client's unit is :mod:`runicorn._sys.systemd`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
+from runicorn._sys.systemd import exec_start, fill_unit, runicorn_command, systemd_quote
+
+__all__ = ["PUBLISHER_UNIT", "publisher_unit", "runicorn_command", "systemd_quote"]
+
 PUBLISHER_UNIT = "runicorn-publisher.service"
-
-
-def _template(name: str) -> str:
-    return (resources.files("runicorn.generate") / "units" / name).read_text("utf-8")
-
-
-def systemd_quote(argument: str) -> str:
-    """One ``ExecStart`` word: specifiers (``%``) and variables (``$``) escaped, quoted
-    when it holds a space, a quote or a backslash."""
-    escaped = argument.replace("%", "%%").replace("$", "$$")
-    if escaped and not any(char in escaped for char in " \t\"'\\;"):
-        return escaped
-    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def runicorn_command() -> list[str]:
-    """How to start this installation's ``runicorn``: the console script beside the running
-    interpreter (a virtual environment's ``bin/``), else ``python -m runicorn``."""
-    script = Path(sys.executable).with_name("runicorn")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "runicorn"]
 
 
 def publisher_unit(
@@ -64,9 +43,6 @@ def publisher_unit(
         "@ROOT_COMMENT@": root_text.replace("%", "%%"),
         "@USER@": user,
         "@GROUP@": group or user,
-        "@EXEC_START@": " ".join(systemd_quote(word) for word in words),
+        "@EXEC_START@": exec_start(words),
     }
-    text = _template(PUBLISHER_UNIT)
-    for placeholder, value in values.items():
-        text = text.replace(placeholder, value)
-    return text
+    return fill_unit("runicorn.generate", PUBLISHER_UNIT, values)
