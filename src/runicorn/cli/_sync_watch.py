@@ -92,6 +92,7 @@ def watch_cache(
     interval: float,
     full_interval: float,
     selection: RunSelection | None = None,
+    caps: dict[str, int] | None = None,
 ) -> int:
     """Watch until SIGTERM or Ctrl+C; the exit code (0, or 1/4 when the first connection
     cannot be made)."""
@@ -105,6 +106,7 @@ def watch_cache(
         "verify": verify,
         "selection": selection,
         "timeout": ssh.timeout,
+        **(caps or {}),
     }
     if connection is None:
         from runicorn.transport.local_remote import LocalRemote

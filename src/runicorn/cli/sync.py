@@ -253,6 +253,20 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     help="Only runs created or updated within DURATION (90s, 30m, 12h, 7d, 2w). Runs left "
     "out are neither fetched nor deleted.",
 )
+@click.option(
+    "--max-manifest-bytes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse a manifest larger than this, compressed or decompressed "
+    "[default: 512 MiB]; raise it for a lab beyond about 2.5 million files.",
+)
+@click.option(
+    "--max-manifest-entries",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse a manifest listing more runs and files than this, before parsing it "
+    "[default: 2,000,000].",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
 def sync(
     source: str,
@@ -278,6 +292,8 @@ def sync(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     since: str | None,
+    max_manifest_bytes: int | None,
+    max_manifest_entries: int | None,
     verbose: bool,
 ) -> None:
     """Mirror the runs under REMOTE_ROOT on a lab server into CACHE_DIR.
@@ -331,6 +347,14 @@ def sync(
                 interval=interval,
                 full_interval=full_interval,
                 selection=selection,
+                caps={
+                    name: value
+                    for name, value in (
+                        ("max_manifest_bytes", max_manifest_bytes),
+                        ("max_manifest_entries", max_manifest_entries),
+                    )
+                    if value is not None
+                },
             )
         )
     options = {
@@ -345,6 +369,8 @@ def sync(
         "timeout": timeout,
         "viewer_url": _viewer_url(viewer_url),
         "selection": selection,
+        "max_manifest_bytes": max_manifest_bytes,
+        "max_manifest_entries": max_manifest_entries,
     }
     client = None
     try:
@@ -520,6 +546,8 @@ def _run(
     timeout: float,
     viewer_url: str | None,
     selection: RunSelection,
+    max_manifest_bytes: int | None,
+    max_manifest_entries: int | None,
 ) -> int:
     from runicorn.cli.progress import SyncProgressDisplay
     from runicorn.sync.cache import LocalCacheManager
@@ -547,6 +575,8 @@ def _run(
         include=selection.include,
         exclude=selection.exclude,
         since=selection.since,
+        max_manifest_bytes=max_manifest_bytes,
+        max_manifest_entries=max_manifest_entries,
     )
     if viewer_url and not dry_run and not cache.is_marked_remote_cache:
         click.echo(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
@@ -114,30 +115,142 @@ def compress(data: Document, threads: int | None = None) -> bytes:
     return b"".join((_GZIP_HEADER, *bodies, trailer))
 
 
-def decompress_capped(data: bytes, limit: int, *, source: str = "manifest") -> bytes:
-    """Gunzip ``data`` but refuse to produce more than ``limit`` bytes (gzip bombs)."""
+KEEP_BYTES = 64 * 1024 * 1024
+"""Inflated output kept while a stream is read the first time. A larger stream is only
+counted on that pass, and inflated again once it is known to be within the caps."""
+
+_STEP_BYTES = 1024 * 1024
+"""Output of one inflate call on the first pass."""
+
+_FILL_BYTES = 16 * 1024 * 1024
+"""Output of one inflate call on the second pass, which writes into the final buffer."""
+
+VALUES_PER_ENTRY = 32
+"""JSON values allowed per entry of the entries cap: a file entry is about 13 (keys and
+values), a run about 20 plus its tags, so a real manifest stays far below this."""
+
+_SEPARATORS = (b",", b":", b"[")
+
+
+class JsonTally:
+    """Counts of JSON text read so far, refused the moment one passes its cap.
+
+    ``objects`` counts ``{`` (every run and file entry is one object), ``values`` counts
+    the bytes a JSON value or key must follow (``[``, ``,``, ``:`` and ``{``): together they
+    bound what a parser would allocate before it is asked to. Bytes inside strings count
+    too, so both are overestimates, never under-. Each :meth:`add` is a few
+    :meth:`bytes.count` scans, at memory speed.
+    """
+
+    __slots__ = ("limit", "max_entries", "objects", "size", "source", "values")
+
+    def __init__(self, limit: int, max_entries: int | None, source: str) -> None:
+        self.limit = limit
+        self.max_entries = max_entries
+        self.source = source
+        self.size = 0
+        self.objects = 0
+        self.values = 0
+
+    def add(self, chunk: bytes | bytearray | memoryview) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise ValueError(
+                f"{self.source} decompresses to more than {self.limit} bytes; refusing it "
+                "(a gzip bomb, or a lab larger than this reader's limit: raise "
+                "max_manifest_bytes, --max-manifest-bytes on the command line)"
+            )
+        if self.max_entries is None:
+            return
+        data = chunk if isinstance(chunk, bytes | bytearray) else bytes(chunk)
+        objects = data.count(b"{")
+        self.objects += objects
+        self.values += objects + sum(data.count(separator) for separator in _SEPARATORS)
+        # Two objects (the document and its statistics) are not entries.
+        if self.objects > self.max_entries + 2:
+            raise ValueError(
+                f"{self.source} lists more than {self.max_entries} entries (runs and files); "
+                "refusing it (a hostile manifest, or a lab larger than this reader's limit: "
+                "raise max_manifest_entries, --max-manifest-entries on the command line)"
+            )
+        if self.values > VALUES_PER_ENTRY * self.max_entries + 1024:
+            raise ValueError(
+                f"{self.source} holds more JSON values than {self.max_entries} entries "
+                f"(runs and files) of {VALUES_PER_ENTRY} values each could; refusing it "
+                "(a hostile manifest: no generator writes one like it)"
+            )
+
+
+def decompress_capped(
+    data: bytes | bytearray,
+    limit: int,
+    *,
+    source: str = "manifest",
+    max_entries: int | None = None,
+) -> bytes | bytearray:
+    """Gunzip ``data``, refusing to produce more than ``limit`` bytes (gzip bombs) or, with
+    ``max_entries``, JSON text with more entries or values than that allows
+    (:class:`JsonTally`).
+
+    Memory stays bounded whatever the stream inflates to: the first pass inflates
+    :data:`_STEP_BYTES` at a time and keeps the output only up to :data:`KEEP_BYTES`, then
+    just counts it; a stream found within the caps is inflated a second time, into one
+    buffer of its now known size. So a stream refused by a cap costs at most
+    :data:`KEEP_BYTES` of memory, a 2 GiB bomb included, and an accepted one its own size.
+    """
+    tally = JsonTally(limit, max_entries, source)
+    kept: list[bytes] | None = []
+
+    def first_pass(chunk: bytes) -> None:
+        nonlocal kept
+        tally.add(chunk)
+        if kept is not None:
+            kept.append(chunk)
+            if tally.size > KEEP_BYTES:
+                kept = None
+
+    _inflate(data, source, _STEP_BYTES, lambda: limit + 1 - tally.size, first_pass)
+    if kept is not None:
+        return b"".join(kept)
+    result = bytearray(tally.size)
+    position = 0
+
+    def second_pass(chunk: bytes) -> None:
+        nonlocal position
+        end = position + len(chunk)
+        if end > len(result):  # the same bytes inflate the same way; never expected
+            raise ValueError(f"{source} inflated differently the second time")
+        result[position:end] = chunk
+        position = end
+
+    _inflate(data, source, _FILL_BYTES, lambda: len(result) + 1 - position, second_pass)
+    return result
+
+
+def _inflate(
+    data: bytes | bytearray,
+    source: str,
+    step: int,
+    room: Callable[[], int],
+    sink: Callable[[bytes], None],
+) -> None:
+    """Inflate the one gzip member ``data`` holds, at most ``min(step, room())`` bytes per
+    call, handing each piece to ``sink``; ValueError if it is not gzip, is truncated or is
+    followed by anything but zero padding."""
     deflate = DEFLATE
     inflater = deflate.decompressobj(wbits=16 + deflate.MAX_WBITS)
-    parts: list[bytes] = []
-    produced = 0
-    pending = data
+    pending: bytes | bytearray = data
     try:
         while True:
-            chunk = inflater.decompress(pending, limit + 1 - produced)
-            produced += len(chunk)
-            parts.append(chunk)
-            if produced > limit:
-                raise ValueError(
-                    f"{source} decompresses to more than {limit} bytes; refusing it "
-                    "(a gzip bomb, or a lab too large for this reader's limit)"
-                )
+            wanted = min(step, room())
+            chunk = inflater.decompress(pending, wanted)
+            sink(chunk)
             if inflater.eof:
                 if inflater.unused_data.strip(b"\0"):
                     raise ValueError(f"{source} has trailing data after the gzip stream")
-                break
+                return
             pending = inflater.unconsumed_tail
-            if not pending:
+            if not pending and len(chunk) < wanted:
                 raise ValueError(f"{source} is a truncated gzip stream")
     except deflate.error as error:
         raise ValueError(f"{source} is not valid gzip: {error}") from None
-    return b"".join(parts)

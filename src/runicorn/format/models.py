@@ -19,7 +19,7 @@ import orjson
 
 from runicorn._sys.gcpause import paused_gc
 from runicorn._version import __version__
-from runicorn.format.compression import decompress_capped
+from runicorn.format.compression import JsonTally, decompress_capped
 from runicorn.format.layout import RUNS_DIRNAME, run_prefix
 
 
@@ -49,6 +49,10 @@ class ManifestFormat:
     MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
     """A decompressed manifest larger than this is refused (gzip bombs). About 2.5 million
     file entries fit; raise it on the reader for labs beyond that."""
+    MAX_ENTRIES = 2_000_000
+    """A manifest listing more runs and files than this is refused before it is parsed
+    (what parsing costs grows with the entries, not the bytes): twice a 100,000-run lab of
+    ten files a run. Raise it on the reader (``max_manifest_entries``) for labs beyond."""
     MAX_SIZE = 2**63 - 1
 
 
@@ -221,8 +225,20 @@ class SyncManifest:
         return header[:-1] + EXPERIMENTS_KEY, experiments_json, b"}"
 
     @classmethod
-    def from_json(cls, data: bytes, *, source: str = "manifest") -> SyncManifest:
-        """Parse and validate JSON bytes; ``ValueError`` says what is wrong and where."""
+    def from_json(
+        cls,
+        data: bytes | bytearray,
+        *,
+        source: str = "manifest",
+        max_entries: int | None = ManifestFormat.MAX_ENTRIES,
+    ) -> SyncManifest:
+        """Parse and validate JSON bytes; ``ValueError`` says what is wrong and where.
+
+        A document listing more than ``max_entries`` runs and files (``None``: no cap) is
+        refused before it is parsed (:class:`~runicorn.format.compression.JsonTally`).
+        """
+        if max_entries is not None:
+            JsonTally(len(data), max_entries, source).add(data)
         try:
             with paused_gc():
                 document = orjson.loads(data)
@@ -237,11 +253,13 @@ class SyncManifest:
         *,
         source: str = "manifest",
         max_decompressed: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
+        max_entries: int | None = ManifestFormat.MAX_ENTRIES,
     ) -> SyncManifest:
-        """Decompress (size-capped) and parse a ``.json.gz`` manifest."""
-        return cls.from_json(
-            decompress_capped(data, max_decompressed, source=source), source=source
-        )
+        """Decompress and parse a ``.json.gz`` manifest, refusing it while it inflates when
+        it passes ``max_decompressed`` bytes or ``max_entries`` runs and files: memory stays
+        bounded whatever the stream holds (:func:`~.compression.decompress_capped`)."""
+        text = decompress_capped(data, max_decompressed, source=source, max_entries=max_entries)
+        return cls.from_json(text, source=source, max_entries=None)
 
     @classmethod
     def from_dict(cls, document: Any, *, source: str = "manifest") -> SyncManifest:

@@ -110,6 +110,7 @@ class ManifestSyncClient:
         dry_run: bool = False,
         timeout: float = 30.0,
         max_manifest_bytes: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
+        max_manifest_entries: int = ManifestFormat.MAX_ENTRIES,
         manifest_type: str | ManifestType = "auto",
         viewer: ViewerNotifier | None = None,
         verify: bool = False,
@@ -126,6 +127,11 @@ class ManifestSyncClient:
             raise ValueError(f"manifest_type must be one of {_MODES}, got {manifest_type!r}")
         if jitter_max < 0:
             raise ValueError(f"jitter_max must be >= 0, got {jitter_max}")
+        if max_manifest_bytes < 1 or max_manifest_entries < 1:
+            raise ValueError(
+                "max_manifest_bytes and max_manifest_entries must be at least 1, got "
+                f"{max_manifest_bytes} and {max_manifest_entries}"
+            )
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be at least 1, got {max_workers}")
         self.sftp_client = sftp_client
@@ -146,6 +152,7 @@ class ManifestSyncClient:
         self.dry_run = dry_run
         self.timeout = timeout
         self.max_manifest_bytes = max_manifest_bytes
+        self.max_manifest_entries = max_manifest_entries
         self.manifest_type = mode
         self.viewer = viewer
         self.last_changes = ViewerChanges()
@@ -376,7 +383,12 @@ class ManifestSyncClient:
 
     def _manifests(self) -> ManifestFetcher:
         """Reads this server's manifests, with the client's current settings."""
-        return ManifestFetcher(lambda: self.remote, self.remote_root, self.max_manifest_bytes)
+        return ManifestFetcher(
+            lambda: self.remote,
+            self.remote_root,
+            self.max_manifest_bytes,
+            self.max_manifest_entries,
+        )
 
     def _check_full(
         self, run: SyncRun, remote_id: str, state: AppliedManifest | None

@@ -93,6 +93,7 @@ class ManifestFetcher:
     remote: Callable[[], Remote]
     remote_root: str
     max_manifest_bytes: int
+    max_manifest_entries: int | None = ManifestFormat.MAX_ENTRIES
 
     def candidates(self, manifest_type: ManifestType) -> list[tuple[str, bool]]:
         base = f"{MANIFEST_DIRNAME}/{manifest_type.filename}"
@@ -182,14 +183,20 @@ class ManifestFetcher:
             if len(data) > self.max_manifest_bytes:
                 raise ValueError(
                     f"manifest {where} is larger than {self.max_manifest_bytes} bytes; "
-                    "refusing it (raise max_manifest_bytes for a lab this large)"
+                    "refusing it (raise max_manifest_bytes, --max-manifest-bytes on the "
+                    "command line, for a lab this large)"
                 )
             if gz:
                 manifest = SyncManifest.from_gzip(
-                    data, source=f"manifest {where}", max_decompressed=self.max_manifest_bytes
+                    data,
+                    source=f"manifest {where}",
+                    max_decompressed=self.max_manifest_bytes,
+                    max_entries=self.max_manifest_entries,
                 )
             else:
-                manifest = SyncManifest.from_json(data, source=f"manifest {where}")
+                manifest = SyncManifest.from_json(
+                    data, source=f"manifest {where}", max_entries=self.max_manifest_entries
+                )
             if manifest.manifest_type is not manifest_type:
                 raise ValueError(
                     f"manifest {where} says it is a {manifest.manifest_type.value} manifest, "

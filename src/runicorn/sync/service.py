@@ -107,6 +107,8 @@ class MetadataSyncService:
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         since: float | str | None = None,
+        max_manifest_bytes: int | None = None,
+        max_manifest_entries: int | None = None,
     ) -> None:
         self.ssh_session = ssh_session
         self.sftp_client = sftp_client
@@ -124,6 +126,9 @@ class MetadataSyncService:
         self.verify = verify
         self.selection = RunSelection.of(projects, include, exclude, since)
         """The runs mirrored (:mod:`runicorn.sync.selection`), by manifest and walk alike."""
+        self.max_manifest_bytes = max_manifest_bytes
+        """The client's caps on the manifest (``None``: the client's defaults)."""
+        self.max_manifest_entries = max_manifest_entries
         self.on_progress = on_progress
         if viewer_url:
             from runicorn.sync.viewer import normalize_viewer_url
@@ -295,6 +300,7 @@ class MetadataSyncService:
     def _client(
         self, remote: Remote | None, *, delete: bool, jitter: float, root: str | None = None
     ) -> ManifestSyncClient:
+        from runicorn.format.models import ManifestFormat
         from runicorn.sync.client import ManifestSyncClient
 
         client = ManifestSyncClient(
@@ -313,6 +319,8 @@ class MetadataSyncService:
             viewer=self._viewer,
             verify=self.verify,
             selection=self.selection,
+            max_manifest_bytes=self.max_manifest_bytes or ManifestFormat.MAX_DECOMPRESSED_BYTES,
+            max_manifest_entries=self.max_manifest_entries or ManifestFormat.MAX_ENTRIES,
         )
         self._last_client = client
         return client

@@ -8,9 +8,11 @@ import logging
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from runicorn._sys.beneath import LinkOnPathError, open_beneath
 from runicorn._sys.fileio import pread_upto
 from runicorn.transport.fetch import FetchRun, run_fetch
 from runicorn.transport.remote import (
@@ -32,8 +34,12 @@ _LOCAL_READ_SIZE = 1024 * 1024
 class LocalRemote:
     """The same interface over a local directory (an NFS mount, the demo).
 
-    The final path component is never followed if it is a symbolic link (``O_NOFOLLOW``), and
-    only regular files are read.
+    No path component is ever followed if it is a symbolic link: every path is opened
+    relative to a descriptor of the root, one component at a time or with ``openat2``'s
+    ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` (:func:`~runicorn._sys.beneath.open_beneath`),
+    so a run directory swapped for a link after the manifest was made cannot lead a read
+    outside the root. Only regular files are read. The root itself may be reached through
+    links (a mount point the user chose).
 
     ``fetch`` reads on the caller's thread by default: a local file answers an ``open`` and a
     ``pread`` in microseconds, less than handing each file from a worker thread to the
@@ -51,6 +57,8 @@ class LocalRemote:
         self.read_size = read_size
         self.threaded = threaded
         self._closed = False
+        self._root_fd: int | None = None
+        self._root_lock = threading.Lock()
 
     def __enter__(self) -> LocalRemote:
         return self
@@ -58,23 +66,47 @@ class LocalRemote:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _full(self, path: str) -> str:
+    def _root_descriptor(self) -> int:
+        """The root directory, opened once (links followed: the user named it)."""
+        with self._root_lock:
+            if self._root_fd is None:
+                try:
+                    fd = os.open(
+                        self.root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+                    )
+                except NotADirectoryError:
+                    raise NotADirectoryError(
+                        errno.ENOTDIR,
+                        "the remote root is a file, not a directory; name the experiments "
+                        "directory",
+                        self.root,
+                    ) from None
+                except OSError as error:
+                    raise type(error)(error.errno, error.strerror, self.root) from None
+                self._root_fd = fd
+                self._finalizer = weakref.finalize(self, os.close, fd)
+            return self._root_fd
+
+    def _open_under_root(self, path: str, flags: int) -> int:
+        """``path`` opened beneath the root with no link followed on the way."""
         relative = relative_path(path)
-        return os.path.join(self.root, relative) if relative else self.root
+        root_fd = self._root_descriptor()
+        try:
+            return open_beneath(root_fd, relative, flags)
+        except LinkOnPathError:
+            raise OSError(
+                errno.ELOOP,
+                "a component of this path is a symbolic link on the server; refusing to "
+                "follow it out of the root",
+                path,
+            ) from None
+        except OSError as error:
+            raise type(error)(error.errno, error.strerror, path) from None
 
     def _open(self, path: str) -> int:
-        """A read-only descriptor of a regular file, refusing a symlink as the last component."""
-        full = self._full(path)
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        flags |= getattr(os, "O_NONBLOCK", 0)  # a FIFO must not hang us
-        try:
-            fd = os.open(full, flags)
-        except OSError as error:
-            if error.errno == errno.ELOOP:
-                raise OSError(
-                    errno.ELOOP, "is a symbolic link; refusing to follow it", path
-                ) from None
-            raise type(error)(error.errno, error.strerror, path) from None
+        """A read-only descriptor of a regular file; no component may be a symbolic link."""
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not hang us
+        fd = self._open_under_root(path, flags)
         try:
             mode = os.fstat(fd).st_mode
             if stat.S_ISDIR(mode):
@@ -109,10 +141,10 @@ class LocalRemote:
 
     def listdir(self, path: str) -> list[RemoteDirEntry]:
         """Entries of one directory ('' is the root), sorted by name, links not followed."""
-        full = self._full(path)
         entries: list[RemoteDirEntry] = []
+        fd = self._open_under_root(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with os.scandir(full) as scan:
+            with os.scandir(fd) as scan:
                 for item in scan:
                     try:
                         info = item.stat(follow_symlinks=False)
@@ -129,6 +161,8 @@ class LocalRemote:
                     )
         except OSError as error:
             raise type(error)(error.errno, error.strerror, path) from None
+        finally:
+            os.close(fd)
         entries.sort(key=lambda entry: entry.name)
         return entries
 
@@ -242,3 +276,7 @@ class LocalRemote:
 
     def close(self) -> None:
         self._closed = True
+        with self._root_lock:
+            if self._root_fd is not None:
+                self._finalizer()
+                self._root_fd = None
