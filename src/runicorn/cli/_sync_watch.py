@@ -35,6 +35,7 @@ class SshOptions:
     ssh_config: str
     known_hosts: str | None
     timeout: float
+    compress: bool | None = None
 
 
 class _Connection:
@@ -56,6 +57,7 @@ class _Connection:
             known_hosts=options.known_hosts,
             identity_files=options.identities,
             timeout=options.timeout,
+            compress=options.compress,
         )
         return self.ssh
 

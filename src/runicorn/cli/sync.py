@@ -135,6 +135,16 @@ def _viewer_document(report: ViewerReport | None) -> dict[str, Any] | None:
     }
 
 
+def _compression_document(client: paramiko.SSHClient | None) -> dict[str, object] | None:
+    """What the connection chose for compression, for ``--json`` (``None``: no SSH)."""
+    if client is None:
+        return None
+    from runicorn.transport.ssh import compression_choice
+
+    choice = compression_choice(client)
+    return None if choice is None else choice.as_dict()
+
+
 def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     print_error(message)
     if as_json:
@@ -166,6 +176,14 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     type=click.Path(dir_okay=False),
     default=None,
     help="known_hosts file to verify the server against [default: ~/.ssh/known_hosts].",
+)
+@click.option(
+    "--compress/--no-compress",
+    "-z",
+    "compress",
+    default=None,
+    help="SSH compression on or off [default: the ssh config's Compression, else on when "
+    "the link's round trip is 15 ms or more].",
 )
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel transfers.")
 @click.option(
@@ -275,6 +293,7 @@ def sync(
     identities: tuple[str, ...],
     ssh_config: str,
     known_hosts: str | None,
+    compress: bool | None,
     workers: int | None,
     jitter: float,
     legacy: bool,
@@ -337,7 +356,7 @@ def sync(
                 parsed.destination,
                 parsed.root,
                 cache_dir,
-                SshOptions(port, identities, ssh_config, known_hosts, timeout),
+                SshOptions(port, identities, ssh_config, known_hosts, timeout, compress),
                 workers=workers,
                 jitter=jitter,
                 delete=delete,
@@ -379,7 +398,7 @@ def sync(
                 code = _sync_local(parsed, cache_dir, **options)
             else:
                 client = _connect(
-                    parsed, port, identities, ssh_config, known_hosts, timeout, as_json
+                    parsed, port, identities, ssh_config, known_hosts, timeout, as_json, compress
                 )
                 code = _sync_remote(client, parsed, cache_dir, **options)
     except SystemExit as stop:
@@ -431,6 +450,7 @@ def _connect(
     known_hosts: str | None,
     timeout: float,
     as_json: bool,
+    compress: bool | None,
 ) -> paramiko.SSHClient:
     import paramiko
 
@@ -447,6 +467,7 @@ def _connect(
             known_hosts=known_hosts,
             identity_files=identities,
             timeout=timeout,
+            compress=compress,
         )
     except HostKeyError as exc:
         _fail(as_json, EXIT_HOST_KEY, str(exc), host=exc.host, port=exc.port)
@@ -607,6 +628,7 @@ def _run(
             "fallback_reason": service.fallback_reason,
             "warnings": list(service.progress.warnings),
             "viewer": _viewer_document(service.last_viewer_report),
+            "compression": _compression_document(client),
             "exit_code": code,
         }
         click.echo(orjson.dumps(document, default=str).decode())

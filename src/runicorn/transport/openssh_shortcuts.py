@@ -4,7 +4,9 @@ Why: on a 50 ms link a sync that finds nothing new is a handful of round trips, 
 them can be skipped when the server is OpenSSH -- the SSH authentication request can leave
 behind its service request, the SFTP INIT can leave with the first requests, and the handle
 of a session's first file is known in advance. Each of these needs either paramiko's private
-methods or a fact about OpenSSH that no standard promises. Everything that does lives here.
+methods or a fact about OpenSSH that no standard promises. Everything that does lives here,
+and so do the two hooks the automatic compression choice needs: timing the key exchange's
+round trip, and a re-key that really turns compression off (:class:`ClientTransport`).
 
 The switch: :func:`enabled` is true for a server whose SSH banner says OpenSSH, false for any
 other, and false everywhere when the environment variable ``RUNICORN_OPENSSH_SHORTCUTS`` is
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import paramiko
@@ -142,6 +145,43 @@ PRIVATE_API: tuple[PrivateHook, ...] = (
         "PipelinedAuthHandler looks for server-sig-algs in it",
     ),
     PrivateHook("paramiko.Transport", "remote_version", None, "speaks_openssh reads the banner"),
+    PrivateHook(
+        "paramiko.Transport",
+        "_negotiate_keys",
+        ("m",),
+        "ClientTransport overrides it to time the key-exchange round trip from its end",
+    ),
+    PrivateHook(
+        "paramiko.Transport",
+        "_activate_outbound",
+        (),
+        "ClientTransport overrides it: the reply that calls it ends the timed round trip, and "
+        "after a re-key to no compression it drops the outbound compressor paramiko keeps",
+    ),
+    PrivateHook(
+        "paramiko.Transport",
+        "_activate_inbound",
+        (),
+        "ClientTransport overrides it to drop the inbound compressor after a re-key to none",
+    ),
+    PrivateHook(
+        "paramiko.Transport",
+        "packetizer",
+        None,
+        "ClientTransport clears its compressors (set_outbound_compressor(None) …)",
+    ),
+    PrivateHook(
+        "paramiko.Transport",
+        "local_compression",
+        None,
+        "ClientTransport and transport.ssh read the negotiated client-to-server compression",
+    ),
+    PrivateHook(
+        "paramiko.Transport",
+        "remote_compression",
+        None,
+        "ClientTransport and transport.ssh read the negotiated server-to-client compression",
+    ),
 )
 """Checked by ``tests/sshd/test_paramiko_hooks.py`` against the installed paramiko."""
 
@@ -188,7 +228,39 @@ class PipelinedAuthHandler(AuthHandler):
 
 class ClientTransport(paramiko.Transport):
     """paramiko's Transport whose public-key authentication costs one round trip less when
-    :func:`enabled`; otherwise exactly paramiko's."""
+    :func:`enabled`, which times the first key exchange's round trip, and which can re-key
+    compression off.
+
+    ``kex_round_trip`` is the time from the client's key-exchange request (sent as soon as
+    the server's KEXINIT arrived) to the server's reply: one network round trip plus the
+    server's key agreement (about a millisecond), without sshd's start-up that the banner
+    wait includes. :mod:`runicorn.transport.ssh` judges the link by it.
+
+    paramiko keeps a compressor once set, even after a re-key that agrees on ``none``;
+    both ``_activate_*`` overrides drop it then, so a connection can start with compression
+    offered and turn it off with :meth:`renegotiate_keys` when the link turns out to be fast.
+    """
+
+    kex_round_trip: float | None = None
+    _kex_request_sent: float | None = None
+
+    def _negotiate_keys(self, m: paramiko.Message) -> None:
+        super()._negotiate_keys(m)  # type: ignore[misc]  # sends the key-exchange request
+        if self._kex_request_sent is None:
+            self._kex_request_sent = time.monotonic()
+
+    def _activate_outbound(self) -> None:
+        if self.kex_round_trip is None and self._kex_request_sent is not None:
+            self.kex_round_trip = time.monotonic() - self._kex_request_sent
+        super()._activate_outbound()  # type: ignore[misc]
+        if self.local_compression == "none":
+            # paramiko accepts None (its initial value); the stubs say a compressor only
+            self.packetizer.set_outbound_compressor(None)  # type: ignore[arg-type]
+
+    def _activate_inbound(self) -> None:
+        super()._activate_inbound()  # type: ignore[misc]
+        if getattr(self, "remote_compression", None) == "none":  # absent from the stubs
+            self.packetizer.set_inbound_compressor(None)  # type: ignore[arg-type]
 
     def auth_publickey(
         self, username: str, key: paramiko.PKey, event: threading.Event | None = None

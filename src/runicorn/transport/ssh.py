@@ -2,12 +2,18 @@
 ask for a password.
 
 ``connect()`` resolves a destination through ``~/.ssh/config`` (HostName, User, Port,
-IdentityFile, IdentitiesOnly, UserKnownHostsFile, GlobalKnownHostsFile, ProxyCommand), loads
+IdentityFile, IdentitiesOnly, UserKnownHostsFile, GlobalKnownHostsFile, ProxyCommand,
+Compression), loads
 the system and user known_hosts files, and authenticates with the agent and key files only.
 An unknown host key raises :class:`UnknownHostKeyError` and a changed one
 :class:`ChangedHostKeyError`; both say which fingerprint was seen and how to trust it after
 checking. A run from cron or a systemd timer therefore fails fast instead of hanging on a
 prompt, and a man-in-the-middle is refused rather than remembered.
+
+Compression is chosen per connection (:mod:`runicorn.transport.link`): asked for, else the
+ssh config's ``Compression``, else automatic -- offered in the key exchange, and re-keyed off
+at once when that exchange's round trip shows a fast local link (a millisecond or two on a
+LAN, where the re-key costs that much again). :func:`compression_choice` tells what was chosen.
 """
 
 from __future__ import annotations
@@ -19,14 +25,23 @@ import logging
 import os
 import shlex
 import socket
+import time
+import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 import paramiko
 
 from runicorn.transport import openssh_shortcuts
+from runicorn.transport.link import (
+    AUTO_MIN_RTT,
+    CompressionChoice,
+    LinkMeasurement,
+    choose_compression,
+    parse_config_compression,
+)
 
 __all__ = [
     "AEAD_CIPHERS",
@@ -39,6 +54,7 @@ __all__ = [
     "SshAuthenticationError",
     "SshConfigError",
     "UnknownHostKeyError",
+    "compression_choice",
     "connect",
     "fingerprint",
     "parse_destination",
@@ -115,6 +131,8 @@ class ResolvedHost:
     user_known_hosts: list[str] = field(default_factory=list)
     system_known_hosts: list[str] = field(default_factory=list)
     proxy_command: str | None = None
+    compression: bool | None = None
+    """``Compression`` from the ssh config (None: not set there)."""
 
     @property
     def known_hosts_name(self) -> str:
@@ -207,6 +225,10 @@ def resolve_host(
     else:
         system_files = list(system_known_hosts or ())
     proxy = options.get("proxycommand")
+    try:
+        compression = parse_config_compression(options.get("compression"))
+    except ValueError as error:
+        raise SshConfigError(f"{error} (for {alias})") from None
     return ResolvedHost(
         alias=alias,
         hostname=options.get("hostname", alias),
@@ -217,6 +239,7 @@ def resolve_host(
         user_known_hosts=user_files,
         system_known_hosts=system_files,
         proxy_command=None if proxy in (None, "none") else proxy,
+        compression=compression,
     )
 
 
@@ -319,20 +342,84 @@ def _make_transport(*args: Any, **kwargs: Any) -> paramiko.Transport:
     return transport
 
 
-def _tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
-    """A connected TCP socket with Nagle's algorithm off.
+def _tcp_connect(host: str, port: int, timeout: float) -> tuple[socket.socket, float]:
+    """A connected TCP socket with Nagle's algorithm off, and the seconds the connect took.
 
     SSH writes each packet separately; with Nagle on, a packet that follows another before
     its ACK (a key exchange step, pipelined SFTP requests) waits for that ACK. ``ssh`` sets
     TCP_NODELAY for interactive sessions for the same reason.
     """
     try:
+        started = time.monotonic()
         sock = socket.create_connection((host, port), timeout=timeout)
+        took = time.monotonic() - started
     except socket.gaierror as error:
         raise OSError(f"cannot resolve {host}: {error}") from error
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    return sock, took
+
+
+_CHOICES: weakref.WeakKeyDictionary[paramiko.Transport, CompressionChoice] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def compression_choice(client: paramiko.SSHClient) -> CompressionChoice | None:
+    """What :func:`connect` chose for this connection's compression (None: another client)."""
+    transport = client.get_transport()
+    return None if transport is None else _CHOICES.get(transport)
+
+
+def _probe_round_trip(transport: paramiko.Transport) -> float:
+    """One ``keepalive@openssh.com`` global request and its (refusal) reply: a round trip
+    with nothing for the server to compute, as ``ssh``'s ServerAliveInterval sends it."""
+    started = time.monotonic()
+    transport.global_request("keepalive@openssh.com", wait=True)
+    return time.monotonic() - started
+
+
+def _measure_link(
+    transport: paramiko.Transport, tcp_rtt: float | None, *, probe: bool
+) -> LinkMeasurement | None:
+    """The link's round trip: the key exchange's, checked by one probe (when ``probe``) if it
+    is close enough to the threshold that a busy client or server could have stretched a
+    LAN's into it."""
+    kex_rtt = getattr(transport, "kex_round_trip", None)
+    if kex_rtt is None:
+        return None if tcp_rtt is None else LinkMeasurement(tcp_rtt, "tcp connect")
+    if probe and AUTO_MIN_RTT <= kex_rtt < _PROBE_BELOW:
+        return LinkMeasurement(min(kex_rtt, _probe_round_trip(transport)), "handshake")
+    return LinkMeasurement(kex_rtt, "handshake")
+
+
+_PROBE_BELOW = 3 * AUTO_MIN_RTT
+"""A key exchange slower than this is a long link: a probe would cost a long round trip for a
+verdict it cannot change (a stall of a busy machine is rarely that long)."""
+
+
+def _server_compression(transport: paramiko.Transport) -> str:
+    """The compression agreed for what the server sends (absent from paramiko's stubs)."""
+    return str(getattr(transport, "remote_compression", None) or "none")
+
+
+def _settle_compression(
+    transport: paramiko.Transport,
+    requested: bool | None,
+    config_value: bool | None,
+    tcp_rtt: float | None,
+) -> CompressionChoice:
+    """Decide with what the connection measured; re-key compression off when that is the
+    automatic choice but the key exchange agreed on it (offered while the link was unknown)."""
+    automatic = requested is None and config_value is None
+    link = _measure_link(transport, tcp_rtt, probe=automatic)
+    choice = choose_compression(requested, config_value, link)
+    if not choice.enabled and _server_compression(transport) != "none":
+        transport.use_compression(False)
+        transport.renegotiate_keys()
+    choice = replace(choice, negotiated=_server_compression(transport))
+    logger.info("%s", choice.describe())
+    return choice
 
 
 def connect(
@@ -345,8 +432,14 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     allow_agent: bool = True,
     system_known_hosts: Sequence[str] | None = SYSTEM_KNOWN_HOSTS,
+    compress: bool | None = None,
 ) -> paramiko.SSHClient:
     """Connect to ``[USER@]HOST`` with verified host key and key-based authentication.
+
+    ``compress``: True or False asks for SSH compression or refuses it (``ssh -C`` / ``-o
+    Compression=no``); None (the default) follows ``Compression`` in the ssh config, else
+    decides from the link's round trip (:func:`runicorn.transport.link.choose_compression`).
+    :func:`compression_choice` on the returned client tells what was chosen and why.
 
     Raises :class:`UnknownHostKeyError` / :class:`ChangedHostKeyError` (host key not
     trusted), :class:`SshAuthenticationError` (no key accepted), :class:`SshConfigError`
@@ -372,10 +465,20 @@ def connect(
     use_agent = allow_agent and not resolved.identities_only
     look_for_keys = not resolved.identities_only
     # paramiko's SSHConfig already expanded %h/%p/%r in ProxyCommand.
+    tcp_rtt: float | None = None
     if resolved.proxy_command:
         sock: Any = paramiko.ProxyCommand(resolved.proxy_command)
     else:
-        sock = _tcp_connect(resolved.hostname, resolved.port, timeout)
+        sock, tcp_rtt = _tcp_connect(resolved.hostname, resolved.port, timeout)
+    fixed = compress if compress is not None else resolved.compression
+    if fixed is not None:
+        offer = fixed
+    elif openssh_shortcuts.environment_allows():
+        offer = True  # the key exchange times the link; a fast one is re-keyed off
+    else:
+        # Plain paramiko cannot time the key exchange or re-key compression off cleanly:
+        # decide before it from the TCP handshake (which a local proxy hides).
+        offer = choose_compression(None, None, _tcp_link(tcp_rtt)).enabled
     logger.debug(
         "connecting to %s@%s:%d (keys: %s, agent: %s, default keys: %s)",
         resolved.username,
@@ -399,6 +502,7 @@ def connect(
             channel_timeout=timeout,
             sock=sock,
             transport_factory=_make_transport,
+            compress=offer,
         )
     except paramiko.BadHostKeyException as error:
         client.close()
@@ -421,5 +525,15 @@ def connect(
         raise
     transport = client.get_transport()
     if transport is not None:
+        try:
+            choice = _settle_compression(transport, compress, resolved.compression, tcp_rtt)
+        except BaseException:
+            client.close()
+            raise
+        _CHOICES[transport] = choice
         transport.set_keepalive(15)
     return client
+
+
+def _tcp_link(tcp_rtt: float | None) -> LinkMeasurement | None:
+    return None if tcp_rtt is None else LinkMeasurement(tcp_rtt, "tcp connect")

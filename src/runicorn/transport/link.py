@@ -1,0 +1,130 @@
+"""Whether an SSH connection should compress: the user's word first, else the link's.
+
+SSH compression (zlib, done by ``sshd`` on the server side) trades the server's CPU for bytes
+on the wire. On a long or slow link (a VPN, a campus-to-cluster WAN) the wire is the
+bottleneck and the sync's files (JSON lines, logs, JSON) shrink two to three times, so a cold
+sync gets about 1.6x faster. On a LAN at 1 Gbit/s zlib itself is the bottleneck: one sshd
+process compresses far less than 125 MB/s.
+
+The choice is a pure function of what was asked and what was measured, so it can be tested on
+recorded measurements:
+
+1. an explicit request (``--compress`` / ``--no-compress``, ``connect(compress=…)``) wins;
+2. then ``Compression yes`` / ``Compression no`` from the ssh_config, as ``ssh`` honours it;
+3. else automatic: compress when the round trip measured on the connection is at least
+   :data:`AUTO_MIN_RTT`. Round-trip time is the one thing the client can measure before any
+   file moves, and it separates the two cases well: a LAN answers in well under a
+   millisecond or two, links whose bandwidth zlib outruns sit tens of milliseconds away.
+   Without a measurement the automatic choice is off, as ``ssh``'s default is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "AUTO_MIN_RTT",
+    "CompressionChoice",
+    "LinkMeasurement",
+    "choose_compression",
+    "parse_config_compression",
+]
+
+AUTO_MIN_RTT = 0.015
+"""Seconds of round trip from which the automatic choice compresses. A LAN (well under 5 ms,
+even through a busy switch) stays below it; a WAN path with a bandwidth below what one sshd
+process compresses per second (``docs/performance.md``) is above it."""
+
+Reason = Literal["option", "ssh_config", "automatic"]
+
+
+@dataclass(frozen=True)
+class LinkMeasurement:
+    """One round-trip time measured on the connection, and how it was measured.
+
+    ``method`` names the measurement: ``"handshake"`` (the key-exchange request's reply: one
+    round trip plus a millisecond or so of the server's key agreement; near the threshold,
+    the shorter of that and a keepalive request's reply) or ``"tcp connect"`` (the TCP
+    handshake; a local proxy or a ProxyCommand hides the link from it).
+    """
+
+    rtt: float
+    method: str
+
+
+@dataclass(frozen=True)
+class CompressionChoice:
+    """What was chosen and why; ``negotiated`` is what the server agreed to (``None`` until
+    the connection is up), e.g. ``"zlib@openssh.com"`` or ``"none"``."""
+
+    enabled: bool
+    reason: Reason
+    link: LinkMeasurement | None = None
+    negotiated: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the server compresses what it sends (asked for and agreed to)."""
+        return self.enabled and self.negotiated not in (None, "none")
+
+    def describe(self) -> str:
+        """One line for logs and verbose output: ``compression on (automatic: RTT 48.2 ms …)``."""
+        state = "on" if self.enabled else "off"
+        if self.reason == "option":
+            why = "--compress" if self.enabled else "--no-compress"
+        elif self.reason == "ssh_config":
+            why = f"Compression {'yes' if self.enabled else 'no'} in the ssh config"
+        elif self.link is None:
+            why = "automatic: no round-trip measurement, off as in ssh"
+        else:
+            side = "at or above" if self.enabled else "below"
+            why = (
+                f"automatic: {self.link.method} round trip {self.link.rtt * 1000:.1f} ms, "
+                f"{side} {AUTO_MIN_RTT * 1000:.0f} ms"
+            )
+        line = f"compression {state} ({why})"
+        if self.enabled and self.negotiated == "none":
+            line += "; the server does not offer compression"
+        return line
+
+    def as_dict(self) -> dict[str, object]:
+        """The ``compression`` object of ``runicorn sync --json``."""
+        return {
+            "enabled": self.enabled,
+            "active": self.active,
+            "reason": self.reason,
+            "rtt_ms": None if self.link is None else round(self.link.rtt * 1000, 2),
+            "rtt_method": None if self.link is None else self.link.method,
+            "negotiated": self.negotiated,
+        }
+
+
+def parse_config_compression(value: str | None) -> bool | None:
+    """``Compression`` from an ssh_config lookup: True, False, or None when absent.
+
+    OpenSSH accepts ``yes``/``no`` (and, historically, ``delayed``, which is yes).
+    """
+    if value is None:
+        return None
+    word = value.strip().lower()
+    if word in ("yes", "delayed", "true", "on"):
+        return True
+    if word in ("no", "false", "off"):
+        return False
+    raise ValueError(f"Compression {value!r} in the ssh config: use yes or no")
+
+
+def choose_compression(
+    requested: bool | None,
+    config_value: bool | None,
+    link: LinkMeasurement | None,
+) -> CompressionChoice:
+    """The choice for one connection: the request, else the ssh config, else the link."""
+    if requested is not None:
+        return CompressionChoice(requested, "option", link)
+    if config_value is not None:
+        return CompressionChoice(config_value, "ssh_config", link)
+    if link is None:
+        return CompressionChoice(False, "automatic", None)
+    return CompressionChoice(link.rtt >= AUTO_MIN_RTT, "automatic", link)
