@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import click
+
+from runicorn.format.names import printable as printable  # the CLI modules take it here
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -25,7 +26,7 @@ def configure_logging(verbose: bool) -> None:
     """Send the library's log records to stderr: warnings by default, everything with -v."""
     logger = logging.getLogger("runicorn")
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
     logger.handlers = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -42,14 +43,14 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
-# C0 and C1 control characters (ESC, CR, BS, BEL, ...) and the bidirectional overrides.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+class EscapingFormatter(logging.Formatter):
+    """Log lines whose message can neither move the terminal's cursor nor forge a line:
+    control and format characters (a file name from a server may hold any) are escaped by
+    :func:`runicorn.format.names.printable`; a traceback is left as it is."""
 
-
-def printable(text: str) -> str:
-    """``text`` with control characters shown as escapes (``\\x1b``): a run name or path from
-    a server can then neither move the cursor nor restyle or forge terminal output."""
-    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
 
 def use_color() -> bool:
@@ -58,11 +59,13 @@ def use_color() -> bool:
 
 
 def error(message: str) -> None:
-    click.secho(f"error: {message}", fg="red" if use_color() else None, err=True)
+    """One line on stderr; what it quotes from a server is escaped (see :func:`printable`)."""
+    click.secho(f"error: {printable(message)}", fg="red" if use_color() else None, err=True)
 
 
 def warning(message: str) -> None:
-    click.secho(f"warning: {message}", fg="yellow" if use_color() else None, err=True)
+    """As :func:`error`, for what did not stop the command."""
+    click.secho(f"warning: {printable(message)}", fg="yellow" if use_color() else None, err=True)
 
 
 @contextmanager
