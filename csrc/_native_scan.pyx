@@ -34,6 +34,7 @@ from libc.string cimport memcmp, memcpy, strcmp, strlen
 from runicorn.core import scan as _pure
 from runicorn.core.scan import (
     MAX_READ_BYTES,
+    POLICY_REASONS,
     REASON_NOT_A_DIRECTORY,
     REASON_NOT_REGULAR,
     REASON_SYMLINK,
@@ -44,10 +45,12 @@ from runicorn.core.scan import (
     ScanResult,
     reason_unreadable,
 )
+from runicorn.format import names as _names
 from runicorn.format.layout import RUNS_DIRNAME, run_prefix as _run_prefix
 
 __all__ = [
     "MAX_READ_BYTES",
+    "POLICY_REASONS",
     "REASON_NOT_A_DIRECTORY",
     "REASON_NOT_REGULAR",
     "REASON_SYMLINK",
@@ -163,6 +166,9 @@ cdef enum:
     R_NOT_A_DIRECTORY = -2
     R_NOT_REGULAR = -3
     R_VANISHED = -4
+    R_TOO_DEEP = -5
+    R_PATH_TOO_LONG = -6
+    R_NAME = -10       # R_NAME - k: the name rule's reason NAME_REASONS[k]
 
 cdef struct Record:
     int kind
@@ -235,6 +241,61 @@ cdef void _problem(Collector *c, int code) noexcept nogil:
 
 
 cdef Py_ssize_t _max_read = MAX_READ_BYTES
+cdef Py_ssize_t _max_name = _names.MAX_NAME_BYTES
+cdef Py_ssize_t _max_path = _names.MAX_PATH_BYTES
+cdef Py_ssize_t _max_depth = _names.MAX_DEPTH
+cdef bytes _temp_prefix = os.fsencode(_names.TEMP_PREFIX)
+cdef const char *_c_temp_prefix = _temp_prefix
+cdef Py_ssize_t _temp_prefix_length = len(_temp_prefix)
+cdef dict _name_codes = {reason: R_NAME - k for k, reason in enumerate(_names.NAME_REASONS)}
+
+
+cdef int _slow_name_code(const char *name, Py_ssize_t length) noexcept with gil:
+    """The name rule (the specification's function) for a name the fast check could not
+    clear: decoded as ``os.scandir`` decodes it."""
+    try:
+        reason = _names.name_problem(PyUnicode_DecodeFSDefaultAndSize(name, length))
+        return 0 if reason is None else _name_codes[reason]
+    except BaseException:  # never raised by the rule; an undecodable name is refused
+        return _name_codes[_names.REASON_NOT_UTF8]
+
+
+cdef int _name_code(const char *name, Py_ssize_t length) noexcept nogil:
+    """0 when the name rule lets ``name`` be listed, else its problem code. A short
+    printable ASCII name without a backslash and not reserved (nearly every name) is decided
+    here without the GIL; any other goes to :func:`runicorn.format.names.name_problem`."""
+    cdef Py_ssize_t k
+    cdef unsigned char byte
+    if length > _max_name:
+        return _slow_name_code(name, length)
+    for k in range(length):
+        byte = <unsigned char>name[k]
+        if byte < 0x20 or byte > 0x7e or byte == b'\\':
+            return _slow_name_code(name, length)
+    if length >= _temp_prefix_length and \
+            memcmp(name, _c_temp_prefix, <size_t>_temp_prefix_length) == 0:
+        return _slow_name_code(name, length)
+    return 0
+
+
+cdef int _entry_code(Collector *c, const char *name, Py_ssize_t length) noexcept nogil:
+    """0 when an entry just pushed onto ``c.rel`` may be listed, else its problem code: the
+    name rule, then the depth and length of its path (as the pure module's ``_refused``)."""
+    cdef int code = _name_code(name, length)
+    cdef Py_ssize_t k, depth
+    if code != 0:
+        return code
+    if c.n_rel < _max_depth * 2 - 1 and c.n_rel <= _max_path:
+        return 0
+    depth = 1
+    for k in range(c.n_rel):
+        if c.rel[k] == b'/':
+            depth += 1
+    if depth > _max_depth:
+        return R_TOO_DEEP
+    if c.n_rel > _max_path:
+        return R_PATH_TOO_LONG
+    return 0
 
 
 cdef bint _wanted(const Collector *c, const char *name) noexcept nogil:
@@ -503,7 +564,8 @@ cdef void _scan_listed_files(Collector *c, int fd, Listing *listing_ptr,
     """:func:`_scan_run_files` of a directory already open (``fd``) and listed; the caller
     closes and frees both."""
     cdef Listing listing = listing_ptr[0]
-    cdef Py_ssize_t k, old
+    cdef Py_ssize_t k, old, length
+    cdef int code
     cdef const char *entry
     cdef unsigned char d_type
     cdef c_stat st
@@ -513,8 +575,12 @@ cdef void _scan_listed_files(Collector *c, int fd, Listing *listing_ptr,
             break
         entry = listing.names + listing.offsets[k]
         d_type = listing.types[k]
-        old = _push(c, entry, strlen(entry))
-        if d_type == DT_DIR:
+        length = strlen(entry)
+        old = _push(c, entry, length)
+        code = _entry_code(c, entry, length)
+        if code != 0:
+            _problem(c, code)
+        elif d_type == DT_DIR:
             _scan_run_files(c, fd, entry, in_run_start, False)
         elif d_type == DT_LNK:
             _problem(c, R_SYMLINK)
@@ -578,6 +644,8 @@ cdef void _walk_run_paths(Collector *c, int fd, const Listing *listing,
         old = _push(c, entry, length)
         if kind == DT_LNK:
             _problem(c, R_SYMLINK)
+        elif kind == DT_DIR and _entry_code(c, entry, length) != 0:
+            _problem(c, _entry_code(c, entry, length))
         elif kind == DT_DIR:
             child_fd = _open_listing(c, fd, entry, &child, &code)
             if child_fd < 0:
@@ -643,6 +711,8 @@ cdef void _scan_runs(Collector *c, int project_fd, const char *runs_path) noexce
         kind = _kind_of(fd, entry, listing.types[k])
         if kind == DT_LNK:
             _problem(c, R_SYMLINK)
+        elif kind == DT_DIR and _entry_code(c, entry, length) != 0:
+            _problem(c, _entry_code(c, entry, length))
         elif kind == DT_DIR:
             _record(c, K_RUN, entry, length)
             _scan_run_files(c, fd, entry, c.n_rel + 1, True)
@@ -681,6 +751,8 @@ cdef void _scan_project(Collector *c, int root_fd, const char *project,
         old_exp = _push(c, entry, length)
         if kind == DT_LNK:
             _problem(c, R_SYMLINK)
+        elif kind == DT_DIR and _entry_code(c, entry, length) != 0:
+            _problem(c, _entry_code(c, entry, length))
         elif kind == DT_DIR:
             # "<name>/runs" opened in one call: O_NOFOLLOW applies to its last component
             # only, which is what an lstat of the runs path examines in the pure module
@@ -868,6 +940,12 @@ cdef object _reason(int code):
         return REASON_NOT_REGULAR
     if code == R_VANISHED:
         return REASON_VANISHED
+    if code == R_TOO_DEEP:
+        return _names.REASON_TOO_DEEP
+    if code == R_PATH_TOO_LONG:
+        return _names.REASON_PATH_TOO_LONG
+    if code <= R_NAME:
+        return _names.NAME_REASONS[R_NAME - code]
     return reason_unreadable(OSError(code, os.strerror(code)))
 
 
@@ -938,6 +1016,8 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
                 kind = _kind_of(fd, entry, listing.types[k])
             if kind == DT_LNK:
                 problems.append((name, REASON_SYMLINK))
+            elif kind == DT_DIR and _names.name_problem(name, top=True) is not None:
+                problems.append((name, _names.name_problem(name, top=True)))
             elif kind == DT_DIR and name == RUNS_DIRNAME:
                 # the runs-path layout: each directory of runs/ a unit, listed here as the
                 # specification lists it (one directory, by its own helpers)
@@ -973,8 +1053,7 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
         if project_newest is not None and (newest is None or project_newest > newest):
             newest = project_newest
     runs.sort()  # (project, name, run_id) is unique: the file lists are never compared
-    problems.sort()
-    return ScanResult(runs, problems, contents, newest)
+    return _pure._finish(runs, problems, contents, newest)
 
 
 scan_experiments.__doc__ = _pure.scan_experiments.__doc__

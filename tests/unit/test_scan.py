@@ -14,6 +14,7 @@ from runicorn.core.scan import (
     REASON_SYMLINK,
     ScanResult,
 )
+from runicorn.format import names
 
 
 def make(root: Path, files: dict[str, bytes | str]) -> Path:
@@ -96,11 +97,11 @@ def test_files_are_sorted_by_full_path_in_run(backend, tmp_path):
 
 
 def test_names_are_sorted_by_code_point(backend, tmp_path):
-    make(tmp_path, {f"p/e/runs/{run}/f": "" for run in ("b", "B", "é", "a")})
+    make(tmp_path, {f"p/e/runs/{run}/f": "" for run in ("c", "B", "é", "a")})
     assert [key[2] for key in run_keys(backend.scan_experiments(str(tmp_path)))] == [
         "B",
         "a",
-        "b",
+        "c",
         "é",
     ]
 
@@ -185,37 +186,108 @@ def test_unreadable_run_is_listed_empty_and_reported(backend, tmp_path):
 
 
 def test_odd_names_survive_unchanged(backend, tmp_path):
-    run = "run with spaces\nand a newline ✓"
+    run = "run with spaces, ✓ and café"
     make(tmp_path, {f"p/e/runs/{run}/日本語 file": ""})
     result = backend.scan_experiments(str(tmp_path))
     assert (run_keys(result), paths(result)) == ([("p", "e", run)], ["日本語 file"])
 
 
-def test_undecodable_names_are_surrogate_escaped_like_os_fsdecode(backend, tmp_path):
+def test_names_the_rule_refuses_are_reported_and_skipped(backend, tmp_path):
+    make(
+        tmp_path,
+        {
+            "p/e/runs/run\nforged/f": "",
+            "p/e/runs/r/ok": "",
+            "p/e/runs/r/esc\x1b[2J": "",
+            "p/e/runs/r/back\\slash": "",
+            "p/e/runs/r/.runicorn-tmp-x": "",
+        },
+    )
+    result = backend.scan_experiments(str(tmp_path))
+    assert (run_keys(result), paths(result)) == ([("p", "e", "r")], ["ok"])
+    assert result.problems == [
+        ("p/e/runs/r/.runicorn-tmp-x", names.REASON_RESERVED),
+        ("p/e/runs/r/back\\slash", names.REASON_BACKSLASH),
+        ("p/e/runs/r/esc\x1b[2J", names.REASON_CONTROL),
+        ("p/e/runs/run\nforged", names.REASON_CONTROL),
+    ]
+
+
+def test_undecodable_names_are_reported_with_their_surrogate_escaped_path(backend, tmp_path):
     raw = os.fsencode(str(tmp_path)) + b"/p/e/runs/r\xff/f\xfe"
     os.makedirs(os.path.dirname(raw))
     open(raw, "wb").close()
+    open(os.path.dirname(raw) + b"/ok", "wb").close()
+    os.makedirs(os.fsencode(str(tmp_path)) + b"/p/e/runs/r2")
+    open(os.fsencode(str(tmp_path)) + b"/p/e/runs/r2/f\xfe", "wb").close()
     result = backend.scan_experiments(str(tmp_path))
-    assert (run_keys(result)[0][2], paths(result)) == (os.fsdecode(b"r\xff"), ["f\udcfe"])
+    assert (run_keys(result), paths(result)) == ([("p", "e", "r2")], [])
+    assert result.problems == [
+        ("p/e/runs/r2/f\udcfe", names.REASON_NOT_UTF8),
+        ("p/e/runs/r\udcff", names.REASON_NOT_UTF8),
+    ]
 
 
-def test_file_names_whose_byte_order_is_not_their_code_point_order_sort_as_str(backend, tmp_path):
-    """The compiled scan makes a run's records in the order of their names' bytes; where
-    an undecodable byte became a surrogate that order differs from ``str`` order (b"\\xc3x"
-    is U+DCC3 then "x", after "é" = b"\\xc3\\xa9"), and the result must still be sorted as
-    ``str``. The contents read beside them stay with their own names."""
+def test_undecodable_file_names_are_skipped_and_the_rest_keep_str_order(backend, tmp_path):
+    """The compiled scan makes a run's records in the order of their names' bytes; the
+    undecodable ones (whose surrogates would sort otherwise) are refused by the name rule,
+    and the rest come sorted as ``str``. The contents read beside them stay with their own
+    names."""
     run = os.fsencode(str(tmp_path)) + b"/p/e/runs/r/"
     os.makedirs(run)
     for name in (b"\xc3x", "é".encode(), b"meta.json", b"\xc3", b"\xff", b"a"):
         with open(run + name, "wb") as handle:
             handle.write(name)
     result = backend.scan_experiments(str(tmp_path), 2, ("meta.json",))
-    names = paths(result)
-    assert names == sorted(
-        os.fsdecode(n) for n in (b"\xc3x", b"\xc3\xa9", b"meta.json", b"\xc3", b"\xff", b"a")
+    assert paths(result) == ["a", "meta.json", "é"]
+    assert sorted(path for path, _ in result.problems) == sorted(
+        "p/e/runs/r/" + os.fsdecode(n) for n in (b"\xc3x", b"\xc3", b"\xff")
     )
-    assert names.index("é") < names.index(os.fsdecode(b"\xc3x"))
     assert result.contents == {"p/e/runs/r/meta.json": b"meta.json"}
+
+
+def test_paths_too_deep_or_too_long_are_reported_and_not_walked(backend, tmp_path):
+    deep = "/".join(["d"] * (names.MAX_DEPTH + 10))
+    long_dir = "/".join(["é" * 120] * 5)  # 240 bytes a component: 1,215 bytes in all
+    make(
+        tmp_path,
+        {
+            f"p/e/runs/r/{deep}/f": "",
+            f"p/e/runs/r/{long_dir}/f": "",
+            f"p/e/runs/r/{'n' * names.MAX_NAME_BYTES}": "",
+        },
+    )
+    result = backend.scan_experiments(str(tmp_path))
+    assert paths(result) == ["n" * names.MAX_NAME_BYTES]  # and no file of the long one
+    too_deep = "p/e/runs/r/" + "/".join(["d"] * (names.MAX_DEPTH - 3))
+    assert result.problems == [
+        (too_deep, names.REASON_TOO_DEEP),
+        ("p/e/runs/r/" + long_dir, names.REASON_PATH_TOO_LONG),
+    ]
+
+
+def test_case_and_normalisation_twins_keep_the_first_and_report_the_later(backend, tmp_path):
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    make(
+        tmp_path,
+        {
+            "Vision/e/runs/r/f": "",
+            "vision/e/runs/r/f": "",
+            "vision/e/runs/r2/f": "",
+            f"p/e/runs/r/{nfc}": "",
+            f"p/e/runs/r/{nfd}": "",
+            "p/e/runs/r/Log.txt": "",
+            "p/e/runs/r/log.txt": "",
+        },
+    )
+    result = backend.scan_experiments(str(tmp_path))
+    assert run_keys(result) == [("Vision", "e", "r"), ("p", "e", "r"), ("vision", "e", "r2")]
+    assert [paths(result, index) for index in range(3)] == [["f"], ["Log.txt", nfd], ["f"]]
+    assert result.problems == [
+        (f"p/e/runs/r/{nfc}", names.REASON_COLLISION.format(other=f"p/e/runs/r/{nfd}")),
+        ("p/e/runs/r/log.txt", names.REASON_COLLISION.format(other="p/e/runs/r/Log.txt")),
+        ("vision/e/runs/r", names.REASON_COLLISION.format(other="Vision/e/runs/r")),
+    ]
 
 
 def test_problems_are_sorted_by_path(backend, tmp_path):

@@ -8,6 +8,13 @@ The scan knows only the shapes of the two layouts, ``<project>/<name>/runs/<run_
 decided by the caller. It never follows a
 symbolic link, and it never aborts on one bad entry: problems are collected and returned
 beside the result so that one unreadable run cannot hide the rest of the lab.
+
+Every name it would list passes the name rule of :mod:`runicorn.format.names` first (valid
+UTF-8, no control characters, not too long, not reserved by the client, not too deep): a name
+that does not is reported and skipped, a directory with all that lies below it. Two paths of
+one run that a case-insensitive client would store as one keep the first (see
+:func:`_drop_collisions`). The walk below a run is iterative and stops at
+:data:`~runicorn.format.names.MAX_DEPTH`, so no tree can exhaust a stack.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from runicorn.format.layout import RUNS_DIRNAME, is_hidden, is_run_dir_listing
+from runicorn.format import names as _names
+from runicorn.format.layout import RUNS_DIRNAME, is_hidden, is_run_dir_listing, run_prefix
 
 FileStat = tuple[str, int, int, int, int]
 """``(path_in_run, size, mtime_ns, ctime_ns, inode)``; ``path_in_run`` is POSIX, relative to
@@ -38,6 +46,11 @@ REASON_SYMLINK = "symbolic link not followed"
 REASON_NOT_A_DIRECTORY = "not a directory"
 REASON_NOT_REGULAR = "not a regular file"
 REASON_VANISHED = "vanished during the scan"
+
+POLICY_REASONS = frozenset({REASON_SYMLINK, REASON_NOT_A_DIRECTORY, REASON_NOT_REGULAR})
+"""Reasons that are the scan's rules, not gaps in what it read: a link is never followed and
+a FIFO never listed, however often the scan runs. Every other problem (unreadable, vanished,
+a name the rule refuses) means the scan saw less than the tree holds."""
 
 
 def reason_unreadable(error: OSError) -> str:
@@ -96,9 +109,29 @@ def _subdirs_of(
         if entry.is_symlink():
             problems.append((child_rel, REASON_SYMLINK))
         elif _is_dir(entry):
-            yield entry.name, entry.path, child_rel
+            reason = _refused(entry.name, child_rel, not rel)
+            if reason is None:
+                yield entry.name, entry.path, child_rel
+            else:
+                problems.append((child_rel, reason))
         elif report_files:
             problems.append((child_rel, REASON_NOT_A_DIRECTORY))
+
+
+def _refused(name: str, rel: str, top: bool = False) -> str | None:
+    """Why the name rule refuses an entry (its name, then its path's depth and length)."""
+    reason = _names.name_problem(name, top=top)
+    if reason is None and len(rel) > _SHORT_PATH:
+        reason = _names.depth_problem(rel.count("/") + 1, _utf8_length(rel))
+    return reason
+
+
+_SHORT_PATH = min(_names.MAX_DEPTH * 2 - 2, _names.MAX_PATH_BYTES // 4)
+"""A path of at most this many characters is within both path limits: no need to count."""
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
 
 
 def _read_whole(path: str) -> bytes | None:
@@ -136,32 +169,50 @@ def _scan_run_files(
     listing: list[os.DirEntry[str]] | None = None,
 ) -> None:
     """Append a stat record for every regular file below a run directory (one lstat each),
-    and the bytes of the files named in ``read`` to ``contents``; ``listing`` is the
-    directory's listing when the caller has already read it."""
-    for entry in _list_dir(path, rel, problems) if listing is None else listing:
-        child_rel = f"{rel}/{entry.name}"
-        in_run = prefix + entry.name
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            problems.append((child_rel, REASON_VANISHED))
-            continue
-        except OSError as error:
-            problems.append((child_rel, reason_unreadable(error)))
-            continue
-        mode = st.st_mode
-        if stat.S_ISREG(mode):
-            files.append((in_run, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-            if entry.name in read and st.st_size <= MAX_READ_BYTES and contents is not None:
-                data = _read_whole(entry.path)
-                if data is not None:
-                    contents[child_rel] = data
-        elif stat.S_ISDIR(mode):
-            _scan_run_files(entry.path, child_rel, in_run + "/", files, problems)
-        elif stat.S_ISLNK(mode):
-            problems.append((child_rel, REASON_SYMLINK))
-        else:
-            problems.append((child_rel, REASON_NOT_REGULAR))
+    and the bytes of the files named in ``read`` (at the run's top) to ``contents``;
+    ``listing`` is the directory's listing when the caller has already read it.
+
+    Iterative: directories still to list wait on a stack, each with its path in the run."""
+    pending: list[tuple[str, str, str, list[os.DirEntry[str]] | None]] = [
+        (path, rel, prefix, listing)
+    ]
+    top = True
+    while pending:
+        path, rel, prefix, listing = pending.pop()
+        for entry in _list_dir(path, rel, problems) if listing is None else listing:
+            child_rel = f"{rel}/{entry.name}"
+            in_run = prefix + entry.name
+            reason = _refused(entry.name, child_rel)
+            if reason is not None:
+                problems.append((child_rel, reason))
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                problems.append((child_rel, REASON_VANISHED))
+                continue
+            except OSError as error:
+                problems.append((child_rel, reason_unreadable(error)))
+                continue
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                files.append((in_run, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+                if (
+                    top
+                    and entry.name in read
+                    and st.st_size <= MAX_READ_BYTES
+                    and contents is not None
+                ):
+                    data = _read_whole(entry.path)
+                    if data is not None:
+                        contents[child_rel] = data
+            elif stat.S_ISDIR(mode):
+                pending.append((entry.path, child_rel, in_run + "/", None))
+            elif stat.S_ISLNK(mode):
+                problems.append((child_rel, REASON_SYMLINK))
+            else:
+                problems.append((child_rel, REASON_NOT_REGULAR))
+        top = False
 
 
 def _scan_project(
@@ -307,7 +358,11 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
         if entry.is_symlink():
             problems.append((entry.name, REASON_SYMLINK))
         elif _is_dir(entry):
-            units += _units_of(root, entry.name, problems)
+            reason = _names.name_problem(entry.name, top=True)
+            if reason is None:
+                units += _units_of(root, entry.name, problems)
+            else:
+                problems.append((entry.name, reason))
     if threads == 1 or len(units) < 2:
         parts = [_scan_unit(root, unit, names) for unit in units]
     else:
@@ -323,8 +378,52 @@ def scan_experiments(root: str, threads: int = 1, read: Collection[str] = ()) ->
         if project_newest is not None and (newest is None or project_newest > newest):
             newest = project_newest
     runs.sort(key=lambda run: (run[0], run[1], run[2]))  # the runs-path units interleave
+    return _finish(runs, problems, contents, newest)
+
+
+def _finish(
+    runs: list[RunScan],
+    problems: list[Problem],
+    contents: dict[str, bytes],
+    newest: int | None,
+) -> ScanResult:
+    """The result of a scan from its sorted runs: collisions dropped, problems sorted (the
+    last step of both backends' scans)."""
+    _drop_collisions(runs, problems)
     problems.sort()
     return ScanResult(runs, problems, contents, newest)
+
+
+def _drop_collisions(runs: list[RunScan], problems: list[Problem]) -> None:
+    """Remove, in place, every run and file whose path a case-insensitive or normalising
+    client would store as one already listed (:func:`runicorn.format.names.fold`), and
+    report each. Runs are taken in their sorted order and files in theirs: the first keeps
+    its place, so the result does not depend on the order the tree was read in."""
+    seen_runs: dict[str, str] = {}
+    kept: list[RunScan] = []
+    for run in runs:
+        prefix = run_prefix(*run[:3])
+        key = _names.fold(prefix)
+        other = seen_runs.setdefault(key, prefix)
+        if other != prefix:
+            problems.append((prefix[:-1], _names.REASON_COLLISION.format(other=other[:-1])))
+            continue
+        kept.append(run)
+        files = run[3]
+        if len({_names.fold(record[0]) for record in files}) == len(files):
+            continue  # the common case: no two paths of the run fold alike
+        seen: dict[str, str] = {}
+        unique: list[FileStat] = []
+        for record in files:
+            other = seen.setdefault(_names.fold(record[0]), record[0])
+            if other == record[0]:
+                unique.append(record)
+            else:
+                problems.append(
+                    (prefix + record[0], _names.REASON_COLLISION.format(other=prefix + other))
+                )
+        files[:] = unique
+    runs[:] = kept
 
 
 def _units_of(root: str, top: str, problems: list[Problem]) -> list[_Unit]:
