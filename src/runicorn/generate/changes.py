@@ -25,6 +25,7 @@ from pathlib import Path
 from runicorn._sys.atomic import temp_prefix_for
 from runicorn.format.layout import (
     EXPERIMENTS_METADATA_FILENAME,
+    INDEX_FILE_PREFIX,
     RUN_MARKERS,
     RUNS_DIRNAME,
     is_hidden,
@@ -429,12 +430,16 @@ class InotifySource:
     def _wanted(self, rel: str, name: str, is_dir: bool = True) -> bool:
         """Whether the child ``name`` of the directory ``rel`` is part of the tree.
 
-        The rules of the scan: at the root only directories count, and the tags file (the
-        SDK's ``runicorn.db`` index, written all the time, never is); hidden names count
-        only inside a run directory (not ``.runicorn/``, not ``runs/.recycle/``).
+        The rules of the scan: at the root every visible entry counts (a symbolic link is
+        a problem the scan reports) and the tags file, but not the SDK's ``runicorn.db``
+        index, written all the time and never synced; elsewhere hidden names count only
+        inside a run directory (not ``.runicorn/``, not ``runs/.recycle/``).
         """
         if not rel and not is_dir:
-            return name == EXPERIMENTS_METADATA_FILENAME
+            if name == EXPERIMENTS_METADATA_FILENAME:
+                return True
+            if name.startswith(INDEX_FILE_PREFIX) or is_hidden(name):
+                return False
         if is_hidden(name) and not self._inside_run(rel):
             return False
         ignored = self._ignored.get(self._full_path(rel))

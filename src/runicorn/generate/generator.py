@@ -47,6 +47,7 @@ from runicorn.format.models import (
 )
 from runicorn.format.published import PublishedManifest
 from runicorn.generate.state import GeneratorState, RunMemo
+from runicorn.generate.tree import LiveTree, Refresh, RunKey
 
 if TYPE_CHECKING:
     from runicorn.core.entries import Entries, RunFiles
@@ -78,6 +79,11 @@ FINGERPRINT_RUNS_PER_UPDATE = 512
 """The scan fingerprint hashes the records of this many runs at a time: a 100,000-run lab's
 records are 75 MB of JSON, which would otherwise be built whole only to be hashed."""
 
+MEMO_SAVE_SECONDS = 300.0
+"""With a live tree (:meth:`ManifestGenerator.keep_tree`), how often the memo file is
+rewritten: it only spares a restarted generator rehashing, and at 100,000 runs it is tens of
+megabytes of JSON, too much to write with every publication."""
+
 REUSE_MARGIN_NS = 2_000_000_000
 """A file is reused only if its mtime is this much older than the previous scan's start.
 
@@ -102,6 +108,9 @@ class GenerationReport:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     runs_scanned: int = 0
+    runs_rescanned: int = 0
+    """Runs whose directories this generation scanned: all of them, except from a live tree
+    (:meth:`ManifestGenerator.keep_tree`), which rescans only what changed."""
     files_hashed: int = 0
     files_reused: int = 0
     files_vanished: int = 0
@@ -154,6 +163,7 @@ class ManifestGenerator:
         self.uuid_factory = uuid_factory
         self.hostname = hostname or socket.gethostname()
         self.last_report: GenerationReport | None = None
+        self.tree: LiveTree | None = None
 
     # -- public API ---------------------------------------------------------------------
 
@@ -188,6 +198,23 @@ class ManifestGenerator:
             raise ManifestGenerationError(f"manifest generation failed: {error}") from error
         report.duration = time.monotonic() - started
         return manifest, output
+
+    def keep_tree(self) -> LiveTree:
+        """Keep the tree in memory from now on, for a caller that reports what changes.
+
+        Generations then rescan only what was reported to the returned tree
+        (:meth:`LiveTree.changed`), or walk it all when told (:meth:`LiveTree.rescan`), and
+        rebuild only the runs whose scan records changed. What they publish is what a
+        generation from scratch would publish for the same tree; only the scan fingerprint
+        of the full manifest's fast path is not kept (a one-shot run beside it then builds
+        the manifest, finds it unchanged and publishes nothing). Not with
+        ``incremental=False``, which asks for everything to be recomputed.
+        """
+        if not self.incremental:
+            raise ValueError("a live tree reuses what it built: not with incremental=False")
+        if self.tree is None:
+            self.tree = LiveTree(self._root_str, REUSE_MARGIN_NS)
+        return self.tree
 
     # -- one generation, stage by stage ---------------------------------------------------
 
@@ -231,6 +258,14 @@ class ManifestGenerator:
         with _legacy_state_lock(legacy_state):  # shared by the full and active generations
             _remove_leftover_temp_files(legacy_state)
         previous = self._load_previous_state(state_path, report)
+        if self.tree is not None:
+            try:
+                return self._generate_from_tree(
+                    self.tree, manifest_type, output, state_path, previous, report
+                )
+            except BaseException:
+                self.tree.rescan()  # never trust a tree updated half-way
+                raise
         scan_started_ns, scan = self._scan(previous, report)
         now = self.clock()
         tags = self._read_tags(report)
@@ -250,7 +285,7 @@ class ManifestGenerator:
         if built.stale:
             self._hash_stale_tails(built.stale, experiments, next_state, report)
         experiments = self._select_for_type(manifest_type, experiments, now)
-        report.runs_scanned = len(scan.runs)
+        report.runs_scanned = report.runs_rescanned = len(scan.runs)
         next_state.append_only_files = _count_append_only(experiments)
         manifest, experiments_json, digest = self._encode(manifest_type, experiments, now)
         memos: bytes | None = None
@@ -258,6 +293,149 @@ class ManifestGenerator:
             memos = self._publish(manifest, experiments_json, next_state, output, report)
         self._save_state(next_state, manifest, digest, previous, state_path, memos, report)
         return manifest
+
+    def _generate_from_tree(
+        self,
+        tree: LiveTree,
+        manifest_type: ManifestType,
+        output: Path,
+        state_path: Path,
+        previous: GeneratorState,
+        report: GenerationReport,
+    ) -> SyncManifest:
+        """The stages of a generation from the live tree: refresh what changed, rebuild the
+        dirty runs, then select, encode and publish as :meth:`_generate_locked` does."""
+        disk_memo = None if tree.seeded else self._reuse_memos(previous, report)
+        read = RUN_METADATA if disk_memo is not None and not disk_memo.runs else ()
+        refresh = self._refresh_tree(tree, read, report)
+        unlisted = {path for path, _ in report.problems}
+        tags = self._read_tags(report)
+        self._rebuild_dirty_runs(tree, refresh, disk_memo, unlisted, report)
+        experiments: list[ExperimentEntry] = []
+        runs_path_runs = 0
+        for key, state in tree.ordered():
+            runs_path_runs += key[0] == layout.RUNS_DIRNAME
+            entry = state.entry
+            if entry is None or (unlisted and layout.run_prefix(*key)[:-1] in unlisted):
+                continue
+            entry.tags = tags.get(key[2])
+            experiments.append(entry)
+        report.runs_scanned = len(tree.runs)
+        report.runs_rescanned = refresh.rescanned_runs
+        report.run_layout = layout.layout_name(len(tree.runs) - runs_path_runs, runs_path_runs)
+        now = self.clock()
+        experiments = self._select_for_type(manifest_type, experiments, now)
+        next_state = self._tree_state(tree, state_path, refresh)
+        next_state.append_only_files = _count_append_only(experiments)
+        manifest, experiments_json, digest = self._encode(manifest_type, experiments, now)
+        memos: bytes | None = None
+        if self._decide_revision(manifest, digest, previous, output, report):
+            memos = self._publish(manifest, experiments_json, next_state, output, report)
+        self._save_state(next_state, manifest, digest, previous, state_path, memos, report)
+        if not next_state.keep_memo_file:
+            tree.memo_saved[str(state_path)] = next_state.scan_started_ns
+            tree.memo_saved_at[str(state_path)] = time.monotonic()
+        return manifest
+
+    def _refresh_tree(
+        self, tree: LiveTree, read: tuple[str, ...], report: GenerationReport
+    ) -> Refresh:
+        """Rescan what changed (everything on a walk); the tree's problems go to the report,
+        and are logged when they differ from the last ones logged."""
+        try:
+            refresh = tree.refresh(self.backend, self.scan_threads, read)
+        except OSError as error:
+            raise ManifestGenerationError(
+                f"cannot read the experiments root {self.remote_root}: {error.strerror or error}"
+            ) from error
+        problems = tree.problems()
+        report.problems.extend(problems)
+        if problems != tree.logged_problems:
+            tree.logged_problems = problems
+            self._log_problems(problems)
+        return refresh
+
+    def _rebuild_dirty_runs(
+        self,
+        tree: LiveTree,
+        refresh: Refresh,
+        disk_memo: GeneratorState | None,
+        unlisted: set[str],
+        report: GenerationReport,
+    ) -> None:
+        """Build the entries of the runs the refresh found new or changed, with the stages
+        of a full generation, and store them in the tree with their memos."""
+        listed: list[tuple[RunScan, bytes]] = []
+        for run, digest in refresh.dirty:
+            key: RunKey = (run[0], run[1], run[2])
+            if unlisted and layout.run_prefix(*key)[:-1] in unlisted:
+                tree.store(key, b"", 0, None, (), None)  # left out until it can be listed
+            else:
+                listed.append((run, digest))
+        if not listed:
+            return
+        memo = disk_memo if disk_memo is not None else self._memos_of(tree, listed)
+        next_state = GeneratorState(scan_started_ns=refresh.scan_started_ns)
+        runs = [run for run, _ in listed]
+        built = self._build_file_entries(runs, memo, next_state, report)
+        entries: list[ExperimentEntry | None] = []
+        for (project, name, run_id, _records), run_files in zip(runs, built.runs, strict=True):
+            if run_files is None:
+                entries.append(None)  # soft-deleted
+                continue
+            entries.append(
+                self._describe_run(
+                    project, name, run_id, run_files, refresh.contents, memo, next_state, report
+                )
+            )
+        rebuilt = [entry for entry in entries if entry is not None]
+        listed_files = [len(entry.files) for entry in rebuilt]
+        if built.stale:
+            self._hash_stale_tails(built.stale, rebuilt, next_state, report)
+        complete = iter([len(e.files) == n for e, n in zip(rebuilt, listed_files, strict=True)])
+        file_memos = next_state.files
+        for (run, digest), entry in zip(listed, entries, strict=True):
+            key = (run[0], run[1], run[2])
+            memos: tuple[tuple[str, FileMemo], ...] = ()
+            if entry is not None:
+                memos = tuple(
+                    (f.path, file_memos[f.path]) for f in entry.files if f.path in file_memos
+                )
+                if not next(complete):
+                    digest = b""  # a file vanished while hashed: build the run again next time
+            run_memo = next_state.runs.get(layout.run_prefix(*key))
+            tree.store(key, digest, refresh.scan_started_ns, entry, memos, run_memo)
+
+    @staticmethod
+    def _memos_of(tree: LiveTree, runs: list[tuple[RunScan, bytes]]) -> GeneratorState:
+        """The memos the tree holds for ``runs``, with the oldest of their scans as the
+        reuse boundary (valid for each of them)."""
+        memo = GeneratorState()
+        boundary: int | None = None
+        for run, _ in runs:
+            state = tree.runs.get((run[0], run[1], run[2]))
+            if state is None or not state.scanned_ns:
+                continue
+            boundary = state.scanned_ns if boundary is None else min(boundary, state.scanned_ns)
+            memo.files.update(state.memos)
+            if state.run_memo is not None:
+                memo.runs[layout.run_prefix(run[0], run[1], run[2])] = state.run_memo
+        memo.scan_started_ns = boundary or 0
+        return memo
+
+    @staticmethod
+    def _tree_state(tree: LiveTree, state_path: Path, refresh: Refresh) -> GeneratorState:
+        """The state saved after a generation from the tree: every memo the tree holds on a
+        walk or every :data:`MEMO_SAVE_SECONDS`, else a header vouching for the memo file
+        written last (its memos stay true: a memo never expires, it only stops matching)."""
+        key = str(state_path)
+        saved = tree.memo_saved.get(key)
+        saved_at = tree.memo_saved_at.get(key, float("-inf"))
+        fresh = time.monotonic() - saved_at < MEMO_SAVE_SECONDS
+        if saved is not None and fresh and not refresh.full_walk:
+            return GeneratorState(scan_started_ns=saved, keep_memo_file=True)
+        files, runs = tree.all_memos()
+        return GeneratorState(scan_started_ns=tree.memo_boundary_ns(), files=files, runs=runs)
 
     def _load_previous_state(self, state_path: Path, report: GenerationReport) -> GeneratorState:
         """The last generation's bookkeeping: its revision, fingerprints and where its memos
@@ -303,7 +481,7 @@ class ManifestGenerator:
             return None
         unchanged_manifest = self._unchanged_since(previous, fingerprint, scan, output, report)
         if unchanged_manifest is not None:
-            report.runs_scanned = len(scan.runs)
+            report.runs_scanned = report.runs_rescanned = len(scan.runs)
             reused = previous.append_only_files
             if reused is None:
                 reused = _count_append_only(unchanged_manifest.experiments)

@@ -77,6 +77,10 @@ class GeneratorState:
     memo_path: Path | None = None
     """Where :meth:`load_memos` finds ``files`` and ``runs``: kept in a file of their own so
     that a run with nothing to do never parses them."""
+    keep_memo_file: bool = False
+    """Save only the header: the memo file on disk, written with this ``scan_started_ns``,
+    still stands (the publisher rewrites its memos now and then, not with every
+    publication; they are a cache)."""
 
     @staticmethod
     def memo_path_for(path: Path) -> Path:
@@ -155,6 +159,8 @@ class GeneratorState:
     def encode_memos(self) -> bytes:
         """The memo file's bytes; the generator encodes them while the manifest is being
         compressed on other threads."""
+        if self.keep_memo_file:
+            return b""
         memos = {
             "state_version": STATE_VERSION,
             "scan_started_ns": self.scan_started_ns,
@@ -167,10 +173,11 @@ class GeneratorState:
 
     def save(self, path: Path, memos: bytes | None = None) -> None:
         """Write the memos (``memos``: :meth:`encode_memos` of this state, if already made),
-        then the header that vouches for them."""
-        if memos is None:
-            memos = self.encode_memos()
-        write_atomically(self.memo_path_for(path), memos, durable=False)
+        then the header that vouches for them (only the header with :attr:`keep_memo_file`)."""
+        if not self.keep_memo_file:
+            if memos is None:
+                memos = self.encode_memos()
+            write_atomically(self.memo_path_for(path), memos, durable=False)
         header = {
             "state_version": STATE_VERSION,
             "revision": self.revision,

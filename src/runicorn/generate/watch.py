@@ -44,6 +44,10 @@ DEBOUNCE_SECONDS = 0.2
 MAX_DELAY_SECONDS = 1.0
 FULL_INTERVAL_SECONDS = 60.0
 POLL_INTERVAL_SECONDS = 5.0
+RESCAN_INTERVAL_SECONDS = 900.0
+"""With inotify, how often the whole tree is walked anyway (a generation that rescans only
+what was reported would never see a change inotify missed: a write through a hard link from
+outside the tree, another host's write to a file system not known to be shared)."""
 RETRY_SECONDS = 5.0
 """After a failed generation (root gone, disk full), how long until the next attempt."""
 ACTIVE_PACE = 1.0
@@ -108,6 +112,9 @@ class ManifestPublisher:
         self._rescan = threading.Event()
         self._started = threading.Event()
         self._last_duration = 0.0
+        # Generations rescan only what the source reports (a full walk when it cannot
+        # tell); with --no-incremental every generation recomputes everything, as asked.
+        self._tree = generator.keep_tree() if generator.incremental else None
 
     # -- control (any thread) ------------------------------------------------------------
 
@@ -154,19 +161,26 @@ class ManifestPublisher:
         started = False
         while not self._stop.is_set():
             now = time.monotonic()
-            deadlines = [due for due in (active_due, full_due) if due is not None]
+            deadlines = [due for due in (active_due, full_due, self._walk_due()) if due]
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             changes = self._wait(timeout)
             if self._stop.is_set():
                 break
             now = time.monotonic()
-            if self._rescan.is_set():
+            requested = self._rescan.is_set()
+            if requested:
                 self._rescan.clear()
                 logger.info("rescan requested: re-watching and regenerating")
                 self._rescan_source()
                 changes.rescan = True
                 active_due = full_due = first_change = now
-            elif changes:
+            else:
+                walk_due = self._walk_due()
+                if walk_due is not None and now >= walk_due:
+                    logger.debug("walking the whole tree (every %g s)", RESCAN_INTERVAL_SECONDS)
+                    changes.rescan = True
+            self._report_to_tree(changes)
+            if changes and not requested:
                 if first_change is None:
                     first_change = now
                 quiet = now if changes.rescan else now + self.debounce
@@ -192,6 +206,25 @@ class ManifestPublisher:
                 started = True
                 logger.info("manifests up to date; waiting for changes")
                 self._started.set()
+
+    def _walk_due(self) -> float | None:
+        """When the next walk of the whole tree is due under inotify (``None``: not kept,
+        not walked yet, or a walk already pending)."""
+        tree = self._tree
+        if tree is None or tree.full_walk_at is None or tree.walk_pending:
+            return None
+        if not isinstance(self.source, InotifySource):
+            return None  # polling walks the tree on every tick
+        return tree.full_walk_at + RESCAN_INTERVAL_SECONDS
+
+    def _report_to_tree(self, changes: Changes) -> None:
+        """Tell the generator's tree what the next generation must rescan."""
+        if self._tree is None or not changes:
+            return
+        if changes.rescan:
+            self._tree.rescan()
+        else:
+            self._tree.changed(changes.directories)
 
     def _wait(self, timeout: float | None) -> Changes:
         """The next changes; a failing inotify source is replaced by polling here."""

@@ -1,0 +1,346 @@
+"""The experiments tree as the last generation saw it, kept in memory by the publisher.
+
+A one-shot generation scans the whole tree. The long-running publisher knows from inotify
+which directories changed, so it keeps a :class:`LiveTree`: every run's manifest entry and
+memos as last built, every scope's problems, and a digest of every run's scan records. A
+generation then rescans only what changed (:meth:`LiveTree.refresh`) and rebuilds only the
+runs whose records changed; everything else is reused as built.
+
+The tree walks the whole root again when told to (:meth:`LiveTree.rescan`: lost events, a
+replaced root, a rescan request, polling) and before its first generation. Anything that
+fails half-way makes the next refresh a full walk too: the tree is never trusted half-updated.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+import orjson
+from blake3 import blake3
+
+from runicorn.core.backend import Backend
+from runicorn.core.memo import FileMemo
+from runicorn.core.rescan import (
+    Identity,
+    list_scopes,
+    scan_run,
+    scan_scope,
+    scope_of,
+    scope_of_run,
+)
+from runicorn.core.scan import Problem, RunScan
+from runicorn.format import layout
+from runicorn.format.models import ExperimentEntry
+from runicorn.generate.state import RunMemo
+
+RunKey = tuple[str, str, str]
+"""``(project, name, run_id)`` of a scanned run."""
+
+
+@dataclass(slots=True)
+class RunState:
+    """One run as last built: what a generation needs of it without rescanning it."""
+
+    scope: str
+    digest: bytes = b""
+    """BLAKE3 of the run's scan records when it was built; empty: rebuild it next time."""
+    scanned_ns: int = 0
+    """When the scan that built it started: its memos' reuse boundary."""
+    entry: ExperimentEntry | None = None
+    """``None`` when the run is soft-deleted (the manifests leave it out)."""
+    memos: tuple[tuple[str, FileMemo], ...] = ()
+    run_memo: RunMemo | None = None
+
+
+@dataclass
+class Refresh:
+    """What :meth:`LiveTree.refresh` found: the runs to build again, and what they need."""
+
+    scan_started_ns: int
+    dirty: list[tuple[RunScan, bytes]]
+    """Runs new or changed since they were built, sorted, each with its records' digest."""
+    contents: dict[str, bytes]
+    """Metadata bytes read by the scan (see ``read`` of the scan functions)."""
+    full_walk: bool
+    rescanned_runs: int = 0
+    """How many runs the refresh scanned (all of them on a full walk)."""
+
+
+@dataclass
+class LiveTree:
+    """The tree of one root between generations; see the module docstring.
+
+    :meth:`changed` and :meth:`rescan` record what a change source reported; the generator
+    calls :meth:`refresh`, builds the dirty runs and hands them back with :meth:`store`.
+    Not thread-safe: the publisher drives it from its one loop.
+    """
+
+    root: str
+    settle_margin_ns: int
+    """A run is reused only if its newest file is this much older than its last scan."""
+    runs: dict[RunKey, RunState] = field(default_factory=dict)
+    scopes: dict[str, Identity] = field(default_factory=dict)
+    scope_problems: dict[str, list[Problem]] = field(default_factory=dict)
+    scope_runs: dict[str, set[RunKey]] = field(default_factory=dict)
+    _by_rel: dict[str, RunKey] = field(default_factory=dict)
+    _order: list[RunKey] | None = None
+    _pending: set[str] = field(default_factory=set)
+    _full: bool = True
+    full_walk_at: float | None = None
+    """``time.monotonic()`` of the last full walk, ``None`` before the first."""
+    memo_saved: dict[str, int] = field(default_factory=dict)
+    """Per state file, the ``scan_started_ns`` of the memos last written there."""
+    memo_saved_at: dict[str, float] = field(default_factory=dict)
+    logged_problems: list[Problem] | None = None
+    """The problems last logged: a generation logs them only when they change."""
+
+    # -- what changed --------------------------------------------------------------------
+
+    def changed(self, directories: Iterable[str]) -> None:
+        """Directories (relative to the root, ``""`` the root) in which something changed."""
+        self._pending.update(directories)
+
+    def rescan(self) -> None:
+        """Walk the whole tree at the next refresh (anything may have changed)."""
+        self._full = True
+        self._pending.clear()
+
+    @property
+    def seeded(self) -> bool:
+        return self.full_walk_at is not None
+
+    @property
+    def walk_pending(self) -> bool:
+        return self._full
+
+    # -- refreshing ----------------------------------------------------------------------
+
+    def refresh(self, backend: Backend, threads: int, read: Collection[str]) -> Refresh:
+        """Rescan what changed (everything on a full walk) and return the runs to rebuild.
+
+        Runs gone from the tree are dropped here; a run whose records are unchanged and
+        whose files all predate its last scan by :attr:`settle_margin_ns` is not dirty.
+        Raises ``OSError`` when the root cannot be listed.
+        """
+        started_ns = time.time_ns()
+        if self._full:
+            # Taken first: changes reported while the walk runs are for the next refresh.
+            self._full = False
+            self._pending.clear()
+            try:
+                found, contents, rescanned = self._walk(backend, threads, read)
+            except BaseException:
+                self._full = True
+                raise
+            full = True
+        else:
+            pending, self._pending = self._pending, set()
+            try:
+                found, contents, rescanned = self._patch(pending, read)
+            except BaseException:
+                self._full = True
+                raise
+            full = False
+        dirty: list[tuple[RunScan, bytes]] = []
+        for run in found:
+            records = run[3]
+            digest = blake3(orjson.dumps(records)).digest()
+            known = self.runs.get(run[:3])
+            if known is not None and known.digest == digest:
+                newest = max((record[2] for record in records), default=None)
+                if newest is None or newest < known.scanned_ns - self.settle_margin_ns:
+                    continue
+            dirty.append((run, digest))
+        dirty.sort(key=lambda item: item[0][:3])
+        return Refresh(started_ns, dirty, contents, full, rescanned)
+
+    def _walk(
+        self, backend: Backend, threads: int, read: Collection[str]
+    ) -> tuple[list[RunScan], dict[str, bytes], int]:
+        """Scan the whole tree and file every run and problem under its scope."""
+        scopes = list_scopes(self.root)
+        scan = backend.scan_experiments(self.root, threads, read)
+        self.scopes = scopes
+        self.scope_problems = {}
+        for problem in scan.problems:
+            self.scope_problems.setdefault(scope_of(problem[0]), []).append(problem)
+        found_keys: set[RunKey] = set()
+        self.scope_runs = {}
+        for run in scan.runs:
+            key = (run[0], run[1], run[2])
+            found_keys.add(key)
+            scope = scope_of_run(*key)
+            self.scope_runs.setdefault(scope, set()).add(key)
+            self._place(key, scope)
+        for key in [key for key in self.runs if key not in found_keys]:
+            self._drop(key)
+        self.full_walk_at = time.monotonic()
+        return scan.runs, scan.contents, len(scan.runs)
+
+    def _patch(
+        self, pending: set[str], read: Collection[str]
+    ) -> tuple[list[RunScan], dict[str, bytes], int]:
+        """Rescan the scopes and runs the changed directories lie in."""
+        scopes_to_scan: set[str] = set()
+        runs_to_scan: set[RunKey] = set()
+        if "" in pending or layout.RUNS_DIRNAME in pending:
+            scopes_to_scan |= self._relist_root()
+        for rel in pending:
+            if not rel or rel == layout.RUNS_DIRNAME:
+                continue
+            key = self._run_containing(rel)
+            if key is not None:
+                runs_to_scan.add(key)
+            else:
+                scopes_to_scan.add(scope_of(rel))
+        found: list[RunScan] = []
+        contents: dict[str, bytes] = {}
+        for key in sorted(runs_to_scan):
+            state = self.runs.get(key)
+            if state is None or state.scope in scopes_to_scan:
+                continue
+            rescan = scan_run(self.root, key, read)
+            if rescan is None:
+                scopes_to_scan.add(state.scope)
+                continue
+            prefix = layout.run_prefix(*key)
+            rel = prefix[:-1]
+            problems = [
+                p for p in self.scope_problems.get(state.scope, []) if not _below(p[0], rel)
+            ]
+            problems.extend(rescan.problems)
+            problems.sort()
+            self._set_problems(state.scope, problems)
+            contents.update(rescan.contents)
+            found.append(rescan.run)
+        if any(scope not in self.scopes for scope in scopes_to_scan):
+            scopes_to_scan |= self._relist_root()  # a scope whose root event is still queued
+        found = [
+            run
+            for run in found
+            if (state := self.runs.get(run[:3])) is not None and state.scope not in scopes_to_scan
+        ]
+        for scope in sorted(scopes_to_scan):
+            found.extend(self._rescan_scope(scope, read, contents))
+        return found, contents, len(found)
+
+    def _relist_root(self) -> set[str]:
+        """List the root again: scopes gone are dropped; new or replaced ones (and
+        ``runs``, whose listing problems live in its scope) are returned to be scanned."""
+        scopes = list_scopes(self.root)
+        known = self.scopes
+        to_scan = {scope for scope, identity in scopes.items() if known.get(scope) != identity}
+        if layout.RUNS_DIRNAME in scopes:
+            to_scan.add(layout.RUNS_DIRNAME)
+        for scope in [scope for scope in self.scopes if scope not in scopes]:
+            self._forget_scope(scope)
+        self.scopes = scopes
+        return to_scan
+
+    def _rescan_scope(
+        self, scope: str, read: Collection[str], contents: dict[str, bytes]
+    ) -> list[RunScan]:
+        """Scan a whole scope again; its runs no longer there are dropped."""
+        if scope not in self.scopes:
+            self._forget_scope(scope)  # gone, or below a ``runs`` that is not a directory
+            return []
+        result = scan_scope(self.root, scope, read)
+        self._set_problems(scope, result.problems)
+        keys = {(run[0], run[1], run[2]) for run in result.runs}
+        for key in self.scope_runs.get(scope, set()) - keys:
+            self._drop(key)
+        self.scope_runs[scope] = keys
+        for key in keys:
+            self._place(key, scope)
+        contents.update(result.contents)
+        return result.runs
+
+    def _forget_scope(self, scope: str) -> None:
+        for key in self.scope_runs.pop(scope, set()):
+            self._drop(key)
+        self.scope_problems.pop(scope, None)
+
+    def _set_problems(self, scope: str, problems: list[Problem]) -> None:
+        if problems:
+            self.scope_problems[scope] = problems
+        else:
+            self.scope_problems.pop(scope, None)
+
+    def _place(self, key: RunKey, scope: str) -> None:
+        if key not in self.runs:
+            self.runs[key] = RunState(scope)
+            self._by_rel[layout.run_prefix(*key)[:-1]] = key
+            self._order = None
+
+    def _drop(self, key: RunKey) -> None:
+        state = self.runs.pop(key, None)
+        if state is None:
+            return
+        self._by_rel.pop(layout.run_prefix(*key)[:-1], None)
+        self.scope_runs.get(state.scope, set()).discard(key)
+        self._order = None
+
+    def _run_containing(self, rel: str) -> RunKey | None:
+        """The known run whose directory is ``rel`` or holds it."""
+        path = rel
+        while path:
+            key = self._by_rel.get(path)
+            if key is not None:
+                return key
+            path = os.path.dirname(path)
+        return None
+
+    # -- built runs ----------------------------------------------------------------------
+
+    def store(
+        self,
+        key: RunKey,
+        digest: bytes,
+        scanned_ns: int,
+        entry: ExperimentEntry | None,
+        memos: tuple[tuple[str, FileMemo], ...],
+        run_memo: RunMemo | None,
+    ) -> None:
+        """Remember a run as just built (an empty ``digest`` makes it dirty next time)."""
+        state = self.runs.get(key)
+        if state is None:
+            return
+        state.digest = digest
+        state.scanned_ns = scanned_ns
+        state.entry = entry
+        state.memos = memos
+        state.run_memo = run_memo
+
+    def problems(self) -> list[Problem]:
+        """Every problem of the tree, sorted, as a full scan reports them."""
+        problems = [p for scope_problems in self.scope_problems.values() for p in scope_problems]
+        problems.sort()
+        return problems
+
+    def ordered(self) -> list[tuple[RunKey, RunState]]:
+        """Every run, sorted as a full scan sorts them."""
+        if self._order is None:
+            self._order = sorted(self.runs)
+        runs = self.runs
+        return [(key, runs[key]) for key in self._order]
+
+    def memo_boundary_ns(self) -> int:
+        """The oldest scan any run was built from: a reuse boundary valid for every memo."""
+        return min((s.scanned_ns for s in self.runs.values() if s.scanned_ns), default=0)
+
+    def all_memos(self) -> tuple[dict[str, FileMemo], dict[str, RunMemo]]:
+        files: dict[str, FileMemo] = {}
+        runs: dict[str, RunMemo] = {}
+        for key, state in self.runs.items():
+            files.update(state.memos)
+            if state.run_memo is not None:
+                runs[layout.run_prefix(*key)] = state.run_memo
+        return files, runs
+
+
+def _below(path: str, rel: str) -> bool:
+    """Whether ``path`` is ``rel`` or lies below it."""
+    return path == rel or path.startswith(rel + "/")
