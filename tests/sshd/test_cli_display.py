@@ -1,24 +1,35 @@
 """What ``runicorn sync`` draws while it works, against a real OpenSSH server on both
 backends: progress rows (rich) when stderr is a terminal, and nothing but plain lines --
-no bar, no escape code -- when it is not.
+no bar, no escape code -- when it is not; with ``--watch``, the live table on a terminal,
+plain lines off one, JSON Lines with ``--json``.
 
-The terminal is a pseudo-terminal on the child's stderr; its stdout stays a pipe, as when a
-user redirects the summary.
+The terminal is a pseudo-terminal; for the one-shot sync only its stderr is on it (stdout
+stays a pipe, as when a user redirects the summary), for the watch both are.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
+import re
+import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 
+from harness.child_lines import ChildLines
 from harness.lab import Lab, assert_cache_equals_server
 from harness.sshd import SshServer
+from runicorn.manifest import ManifestType
 
 pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=6, scale=0.02)]
 
@@ -107,4 +118,159 @@ def test_one_shot_sync_off_a_terminal_writes_no_bar_and_no_escape_code(
     assert done.stderr == ""
     assert "\x1b" not in done.stdout and "\r" not in done.stdout
     assert done.stdout.startswith(f"labserver:{lab.root}: synced ")
+    assert_cache_equals_server(lab.root, cache)
+
+
+# --- runicorn sync --watch ------------------------------------------------------------------
+
+WATCH_OPTIONS = ("--watch", "--interval", "0.02", "--full-interval", "0.5")
+APPENDED = b'{"step": 777, "loss": 0.125}\n'
+
+
+def _append_a_step(lab: Lab) -> str:
+    """Append a metrics line to a running run's events.jsonl and publish the active
+    manifest; the run's key (``project/name/run_id``)."""
+    run = next(r for r in lab.info.listed_runs if r.status == "running")
+    with open(run.path / "events.jsonl", "ab") as handle:
+        handle.write(APPENDED)
+    lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+    return f"{run.project}/{run.name}/{run.path.name}"
+
+
+class _Terminal:
+    """A pseudo-terminal of 40 x 160 as a child's stdout and stderr, read on a thread."""
+
+    def __init__(self) -> None:
+        self.leader, self.follower = pty.openpty()
+        fcntl.ioctl(self.follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+        self.text = ""
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.leader, 65536)
+            except OSError:  # EIO: every writer closed its end
+                chunk = b""
+            with self._changed:
+                if not chunk:
+                    self.text += "\0"  # the end
+                    self._changed.notify_all()
+                    return
+                self.text += chunk.decode(errors="replace")
+                self._changed.notify_all()
+
+    def wait_for(self, condition: Callable[[str], bool]) -> None:
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        with self._changed:
+            while not condition(self.text):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.text.endswith("\0"):
+                    pytest.fail(f"not on the terminal; it shows {self.text[-3000:]!r}")
+                self._changed.wait(remaining)
+
+    def close(self) -> None:
+        if self.follower >= 0:
+            os.close(self.follower)
+            self.follower = -1
+        self._reader.join(DEADLINE_SECONDS)
+        os.close(self.leader)
+
+
+def test_watch_on_a_terminal_shows_the_live_table_of_the_runs_changing(
+    lab: Lab, cache: Path, ssh_config: Path, backend
+):
+    lab.publish(ManifestType.ACTIVE)
+    terminal = _Terminal()
+    try:
+        with subprocess.Popen(
+            _sync_command(lab, cache, ssh_config, *WATCH_OPTIONS),
+            env=_env(backend),
+            stdin=subprocess.DEVNULL,
+            stdout=terminal.follower,
+            stderr=terminal.follower,
+        ) as child:
+            try:
+                terminal.wait_for(lambda text: "run " in text and "metrics" in text)
+                key = _append_a_step(lab)
+                terminal.wait_for(lambda text: "loss=0.125" in text)
+                child.send_signal(signal.SIGTERM)
+                code = child.wait(DEADLINE_SECONDS)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+    finally:
+        terminal.close()
+    assert code == 0
+    text = terminal.text
+    assert "watching labserver:" in text
+    row = next(line for line in text.splitlines() if key in line and "loss=0.125" in line)
+    assert "running" in row and " 777 " in row
+    assert "stopped; the cache is consistent" in text
+    assert_cache_equals_server(lab.root, cache)
+
+
+def _watch_off_a_terminal(
+    lab: Lab, cache: Path, ssh_config: Path, backend, *extra: str
+) -> tuple[list[str], str, str]:
+    """Run the watch with stdout and stderr on pipes until a pass applies the appended
+    line, then SIGTERM it; the lines seen up to that pass, stdout's rest and stderr."""
+    lab.publish(ManifestType.ACTIVE)
+    with subprocess.Popen(
+        _sync_command(lab, cache, ssh_config, *WATCH_OPTIONS, *extra),
+        env=_env(backend),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as child:
+        out = ChildLines(child.stdout, DEADLINE_SECONDS)  # type: ignore[arg-type]
+        try:
+            out.expect(lambda line: "files_synced" in line or "revision" in line)
+            key = _append_a_step(lab)
+            out.expect(lambda line: key in line and "777" in line)
+            child.send_signal(signal.SIGTERM)
+            assert child.stderr is not None
+            stderr = child.stderr.read()
+            child.wait(DEADLINE_SECONDS)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            out.join()
+    assert child.returncode == 0, stderr
+    return out.seen, key, stderr
+
+
+def test_watch_off_a_terminal_prints_plain_lines_per_pass_and_run(
+    lab: Lab, cache: Path, ssh_config: Path, backend
+):
+    seen, key, stderr = _watch_off_a_terminal(lab, cache, ssh_config, backend)
+    line = next(line for line in seen if key in line and "777" in line)
+    # the newest value of every metric: loss from the appended line, the others older
+    assert line.startswith(f"  {key} running step 777 loss=0.125 acc=")
+    assert re.search(r": 1 files, \d+ B$", line.rstrip("\n"))
+    assert any(" active revision " in line for line in seen)
+    for text in (*seen, stderr):
+        assert "\x1b" not in text and "\r" not in text
+    assert_cache_equals_server(lab.root, cache)
+
+
+def test_watch_with_json_prints_one_object_per_pass_with_its_runs(
+    lab: Lab, cache: Path, ssh_config: Path, backend
+):
+    seen, key, _stderr = _watch_off_a_terminal(lab, cache, ssh_config, backend, "--json")
+    documents = [orjson.loads(line) for line in seen]
+    first = documents[0]
+    assert first["files_synced"] > 0 and len(first["runs"]) == len(lab.info.listed_runs)
+    assert {run["change"] for run in first["runs"]} == {"added"}
+    applied = documents[-1]
+    assert (applied["manifest_type"], applied["files_synced"]) == ("active", 1)
+    (run,) = applied["runs"]
+    assert run["key"] == key and run["change"] == "changed" and run["status"] == "running"
+    assert (run["files"], run["step"], run["metrics"]["loss"]) == (1, 777, 0.125)
+    assert run["bytes"] >= len(APPENDED)
     assert_cache_equals_server(lab.root, cache)

@@ -1,24 +1,24 @@
 """``runicorn sync SOURCE CACHE --watch``: one connection, a cache kept fresh until a signal.
 
-The loop is :meth:`ManifestSyncClient.watch`; this module connects, prints one line (or one
-JSON object) per pass that changed the cache, reports failures and reconnections on stderr,
-and turns SIGTERM and Ctrl+C into a clean stop with exit 0.
+The loop is :meth:`ManifestSyncClient.watch`; this module connects, hands each pass and the
+runs it changed to a reporter (:mod:`.live_view`: the live table, plain lines or JSON
+Lines), reports reconnections on stderr, and turns SIGTERM and Ctrl+C into a clean stop with
+exit 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-import orjson
 
-from runicorn.cli._common import EXIT_FAILURE, EXIT_HOST_KEY, EXIT_OK, error, human_bytes
+from runicorn.cli._common import EXIT_FAILURE, EXIT_HOST_KEY, EXIT_OK, error
+from runicorn.cli.live_view import Reporter, reporter_for
 
 if TYPE_CHECKING:
     import paramiko
@@ -125,13 +125,14 @@ def watch_cache(
         reconnect = connection.sftp
     source = root if destination is None else f"{destination}:{client.remote_root}"
     click.echo(f"watching {source} into {cache_dir}", err=True)
+    reporter = reporter_for(cache_dir, source, as_json=as_json)
     try:
-        with _signals_stop(client):
+        with _signals_stop(client), reporter:
             client.watch(
                 interval=interval,
                 full_interval=full_interval,
-                on_sync=lambda stats: _after_pass(client, stats, as_json),
-                on_error=_report_error,
+                on_sync=lambda stats: _after_pass(client, stats, reporter),
+                on_error=reporter.record_error,
                 reconnect=reconnect,
             )
     except KeyboardInterrupt:
@@ -167,33 +168,10 @@ def _first_connection(
     return EXIT_OK, sftp, resolved
 
 
-def _after_pass(client: ManifestSyncClient, stats: SyncStats, as_json: bool) -> None:
+def _after_pass(client: ManifestSyncClient, stats: SyncStats, reporter: Reporter) -> None:
     # --verify checks every cached file once, on the first pass, not every few seconds.
     client.verify = False
-    _report(stats, as_json)
-
-
-def _report(stats: SyncStats, as_json: bool) -> None:
-    """One line per pass that changed the cache (JSON Lines with --json)."""
-    if stats["skipped"]:
-        return
-    if as_json:
-        click.echo(orjson.dumps({**stats, "time": time.time()}, default=str).decode())
-        return
-    line = (
-        f"{time.strftime('%H:%M:%S')} {stats['manifest_type'] or 'manifest'} revision "
-        f"{stats['manifest_revision']}: {stats['files_synced']} files, "
-        f"{human_bytes(stats['bytes_downloaded'])}"
-    )
-    if stats["deleted_count"]:
-        line += f", {stats['deleted_count']} runs deleted"
-    if stats["failed_count"]:
-        line += f", {stats['failed_count']} failed (retried next pass)"
-    click.echo(line)
-
-
-def _report_error(exc: BaseException, retry_in: float) -> None:
-    error(f"sync failed: {exc}; retrying in {retry_in:g} s")
+    reporter.record_pass(stats, client.last_run_changes)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from runicorn.core.backend import Backend, active_backend
-from runicorn.format.layout import DELETED_MARKER
+from runicorn.format.layout import DELETED_MARKER, UNKNOWN_STATUS, run_prefix
 from runicorn.format.models import ExperimentEntry, ManifestFormat, ManifestType, SyncManifest
 from runicorn.sync.cache import LocalCacheManager, RunRecord
 from runicorn.sync.manifest_fetch import (
@@ -44,6 +44,7 @@ from runicorn.sync.manifest_fetch import (
     check_root,
     normalize_root,
 )
+from runicorn.sync.run_status import EVENTS_FILE, RunChange
 from runicorn.sync.selection import RunSelection
 from runicorn.sync.stats import ProgressCallback, SyncRun, SyncStats
 from runicorn.sync.transfer import FileTransfer, Transfer, plan
@@ -157,6 +158,9 @@ class ManifestSyncClient:
         self.viewer = viewer
         self.last_changes = ViewerChanges()
         """Runs the last sync added, changed and removed (what a viewer is told)."""
+        self.last_run_changes: tuple[RunChange, ...] = ()
+        """Every run the last sync call added, changed (a file landed or failed) or removed,
+        with what moved: what a live view shows (empty when nothing changed)."""
         self.verify = verify
         narrowed = RunSelection.of(projects, include, exclude, since)
         if selection is not None and not narrowed.is_everything:
@@ -236,6 +240,7 @@ class ManifestSyncClient:
         if self.jitter_max > 0:
             time.sleep(random.uniform(0, self.jitter_max))
         with self._busy, self._locked():
+            self.last_run_changes = ()
             remote_id = self.remote_id
             self._start_disk_check(full=None)
             full_state = self.cache.applied_manifest(remote_id, ManifestType.FULL.value)
@@ -319,6 +324,7 @@ class ManifestSyncClient:
         run = SyncRun(started=time.monotonic())
         checked = SyncManifest.from_dict(manifest.to_dict(), source="synthesised manifest")
         with self._busy, self._locked():
+            self.last_run_changes = ()
             # The legacy walk lists every server file anyway: checking every cached one is
             # in proportion.
             self._start_disk_check(full=True)
@@ -577,6 +583,7 @@ class ManifestSyncClient:
             ],
         )
         self.last_changes = self._changes(manifest, transfers, run, cached_ids, gone)
+        self.last_run_changes = self._run_changes(manifest, transfers, run, cached_ids, gone)
         clean = not run.failed
         if is_full:
             self.cache.save_selection_applied(remote_id, self.selection.fingerprint)
@@ -628,6 +635,56 @@ class ManifestSyncClient:
             changed=tuple(sorted(changed - added)),
             removed=tuple(sorted(removed)),
         )
+
+    @staticmethod
+    def _run_changes(
+        manifest: SyncManifest,
+        transfers: list[Transfer],
+        run: SyncRun,
+        cached_ids: set[str],
+        gone: list[tuple[str, str, str]],
+    ) -> tuple[RunChange, ...]:
+        """Every run this sync added, changed or removed, with its files and bytes."""
+        listed = {exp.prefix for exp in manifest.experiments}
+        moved: dict[str, list[int]] = {}  # prefix: [files, bytes, failed, events landed]
+        for transfer in transfers:
+            path = transfer.entry.path
+            prefix = _enclosing_run(path, listed)
+            if prefix is None:
+                continue
+            tally = moved.setdefault(prefix, [0, 0, 0, 0])
+            if path in run.failed:
+                tally[2] += 1
+                continue
+            tally[0] += 1
+            tally[1] += transfer.length
+            if path == prefix + EVENTS_FILE:
+                tally[3] = 1
+        changes: list[RunChange] = []
+        for exp in manifest.experiments:
+            added = exp.run_id not in cached_ids
+            counts = moved.get(exp.prefix)
+            if counts is None and not added:
+                continue
+            files, size, failed, events = counts or (0, 0, 0, 0)
+            changes.append(
+                RunChange(
+                    exp.project,
+                    exp.name,
+                    exp.run_id,
+                    exp.prefix,
+                    exp.status,
+                    "added" if added else "changed",
+                    files=files,
+                    bytes=size,
+                    failed=failed,
+                    events=bool(events),
+                )
+            )
+        changes.extend(
+            RunChange(p, n, r, run_prefix(p, n, r), UNKNOWN_STATUS, "removed") for p, n, r in gone
+        )
+        return tuple(changes)
 
     def _undo_viewer_deletions(self, manifest: SyncManifest) -> bool:
         """Put runs the upstream viewer moved to its recycle bin back where the server has
@@ -759,6 +816,16 @@ class ManifestSyncClient:
                 run.project, run.name, run.run_id, run.created_at, run.updated_at, now
             )
         ]
+
+
+def _enclosing_run(path: str, prefixes: set[str]) -> str | None:
+    """The prefix in ``prefixes`` of the nearest run directory enclosing ``path``."""
+    cut = path.rfind("/")
+    while cut > 0:
+        if path[: cut + 1] in prefixes:
+            return path[: cut + 1]
+        cut = path.rfind("/", 0, cut)
+    return None
 
 
 def _slashes(path: str) -> Iterator[int]:
