@@ -171,6 +171,11 @@ STEPS: dict[str, Step] = {
     ),
     "symlinked project": lambda root: os.symlink(root / "proj", root / "plink"),
     "file for a run dir": lambda root: _write(root / "proj/exp/runs/not_a_dir", "x"),
+    "case twin of a run": lambda root: _make_run(root / "proj/exp/runs/RUN_A"),
+    "case twin of a file": lambda root: _write(root / "proj/exp/runs/run_a/Logs.txt", "x\n"),
+    "refused project name": lambda root: _make_run(root / "bad\\proj/exp/runs/run_x"),
+    "refused file name": lambda root: _write(root / "proj/exp/runs/run_a/a\x01.txt", "x"),
+    "refused runs-path name": lambda root: _make_run(root / "runs/b\\d/run_y"),
     "tags": lambda root: _write(root / ".experiments_metadata.json", '{"run_b": ["y"]}'),
 }
 
@@ -188,6 +193,7 @@ def test_a_change_publishes_what_a_fresh_generation_publishes(live, tmp_path, st
 def test_a_sequence_of_changes_stays_identical(live, tmp_path):
     for step in (
         "append",
+        "case twin of a run",
         "new run",
         "renamed run",
         "status",
@@ -241,3 +247,12 @@ def test_an_overflow_walks_the_tree_and_finds_what_no_event_reported(lab, tmp_pa
         assert live.check(tmp_path).runs_rescanned == 6
     finally:
         live.close()
+
+
+def test_a_run_hidden_by_its_case_twin_returns_when_the_twin_goes(live, tmp_path):
+    STEPS["case twin of a run"](live.root)  # RUN_A sorts first: run_a is dropped
+    live.check(tmp_path)
+    STEPS["append"](live.root)
+    live.check(tmp_path)
+    shutil.rmtree(live.root / "proj/exp/runs/RUN_A")
+    live.check(tmp_path)

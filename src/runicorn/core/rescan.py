@@ -8,6 +8,11 @@ it; every run and every problem of a full scan belongs to exactly one scope
 :func:`runicorn.core.scan.scan_experiments` returns for that part -- it is built from the
 same helpers -- so a scan patched from them equals a full scan of the same tree.
 
+One step of the full scan is not local: a run whose path a case-insensitive client would
+store as an earlier run's is dropped (``_drop_collisions``). The functions here drop only
+within a run (two files of one run that fold alike), and return those problems apart
+(``collisions``), so the caller can drop them with the run when it loses to another.
+
 Pure Python only: a rescan touches a few runs at a time, not the whole tree, and the
 compiled twin's result is the same as the pure one's by the twin contract.
 """
@@ -25,13 +30,22 @@ from runicorn.core.scan import (
     Problem,
     RunScan,
     _add_run,
+    _drop_collisions,
     _list_dir,
     _read_names,
+    _refused,
     _scan_project,
     _scan_run_files,
     _scan_run_path_unit,
 )
+from runicorn.format import names as _names
 from runicorn.format.layout import RUNS_DIRNAME, is_hidden, is_run_dir_listing, run_prefix
+
+RunKey = tuple[str, str, str]
+"""``(project, name, run_id)`` of a scanned run."""
+
+COLLISION_PREFIX = _names.REASON_COLLISION.split("{", 1)[0]
+"""How every collision problem's reason begins."""
 
 Identity = tuple[int, int, bool]
 """``(st_dev, st_ino, is_symlink)`` of a scope's top entry: a scope whose entry was replaced
@@ -43,7 +57,10 @@ class ScopeScan(NamedTuple):
 
     runs: list[RunScan]
     problems: list[Problem]
+    """Every problem but the collisions within runs."""
     contents: dict[str, bytes]
+    collisions: dict[RunKey, list[Problem]]
+    """Per run, its files dropped for folding like another of its files."""
 
 
 class RunRescan(NamedTuple):
@@ -52,6 +69,19 @@ class RunRescan(NamedTuple):
     run: RunScan
     problems: list[Problem]
     contents: dict[str, bytes]
+    collisions: list[Problem]
+
+
+def own_collisions(run: RunScan) -> list[Problem]:
+    """Drop, in place, the files of ``run`` that fold like an earlier one of it; returns
+    the problems the full scan reports for them."""
+    problems: list[Problem] = []
+    _drop_collisions([run], problems)
+    return problems
+
+
+def is_collision(problem: Problem) -> bool:
+    return problem[1].startswith(COLLISION_PREFIX)
 
 
 def scope_of(path: str) -> str:
@@ -118,25 +148,38 @@ def scan_scope(root: str, scope: str, read: Collection[str] = ()) -> ScopeScan:
     runs: list[RunScan] = []
     problems: list[Problem] = []
     contents: dict[str, bytes] = {}
+    collisions: dict[RunKey, list[Problem]] = {}
     path = os.path.join(root, scope)
+    below_runs = scope.startswith(RUNS_DIRNAME + "/")
     try:
         st = os.lstat(path)
     except OSError:
-        return ScopeScan(runs, problems, contents)
+        return ScopeScan(runs, problems, contents, collisions)
     if stat.S_ISLNK(st.st_mode):
         problems.append((scope, REASON_SYMLINK))
-    elif not stat.S_ISDIR(st.st_mode):
-        pass  # regular files at the root and in runs/ are ignored silently
+        return ScopeScan(runs, problems, contents, collisions)
+    if not stat.S_ISDIR(st.st_mode):
+        return ScopeScan(runs, problems, contents, collisions)  # files there are ignored
+    if below_runs:
+        reason = _refused(scope.split("/", 1)[1], scope)
+    else:
+        reason = _names.name_problem(scope, top=True)
+    if reason is not None:
+        problems.append((scope, reason))
     elif scope == RUNS_DIRNAME:
         _list_dir(path, scope, problems)  # its own listing's problem, if any
-    elif scope.startswith(RUNS_DIRNAME + "/"):
+    elif below_runs:
         runs, problems, contents, _ = _scan_run_path_unit(root, scope.split("/", 1)[1], names)
     else:
         runs, problems, contents, _ = _scan_project(root, scope, names)
-    return ScopeScan(runs, problems, contents)
+    for run in runs:
+        dropped = own_collisions(run)
+        if dropped:
+            collisions[(run[0], run[1], run[2])] = dropped
+    return ScopeScan(runs, problems, contents, collisions)
 
 
-def scan_run(root: str, run: tuple[str, str, str], read: Collection[str] = ()) -> RunRescan | None:
+def scan_run(root: str, run: RunKey, read: Collection[str] = ()) -> RunRescan | None:
     """The record and problems a full scan finds for the known run ``run`` now, or ``None``
     when only a rescan of its scope can tell (its directory is gone, no longer a directory,
     or -- below ``runs/`` -- no longer readable or no longer a run)."""
@@ -162,4 +205,4 @@ def scan_run(root: str, run: tuple[str, str, str], read: Collection[str] = ()) -
         _scan_run_files(path, rel, "", files, problems, names, contents)
     runs: list[RunScan] = []
     _add_run(runs, (project, name, run_id, files), None)
-    return RunRescan(runs[0], problems, contents)
+    return RunRescan(runs[0], problems, contents, own_collisions(runs[0]))

@@ -313,16 +313,17 @@ class ManifestGenerator:
         self._rebuild_dirty_runs(tree, refresh, disk_memo, unlisted, report)
         experiments: list[ExperimentEntry] = []
         runs_path_runs = 0
-        for key, state in tree.ordered():
+        kept = tree.ordered()
+        for key, state in kept:
             runs_path_runs += key[0] == layout.RUNS_DIRNAME
             entry = state.entry
             if entry is None or (unlisted and layout.run_prefix(*key)[:-1] in unlisted):
                 continue
             entry.tags = tags.get(key[2])
             experiments.append(entry)
-        report.runs_scanned = len(tree.runs)
+        report.runs_scanned = len(kept)
         report.runs_rescanned = refresh.rescanned_runs
-        report.run_layout = layout.layout_name(len(tree.runs) - runs_path_runs, runs_path_runs)
+        report.run_layout = layout.layout_name(len(kept) - runs_path_runs, runs_path_runs)
         now = self.clock()
         experiments = self._select_for_type(manifest_type, experiments, now)
         next_state = self._tree_state(tree, state_path, refresh)

@@ -25,6 +25,8 @@ from runicorn.core.backend import Backend
 from runicorn.core.memo import FileMemo
 from runicorn.core.rescan import (
     Identity,
+    RunKey,
+    is_collision,
     list_scopes,
     scan_run,
     scan_scope,
@@ -33,11 +35,11 @@ from runicorn.core.rescan import (
 )
 from runicorn.core.scan import Problem, RunScan
 from runicorn.format import layout
+from runicorn.format import names as _names
 from runicorn.format.models import ExperimentEntry
 from runicorn.generate.state import RunMemo
 
-RunKey = tuple[str, str, str]
-"""``(project, name, run_id)`` of a scanned run."""
+__all__ = ["LiveTree", "Refresh", "RunKey", "RunState"]
 
 
 @dataclass(slots=True)
@@ -45,6 +47,9 @@ class RunState:
     """One run as last built: what a generation needs of it without rescanning it."""
 
     scope: str
+    fold: str
+    """Its path as a case-insensitive client folds it (two runs folding alike: the first
+    in sorted order is kept, as by the full scan)."""
     digest: bytes = b""
     """BLAKE3 of the run's scan records when it was built; empty: rebuild it next time."""
     scanned_ns: int = 0
@@ -86,7 +91,12 @@ class LiveTree:
     scope_problems: dict[str, list[Problem]] = field(default_factory=dict)
     scope_runs: dict[str, set[RunKey]] = field(default_factory=dict)
     _by_rel: dict[str, RunKey] = field(default_factory=dict)
+    _collisions: dict[RunKey, list[Problem]] = field(default_factory=dict)
+    """Per run, the problems of its files dropped for folding like another of its files."""
     _order: list[RunKey] | None = None
+    """The runs kept, sorted (``None``: to be recomputed, with :attr:`_losers`)."""
+    _losers: list[Problem] = field(default_factory=list)
+    """The problems of the runs dropped for folding like an earlier run."""
     _pending: set[str] = field(default_factory=set)
     _full: bool = True
     full_walk_at: float | None = None
@@ -163,13 +173,28 @@ class LiveTree:
         """Scan the whole tree and file every run and problem under its scope."""
         scopes = list_scopes(self.root)
         scan = backend.scan_experiments(self.root, threads, read)
-        self.scopes = scopes
-        self.scope_problems = {}
+        runs, contents = scan.runs, scan.contents
+        by_rel = {layout.run_prefix(*run[:3])[:-1]: (run[0], run[1], run[2]) for run in runs}
+        scope_problems: dict[str, list[Problem]] = {}
+        collisions: dict[RunKey, list[Problem]] = {}
         for problem in scan.problems:
-            self.scope_problems.setdefault(scope_of(problem[0]), []).append(problem)
+            if not is_collision(problem):
+                scope_problems.setdefault(scope_of(problem[0]), []).append(problem)
+                continue
+            key = _containing(by_rel, problem[0])
+            if key is None or problem[0] == layout.run_prefix(*key)[:-1]:
+                # A run dropped for folding like another: the full scan keeps no record of
+                # it, and the tree needs one (it is listed when the other goes). Collisions
+                # are rare: walk the scopes one by one instead, keeping every run.
+                runs, scope_problems, contents, collisions = self._walk_scopes(scopes, read)
+                break
+            collisions.setdefault(key, []).append(problem)
+        self.scopes = scopes
+        self.scope_problems = scope_problems
+        self._collisions = collisions
         found_keys: set[RunKey] = set()
         self.scope_runs = {}
-        for run in scan.runs:
+        for run in runs:
             key = (run[0], run[1], run[2])
             found_keys.add(key)
             scope = scope_of_run(*key)
@@ -178,7 +203,27 @@ class LiveTree:
         for key in [key for key in self.runs if key not in found_keys]:
             self._drop(key)
         self.full_walk_at = time.monotonic()
-        return scan.runs, scan.contents, len(scan.runs)
+        return runs, contents, len(runs)
+
+    def _walk_scopes(
+        self, scopes: dict[str, Identity], read: Collection[str]
+    ) -> tuple[
+        list[RunScan], dict[str, list[Problem]], dict[str, bytes], dict[RunKey, list[Problem]]
+    ]:
+        """The whole tree scanned scope by scope (no run dropped for folding like another)."""
+        runs: list[RunScan] = []
+        problems: dict[str, list[Problem]] = {}
+        contents: dict[str, bytes] = {}
+        collisions: dict[RunKey, list[Problem]] = {}
+        for scope in sorted(scopes):
+            result = scan_scope(self.root, scope, read)
+            runs.extend(result.runs)
+            if result.problems:
+                problems[scope] = result.problems
+            contents.update(result.contents)
+            collisions.update(result.collisions)
+        runs.sort(key=lambda run: run[:3])
+        return runs, problems, contents, collisions
 
     def _patch(
         self, pending: set[str], read: Collection[str]
@@ -214,6 +259,7 @@ class LiveTree:
             problems.extend(rescan.problems)
             problems.sort()
             self._set_problems(state.scope, problems)
+            self._set_collisions(key, rescan.collisions)
             contents.update(rescan.contents)
             found.append(rescan.run)
         if any(scope not in self.scopes for scope in scopes_to_scan):
@@ -255,6 +301,7 @@ class LiveTree:
         self.scope_runs[scope] = keys
         for key in keys:
             self._place(key, scope)
+            self._set_collisions(key, result.collisions.get(key, []))
         contents.update(result.contents)
         return result.runs
 
@@ -269,29 +316,31 @@ class LiveTree:
         else:
             self.scope_problems.pop(scope, None)
 
+    def _set_collisions(self, key: RunKey, problems: list[Problem]) -> None:
+        if problems:
+            self._collisions[key] = problems
+        else:
+            self._collisions.pop(key, None)
+
     def _place(self, key: RunKey, scope: str) -> None:
         if key not in self.runs:
-            self.runs[key] = RunState(scope)
-            self._by_rel[layout.run_prefix(*key)[:-1]] = key
+            prefix = layout.run_prefix(*key)
+            self.runs[key] = RunState(scope, _names.fold(prefix))
+            self._by_rel[prefix[:-1]] = key
             self._order = None
 
     def _drop(self, key: RunKey) -> None:
         state = self.runs.pop(key, None)
         if state is None:
             return
+        self._collisions.pop(key, None)
         self._by_rel.pop(layout.run_prefix(*key)[:-1], None)
         self.scope_runs.get(state.scope, set()).discard(key)
         self._order = None
 
     def _run_containing(self, rel: str) -> RunKey | None:
         """The known run whose directory is ``rel`` or holds it."""
-        path = rel
-        while path:
-            key = self._by_rel.get(path)
-            if key is not None:
-                return key
-            path = os.path.dirname(path)
-        return None
+        return _containing(self._by_rel, rel)
 
     # -- built runs ----------------------------------------------------------------------
 
@@ -316,16 +365,39 @@ class LiveTree:
 
     def problems(self) -> list[Problem]:
         """Every problem of the tree, sorted, as a full scan reports them."""
+        order = self._kept()
         problems = [p for scope_problems in self.scope_problems.values() for p in scope_problems]
+        problems.extend(self._losers)
+        if self._collisions:
+            kept = set(order)
+            for key, dropped in self._collisions.items():
+                if key in kept:
+                    problems.extend(dropped)
         problems.sort()
         return problems
 
     def ordered(self) -> list[tuple[RunKey, RunState]]:
-        """Every run, sorted as a full scan sorts them."""
-        if self._order is None:
-            self._order = sorted(self.runs)
+        """Every run the full scan keeps, sorted as it sorts them."""
         runs = self.runs
-        return [(key, runs[key]) for key in self._order]
+        return [(key, runs[key]) for key in self._kept()]
+
+    def _kept(self) -> list[RunKey]:
+        """The runs sorted, without those folding like an earlier one (recomputed when
+        runs come or go)."""
+        if self._order is not None:
+            return self._order
+        order: list[RunKey] = []
+        losers: list[Problem] = []
+        seen: dict[str, RunKey] = {}
+        for key in sorted(self.runs):
+            other = seen.setdefault(self.runs[key].fold, key)
+            if other == key:
+                order.append(key)
+            else:
+                rel, other_rel = layout.run_prefix(*key)[:-1], layout.run_prefix(*other)[:-1]
+                losers.append((rel, _names.REASON_COLLISION.format(other=other_rel)))
+        self._order, self._losers = order, losers
+        return order
 
     def memo_boundary_ns(self) -> int:
         """The oldest scan any run was built from: a reuse boundary valid for every memo."""
@@ -339,6 +411,17 @@ class LiveTree:
             if state.run_memo is not None:
                 runs[layout.run_prefix(*key)] = state.run_memo
         return files, runs
+
+
+def _containing(by_rel: dict[str, RunKey], rel: str) -> RunKey | None:
+    """The run of ``by_rel`` (runs by directory) whose directory is ``rel`` or holds it."""
+    path = rel
+    while path:
+        key = by_rel.get(path)
+        if key is not None:
+            return key
+        path = os.path.dirname(path)
+    return None
 
 
 def _below(path: str, rel: str) -> bool:

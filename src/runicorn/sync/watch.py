@@ -43,6 +43,7 @@ class WatchedClient(Protocol):
 
     def use_sftp_client(self, sftp_client: paramiko.SFTPClient) -> None: ...
 
+
 logger = logging.getLogger("runicorn.remote_storage.manifest_sync")
 
 INTERVAL_SECONDS = 1.7
