@@ -38,7 +38,7 @@ SECRET = b"outside the root: must never reach the cache\n"
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(params=["local", "local-chain"])
+@pytest.fixture(params=["local", "local-chain", pytest.param("sftp", marks=pytest.mark.sshd)])
 def sync_client(
     request: pytest.FixtureRequest, tmp_path: Path, backend: Backend, monkeypatch
 ) -> Iterator[Callable[..., ManifestSyncClient]]:

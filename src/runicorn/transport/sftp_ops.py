@@ -25,6 +25,7 @@ from runicorn.transport.sftp_protocol import (
     FXP_DATA,
     FXP_FSTAT,
     FXP_HANDLE,
+    FXP_LSTAT,
     FXP_NAME,
     FXP_OPEN,
     FXP_OPENDIR,
@@ -47,6 +48,7 @@ __all__ = [
     "DirEntry",
     "Handler",
     "ListDirOp",
+    "LstatOp",
     "Operation",
     "ReadRangeOp",
     "RealPathOp",
@@ -497,3 +499,45 @@ class RealPathOp(Operation):
             self._on_done(None, error)
             return
         self._on_done(resolved, None)
+
+
+class LstatOp(Operation):
+    """LSTAT: the attributes of ``path`` itself (a symbolic link is reported, not followed).
+
+    ``on_done(attrs or None, error)`` once; ``display_path`` names the path in errors.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        on_done: Callable[[Attrs | None, BaseException | None], None],
+        *,
+        display_path: str | None = None,
+    ) -> None:
+        self.path = path
+        self.display_path = display_path if display_path is not None else path
+        self._on_done = on_done
+        self._sent = False
+
+    def next_request(self) -> Request | None:
+        if self._sent:
+            return None
+        self._sent = True
+        return FXP_LSTAT, encode_path(self.path), self._on_attrs
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self._on_done(None, error)
+
+    def _on_attrs(self, ptype: int, body: Reader) -> None:
+        self.done = True
+        try:
+            expect_answer(ptype, body, FXP_ATTRS, self.display_path)
+            attrs = body.attrs()
+        except SftpProtocolError:
+            raise
+        except (OSError, EOFError) as error:
+            self._on_done(None, error)
+            return
+        self._on_done(attrs, None)

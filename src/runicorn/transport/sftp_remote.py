@@ -8,6 +8,7 @@ with many requests in flight (see :mod:`.remote` for the threading contract of `
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import posixpath
@@ -19,13 +20,14 @@ from runicorn._sys.fd_budget import files_in_flight_per_channel
 from runicorn.transport import openssh_shortcuts
 from runicorn.transport.fetch import FetchRun, copy_error, run_fetch
 from runicorn.transport.remote import FetchJob, FetchResult, RemoteDirEntry, relative_path
-from runicorn.transport.sftp_ops import DirEntry, ListDirOp, Operation, ReadRangeOp
+from runicorn.transport.sftp_ops import DirEntry, ListDirOp, LstatOp, Operation, ReadRangeOp
 from runicorn.transport.sftp_pipeline import (
     DEFAULT_DEPTH,
     DEFAULT_READ_SIZE,
     DEFAULT_TIMEOUT,
     SftpPipeline,
 )
+from runicorn.transport.sftp_protocol import Attrs
 
 if TYPE_CHECKING:
     import paramiko
@@ -405,6 +407,7 @@ class SftpRemote:
                 pipes = [pipe for pipe in self._pipes if pipe.alive][: max(1, workers)]
         else:
             pipes = self._open_pipes(max(1, workers))
+        refused = self._linked_directories(pipes, run.jobs)
 
         def make_feed() -> Callable[[], Operation | None]:
             def feed() -> Operation | None:
@@ -414,6 +417,8 @@ class SftpRemote:
                         return None
                     job = run.jobs[index]
                     try:
+                        if refused:
+                            _refuse_under(refused, job.path)
                         full = self._full(job.path)
                         return ReadRangeOp(
                             full,
@@ -426,7 +431,7 @@ class SftpRemote:
                             display_path=job.path,
                             detach_close=True,
                         )
-                    except ValueError as error:
+                    except (ValueError, OSError) as error:
                         run.done(index, error, 0)
 
             return feed
@@ -440,6 +445,55 @@ class SftpRemote:
             run_fetch(run, targets, interrupt)
         finally:
             cleanup()
+
+    def _linked_directories(self, pipes: list[SftpPipeline], jobs: list[FetchJob]) -> set[str]:
+        """The directories above ``jobs``' files (relative to the root) that are not plain
+        directories on the server: one pipelined LSTAT per distinct directory, per fetch.
+
+        SFTP opens by path and follows every link on the way, so a run's ``media/`` swapped
+        for a link after the manifest was made would be read through. Checking the
+        directories first closes that, except for a swap in the moment between the LSTAT
+        and the OPEN (see ``docs/reliability.md``). A directory that is missing or cannot
+        be checked is not refused here: opening the file under it then fails as it would.
+        """
+        directories: set[str] = set()
+        for job in jobs:
+            try:
+                relative = relative_path(job.path)
+            except ValueError:
+                continue  # the file's own operation reports it
+            end = relative.rfind("/")
+            while end > 0 and relative[:end] not in directories:
+                directories.add(relative[:end])
+                end = relative.rfind("/", 0, end)
+        if not directories:
+            return set()
+        found: dict[str, Attrs] = {}
+        lock = threading.Lock()
+        pending = sorted(directories, reverse=True)
+
+        def record(path: str, attrs: Attrs | None, _error: BaseException | None) -> None:
+            if attrs is not None:
+                with lock:
+                    found[path] = attrs
+
+        def make_feed() -> Callable[[], Operation | None]:
+            def feed() -> Operation | None:
+                with lock:
+                    if not pending:
+                        return None
+                    path = pending.pop()
+                return LstatOp(
+                    posixpath.join(self.root, path),
+                    functools.partial(record, path),
+                    display_path=path,
+                )
+
+            return feed
+
+        targets, interrupt, cleanup = self._run_on_pipes(pipes, make_feed, lambda _error: None)
+        self._run_listing(targets, interrupt, cleanup)
+        return {path for path, attrs in found.items() if not attrs.is_dir}
 
     def listdirs(self, paths: list[str]) -> dict[str, list[RemoteDirEntry] | BaseException]:
         """List many directories at once: pipelined over the worker channels (legacy walk)."""
@@ -532,6 +586,20 @@ class SftpRemote:
             pipes, self._pipes = self._pipes, []
         for pipe in pipes:
             pipe.close()
+
+
+def _refuse_under(refused: set[str], path: str) -> None:
+    """OSError (``ELOOP``) if a directory above ``path`` is in ``refused``."""
+    end = path.rfind("/")
+    while end > 0:
+        if path[:end] in refused:
+            raise OSError(
+                errno.ELOOP,
+                f"{path[:end]!r} is a symbolic link (or not a directory) on the server; "
+                "refusing to read through it",
+                path,
+            )
+        end = path.rfind("/", 0, end)
 
 
 def _entry(item: DirEntry) -> RemoteDirEntry:
