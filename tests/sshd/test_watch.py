@@ -32,6 +32,7 @@ from runicorn.manifest import ManifestType
 from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 from runicorn.sync.watch import CacheWatcher
+from runicorn.transport import change_feed
 
 pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=6, scale=0.02)]
 
@@ -133,7 +134,7 @@ def test_an_idle_watch_costs_at_most_three_requests_a_probe(
     """OPEN, READ and CLOSE of the active manifest's ``.gz`` (the publisher writes it; a
     server without one costs two failed OPENs more and a probe of the full manifest)."""
     lab.publish(ManifestType.ACTIVE)
-    watch = Watching(client_for(), full_interval=3600.0, interval=0.01).start()
+    watch = Watching(client_for(), full_interval=3600.0, interval=0.01, push=False).start()
     try:
         watch.wait_for(lambda: len(watch.passes) >= 2)
         sshd_server.reset_request_counts()
@@ -146,6 +147,65 @@ def test_an_idle_watch_costs_at_most_three_requests_a_probe(
     # A probe in flight when counting started may add its requests to the count.
     assert counts.total <= 3 * (probes + 1), counts.by_type
     assert all(p["skipped"] and p["manifest_type"] == "active" for p in watch.passes[first:])
+
+
+def test_a_pushed_watch_applies_a_publication_without_polling(client_for, lab: Lab, cache: Path):
+    """With the probe interval and the full check an hour away, only the server's push can
+    bring the append."""
+    lab.publish(ManifestType.ACTIVE)
+    client = client_for()
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
+    try:
+        watcher = client._watcher
+        assert watcher is not None
+        watch.wait_for(lambda: watcher.pushed)
+        watch.wait_for(lambda: len(watch.passes) >= 2)  # the catch-up pass once pushed
+        passes = len(watch.passes)
+        events, rel = _running_events(lab)
+        with open(events, "a") as handle:
+            handle.write('{"step": 31337}\n')
+        lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+        expected = events.read_bytes()
+        watch.wait_for(lambda: cache_files(cache).get(rel) == expected)
+    finally:
+        watch.stop()
+    assert [p["manifest_type"] for p in watch.passes[passes:]] == ["active"] * (
+        len(watch.passes) - passes
+    )
+
+
+def test_a_server_without_python3_is_polled_instead(
+    client_for, lab: Lab, cache: Path, monkeypatch, caplog
+):
+    monkeypatch.setattr(change_feed, "PYTHON", "runicorn-test-no-such-python")
+    lab.publish(ManifestType.ACTIVE)
+    client = client_for()
+    with caplog.at_level("INFO", logger="runicorn.remote_storage.manifest_sync"):
+        watch = Watching(client, push=True).start()
+        try:
+            watch.wait_for(lambda: "polling every" in caplog.text)
+            watcher = client._watcher
+            assert watcher is not None and not watcher.pushed
+            events, rel = _running_events(lab)
+            with open(events, "a") as handle:
+                handle.write('{"step": 27182}\n')
+            lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+            expected = events.read_bytes()
+            watch.wait_for(lambda: cache_files(cache).get(rel) == expected)
+        finally:
+            watch.stop()
+    assert "runicorn-test-no-such-python was not found on the server" in caplog.text
+    assert caplog.text.count("no pushed changes") == 1  # not tried again on this connection
+
+
+def test_a_pushed_watch_stops_at_once_when_told(client_for, lab: Lab):
+    lab.publish(ManifestType.ACTIVE)
+    client = client_for()
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
+    watcher = client._watcher
+    assert watcher is not None
+    watch.wait_for(lambda: watcher.pushed)
+    watch.stop()  # fails unless the hour-long wait for the next change ends
 
 
 def test_a_dropped_session_is_reported_and_replaced(

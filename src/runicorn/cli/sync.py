@@ -237,7 +237,7 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     default=1.7,
     show_default=True,
     help="With --watch: seconds between probes of the active manifest (3 SFTP requests "
-    "each while idle).",
+    "each while idle) when the server cannot push its changes.",
 )
 @click.option(
     "--full-interval",

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from runicorn.sync.cache import AppliedManifest
     from runicorn.sync.manifest_fetch import Probe
     from runicorn.sync.viewer import ViewerNotifier
+    from runicorn.sync.watch import CacheWatcher
     from runicorn.transport.remote import Remote
 
 __all__ = ["ManifestSyncClient", "ProgressCallback"]
@@ -174,6 +175,7 @@ class ManifestSyncClient:
         self._owns_remote = remote is None
         self._busy = threading.Lock()
         self._watch_stop = threading.Event()
+        self._watcher: CacheWatcher | None = None
 
     # -- the remote ------------------------------------------------------------------------
 
@@ -280,12 +282,16 @@ class ManifestSyncClient:
         on_sync: Callable[[SyncStats], None] | None = None,
         on_error: Callable[[BaseException, float], None] | None = None,
         reconnect: Callable[[], paramiko.SFTPClient] | None = None,
+        push: bool | None = None,
     ) -> None:
         """Sync, then keep the cache fresh until :meth:`stop_watch` (from any thread).
 
-        Every ``interval`` seconds the active manifest is probed and applied when it moved;
-        every ``full_interval`` seconds the full one too (new and removed runs, anything
-        between two active manifests). ``on_sync`` gets the stats of every pass
+        Over SSH the server is asked to push its publications (a small ``python3`` command on
+        an exec channel; ``push=False``, or ``RUNICORN_WATCH_PUSH=0`` when ``push`` is
+        ``None``, turns it off); where it cannot, every ``interval`` seconds the active
+        manifest is probed and applied when it moved. Every ``full_interval`` seconds the
+        full one is checked too (new and removed runs, anything between two active
+        manifests). ``on_sync`` gets the stats of every pass
         (``skipped`` when nothing changed); ``on_error`` gets each failed pass's error and
         the seconds until the next attempt (1 s, doubling to 30 s); ``reconnect`` returns a
         fresh SFTP session after a connection error. A failed pass never raises; see
@@ -301,10 +307,13 @@ class ManifestSyncClient:
             on_error=on_error,
             reconnect=reconnect,
             stop_event=self._watch_stop,
+            push=push,
         )
+        self._watcher = watcher
         try:
             watcher.run()
         finally:
+            self._watcher = None
             self._watch_stop.clear()
 
     def stop_watch(self) -> None:
@@ -312,6 +321,9 @@ class ManifestSyncClient:
         from a signal handler; called before :meth:`watch` starts, that watch returns at
         once."""
         self._watch_stop.set()
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.stop()  # also ends its wait for the server's next change
 
     def sync_with_manifest(
         self, manifest: SyncManifest, progress_callback: ProgressCallback | None = None

@@ -1,12 +1,21 @@
 """Keep a cache fresh until told to stop: the loop behind ``ManifestSyncClient.watch``.
 
 One connection, one client. The first pass is an ordinary sync (the full manifest, the
-active one when newer). Then, every ``interval`` seconds, only the **active** manifest's
-header is probed -- a few SFTP requests, nothing more while nothing changes -- and applied
-when it moved: a line appended on the server arrives with the next active publication. Every
-``full_interval`` seconds the **full** manifest is checked as well, which brings runs created
-and removed outside the active window, and anything a missed active revision held: the full
-manifest lists every run, so nothing that falls between two active manifests is lost.
+active one when newer). Then the client learns of publications in one of two ways:
+
+* **pushed** (the default, over SSH): a small command on the server, on an exec channel of the
+  same connection (:mod:`runicorn.transport.change_feed`), says when a manifest file was
+  replaced; the pass that applies it starts one one-way delay later, and an idle watch sends
+  no SFTP request between the full checks;
+* **polled**, where the server cannot run that command (no ``python3``, no exec channels),
+  until it can, or when ``push`` is off (``RUNICORN_WATCH_PUSH=0``): every ``interval``
+  seconds the **active** manifest's header is probed -- three SFTP requests, nothing more
+  while nothing changes -- and applied when it moved.
+
+Every ``full_interval`` seconds the **full** manifest is checked as well, which brings runs
+created and removed outside the active window, and anything a missed active revision held:
+the full manifest lists every run, so nothing that falls between two active manifests is
+lost, pushed or not.
 
 A failing pass (the connection dropped, the server's manifest unreadable) is reported to
 ``on_error`` and retried after a backoff (1 s, doubling to ``max_backoff``); with a
@@ -18,17 +27,20 @@ state commits as files land, so even an abandoned one leaves a consistent cache)
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from runicorn.format.models import ManifestType
+from runicorn.format.layout import MANIFEST_DIRNAME
+from runicorn.format.models import ManifestFormat, ManifestType
 
 if TYPE_CHECKING:
     import paramiko
 
     from runicorn.sync.stats import SyncStats
+    from runicorn.transport.change_feed import ChangeFeed
 
 
 class WatchedClient(Protocol):
@@ -38,6 +50,7 @@ class WatchedClient(Protocol):
     remote_root: str
     manifest_type: str
     jitter_max: float
+    sftp_client: paramiko.SFTPClient | None
 
     def sync(self) -> SyncStats: ...
 
@@ -47,8 +60,11 @@ class WatchedClient(Protocol):
 logger = logging.getLogger("runicorn.remote_storage.manifest_sync")
 
 INTERVAL_SECONDS = 1.7
-"""Between two probes of the active manifest: a probe is three SFTP requests (OPEN, READ,
-CLOSE), and a full check every 30 s three more, so an idle watch costs under 2 a second."""
+"""Between two probes of the active manifest when polling: a probe is three SFTP requests
+(OPEN, READ, CLOSE), and a full check every 30 s three more, so an idle watch costs under 2
+a second."""
+PUSH_ENV = "RUNICORN_WATCH_PUSH"
+"""``0`` turns the push channel off: the watch polls, as on a server that cannot push."""
 FULL_INTERVAL_SECONDS = 30.0
 FIRST_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
@@ -72,6 +88,7 @@ class CacheWatcher:
         reconnect: Callable[[], paramiko.SFTPClient] | None = None,
         max_backoff: float = MAX_BACKOFF_SECONDS,
         stop_event: threading.Event | None = None,
+        push: bool | None = None,
     ) -> None:
         if interval <= 0 or full_interval < interval:
             raise ValueError(
@@ -86,12 +103,26 @@ class CacheWatcher:
         self.on_error = on_error
         self.reconnect = reconnect
         self.max_backoff = max_backoff
+        self.push = push_default() if push is None else push
         self.passes = 0
         self._stop = stop_event or threading.Event()
+        # Set by stop() and by the change feed: what ends a wait between two passes.
+        self._wake = threading.Event()
+        self._full_changed = False
+        self._feed: ChangeFeed | None = None
+        self._feed_given_up = False
+        self._feed_retry_at = 0.0
 
     def stop(self) -> None:
         """End :meth:`run` once the pass in progress, if any, is over."""
         self._stop.set()
+        self._wake.set()
+
+    @property
+    def pushed(self) -> bool:
+        """Whether the server is telling this watch of its publications right now."""
+        feed = self._feed
+        return feed is not None and feed.ready.is_set() and feed.alive
 
     @property
     def stopping(self) -> bool:
@@ -99,10 +130,17 @@ class CacheWatcher:
 
     def run(self) -> None:
         """Sync, then keep syncing until :meth:`stop`; never raises for a failed pass."""
+        try:
+            self._run()
+        finally:
+            self._close_feed()
+
+    def _run(self) -> None:
         next_full = time.monotonic()
         backoff = FIRST_BACKOFF_SECONDS
         while not self._stop.is_set():
-            full = time.monotonic() >= next_full
+            full = time.monotonic() >= next_full or self._full_changed
+            self._full_changed = False
             try:
                 stats = self._pass(full)
             except Exception as error:
@@ -112,6 +150,7 @@ class CacheWatcher:
                 backoff = min(backoff * 2, self.max_backoff)
                 next_full = time.monotonic()  # whatever happened meanwhile, catch up whole
                 if self.reconnect is not None and _is_connection_error(error):
+                    self._close_feed()
                     self._reconnect()
                 continue
             backoff = FIRST_BACKOFF_SECONDS
@@ -120,7 +159,87 @@ class CacheWatcher:
                 next_full = time.monotonic() + self.full_interval
             if self.on_sync is not None:
                 self.on_sync(stats)
-            self._stop.wait(self.interval)
+            self._start_feed()
+            if self.pushed:
+                self._sleep(next_full - time.monotonic())
+            else:
+                self._sleep(self.interval)
+
+    def _sleep(self, seconds: float) -> None:
+        """Until ``seconds`` have passed, the feed reported a change, or :meth:`stop`."""
+        if seconds > 0 and not self._stop.is_set():
+            self._wake.wait(seconds)
+        self._wake.clear()
+
+    # -- the push channel -----------------------------------------------------------------
+
+    def _start_feed(self) -> None:
+        """Start the change feed once the connection allows it (SFTP over SSH only)."""
+        if not self.push or self._feed_given_up:
+            return
+        if self._feed is not None and self._feed.alive:
+            return
+        if time.monotonic() < self._feed_retry_at:
+            return
+        sftp = self.client.sftp_client
+        channel = None if sftp is None else sftp.get_channel()
+        transport = None if channel is None else channel.get_transport()
+        if transport is None or not transport.is_active():
+            return
+        from runicorn.transport.change_feed import ChangeFeed  # late: polling never needs it
+
+        root = self.client.remote_root.rstrip("/") or "."
+        paths = [
+            f"{root}/{MANIFEST_DIRNAME}/{kind.filename}{suffix}"
+            for kind in (ManifestType.ACTIVE, ManifestType.FULL)
+            for suffix in (ManifestFormat.GZIP_SUFFIX, "")
+        ]
+        feed = ChangeFeed(
+            transport,
+            paths,
+            on_change=self._on_change,
+            on_ready=self._on_ready,
+            on_end=self._on_end,
+        )
+        self._feed = feed
+        feed.start()
+
+    def _on_change(self, index: int) -> None:
+        if index >= 2:  # the full manifest's files
+            self._full_changed = True
+        self._wake.set()
+
+    def _on_ready(self) -> None:
+        logger.info("the server pushes manifest changes; polling stops")
+        # A publication between the last pass and the feed's first look is in no line:
+        # one more pass catches it.
+        self._wake.set()
+
+    def _on_end(self, reason: str) -> None:
+        feed = self._feed
+        if reason == "closed":
+            return
+        level = logging.INFO
+        if feed is not None and not feed.ready.is_set():
+            # It never worked on this connection: do not try again until a reconnection.
+            self._feed_given_up = True
+            level = logging.WARNING
+        else:  # it worked, then ended: try again, but not at every pass
+            self._feed_retry_at = time.monotonic() + self.full_interval
+        logger.log(
+            level,
+            "no pushed changes from the server (%s); polling every %g s",
+            reason,
+            self.interval,
+        )
+        self._wake.set()
+
+    def _close_feed(self) -> None:
+        feed, self._feed = self._feed, None
+        self._feed_given_up = False
+        self._feed_retry_at = 0.0
+        if feed is not None:
+            feed.close()
 
     def _pass(self, full: bool) -> SyncStats:
         """One sync: the client's own mode when ``full``, else the active manifest only."""
@@ -151,6 +270,13 @@ class CacheWatcher:
             return  # the next pass fails fast and backs off further
         logger.info("reconnected to %s", self.client.remote_root)
         self.client.use_sftp_client(sftp)
+
+
+def push_default() -> bool:
+    """Whether a watch asks the server to push changes unless told: yes, unless
+    ``RUNICORN_WATCH_PUSH`` is ``0``, ``off``, ``false`` or ``no``."""
+    value = os.environ.get(PUSH_ENV, "").strip().lower()
+    return value not in ("0", "off", "false", "no")
 
 
 def _is_connection_error(error: BaseException) -> bool:
