@@ -57,13 +57,10 @@ POLL_SECONDS = 0.005
 ARRIVAL_TIMEOUT = 120.0
 """A write not in the cache after this long counts as lost."""
 RSYNC_EXCLUDES = ["--exclude=*.lock", "--exclude=.runicorn/"]
-TARGETS = {
-    "append_p50": 0.75,
-    "append_p95": 1.5,
-    "new_run_max": 3.0,
-    "idle_requests_per_s": 2.0,
-    "publisher_idle_pct": 2.0,
-    "publisher_load_pct": 25.0,
+TITLES = {
+    "runicorn": "runicorn",
+    "runicorn_polling": "runicorn, polling",
+    "rsync": "rsync -a loop",
 }
 
 
@@ -296,9 +293,13 @@ def runicorn_phase(
     server: SshServer,
     config: Path,
     writable: list[Path],
+    *,
+    push: bool = True,
 ) -> Phase:
-    phase = Phase("runicorn")
-    cache = work / "cache"
+    """The publisher and ``sync --watch``; ``push=False`` makes the client poll."""
+    phase = Phase("runicorn" if push else "runicorn, polling")
+    cache = work / ("cache" if push else "cache-polling")
+    env = {**os.environ, "RUNICORN_WATCH_PUSH": "1" if push else "0"}
     publisher = Publisher(root, list(args.publisher_arg))
     try:
         started = time.monotonic()
@@ -306,7 +307,7 @@ def runicorn_phase(
         publisher.wait_for(r"up to date", timeout=args.timeout)
         phase.extra["publisher_ready_s"] = time.monotonic() - started
 
-        log = open(work / "client.log", "wb")  # noqa: SIM115 (open for the child's lifetime)
+        log = open(cache.with_suffix(".log"), "wb")  # noqa: SIM115 (open for the child's lifetime)
         command = [
             sys.executable,
             "-m",
@@ -321,7 +322,7 @@ def runicorn_phase(
             *args.client_arg,
         ]
         started = time.monotonic()
-        client = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        client = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             _wait_in_sync(root, cache, writable, args.timeout)
             phase.extra["first_sync_s"] = time.monotonic() - started
@@ -492,14 +493,15 @@ def _fmt(value: Any, unit: str = "s") -> str:
     return f"{value:.2f} s"
 
 
-def table(ours: dict[str, Any], theirs: dict[str, Any] | None) -> str:
-    theirs = theirs or {}
+def table(columns: dict[str, dict[str, Any]]) -> str:
+    """One row per figure, one column per tool (``{tool: summary}``), then the target."""
     rows = [
         ("appended line, p50", "append_p50", "s", "<= 0.75 s"),
         ("appended line, p95", "append_p95", "s", "<= 1.5 s (100k runs: <= 2 s)"),
         ("appended line, max", "append_max", "s", ""),
         ("  publisher's share, p50", "append_publisher_p50", "s", ""),
         ("  client's share, p50", "append_client_p50", "s", ""),
+        ("  client's share, p95", "append_client_p95", "s", ""),
         ("new run, median", "new_run_median", "s", ""),
         ("new run, max", "new_run_max", "s", "<= 3 s"),
         ("first (cold) sync", "first_sync_s", "s", ""),
@@ -510,13 +512,15 @@ def table(ours: dict[str, Any], theirs: dict[str, Any] | None) -> str:
         ("client CPU, idle", "client_idle_pct", "%", ""),
         ("publisher peak RSS", "publisher_peak_rss_mb", "MB", ""),
     ]
-    lines = ["| | runicorn | rsync -a loop | target |", "|---|---|---|---|"]
+    lines = [
+        "| | " + " | ".join(columns) + " | target |",
+        "|---|" + "---|" * len(columns) + "---|",
+    ]
     for label, key, unit, target in rows:
-        if key not in ours and key not in theirs:
+        if not any(key in summary for summary in columns.values()):
             continue
-        lines.append(
-            f"| {label} | {_fmt(ours.get(key), unit)} | {_fmt(theirs.get(key), unit)} | {target} |"
-        )
+        cells = " | ".join(_fmt(summary.get(key), unit) for summary in columns.values())
+        lines.append(f"| {label} | {cells} | {target} |")
     return "\n".join(lines)
 
 
@@ -550,6 +554,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mbit", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-rsync", action="store_true", help="skip the rsync phase")
+    parser.add_argument(
+        "--also-poll",
+        action="store_true",
+        help="a second runicorn phase with the push channel off (RUNICORN_WATCH_PUSH=0)",
+    )
     parser.add_argument(
         "--publisher-arg",
         action="append",
@@ -638,12 +647,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ) as proxy,
         ):
             config = write_client_config(server, proxy.port, work)
-            ours = summary(runicorn_phase(args, root, work, server, config, writable))
-            report["runicorn"] = ours
-            theirs = None
+            setup = (root, work, server, config, writable)
+            columns = {"runicorn": summary(runicorn_phase(args, *setup))}
+            if args.also_poll:
+                columns["runicorn_polling"] = summary(runicorn_phase(args, *setup, push=False))
             if not args.no_rsync:
-                theirs = summary(rsync_phase(args, root, work, config, writable))
-                report["rsync"] = theirs
+                columns["rsync"] = summary(rsync_phase(args, root, work, config, writable))
+            report.update(columns)
         report["loadavg_end"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -654,13 +664,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"backend {report['backend']}; load average {report['loadavg_start']:.1f} at start, "
             f"{report['loadavg_end']:.1f} at end ({report['cpus']} CPUs)\n"
         )
-        print(table(ours, theirs))
+        print(table({TITLES[key]: result for key, result in columns.items()}))
+        ours = columns["runicorn"]
+        counts = ", ".join(
+            f"{TITLES[tool]} {result['append_samples']} + {result['new_run_samples']} new runs "
+            f"({result['lost']} lost)"
+            for tool, result in columns.items()
+        )
         print(
-            f"\nappends timed: runicorn {ours['append_samples']}, rsync "
-            f"{(theirs or {}).get('append_samples', 0)}; new runs {ours['new_run_samples']}; "
-            f"lost: runicorn {ours['lost']}, rsync {(theirs or {}).get('lost', '-')}; "
-            f"idle {args.idle:g} s ({ours['idle_requests']} requests "
-            f"{ours['idle_requests_by_type']}, {ours['idle_publications']} publications); "
+            f"\nwrites timed: {counts}; idle {args.idle:g} s: {ours['idle_requests']} requests "
+            f"{ours['idle_requests_by_type']}, {ours['idle_publications']} publications; "
             f"load: {ours['load']}, {ours['load_publications']} publications; "
             f"{ours['publisher_source']}"
         )

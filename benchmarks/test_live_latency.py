@@ -1,5 +1,6 @@
-"""A short run of benchmarks/live_latency.py: every write it times arrives, for both tools,
-and the publisher and the client end with exit 0. Timings are printed, never asserted."""
+"""A short run of benchmarks/live_latency.py: every write it times arrives, for runicorn
+(pushed and polling) and rsync, and the publisher and the client end with exit 0. Timings
+are printed, never asserted."""
 
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ def test_a_small_live_run_times_every_write(tmp_path, capsys):
             "--settle", "0.2",
             "--writers", "10",
             "--workdir", str(tmp_path),
+            "--also-poll",
             "--json",
         ]
     )  # fmt: skip
     ours, theirs = report["runicorn"], report["rsync"]
     assert (ours["append_samples"], ours["new_run_samples"], ours["lost"]) == (4, 1, 0)
+    polled = report["runicorn_polling"]
+    assert (polled["append_samples"], polled["new_run_samples"], polled["lost"]) == (4, 1, 0)
     assert (theirs["append_samples"], theirs["new_run_samples"], theirs["lost"]) == (2, 1, 0)
     assert (ours["client_exit"], ours["publisher_exit"]) == (0, 0)
     assert theirs["pass_failures"] == 0
