@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -297,3 +298,94 @@ def test_sync_watch_refuses_what_it_cannot_follow(tmp_path: Path, flag: str):
     )
     assert result.exit_code == 2
     assert "--watch follows the server's manifests" in result.output
+
+
+class _Viewer(ThreadingHTTPServer):
+    """Answers the two calls a watch makes of the upstream viewer, and records them."""
+
+    def __init__(self, storage: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _ViewerHandler)
+        self.storage = storage
+        self.calls: list[str] = []
+        self.called = threading.Condition()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ViewerHandler(BaseHTTPRequestHandler):
+    server: _Viewer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _answer(self, document: object) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = orjson.dumps(document)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        with self.server.called:
+            self.server.calls.append(f"{self.command} {self.path}")
+            self.server.called.notify_all()
+
+    def do_GET(self) -> None:
+        self._answer({"status": "ok", "storage": str(self.server.storage)})
+
+    def do_POST(self) -> None:
+        self._answer({"ok": True, "imported_files": 0})
+
+
+def test_sync_watch_tells_the_viewer_of_each_applied_pass(
+    lab: Lab, cache: Path, sshd_server: SshServer, tmp_path: Path, backend
+):
+    cache.mkdir()
+    viewer = _Viewer(cache)
+    serving = threading.Thread(target=viewer.serve_forever, args=(0.05,), daemon=True)
+    serving.start()
+    config = sshd_server.write_ssh_config(tmp_path / "ssh_config", "labserver")
+    env = {k: v for k, v in os.environ.items() if k != "RUNICORN_PURE_PYTHON"}
+    if backend.name == "python":
+        env["RUNICORN_PURE_PYTHON"] = "1"
+    command = [sys.executable, "-m", "runicorn", "sync", f"labserver:{lab.root}", str(cache)]
+    command += ["--ssh-config", str(config), "--watch", "--json", "--viewer", viewer.url]
+    command += ["--interval", "0.02", "--full-interval", "0.2"]
+
+    def called(call: str) -> None:
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        with viewer.called:
+            while call not in viewer.calls:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"the viewer was never called {call}; got {viewer.calls}"
+                viewer.called.wait(remaining)
+
+    try:
+        with subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as child:
+            out = ChildLines(child.stdout, DEADLINE_SECONDS)
+            try:
+                out.expect(lambda line: line.startswith("{"))  # the cold sync
+                called("POST /api/import/archive")  # its runs indexed
+                with viewer.called:
+                    viewer.calls.clear()
+                source = next(r for r in lab.info.listed_runs if r.status == "running")
+                shutil.copytree(source.path, source.path.with_name(source.run_id + "_new"))
+                lab.publish(ManifestType.FULL, now=lab.now + 60)
+                called("POST /api/import/archive")  # the new run indexed during the watch
+                called("POST /api/status/check")
+                child.send_signal(signal.SIGTERM)
+                child.wait(DEADLINE_SECONDS)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                out.join()
+    finally:
+        viewer.shutdown()
+        viewer.server_close()
+    assert child.returncode == 0
+    assert (cache / f"{source.rel}_new" / "meta.json").exists()

@@ -95,9 +95,10 @@ def watch_cache(
     full_interval: float,
     selection: RunSelection | None = None,
     caps: dict[str, int] | None = None,
+    viewer_url: str | None = None,
 ) -> int:
     """Watch until SIGTERM or Ctrl+C; the exit code (0, or 1/4 when the first connection
-    cannot be made)."""
+    cannot be made). With ``viewer_url`` the viewer is told of every pass's changes."""
     from runicorn.sync.client import ManifestSyncClient
 
     connection = None if destination is None else _Connection(destination, ssh)
@@ -126,12 +127,13 @@ def watch_cache(
     source = root if destination is None else f"{destination}:{client.remote_root}"
     click.echo(f"watching {source} into {cache_dir}", err=True)
     reporter = reporter_for(cache_dir, source, as_json=as_json)
+    viewer = None if viewer_url is None else _Viewer(viewer_url, cache_dir, client)
     try:
         with _signals_stop(client), reporter:
             client.watch(
                 interval=interval,
                 full_interval=full_interval,
-                on_sync=lambda stats: _after_pass(client, stats, reporter),
+                on_sync=lambda stats: _after_pass(client, stats, reporter, viewer),
                 on_error=reporter.record_error,
                 reconnect=reconnect,
             )
@@ -168,10 +170,63 @@ def _first_connection(
     return EXIT_OK, sftp, resolved
 
 
-def _after_pass(client: ManifestSyncClient, stats: SyncStats, reporter: Reporter) -> None:
+def _after_pass(
+    client: ManifestSyncClient, stats: SyncStats, reporter: Reporter, viewer: _Viewer | None
+) -> None:
     # --verify checks every cached file once, on the first pass, not every few seconds.
     client.verify = False
+    if viewer is not None and not stats.get("skipped"):
+        viewer.tell()
     reporter.record_pass(stats, client.last_run_changes)
+
+
+class _Viewer:
+    """``--viewer`` during a watch: told of each applied pass's changes, as a plain sync
+    tells it once. A viewer that did not answer (not started yet, restarting) is asked
+    again after :attr:`RETRY_SECONDS`, not on every pass, with everything it missed."""
+
+    RETRY_SECONDS = 60.0
+
+    def __init__(self, url: str, cache_dir: Path, client: ManifestSyncClient) -> None:
+        self.url = url
+        self.cache_dir = cache_dir
+        self.client = client
+        self._failed_at: float | None = None
+        self._added: set[str] = set()
+        self._changed: set[str] = set()
+        self._renew()
+
+    def _renew(self) -> None:
+        from runicorn.sync.viewer import ViewerNotifier
+
+        # The client asks it to drop runs before deleting them, and to restore runs from
+        # its recycle bin, during the pass; the refresh comes after the pass.
+        self.client.viewer = ViewerNotifier(self.url, self.cache_dir)
+
+    def tell(self) -> None:
+        import time
+
+        from runicorn.sync.viewer import ViewerChanges
+
+        notifier = self.client.viewer
+        if notifier is None:
+            return
+        self._added.update(self.client.last_changes.added)
+        self._changed.update(self.client.last_changes.changed)
+        if notifier.report.problem is not None:
+            now = time.monotonic()
+            if self._failed_at is None:
+                self._failed_at = now
+            if now - self._failed_at < self.RETRY_SECONDS:
+                return
+            self._failed_at = None
+            self._renew()
+            notifier = self.client.viewer
+            assert notifier is not None
+        notifier.refresh(ViewerChanges(tuple(sorted(self._added)), tuple(sorted(self._changed))))
+        if notifier.report.problem is None:
+            self._added.clear()
+            self._changed.clear()
 
 
 @contextlib.contextmanager

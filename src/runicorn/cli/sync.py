@@ -344,11 +344,6 @@ def sync(
             )
         if full_interval < interval:
             raise click.UsageError("--full-interval must be at least --interval")
-        if _viewer_url(viewer_url):
-            print_error(
-                "--viewer is not told of the changes a --watch applies (not supported yet); "
-                "restart the viewer or run a plain sync with --viewer to refresh it"
-            )
         from runicorn.cli._sync_watch import SshOptions, watch_cache
 
         sys.exit(
@@ -366,6 +361,7 @@ def sync(
                 interval=interval,
                 full_interval=full_interval,
                 selection=selection,
+                viewer_url=_viewer_url(viewer_url),
                 caps={
                     name: value
                     for name, value in (
