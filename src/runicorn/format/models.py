@@ -58,6 +58,9 @@ class ManifestFormat:
 
 _HEX = re.compile(r"[0-9a-f]+\Z")
 
+MAX_CHANGES_SINCE = 1024
+"""A ``changes_since`` header naming more full manifests than this is refused."""
+
 
 @dataclass(slots=True)
 class FileEntry:
@@ -146,6 +149,11 @@ class SyncManifest:
     generator_version: str = f"runicorn {__version__}"
     tail_hash_algorithm: str | None = ManifestFormat.TAIL_HASH_ALGORITHM
     tail_hash_window: int | None = ManifestFormat.TAIL_HASH_WINDOW
+    changes_since: list[str] | None = None
+    """Active manifests (optional header field): snapshot ids of full manifests, oldest
+    first, the last the newest full manifest when this one was generated. For each of them
+    this manifest lists every run whose entry differs from that full manifest's (removed
+    runs excepted), so a client that applied one can apply this instead of the newest."""
 
     @property
     def total_experiments(self) -> int:
@@ -201,6 +209,8 @@ class SyncManifest:
             data["tail_hash_algorithm"] = self.tail_hash_algorithm
         if self.tail_hash_window is not None:
             data["tail_hash_window"] = self.tail_hash_window
+        if self.changes_since is not None:
+            data["changes_since"] = list(self.changes_since)
         data["statistics"] = self.statistics
         return data
 
@@ -398,6 +408,16 @@ class _Validator:
             raise self.fail(where, f"{text!r} is not a safe path component")
         return text
 
+    def snapshot_list(self, value: Any, where: str) -> list[str] | None:
+        """An optional list of snapshot ids (``changes_since``)."""
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise self.fail(where, "expected a list of snapshot ids (non-empty strings)")
+        if len(value) > MAX_CHANGES_SINCE:
+            raise self.fail(where, f"{len(value)} snapshot ids; at most {MAX_CHANGES_SINCE}")
+        return value
+
     def run_path(self, value: Any, where: str) -> str:
         """A runs-path run's ``path``: ``""`` or visible components joined by ``/``."""
         if value is None:
@@ -449,6 +469,7 @@ class _Validator:
             generator_version=self.string(doc.get("generator_version", ""), "generator_version"),
             tail_hash_algorithm=algorithm,
             tail_hash_window=window,
+            changes_since=self.snapshot_list(doc.get("changes_since"), "changes_since"),
         )
         experiments = self.require(doc, "experiments", "header")
         if not isinstance(experiments, list):

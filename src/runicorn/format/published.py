@@ -81,6 +81,7 @@ class PublishedManifest(SyncManifest):
         self.generator_version = header.get("generator_version", "")
         self.tail_hash_algorithm = header.get("tail_hash_algorithm")
         self.tail_hash_window = header.get("tail_hash_window")
+        self.changes_since = header.get("changes_since")
         statistics = header["statistics"]
         self._header_statistics = {
             key: int(statistics[key]) for key in ("total_experiments", "total_files", "total_bytes")

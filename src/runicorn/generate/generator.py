@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,14 @@ from runicorn.format.models import (
     read_header,
 )
 from runicorn.format.published import PublishedManifest
+from runicorn.generate.journal import (
+    ChangeJournal,
+    FullRecord,
+    Observation,
+    Signature,
+    signature,
+    signatures_of,
+)
 from runicorn.generate.state import GeneratorState, RunMemo
 from runicorn.generate.tree import LiveTree, Refresh, RunKey
 
@@ -90,6 +98,10 @@ REUSE_MARGIN_NS = 2_000_000_000
 File systems stamp mtimes from a coarser clock than ``time.time_ns()`` (Linux: the tick;
 NFS: the server's clock), so "older than the scan" needs slack to mean it.
 """
+
+
+_UNKNOWN_SIGNATURE: Signature = (-1, 0, 2**62)
+"""For a run whose records this process has not seen: counts as changed."""
 
 
 class ManifestGenerationError(OSError):
@@ -164,6 +176,9 @@ class ManifestGenerator:
         self.hostname = hostname or socket.gethostname()
         self.last_report: GenerationReport | None = None
         self.tree: LiveTree | None = None
+        self._tree_signatures: dict[RunKey, Signature] = {}
+        """Per run of the live tree, its signature for the change journal, kept from the
+        scan that last rebuilt it (the tree keeps no records)."""
 
     # -- public API ---------------------------------------------------------------------
 
@@ -284,13 +299,21 @@ class ManifestGenerator:
         )
         if built.stale:
             self._hash_stale_tails(built.stale, experiments, next_state, report)
-        experiments = self._select_for_type(manifest_type, experiments, now)
+        journal = ChangeJournal(output.parent)
+        observation = self._observe(journal, signatures_of(scan.runs), tags, scan_started_ns)
+        changes_since, changed = self._changes_since(observation, now)
+        experiments = self._select_for_type(manifest_type, experiments, now, changed)
         report.runs_scanned = report.runs_rescanned = len(scan.runs)
         next_state.append_only_files = _count_append_only(experiments)
         manifest, experiments_json, digest = self._encode(manifest_type, experiments, now)
+        if manifest_type is ManifestType.ACTIVE and changes_since:
+            manifest.changes_since = changes_since
+            digest = self._content_digest(manifest, experiments_json)
         memos: bytes | None = None
         if self._decide_revision(manifest, digest, previous, output, report):
             memos = self._publish(manifest, experiments_json, next_state, output, report)
+        if manifest_type is ManifestType.FULL and observation is not None:
+            self._record_full(journal, manifest, observation.seq, now)
         self._save_state(next_state, manifest, digest, previous, state_path, memos, report)
         return manifest
 
@@ -308,6 +331,9 @@ class ManifestGenerator:
         disk_memo = None if tree.seeded else self._reuse_memos(previous, report)
         read = RUN_METADATA if disk_memo is not None and not disk_memo.runs else ()
         refresh = self._refresh_tree(tree, read, report)
+        signatures = self._tree_signatures
+        for run, _digest in refresh.dirty:
+            signatures[run[0], run[1], run[2]] = signature(run[3])
         unlisted = {path for path, _ in report.problems}
         tags = self._read_tags(report)
         self._rebuild_dirty_runs(tree, refresh, disk_memo, unlisted, report)
@@ -325,13 +351,31 @@ class ManifestGenerator:
         report.runs_rescanned = refresh.rescanned_runs
         report.run_layout = layout.layout_name(len(kept) - runs_path_runs, runs_path_runs)
         now = self.clock()
-        experiments = self._select_for_type(manifest_type, experiments, now)
+        if len(signatures) > len(tree.runs):
+            self._tree_signatures = signatures = {key: signatures[key] for key in tree.runs}
+        journal = ChangeJournal(output.parent)
+        observation = self._observe(
+            journal,
+            (
+                (layout.run_prefix(*key), key[2], signatures.get(key, _UNKNOWN_SIGNATURE))
+                for key in tree.runs
+            ),
+            tags,
+            refresh.scan_started_ns,
+        )
+        changes_since, changed = self._changes_since(observation, now)
+        experiments = self._select_for_type(manifest_type, experiments, now, changed)
         next_state = self._tree_state(tree, state_path, refresh)
         next_state.append_only_files = _count_append_only(experiments)
         manifest, experiments_json, digest = self._encode(manifest_type, experiments, now)
+        if manifest_type is ManifestType.ACTIVE and changes_since:
+            manifest.changes_since = changes_since
+            digest = self._content_digest(manifest, experiments_json)
         memos: bytes | None = None
         if self._decide_revision(manifest, digest, previous, output, report):
             memos = self._publish(manifest, experiments_json, next_state, output, report)
+        if manifest_type is ManifestType.FULL and observation is not None:
+            self._record_full(journal, manifest, observation.seq, now)
         self._save_state(next_state, manifest, digest, previous, state_path, memos, report)
         if not next_state.keep_memo_file:
             tree.memo_saved[str(state_path)] = next_state.scan_started_ns
@@ -572,14 +616,60 @@ class ManifestGenerator:
                 exp.updated_at = max((e.mtime for e in files), default=exp.created_at)
 
     def _select_for_type(
-        self, manifest_type: ManifestType, experiments: list[ExperimentEntry], now: float
+        self,
+        manifest_type: ManifestType,
+        experiments: list[ExperimentEntry],
+        now: float,
+        changed: set[str],
     ) -> list[ExperimentEntry]:
         """A full manifest lists every run; an active one only the runs still running or
-        written to within the active window, so a frequent sync stays small."""
+        written to within the active window, so a frequent sync stays small, and the runs
+        the journal saw change since the full manifests it names (``changed``, prefixes)."""
         if manifest_type is not ManifestType.ACTIVE:
             return experiments
         horizon = now - self.active_window_seconds
-        return [exp for exp in experiments if exp.status == "running" or exp.updated_at >= horizon]
+        return [
+            exp
+            for exp in experiments
+            if exp.status == "running" or exp.updated_at >= horizon or exp.prefix in changed
+        ]
+
+    @staticmethod
+    def _observe(
+        journal: ChangeJournal,
+        runs: Iterable[tuple[str, str, Signature]],
+        tags: dict[str, list[str]],
+        started_ns: int,
+    ) -> Observation | None:
+        """This scan, told to the change journal; ``None`` (logged) when the journal cannot
+        be written: clients then lose their shortcut for a while, not the manifest."""
+        try:
+            return journal.observe(runs, tags, started_ns)
+        except OSError as error:
+            logger.warning("cannot update the change journal %s: %s", journal.path, error)
+            return None
+
+    def _changes_since(
+        self, observation: Observation | None, now: float
+    ) -> tuple[list[str], set[str]]:
+        """The full manifests an active manifest generated now names, and the runs
+        (prefixes) it must list for them (see :mod:`runicorn.generate.journal`)."""
+        if observation is None:
+            return [], set()
+        return observation.changes_since(now - self.active_window_seconds)
+
+    def _record_full(
+        self, journal: ChangeJournal, manifest: SyncManifest, seq: int, now: float
+    ) -> None:
+        """Tell the journal which full manifest is published now, built from observation
+        ``seq``. A failure costs clients their shortcut, never the generation (logged)."""
+        try:
+            journal.record_full(
+                FullRecord(manifest.snapshot_id, manifest.revision, seq, manifest.generated_at),
+                now - 2 * self.active_window_seconds,
+            )
+        except OSError as error:
+            logger.warning("cannot record the full manifest in %s: %s", journal.path, error)
 
     def _encode(
         self, manifest_type: ManifestType, experiments: list[ExperimentEntry], now: float
@@ -842,9 +932,12 @@ class ManifestGenerator:
     @staticmethod
     def _content_digest(manifest: SyncManifest, experiments_json: bytes) -> str:
         """A fingerprint of everything but the per-generation header fields: the experiments
-        exactly as they are published (so the bytes are encoded once for both)."""
+        exactly as they are published (so the bytes are encoded once for both), and the full
+        manifests an active one names (a client needs the newest named)."""
         hasher = blake3()
         hasher.update(orjson.dumps([manifest.server_hostname, manifest.remote_root]))
+        if manifest.changes_since is not None:
+            hasher.update(orjson.dumps(manifest.changes_since))
         hasher.update(experiments_json)
         return hasher.hexdigest()
 
