@@ -177,3 +177,17 @@ def test_changes_since_survives_the_round_trip_and_precedes_the_experiments():
     data = manifest.to_json()
     assert data.index(b'"changes_since"') < data.index(b'"experiments"')
     assert SyncManifest.from_json(data) == manifest
+
+
+def test_a_generator_keeping_its_tree_keeps_the_same_promise(lab: Path, make_generator):
+    generator = make_generator(lab)
+    tree = generator.keep_tree()
+    full, _ = generator.generate(ManifestType.FULL)
+    _run(lab, "proj", "copied", "20231201_000000_000009", mtime=NOW - 30 * 24 * HOUR)
+    tree.rescan()  # what polling reports
+    active, _ = generator.generate(ManifestType.ACTIVE)
+    assert active.changes_since == [full.snapshot_id]
+    assert _ids(active) == ["20231201_000000_000009"]
+    # a one-shot generation beside it shares the journal and agrees
+    other, _ = make_generator(lab).generate(ManifestType.ACTIVE)
+    assert _ids(other) == ["20231201_000000_000009"]

@@ -21,6 +21,7 @@ from runicorn.format.models import ManifestType, SyncManifest
 from runicorn.generate.changes import InotifySource, Waker
 from runicorn.generate.generator import GenerationReport, ManifestGenerator
 from runicorn.generate.inotify import IN_Q_OVERFLOW, encode_event
+from runicorn.generate.journal import JOURNAL_FILENAME
 
 NOW = 2_000_000_000.0
 KINDS = (ManifestType.FULL, ManifestType.ACTIVE)
@@ -89,9 +90,14 @@ class Live:
             assert self.generator.last_report is not None
             reports.append(self.generator.last_report)
             self.fresh_count += 1
+            fresh_out = tmp_path / f"fresh{self.fresh_count}"
+            fresh_out.mkdir()
+            # the same change journal: an active manifest also lists the runs it says
+            # changed since the full manifests it names (changes_since)
+            shutil.copy(self.out / JOURNAL_FILENAME, fresh_out / JOURNAL_FILENAME)
             fresh_generator = ManifestGenerator(
                 self.root,
-                tmp_path / f"fresh{self.fresh_count}",
+                fresh_out,
                 incremental=False,
                 backend=self.backend,
                 clock=lambda: NOW,
