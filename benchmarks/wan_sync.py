@@ -1,28 +1,37 @@
-"""`runicorn sync` against `rsync -a` over an emulated WAN link, side by side.
+"""`runicorn sync` against `rsync -a` and `rsync -az` over emulated links, side by side.
 
 For each lab size: a sample lab is built and its manifest generated; a throw-away sshd serves
-it on 127.0.0.1 behind a :class:`WanProxy` (fixed delay each way, bandwidth cap: the kernel
-here has no netem). Three scenarios run for both tools, each a fresh process and a fresh SSH
-connection, wall time measured around the whole command:
+it on 127.0.0.1 behind a :class:`WanProxy` (fixed delay each way, optional bandwidth cap: the
+kernel here has no netem). Each link profile (``--profiles``: ``wan`` is ``--rtt-ms`` /
+``--mbit``, 50 ms / 100 Mbit/s by default; ``lan`` is 2 ms RTT without a cap) runs three
+scenarios for every tool, each a fresh process and a fresh SSH connection, wall time measured
+around the whole command:
 
 * cold: empty destination;
 * no change: run again at once;
 * training step: the lab trains (appends, rewrites, new and deleted runs), the manifest is
-  regenerated, then both sync.
+  regenerated, then every tool syncs.
 
-``--repeat N`` runs the three scenarios N times (each round into fresh destinations, after
-its own training step) and reports the median of each number.
+The tools: ``rsync -a``, ``rsync -az`` and ``runicorn sync`` with its default flags (automatic
+compression), with ``--compress`` and with ``--no-compress``. ``--repeat N`` runs the
+scenarios N times (each round into fresh destinations, after its own training step) and
+reports the median of each number.
 
 Bytes are what the proxy carried towards the client; SFTP requests are counted by the server
-(sftp-server's own log), not trusted from the client. rsync excludes ``*.lock`` and
-``.runicorn/`` so both tools move the same files.
+(sftp-server's own log), not trusted from the client. Server CPU is what sshd's children (the
+session processes, sftp-server, rsync's server side, zlib included) used, read from sshd's
+``cutime``/``cstime`` once they have exited. rsync excludes ``*.lock`` and ``.runicorn/`` so
+every tool moves the same files. ``--media-only`` keeps only each run's ``meta.json``,
+``status.json`` and ``media/`` (PNG, JPEG: already compressed) to show what compression
+costs where it cannot win.
 
-    python benchmarks/wan_sync.py --runs 100 500 --rtt-ms 50 --mbit 100 --repeat 3
+    python benchmarks/wan_sync.py --runs 100 500 1000 --profiles wan lan
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -39,6 +48,26 @@ from runicorn.demo.sample_lab import build_sample_lab, training_step
 from runicorn.manifest import ManifestGenerator
 
 ALIAS = "wanlab"
+SCENARIOS = ("cold", "no change", "training step")
+RUNICORN_FLAGS = {"runicorn": [], "runicorn -z": ["--compress"], "runicorn -Z": ["--no-compress"]}
+"""``runicorn -Z`` is short for ``runicorn sync --no-compress`` in the tables."""
+TOOLS = ("rsync -a", "rsync -az", *RUNICORN_FLAGS)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rtt_ms: float
+    bandwidth_bps: float | None
+
+    def __str__(self) -> str:
+        cap = (
+            "no bandwidth cap"
+            if self.bandwidth_bps is None
+            else (f"{self.bandwidth_bps / 1e6:.0f} Mbit/s")
+        )
+        return f"{self.name}: {self.rtt_ms:g} ms RTT, {cap}"
 
 
 @dataclass
@@ -48,10 +77,11 @@ class Measurement:
     seconds: float
     bytes_down: int
     requests: int | None
+    server_cpu: float
     detail: str = ""
 
 
-def write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
+def _write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
     """An ssh_config and known_hosts that reach the server through the proxy's port."""
     known_hosts = directory / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{proxy_port} {server.host_public_key}\n")
@@ -83,86 +113,152 @@ def _timed(command: list[str]) -> tuple[float, str]:
     return elapsed, done.stdout
 
 
+def _stat_fields(pid: int) -> list[str]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def _server_cpu(server: SshServer) -> float:
+    """CPU seconds of sshd's exited (reaped) descendants: ``cutime`` + ``cstime``."""
+    assert server.pid is not None
+    fields = _stat_fields(server.pid)  # fields[0] is the state (field 3 of stat)
+    return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+
+
+def _wait_sessions_gone(server: SshServer, timeout: float = 15.0) -> None:
+    """Until sshd has reaped every session of the last command, so its CPU is counted."""
+    assert server.pid is not None
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children")
+    deadline = time.monotonic() + timeout
+    while children.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def _measure(
     tool: str, scenario: str, command: list[str], proxy: WanProxy, server: SshServer
 ) -> Measurement:
+    _wait_sessions_gone(server)
     proxy.reset_counters()
     server.reset_request_counts()
+    cpu_before = _server_cpu(server)
     seconds, stdout = _timed(command)
     requests = None
-    if tool == "runicorn":
+    if tool.startswith("runicorn"):
         requests = server.sftp_request_count(wait_for_close=True).total
+    _wait_sessions_gone(server)
+    server_cpu = _server_cpu(server) - cpu_before
     detail = ""
-    if tool == "runicorn" and stdout.strip().startswith("{"):
+    if tool.startswith("runicorn") and stdout.strip().startswith("{"):
         import orjson
 
         stats = orjson.loads(stdout)
+        compression = stats.get("compression") or {}
         detail = (
             f"files {stats.get('files_synced')}, incr {stats.get('incremental_count')}, "
-            f"full {stats.get('full_count')}, skipped {stats.get('skipped')}"
+            f"full {stats.get('full_count')}, skipped {stats.get('skipped')}, "
+            f"compression {'on' if compression.get('active') else 'off'} "
+            f"({compression.get('reason')}, {compression.get('rtt_ms')} ms)"
         )
-    return Measurement(tool, scenario, seconds, proxy.bytes_down, requests, detail)
+    return Measurement(tool, scenario, seconds, proxy.bytes_down, requests, server_cpu, detail)
+
+
+def _keep_media_only(lab: Path) -> None:
+    """Leave each run's meta.json, status.json and media/: the already-compressed files."""
+    for path in sorted(lab.rglob("*"), reverse=True):
+        if not path.is_file() or ".runicorn" in path.parts:
+            continue
+        if path.name in ("meta.json", "status.json") or "media" in path.parts:
+            continue
+        path.unlink()
 
 
 def run_lab(
-    runs: int, scale: float, delay_ms: float, bandwidth_bps: float, workdir: Path, repeat: int = 1
+    runs: int,
+    scale: float,
+    profiles: list[Profile],
+    workdir: Path,
+    repeat: int = 1,
+    media_only: bool = False,
 ):
     lab = workdir / f"lab{runs}"
     info = build_sample_lab(lab, runs, seed=runs, scale=scale)
+    if media_only:
+        _keep_media_only(lab)
     ManifestGenerator(lab).generate()
-    results: list[Measurement] = []
-    with (
-        SshServer(count_requests=True) as server,
-        WanProxy("127.0.0.1", server.port, delay_ms=delay_ms, bandwidth_bps=bandwidth_bps) as proxy,
-    ):
-        config = write_client_config(server, proxy.port, workdir)
-        for round_number in range(repeat):
-            cache = workdir / f"cache{runs}-{round_number}"
-            mirror = workdir / f"rsync{runs}-{round_number}"
-            results += _round(runs + round_number, lab, cache, mirror, config, proxy, server)
+    results: dict[str, list[Measurement]] = {}
+    with SshServer(count_requests=True) as server:
+        for index, profile in enumerate(profiles):
+            with WanProxy(
+                "127.0.0.1",
+                server.port,
+                delay_ms=profile.rtt_ms / 2,
+                bandwidth_bps=profile.bandwidth_bps,
+            ) as proxy:
+                directory = workdir / profile.name
+                directory.mkdir()
+                config = _write_client_config(server, proxy.port, directory)
+                measured: list[Measurement] = []
+                for round_number in range(repeat):
+                    seed = runs + 100 * index + round_number
+                    measured += _round(
+                        seed,
+                        lab,
+                        directory / f"round{round_number}",
+                        config,
+                        proxy,
+                        server,
+                        train=not media_only,
+                    )
+                results[profile.name] = measured
     return info, results
 
 
 def _round(
     seed: int,
     lab: Path,
-    cache: Path,
-    mirror: Path,
+    directory: Path,
     config: Path,
     proxy: WanProxy,
     server: SshServer,
+    *,
+    train: bool,
 ) -> list[Measurement]:
-    """The three scenarios once, for both tools, into fresh destinations."""
+    """The scenarios once, for every tool, into fresh destinations."""
+    directory.mkdir(parents=True)
+    commands: dict[str, list[str]] = {}
+    for tool, flags in RUNICORN_FLAGS.items():
+        commands[tool] = [
+            sys.executable,
+            "-m",
+            "runicorn",
+            "sync",
+            f"{ALIAS}:{lab}",
+            str(directory / tool.replace(" ", "_")),
+            "--ssh-config",
+            str(config),
+            "--jitter",
+            "0",
+            "--json",
+            *flags,
+        ]
+    for tool, options in (("rsync -a", ["-a"]), ("rsync -az", ["-az"])):
+        commands[tool] = [
+            "rsync",
+            *options,
+            "--exclude=*.lock",
+            "--exclude=.runicorn/",
+            "-e",
+            f"ssh -F {config}",
+            f"{ALIAS}:{lab}/",
+            f"{directory / tool.replace(' ', '_')}/",
+        ]
     results: list[Measurement] = []
-    runicorn = [
-        sys.executable,
-        "-m",
-        "runicorn",
-        "sync",
-        f"{ALIAS}:{lab}",
-        str(cache),
-        "--ssh-config",
-        str(config),
-        "--jitter",
-        "0",
-        "--json",
-    ]
-    rsync = [
-        "rsync",
-        "-a",
-        "--exclude=*.lock",
-        "--exclude=.runicorn/",
-        "-e",
-        f"ssh -F {config}",
-        f"{ALIAS}:{lab}/",
-        f"{mirror}/",
-    ]
-    for scenario in ("cold", "no change", "training step"):
+    for scenario in SCENARIOS if train else SCENARIOS[:2]:
         if scenario == "training step":
             training_step(lab, seed=seed + 1, now=time.time())
             ManifestGenerator(lab).generate()
-        results.append(_measure("runicorn", scenario, runicorn, proxy, server))
-        results.append(_measure("rsync", scenario, rsync, proxy, server))
+        for tool in TOOLS:
+            results.append(_measure(tool, scenario, commands[tool], proxy, server))
     return results
 
 
@@ -176,66 +272,97 @@ def _median(measurements: list[Measurement]) -> Measurement:
         statistics.median(m.seconds for m in measurements),
         int(statistics.median(m.bytes_down for m in measurements)),
         int(statistics.median(requests)) if requests else None,
+        statistics.median(m.server_cpu for m in measurements),
         first.detail,
     )
 
 
-def _table(runs: int, info, results: list[Measurement]) -> str:
-    lines = [
-        f"\n### {runs} runs: {info.total_files} files, {info.total_bytes / 1e6:.1f} MB\n",
-        "| scenario | runicorn s | rsync s | ratio | runicorn bytes | rsync bytes "
-        "| SFTP requests |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _table(runs: int, info, profile: Profile, results: list[Measurement]) -> str:
     rounds: dict[tuple[str, str], list[Measurement]] = {}
     for m in results:
         rounds.setdefault((m.tool, m.scenario), []).append(m)
     by_key = {key: _median(ms) for key, ms in rounds.items()}
+    scenarios = [s for s in SCENARIOS if ("runicorn", s) in by_key]
     repeat = len(rounds[("runicorn", "cold")])
-    if repeat > 1:
-        lines[0] = lines[0].rstrip("\n") + f" (median of {repeat} rounds)\n"
-    for scenario in ("cold", "no change", "training step"):
-        ours, theirs = by_key[("runicorn", scenario)], by_key[("rsync", scenario)]
+    rounds_note = f" (median of {repeat} rounds)" if repeat > 1 else ""
+    lines = [
+        f"\n### {runs} runs, {profile}: {info.total_files} files, "
+        f"{info.total_bytes / 1e6:.1f} MB{rounds_note}\n",
+        "Seconds (ratio of runicorn's default to rsync -az; -Z is --no-compress):\n",
+        "| scenario | " + " | ".join(TOOLS) + " | runicorn / rsync -az | SFTP requests |",
+        "|---" * (len(TOOLS) + 3) + "|",
+    ]
+    for scenario in scenarios:
+        row = [by_key[(tool, scenario)] for tool in TOOLS]
+        ours, theirs = by_key[("runicorn", scenario)], by_key[("rsync -az", scenario)]
         lines.append(
-            f"| {scenario} | {ours.seconds:.2f} | {theirs.seconds:.2f} | "
-            f"{ours.seconds / theirs.seconds:.2f}x | {ours.bytes_down:,} | "
-            f"{theirs.bytes_down:,} | {ours.requests} |"
+            f"| {scenario} | "
+            + " | ".join(f"{m.seconds:.2f}" for m in row)
+            + f" | {ours.seconds / theirs.seconds:.2f}x | {ours.requests} |"
+        )
+    lines += [
+        "\nMB towards the client / server CPU seconds (sshd's children):\n",
+        "| scenario | " + " | ".join(TOOLS) + " |",
+        "|---" * (len(TOOLS) + 1) + "|",
+    ]
+    for scenario in scenarios:
+        row = [by_key[(tool, scenario)] for tool in TOOLS]
+        lines.append(
+            f"| {scenario} | "
+            + " | ".join(f"{m.bytes_down / 1e6:.2f} / {m.server_cpu:.2f}" for m in row)
+            + " |"
         )
     lines.append("")
-    lines.extend(f"- runicorn {m.scenario}: {m.detail}" for m in by_key.values() if m.detail)
+    lines.extend(f"- {m.tool} {m.scenario}: {m.detail}" for m in by_key.values() if m.detail)
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--runs", type=int, nargs="+", default=[100, 500, 1000])
     parser.add_argument(
         "--scale", type=float, default=2.9, help="file-size scale (2.9: ~48 MB/100 runs)"
     )
-    parser.add_argument("--rtt-ms", type=float, default=50.0)
-    parser.add_argument("--mbit", type=float, default=100.0)
+    parser.add_argument(
+        "--profiles",
+        nargs="+",
+        choices=("wan", "lan"),
+        default=["wan", "lan"],
+        help="wan: --rtt-ms / --mbit; lan: 2 ms RTT, no bandwidth cap",
+    )
+    parser.add_argument("--rtt-ms", type=float, default=50.0, help="the wan profile's RTT")
+    parser.add_argument("--mbit", type=float, default=100.0, help="the wan profile's cap")
+    parser.add_argument("--media-only", action="store_true", help="only meta, status, media/")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(
-        "--repeat", type=int, default=1, help="rounds of the three scenarios; medians reported"
+        "--repeat", type=int, default=1, help="rounds of the scenarios; medians reported"
     )
     args = parser.parse_args()
     if shutil.which("rsync") is None:
         sys.exit("rsync is not installed (apt-get install rsync)")
+    known = {
+        "wan": Profile("wan", args.rtt_ms, args.mbit * 1e6),
+        "lan": Profile("lan", 2.0, None),
+    }
+    profiles = [known[name] for name in dict.fromkeys(args.profiles)]
     base = args.workdir or Path(tempfile.mkdtemp(prefix="runicorn-wan-"))
     from runicorn.core.backend import active_backend
 
     print(
-        f"WAN: {args.rtt_ms:.0f} ms RTT, {args.mbit:.0f} Mbit/s; "
-        f"python {sys.version.split()[0]}; backend {active_backend().name}"
+        "; ".join(str(p) for p in profiles)
+        + f"; python {sys.version.split()[0]}; backend {active_backend().name}"
+        + ("; media only" if args.media_only else "")
     )
     try:
         for runs in args.runs:
             workdir = base / f"r{runs}"
             workdir.mkdir(parents=True)
             info, results = run_lab(
-                runs, args.scale, args.rtt_ms / 2, args.mbit * 1e6, workdir, max(1, args.repeat)
+                runs, args.scale, profiles, workdir, max(1, args.repeat), args.media_only
             )
-            print(_table(runs, info, results), flush=True)
+            for profile in profiles:
+                print(_table(runs, info, profile, results[profile.name]), flush=True)
+            shutil.rmtree(workdir, ignore_errors=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(base, ignore_errors=True)

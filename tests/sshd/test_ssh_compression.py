@@ -21,7 +21,7 @@ from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
 from runicorn.sync import service as service_module
 from runicorn.transport import ssh as ssh_module
-from runicorn.transport.link import AUTO_MIN_RTT
+from runicorn.transport.link import AUTO_MIN_RTT, LinkMeasurement
 from runicorn.transport.openssh_shortcuts import ENV_VAR
 from runicorn.transport.ssh import compression_choice, connect
 
@@ -192,5 +192,33 @@ def test_without_the_private_hooks_the_automatic_choice_uses_the_tcp_connect(
         assert choice.active == choice.enabled == (choice.link.rtt >= AUTO_MIN_RTT)
         _, stdout, _ = client.exec_command("echo ok", timeout=10)
         assert stdout.read().strip() == b"ok"
+    finally:
+        client.close()
+
+
+def test_a_stretched_key_exchange_is_checked_by_keepalives(
+    sshd_server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A key exchange that a stall stretched to 200 ms on a loopback link: automatic "on",
+    # then the keepalive probes measure the link again, on a thread, while files move.
+    stretched = LinkMeasurement(0.2, "handshake")
+    monkeypatch.setattr(ssh_module, "_measure_link", lambda transport, tcp_rtt: stretched)
+    payload = b'{"step": 2, "acc": 0.75}\n' * 50_000
+    source = tmp_path / "logs.txt"
+    source.write_bytes(payload)
+    client = _connect(sshd_server)
+    try:
+        sftp = client.open_sftp()
+        for _ in range(3):  # reads before, during and after a re-key all arrive intact
+            with sftp.open(str(source)) as remote:
+                remote.prefetch(len(payload))
+                assert remote.read() == payload
+        choice = compression_choice(client)
+        assert choice is not None and choice.reason == "automatic" and choice.link is not None
+        assert choice.link.rtt <= stretched.rtt
+        assert choice.enabled == (choice.link.rtt >= AUTO_MIN_RTT)
+        assert choice.active == choice.enabled
+        assert choice.negotiated == ("zlib@openssh.com" if choice.enabled else "none")
+        sftp.close()
     finally:
         client.close()

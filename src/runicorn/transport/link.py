@@ -44,8 +44,8 @@ class LinkMeasurement:
     """One round-trip time measured on the connection, and how it was measured.
 
     ``method`` names the measurement: ``"handshake"`` (the key-exchange request's reply: one
-    round trip plus a millisecond or so of the server's key agreement; near the threshold,
-    the shorter of that and a keepalive request's reply) or ``"tcp connect"`` (the TCP
+    round trip plus a millisecond or so of the server's key agreement; after an automatic
+    "on", the shortest of that and up to three keepalive requests' replies) or ``"tcp connect"`` (the TCP
     handshake; a local proxy or a ProxyCommand hides the link from it).
     """
 

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import paramiko
 from paramiko.auth_handler import AuthHandler
@@ -168,7 +169,8 @@ PRIVATE_API: tuple[PrivateHook, ...] = (
         "paramiko.Transport",
         "packetizer",
         None,
-        "ClientTransport clears its compressors (set_outbound_compressor(None) …)",
+        "ClientTransport clears its compressors (set_outbound_compressor(None) …) and times "
+        "its read_message",
     ),
     PrivateHook(
         "paramiko.Transport",
@@ -228,13 +230,16 @@ class PipelinedAuthHandler(AuthHandler):
 
 class ClientTransport(paramiko.Transport):
     """paramiko's Transport whose public-key authentication costs one round trip less when
-    :func:`enabled`, which times the first key exchange's round trip, and which can re-key
-    compression off.
+    :func:`enabled`, which times round trips on the wire, and which can re-key compression
+    off.
 
-    ``kex_round_trip`` is the time from the client's key-exchange request (sent as soon as
-    the server's KEXINIT arrived) to the server's reply: one network round trip plus the
-    server's key agreement (about a millisecond), without sshd's start-up that the banner
-    wait includes. :mod:`runicorn.transport.ssh` judges the link by it.
+    ``kex_round_trip`` is the time from sending the key-exchange request (as soon as the
+    server's KEXINIT arrived) to reading the server's reply packet: one network round trip
+    plus the server's key agreement, without sshd's start-up (which the banner wait
+    includes) and without this process's work on the reply (a fresh process initialises its
+    crypto there, tens of milliseconds on a busy machine). :meth:`probe_round_trip` times a
+    keepalive request the same way. Both read the time a packet was read, kept by a wrapper
+    around the packetizer's ``read_message`` until :meth:`stop_timing`.
 
     paramiko keeps a compressor once set, even after a re-key that agrees on ``none``;
     both ``_activate_*`` overrides drop it then, so a connection can start with compression
@@ -243,6 +248,30 @@ class ClientTransport(paramiko.Transport):
 
     kex_round_trip: float | None = None
     _kex_request_sent: float | None = None
+    _last_read: float = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        read = self.packetizer.read_message
+
+        def timed_read() -> tuple[int, paramiko.Message]:
+            message = read()
+            self._last_read = time.monotonic()
+            return message
+
+        self.packetizer.read_message = timed_read  # type: ignore[method-assign]
+
+    def stop_timing(self) -> None:
+        """Read packets without noting the time (the measurements are taken)."""
+        self.packetizer.__dict__.pop("read_message", None)
+
+    def probe_round_trip(self) -> float:
+        """One ``keepalive@openssh.com`` global request (as ``ssh``'s ServerAliveInterval
+        sends it; the server only refuses it): seconds until its reply was read."""
+        started = time.monotonic()
+        self.global_request("keepalive@openssh.com", wait=True)
+        replied = self._last_read if self._last_read >= started else time.monotonic()
+        return replied - started
 
     def _negotiate_keys(self, m: paramiko.Message) -> None:
         super()._negotiate_keys(m)  # type: ignore[misc]  # sends the key-exchange request
@@ -250,8 +279,9 @@ class ClientTransport(paramiko.Transport):
             self._kex_request_sent = time.monotonic()
 
     def _activate_outbound(self) -> None:
+        # Called on the reply: the packet just read is the server's key-exchange reply.
         if self.kex_round_trip is None and self._kex_request_sent is not None:
-            self.kex_round_trip = time.monotonic() - self._kex_request_sent
+            self.kex_round_trip = max(0.0, self._last_read - self._kex_request_sent)
         super()._activate_outbound()  # type: ignore[misc]
         if self.local_compression == "none":
             # paramiko accepts None (its initial value); the stubs say a compressor only

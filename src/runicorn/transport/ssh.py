@@ -12,8 +12,8 @@ prompt, and a man-in-the-middle is refused rather than remembered.
 
 Compression is chosen per connection (:mod:`runicorn.transport.link`): asked for, else the
 ssh config's ``Compression``, else automatic -- offered in the key exchange, and re-keyed off
-at once when that exchange's round trip shows a fast local link (a millisecond or two on a
-LAN, where the re-key costs that much again). :func:`compression_choice` tells what was chosen.
+when the round trip shows a fast local link (a millisecond or two on a LAN, where the re-key
+costs that much again). :func:`compression_choice` tells what was chosen.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import logging
 import os
 import shlex
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -36,7 +37,6 @@ import paramiko
 
 from runicorn.transport import openssh_shortcuts
 from runicorn.transport.link import (
-    AUTO_MIN_RTT,
     CompressionChoice,
     LinkMeasurement,
     choose_compression,
@@ -365,42 +365,50 @@ _CHOICES: weakref.WeakKeyDictionary[paramiko.Transport, CompressionChoice] = (
 )
 
 
-def compression_choice(client: paramiko.SSHClient) -> CompressionChoice | None:
-    """What :func:`connect` chose for this connection's compression (None: another client)."""
+_CONFIRMING: weakref.WeakKeyDictionary[paramiko.Transport, threading.Thread] = (
+    weakref.WeakKeyDictionary()
+)
+
+CONFIRM_PROBES = 3
+"""Keepalive requests that check a long key exchange in the background (the first fast
+answer turns compression off; on a long link they cost no wait, only a few tiny packets)."""
+
+
+def compression_choice(
+    client: paramiko.SSHClient, *, wait: float = 5.0
+) -> CompressionChoice | None:
+    """What :func:`connect` chose for this connection's compression (None: another client).
+
+    Waits up to ``wait`` seconds for the background check of an automatic "on" to end, so
+    the answer is final (it ends a few round trips after the connection is up).
+    """
     transport = client.get_transport()
-    return None if transport is None else _CHOICES.get(transport)
+    if transport is None:
+        return None
+    checking = _CONFIRMING.get(transport)
+    if checking is not None:
+        checking.join(wait)
+    return _CHOICES.get(transport)
 
 
-def _probe_round_trip(transport: paramiko.Transport) -> float:
-    """One ``keepalive@openssh.com`` global request and its (refusal) reply: a round trip
-    with nothing for the server to compute, as ``ssh``'s ServerAliveInterval sends it."""
-    started = time.monotonic()
-    transport.global_request("keepalive@openssh.com", wait=True)
-    return time.monotonic() - started
-
-
-def _measure_link(
-    transport: paramiko.Transport, tcp_rtt: float | None, *, probe: bool
-) -> LinkMeasurement | None:
-    """The link's round trip: the key exchange's, checked by one probe (when ``probe``) if it
-    is close enough to the threshold that a busy client or server could have stretched a
-    LAN's into it."""
-    kex_rtt = getattr(transport, "kex_round_trip", None)
-    if kex_rtt is None:
+def _measure_link(transport: paramiko.Transport, tcp_rtt: float | None) -> LinkMeasurement | None:
+    """The key exchange's round trip, or the TCP connect's under plain paramiko."""
+    if not isinstance(transport, openssh_shortcuts.ClientTransport):
         return None if tcp_rtt is None else LinkMeasurement(tcp_rtt, "tcp connect")
-    if probe and AUTO_MIN_RTT <= kex_rtt < _PROBE_BELOW:
-        return LinkMeasurement(min(kex_rtt, _probe_round_trip(transport)), "handshake")
-    return LinkMeasurement(kex_rtt, "handshake")
-
-
-_PROBE_BELOW = 3 * AUTO_MIN_RTT
-"""A key exchange slower than this is a long link: a probe would cost a long round trip for a
-verdict it cannot change (a stall of a busy machine is rarely that long)."""
+    rtt = transport.kex_round_trip
+    return None if rtt is None else LinkMeasurement(rtt, "handshake")
 
 
 def _server_compression(transport: paramiko.Transport) -> str:
     """The compression agreed for what the server sends (absent from paramiko's stubs)."""
     return str(getattr(transport, "remote_compression", None) or "none")
+
+
+def _turn_off(transport: paramiko.Transport, choice: CompressionChoice) -> CompressionChoice:
+    if _server_compression(transport) != "none":
+        transport.use_compression(False)
+        transport.renegotiate_keys()
+    return replace(choice, negotiated=_server_compression(transport))
 
 
 def _settle_compression(
@@ -409,17 +417,60 @@ def _settle_compression(
     config_value: bool | None,
     tcp_rtt: float | None,
 ) -> CompressionChoice:
-    """Decide with what the connection measured; re-key compression off when that is the
-    automatic choice but the key exchange agreed on it (offered while the link was unknown)."""
+    """Decide with what the connection measured; re-key compression off at once when that is
+    the automatic choice (it was offered while the link was unknown).
+
+    A key exchange is one sample of the round trip, and a busy client or server stretches it
+    (a stall of tens of milliseconds on a loaded machine makes a LAN look far away). So an
+    automatic "on" is checked with :data:`CONFIRM_PROBES` keepalive requests on a thread,
+    while the sync starts: one fast answer re-keys compression off. Sent before any file
+    moves, on a LAN that answer comes back within a millisecond or two.
+    """
     automatic = requested is None and config_value is None
-    link = _measure_link(transport, tcp_rtt, probe=automatic)
+    link = _measure_link(transport, tcp_rtt)
     choice = choose_compression(requested, config_value, link)
-    if not choice.enabled and _server_compression(transport) != "none":
-        transport.use_compression(False)
-        transport.renegotiate_keys()
-    choice = replace(choice, negotiated=_server_compression(transport))
+    if not choice.enabled:
+        choice = _turn_off(transport, choice)
+    else:
+        choice = replace(choice, negotiated=_server_compression(transport))
+    _CHOICES[transport] = choice
     logger.info("%s", choice.describe())
+    if not isinstance(transport, openssh_shortcuts.ClientTransport):
+        return choice
+    if automatic and choice.active:
+        checking = threading.Thread(
+            target=_confirm_long_link,
+            args=(transport, choice),
+            name="runicorn-link-check",
+            daemon=True,
+        )
+        _CONFIRMING[transport] = checking
+        checking.start()
+    else:
+        transport.stop_timing()
     return choice
+
+
+def _confirm_long_link(transport: paramiko.Transport, choice: CompressionChoice) -> None:
+    """Probe the round trip a few times; re-key compression off if the link was fast."""
+    assert isinstance(transport, openssh_shortcuts.ClientTransport)
+    shortest = choice.link.rtt if choice.link is not None else float("inf")
+    try:
+        for _ in range(CONFIRM_PROBES):
+            if not transport.is_active():
+                return
+            shortest = min(shortest, transport.probe_round_trip())
+            link = LinkMeasurement(shortest, "handshake")
+            decided = choose_compression(None, None, link)
+            if not decided.enabled:
+                _CHOICES[transport] = _turn_off(transport, decided)
+                logger.info("%s; the key exchange had taken longer", decided.describe())
+                return
+            _CHOICES[transport] = replace(choice, link=link)
+    except (paramiko.SSHException, OSError, EOFError) as error:
+        logger.debug("link check ended early: %s", error)
+    finally:
+        transport.stop_timing()
 
 
 def connect(
@@ -526,11 +577,10 @@ def connect(
     transport = client.get_transport()
     if transport is not None:
         try:
-            choice = _settle_compression(transport, compress, resolved.compression, tcp_rtt)
+            _settle_compression(transport, compress, resolved.compression, tcp_rtt)
         except BaseException:
             client.close()
             raise
-        _CHOICES[transport] = choice
         transport.set_keepalive(15)
     return client
 
