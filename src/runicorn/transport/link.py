@@ -45,8 +45,9 @@ class LinkMeasurement:
 
     ``method`` names the measurement: ``"handshake"`` (the key-exchange request's reply: one
     round trip plus a millisecond or so of the server's key agreement; after an automatic
-    "on", the shortest of that and up to three keepalive requests' replies) or ``"tcp connect"`` (the TCP
-    handshake; a local proxy or a ProxyCommand hides the link from it).
+    "on", the shortest of that and up to three keepalive requests' replies) or
+    ``"tcp connect"`` (the TCP handshake; a local proxy or a ProxyCommand hides the link
+    from it).
     """
 
     rtt: float
