@@ -421,7 +421,12 @@ def test_cli_timeout_option_ends_a_sync_against_a_stalled_server_with_exit_1(
 
     assert error is None
     assert result.exit_code == 1, result.output
-    assert "sent nothing for 1.0 s" in result.stderr
+    # On a busy machine the automatic compression check can re-key just as the server
+    # stalls; then the send waiting for that key exchange gives up after the same timeout.
+    assert (
+        "sent nothing for 1.0 s" in result.stderr
+        or "Key-exchange timed out waiting for key negotiation" in result.stderr
+    ), result.stderr
     assert not (tmp_path / "cache").exists() or temp_files(tmp_path / "cache") == []
 
 

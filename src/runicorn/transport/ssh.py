@@ -576,6 +576,9 @@ def connect(
         raise
     transport = client.get_transport()
     if transport is not None:
+        # A re-key (compression turned off, or paramiko's own after 1 GB) holds every send
+        # until it completes: bounded by the caller's timeout, not paramiko's 30 s.
+        transport.clear_to_send_timeout = timeout
         try:
             _settle_compression(transport, compress, resolved.compression, tcp_rtt)
         except BaseException:
