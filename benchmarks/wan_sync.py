@@ -81,7 +81,7 @@ class Measurement:
     detail: str = ""
 
 
-def _write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
+def write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
     """An ssh_config and known_hosts that reach the server through the proxy's port."""
     known_hosts = directory / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{proxy_port} {server.host_public_key}\n")
@@ -196,7 +196,7 @@ def run_lab(
             ) as proxy:
                 directory = workdir / profile.name
                 directory.mkdir()
-                config = _write_client_config(server, proxy.port, directory)
+                config = write_client_config(server, proxy.port, directory)
                 measured: list[Measurement] = []
                 for round_number in range(repeat):
                     seed = runs + 100 * index + round_number
