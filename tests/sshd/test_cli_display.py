@@ -13,6 +13,7 @@ import fcntl
 import os
 import pty
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -179,9 +180,20 @@ class _Terminal:
         os.close(self.leader)
 
 
+def _add_a_run_named_with_markup(lab: Lab) -> str:
+    """A copy of a finished run under project ``[bold]lab`` and name ``[red]forged`` (rich
+    markup, which the name rule allows); its key."""
+    run = next(r for r in lab.info.listed_runs if r.status == "finished")
+    target = lab.root / "[bold]lab" / "[red]forged" / "runs" / run.path.name
+    shutil.copytree(run.path, target)
+    lab.publish(ManifestType.FULL)
+    return f"[bold]lab/[red]forged/{run.path.name}"
+
+
 def test_watch_on_a_terminal_shows_the_live_table_of_the_runs_changing(
     lab: Lab, cache: Path, ssh_config: Path, backend
 ):
+    marked_up = _add_a_run_named_with_markup(lab)
     lab.publish(ManifestType.ACTIVE)
     terminal = _Terminal()
     try:
@@ -209,6 +221,8 @@ def test_watch_on_a_terminal_shows_the_live_table_of_the_runs_changing(
     assert "watching labserver:" in text
     row = next(line for line in text.splitlines() if key in line and "loss=0.125" in line)
     assert "running" in row and " 777 " in row
+    assert marked_up in text  # as written, not as styles (nor a style's escape codes)
+    assert "\x1b[1m" + "lab" not in text and "\x1b[31m" + "forged" not in text
     assert "stopped; the cache is consistent" in text
     assert_cache_equals_server(lab.root, cache)
 
