@@ -8,14 +8,22 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import orjson
 import pytest
 from rich.console import Console
 
-from runicorn.cli.live_view import PLAIN_RUNS_PER_PASS, JsonLines, LiveView, PlainLines
+from runicorn.cli.live_view import (
+    PLAIN_RUNS_PER_PASS,
+    JsonLines,
+    LiveTable,
+    LiveView,
+    PlainLines,
+)
 from runicorn.sync.run_status import RunChange, RunStatus, read_run_status
 from runicorn.sync.stats import SyncStats
 
@@ -307,3 +315,29 @@ def test_json_lines_carry_the_stats_time_and_each_run(
         },
     ]
     assert _capture(lambda: reporter.record_pass(_stats(skipped=True), []), capsys) == ""
+
+
+# --- where stderr goes while the table is drawn ----------------------------------------------
+
+
+class _TerminalStderr(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stderr_is_a_terminal", [True, False])
+def test_stderr_lines_go_above_the_table_only_when_stderr_is_on_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stderr_is_a_terminal: bool
+):
+    stderr = _TerminalStderr() if stderr_is_a_terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    console = Console(file=io.StringIO(), width=140, height=30, force_terminal=True)
+    with LiveTable(tmp_path, "lab:/data", console) as table:
+        table.record_pass(_stats(), [_change("vision", "resnet", "r1", files=1, bytes=10)])
+        click.echo("reconnected to lab", err=True)
+    drawn = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "vision/resnet/r1" in drawn
+    if stderr_is_a_terminal:
+        assert "reconnected to lab" in drawn and stderr.getvalue() == ""
+    else:
+        assert "reconnected to lab" not in drawn and stderr.getvalue() == "reconnected to lab\n"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import heapq
+import sys
 import threading
 import time
 from collections import deque
@@ -308,7 +309,9 @@ class LiveTable(Reporter):
             console=self.console,
             refresh_per_second=self.REFRESH_PER_SECOND,
             redirect_stdout=True,
-            redirect_stderr=True,
+            # stderr shares the terminal: its lines go above the table. Redirected to a file,
+            # it keeps going there.
+            redirect_stderr=_is_terminal(sys.stderr),
         )
 
     def record_pass(self, stats: SyncStats, changes: Sequence[RunChange]) -> None:
@@ -328,6 +331,13 @@ class LiveTable(Reporter):
         traceback: TracebackType | None,
     ) -> None:
         self._live.stop()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def reporter_for(cache_dir: Path, source: str, *, as_json: bool) -> Reporter:
