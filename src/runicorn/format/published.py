@@ -49,6 +49,7 @@ def decode_own_experiments(array: bytes | memoryview) -> list[ExperimentEntry]:
                     for f in exp["files"]
                 ],
                 tags=exp.get("tags"),
+                path=exp.get("path"),
             )
             for exp in orjson.loads(array)
         ]

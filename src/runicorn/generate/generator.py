@@ -55,7 +55,14 @@ from runicorn.generate.journal import (
     signatures_of,
 )
 from runicorn.generate.state import GeneratorState, RunMemo
-from runicorn.generate.tree import LiveTree, Refresh, RunKey
+from runicorn.generate.tree import (
+    AssembledManifest,
+    LiveTree,
+    Refresh,
+    RunKey,
+    RunState,
+    pack_memos,
+)
 
 if TYPE_CHECKING:
     from runicorn.core.entries import Entries, RunFiles
@@ -91,6 +98,9 @@ MEMO_SAVE_SECONDS = 300.0
 """With a live tree (:meth:`ManifestGenerator.keep_tree`), how often the memo file is
 rewritten: it only spares a restarted generator rehashing, and at 100,000 runs it is tens of
 megabytes of JSON, too much to write with every publication."""
+
+REBUILD_CHUNK_RUNS = 1000
+"""A generation from the live tree rebuilds changed runs this many at a time."""
 
 REUSE_MARGIN_NS = 2_000_000_000
 """A file is reused only if its mtime is this much older than the previous scan's start.
@@ -337,16 +347,8 @@ class ManifestGenerator:
         unlisted = {path for path, _ in report.problems}
         tags = self._read_tags(report)
         self._rebuild_dirty_runs(tree, refresh, disk_memo, unlisted, report)
-        experiments: list[ExperimentEntry] = []
-        runs_path_runs = 0
         kept = tree.ordered()
-        for key, state in kept:
-            runs_path_runs += key[0] == layout.RUNS_DIRNAME
-            entry = state.entry
-            if entry is None or (unlisted and layout.run_prefix(*key)[:-1] in unlisted):
-                continue
-            entry.tags = tags.get(key[2])
-            experiments.append(entry)
+        runs_path_runs = sum(key[0] == layout.RUNS_DIRNAME for key, _ in kept)
         report.runs_scanned = len(kept)
         report.runs_rescanned = refresh.rescanned_runs
         report.run_layout = layout.layout_name(len(kept) - runs_path_runs, runs_path_runs)
@@ -364,13 +366,13 @@ class ManifestGenerator:
             refresh.scan_started_ns,
         )
         changes_since, changed = self._changes_since(observation, now)
-        experiments = self._select_for_type(manifest_type, experiments, now, changed)
         next_state = self._tree_state(tree, state_path, refresh)
-        next_state.append_only_files = _count_append_only(experiments)
-        manifest, experiments_json, digest = self._encode(manifest_type, experiments, now)
+        manifest, experiments_json = self._assemble(
+            manifest_type, kept, unlisted, tags, changed, next_state, now
+        )
         if manifest_type is ManifestType.ACTIVE and changes_since:
             manifest.changes_since = changes_since
-            digest = self._content_digest(manifest, experiments_json)
+        digest = self._content_digest(manifest, experiments_json)
         memos: bytes | None = None
         if self._decide_revision(manifest, digest, previous, output, report):
             memos = self._publish(manifest, experiments_json, next_state, output, report)
@@ -381,6 +383,56 @@ class ManifestGenerator:
             tree.memo_saved[str(state_path)] = next_state.scan_started_ns
             tree.memo_saved_at[str(state_path)] = time.monotonic()
         return manifest
+
+    def _assemble(
+        self,
+        manifest_type: ManifestType,
+        kept: list[tuple[RunKey, RunState]],
+        unlisted: set[str],
+        tags: dict[str, list[str]],
+        changed: set[str],
+        next_state: GeneratorState,
+        now: float,
+    ) -> tuple[SyncManifest, bytes]:
+        """What :meth:`_select_for_type` and :meth:`_encode` make of the runs, from the
+        tree's encoded runs: the manifest and its experiments as published."""
+        active = manifest_type is ManifestType.ACTIVE
+        horizon = now - self.active_window_seconds
+        pieces = [b"["]
+        experiments = files = total_bytes = append_only = 0
+        for key, state in kept:
+            encoded = state.encoded
+            if encoded is None or (unlisted and layout.run_prefix(*key)[:-1] in unlisted):
+                continue
+            if (
+                active
+                and state.status != "running"
+                and state.updated_at < horizon
+                and not (changed and layout.run_prefix(*key) in changed)
+            ):
+                continue
+            if experiments:
+                pieces.append(b",")
+            pieces.append(encoded)
+            run_tags = tags.get(key[2])
+            pieces.append(b',"tags":' + orjson.dumps(run_tags) + b"}" if run_tags else b"}")
+            experiments += 1
+            files += state.files
+            total_bytes += state.total_bytes
+            append_only += state.append_only
+        pieces.append(b"]")
+        experiments_json = b"".join(pieces)
+        del pieces
+        next_state.append_only_files = append_only
+        manifest = AssembledManifest(
+            manifest_type,
+            now,
+            self.hostname,
+            str(self.remote_root),
+            experiments_json,
+            (experiments, files, total_bytes),
+        )
+        return manifest, experiments_json
 
     def _refresh_tree(
         self, tree: LiveTree, read: tuple[str, ...], report: GenerationReport
@@ -409,28 +461,47 @@ class ManifestGenerator:
         report: GenerationReport,
     ) -> None:
         """Build the entries of the runs the refresh found new or changed, with the stages
-        of a full generation, and store them in the tree with their memos."""
-        listed: list[tuple[RunScan, bytes]] = []
-        for run, digest in refresh.dirty:
-            key: RunKey = (run[0], run[1], run[2])
-            if unlisted and layout.run_prefix(*key)[:-1] in unlisted:
-                tree.store(key, b"", 0, None, (), None)  # left out until it can be listed
-            else:
-                listed.append((run, digest))
-        if not listed:
-            return
+        of a full generation, and store them in the tree with their memos.
+
+        :data:`REBUILD_CHUNK_RUNS` runs at a time, each chunk's scan records, metadata and
+        disk memos let go once it is stored: on a walk of 100,000 runs the records, the
+        entry objects and the encoded entries of every run would otherwise all be alive at
+        once, most of a gigabyte."""
+        dirty, refresh.dirty = refresh.dirty, []
+        dirty.reverse()  # taken from the end: each chunk's records go with it
+        while dirty:
+            chunk: list[tuple[RunScan, bytes]] = []
+            while dirty and len(chunk) < REBUILD_CHUNK_RUNS:
+                run, digest = dirty.pop()
+                key: RunKey = (run[0], run[1], run[2])
+                if unlisted and layout.run_prefix(*key)[:-1] in unlisted:
+                    tree.store(key, b"", 0, None, None, b"")  # left out until it can be listed
+                else:
+                    chunk.append((run, digest))
+            if chunk:
+                self._rebuild_chunk(tree, chunk, refresh, disk_memo, report)
+
+    def _rebuild_chunk(
+        self,
+        tree: LiveTree,
+        listed: list[tuple[RunScan, bytes]],
+        refresh: Refresh,
+        disk_memo: GeneratorState | None,
+        report: GenerationReport,
+    ) -> None:
         memo = disk_memo if disk_memo is not None else self._memos_of(tree, listed)
         next_state = GeneratorState(scan_started_ns=refresh.scan_started_ns)
         runs = [run for run, _ in listed]
         built = self._build_file_entries(runs, memo, next_state, report)
         entries: list[ExperimentEntry | None] = []
+        contents = refresh.contents
         for (project, name, run_id, _records), run_files in zip(runs, built.runs, strict=True):
             if run_files is None:
                 entries.append(None)  # soft-deleted
                 continue
             entries.append(
                 self._describe_run(
-                    project, name, run_id, run_files, refresh.contents, memo, next_state, report
+                    project, name, run_id, run_files, contents, memo, next_state, report
                 )
             )
         rebuilt = [entry for entry in entries if entry is not None]
@@ -441,15 +512,25 @@ class ManifestGenerator:
         file_memos = next_state.files
         for (run, digest), entry in zip(listed, entries, strict=True):
             key = (run[0], run[1], run[2])
-            memos: tuple[tuple[str, FileMemo], ...] = ()
+            prefix = layout.run_prefix(*key)
+            encoded = None
+            memos: list[tuple[str, FileMemo]] = []
             if entry is not None:
-                memos = tuple(
-                    (f.path, file_memos[f.path]) for f in entry.files if f.path in file_memos
-                )
+                memos = [(f.path, file_memos[f.path]) for f in entry.files if f.path in file_memos]
                 if not next(complete):
                     digest = b""  # a file vanished while hashed: build the run again next time
-            run_memo = next_state.runs.get(layout.run_prefix(*key))
-            tree.store(key, digest, refresh.scan_started_ns, entry, memos, run_memo)
+                # the array of one entry, without its brackets and closing brace (the tags
+                # and the brace are added as the manifest is assembled)
+                encoded = self.backend.encode_experiments([entry])[1:-2]
+            run_memo = next_state.runs.get(prefix)
+            packed = pack_memos(run_memo, memos) if run_memo is not None or memos else b""
+            tree.store(key, digest, refresh.scan_started_ns, entry, encoded, packed)
+            for filename in RUN_METADATA:
+                contents.pop(prefix + filename, None)
+            if disk_memo is not None:
+                disk_memo.runs.pop(prefix, None)
+                for record in run[3]:
+                    disk_memo.files.pop(prefix + record[0], None)
 
     @staticmethod
     def _memos_of(tree: LiveTree, runs: list[tuple[RunScan, bytes]]) -> GeneratorState:
@@ -462,9 +543,10 @@ class ManifestGenerator:
             if state is None or not state.scanned_ns:
                 continue
             boundary = state.scanned_ns if boundary is None else min(boundary, state.scanned_ns)
-            memo.files.update(state.memos)
-            if state.run_memo is not None:
-                memo.runs[layout.run_prefix(run[0], run[1], run[2])] = state.run_memo
+            run_memo, file_memos = state.unpack_memos()
+            memo.files.update(file_memos)
+            if run_memo is not None:
+                memo.runs[layout.run_prefix(run[0], run[1], run[2])] = run_memo
         memo.scan_started_ns = boundary or 0
         return memo
 
@@ -1034,11 +1116,24 @@ def _raise_legacy_revision(path: Path, revision: int) -> None:
 
 
 def _published_hash(output: Path, compressed: Path) -> str | None:
-    """Fingerprint of what is published now (``None`` if either file is missing)."""
+    """Fingerprint of what is published now (``None`` if either file is missing): what
+    :func:`_hash_pair` gives for the two files' bytes, read a piece at a time (a 100,000-run
+    manifest is 150 MB, and is hashed while the new one is in memory too)."""
     try:
-        return _hash_pair(output.read_bytes(), compressed.read_bytes())
+        return _hash_file(output) + _hash_file(compressed)
     except OSError:
         return None
+
+
+HASH_READ_BYTES = 1 << 20
+
+
+def _hash_file(path: Path) -> str:
+    hasher = blake3()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_READ_BYTES):
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def _count_append_only(experiments: list[ExperimentEntry]) -> int:

@@ -13,6 +13,7 @@ fails half-way makes the next refresh a full walk too: the tree is never trusted
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Collection, Iterable
@@ -36,15 +37,22 @@ from runicorn.core.rescan import (
 from runicorn.core.scan import Problem, RunScan
 from runicorn.format import layout
 from runicorn.format import names as _names
-from runicorn.format.models import ExperimentEntry
+from runicorn.format.models import ExperimentEntry, ManifestType, SyncManifest
+from runicorn.format.published import decode_own_experiments
 from runicorn.generate.state import RunMemo
 
-__all__ = ["LiveTree", "Refresh", "RunKey", "RunState"]
+__all__ = ["AssembledManifest", "LiveTree", "Refresh", "RunKey", "RunState", "pack_memos"]
 
 
 @dataclass(slots=True)
 class RunState:
-    """One run as last built: what a generation needs of it without rescanning it."""
+    """One run as last built: what a generation needs of it without rescanning it.
+
+    Compact on purpose: at 100,000 runs the tree holds 850,000 file entries, which as
+    objects (an entry, its path, size, time and hash each an object) take most of a gigabyte.
+    The entry is kept as the JSON it is published as, the memos packed; only a run being
+    rebuilt is unpacked.
+    """
 
     scope: str
     fold: str
@@ -54,10 +62,49 @@ class RunState:
     """BLAKE3 of the run's scan records when it was built; empty: rebuild it next time."""
     scanned_ns: int = 0
     """When the scan that built it started: its memos' reuse boundary."""
-    entry: ExperimentEntry | None = None
-    """``None`` when the run is soft-deleted (the manifests leave it out)."""
-    memos: tuple[tuple[str, FileMemo], ...] = ()
-    run_memo: RunMemo | None = None
+    encoded: bytes | None = None
+    """The run's manifest entry as published, without its tags and closing brace (tags
+    change apart from the run); ``None`` when the run is soft-deleted or not listed."""
+    status: str = ""
+    updated_at: float = 0.0
+    files: int = 0
+    total_bytes: int = 0
+    append_only: int = 0
+    memos: bytes = b""
+    """:func:`pack_memos` of the run's memo and its append-only files' memos."""
+
+    def unpack_memos(self) -> tuple[RunMemo | None, list[tuple[str, FileMemo]]]:
+        if not self.memos:
+            return None, []
+        run_memo, files = orjson.loads(self.memos)
+        return (
+            None
+            if run_memo is None
+            else RunMemo(_key(run_memo[0]), _key(run_memo[1]), *run_memo[2:]),
+            [
+                (path, FileMemo((key[0], key[1], key[2], key[3]), size, tail_hash))
+                for path, key, size, tail_hash in files
+            ],
+        )
+
+
+def _key(value: list[int] | None) -> tuple[int, int, int, int] | None:
+    return None if value is None else (value[0], value[1], value[2], value[3])
+
+
+def pack_memos(run_memo: RunMemo | None, files: Iterable[tuple[str, FileMemo]]) -> bytes:
+    """A run's memos as :attr:`RunState.memos` keeps them."""
+    packed_run = (
+        None
+        if run_memo is None
+        else [run_memo.meta_key, run_memo.status_key, run_memo.status, run_memo.created_at]
+    )
+    packed = orjson.dumps(
+        [packed_run, [[path, m.key, m.recorded_size, m.tail_hash] for path, m in files]]
+    )
+    # orjson leaves its output in a buffer of at least 4 KB: copied, the tree keeps only
+    # the bytes (at 100,000 runs, 350 MB less)
+    return memoryview(packed).tobytes()
 
 
 @dataclass
@@ -350,18 +397,26 @@ class LiveTree:
         digest: bytes,
         scanned_ns: int,
         entry: ExperimentEntry | None,
-        memos: tuple[tuple[str, FileMemo], ...],
-        run_memo: RunMemo | None,
+        encoded: bytes | None,
+        memos: bytes,
     ) -> None:
-        """Remember a run as just built (an empty ``digest`` makes it dirty next time)."""
+        """Remember a run as just built (an empty ``digest`` makes it dirty next time):
+        ``encoded`` is its entry as published, ``memos`` :func:`pack_memos` of its memos."""
         state = self.runs.get(key)
         if state is None:
             return
         state.digest = digest
         state.scanned_ns = scanned_ns
-        state.entry = entry
         state.memos = memos
-        state.run_memo = run_memo
+        if entry is None or encoded is None:
+            state.encoded = None
+            return
+        state.encoded = encoded
+        state.status = entry.status
+        state.updated_at = entry.updated_at
+        state.files = len(entry.files)
+        state.total_bytes = sum(f.size for f in entry.files)
+        state.append_only = sum(f.is_append_only for f in entry.files)
 
     def problems(self) -> list[Problem]:
         """Every problem of the tree, sorted, as a full scan reports them."""
@@ -407,9 +462,10 @@ class LiveTree:
         files: dict[str, FileMemo] = {}
         runs: dict[str, RunMemo] = {}
         for key, state in self.runs.items():
-            files.update(state.memos)
-            if state.run_memo is not None:
-                runs[layout.run_prefix(*key)] = state.run_memo
+            run_memo, file_memos = state.unpack_memos()
+            files.update(file_memos)
+            if run_memo is not None:
+                runs[layout.run_prefix(*key)] = run_memo
         return files, runs
 
 
@@ -427,3 +483,65 @@ def _containing(by_rel: dict[str, RunKey], rel: str) -> RunKey | None:
 def _below(path: str, rel: str) -> bool:
     """Whether ``path`` is ``rel`` or lies below it."""
     return path == rel or path.startswith(rel + "/")
+
+
+class AssembledManifest(SyncManifest):
+    """A manifest assembled from the tree's encoded runs.
+
+    Its statistics were counted while it was assembled and its experiments are decoded
+    from the encoded array only when asked for: the publisher reads the header and the
+    statistics, and at 100,000 runs the objects would take most of a gigabyte.
+    """
+
+    __slots__ = ("_array", "_decoded", "_totals")
+
+    def __init__(
+        self,
+        manifest_type: ManifestType,
+        generated_at: float,
+        server_hostname: str,
+        remote_root: str,
+        array: bytes,
+        totals: tuple[int, int, int],
+    ) -> None:
+        """``array``: the experiments as published (a JSON array); ``totals``: how many
+        experiments, files and bytes it lists."""
+        SyncManifest.__init__(
+            self, manifest_type, 0, "", generated_at, server_hostname, remote_root
+        )
+        self._array: bytes | None = array
+        self._totals = totals
+
+    @property
+    def experiments(self) -> list[ExperimentEntry]:
+        if self._array is not None:
+            self._decoded = decode_own_experiments(self._array)
+            self._array = None
+        return self._decoded
+
+    @experiments.setter
+    def experiments(self, value: list[ExperimentEntry]) -> None:
+        self._decoded = value
+        self._array = None
+
+    @property
+    def total_experiments(self) -> int:
+        return self._totals[0] if self._array is not None else super().total_experiments
+
+    @property
+    def total_files(self) -> int:
+        return self._totals[1] if self._array is not None else super().total_files
+
+    @property
+    def total_bytes(self) -> int:
+        return self._totals[2] if self._array is not None else super().total_bytes
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SyncManifest):
+            return NotImplemented
+        return all(
+            getattr(self, f.name) == getattr(other, f.name)
+            for f in dataclasses.fields(SyncManifest)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it extends
