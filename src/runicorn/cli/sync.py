@@ -41,6 +41,8 @@ from runicorn.cli._common import error as print_error
 if TYPE_CHECKING:
     import paramiko
 
+    from runicorn.cli._sync_many import Report, Target
+    from runicorn.cli.config import RemotesFile
     from runicorn.sync.selection import RunSelection
     from runicorn.sync.service import MetadataSyncService
     from runicorn.sync.stats import SyncStats
@@ -145,7 +147,16 @@ def _compression_document(client: paramiko.SSHClient | None) -> dict[str, object
     return None if choice is None else choice.as_dict()
 
 
+_OUTPUT = threading.local()
+"""``report``: set by ``sync --all`` on each remote's thread (a ``_sync_many.Report``), which
+collects what this module would print, to print all remotes' together at the end."""
+
+
 def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
+    report = getattr(_OUTPUT, "report", None)
+    if report is not None:
+        report.fail(code, message, extra)
+        sys.exit(code)
     print_error(message)
     if as_json:
         click.echo(orjson.dumps({"error": message, "exit_code": code, **extra}).decode())
@@ -153,8 +164,23 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
 
 
 @click.command("sync")
-@click.argument("source", metavar="[USER@]HOST:REMOTE_ROOT")
-@click.argument("cache_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("source", metavar="[USER@]HOST:REMOTE_ROOT|NAME", required=False)
+@click.argument("cache_dir", type=click.Path(path_type=Path, file_okay=False), required=False)
+@click.option(
+    "--all",
+    "every_remote",
+    is_flag=True,
+    help="Sync every remote of the config file, in parallel (one connection each); the "
+    "exit code is the worst one.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The remotes file for NAME and --all [env: RUNICORN_CONFIG; default: config.toml "
+    "in the platform's config directory, e.g. ~/.config/runicorn].",
+)
 @click.option("--port", "-p", type=click.IntRange(1, 65535), help="SSH port (overrides config).")
 @click.option(
     "--identity",
@@ -287,8 +313,10 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
 )
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
 def sync(
-    source: str,
-    cache_dir: Path,
+    source: str | None,
+    cache_dir: Path | None,
+    every_remote: bool,
+    config_path: Path | None,
     port: int | None,
     identities: tuple[str, ...],
     ssh_config: str,
@@ -318,6 +346,9 @@ def sync(
     """Mirror the runs under REMOTE_ROOT on a lab server into CACHE_DIR.
 
     REMOTE_ROOT may also be a local directory (an NFS mount): then no SSH is used.
+    NAME (no ':' or '/') is a remote of the config file, synced into its cache directory
+    (or CACHE_DIR); --all syncs every remote of the config file. Options given here win
+    over the file's settings.
 
     \b
     Exit codes:
@@ -334,6 +365,69 @@ def sync(
     if allow_mass_delete and not delete:
         raise click.UsageError("--allow-mass-delete only makes sense with --delete")
     selection = _selection(projects, include, exclude, since)
+    from runicorn.cli._sync_many import (
+        Invocation,
+        named_remote,
+        resolve,
+        sync_remotes,
+    )
+
+    invocation = Invocation(
+        port=port,
+        identities=identities,
+        workers=workers,
+        selection=selection,
+    )
+    if every_remote:
+        if source is not None or cache_dir is not None:
+            raise click.UsageError("--all syncs the config file's remotes: no SOURCE or CACHE_DIR")
+        if watch:
+            raise click.UsageError("--watch follows one server: name one remote, not --all")
+        config = _load_config(config_path, as_json)
+        if not config.remotes:
+            _fail(
+                as_json,
+                EXIT_FAILURE,
+                f"no remotes in {config.path}: add [remotes.NAME] tables with a url "
+                "(see docs/reference/config.md)",
+            )
+        targets = [resolve(remote, invocation) for remote in config.remotes.values()]
+        shared: dict[str, Any] = {
+            "jitter": jitter,
+            "legacy": legacy,
+            "dry_run": dry_run,
+            "delete": delete,
+            "verify": verify,
+            "allow_mass_delete": allow_mass_delete,
+            "as_json": as_json,
+            "timeout": timeout,
+            "viewer_url": _viewer_url(viewer_url),
+            "max_manifest_bytes": max_manifest_bytes,
+            "max_manifest_entries": max_manifest_entries,
+        }
+
+        def run_one(target: Target, report: Report) -> int:
+            chosen = compress if compress is not None else target.compress
+            return _sync_target(target, report, (ssh_config, known_hosts, chosen), shared)
+
+        with terminate_as_exit():
+            sys.exit(sync_remotes(targets, run_one, as_json=as_json))
+    if source is None:
+        raise click.UsageError(
+            "give [USER@]HOST:REMOTE_ROOT CACHE_DIR, the NAME of a remote of the config file, "
+            "or --all"
+        )
+    remote = named_remote(source, cache_dir, lambda: _load_config(config_path, as_json))
+    if remote is not None:
+        target = resolve(remote, invocation)
+        source, port, identities = target.url, target.port, target.identities
+        workers, selection = target.workers, target.selection
+        compress = compress if compress is not None else target.compress
+        cache_dir = cache_dir or target.cache_dir
+    elif cache_dir is None:
+        raise click.UsageError(
+            f"missing CACHE_DIR (or {source!r} is not a remote of the config file)"
+        )
     parsed = parse_source(source)
     if parsed.is_local and not os.path.isdir(parsed.root):
         _fail(as_json, EXIT_FAILURE, f"{parsed.root} is not a directory (and not HOST:PATH)")
@@ -372,7 +466,7 @@ def sync(
                 },
             )
         )
-    options = {
+    options: dict[str, Any] = {
         "workers": workers,
         "jitter": jitter,
         "legacy": legacy,
@@ -387,7 +481,56 @@ def sync(
         "max_manifest_bytes": max_manifest_bytes,
         "max_manifest_entries": max_manifest_entries,
     }
+    ssh = (port, identities, ssh_config, known_hosts, compress)
+    sys.exit(sync_source(parsed, cache_dir, ssh, **options))
+
+
+def _load_config(path: Path | None, as_json: bool) -> RemotesFile:
+    """The remotes file (``--config``, ``RUNICORN_CONFIG`` or the platform's); an error that
+    names the file and line ends the command (exit 1)."""
+    from runicorn.cli.config import CONFIG_ENV, ConfigError, load_config
+
+    explicit = path is not None or os.environ.get(CONFIG_ENV, "").strip() not in ("", "0")
+    try:
+        return load_config(path, required=explicit)
+    except ConfigError as error:
+        _fail(as_json, EXIT_FAILURE, str(error))
+
+
+def _sync_target(
+    target: Target,
+    report: Report,
+    connection: tuple[str, str | None, bool | None],
+    options: dict[str, Any],
+) -> int:
+    """One remote of ``sync --all``, on its own thread, its output collected in ``report``;
+    ``connection``: the ssh config, known_hosts and compression choice."""
+    _OUTPUT.report = report
+    try:
+        parsed = parse_source(target.url)
+        if parsed.is_local and not os.path.isdir(parsed.root):
+            _fail(True, EXIT_FAILURE, f"{parsed.root} is not a directory (and not HOST:PATH)")
+        ssh_config, known_hosts, compress = connection
+        ssh = (target.port, target.identities, ssh_config, known_hosts, compress)
+        chosen = {"workers": target.workers, "selection": target.selection}
+        return sync_source(parsed, target.cache_dir, ssh, **{**options, **chosen})
+    finally:
+        _OUTPUT.report = None
+
+
+def sync_source(
+    parsed: Source,
+    cache_dir: Path,
+    ssh: tuple[int | None, tuple[str, ...], str, str | None, bool | None],
+    **options: Any,
+) -> int:
+    """One sync of ``parsed`` into ``cache_dir``; the exit code (``_fail`` raises
+    ``SystemExit`` for the codes that end the command early). ``ssh``: port, identity
+    files, ssh config, known_hosts and compression (``None``: the default)."""
+    port, identities, ssh_config, known_hosts, compress = ssh
+    as_json, timeout = options["as_json"], options["timeout"]
     client = None
+    code = EXIT_FAILURE
     try:
         with terminate_as_exit():
             if parsed.is_local:
@@ -417,7 +560,7 @@ def sync(
     finally:
         if client is not None:
             client.close()
-    sys.exit(code)
+    return code
 
 
 def _selection(
@@ -570,7 +713,13 @@ def _run(
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.service import MetadataSyncService
 
-    display = SyncProgressDisplay()
+    report = getattr(_OUTPUT, "report", None)
+    # Under ``sync --all`` the command draws one display for every remote.
+    display = SyncProgressDisplay() if report is None else None
+    if report is not None:
+        on_progress = report.progress
+    else:
+        on_progress = display.track() if display is not None and display.enabled else None
     cache = LocalCacheManager(cache_dir)
     service = MetadataSyncService(
         client,
@@ -586,7 +735,7 @@ def _run(
         dry_run=dry_run,
         timeout=timeout,
         verify=verify,
-        on_progress=display.track() if display.enabled else None,
+        on_progress=on_progress,
         viewer_url=viewer_url,
         projects=selection.projects,
         include=selection.include,
@@ -604,7 +753,7 @@ def _run(
             err=True,
         )
     try:
-        with display:
+        with display if display is not None else contextlib.nullcontext():
             ok = service.sync_all()
     finally:
         cache.close()
@@ -614,25 +763,31 @@ def _run(
         _fail(as_json, EXIT_FAILURE, f"sync from {source} failed: {message}")
     assert stats is not None
     code = EXIT_OK if ok else EXIT_PARTIAL
+    document = {
+        **stats,
+        "mode": service.progress.mode,
+        "source": str(source),
+        "cache_dir": str(cache.root_dir),
+        "dry_run": dry_run,
+        "fallback_reason": service.fallback_reason,
+        "warnings": list(service.progress.warnings),
+        "viewer": _viewer_document(service.last_viewer_report),
+        "compression": _compression_document(client),
+        "exit_code": code,
+    }
+    failed = (
+        f"{stats.get('failed_count')} file(s) failed (see the warnings above); "
+        "run the sync again to retry them"
+    )
+    if report is not None:
+        report.done(code, document, _summary_line(source, service, stats))
+        if code == EXIT_PARTIAL:
+            report.errors.append(failed)
+        return code
     if as_json:
-        document = {
-            **stats,
-            "mode": service.progress.mode,
-            "source": str(source),
-            "cache_dir": str(cache.root_dir),
-            "dry_run": dry_run,
-            "fallback_reason": service.fallback_reason,
-            "warnings": list(service.progress.warnings),
-            "viewer": _viewer_document(service.last_viewer_report),
-            "compression": _compression_document(client),
-            "exit_code": code,
-        }
         click.echo(orjson.dumps(document, default=str).decode())
     else:
         click.echo(_summary_line(source, service, stats))
     if code == EXIT_PARTIAL:
-        print_error(
-            f"{stats.get('failed_count')} file(s) failed (see the warnings above); "
-            "run the sync again to retry them"
-        )
+        print_error(failed)
     return code

@@ -39,6 +39,7 @@ from runicorn.core.backend import Backend, active_backend
 from runicorn.format.layout import DELETED_MARKER, UNKNOWN_STATUS, run_prefix
 from runicorn.format.models import ExperimentEntry, ManifestFormat, ManifestType, SyncManifest
 from runicorn.sync.cache import LocalCacheManager, RunRecord
+from runicorn.sync.cache.manager import same_server
 from runicorn.sync.manifest_fetch import (
     ManifestFetcher,
     check_root,
@@ -172,6 +173,7 @@ class ManifestSyncClient:
         self._full_check = False
         self._damage: set[str] | None = None
         self._remote = remote
+        self._remote_id: str | None = None
         self._owns_remote = remote is None
         self._busy = threading.Lock()
         self._watch_stop = threading.Event()
@@ -192,10 +194,24 @@ class ManifestSyncClient:
 
     @property
     def remote_id(self) -> str:
-        """Who the cache state is about: host and root of the server (spec: host + root)."""
+        """Who the cache state is about: host and root of the server (spec: host + root).
+
+        Found once from the SSH connection and kept: after the connection dropped it can
+        no longer be asked, and a reconnection (:meth:`use_sftp_client`) reaches the same
+        server."""
+        if self._remote_id is None:
+            found, certain = self._find_remote_id()
+            if not certain:
+                return found
+            self._remote_id = found
+        return self._remote_id
+
+    def _find_remote_id(self) -> tuple[str, bool]:
+        """The remote id, and whether it came from a live connection or an explicit remote
+        (else it is the ``file://`` stand-in, not worth keeping)."""
         explicit = getattr(self._remote, "remote_id", None)
         if isinstance(explicit, str) and explicit:
-            return explicit
+            return explicit, True
         root = normalize_root(self.remote_root)
         if self.sftp_client is not None:
             with contextlib.suppress(Exception):
@@ -206,8 +222,8 @@ class ManifestSyncClient:
                     # ``hostname`` is set by paramiko's Transport, though its stubs omit it.
                     host = getattr(transport, "hostname", None) or peer[0]
                     user = transport.get_username()
-                    return f"sftp://{user}@{host}:{peer[1]}/{root.lstrip('/')}"
-        return f"file://{os.path.abspath(self.remote_root)}"
+                    return f"sftp://{user}@{host}:{peer[1]}/{root.lstrip('/')}", True
+        return f"file://{os.path.abspath(self.remote_root)}", self.sftp_client is None
 
     def use_sftp_client(self, sftp_client: paramiko.SFTPClient) -> None:
         """Read from ``sftp_client`` from now on (a fresh session after the old one dropped);
@@ -244,6 +260,7 @@ class ManifestSyncClient:
         with self._busy, self._locked():
             self.last_run_changes = ()
             remote_id = self.remote_id
+            self._claim(remote_id)
             self._start_disk_check(full=None)
             full_state = self.cache.applied_manifest(remote_id, ManifestType.FULL.value)
             if full_state is not None and (
@@ -337,10 +354,12 @@ class ManifestSyncClient:
         checked = SyncManifest.from_dict(manifest.to_dict(), source="synthesised manifest")
         with self._busy, self._locked():
             self.last_run_changes = ()
+            remote_id = self.remote_id
+            self._claim(remote_id)
             # The legacy walk lists every server file anyway: checking every cached one is
             # in proportion.
             self._start_disk_check(full=True)
-            self._apply(checked, run, progress_callback, self.remote_id, record_header=False)
+            self._apply(checked, run, progress_callback, remote_id, record_header=False)
         return run.stats()
 
     # -- choosing the manifest --------------------------------------------------------------
@@ -352,6 +371,19 @@ class ManifestSyncClient:
             return
         with self.cache.sync_lock():
             yield
+
+    def _claim(self, remote_id: str) -> None:
+        """Refuse (``CacheOwnerError``) a cache that mirrors another server or root; a dry
+        run checks without recording. Without a live connection to ask (the sync then fails
+        on it) there is nothing certain to check."""
+        if self._remote_id is None and self.sftp_client is not None:
+            return
+        if self.dry_run:
+            recorded = self.cache.mirrored_remote()
+            if recorded is not None and not same_server(recorded, remote_id):
+                self.cache.claim(remote_id)  # raises, with the message
+            return
+        self.cache.claim(remote_id)
 
     def _is_clean(self, remote_id: str, run: SyncRun) -> bool:
         """Whether nothing is pending locally: no failures, no interrupted sync, and nothing

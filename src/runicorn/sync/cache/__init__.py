@@ -5,6 +5,7 @@ Layout under ``root_dir``::
     <project>/<name>/runs/<run_id>/...   the mirrored files, exactly as on the server
     .runicorn-cache/state.sqlite3        what was synced (SQLite, WAL)
     .runicorn-cache/sync.lock            held by the one sync writing into this cache
+    .runicorn-cache/mirrors.json         the one server and root the cache mirrors
 
 The state directory is a dot name: the manifest validator refuses hidden project names, so
 no manifest path can ever reach it. :mod:`.tree` owns the files (safe paths, directory
@@ -12,7 +13,12 @@ handles, leftovers), :mod:`.state_db` the SQLite state, and :mod:`.manager` comp
 into :class:`LocalCacheManager`, the one object the sync engine and users hold.
 """
 
-from runicorn.sync.cache.manager import LOCK_NAME, LocalCacheManager
+from runicorn.sync.cache.manager import (
+    IDENTITY_NAME,
+    LOCK_NAME,
+    CacheOwnerError,
+    LocalCacheManager,
+)
 from runicorn.sync.cache.state_db import (
     STATE_DB_NAME,
     AppliedManifest,
@@ -24,10 +30,12 @@ from runicorn.sync.cache.state_db import (
 from runicorn.sync.cache.tree import STATE_DIRNAME, split_relative_path
 
 __all__ = [
+    "IDENTITY_NAME",
     "LOCK_NAME",
     "STATE_DB_NAME",
     "STATE_DIRNAME",
     "AppliedManifest",
+    "CacheOwnerError",
     "CachedRun",
     "FailedFile",
     "FileRecord",

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runicorn._sys.atomic import exclusive_lock
+import orjson
+
+from runicorn._sys.atomic import exclusive_lock, write_atomically
 from runicorn.sync.cache.state_db import (
     STATE_DB_NAME,
     AppliedManifest,
@@ -32,6 +35,32 @@ if TYPE_CHECKING:
     from runicorn.core.diff import LocalEntry
 
 LOCK_NAME = "sync.lock"
+IDENTITY_NAME = "mirrors.json"
+"""In the state directory: the one server and root this cache mirrors (``remote_id``)."""
+
+
+class CacheOwnerError(RuntimeError):
+    """The cache mirrors another server or root than the one a sync was asked to read.
+
+    Not an ``OSError`` or ``ValueError``: no fallback (the legacy walk) may try again, since
+    the second server would overwrite the first one's runs.
+    """
+
+
+_SFTP_ID = re.compile(r"^sftp://(?:[^@/]*@)?(?P<host>\[[^\]/]*\]|[^:/]*)(?::\d+)?/(?P<root>.*)$")
+
+
+def same_server(one: str, other: str) -> bool:
+    """Whether two ``remote_id`` values name the same server and root. The user and port
+    may differ (another account, a tunnel to the same host): the files are the same."""
+    return _server_key(one) == _server_key(other)
+
+
+def _server_key(remote_id: str) -> str:
+    match = _SFTP_ID.match(remote_id)
+    if match is None:
+        return remote_id
+    return f"sftp://{match.group('host')}/{match.group('root').strip('/')}"
 
 
 class LocalCacheManager:
@@ -60,6 +89,53 @@ class LocalCacheManager:
         self.tree.ensure_state_dir()
         with exclusive_lock(self.state_dir / LOCK_NAME):
             yield
+
+    @property
+    def identity_path(self) -> Path:
+        """The file recording the server and root this cache mirrors."""
+        return self.state_dir / IDENTITY_NAME
+
+    def mirrored_remote(self) -> str | None:
+        """The ``remote_id`` (``sftp://user@host:port/root`` or ``file:///path``) this cache
+        mirrors, or ``None`` before its first sync."""
+        try:
+            document = orjson.loads(self.identity_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError) as error:
+            raise CacheOwnerError(
+                f"{self.identity_path} is unreadable ({error}); it names the server this "
+                "cache mirrors: restore it, or delete it if this cache holds one server's runs"
+            ) from None
+        remote_id = document.get("remote_id") if isinstance(document, dict) else None
+        return remote_id if isinstance(remote_id, str) and remote_id else None
+
+    def claim(self, remote_id: str) -> None:
+        """Record that this cache mirrors ``remote_id``, or refuse another server or root
+        (:func:`same_server`: the user and port may differ).
+
+        Called by every writing sync under the lock. A cache made before the identity file
+        existed adopts ``remote_id`` when its state knows no other remote.
+        """
+        recorded = self.mirrored_remote()
+        if recorded is not None and same_server(recorded, remote_id):
+            return
+        if recorded is None:
+            others = sorted(r for r in self.state.remote_ids() if not same_server(r, remote_id))
+            if not others:
+                self.ensure_state_dir()
+                write_atomically(
+                    self.identity_path,
+                    orjson.dumps({"remote_id": remote_id}, option=orjson.OPT_INDENT_2),
+                )
+                return
+            recorded = others[0]
+        raise CacheOwnerError(
+            f"the cache {self.root_dir} mirrors {recorded}, not {remote_id}; a second server "
+            "would overwrite the first one's runs. Sync into another cache directory (each "
+            "remote of a config file gets its own). If it is the same server under a new "
+            f"address or user, delete {self.identity_path} and sync again"
+        )
 
     def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One atomic unit of state changes: all of them land, or none do."""

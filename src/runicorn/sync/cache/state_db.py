@@ -337,6 +337,11 @@ class StateDatabase:
             )
         ]
 
+    def remote_ids(self) -> set[str]:
+        """Every remote the cache holds runs of or has synced from."""
+        rows = self._read("SELECT remote_id FROM runs UNION SELECT remote_id FROM remotes")
+        return {str(row[0]) for row in rows}
+
     # -- files ------------------------------------------------------------------------------
 
     def file_entries(self) -> list[LocalEntry]:
