@@ -20,6 +20,7 @@ SCRIPTS = [
     "lab_scale",
     "live_latency",
     "publisher_cpu",
+    "multi_remote",
 ]
 
 

@@ -29,6 +29,8 @@ DOCUMENT_PATHS = [
     ("runicorn.remote_storage", "MetadataSyncService", "runicorn.sync.service"),
     ("runicorn.remote_storage.manifest_sync", "ManifestSyncClient", "runicorn.sync.client"),
     ("runicorn.remote_storage.cache_manager", "LocalCacheManager", "runicorn.sync.cache"),
+    # not the document's, but where code written against Runicorn 0.4.x imports it from
+    ("runicorn.remote_storage", "LocalCacheManager", "runicorn.sync.cache"),
 ]
 
 _NO_DEFAULT = inspect.Parameter.empty

@@ -24,6 +24,7 @@ import os
 import posixpath
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,9 @@ class MetadataSyncService:
         since: float | str | None = None,
         max_manifest_bytes: int | None = None,
         max_manifest_entries: int | None = None,
+        legacy_active_only: bool = False,
+        legacy_recent_seconds: float | None = None,
+        legacy_max_experiments: int | None = None,
     ) -> None:
         self.ssh_session = ssh_session
         self.sftp_client = sftp_client
@@ -129,6 +133,11 @@ class MetadataSyncService:
         self.max_manifest_bytes = max_manifest_bytes
         """The client's caps on the manifest (``None``: the client's defaults)."""
         self.max_manifest_entries = max_manifest_entries
+        self.legacy_selection = _legacy_selection(
+            self.selection, legacy_active_only, legacy_recent_seconds, legacy_max_experiments
+        )
+        """The runs the legacy walk mirrors: :attr:`selection`, narrowed by the 0.4.x
+        ``legacy_*`` keywords."""
         self.on_progress = on_progress
         if viewer_url:
             from runicorn.sync.viewer import normalize_viewer_url
@@ -253,7 +262,7 @@ class MetadataSyncService:
         root = self._absolute_root()
         remote, owned = self._remote(root)
         try:
-            report = walk_remote(remote, root, selection=self.selection)
+            report = walk_remote(remote, root, selection=self.legacy_selection)
             self.last_walk = report
             self._update(
                 warnings=list(report.warnings),
@@ -269,7 +278,9 @@ class MetadataSyncService:
                 )
                 delete = False
             self._update(phase=PHASE_TRANSFERRING)
-            client = self._client(remote, delete=delete, jitter=0.0, root=root)
+            client = self._client(
+                remote, delete=delete, jitter=0.0, root=root, selection=self.legacy_selection
+            )
             try:
                 return sync_legacy(
                     client,
@@ -298,7 +309,13 @@ class MetadataSyncService:
     # -- construction -------------------------------------------------------------------
 
     def _client(
-        self, remote: Remote | None, *, delete: bool, jitter: float, root: str | None = None
+        self,
+        remote: Remote | None,
+        *,
+        delete: bool,
+        jitter: float,
+        root: str | None = None,
+        selection: RunSelection | None = None,
     ) -> ManifestSyncClient:
         from runicorn.format.models import ManifestFormat
         from runicorn.sync.client import ManifestSyncClient
@@ -318,7 +335,7 @@ class MetadataSyncService:
             timeout=self.timeout,
             viewer=self._viewer,
             verify=self.verify,
-            selection=self.selection,
+            selection=self.selection if selection is None else selection,
             max_manifest_bytes=self.max_manifest_bytes or ManifestFormat.MAX_DECOMPRESSED_BYTES,
             max_manifest_entries=self.max_manifest_entries or ManifestFormat.MAX_ENTRIES,
         )
@@ -377,3 +394,48 @@ class MetadataSyncService:
         self._notify(snapshot)
 
     _on_file.wants_bytes = True  # type: ignore[attr-defined]
+
+
+LEGACY_ACTIVE_WINDOW = 3600.0
+"""Seconds a run counts as active for ``legacy_active_only`` without
+``legacy_recent_seconds``: the generator's default active window."""
+
+
+def _legacy_selection(
+    selection: RunSelection,
+    active_only: bool,
+    recent_seconds: float | None,
+    max_experiments: int | None,
+) -> RunSelection:
+    """The selection of the legacy walk under the keywords of Runicorn 0.4.x's service.
+
+    ``legacy_active_only``: only runs created or updated within ``legacy_recent_seconds``
+    (default :data:`LEGACY_ACTIVE_WINDOW`); ``legacy_max_experiments``: at most that many
+    runs, the most recently updated first. ``legacy_recent_seconds`` alone selects nothing
+    (it is the window of "active"): ignored with a ``DeprecationWarning``. Like the rest of
+    the selection, runs left out are neither fetched nor deleted.
+    """
+    if recent_seconds is not None and not (
+        isinstance(recent_seconds, int | float) and 0 < recent_seconds < float("inf")
+    ):
+        raise ValueError(f"legacy_recent_seconds must be seconds > 0, got {recent_seconds!r}")
+    if max_experiments is not None and (
+        isinstance(max_experiments, bool)
+        or not isinstance(max_experiments, int)
+        or max_experiments < 1
+    ):
+        raise ValueError(f"legacy_max_experiments must be at least 1, got {max_experiments!r}")
+    since: float | None = None
+    if active_only:
+        since = float(recent_seconds) if recent_seconds is not None else LEGACY_ACTIVE_WINDOW
+    elif recent_seconds is not None:
+        warnings.warn(
+            "legacy_recent_seconds has an effect only with legacy_active_only=True (it is the "
+            "window of 'active'); ignored. To sync only recent runs, pass since=SECONDS, which "
+            "applies to the manifest and the legacy walk alike",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    if since is None and max_experiments is None:
+        return selection
+    return selection.with_limits(since=since, max_runs=max_experiments)

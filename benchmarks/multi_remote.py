@@ -1,0 +1,212 @@
+"""Several servers and part of a lab: `runicorn sync --all` and `--project`, measured.
+
+Two figures, each a ratio against a baseline measured in the same run (the machine may be
+shared, so absolute seconds say little):
+
+* **--all against the slowest alone.** Three sample labs of different sizes, each served by
+  its own throw-away sshd behind its own emulated WAN link (:class:`WanProxy`: fixed delay
+  each way, bandwidth cap). Each remote of a remotes file is synced alone, cold, then all
+  three with ``runicorn sync --all``, cold. Ratio: the ``--all`` wall time over the slowest
+  remote's alone (target: at most 1.2).
+* **--project of one project out of five.** A 500-run lab of five projects behind one sshd:
+  a full cold sync, then for each project a cold ``--project`` sync. Ratio: bytes the
+  project's sync read from the server (its ``bytes_downloaded``, the manifest included) over
+  the full sync's (target: at most 0.25 for every project).
+
+Every sync is a fresh ``python -m runicorn`` process with its own SSH connections; each
+figure is the median of ``--repeat`` rounds.
+
+    python benchmarks/multi_remote.py --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import orjson
+
+import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
+from harness.sshd import SshServer
+from harness.wan_proxy import WanProxy
+from runicorn.demo.sample_lab import build_sample_lab
+from runicorn.manifest import ManifestGenerator
+
+ALL_RUNS = (60, 90, 120)
+"""Runs of the three labs of the --all figure: three servers of different sizes."""
+
+
+def _alias_block(alias: str, server: SshServer, port: int, known_hosts: Path) -> str:
+    return "\n".join(
+        [
+            f"Host {alias}",
+            "    HostName 127.0.0.1",
+            f"    Port {port}",
+            f"    User {server.username}",
+            f"    IdentityFile {server.client_key_path}",
+            "    IdentitiesOnly yes",
+            f"    UserKnownHostsFile {known_hosts}",
+            "    StrictHostKeyChecking yes",
+            "",
+        ]
+    )
+
+
+@contextmanager
+def _served(
+    labs: dict[str, Path], workdir: Path, delay_ms: float, bandwidth_bps: float | None
+) -> Iterator[Path]:
+    """Each lab behind its own sshd (and WAN link); the ssh config with an alias for each."""
+    with ExitStack() as stack:
+        blocks: list[str] = []
+        known: list[str] = []
+        for alias in labs:
+            server = stack.enter_context(SshServer())
+            port = server.port
+            if bandwidth_bps is not None or delay_ms:
+                proxy = stack.enter_context(
+                    WanProxy(
+                        "127.0.0.1", server.port, delay_ms=delay_ms, bandwidth_bps=bandwidth_bps
+                    )
+                )
+                port = proxy.port
+            known.append(f"[127.0.0.1]:{port} {server.host_public_key}")
+            blocks.append(_alias_block(alias, server, port, workdir / "known_hosts"))
+        (workdir / "known_hosts").write_text("\n".join(known) + "\n")
+        config = workdir / "ssh_config"
+        config.write_text("\n".join(blocks))
+        yield config
+
+
+def _runicorn(*args: str) -> tuple[float, dict]:
+    """Run ``runicorn ARGS --json``; its wall time and its JSON document."""
+    command = [sys.executable, "-m", "runicorn", *args, "--jitter", "0", "--json"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[3:6])} exited {done.returncode}:\n{done.stderr}")
+    return elapsed, orjson.loads(done.stdout)
+
+
+def _remotes_file(labs: dict[str, Path], workdir: Path, caches: Path) -> Path:
+    path = workdir / "remotes.toml"
+    body = "".join(f'[remotes.{alias}]\nurl = "{alias}:{root}"\n\n' for alias, root in labs.items())
+    path.write_text(f'cache_root = "{caches}"\n\n{body}')
+    return path
+
+
+def measure_all(
+    workdir: Path, scale: float, delay_ms: float, mbit: float, repeat: int
+) -> dict[str, float]:
+    """Median seconds of each remote alone and of --all, cold each time."""
+    labs: dict[str, Path] = {}
+    for index, runs in enumerate(ALL_RUNS):
+        root = workdir / f"server{index + 1}"
+        build_sample_lab(root, runs, seed=100 + index, scale=scale)
+        ManifestGenerator(root).generate()
+        labs[f"srv{index + 1}"] = root
+    caches = workdir / "caches"
+    remotes = _remotes_file(labs, workdir, caches)
+    alone: dict[str, list[float]] = {alias: [] for alias in labs}
+    together: list[float] = []
+    with _served(labs, workdir, delay_ms, mbit * 1e6) as ssh_config:
+        common = ("--config", str(remotes), "--ssh-config", str(ssh_config))
+        for _round in range(repeat):
+            for alias in labs:
+                shutil.rmtree(caches, ignore_errors=True)
+                seconds, _document = _runicorn("sync", alias, *common)
+                alone[alias].append(seconds)
+            shutil.rmtree(caches, ignore_errors=True)
+            seconds, document = _runicorn("sync", "--all", *common)
+            assert document["exit_code"] == 0, document
+            together.append(seconds)
+    figures = {alias: statistics.median(times) for alias, times in alone.items()}
+    figures["all"] = statistics.median(together)
+    return figures
+
+
+def measure_projects(workdir: Path, runs: int, scale: float, repeat: int) -> dict[str, float]:
+    """Median bytes read by a full cold sync and by a cold --project sync of each project."""
+    root = workdir / "lab500"
+    info = build_sample_lab(root, runs, seed=runs, scale=scale, projects=5)
+    ManifestGenerator(root).generate()
+    projects = sorted({run.project for run in info.listed_runs})
+    cache = workdir / "cache500"
+    results: dict[str, list[float]] = {"full": [], **{p: [] for p in projects}}
+    with _served({"lab": root}, workdir, 0.0, None) as ssh_config:
+        source = f"lab:{root}"
+        for _round in range(repeat):
+            for what in ["full", *projects]:
+                shutil.rmtree(cache, ignore_errors=True)
+                selection = [] if what == "full" else ["--project", what]
+                _seconds, stats = _runicorn(
+                    "sync", source, str(cache), "--ssh-config", str(ssh_config), *selection
+                )
+                results[what].append(float(stats["bytes_downloaded"]))
+    return {what: statistics.median(values) for what, values in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="multi_remote.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument("--rtt-ms", type=float, default=50.0, help="round trip of each link")
+    parser.add_argument("--mbit", type=float, default=20.0, help="bandwidth of each link")
+    parser.add_argument("--scale", type=float, default=0.5, help="file sizes of the --all labs")
+    parser.add_argument("--runs", type=int, default=500, help="runs of the --project lab")
+    parser.add_argument(
+        "--project-scale", type=float, default=1.0, help="file sizes of the --project lab"
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    parser.add_argument("--skip-all", action="store_true", help="only the --project figure")
+    parser.add_argument("--skip-projects", action="store_true", help="only the --all figure")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="runicorn-multi-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if not args.skip_all:
+            figures = measure_all(
+                workdir / "all", args.scale, args.rtt_ms / 2, args.mbit, args.repeat
+            )
+            slowest = max(v for k, v in figures.items() if k != "all")
+            print(
+                f"## runicorn sync --all over three servers ({args.rtt_ms:g} ms RTT, "
+                f"{args.mbit:g} Mbit/s each; runs {', '.join(map(str, ALL_RUNS))})\n"
+            )
+            print("| sync | seconds (median) |\n|---|---|")
+            for name, seconds in figures.items():
+                print(f"| {'--all' if name == 'all' else name + ' alone'} | {seconds:.2f} |")
+            print(f"\n--all / slowest alone: {figures['all'] / slowest:.2f}x (target <= 1.2x)\n")
+        if not args.skip_projects:
+            sizes = measure_projects(
+                workdir / "projects", args.runs, args.project_scale, args.repeat
+            )
+            full = sizes.pop("full")
+            print(
+                f"## --project on the {args.runs}-run lab of five projects "
+                f"(scale {args.project_scale:g})\n"
+            )
+            print("| sync | bytes read (median) | of the full sync |\n|---|---|---|")
+            print(f"| full | {full:,.0f} | 100 % |")
+            for project, size in sizes.items():
+                print(f"| --project {project} | {size:,.0f} | {size / full:.1%} |")
+            mean = statistics.mean(sizes.values())
+            print(
+                f"\nmean project / full: {mean / full:.1%}; largest project / full: "
+                f"{max(sizes.values()) / full:.1%} (target <= 25 %)"
+            )
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
