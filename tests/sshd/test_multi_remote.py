@@ -286,3 +286,25 @@ def test_a_cache_made_before_the_identity_file_adopts_its_one_remote(
     finally:
         client.close()
     assert manager.mirrored_remote() == recorded
+
+
+@pytest.mark.parametrize(("setting", "enabled"), [("true", True), ("false", False)])
+def test_the_files_compress_setting_reaches_the_connection(
+    servers: tuple[Path, list[tuple[str, LabInfo]]], tmp_path: Path, setting: str, enabled: bool
+) -> None:
+    ssh_config, labs = servers
+    alias, info = labs[0]
+    config = _config(
+        tmp_path, f'[remotes.{alias}]\nurl = "{alias}:{info.root}"\ncompress = {setting}\n'
+    )
+    result = _run("sync", alias, "--config", str(config), "--ssh-config", str(ssh_config), "--json")
+    assert result.exit_code == 0, result.stderr
+    compression = orjson.loads(result.stdout)["compression"]
+    assert (compression["enabled"], compression["reason"]) == (enabled, "option")
+
+    # the command line wins over the file
+    flag = "--no-compress" if enabled else "--compress"
+    result = _run(
+        "sync", alias, "--config", str(config), "--ssh-config", str(ssh_config), flag, "--json"
+    )
+    assert orjson.loads(result.stdout)["compression"]["enabled"] is not enabled
