@@ -4,14 +4,14 @@ Two figures, each a ratio against a baseline measured in the same run (the machi
 shared, so absolute seconds say little):
 
 * **--all against the slowest alone.** Three sample labs of different sizes, each served by
-  its own throw-away sshd behind its own emulated WAN link (:class:`WanProxy`: fixed delay
-  each way, bandwidth cap). Each remote of a remotes file is synced alone, cold, then all
-  three with ``runicorn sync --all``, cold. Ratio: the ``--all`` wall time over the slowest
-  remote's alone (target: at most 1.2).
+  its own throw-away sshd behind its own emulated WAN link (``harness.wan_proxy``, each in a
+  process of its own: fixed delay each way, bandwidth cap). Each remote of a remotes file is
+  synced alone, cold, then all three with ``runicorn sync --all``, cold. Ratio: the
+  ``--all`` wall time over the slowest remote's alone (target: at most 1.2).
 * **--project of one project out of five.** A 500-run lab of five projects behind one sshd:
   a full cold sync, then for each project a cold ``--project`` sync. Ratio: bytes the
   project's sync read from the server (its ``bytes_downloaded``, the manifest included) over
-  the full sync's (target: at most 0.25 for every project).
+  the full sync's (target: at most 0.25), with each project's share of the lab's files.
 
 Every sync is a fresh ``python -m runicorn`` process with its own SSH connections; each
 figure is the median of ``--repeat`` rounds.
@@ -34,9 +34,8 @@ from pathlib import Path
 
 import orjson
 
-import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
+import _harness_path  # (tests/ on sys.path, for harness)
 from harness.sshd import SshServer
-from harness.wan_proxy import WanProxy
 from runicorn.demo.sample_lab import build_sample_lab
 from runicorn.manifest import ManifestGenerator
 
@@ -60,6 +59,45 @@ def _alias_block(alias: str, server: SshServer, port: int, known_hosts: Path) ->
     )
 
 
+_LINK = """
+import sys
+sys.path.insert(1, sys.argv[1])
+from harness.wan_proxy import WanProxy
+bandwidth = float(sys.argv[4]) or None
+with WanProxy("127.0.0.1", int(sys.argv[2]), delay_ms=float(sys.argv[3]),
+              bandwidth_bps=bandwidth) as proxy:
+    print(proxy.port, flush=True)
+    sys.stdin.read()  # until the benchmark closes it
+"""
+
+
+@contextmanager
+def _link(target_port: int, delay_ms: float, bandwidth_bps: float | None) -> Iterator[int]:
+    """An emulated link to ``target_port`` in a process of its own (three links in one
+    process would share its GIL and slow each other down: not what three servers do)."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _LINK,
+            _harness_path.TESTS_DIR,
+            str(target_port),
+            str(delay_ms),
+            str(bandwidth_bps or 0),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        yield int(child.stdout.readline())
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=30)
+
+
 @contextmanager
 def _served(
     labs: dict[str, Path], workdir: Path, delay_ms: float, bandwidth_bps: float | None
@@ -72,12 +110,7 @@ def _served(
             server = stack.enter_context(SshServer())
             port = server.port
             if bandwidth_bps is not None or delay_ms:
-                proxy = stack.enter_context(
-                    WanProxy(
-                        "127.0.0.1", server.port, delay_ms=delay_ms, bandwidth_bps=bandwidth_bps
-                    )
-                )
-                port = proxy.port
+                port = stack.enter_context(_link(server.port, delay_ms, bandwidth_bps))
             known.append(f"[127.0.0.1]:{port} {server.host_public_key}")
             blocks.append(_alias_block(alias, server, port, workdir / "known_hosts"))
         (workdir / "known_hosts").write_text("\n".join(known) + "\n")
@@ -134,14 +167,17 @@ def measure_all(
     return figures
 
 
-def measure_projects(workdir: Path, runs: int, scale: float, repeat: int) -> dict[str, float]:
-    """Median bytes read by a full cold sync and by a cold --project sync of each project."""
+def measure_projects(
+    workdir: Path, runs: int, scale: float, repeat: int
+) -> dict[str, tuple[float, float]]:
+    """Median bytes read by a full cold sync and by a cold --project sync of each project,
+    with the bytes of run files each set out to fetch (the rest is the manifest)."""
     root = workdir / "lab500"
     info = build_sample_lab(root, runs, seed=runs, scale=scale, projects=5)
     ManifestGenerator(root).generate()
     projects = sorted({run.project for run in info.listed_runs})
     cache = workdir / "cache500"
-    results: dict[str, list[float]] = {"full": [], **{p: [] for p in projects}}
+    results: dict[str, list[tuple[float, float]]] = {"full": [], **{p: [] for p in projects}}
     with _served({"lab": root}, workdir, 0.0, None) as ssh_config:
         source = f"lab:{root}"
         for _round in range(repeat):
@@ -151,8 +187,16 @@ def measure_projects(workdir: Path, runs: int, scale: float, repeat: int) -> dic
                 _seconds, stats = _runicorn(
                     "sync", source, str(cache), "--ssh-config", str(ssh_config), *selection
                 )
-                results[what].append(float(stats["bytes_downloaded"]))
-    return {what: statistics.median(values) for what, values in results.items()}
+                results[what].append(
+                    (float(stats["bytes_downloaded"]), float(stats["bytes_total"]))
+                )
+    return {
+        what: (
+            statistics.median(read for read, _files in values),
+            statistics.median(files for _read, files in values),
+        )
+        for what, values in results.items()
+    }
 
 
 def main() -> None:
@@ -189,19 +233,25 @@ def main() -> None:
             sizes = measure_projects(
                 workdir / "projects", args.runs, args.project_scale, args.repeat
             )
-            full = sizes.pop("full")
+            full, full_files = sizes.pop("full")
             print(
                 f"## --project on the {args.runs}-run lab of five projects "
                 f"(scale {args.project_scale:g})\n"
             )
-            print("| sync | bytes read (median) | of the full sync |\n|---|---|---|")
-            print(f"| full | {full:,.0f} | 100 % |")
-            for project, size in sizes.items():
-                print(f"| --project {project} | {size:,.0f} | {size / full:.1%} |")
-            mean = statistics.mean(sizes.values())
             print(
-                f"\nmean project / full: {mean / full:.1%}; largest project / full: "
-                f"{max(sizes.values()) / full:.1%} (target <= 25 %)"
+                "| sync | bytes read (median) | of the full sync's | the project's share of "
+                "the lab's run files | manifest and overhead |\n|---|---|---|---|---|"
+            )
+            print(f"| full | {full:,.0f} | 100 % | 100 % | {full - full_files:,.0f} |")
+            for project, (size, files) in sizes.items():
+                print(
+                    f"| --project {project} | {size:,.0f} | {size / full:.1%} | "
+                    f"{files / full_files:.1%} | {size - files:,.0f} |"
+                )
+            reads = [size for size, _files in sizes.values()]
+            print(
+                f"\nmean project / full: {statistics.mean(reads) / full:.1%}; largest project / "
+                f"full: {max(reads) / full:.1%} (target <= 25 %)"
             )
     finally:
         if args.workdir is None:
