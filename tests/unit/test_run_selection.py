@@ -4,8 +4,10 @@ tests/sshd/test_partial_sync.py checks the same over a real sshd)."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,15 +188,31 @@ def _sync(root: Path, cache: Path, backend: Backend, **options: object) -> dict:
         client.close()
 
 
-def _restricted(files: dict[str, bytes], info: LabInfo, selection: RunSelection) -> dict:
+def _restricted(
+    files: dict[str, bytes], info: LabInfo, selection: RunSelection, now: float
+) -> dict:
     """The full cache's files of the runs the selection keeps (judged on the lab's own
     record of each run, not on the manifest)."""
     kept = [
         run.rel + "/"
         for run in info.listed_runs
-        if selection.selects(run.project, run.name, run.run_id, run.created_at, run.updated_at, NOW)
+        if selection.selects(run.project, run.name, run.run_id, run.created_at, run.updated_at, now)
     ]
     return {path: data for path, data in files.items() if any(path.startswith(k) for k in kept)}
+
+
+def _since(info: LabInfo, window: float | None, now: float) -> float | None:
+    """A ``since`` whose cut falls halfway between two runs' newest times (the fraction
+    ``window`` picks which two), so a second's drift between here and the sync never moves a
+    run across it; ``None``: no window."""
+    if window is None:
+        return None
+    times = sorted({max(run.created_at, run.updated_at) for run in info.listed_runs})
+    gaps = [(a + b) / 2 for a, b in itertools.pairwise(times) if b - a > 2]
+    if not gaps:
+        return None
+    cut = gaps[min(int(window * len(gaps)), len(gaps) - 1)]
+    return now - cut
 
 
 _GLOB_PARTS = st.sampled_from(["*", "**", "vision", "nlp", "rl", "runs", "r*", "*n*", "?*"])
@@ -205,6 +223,7 @@ _GLOB_PARTS = st.sampled_from(["*", "**", "vision", "nlp", "rl", "runs", "r*", "
     projects=st.lists(st.sampled_from(["vision", "nlp", "rl", "audio", "runs"]), max_size=2),
     include=st.lists(st.lists(_GLOB_PARTS, min_size=1, max_size=3).map("/".join), max_size=2),
     exclude=st.lists(st.lists(_GLOB_PARTS, min_size=1, max_size=3).map("/".join), max_size=1),
+    window=st.none() | st.floats(min_value=0.0, max_value=1.0),
 )
 @settings(
     max_examples=25,
@@ -218,18 +237,23 @@ def test_a_selected_sync_is_the_full_sync_restricted_to_the_selection(
     projects: list[str],
     include: list[str],
     exclude: list[str],
+    window: float | None,
 ) -> None:
     info = served[run_layout]
-    selection = RunSelection(tuple(projects), tuple(include), tuple(exclude))
+    now = time.time()
+    selection = RunSelection(
+        tuple(projects), tuple(include), tuple(exclude), _since(info, window, now)
+    )
     with tempfile.TemporaryDirectory() as work:
         full_cache, part_cache = Path(work) / "full", Path(work) / "part"
         _sync(info.root, full_cache, backend)
         stats = _sync(info.root, part_cache, backend, selection=selection)
-        expected = _restricted(cache_files(full_cache), info, selection)
+        expected = _restricted(cache_files(full_cache), info, selection, now)
         assert cache_files(part_cache) == expected
-        kept = len(
-            selection.select_runs([_exp(r.project, r.name, r.run_id) for r in info.listed_runs])
-        )
+        runs = [
+            _exp(r.project, r.name, r.run_id, r.created_at, r.updated_at) for r in info.listed_runs
+        ]
+        kept = len(selection.select_runs(runs, now))
         if not selection.is_everything:
             assert stats["runs_filtered_out"] == len(info.listed_runs) - kept
         assert stats["files_synced"] == len(expected)
