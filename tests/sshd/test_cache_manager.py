@@ -411,3 +411,30 @@ def test_a_sync_after_an_interrupted_one_removes_its_temp_files(
     assert not leftover.exists()
     assert stats["skipped"] is False  # an interrupted sync is never trusted to be complete
     assert cache_files(cache.root_dir) == server_files(lab.root)
+
+
+def test_file_entries_under_reads_only_the_files_of_the_runs_named(
+    manager: LocalCacheManager,
+):
+    """A run whose id extends another's (``…abcdef`` and ``…abcdef0``) and a sibling file
+    beside the run directory are not below its prefix."""
+    paths = [
+        f"{RUN}/events.jsonl",
+        f"{RUN}/media/a.png",
+        f"{RUN}/meta.json",
+        f"{RUN}0/meta.json",
+        f"{RUN}.txt",
+        "proj/exp/runs/20240101_000000_000000/meta.json",
+        "proj/zzz/runs/20240101_000000_ffffff/meta.json",
+    ]
+    manager.save_progress(
+        remote_id="r", synced=[FileRecord(path, 1, 1.0, None) for path in reversed(paths)]
+    )
+    wanted = [f"{RUN}/", "proj/zzz/runs/20240101_000000_ffffff/", "proj/none/runs/x/"]
+    under = manager.file_entries_under(wanted)
+    expected = {paths[0], paths[1], paths[2], paths[6]}
+    assert under == [row for row in manager.file_entries() if row[0] in expected]
+    assert [row[0] for row in under] == sorted(expected)
+    assert manager.file_entries_under([]) == []
+    with pytest.raises(ValueError, match="ends with '/'"):
+        manager.file_entries_under([RUN])

@@ -560,8 +560,15 @@ class ManifestSyncClient:
         entries = sorted(manifest.iter_files(), key=lambda entry: entry.path)
         if not self.dry_run and self._undo_viewer_deletions(manifest):
             self._damage = None  # runs moved back: what the local check found may be back
-        local = self.cache.file_entries()
-        damaged = self._disk_damage(run, local)
+        if is_full or self._full_check:
+            local = self.cache.file_entries()
+            damaged = self._disk_damage(run, local)
+        else:
+            # An active manifest's runs are a few of the cache's: only their files can be
+            # new, grown or replaced, so only theirs are read (a watch applies one every
+            # publication). The quick disk check reads every file only when it found damage.
+            local = self.cache.file_entries_under(exp.prefix for exp in manifest.experiments)
+            damaged = self._disk_damage(run)
         if damaged:
             logger.info(
                 "%d cached file(s) missing or changed locally; fetching them again", len(damaged)

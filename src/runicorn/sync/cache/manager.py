@@ -267,6 +267,11 @@ class LocalCacheManager:
         """Every recorded file, sorted by path."""
         return self.state.file_entries()
 
+    def file_entries_under(self, prefixes: Iterable[str]) -> list[LocalEntry]:
+        """The recorded files below the run directories ``prefixes`` (ending in ``/``),
+        sorted by path."""
+        return self.state.file_entries_under(prefixes)
+
     def save_progress(
         self,
         *,

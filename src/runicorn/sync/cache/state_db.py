@@ -353,6 +353,29 @@ class StateDatabase:
             )
         ]
 
+    def file_entries_under(self, prefixes: Iterable[str]) -> list[LocalEntry]:
+        """The recorded files whose path starts with one of ``prefixes`` (run directories,
+        ending in ``/``), sorted by path: one range of the primary key per prefix, so an
+        active manifest's few runs cost their own files, not every file of the cache."""
+        rows: list[LocalEntry] = []
+        with self._lock:
+            conn = self._connect(create=False)
+            if conn is None:
+                return rows
+            for prefix in sorted(set(prefixes)):
+                if not prefix.endswith("/"):
+                    raise ValueError(f"a run prefix ends with '/': {prefix!r}")
+                # "/" + 1 is "0": [prefix, upper) holds exactly the paths below the prefix.
+                upper = prefix[:-1] + "0"
+                rows.extend(
+                    conn.execute(
+                        "SELECT path, size, mtime, tail_hash FROM files"
+                        " WHERE path >= ? AND path < ? ORDER BY path",
+                        (prefix, upper),
+                    )
+                )
+        return rows
+
     def status_entries(self) -> list[LocalEntry]:
         """The recorded ``status.json`` of every run, sorted by path: one per run directory,
         read from a partial index (not a scan of every recorded file)."""
