@@ -162,14 +162,19 @@ def _measure(
     return Measurement(tool, scenario, seconds, proxy.bytes_down, requests, server_cpu, detail)
 
 
-def _keep_media_only(lab: Path) -> None:
-    """Leave each run's meta.json, status.json and media/: the already-compressed files."""
+def _keep_media_only(lab: Path) -> tuple[int, int]:
+    """Leave each run's meta.json, status.json and media/ (the already-compressed files);
+    return the files and bytes left."""
+    files = size = 0
     for path in sorted(lab.rglob("*"), reverse=True):
-        if not path.is_file() or ".runicorn" in path.parts:
+        if not path.is_file() or ".runicorn" in path.parts or path.suffix == ".lock":
             continue
         if path.name in ("meta.json", "status.json") or "media" in path.parts:
+            files += 1
+            size += path.stat().st_size
             continue
         path.unlink()
+    return files, size
 
 
 def run_lab(
@@ -183,7 +188,7 @@ def run_lab(
     lab = workdir / f"lab{runs}"
     info = build_sample_lab(lab, runs, seed=runs, scale=scale)
     if media_only:
-        _keep_media_only(lab)
+        info.total_files, info.total_bytes = _keep_media_only(lab)
     ManifestGenerator(lab).generate()
     results: dict[str, list[Measurement]] = {}
     with SshServer(count_requests=True) as server:

@@ -143,7 +143,8 @@ def _compression_document(client: paramiko.SSHClient | None) -> dict[str, object
         return None
     from runicorn.transport.ssh import compression_choice
 
-    choice = compression_choice(client)
+    # What the sync ran with: a check still probing at the end has changed nothing.
+    choice = compression_choice(client, wait=0.0)
     return None if choice is None else choice.as_dict()
 
 
