@@ -122,13 +122,23 @@ def test_legacy_recent_seconds_alone_is_ignored_with_a_deprecation_warning(
     assert cache_files(tmp_path / "cache") == server_files(lab.root)
 
 
+def _bare(tmp_path: Path, backend: Backend, **keywords):
+    """A service built but never run: what its constructor makes of the keywords."""
+    from runicorn.remote_storage import LocalCacheManager, MetadataSyncService
+
+    return MetadataSyncService(
+        None, None, "/nowhere", LocalCacheManager(tmp_path / "cache"), backend=backend, **keywords
+    )
+
+
 def test_legacy_active_only_defaults_to_the_generators_window(
-    lab: Lab, tmp_path: Path, backend: Backend, sftp: paramiko.SFTPClient
+    tmp_path: Path, backend: Backend
 ) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # honoured keywords warn nothing
-        service = _service(sftp, lab, tmp_path / "cache", backend, legacy_active_only=True)
+        service = _bare(tmp_path, backend, legacy_active_only=True)
     assert service.legacy_selection.since == LEGACY_ACTIVE_WINDOW == 3600.0
+    assert service.selection.is_everything  # the manifest path is not narrowed
 
 
 @pytest.mark.parametrize(
@@ -141,9 +151,7 @@ def test_legacy_active_only_defaults_to_the_generators_window(
     ],
 )
 def test_bad_legacy_values_are_refused(
-    lab: Lab, tmp_path: Path, backend: Backend, sftp: paramiko.SFTPClient, keyword: str, value
+    tmp_path: Path, backend: Backend, keyword: str, value: object
 ) -> None:
     with pytest.raises(ValueError, match=keyword):
-        _service(
-            sftp, lab, tmp_path / "cache", backend, legacy_active_only=True, **{keyword: value}
-        )
+        _bare(tmp_path, backend, legacy_active_only=True, **{keyword: value})
