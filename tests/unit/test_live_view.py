@@ -341,3 +341,14 @@ def test_stderr_lines_go_above_the_table_only_when_stderr_is_on_the_terminal(
         assert "reconnected to lab" in drawn and stderr.getvalue() == ""
     else:
         assert "reconnected to lab" not in drawn and stderr.getvalue() == "reconnected to lab\n"
+
+
+def test_a_pass_in_progress_is_shown_until_it_ends(tmp_path: Path):
+    table = LiveTable(tmp_path, "lab:/data", Console(file=io.StringIO()))
+    view, progress = table.view, table.on_progress
+    assert getattr(progress, "wants_bytes", False)  # the transfer then reports bytes too
+    progress(3, 10, "vision/resnet/runs/r1/events.jsonl", 1_000, 5_000)
+    header = _render(view).splitlines()[0]
+    assert header.endswith("· pass in progress: 3/10 files, 1.00 KB/5.00 KB")
+    view.record_pass(_stats(), [_change("vision", "resnet", "r1", files=10, bytes=5_000)])
+    assert "in progress" not in _render(view)

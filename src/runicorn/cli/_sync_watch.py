@@ -136,6 +136,7 @@ def watch_cache(
                 on_sync=lambda stats: _after_pass(client, stats, reporter, viewer),
                 on_error=reporter.record_error,
                 reconnect=reconnect,
+                on_progress=reporter.on_progress,
             )
     except KeyboardInterrupt:
         pass  # a second signal: the pass in progress was abandoned; its files are kept

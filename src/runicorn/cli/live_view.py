@@ -43,7 +43,7 @@ from runicorn.cli._common import error, human_bytes, printable
 from runicorn.sync.run_status import RunChange, RunStatus, read_run_status
 
 if TYPE_CHECKING:
-    from runicorn.sync.stats import SyncStats
+    from runicorn.sync.stats import ProgressCallback, SyncStats
 
 __all__ = ["JsonLines", "LiveTable", "LiveView", "PlainLines", "Reporter", "reporter_for"]
 
@@ -127,12 +127,14 @@ class LiveView:
         self._moved: deque[tuple[float, int]] = deque()
         self._passes = 0
         self._last_pass = ""
+        self._in_progress: tuple[int, int, int | None, int | None] | None = None
         self._lock = threading.Lock()
 
     def record_pass(self, stats: SyncStats, changes: Sequence[RunChange]) -> None:
         now, wall = self._clock(), self._wall()
         with self._lock:
             self._passes += 1
+            self._in_progress = None
             if stats["skipped"]:
                 return
             self._last_pass = _pass_line(stats, wall)
@@ -151,6 +153,13 @@ class LiveView:
                 self._errors.append((wall, f"{printable(path)}: {printable(reason)}"))
             if len(failed) > 3:
                 self._errors.append((wall, f"… and {len(failed) - 3} more files failed"))
+
+    def record_progress(
+        self, done: int, total: int, moved: int | None = None, planned: int | None = None
+    ) -> None:
+        """Files (and bytes, when known) of the pass in progress: shown until it ends."""
+        with self._lock:
+            self._in_progress = (done, total, moved, planned)
 
     def record_error(self, message: str) -> None:
         with self._lock:
@@ -175,6 +184,13 @@ class LiveView:
             header = Text(no_wrap=True, overflow="ellipsis")
             header.append(f"watching {self.source}", style="bold")
             header.append(f" · {passes} · {human_bytes(self._rate(self._moved, now))}/s")
+            if self._in_progress is not None:
+                done, total, moved, planned = self._in_progress
+                header.append(f" · pass in progress: {done}/{total} files")
+                if moved is not None:
+                    header.append(f", {human_bytes(moved)}")
+                    if planned:
+                        header.append(f"/{human_bytes(planned)}")
             last = Text(f"last change {self._last_pass or '-'}", style="dim")
             last.no_wrap, last.overflow = True, "ellipsis"
             table = Table(expand=True, box=None, pad_edge=False, header_style="bold")
@@ -220,6 +236,12 @@ class Reporter(abc.ABC):
 
     def record_error(self, exc: BaseException, retry_in: float) -> None:
         error(f"sync failed: {exc}; retrying in {retry_in:g} s")
+
+    @property
+    def on_progress(self) -> ProgressCallback | None:
+        """The watch's ``on_progress``: ``None`` unless the reporter shows passes in
+        progress."""
+        return None
 
     def __enter__(self) -> Reporter:
         return self
@@ -319,6 +341,16 @@ class LiveTable(Reporter):
 
     def record_error(self, exc: BaseException, retry_in: float) -> None:
         self.view.record_error(f"sync failed: {exc}; retrying in {retry_in:g} s")
+
+    @property
+    def on_progress(self) -> ProgressCallback:
+        view = self.view
+
+        def progress(done: int, total: int, _current_file: str, *moved: int) -> None:
+            view.record_progress(done, total, *moved[:2])
+
+        progress.wants_bytes = True  # type: ignore[attr-defined]  # (bytes done, planned) too
+        return progress
 
     def __enter__(self) -> LiveTable:
         self._live.start()

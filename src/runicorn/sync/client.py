@@ -300,6 +300,7 @@ class ManifestSyncClient:
         on_error: Callable[[BaseException, float], None] | None = None,
         reconnect: Callable[[], paramiko.SFTPClient] | None = None,
         push: bool | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         """Sync, then keep the cache fresh until :meth:`stop_watch` (from any thread).
 
@@ -311,7 +312,8 @@ class ManifestSyncClient:
         manifests). ``on_sync`` gets the stats of every pass
         (``skipped`` when nothing changed); ``on_error`` gets each failed pass's error and
         the seconds until the next attempt (1 s, doubling to 30 s); ``reconnect`` returns a
-        fresh SFTP session after a connection error. A failed pass never raises; see
+        fresh SFTP session after a connection error; ``on_progress`` is each pass's
+        ``progress_callback`` (as of :meth:`sync`). A failed pass never raises; see
         :mod:`runicorn.sync.watch`.
         """
         from runicorn.sync.watch import CacheWatcher  # late: a plain sync never needs it
@@ -325,6 +327,7 @@ class ManifestSyncClient:
             reconnect=reconnect,
             stop_event=self._watch_stop,
             push=push,
+            on_progress=on_progress,
         )
         self._watcher = watcher
         try:

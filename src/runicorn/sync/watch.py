@@ -39,7 +39,7 @@ from runicorn.format.models import ManifestFormat, ManifestType
 if TYPE_CHECKING:
     import paramiko
 
-    from runicorn.sync.stats import SyncStats
+    from runicorn.sync.stats import ProgressCallback, SyncStats
     from runicorn.transport.change_feed import ChangeFeed
 
 
@@ -52,7 +52,7 @@ class WatchedClient(Protocol):
     jitter_max: float
     sftp_client: paramiko.SFTPClient | None
 
-    def sync(self) -> SyncStats: ...
+    def sync(self, progress_callback: ProgressCallback | None = None) -> SyncStats: ...
 
     def use_sftp_client(self, sftp_client: paramiko.SFTPClient) -> None: ...
 
@@ -89,6 +89,7 @@ class CacheWatcher:
         max_backoff: float = MAX_BACKOFF_SECONDS,
         stop_event: threading.Event | None = None,
         push: bool | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         if interval <= 0 or full_interval < interval:
             raise ValueError(
@@ -101,6 +102,8 @@ class CacheWatcher:
         self.full_interval = full_interval
         self.on_sync = on_sync
         self.on_error = on_error
+        self.on_progress = on_progress
+        """Handed to each pass's ``sync()``: the files of a long pass as they land."""
         self.reconnect = reconnect
         self.max_backoff = max_backoff
         self.push = push_default() if push is None else push
@@ -250,7 +253,7 @@ class CacheWatcher:
         if self.passes:
             client.jitter_max = 0.0  # the jitter spreads a fleet's first sync, not each pass
         try:
-            return client.sync()
+            return client.sync() if self.on_progress is None else client.sync(self.on_progress)
         finally:
             client.manifest_type, client.jitter_max = mode, jitter
 
