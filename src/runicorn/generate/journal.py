@@ -242,8 +242,8 @@ class ChangeJournal:
     def _remove_leftovers(self) -> None:
         """Temp files of a journal write that was killed (we hold the lock: none is live)."""
         prefix = temp_prefix_for(self.path)
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(self.path.parent):
+        with contextlib.suppress(OSError), os.scandir(self.path.parent) as entries:
+            for entry in entries:
                 if entry.name.startswith(prefix):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
