@@ -23,6 +23,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "generate-manifest": ("runicorn.cli.generate", "generate_manifest"),
     "sync": ("runicorn.cli.sync", "sync"),
     "demo": ("runicorn.cli.demo", "demo"),
+    "runs": ("runicorn.cli.runs", "runs"),
     "units": ("runicorn.cli.units", "units"),
 }
 
