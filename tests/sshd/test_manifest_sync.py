@@ -720,6 +720,87 @@ def test_active_manifest_is_applied_when_the_full_one_is_unchanged(
     assert again["skipped"] is True
 
 
+def _step_published_full_then_active(lab: Lab):
+    """A training step, then the full manifest and the active one, as cron or a publisher
+    following a full generation with an active one publish them."""
+    step = training_step(lab.root, seed=SEED, now=NOW + 60)
+    lab.publish(ManifestType.FULL, now=NOW + 60)
+    lab.publish(ManifestType.ACTIVE, now=NOW + 60)
+    return step
+
+
+def _holds_every_server_file(lab: Lab, cache: Path) -> None:
+    """Every file the server lists, byte for byte (runs it removed may stay: no delete)."""
+    expected = server_files(lab.root)
+    actual = cache_files(cache)
+    assert {path: actual.get(path) for path in expected} == expected
+
+
+def test_a_step_applies_the_active_manifest_in_place_of_the_moved_full_one(
+    lab: Lab, cache: Path, client_for, sshd_server: SshServer, sftp: paramiko.SFTPClient
+) -> None:
+    lab.publish(ManifestType.ACTIVE)  # names full revision 1
+    sshd_server.reset_request_counts()
+    client = client_for()
+    client.sync()
+    step = _step_published_full_then_active(lab)
+    client.close()
+    fresh_client = client_for()  # a new process: what it knows comes from the cache state
+    sshd_server.wait_sftp_sessions_closed()
+    settle(sftp)
+    sshd_server.reset_request_counts()
+
+    stats = fresh_client.sync()
+    counts = sshd_server.sftp_request_count(wait_for_close=True)
+    again = fresh_client.sync()
+
+    assert stats["manifest_type"] == "active"
+    assert (stats["delta_from"], stats["delta_to"]) == (1, 2)
+    assert "in place of full revision 2" in stats["reason"]
+    assert stats["incremental_count"] == len(step.appended)
+    _holds_every_server_file(lab, cache)
+    # the manifests' probe and the changed files only: nothing read the full manifest
+    assert counts.by_type.get("READ", 0) <= 2 + stats["files_synced"], counts.by_type
+    assert again["skipped"] is True
+    assert again["reason"] == "manifest revision 2 unchanged"
+
+
+def test_delete_reads_the_full_manifest_even_when_the_active_one_covers_the_step(
+    lab: Lab, cache: Path, client_for
+) -> None:
+    lab.publish(ManifestType.ACTIVE)
+    client = client_for(delete=True)
+    client.sync()
+    step = _step_published_full_then_active(lab)
+
+    stats = client.sync()
+
+    assert stats["manifest_type"] == "full"
+    assert "delta_from" not in stats
+    assert stats["deleted_count"] == len(step.gone_runs()) > 0
+    assert_cache_equals_server(lab.root, cache)
+
+
+@pytest.mark.parametrize("why", ["verify", "full-not-named-yet"])
+def test_the_full_manifest_is_read_when_the_active_one_cannot_stand_in(
+    lab: Lab, cache: Path, client_for, why: str
+) -> None:
+    lab.publish(ManifestType.ACTIVE)
+    client = client_for(verify=why == "verify")
+    client.sync()
+    training_step(lab.root, seed=SEED, now=NOW + 60)
+    lab.publish(ManifestType.FULL, now=NOW + 60)
+    if why == "verify":
+        lab.publish(ManifestType.ACTIVE, now=NOW + 60)
+    # else: the active manifest still names full revision 1 only, not the newest
+
+    stats = client.sync()
+
+    assert stats["manifest_type"] == "full"
+    assert "delta_from" not in stats
+    _holds_every_server_file(lab, cache)
+
+
 def test_first_sync_uses_the_full_manifest_even_when_active_is_asked(
     lab: Lab, cache: Path, client_for
 ) -> None:

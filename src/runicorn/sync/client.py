@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from runicorn.core.backend import Backend, active_backend
 from runicorn.format.layout import DELETED_MARKER, UNKNOWN_STATUS, run_prefix
@@ -171,6 +171,9 @@ class ManifestSyncClient:
         """The runs this client mirrors (:mod:`runicorn.sync.selection`); others are never
         fetched nor deleted."""
         self._full_check = False
+        self._delta_target: tuple[int, str, int] | None = None
+        """Full revision, snapshot and vanished count to record when the active manifest
+        being applied stands in for the full one (:meth:`_check_delta`)."""
         self._damage: set[str] | None = None
         self._remote = remote
         self._remote_id: str | None = None
@@ -259,6 +262,7 @@ class ManifestSyncClient:
             time.sleep(random.uniform(0, self.jitter_max))
         with self._busy, self._locked():
             self.last_run_changes = ()
+            self._delta_target = None
             remote_id = self.remote_id
             self._claim(remote_id)
             self._start_disk_check(full=None)
@@ -480,11 +484,53 @@ class ManifestSyncClient:
                 run.skipped = True
                 run.reason = f"manifest revision {state.revision} unchanged"
                 return None
+            if also_active and header is not None and not self.delete and not self._full_check:
+                delta = self._check_delta(run, state, header, probes[1])
+                if delta is not None:
+                    return delta
         else:
             # A first or unclean sync needs the whole manifest anyway; a small one arrives
             # with this first READ (two round trips, no FSTAT, nobody waits for the CLOSE).
             probe = self._manifests().probe_many([(ManifestType.FULL, False)], run)[0]
         return self._manifests().download(ManifestType.FULL, run, probe)
+
+    def _check_delta(
+        self,
+        run: SyncRun,
+        state: AppliedManifest,
+        header: dict[str, Any],
+        probe: Probe | None,
+    ) -> SyncManifest | None:
+        """The active manifest, when it can stand in for the full one that moved on: it
+        names the full manifest this cache last applied and, last, the one now published
+        (``changes_since``), so it lists every run that differs from the cache but those
+        removed. ``None`` (the full manifest is read) otherwise. Never with ``delete``
+        (removals are in the full manifest only) nor on a full check of the cache."""
+        if probe is None:
+            return None
+        try:
+            manifest = self._manifests().download(ManifestType.ACTIVE, run, probe)
+        except (OSError, ValueError) as error:
+            logger.info("active manifest unusable (%s); reading the full manifest", error)
+            return None
+        named = manifest.changes_since or []
+        if (
+            state.snapshot_id not in named
+            or named[-1] != header["snapshot_id"]
+            or manifest.generated_at < state.generated_at
+        ):
+            logger.info(
+                "active manifest revision %d does not cover full revisions %d to %d; "
+                "reading the full manifest",
+                manifest.revision,
+                state.revision,
+                header["revision"],
+            )
+            return None
+        run.extra["delta_from"] = state.revision
+        run.extra["delta_to"] = int(header["revision"])
+        self._delta_target = (int(header["revision"]), str(header["snapshot_id"]), state.vanished)
+        return manifest
 
     def _check_active(
         self,
@@ -651,8 +697,27 @@ class ManifestSyncClient:
                 clean=clean,
                 vanished=len(vanished) - run.deleted_count,
             )
+            if self._delta_target is not None:
+                # the cache now holds all the newest full manifest lists (and newer)
+                revision, snapshot_id, still_vanished = self._delta_target
+                self.cache.save_applied_manifest(
+                    remote_id,
+                    ManifestType.FULL.value,
+                    revision,
+                    snapshot_id,
+                    manifest.generated_at,
+                    clean=clean,
+                    vanished=still_vanished,
+                )
         self.cache.save_remote_sync(remote_id, "ok" if clean else "partial")
         self.cache.set_dirty(False)
+        if not run.reason and self._delta_target is not None:
+            run.reason = (
+                f"applied active manifest revision {manifest.revision} in place of full "
+                f"revision {self._delta_target[0]} (every change since full revision "
+                f"{run.extra.get('delta_from')}): {run.files_synced} file(s) synced, "
+                f"{len(run.failed)} failed"
+            )
         if not run.reason:
             run.reason = (
                 f"applied {run.manifest_type} manifest revision {manifest.revision}: "

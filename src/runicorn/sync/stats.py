@@ -34,6 +34,13 @@ class SyncStatsExtra(TypedDict, total=False):
     verified: bool
     """``True`` when this sync checked every cached file on disk (the full check), not only
     each run's ``status.json``."""
+    delta_from: int
+    """The full revision this cache had applied when the sync applied the active manifest
+    in place of the newer full one (it lists every change since: ``changes_since``);
+    ``manifest_revision`` is the active manifest's, ``delta_to`` the full revision the cache
+    now equals or is newer than."""
+    delta_to: int
+    """See ``delta_from``."""
     runs_filtered_out: int
     """Runs of the applied manifest left out by the run selection (``projects``,
     ``include``, ``exclude``, ``since``): not fetched, not deleted. Present when a selection
