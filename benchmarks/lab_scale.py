@@ -1,14 +1,19 @@
-"""`runicorn sync` against `rsync -a` on a lab of many runs, the server a local directory.
+"""`runicorn sync` against `rsync -a` on a lab of many runs, over a local directory or SSH.
 
-No network is in these figures: the lab and both destinations are local directories (put
-them on tmpfs, ``--workdir /dev/shm/...``), so what is measured is the per-file and per-run
-cost of each tool. For one lab of ``--runs N`` runs at ``--scale S`` (built once, or reused
-with ``--lab``), three scenarios run for both tools, each a fresh process:
+By default no network is in these figures: the lab and both destinations are local
+directories (put them on tmpfs, ``--workdir /dev/shm/...``), so what is measured is the
+per-file and per-run cost of each tool. With ``--wan`` both tools reach the lab through a
+throw-away sshd on 127.0.0.1 behind the WAN emulator (``harness.wan_proxy``: ``--rtt-ms``,
+``--mbit``, 50 ms / 100 Mbit/s by default), as ``benchmarks/wan_sync.py`` does, and the
+server's SFTP request count (sftp-server's log) is reported for runicorn. For one lab of
+``--runs N`` runs at ``--scale S`` (built once, or reused with ``--lab``), three scenarios
+run for both tools, each a fresh process:
 
 * cold: empty destination;
 * no change: run again at once;
 * step: ``--step-runs`` running runs append a line to ``events.jsonl`` (and their
-  ``logs.txt``), the server's full manifest is regenerated, then the tool syncs.
+  ``logs.txt``), the server regenerates its full manifest and then its active one (as cron
+  or a publisher does), then the tool syncs.
 
 One tool runs its three scenarios, its destination is removed, then the other's run (each
 with its own step of the same runs): a 100,000-run lab and two full copies of it would need
@@ -20,6 +25,7 @@ children it waited for) and its peak memory (``ru_maxrss`` from ``wait4``). rsyn
 Markdown; ``--json`` prints the numbers too.
 
     python benchmarks/lab_scale.py --runs 10000 --scale 0.01 --workdir /dev/shm/bench
+    python benchmarks/lab_scale.py --runs 10000 --scale 0.01 --workdir /dev/shm/bench --wan
 """
 
 from __future__ import annotations
@@ -37,7 +43,12 @@ from pathlib import Path
 
 import orjson
 
+import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
+from harness.sshd import SshServer
+from harness.wan_proxy import WanProxy
 from runicorn.demo.sample_lab import build_sample_lab
+
+ALIAS = "labscale"
 
 SEED = 7
 NOW = 1735689600.0
@@ -51,6 +62,19 @@ class Figure:
     cpu: float
     max_rss_mb: float
     detail: str = ""
+    requests: int | None = None
+    """SFTP requests the server answered (``--wan``, runicorn only)."""
+
+
+@dataclass
+class Link:
+    """How the tools reach the lab: directly, or over SSH through the WAN emulator."""
+
+    config: Path | None = None
+    server: SshServer | None = None
+
+    def source(self, lab: Path) -> str:
+        return str(lab) if self.config is None else f"{ALIAS}:{lab}"
 
 
 def measure(command: list[str]) -> tuple[Figure, str]:
@@ -70,16 +94,24 @@ def measure(command: list[str]) -> tuple[Figure, str]:
     return figure, out.decode()
 
 
-def runicorn_sync(lab: Path, cache: Path) -> Figure:
-    figure, out = measure(
-        [sys.executable, "-m", "runicorn", "sync", str(lab), str(cache), "--json"]
-    )
+def runicorn_sync(lab: Path, cache: Path, link: Link) -> Figure:
+    command = [sys.executable, "-m", "runicorn", "sync", link.source(lab), str(cache), "--json"]
+    if link.config is not None:
+        command += ["--ssh-config", str(link.config), "--jitter", "0"]
+    if link.server is not None:
+        link.server.reset_request_counts()
+    figure, out = measure(command)
+    if link.server is not None:
+        figure.requests = link.server.sftp_request_count(wait_for_close=True).total
     stats = orjson.loads(out)
     figure.detail = "skipped" if stats["skipped"] else f"{stats['files_synced']} files"
+    if "delta_from" in stats:
+        figure.detail += f", active manifest in place of the full one ({stats['reason']})"
     return figure
 
 
-def rsync(lab: Path, destination: Path) -> Figure:
+def rsync(lab: Path, destination: Path, link: Link) -> Figure:
+    remote = [] if link.config is None else ["-e", f"ssh -F {link.config}"]
     figure, out = measure(
         [
             "rsync",
@@ -87,7 +119,8 @@ def rsync(lab: Path, destination: Path) -> Figure:
             "--stats",
             "--exclude=*.lock",
             "--exclude=.runicorn/",
-            f"{lab}/",
+            *remote,
+            f"{link.source(lab)}/",
             f"{destination}/",
         ]
     )
@@ -123,12 +156,67 @@ def step(lab: Path, runs: list[Path], now: float) -> None:
 
 
 def generate(lab: Path) -> float:
-    """Regenerate the full manifest in a child process: generating in this one would grow
-    it, and the children forked afterwards would report its memory as theirs."""
-    figure, _out = measure(
-        [sys.executable, "-m", "runicorn", "generate-manifest", "--root", str(lab), "--json"]
+    """Regenerate the full manifest, then the active one (which then names the new full
+    one), each in a child process: generating in this one would grow it, and the children
+    forked afterwards would report its memory as theirs. Returns the seconds of both."""
+    seconds = 0.0
+    for kind in ("--full", "--active"):
+        figure, _out = measure(
+            [
+                sys.executable,
+                "-m",
+                "runicorn",
+                "generate-manifest",
+                "--root",
+                str(lab),
+                kind,
+                "--json",
+            ]
+        )
+        seconds += figure.wall
+    return seconds
+
+
+def write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
+    """An ssh_config and known_hosts that reach the server through the proxy's port."""
+    known_hosts = directory / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{proxy_port} {server.host_public_key}\n")
+    config = directory / "ssh_config"
+    config.write_text(
+        "\n".join(
+            [
+                f"Host {ALIAS}",
+                "    HostName 127.0.0.1",
+                f"    Port {proxy_port}",
+                f"    User {server.username}",
+                f"    IdentityFile {server.client_key_path}",
+                "    IdentitiesOnly yes",
+                f"    UserKnownHostsFile {known_hosts}",
+                "    StrictHostKeyChecking yes",
+                "",
+            ]
+        )
     )
-    return figure.wall
+    return config
+
+
+def run_scenarios(
+    lab: Path, workdir: Path, stepping: list[Path], link: Link
+) -> tuple[dict[str, list[Figure]], float]:
+    """Cold, no change and step for each tool, one tool after the other."""
+    figures: dict[str, list[Figure]] = {}
+    generation = 0.0
+    for tool, destination in (
+        (runicorn_sync, workdir / "cache"),
+        (rsync, workdir / "rsync"),
+    ):
+        shutil.rmtree(destination, ignore_errors=True)
+        cold, unchanged = tool(lab, destination, link), tool(lab, destination, link)
+        step(lab, stepping, time.time())
+        generation = generate(lab)
+        figures[tool.__name__] = [cold, unchanged, tool(lab, destination, link)]
+        shutil.rmtree(destination)
+    return figures, generation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/dev/shm/runicorn-lab-scale"))
     parser.add_argument("--lab", type=Path, help="an existing lab with a full manifest")
     parser.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+    parser.add_argument("--wan", action="store_true", help="over SSH through the WAN emulator")
+    parser.add_argument("--rtt-ms", type=float, default=50.0, help="--wan: round trip")
+    parser.add_argument("--mbit", type=float, default=100.0, help="--wan: bandwidth cap")
     args = parser.parse_args(argv)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -152,33 +243,40 @@ def main(argv: list[str] | None = None) -> int:
             generate(lab)
             # The lab's runs (about 1 GB at 100,000 runs) are no longer needed here.
             gc.collect()
+        elif not (lab / ".runicorn" / "active_manifest.json.gz").exists():
+            generate(lab)  # a lab built before active manifests named the full ones
     stepping = running_runs(lab, args.step_runs)
     names = ("cold", "no change", f"{args.step_runs}-run step")
-    figures: dict[str, list[Figure]] = {}
-    generation = 0.0
-    for tool, destination in (
-        (runicorn_sync, args.workdir / "cache"),
-        (rsync, args.workdir / "rsync"),
-    ):
-        shutil.rmtree(destination, ignore_errors=True)
-        cold, unchanged = tool(lab, destination), tool(lab, destination)
-        step(lab, stepping, time.time())
-        generation = generate(lab)
-        figures[tool.__name__] = [cold, unchanged, tool(lab, destination)]
-        shutil.rmtree(destination)
+    if args.wan:
+        with (
+            SshServer(count_requests=True) as server,
+            WanProxy(
+                "127.0.0.1", server.port, delay_ms=args.rtt_ms / 2, bandwidth_bps=args.mbit * 1e6
+            ) as proxy,
+        ):
+            config = write_client_config(server, proxy.port, args.workdir)
+            link = Link(config, server)
+            figures, generation = run_scenarios(lab, args.workdir, stepping, link)
+        where = f"over SSH, {args.rtt_ms:g} ms RTT, {args.mbit:g} Mbit/s (WAN emulator)"
+    else:
+        figures, generation = run_scenarios(lab, args.workdir, stepping, Link())
+        where = "local directory"
     rows = dict(
         zip(names, zip(figures["runicorn_sync"], figures["rsync"], strict=True), strict=True)
     )
 
-    print(f"lab: {lab}; the step's manifest generated in {generation:.2f} s")
+    print(f"lab: {lab}, {where}; the step's manifests generated in {generation:.2f} s")
     print()
-    print("| | `runicorn sync` | `rsync -a` |")
-    print("|---|---|---|")
+    print("| | `runicorn sync` | `rsync -a` | ratio |" + (" SFTP requests |" if args.wan else ""))
+    print("|---|---|---|---|" + ("---|" if args.wan else ""))
     for name, (ours, theirs) in rows.items():
         print(
             f"| {name} | {ours.wall:.2f} s ({ours.cpu:.2f} s CPU), {ours.max_rss_mb:.0f} MB"
-            f" | {theirs.wall:.2f} s ({theirs.cpu:.2f} s CPU), {theirs.max_rss_mb:.0f} MB |"
+            f" | {theirs.wall:.2f} s ({theirs.cpu:.2f} s CPU), {theirs.max_rss_mb:.0f} MB"
+            f" | {ours.wall / theirs.wall:.2f}x |" + (f" {ours.requests} |" if args.wan else "")
         )
+    for name, (ours, _theirs) in rows.items():
+        print(f"- runicorn {name}: {ours.detail}")
     if args.json:
         document = {
             name: {"runicorn": asdict(ours), "rsync": asdict(theirs)}
