@@ -32,21 +32,30 @@ from runicorn.sync.client import ManifestSyncClient
 from runicorn.transport.local_remote import LocalRemote
 
 OLD = time.time() - 10 * 24 * 3600.0
-"""Every file's mtime: far outside the activity window."""
+"""Files' mtimes start here: far outside the activity window."""
 
 _ids = itertools.count(1)
+_ticks = itertools.count(1)
+
+
+def _stamp(path: Path) -> None:
+    """An mtime ten days old, a second later at every write: a write moves it, as a real
+    one does (the quick check of size and mtime, rsync's too, cannot see a rewrite of the
+    same size and mtime)."""
+    mtime = OLD + next(_ticks)
+    os.utime(path, (mtime, mtime))
 
 
 def _write(path: Path, data: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(data)
-    os.utime(path, (OLD, OLD))
+    _stamp(path)
 
 
 def _append(path: Path, data: str) -> None:
     with open(path, "a") as handle:
         handle.write(data)
-    os.utime(path, (OLD, OLD))
+    _stamp(path)
 
 
 class Lab:
