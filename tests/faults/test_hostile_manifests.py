@@ -486,7 +486,7 @@ def test_the_largest_legal_size_fails_only_that_file_and_leaves_no_partial(
     stats = client_for().sync()
 
     assert list(stats["failed_files"]) == [entry["path"]]
-    assert "shrank" in stats["failed_files"][entry["path"]]
+    assert "not enough free space on the cache's disk" in stats["failed_files"][entry["path"]]
     assert not (cache / entry["path"]).exists()
     assert temp_files(cache) == []
     assert stats["files_synced"] == lab.info.listed_files - 1

@@ -190,7 +190,8 @@ def test_cli_mass_deletion_needs_allow_mass_delete_and_then_deletes_exactly_the_
         main, [*args, "--delete", "--allow-mass-delete"], catch_exceptions=False
     )
 
-    assert refused.exit_code == 0, refused.stderr
+    assert refused.exit_code == 3, refused.stderr  # --delete asked for and not done
+    assert "deleted nothing" in refused.stderr
     refused_stats = orjson.loads(refused.stdout)
     assert refused_stats["deleted_count"] == 0
     assert "--allow-mass-delete" in refused_stats["deletion_refused"]

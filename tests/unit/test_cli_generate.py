@@ -335,10 +335,10 @@ def hash_tails(*args):
     return backend.hash_tails(*args)
 
 real_replace = os.replace
-def replace(src, dst):
+def replace(src, dst, **dir_fds):
     if os.path.basename(dst) == moment:
         pause()
-    return real_replace(src, dst)
+    return real_replace(src, dst, **dir_fds)
 os.replace = replace
 generator.active_backend = lambda: dataclasses.replace(backend, hash_tails=hash_tails)
 main(["generate-manifest", "--root", root], prog_name="runicorn")

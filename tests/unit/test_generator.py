@@ -1136,10 +1136,10 @@ def hash_tails(*args):
     return backend.hash_tails(*args)
 
 real_replace = os.replace
-def replace(src, dst):
+def replace(src, dst, **dir_fds):
     if os.path.basename(dst) == moment:
         pause()
-    return real_replace(src, dst)
+    return real_replace(src, dst, **dir_fds)
 os.replace = replace
 generator = ManifestGenerator(
     Path(root), backend=dataclasses.replace(backend, hash_tails=hash_tails), hostname="lab-01"

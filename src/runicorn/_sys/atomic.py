@@ -7,9 +7,11 @@ is not extended in place), so a reader or a crash never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
-import tempfile
+import secrets
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,56 +34,132 @@ def pieces_of(data: Document) -> Sequence[Buffer]:
     return (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename durable (best effort: some file systems refuse to fsync a directory)."""
+class LinkRefusedError(OSError):
+    """A file or directory this module writes is a symbolic link: someone else could point
+    it anywhere, so it is refused rather than written through."""
+
+
+class LockTimeoutError(TimeoutError):
+    """Another process held a lock for longer than the caller would wait."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_directory(directory: Path) -> int:
+    """A descriptor of ``directory``, refusing it if it is itself a symbolic link."""
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR) and directory.is_symlink():
+            raise LinkRefusedError(
+                errno.ELOOP,
+                "is a symbolic link; refusing to write through it (replace it with a "
+                "directory, or name the real one)",
+                str(directory),
+            ) from None
+        raise
 
 
 def write_atomically(
-    path: Path, data: Document, *, mode: int = 0o644, durable: bool = True
+    path: Path, data: Document, *, mode: int | None = None, durable: bool = True
 ) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
 
-    On any failure (including ``KeyboardInterrupt``) the temp file is removed and ``path`` is
-    untouched.
+    The directory is opened once without following a link (a symlinked directory raises
+    :class:`LinkRefusedError`) and the temp file is created and renamed relative to it, so
+    nothing is written outside it. The file gets the process umask's mode (``0o666`` less
+    the umask, as any new file) unless ``mode`` is given. On any failure (including
+    ``KeyboardInterrupt``) the temp file is removed and ``path`` is untouched.
     """
-    fd, temp_name = tempfile.mkstemp(prefix=temp_prefix_for(path), suffix=".part", dir=path.parent)
+    directory = _open_directory(path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            for piece in pieces_of(data):
-                handle.write(piece)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.chmod(temp_name, mode)
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
-    if durable:
-        fsync_directory(path.parent)
+        fd, temp_name = _create_temp(directory, temp_prefix_for(path))
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for piece in pieces_of(data):
+                    handle.write(piece)
+                handle.flush()
+                if mode is not None:
+                    os.fchmod(handle.fileno(), mode)
+                if durable:
+                    os.fsync(handle.fileno())
+            os.replace(temp_name, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name, dir_fd=directory)
+            raise
+        if durable:
+            with contextlib.suppress(OSError):  # some file systems refuse to fsync a directory
+                os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _create_temp(directory: int, prefix: str) -> tuple[int, str]:
+    """A new file ``<prefix><random>.part`` in ``directory``, created with mode 0o666 (the
+    umask applies) and never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    for _ in range(100):
+        name = f"{prefix}{secrets.token_hex(4)}.part"
+        try:
+            return os.open(name, flags, 0o666, dir_fd=directory), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp file name", prefix)
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: Path) -> Iterator[None]:
+def exclusive_lock(lock_path: Path, *, timeout: float | None = None) -> Iterator[None]:
     """Hold an advisory ``flock`` on ``lock_path`` (created if missing) for the block.
+
+    A lock file (or its directory) that is a symbolic link raises :class:`LinkRefusedError`:
+    creating it would create a file wherever the link points. ``timeout``: seconds to wait
+    for another holder before :class:`LockTimeoutError` (``None``: wait as long as it takes).
 
     The lock file is never deleted: deleting it would let a third process lock a fresh inode
     while a second still waits on the old one.
     """
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    directory = _open_directory(lock_path.parent)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(
+            lock_path.name, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o666, dir_fd=directory
+        )
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LinkRefusedError(
+                errno.ELOOP,
+                "the lock file is a symbolic link; refusing to follow it (remove the link)",
+                str(lock_path),
+            ) from None
+        raise
+    finally:
+        os.close(directory)
+    try:
+        _wait_for_lock(fd, lock_path, timeout)
         yield
     finally:
         os.close(fd)
+
+
+def _wait_for_lock(fd: int, lock_path: Path, timeout: float | None) -> None:
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeoutError(
+                    f"another process has held the lock {lock_path} for more than "
+                    f"{timeout:g} s; if no other sync or generation is running, try again "
+                    "(or raise the lock timeout)"
+                ) from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.5)

@@ -32,6 +32,11 @@ def configure_logging(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     # paramiko is chatty at INFO; keep it at warnings unless asked.
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Its transport thread logs a failed handshake with a traceback (through logging's last
+    # resort handler) before connect() raises; the command reports it in one line.
+    logging.getLogger("paramiko.transport").setLevel(
+        logging.DEBUG if verbose else logging.CRITICAL
+    )
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

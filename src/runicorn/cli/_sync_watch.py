@@ -94,7 +94,7 @@ def watch_cache(
     interval: float,
     full_interval: float,
     selection: RunSelection | None = None,
-    caps: dict[str, int] | None = None,
+    caps: dict[str, float] | None = None,
     viewer_url: str | None = None,
 ) -> int:
     """Watch until SIGTERM or Ctrl+C; the exit code (0, or 1/4 when the first connection

@@ -6,7 +6,8 @@ Exit codes (also in ``runicorn sync --help``):
 * 1 -- error: connection or authentication failed, the manifest was unreadable and the
   legacy walk failed too, bad arguments (a missing local directory …);
 * 2 -- usage error (click);
-* 3 -- partial sync: some files failed; the next sync retries them;
+* 3 -- partial sync: some files failed (the next sync retries them), or a deletion asked
+  for with ``--delete`` was refused by a guard;
 * 4 -- the host key is unknown or has changed (nothing was synced);
 * 130 -- interrupted (Ctrl+C); the cache is consistent and the next sync resumes.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -312,6 +314,13 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     help="Refuse a manifest listing more runs and files than this, before parsing it "
     "[default: 2,000,000].",
 )
+@click.option(
+    "--lock-timeout",
+    type=click.FloatRange(min=0.0),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for another sync writing into the same CACHE_DIR, then exit 1.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging on stderr.")
 def sync(
     source: str | None,
@@ -342,6 +351,7 @@ def sync(
     since: str | None,
     max_manifest_bytes: int | None,
     max_manifest_entries: int | None,
+    lock_timeout: float,
     verbose: bool,
 ) -> None:
     """Mirror the runs under REMOTE_ROOT on a lab server into CACHE_DIR.
@@ -356,7 +366,8 @@ def sync(
       0    up to date (also when nothing changed)
       1    error (connection, authentication, unreadable manifest and legacy walk failed)
       2    usage error
-      3    partial sync: some files failed (the next sync retries them)
+      3    partial sync: some files failed (the next sync retries them), or a
+           deletion asked for was refused by a guard
       4    host key unknown or changed: verify it, then add it to known_hosts
       130  interrupted (Ctrl+C); the cache stays consistent
       143  terminated (SIGTERM); the cache stays consistent
@@ -405,6 +416,7 @@ def sync(
             "viewer_url": _viewer_url(viewer_url),
             "max_manifest_bytes": max_manifest_bytes,
             "max_manifest_entries": max_manifest_entries,
+            "lock_timeout": lock_timeout,
         }
 
         def run_one(target: Target, report: Report) -> int:
@@ -462,6 +474,7 @@ def sync(
                     for name, value in (
                         ("max_manifest_bytes", max_manifest_bytes),
                         ("max_manifest_entries", max_manifest_entries),
+                        ("lock_timeout", lock_timeout),
                     )
                     if value is not None
                 },
@@ -481,6 +494,7 @@ def sync(
         "selection": selection,
         "max_manifest_bytes": max_manifest_bytes,
         "max_manifest_entries": max_manifest_entries,
+        "lock_timeout": lock_timeout,
     }
     ssh = (port, identities, ssh_config, known_hosts, compress)
     sys.exit(sync_source(parsed, cache_dir, ssh, **options))
@@ -597,6 +611,15 @@ def _connect(
     from runicorn.transport.ssh import HostKeyError, SshConfigError, connect
 
     assert parsed.destination is not None
+    for identity in identities:
+        path = os.path.expanduser(identity)
+        if not os.path.isfile(path):
+            _fail(
+                as_json,
+                EXIT_FAILURE,
+                f"the identity file {identity} (-i) does not exist or is not a file; check "
+                "the path",
+            )
     switch_interval = sys.getswitchinterval()
     _preload_sync_engine()
     try:
@@ -614,10 +637,25 @@ def _connect(
     except SshConfigError as exc:
         _fail(as_json, EXIT_FAILURE, str(exc))
     except (paramiko.SSHException, OSError) as exc:
-        _fail(as_json, EXIT_FAILURE, f"cannot connect to {parsed.destination}: {exc}")
+        _fail(as_json, EXIT_FAILURE, _connect_failure(parsed.destination, port, timeout, exc))
     finally:
         sys.setswitchinterval(switch_interval)
     raise AssertionError("unreachable")
+
+
+def _connect_failure(
+    destination: str, port: int | None, timeout: float, error: Exception
+) -> str:
+    """One line saying why connecting failed, in the words of what happened."""
+    text = str(error) or type(error).__name__
+    where = f"{destination}" + (f" (port {port})" if port else "")
+    if "No existing session" in text or "protocol banner" in text:
+        return (
+            f"cannot connect to {where}: the server accepted the connection but did not "
+            f"answer the SSH handshake within {timeout:g} s (not an SSH server on that "
+            "port, or an overloaded one); check the host and port, or raise --timeout"
+        )
+    return f"cannot connect to {where}: {text}"
 
 
 def _preload_sync_engine() -> None:
@@ -709,6 +747,7 @@ def _run(
     selection: RunSelection,
     max_manifest_bytes: int | None,
     max_manifest_entries: int | None,
+    lock_timeout: float,
 ) -> int:
     from runicorn.cli.progress import SyncProgressDisplay
     from runicorn.sync.cache import LocalCacheManager
@@ -744,6 +783,7 @@ def _run(
         since=selection.since,
         max_manifest_bytes=max_manifest_bytes,
         max_manifest_entries=max_manifest_entries,
+        lock_timeout=lock_timeout,
     )
     if viewer_url and not dry_run and not cache.is_marked_remote_cache:
         click.echo(
@@ -761,9 +801,17 @@ def _run(
     stats = service.last_stats
     if stats is None:
         message = service.progress.last_error or "sync failed"
+        if sftp is not None and _is_a_file(sftp, source.root):
+            message = (
+                f"the remote root {source.root} is a file, not a directory; name the "
+                "directory that holds the experiments"
+            )
         _fail(as_json, EXIT_FAILURE, f"sync from {source} failed: {message}")
     assert stats is not None
     code = EXIT_OK if ok else EXIT_PARTIAL
+    refused = stats.get("deletion_refused")
+    if refused and code == EXIT_OK:
+        code = EXIT_PARTIAL  # --delete was asked for and not done: a script must notice
     document = {
         **stats,
         "mode": service.progress.mode,
@@ -776,19 +824,34 @@ def _run(
         "compression": _compression_document(client),
         "exit_code": code,
     }
-    failed = (
-        f"{stats.get('failed_count')} file(s) failed (see the warnings above); "
-        "run the sync again to retry them"
-    )
+    problems = []
+    if stats.get("failed_count"):
+        problems.append(
+            f"{stats.get('failed_count')} file(s) failed (see the warnings above); "
+            "run the sync again to retry them"
+        )
+    if refused:
+        problems.append(f"deleted nothing: {refused}; everything else is synced")
     if report is not None:
         report.done(code, document, _summary_line(source, service, stats))
-        if code == EXIT_PARTIAL:
-            report.errors.append(failed)
+        report.errors.extend(problems)
         return code
     if as_json:
         click.echo(orjson.dumps(document, default=str).decode())
     else:
         click.echo(_summary_line(source, service, stats))
-    if code == EXIT_PARTIAL:
-        print_error(failed)
+    for problem in problems:
+        print_error(problem)
     return code
+
+
+def _is_a_file(sftp: paramiko.SFTPClient, root: str) -> bool:
+    """Whether the remote root is something other than a directory (asked after a failed
+    sync, to say so instead of what the failed manifest read and walk said)."""
+    import paramiko
+
+    try:
+        mode = sftp.stat(root).st_mode
+    except (OSError, EOFError, paramiko.SSHException):
+        return False
+    return mode is not None and not stat.S_ISDIR(mode)

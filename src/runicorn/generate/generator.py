@@ -26,6 +26,7 @@ from blake3 import blake3
 
 from runicorn._sys.atomic import (
     Document,
+    LinkRefusedError,
     exclusive_lock,
     pieces_of,
     temp_prefix_for,
@@ -251,6 +252,13 @@ class ManifestGenerator:
                 f"experiments root {self.remote_root} is not a readable directory; "
                 "pass the directory that holds your projects with --root"
             )
+        if output.parent.is_symlink():
+            raise ManifestGenerationError(
+                f"the manifest directory {output.parent} is a symbolic link; refusing to "
+                "publish through it (whoever can change the link could point the manifests, "
+                "their state and lock anywhere): replace it with a directory, or pass the "
+                "real directory with --output"
+            )
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -264,7 +272,15 @@ class ManifestGenerator:
         """Hold the output's lock, so generators racing for one manifest take turns and a
         revision is never published twice. The cyclic GC is paused meanwhile: a generation
         builds up to millions of entries that hold no cycles (see :mod:`runicorn._sys.gcpause`)."""
-        with exclusive_lock(output.with_name(f".{output.name}{layout.LOCK_SUFFIX}")), paused_gc():
+        lock = output.with_name(f".{output.name}{layout.LOCK_SUFFIX}")
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(exclusive_lock(lock))
+            except LinkRefusedError as error:
+                raise ManifestGenerationError(
+                    f"{error.filename}: {error.strerror}; nothing was published"
+                ) from error
+            held.enter_context(paused_gc())
             yield
 
     def _generate_locked(

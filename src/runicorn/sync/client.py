@@ -71,6 +71,10 @@ STATUS_NAME = "status.json"
 logger = logging.getLogger("runicorn.remote_storage.manifest_sync")
 
 
+LOCK_TIMEOUT = 600.0
+"""Default seconds a sync waits for another one writing into the same cache: longer than a
+cold sync of a large lab usually takes, shorter than a timer's patience."""
+
 MASS_DELETE_FRACTION = 0.5
 MASS_DELETE_LIMIT = 100
 
@@ -114,6 +118,7 @@ class ManifestSyncClient:
         timeout: float = 30.0,
         max_manifest_bytes: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
         max_manifest_entries: int = ManifestFormat.MAX_ENTRIES,
+        lock_timeout: float | None = LOCK_TIMEOUT,
         manifest_type: str | ManifestType = "auto",
         viewer: ViewerNotifier | None = None,
         verify: bool = False,
@@ -156,6 +161,9 @@ class ManifestSyncClient:
         self.timeout = timeout
         self.max_manifest_bytes = max_manifest_bytes
         self.max_manifest_entries = max_manifest_entries
+        self.lock_timeout = lock_timeout
+        """Seconds to wait for another sync writing into the same cache (``None``: no
+        limit); then :class:`~runicorn.sync.cache.CacheError`."""
         self.manifest_type = mode
         self.viewer = viewer
         self.last_changes = ViewerChanges()
@@ -376,7 +384,7 @@ class ManifestSyncClient:
         if self.dry_run:
             yield
             return
-        with self.cache.sync_lock():
+        with self.cache.sync_lock(self.lock_timeout):
             yield
 
     def _claim(self, remote_id: str) -> None:
@@ -492,7 +500,17 @@ class ManifestSyncClient:
             # A first or unclean sync needs the whole manifest anyway; a small one arrives
             # with this first READ (two round trips, no FSTAT, nobody waits for the CLOSE).
             probe = self._manifests().probe_many([(ManifestType.FULL, False)], run)[0]
-        return self._manifests().download(ManifestType.FULL, run, probe)
+        manifest = self._manifests().download(ManifestType.FULL, run, probe)
+        if state is not None and manifest.revision < state.revision:
+            message = (
+                f"the server's full manifest has revision {manifest.revision}, older than "
+                f"revision {state.revision} this cache applied last (a restored backup, or "
+                "the generator's state lost?); applying it, since it is what the server says "
+                "now"
+            )
+            logger.warning(message)
+            run.extra["older_revision"] = message
+        return manifest
 
     def _check_delta(
         self,
@@ -953,3 +971,4 @@ def _slashes(path: str) -> Iterator[int]:
     while end >= 0:
         yield end
         end = path.find("/", end + 1)
+

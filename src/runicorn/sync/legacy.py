@@ -18,7 +18,9 @@ What a walk cannot know, and how that is handled (kept simple on purpose):
 
 * no tail hashes: an append-only file is extended after the client's append-verify of the
   bytes before its local end; without a manifest tail hash nothing is checked after the
-  append, and a half-written last line may be copied (it is completed by a later sync);
+  append. A half-written last line is not copied: the last :data:`NEWLINE_WINDOW` bytes of
+  every append-only file that changed are read first (one pipelined fetch) and its size cut
+  after the last newline (:func:`cut_at_last_newline`), as the generator does;
 * mtimes come from SFTP v3 attributes, whole seconds: a walked file whose size and
   whole-second mtime match the cache's record keeps the recorded sub-second mtime
   (:func:`adopt_cached_mtimes`), so a fallback from manifest to legacy sync does not fetch
@@ -48,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from runicorn._version import __version__
 from runicorn.format import layout
 from runicorn.format.models import ExperimentEntry, FileEntry, ManifestType, SyncManifest
+from runicorn.transport.remote import FetchJob, FetchResult, Remote
 
 if TYPE_CHECKING:
     from runicorn.sync.cache import LocalCacheManager
@@ -472,6 +475,64 @@ def adopt_cached_mtimes(
     return adopted
 
 
+NEWLINE_WINDOW = 64 * 1024
+"""How far back from its end an append-only file is searched for its last newline: a last
+line longer than this is taken whole."""
+
+
+def cut_at_last_newline(
+    remote: Remote, manifest: SyncManifest, local: Sequence[tuple[str, int, float, str | None]]
+) -> int:
+    """Move the size of each append-only file that will be fetched back to just after its
+    last newline, so that a line the trainer is still writing is never copied half; returns
+    how many were cut. Files the cache holds at the walked size and mtime are not read. A
+    tail that cannot be read leaves its size (the transfer then reports the file)."""
+    known = {path: (size, mtime) for path, size, mtime, _hash in local}
+    wanted = [
+        entry
+        for entry in manifest.iter_files()
+        if entry.is_append_only
+        and entry.size > 0
+        and known.get(entry.path) != (entry.size, entry.mtime)
+    ]
+    if not wanted:
+        return 0
+    tails: dict[int, bytearray] = {}
+    jobs = []
+    for index, entry in enumerate(wanted):
+        start = max(0, entry.size - NEWLINE_WINDOW)
+        tails[index] = bytearray()
+
+        def sink(_offset: int, data: bytes, buffer: bytearray = tails[index]) -> None:
+            buffer += data
+
+        jobs.append(FetchJob(entry.path, start, entry.size - start, sink, priority=1, tag=index))
+    failed: set[int] = set()
+
+    def on_result(result: FetchResult) -> None:
+        if not result.ok:
+            failed.add(result.job.tag)  # type: ignore[arg-type]
+
+    remote.fetch(jobs, on_result, workers=1)
+    cut = 0
+    for index, entry in enumerate(wanted):
+        if index in failed:
+            continue
+        tail = tails[index]
+        newline = tail.rfind(b"\n")
+        start = entry.size - len(tail)
+        if newline >= 0:
+            end = start + newline + 1
+        elif start == 0:
+            end = 0  # not one complete line yet
+        else:
+            continue  # a last line longer than the window: taken whole
+        if end != entry.size:
+            entry.size = end
+            cut += 1
+    return cut
+
+
 def sync_legacy(
     client: ManifestSyncClient,
     report: WalkReport,
@@ -482,9 +543,13 @@ def sync_legacy(
 ) -> SyncStats:
     """Apply a walk's manifest through the client's diff/transfer/state engine, then give
     the synced runs their real status (see :func:`refine_runs_from_cache`)."""
-    adopted = adopt_cached_mtimes(report.manifest, cache.file_entries())
+    local = cache.file_entries()
+    adopted = adopt_cached_mtimes(report.manifest, local)
     if adopted:
         logger.debug("%d walked file(s) matched the cache at whole-second precision", adopted)
+    cut = cut_at_last_newline(client.remote, report.manifest, local)
+    if cut:
+        logger.debug("%d append-only file(s) cut after their last complete line", cut)
     stats = client.sync_with_manifest(report.manifest, progress_callback=progress_callback)
     if refine:
         refine_runs_from_cache(cache, report.manifest)

@@ -113,6 +113,7 @@ class MetadataSyncService:
         legacy_active_only: bool = False,
         legacy_recent_seconds: float | None = None,
         legacy_max_experiments: int | None = None,
+        lock_timeout: float | None = 600.0,
     ) -> None:
         self.ssh_session = ssh_session
         self.sftp_client = sftp_client
@@ -138,6 +139,8 @@ class MetadataSyncService:
         )
         """The runs the legacy walk mirrors: :attr:`selection`, narrowed by the 0.4.x
         ``legacy_*`` keywords."""
+        self.lock_timeout = lock_timeout
+        """Seconds to wait for another sync writing into the cache (``None``: no limit)."""
         self.on_progress = on_progress
         if viewer_url:
             from runicorn.sync.viewer import normalize_viewer_url
@@ -247,7 +250,9 @@ class MetadataSyncService:
                 kind = "invalid" if isinstance(error, ValueError) else "missing or unreachable"
                 self.fallback_reason = f"manifest is {kind}: {error}"
                 logger.warning(
-                    "the manifest of %s is %s (%s); falling back to the legacy walk",
+                    # "falling back to legacy sync": the phrase the API document gives.
+                    "the manifest of %s is %s (%s); falling back to legacy sync (a walk of "
+                    "the server's tree)",
                     self.remote_root,
                     kind,
                     error,
@@ -338,6 +343,7 @@ class MetadataSyncService:
             selection=self.selection if selection is None else selection,
             max_manifest_bytes=self.max_manifest_bytes or ManifestFormat.MAX_DECOMPRESSED_BYTES,
             max_manifest_entries=self.max_manifest_entries or ManifestFormat.MAX_ENTRIES,
+            lock_timeout=self.lock_timeout,
         )
         self._last_client = client
         return client

@@ -41,6 +41,9 @@ class SyncStatsExtra(TypedDict, total=False):
     now equals or is newer than."""
     delta_to: int
     """See ``delta_from``."""
+    older_revision: str
+    """Set when the applied full manifest's revision is lower than the one this cache
+    applied before: what happened (it is applied, and reported, never silently)."""
     runs_filtered_out: int
     """Runs of the applied manifest left out by the run selection (``projects``,
     ``include``, ``exclude``, ``since``): not fetched, not deleted. Present when a selection

@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import secrets
+import shutil
 import stat
 import tempfile
 import time
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from runicorn._sys.atomic import TEMP_PREFIX
-from runicorn._sys.fileio import pread_upto
+from runicorn._sys.fileio import pread_upto, sync_file_system
 from runicorn.core.backend import Backend
 from runicorn.core.tailhash import TAIL_WINDOW, digest
 from runicorn.format.models import FileEntry
@@ -101,8 +102,39 @@ def _ns(mtime: float) -> int:
     return min(max(round(mtime * 1_000_000_000), _MIN_NS), _MAX_NS)
 
 
+class CacheWriteError(OSError):
+    """Writing a fetched file into the cache failed (this machine's disk, not the server)."""
+
+
+class NoRoomError(CacheWriteError):
+    """The cache's disk has no room for this file beside what this sync writes before it."""
+
+
+FREE_SPACE_MARGIN = 64 * 1024 * 1024
+"""Room left free on the cache's disk beyond what a sync writes (the state database grows
+too, and a full disk breaks everything else on it)."""
+
+
+def _size(count: int) -> str:
+    """``count`` bytes for a message: ``512.0 MiB``."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def _reason(error: BaseException, entry: FileEntry | None = None) -> str:
     """A short, user-facing reason for a failed file."""
+    if isinstance(error, NoRoomError):
+        return str(error.strerror)
+    if isinstance(error, CacheWriteError):
+        if error.errno == errno.ENOSPC:
+            return "no space left on the cache's disk; free some space and sync again"
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write into the cache: {error.strerror} ({error.filename})"
+        return f"cannot write into the cache: {error.strerror or error}"
     if isinstance(error, FileNotFoundError):
         return "vanished on the server"
     if isinstance(error, PermissionError):
@@ -212,6 +244,10 @@ class Transfer:
                 ):
                     self.whole = data
             self.received += len(data)
+        except OSError as error:  # this side's disk: say so, not "on the server"
+            failure = CacheWriteError(error.errno, error.strerror, self.entry.path)
+            self.error = failure
+            raise failure from error
         except Exception as error:  # remembered, and raised so the engine drops the job
             self.error = error
             raise
@@ -300,7 +336,8 @@ class FileTransfer:
         completed = moved = 0
         # A callback that asks (``wants_bytes``) also gets (bytes moved, bytes planned).
         with_bytes = progress is not None and getattr(progress, "wants_bytes", False)
-        if progress is not None:
+        if progress is not None and total:
+            # Never (0, 0): the API document's own example callback divides by the total.
             progress(0, total, "")
         attempts = {f.path: f.attempts for f in self.cache.failed_files()}
         pending = transfers
@@ -327,6 +364,7 @@ class FileTransfer:
 
         try:
             with self.cache.directory_handles():
+                pending = self._within_free_space(pending, handle)
                 for _round in range(2):
                     self._fetch(pending, handle)
                     if not redo:
@@ -334,6 +372,48 @@ class FileTransfer:
                     pending, redo = redo, []
         finally:
             state.flush()
+
+    def _within_free_space(
+        self,
+        transfers: list[Transfer],
+        handle: Callable[[Transfer, BaseException | None, int], None],
+    ) -> list[Transfer]:
+        """The transfers that fit on the cache's disk, in order (priority first); each one
+        that does not is failed now, before a byte is fetched, with the sizes in its reason.
+
+        A replaced file needs its new size beside the old one until the rename, so the old
+        sizes are not counted back. A manifest listing a file larger than the disk (or a
+        hostile size) fails that file, not the sync.
+        """
+        try:
+            free = shutil.disk_usage(self.cache.root_dir).free
+        except OSError:
+            return transfers  # the writes report an unusable directory themselves
+        budget = free - FREE_SPACE_MARGIN
+        if sum(transfer.length for transfer in transfers) <= budget:
+            return transfers
+        kept: list[Transfer] = []
+        refused = 0
+        for transfer in transfers:
+            if transfer.length <= budget:
+                budget -= transfer.length
+                kept.append(transfer)
+                continue
+            refused += 1
+            reason = (
+                f"not enough free space on the cache's disk for it ({_size(transfer.length)}; "
+                f"{_size(max(budget, 0))} of the {_size(free)} free is left for it, keeping "
+                f"{_size(FREE_SPACE_MARGIN)} spare); free some space and sync again"
+            )
+            handle(transfer, NoRoomError(errno.ENOSPC, reason, transfer.entry.path), 0)
+        logger.warning(
+            "the cache's disk (%s free) has no room for %d of %d file(s) this sync would "
+            "write; they are failed and retried next time",
+            _size(free),
+            refused,
+            len(transfers),
+        )
+        return kept
 
     def _fetch(
         self,
@@ -520,6 +600,8 @@ class FileTransfer:
                 if digest(window + spool.read(), algorithm) != entry.tail_hash:
                     state.forget.append(entry.path)
                     raise _Redo("the tail hash does not match the cached end plus the new bytes")
+            if info.st_nlink > 1:
+                fd = self._unshare(fd, entry.path, transfer.local_size)
             spool.seek(transfer.overlap)
             while added > 0:
                 chunk = spool.read(min(added, 1024 * 1024))
@@ -542,6 +624,39 @@ class FileTransfer:
         finally:
             os.close(fd)
         state.synced.append(FileRecord(entry.path, entry.size, entry.mtime, entry.tail_hash))
+
+
+    def _unshare(self, fd: int, path: str, size: int) -> int:
+        """A private copy of the cached file ``fd`` (``size`` bytes) put in its place, open
+        for appending; ``fd`` is closed.
+
+        A file with other hard links (a ``cp -al`` backup of the cache) must not change
+        under those other names: appending in place would write through them. The copy is
+        renamed over the cached name, so the cache holds the same bytes at every moment.
+        """
+        dir_fd, name = self.cache.open_parent(path, create=False)
+        temp = f"{TEMP_PREFIX}{_TEMP_TOKEN}{next(_temp_numbers):x}.part"
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS
+            copy = os.open(temp, flags, 0o644, dir_fd=dir_fd)
+            try:
+                position = 0
+                while position < size:
+                    chunk = pread_upto(fd, position, min(size - position, 1024 * 1024))
+                    if not chunk:
+                        raise OSError(f"{path} ended at byte {position} while it was copied")
+                    _write_all(copy, chunk)
+                    position += len(chunk)
+                os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                os.close(copy)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=dir_fd)
+                raise
+        finally:
+            os.close(dir_fd)
+        os.close(fd)
+        return copy
 
 
 def _overlap(entry: FileEntry, local_size: int) -> int:
@@ -571,12 +686,36 @@ class _StateBatch:
         self.failed: list[tuple[str, str]] = []
         self.last_flush = time.monotonic()
 
+    def _make_durable(self) -> None:
+        """Put the files about to be recorded on the disk before the state says so: after a
+        power loss the state never records a file whose data was lost. One ``syncfs`` of
+        the cache's file system per commit (what this sync wrote since the last one), or an
+        ``fsync`` per file where there is no ``syncfs``."""
+        try:
+            if sync_file_system(str(self.cache.root_dir)):
+                return
+        except OSError as error:
+            logger.debug("syncfs of the cache failed (%s); fsyncing file by file", error)
+        for record in self.synced:
+            with contextlib.suppress(OSError, ValueError):
+                dir_fd, name = self.cache.open_parent(record.path, create=False)
+                try:
+                    fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
     def maybe_flush(self) -> None:
         count = len(self.synced) + len(self.failed)
         if count >= self.batch_size or time.monotonic() - self.last_flush >= COMMIT_INTERVAL:
             self.flush()
 
     def flush(self) -> None:
+        if self.synced:
+            self._make_durable()
         if self.synced or self.forget or self.failed:
             self.cache.save_progress(
                 remote_id=self.remote_id,

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from runicorn._sys.atomic import exclusive_lock, write_atomically
+from runicorn._sys.atomic import LockTimeoutError, exclusive_lock, write_atomically
 from runicorn.sync.cache.state_db import (
     STATE_DB_NAME,
     AppliedManifest,
     CachedRun,
+    CacheError,
     FailedFile,
     FileRecord,
     RunRecord,
@@ -84,10 +85,30 @@ class LocalCacheManager:
         self.tree.ensure_state_dir()
 
     @contextlib.contextmanager
-    def sync_lock(self) -> Iterator[None]:
-        """Held by the sync writing into this cache; a second sync waits for the first."""
-        self.tree.ensure_state_dir()
-        with exclusive_lock(self.state_dir / LOCK_NAME):
+    def sync_lock(self, timeout: float | None = None) -> Iterator[None]:
+        """Held by the sync writing into this cache; a second sync waits for the first,
+        ``timeout`` seconds at most (``None``: as long as it takes).
+
+        :class:`CacheError` when the lock cannot be taken: the wait timed out, or the cache
+        directory cannot be created or written.
+        """
+        lock = self.state_dir / LOCK_NAME
+        with contextlib.ExitStack() as held:
+            try:
+                self.tree.ensure_state_dir()
+                held.enter_context(exclusive_lock(lock, timeout=timeout))
+            except LockTimeoutError as error:
+                raise CacheError(
+                    f"another sync has been writing into the cache {self.root_dir} for more "
+                    f"than {timeout:g} s (it holds {lock}); wait for it to finish, or raise "
+                    "the lock timeout (lock_timeout, --lock-timeout)"
+                ) from error
+            except OSError as error:
+                where = error.filename or self.root_dir
+                raise CacheError(
+                    f"cannot use the cache directory {self.root_dir}: {where}: "
+                    f"{error.strerror or error}"
+                ) from error
             yield
 
     @property

@@ -27,6 +27,25 @@ if TYPE_CHECKING:
 STATE_DB_NAME = "state.sqlite3"
 SCHEMA_VERSION = 1
 
+
+class CacheError(Exception):
+    """The local cache failed (its state database, its directory, its lock), not the server.
+
+    Deliberately neither ``OSError`` nor ``ValueError``: those mean the manifest could not
+    be read or was refused, and a service falls back to the legacy walk on them, which
+    would only meet the same broken cache after a full walk of the server.
+    """
+
+
+def _cache_error(db_path: Path, error: sqlite3.Error) -> CacheError:
+    text = str(error) or type(error).__name__
+    hint = ""
+    if "disk I/O" in text or "full" in text:
+        hint = " (a full disk, or a file system without the locking SQLite needs)"
+    elif "readonly" in text or "read-only" in text or "unable to open" in text:
+        hint = " (check that the cache directory is writable by this user)"
+    return CacheError(f"the cache's state database {db_path} failed: {text}{hint}")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -188,12 +207,6 @@ def _cached_run(
     )
 
 
-def _like_prefix(prefix: str) -> str:
-    """A ``LIKE`` pattern (``ESCAPE '\\'``) matching every path that starts with ``prefix``."""
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
-
-
 class StateDatabase:
     """The SQLite state of one cache: synced files, runs, failures, applied manifests.
 
@@ -215,6 +228,12 @@ class StateDatabase:
     # -- connection -----------------------------------------------------------------------
 
     def _connect(self, *, create: bool) -> sqlite3.Connection | None:
+        try:
+            return self._open(create=create)
+        except sqlite3.Error as error:
+            raise _cache_error(self.db_path, error) from error
+
+    def _open(self, *, create: bool) -> sqlite3.Connection | None:
         with self._lock:
             if self._conn is not None:
                 return self._conn
@@ -240,7 +259,10 @@ class StateDatabase:
             conn = self._connect(create=False)
             if conn is None:
                 return []
-            return conn.execute(sql, params).fetchall()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as error:
+                raise _cache_error(self.db_path, error) from error
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -248,13 +270,26 @@ class StateDatabase:
         with self._lock:
             conn = self._connect(create=True)
             assert conn is not None
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise _cache_error(self.db_path, error) from error
             try:
                 yield conn
+            except sqlite3.Error as error:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise _cache_error(self.db_path, error) from error
             except BaseException:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise _cache_error(self.db_path, error) from error
 
     def exists(self) -> bool:
         """Whether the database is there (opening it if so); never creates it."""
@@ -316,14 +351,18 @@ class StateDatabase:
         ``False`` when the run was not recorded. Never creates the database."""
         if not self.exists():
             return False
-        pattern = _like_prefix(run_prefix(project, name, run_id))
+        # An exact, case-sensitive prefix as a range of the path index: SQL LIKE folds ASCII
+        # case (it dropped P/E/runs/R1's records with p/e/runs/r1's). The prefix ends in
+        # "/", and "0" follows "/": exactly the paths starting with it sort in between.
+        prefix = run_prefix(project, name, run_id)
+        under = (prefix, prefix[:-1] + "0")
         with self.transaction() as conn:
             deleted = conn.execute(
                 "DELETE FROM runs WHERE project = ? AND name = ? AND run_id = ?",
                 (project, name, run_id),
             ).rowcount
-            conn.execute("DELETE FROM files WHERE path LIKE ? ESCAPE '\\'", (pattern,))
-            conn.execute("DELETE FROM failed_files WHERE path LIKE ? ESCAPE '\\'", (pattern,))
+            conn.execute("DELETE FROM files WHERE path >= ? AND path < ?", under)
+            conn.execute("DELETE FROM failed_files WHERE path >= ? AND path < ?", under)
         return deleted > 0
 
     def runs_of_remote(self, remote_id: str) -> list[RunKey]:
