@@ -17,8 +17,10 @@ from typing import Any
 
 import orjson
 
+from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn._sys.gcpause import paused_gc
 from runicorn._version import __version__
+from runicorn.format import names
 from runicorn.format.compression import JsonTally, decompress_capped
 from runicorn.format.layout import RUNS_DIRNAME, run_prefix
 
@@ -154,6 +156,14 @@ class SyncManifest:
     first, the last the newest full manifest when this one was generated. For each of them
     this manifest lists every run whose entry differs from that full manifest's (removed
     runs excepted), so a client that applied one can apply this instead of the newest."""
+    problems: list[tuple[str, str]] | None = field(default_factory=list)
+    """``(path, reason)`` of what the generator could not read or list (an unreadable
+    directory, a vanished file, a name the name rule refuses): empty when its scan was
+    complete, ``None`` when the manifest does not say (other generators). Clients never
+    delete what lies under one of these paths."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, reason)`` of the runs and files this reader left out because the name rule
+    (:mod:`runicorn.format.names`) refuses their paths; never encoded."""
 
     @property
     def total_experiments(self) -> int:
@@ -212,7 +222,26 @@ class SyncManifest:
         if self.changes_since is not None:
             data["changes_since"] = list(self.changes_since)
         data["statistics"] = self.statistics
+        if self.problems is not None:
+            data["problems"] = [{"path": path, "reason": reason} for path, reason in self.problems]
         return data
+
+    def protects(self, run_directory: str) -> bool:
+        """Whether a run directory (relative, no trailing slash) lies under, at or above a
+        path this manifest reports as a problem or that its reader skipped: what lies there
+        may exist on the server unseen, so a client must not delete it."""
+        for path, _reason in self.problem_paths():
+            if (
+                path == run_directory
+                or path.startswith(run_directory + "/")
+                or run_directory.startswith(path + "/")
+            ):
+                return True
+        return False
+
+    def problem_paths(self) -> list[tuple[str, str]]:
+        """The generator's problems and the reader's skipped paths, together."""
+        return [*(self.problems or ()), *self.skipped]
 
     def to_json(self, experiments_json: bytes | None = None) -> bytes:
         """Deterministic compact JSON bytes, the same as ``orjson.dumps(self.to_dict())``.
@@ -315,17 +344,30 @@ def _is_safe_component(part: str) -> bool:
     Hidden names are refused too: the generator never lists them, and it keeps the cache's
     own state directory (a dot name) out of reach of any manifest path.
     """
-    return (
-        bool(part)
-        and not part.startswith(".")
-        and "/" not in part
-        and "\\" not in part
-        and "\0" not in part
-    )
+    return bool(part) and not part.startswith(".") and "/" not in part and "\0" not in part
 
 
-_BAD_REST_OF_PATH = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|[\\\x00]")
-"""An empty, '.' or '..' component, a backslash or a NUL in the part after the run prefix."""
+_BAD_REST_OF_PATH = re.compile(r"(?:^|/)\.{0,2}(?:/|$)|\x00")
+"""An empty, '.' or '..' component or a NUL in the part after the run prefix."""
+
+_PLAIN_PATH_LENGTH = min(names.MAX_NAME_BYTES, names.MAX_PATH_BYTES)
+
+
+def _refused_path(path: str) -> str | None:
+    """Why the name rule refuses a listed path, or ``None``; a short printable ASCII path
+    without a backslash or the client's temp prefix, and not too deep, is cleared without
+    looking further (none of its names can be too long). (A drive letter on top was refused
+    as absolute before.)"""
+    if (
+        len(path) <= _PLAIN_PATH_LENGTH
+        and path.count("/") < names.MAX_DEPTH
+        and path.isascii()
+        and path.isprintable()
+        and "\\" not in path
+        and TEMP_PREFIX not in path
+    ):
+        return None
+    return names.path_problem(path)
 
 
 def _well_formed_file(raw: Any, prefix: str, prefix_length: int) -> FileEntry | None:
@@ -365,10 +407,18 @@ def _well_formed_file(raw: Any, prefix: str, prefix_length: int) -> FileEntry | 
 
 
 class _Validator:
-    """Walks a decoded JSON document and builds the model, failing on the first problem."""
+    """Walks a decoded JSON document and builds the model, failing on the first problem.
+
+    A run or file whose path the name rule refuses (:mod:`runicorn.format.names`) is not a
+    problem of the document: it is left out, recorded in :attr:`SyncManifest.skipped`, and
+    the rest of the manifest is used."""
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self.skipped: list[tuple[str, str]] = []
+        self.skipped_runs = 0
+        self.skipped_files = 0
+        self.skipped_bytes = 0
 
     def fail(self, where: str, message: str) -> ValueError:
         return ValueError(f"{self.source}: {where}: {message}")
@@ -474,21 +524,56 @@ class _Validator:
         experiments = self.require(doc, "experiments", "header")
         if not isinstance(experiments, list):
             raise self.fail("experiments", f"expected a list, got {type(experiments).__name__}")
+        manifest.problems = self.problems(doc.get("problems"))
         seen_runs: set[tuple[str, str, str]] = set()
         seen_paths: set[str] = set()
         for index, raw in enumerate(experiments):
-            exp = self.experiment(raw, f"experiments[{index}]", seen_paths)
+            exp, reason = self.experiment(raw, f"experiments[{index}]", seen_paths)
             key = (exp.project, exp.name, exp.run_id)
             if key in seen_runs:
                 raise self.fail(f"experiments[{index}]", f"run {exp.prefix!r} is listed twice")
             seen_runs.add(key)
-            manifest.experiments.append(exp)
+            if reason is None:
+                manifest.experiments.append(exp)
+            else:
+                self.skip(exp.prefix[:-1], reason, exp.files, run=True)
+        manifest.skipped = self.skipped
         stats = doc.get("statistics")
         if stats is not None:
             self.check_statistics(stats, manifest)
         return manifest
 
-    def experiment(self, raw: Any, where: str, seen_paths: set[str]) -> ExperimentEntry:
+    def problems(self, raw: Any) -> list[tuple[str, str]] | None:
+        """The optional ``problems`` list: objects with a string ``path`` and ``reason``."""
+        if raw is None:
+            return None
+        if not isinstance(raw, list):
+            raise self.fail("problems", f"expected a list, got {type(raw).__name__}")
+        problems: list[tuple[str, str]] = []
+        for index, item in enumerate(raw):
+            where = f"problems[{index}]"
+            if not isinstance(item, dict):
+                raise self.fail(where, f"expected an object, got {type(item).__name__}")
+            problems.append(
+                (
+                    self.string(self.require(item, "path", where), f"{where}.path"),
+                    self.string(self.require(item, "reason", where), f"{where}.reason"),
+                )
+            )
+        return problems
+
+    def skip(self, path: str, reason: str, files: list[FileEntry], *, run: bool) -> None:
+        """Leave a run (with its files) or one file out, counted for the statistics check."""
+        self.skipped.append((path, reason))
+        self.skipped_runs += run
+        self.skipped_files += len(files)
+        self.skipped_bytes += sum(entry.size for entry in files)
+
+    def experiment(
+        self, raw: Any, where: str, seen_paths: set[str]
+    ) -> tuple[ExperimentEntry, str | None]:
+        """The run, and why the name rule refuses its directory (``None`` when it does not:
+        then each file is checked on its own)."""
         if not isinstance(raw, dict):
             raise self.fail(where, f"expected an object, got {type(raw).__name__}")
         project = self.component(self.require(raw, "project", where), f"{where}.project")
@@ -526,6 +611,7 @@ class _Validator:
         prefix = exp.prefix
         prefix_length = len(prefix)
         append = exp.files.append
+        run_reason = _refused_path(prefix[:-1])
         for index, raw_file in enumerate(files):
             entry = _well_formed_file(raw_file, prefix, prefix_length)
             if entry is None:  # the slow path says precisely what is wrong
@@ -533,8 +619,12 @@ class _Validator:
             if entry.path in seen_paths:
                 raise self.fail(f"{where}.files[{index}].path", f"{entry.path!r} is listed twice")
             seen_paths.add(entry.path)
-            append(entry)
-        return exp
+            reason = None if run_reason is not None else _refused_path(entry.path)
+            if reason is None:
+                append(entry)
+            else:
+                self.skip(entry.path, reason, [entry], run=False)
+        return exp, run_reason
 
     def file(self, raw: Any, where: str, prefix: str) -> FileEntry:
         if not isinstance(raw, dict):
@@ -561,7 +651,13 @@ class _Validator:
     def check_statistics(self, stats: Any, manifest: SyncManifest) -> None:
         if not isinstance(stats, dict):
             raise self.fail("statistics", f"expected an object, got {type(stats).__name__}")
-        for key, actual in manifest.statistics.items():
+        skipped = {
+            "total_experiments": self.skipped_runs,
+            "total_files": self.skipped_files,
+            "total_bytes": self.skipped_bytes,
+        }
+        for key, listed in manifest.statistics.items():
+            actual = listed + skipped[key]
             if key in stats and stats[key] != actual:
                 raise self.fail(
                     f"statistics.{key}",
@@ -572,8 +668,8 @@ class _Validator:
 
 def check_relative_path(path: str, prefix: str, fail: Callable[[str], Exception]) -> None:
     """Enforce spec section 3.9 on one path; ``fail(message)`` builds the exception."""
-    if "\0" in path or "\\" in path:
-        raise fail(f"{path!r} contains a NUL or backslash")
+    if "\0" in path:
+        raise fail(f"{path!r} contains a NUL")
     if path.startswith("/") or re.match(r"[A-Za-z]:", path):
         raise fail(f"{path!r} is absolute")
     parts = path.split("/")

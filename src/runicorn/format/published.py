@@ -83,6 +83,11 @@ class PublishedManifest(SyncManifest):
         self.tail_hash_algorithm = header.get("tail_hash_algorithm")
         self.tail_hash_window = header.get("tail_hash_window")
         self.changes_since = header.get("changes_since")
+        problems = header.get("problems")
+        self.problems = (
+            None if problems is None else [(item["path"], item["reason"]) for item in problems]
+        )
+        self.skipped = []
         statistics = header["statistics"]
         self._header_statistics = {
             key: int(statistics[key]) for key in ("total_experiments", "total_files", "total_bytes")

@@ -31,7 +31,10 @@ What a walk cannot know, and how that is handled (kept simple on purpose):
   SFTP would cost a round trip per run); after the transfer, :func:`refine_runs_from_cache`
   records the real status and creation time from the freshly cached metadata files.
 
-Hostile names (hidden, with a backslash or NUL) are skipped with a warning; symbolic links
+Names the name rule refuses (:mod:`runicorn.format.names`: not UTF-8, control characters, a
+backslash, reserved, too deep or too long a path) and hidden names above the run level are
+skipped with a warning, as are the later of two paths a case-insensitive client would store
+as one; symbolic links
 are reported and never followed; soft-deleted runs (``.deleted``) are left out. An unreadable
 directory is a warning; an unreadable root is an ``OSError``.
 """
@@ -48,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from runicorn._version import __version__
-from runicorn.format import layout
+from runicorn.format import layout, names
 from runicorn.format.models import ExperimentEntry, FileEntry, ManifestType, SyncManifest
 from runicorn.transport.remote import FetchJob, FetchResult, Remote
 
@@ -137,21 +140,15 @@ class _Run:
         return layout.run_prefix(self.project, self.name, self.run_id)
 
 
-def _safe_name(name: str) -> bool:
-    """One visible path component a manifest may carry (spec §3.9)."""
-    return (
-        bool(name)
-        and name not in (".", "..")
-        and not layout.is_hidden(name)
-        and "/" not in name
-        and "\\" not in name
-        and "\0" not in name
-    )
-
-
-def _safe_file_name(name: str) -> bool:
-    """A name inside a run: hidden names are allowed there (the generator lists them too)."""
-    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+def _refused(name: str, path: str) -> str | None:
+    """Why the name rule refuses a listed entry (``path`` is relative to the root), or
+    ``None``: a name the SFTP server gave as undecodable bytes arrives surrogate-escaped."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        return "not a valid file name"
+    reason = names.name_problem(name, top="/" not in path)
+    if reason is None:
+        reason = names.depth_problem(path.count("/") + 1, len(path.encode("utf-8")))
+    return reason
 
 
 def _join(parent: str, name: str) -> str:
@@ -214,8 +211,9 @@ class _Walk:
             if layout.is_hidden(entry.name):
                 continue
             path = _join(parent, entry.name)
-            if not _safe_name(entry.name):
-                self.warn(path, "name not allowed in a manifest; skipped")
+            reason = _refused(entry.name, path)
+            if reason is not None:
+                self.warn(path, f"{reason}; skipped")
             elif entry.is_symlink:
                 self.warn(path, "symbolic link not followed")
             elif entry.is_dir:
@@ -347,8 +345,9 @@ class _Walk:
         for entry in entries:
             child = _join(path, entry.name)
             path_in_run = f"{in_run}{entry.name}"
-            if not _safe_file_name(entry.name):
-                self.warn(child, "name not allowed in a manifest; skipped")
+            reason = _refused(entry.name, child)
+            if reason is not None:
+                self.warn(child, f"{reason}; skipped")
             elif entry.is_symlink:
                 self.warn(child, "symbolic link not followed")
             elif entry.is_dir:
@@ -377,6 +376,30 @@ def _read_tags(remote: _Lister, warnings: list[str]) -> dict[str, list[str]]:
     return layout.tags_by_run(layout.parse_json_object(data))
 
 
+def _without_twins(runs: list[_Run], walk: _Walk) -> list[_Run]:
+    """The runs (sorted) without the later of two runs or files whose paths a
+    case-insensitive or normalising client would store as one (as the scan drops them)."""
+    seen_runs: dict[str, str] = {}
+    kept: list[_Run] = []
+    for run in runs:
+        prefix = run.prefix
+        other = seen_runs.setdefault(names.fold(prefix), prefix)
+        if other != prefix:
+            walk.warn(prefix[:-1], names.REASON_COLLISION.format(other=other[:-1]) + "; skipped")
+            continue
+        kept.append(run)
+        seen: dict[str, str] = {}
+        unique: list[FileEntry] = []
+        for entry in sorted(run.files, key=lambda entry: entry.path):
+            other = seen.setdefault(names.fold(entry.path), entry.path)
+            if other == entry.path:
+                unique.append(entry)
+            else:
+                walk.warn(entry.path, names.REASON_COLLISION.format(other=other) + "; skipped")
+        run.files = unique
+    return kept
+
+
 def walk_remote(
     remote: _Lister,
     remote_root: str,
@@ -394,7 +417,7 @@ def walk_remote(
     be read is in ``WalkReport.warnings`` (and logged), and the walk goes on without it.
     """
     walk = _Walk(remote, remote_root, selection)
-    runs = walk.run()
+    runs = _without_twins(walk.run(), walk)
     tags = _read_tags(remote, walk.warnings)
     experiments: list[ExperimentEntry] = []
     for run in runs:
@@ -425,6 +448,7 @@ def walk_remote(
         generator_version=LEGACY_GENERATOR,
         tail_hash_algorithm=None,
         tail_hash_window=None,
+        problems=None,  # what the walk missed is in WalkReport.warnings (and blocks deletion)
     )
     # The walk filtered every name already; validating the result anyway keeps one rule
     # book (spec §3.9) between what a server publishes and what we synthesise.
