@@ -20,9 +20,11 @@ from click.testing import CliRunner
 from runicorn import __version__
 from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.cli import main
+from runicorn.format.names import REASON_CONTROL, REASON_NOT_UTF8
 from runicorn.manifest import ManifestGenerator, SyncManifest
 
 SUMMARY_KEYS = {
+    "problems",
     "type",
     "output",
     "compressed",
@@ -219,6 +221,7 @@ def test_json_prints_one_summary_object_on_stdout(lab, cli, use_backend):
         "files": 15,
         "total_bytes": manifest.total_bytes,
         "warnings": 0,
+        "problems": [],
         "backend": use_backend.name,
     }
 
@@ -485,3 +488,40 @@ def test_a_root_without_runs_exits_0_and_says_what_it_looked_for(tmp_path, cli):
     assert "no run found" in result.stderr
     assert f"{root}/<project>/<name>/runs/<run_id>/" in result.stderr
     assert f"{root}/runs/<path...>/<run_id>/" in result.stderr
+
+
+# --- problems: an incomplete scan is published, listed and exits 1 ------------------------
+
+
+def test_names_the_rule_refuses_are_published_as_problems_and_exit_1(lab, cli):
+    run = lab / "proj" / "old" / "runs" / "20240101_000000_000001"
+    _write(run / "forged\x1b[2J\nINFO all good", "x", 60)
+    os.mkdir(os.fsencode(lab / "proj") + b"/caf\xe9")  # Latin-1 bytes: not UTF-8
+    result = cli("--root", str(lab), "--json")
+    assert result.exit_code == 1, result.output
+    summary = orjson.loads(result.stdout)
+    expected = [
+        {"path": "proj/caf\\xe9", "reason": REASON_NOT_UTF8},  # escaped: JSON cannot carry it
+        {"path": f"{run.relative_to(lab)}/forged\x1b[2J\nINFO all good", "reason": REASON_CONTROL},
+    ]
+    assert summary["problems"] == expected
+    assert summary["experiments"] == 3  # the rest is published all the same
+    manifest = _manifest(lab / ".runicorn" / "full_manifest.json")
+    assert [{"path": p, "reason": r} for p, r in manifest.problems] == expected
+    assert "\x1b" not in result.stderr
+
+
+def test_the_summary_names_the_problems_escaped(lab, cli):
+    _write(lab / "proj" / "old" / "runs" / "r" / "bad\x1b[31mname", "x", 60)
+    result = cli("--root", str(lab))
+    assert result.exit_code == 1
+    assert "Problems:      1: the scan was incomplete" in result.stdout
+    assert "  proj/old/runs/r/bad\\x1b[31mname: " + REASON_CONTROL in result.stdout
+    assert "\x1b" not in result.stdout + result.stderr
+    # unchanged, the manifest still lists them, and the exit code stays 1
+    again = cli("--root", str(lab), "--json")
+    assert again.exit_code == 1
+    assert not orjson.loads(again.stdout)["published"]
+    assert orjson.loads(again.stdout)["problems"] == [
+        {"path": "proj/old/runs/r/bad\x1b[31mname", "reason": REASON_CONTROL}
+    ]

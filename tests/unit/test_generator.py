@@ -969,7 +969,9 @@ def test_an_unreadable_run_directory_is_reported_and_the_rest_listed(shared_tmp,
         "proj/locked/runs": "unreadable: Permission denied",
     }
     assert [exp["run_id"] for exp in manifest["experiments"]] == ["20240101_000000_000001"]
-    assert SyncManifest.from_json((out / "full_manifest.json").read_bytes()).total_files == 6
+    published = SyncManifest.from_json((out / "full_manifest.json").read_bytes())
+    assert published.total_files == 6
+    assert published.problems == sorted(dict(problems).items())  # the manifest says so too
 
 
 def test_an_unreadable_root_is_an_error_and_the_previous_manifest_stays(shared_tmp, make_generator):

@@ -21,6 +21,7 @@ from runicorn.cli._common import (
     configure_logging,
     error,
     human_bytes,
+    printable,
     terminate_as_exit,
     warning,
 )
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from runicorn.generate.watch import ManifestPublisher
 
 RULE = "=" * 60
+
+MAX_PRINTED_PROBLEMS = 20
+"""Problems the summary names one by one; ``--json`` lists them all."""
 
 
 @click.command("generate-manifest")
@@ -128,8 +132,9 @@ def generate_manifest(
     runs/<path...>/<run_id>/ (SDK 0.6+); the summary names which the root holds.
 
     Exit codes: 0 success (also when nothing changed, for a root without runs, which
-    is warned about on stderr, and for --watch ended by a signal), 1 failure,
-    130 interrupted.
+    is warned about on stderr, and for --watch ended by a signal), 1 failure, or a
+    manifest published with problems (unreadable directories, skipped names, vanished
+    files: listed in the summary and the manifest), 130 interrupted.
     """
     configure_logging(verbose)
     generator = ManifestGenerator(
@@ -172,8 +177,12 @@ def generate_manifest(
     summary = _summary(generator, manifest, path, report)
     if as_json:
         click.echo(orjson.dumps(summary).decode())
-        return
-    _print_block(summary, report)
+    else:
+        _print_block(summary, report)
+    if manifest.problems:
+        # published all the same: what was read is better than nothing, and the manifest
+        # says what is missing (clients never delete there)
+        sys.exit(EXIT_FAILURE)
 
 
 def _summary(
@@ -191,6 +200,7 @@ def _summary(
         "files": manifest.total_files,
         "total_bytes": manifest.total_bytes,
         "warnings": len(report.problems) + len(report.warnings),
+        "problems": [{"path": path, "reason": reason} for path, reason in manifest.problems or ()],
         "files_hashed": report.files_hashed,
         "files_reused": report.files_reused,
         "duration": round(report.duration, 6),
@@ -205,8 +215,8 @@ def _print_block(summary: dict[str, Any], report: GenerationReport) -> None:
         status,
         RULE,
         f"Type:          {summary['type']}",
-        f"Output:        {summary['output']}",
-        f"Compressed:    {summary['compressed']}",
+        f"Output:        {printable(summary['output'])}",
+        f"Compressed:    {printable(summary['compressed'])}",
         f"Revision:      {summary['revision']}"
         + ("" if report.published else " (unchanged: nothing changed since it was published)"),
         f"Snapshot ID:   {summary['snapshot_id']}",
@@ -217,6 +227,16 @@ def _print_block(summary: dict[str, Any], report: GenerationReport) -> None:
     ]
     if summary["warnings"]:
         lines.append(f"Warnings:      {summary['warnings']} (details above on stderr)")
+    problems = summary["problems"]
+    if problems:
+        lines.append(
+            f"Problems:      {len(problems)}: the scan was incomplete; the manifest lists them "
+            "and clients never delete there (exit 1)"
+        )
+        for problem in problems[:MAX_PRINTED_PROBLEMS]:
+            lines.append(f"  {printable(problem['path'])}: {problem['reason']}")
+        if len(problems) > MAX_PRINTED_PROBLEMS:
+            lines.append(f"  ... and {len(problems) - MAX_PRINTED_PROBLEMS} more (see --json)")
     lines.append(RULE)
     click.echo("\n".join(lines))
 

@@ -35,8 +35,8 @@ from runicorn._sys.atomic import (
 from runicorn._sys.gcpause import paused_gc
 from runicorn.core.backend import Backend, active_backend
 from runicorn.core.memo import FileMemo, StatKey
-from runicorn.core.scan import FileStat, Problem, RunScan, ScanResult
-from runicorn.format import layout
+from runicorn.core.scan import POLICY_REASONS, FileStat, Problem, RunScan, ScanResult
+from runicorn.format import layout, names
 from runicorn.format.compression import compress
 from runicorn.format.models import (
     ExperimentEntry,
@@ -102,6 +102,9 @@ megabytes of JSON, too much to write with every publication."""
 
 REBUILD_CHUNK_RUNS = 1000
 """A generation from the live tree rebuilds changed runs this many at a time."""
+
+REASON_VANISHED_WHILE_READ = "vanished or shrank while it was read"
+"""An append-only file left out of a manifest because its tail could not be hashed."""
 
 REUSE_MARGIN_NS = 2_000_000_000
 """A file is reused only if its mtime is this much older than the previous scan's start.
@@ -331,7 +334,9 @@ class ManifestGenerator:
         experiments = self._select_for_type(manifest_type, experiments, now, changed)
         report.runs_scanned = report.runs_rescanned = len(scan.runs)
         next_state.append_only_files = _count_append_only(experiments)
-        manifest, experiments_json, digest = self._encode(manifest_type, experiments, now)
+        manifest, experiments_json, digest = self._encode(
+            manifest_type, experiments, now, report.problems
+        )
         if manifest_type is ManifestType.ACTIVE and changes_since:
             manifest.changes_since = changes_since
             digest = self._content_digest(manifest, experiments_json)
@@ -386,6 +391,7 @@ class ManifestGenerator:
         manifest, experiments_json = self._assemble(
             manifest_type, kept, unlisted, tags, changed, next_state, now
         )
+        manifest.problems = manifest_problems(report.problems)
         if manifest_type is ManifestType.ACTIVE and changes_since:
             manifest.changes_since = changes_since
         digest = self._content_digest(manifest, experiments_json)
@@ -704,9 +710,8 @@ class ManifestGenerator:
             return
         report.files_vanished += len(vanished)
         for path in sorted(vanished):
-            message = f"{path}: vanished or shrank while it was read; left out this time"
-            report.warnings.append(message)
-            logger.warning("%s", message)
+            report.problems.append((path, REASON_VANISHED_WHILE_READ))
+            logger.warning("%s: %s; left out this time", path, REASON_VANISHED_WHILE_READ)
         for exp in experiments:
             files = [entry for entry in exp.files if entry.path not in vanished]
             if len(files) != len(exp.files):
@@ -770,10 +775,16 @@ class ManifestGenerator:
             logger.warning("cannot record the full manifest in %s: %s", journal.path, error)
 
     def _encode(
-        self, manifest_type: ManifestType, experiments: list[ExperimentEntry], now: float
+        self,
+        manifest_type: ManifestType,
+        experiments: list[ExperimentEntry],
+        now: float,
+        problems: list[Problem],
     ) -> tuple[SyncManifest, bytes, str]:
         """The manifest (revision not decided yet), its experiments encoded once, and the
-        digest of that encoding: the same bytes decide the revision and get published."""
+        digest of that encoding: the same bytes decide the revision and get published.
+        ``problems`` are the generation's; those that are gaps in what it read are listed
+        (:func:`manifest_problems`)."""
         manifest = SyncManifest(
             manifest_type=manifest_type,
             revision=0,
@@ -782,6 +793,7 @@ class ManifestGenerator:
             server_hostname=self.hostname,
             remote_root=str(self.remote_root),
             experiments=experiments,
+            problems=manifest_problems(problems),
         )
         experiments_json = self.backend.encode_experiments(experiments)
         return manifest, experiments_json, self._content_digest(manifest, experiments_json)
@@ -983,7 +995,7 @@ class ManifestGenerator:
         runs = scan.runs
         for start in range(0, len(runs), FINGERPRINT_RUNS_PER_UPDATE):
             hasher.update(orjson.dumps(runs[start : start + FINGERPRINT_RUNS_PER_UPDATE]))
-        hasher.update(orjson.dumps(scan.problems))
+        hasher.update(orjson.dumps([(_json_safe(path), reason) for path, reason in scan.problems]))
         hasher.update(orjson.dumps(tags))
         return hasher.hexdigest()
 
@@ -1029,11 +1041,13 @@ class ManifestGenerator:
 
     @staticmethod
     def _content_digest(manifest: SyncManifest, experiments_json: bytes) -> str:
-        """A fingerprint of everything but the per-generation header fields: the experiments
-        exactly as they are published (so the bytes are encoded once for both), and the full
-        manifests an active one names (a client needs the newest named)."""
+        """A fingerprint of everything but the per-generation header fields: the problems, the
+        experiments exactly as they are published (so the bytes are encoded once for both),
+        and the full manifests an active one names (a client needs the newest named)."""
         hasher = blake3()
-        hasher.update(orjson.dumps([manifest.server_hostname, manifest.remote_root]))
+        hasher.update(
+            orjson.dumps([manifest.server_hostname, manifest.remote_root, manifest.problems])
+        )
         if manifest.changes_since is not None:
             hasher.update(orjson.dumps(manifest.changes_since))
         hasher.update(experiments_json)
@@ -1064,6 +1078,25 @@ class ManifestGenerator:
             logger.warning("skipped %s: %s", path, reason)
         if len(problems) > MAX_LOGGED_PROBLEMS:
             logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
+
+
+def manifest_problems(problems: list[Problem]) -> list[tuple[str, str]]:
+    """The problems a manifest lists: those that are gaps in what the generation read (not
+    the scan's rules, :data:`~runicorn.core.scan.POLICY_REASONS`), sorted, each path as JSON
+    can carry it (an undecodable name is shown escaped, :func:`runicorn.format.names.printable`;
+    every other name as it is, so a client can match it against what it holds)."""
+    return sorted(
+        {(_json_safe(path), reason) for path, reason in problems if reason not in POLICY_REASONS}
+    )
+
+
+def _json_safe(path: str) -> str:
+    """``path`` as it is when JSON can carry it, else (undecodable bytes) escaped."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return names.printable(path)
+    return path
 
 
 def _hash_pair(data: Document, packed: bytes) -> str:

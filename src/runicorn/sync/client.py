@@ -78,6 +78,10 @@ cold sync of a large lab usually takes, shorter than a timer's patience."""
 MASS_DELETE_FRACTION = 0.5
 MASS_DELETE_LIMIT = 100
 
+STALE_MANIFEST_SECONDS = 3600.0
+"""A manifest generated longer ago than this while the server has runs ``running`` is
+warned about: a running run changes its files, so its manifest should be newer."""
+
 _MODES = ("auto", "full", "active")
 
 
@@ -95,11 +99,14 @@ class ManifestSyncClient:
       sync checks each run's ``status.json`` (one ``lstat`` per run); every cached file
       (one ``lstat`` each) is checked when ``verify=True``, after an interrupted sync, and
       on the first sync this long after the last full check.
+    * ``STALE_MANIFEST_SECONDS``: a manifest older than this while the server lists runs as
+      ``running`` is warned about (``stale_manifest`` in the stats).
     """
 
     MAX_WORKERS = 3
     BATCH_SIZE = 5
     VERIFY_INTERVAL = 24 * 3600.0
+    STALE_MANIFEST_SECONDS = STALE_MANIFEST_SECONDS
 
     def __init__(
         self,
@@ -299,9 +306,44 @@ class ManifestSyncClient:
                     self.cache.save_remote_sync(remote_id, "unchanged")
                     if self.viewer is not None:
                         self._unhide({key[2] for key in self.cache.runs_of_remote(remote_id)})
+                self._warn_if_stale(run, remote_id, None)
                 return run.stats()
             self._apply(manifest, run, progress_callback, remote_id, record_header=True)
+            self._warn_if_stale(run, remote_id, manifest)
         return run.stats()
+
+    def _warn_if_stale(self, run: SyncRun, remote_id: str, manifest: SyncManifest | None) -> None:
+        """Warn (log and ``stale_manifest``) when the newest manifest known from this server
+        is older than :data:`STALE_MANIFEST_SECONDS` while runs there are ``running``: the
+        generator has probably stopped, and the cache silently stops following the runs.
+        ``manifest``: the one just applied; ``None`` when the revision was unchanged."""
+        generated = [manifest.generated_at] if manifest is not None else []
+        for manifest_type in (ManifestType.FULL, ManifestType.ACTIVE):
+            state = self.cache.applied_manifest(remote_id, manifest_type.value)
+            if state is not None:
+                generated.append(state.generated_at)
+        if not generated:
+            return
+        age = time.time() - max(generated)
+        if age <= self.STALE_MANIFEST_SECONDS:
+            return
+        if manifest is not None:
+            running = sum(exp.status == "running" for exp in manifest.experiments)
+        else:
+            running = sum(
+                cached.remote_id == remote_id and cached.status == "running"
+                for cached in self.cache.list_runs()
+            )
+        if not running:
+            return
+        message = (
+            f"the server's newest manifest was generated {age / 3600:.1f} h ago, yet it lists "
+            f"{running} run(s) as running: is generate-manifest still scheduled there (cron, "
+            "timer or --watch)? (A run that died without updating its status.json looks "
+            "running too.)"
+        )
+        logger.warning("%s", message)
+        run.extra["stale_manifest"] = message
 
     def watch(
         self,
@@ -903,6 +945,19 @@ class ManifestSyncClient:
         cached = self._selected_cached_runs(remote_id)
         listed = {(exp.project, exp.name, exp.run_id) for exp in manifest.experiments}
         gone = [key for key in cached if key not in listed]
+        if gone and manifest.problem_paths():
+            # the server could not read (or this client skipped) what lies there: the run
+            # may well still be on the server, so it is never deleted
+            unseen = [key for key in gone if manifest.protects(run_prefix(*key)[:-1])]
+            if unseen:
+                logger.warning(
+                    "%d cached run(s) lie where the server's manifest reports problems "
+                    "(unreadable or skipped there: %s); kept",
+                    len(unseen),
+                    ", ".join(path for path, _ in manifest.problem_paths()[:5]),
+                )
+                run.extra["deletion_protected"] = len(unseen)
+                gone = [key for key in gone if key not in set(unseen)]
         if not gone:
             return [], []
         refusal = ""

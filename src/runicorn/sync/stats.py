@@ -29,6 +29,12 @@ class SyncStatsExtra(TypedDict, total=False):
     """Cached runs the full manifest no longer lists, kept because deleting was not asked."""
     deletion_refused: str
     """Why the deletion guard refused to delete the runs that left the server."""
+    deletion_protected: int
+    """Cached runs the full manifest no longer lists but that lie under a path its
+    ``problems`` report (unreadable or skipped on the server): never deleted."""
+    stale_manifest: str
+    """Why the server's manifest looks stale (generated long ago while it lists runs as
+    running): a warning, the sync itself went on."""
     invalid_json_files: dict[str, str]
     """JSON files installed although they do not parse, by path, with what happened."""
     verified: bool
