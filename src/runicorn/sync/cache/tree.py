@@ -13,7 +13,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import stat
 import threading
 from collections import OrderedDict
@@ -261,26 +260,20 @@ class CacheTree:
 
     def temp_files(self) -> list[Path]:
         """Leftover temp files (``atomic.TEMP_PREFIX``) of a sync that was killed."""
-        found: list[Path] = []
-        if not self.root_dir.is_dir():
-            return found
-        for directory, dirnames, filenames in os.walk(self.root_dir):
-            if directory == str(self.root_dir):
-                dirnames[:] = [d for d in dirnames if d != STATE_DIRNAME]
-            found.extend(
-                Path(directory, name) for name in filenames if name.startswith(TEMP_PREFIX)
-            )
-        return sorted(found)
+        return sorted(
+            self.root_dir.joinpath(*parts, entry.name)
+            for _fd, parts, entry in walk_files(self.root_dir, skip_top=STATE_DIRNAME)
+            if entry.name.startswith(TEMP_PREFIX)
+        )
 
     def clean_temp_files(self) -> int:
         """Remove leftover temp files; returns how many. Call only under the sync lock."""
         removed = 0
-        for path in self.temp_files():
-            try:
-                path.unlink()
-                removed += 1
-            except FileNotFoundError:
-                pass
+        for fd, _parts, entry in walk_files(self.root_dir, skip_top=STATE_DIRNAME):
+            if entry.name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=fd)
+                    removed += 1
         if removed:
             logger.info("removed %d temp file(s) left by an interrupted sync", removed)
         return removed
@@ -290,14 +283,11 @@ class CacheTree:
     def disk_usage(self) -> int:
         """Bytes of every regular file under the cache root, state included (lstat sizes)."""
         total = 0
-        if not self.root_dir.is_dir():
-            return 0
-        for directory, _dirs, filenames in os.walk(self.root_dir):
-            for name in filenames:
-                with contextlib.suppress(OSError):
-                    st = os.lstat(os.path.join(directory, name))
-                    if stat.S_ISREG(st.st_mode):
-                        total += st.st_size
+        for _fd, _parts, entry in walk_files(self.root_dir):
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
         return total
 
     def remove_run_files(self, project: str, name: str, run_id: str) -> bool:
@@ -306,7 +296,7 @@ class CacheTree:
         self._drop_handles(keep_caching=True)  # none may name a directory about to go
         try:
             if stat.S_ISDIR(os.lstat(run_dir).st_mode):
-                shutil.rmtree(run_dir)
+                remove_tree(run_dir)
                 return True
         except OSError as error:
             # Absent, or named too long for this file system (its files all failed): only
@@ -381,8 +371,138 @@ class CacheTree:
             finally:
                 os.close(dir_fd)
             return True
-        shutil.rmtree(recycled)
+        remove_tree(recycled)
         return False
+
+
+_Identity = tuple[int, int]
+
+
+def _identity(fd: int) -> _Identity:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _is_directory(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+class _Descent:
+    """A depth-first walk that holds one directory open at a time, whatever the depth.
+
+    Python's ``os.walk`` (before 3.12) and ``shutil.rmtree`` recurse once per level and take
+    whole paths, so a tree a few hundred levels deep exhausts the stack or ``PATH_MAX``.
+    This walk keeps, per level, the identity of the directory and its subdirectories not yet
+    visited; it goes down with ``openat`` (never through a link) and up with ``..``, checked
+    against the identity it recorded, so a directory moved meanwhile stops it with an error
+    instead of sending it elsewhere."""
+
+    def __init__(self, top: Path) -> None:
+        self.fd = os.open(top, _DIR_FLAGS | _NOFOLLOW)
+        self.levels: list[tuple[_Identity, list[str]]] = []
+        self.parts: list[str] = []
+        """The open directory's path below the top, as components."""
+
+    def list(self, remove_files: bool) -> list[os.DirEntry[str]]:
+        """The entries of the open directory that are not directories (unlinked, and then
+        not returned, with ``remove_files``); its subdirectories are recorded to visit."""
+        files: list[os.DirEntry[str]] = []
+        subdirectories: list[str] = []
+        with os.scandir(self.fd) as entries:
+            for entry in entries:
+                if _is_directory(entry):
+                    subdirectories.append(entry.name)
+                elif remove_files:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=self.fd)
+                else:
+                    files.append(entry)
+        self.levels.append((_identity(self.fd), subdirectories))
+        return files
+
+    def skip(self, name: str) -> None:
+        """Do not visit the subdirectory ``name`` of the open directory."""
+        pending = self.levels[-1][1]
+        if name in pending:
+            pending.remove(name)
+
+    def advance(self, remove_directories: bool) -> bool:
+        """Open the next directory to list, going up (and with ``remove_directories``
+        removing each directory left, empty by then) as needed; ``False`` when the walk is
+        over, back at the top. A subdirectory that cannot be opened, or that became a link,
+        is passed over."""
+        while True:
+            pending = self.levels[-1][1]
+            while pending:
+                name = pending.pop()
+                try:
+                    child = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=self.fd)
+                except OSError:
+                    continue
+                os.close(self.fd)
+                self.fd = child
+                self.parts.append(name)
+                return True
+            self.levels.pop()
+            if not self.levels:
+                return False
+            parent = os.open("..", _DIR_FLAGS, dir_fd=self.fd)
+            os.close(self.fd)
+            self.fd = parent
+            left = self.parts.pop()
+            if _identity(parent) != self.levels[-1][0]:
+                raise OSError(
+                    errno.ESTALE,
+                    f"a directory moved during the walk below {'/'.join(self.parts) or '.'}",
+                )
+            if remove_directories:
+                os.rmdir(left, dir_fd=self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def walk_files(
+    top: Path, *, skip_top: str | None = None
+) -> Iterator[tuple[int, tuple[str, ...], os.DirEntry[str]]]:
+    """Every entry below ``top`` that is not a directory (links included, never followed),
+    as ``(directory fd, directory's path below top as parts, entry)``: the fd is open while
+    the entry is handled, for ``unlink(entry.name, dir_fd=fd)``. Iterative and one
+    descriptor deep (see :class:`_Descent`); ``skip_top`` names a directory of ``top`` left
+    out. Nothing when ``top`` is not a directory."""
+    try:
+        walk = _Descent(top)
+    except OSError:
+        return
+    try:
+        while True:
+            files = walk.list(remove_files=False)
+            if skip_top and not walk.parts:
+                walk.skip(skip_top)
+            parts = tuple(walk.parts)
+            for entry in files:
+                yield walk.fd, parts, entry
+            if not walk.advance(remove_directories=False):
+                return
+    finally:
+        walk.close()
+
+
+def remove_tree(top: Path) -> None:
+    """``shutil.rmtree(top)`` without recursion, at any depth, never through a link: ``top``
+    itself must be a directory (a link there raises ``OSError``); a link inside it is
+    removed, never followed."""
+    walk = _Descent(top)
+    try:
+        walk.list(remove_files=True)
+        while walk.advance(remove_directories=True):
+            walk.list(remove_files=True)
+    finally:
+        walk.close()
+    os.rmdir(top)
 
 
 def is_marked_remote_cache(path: Path | str) -> bool:
