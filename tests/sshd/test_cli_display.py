@@ -116,8 +116,9 @@ def test_one_shot_sync_off_a_terminal_writes_no_bar_and_no_escape_code(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
-    assert "\x1b" not in done.stdout and "\r" not in done.stdout
+    # log lines only (the lab's manifest is years old while runs are running: a warning)
+    assert all(line.startswith("WARNING ") for line in done.stderr.splitlines()), done.stderr
+    assert "\x1b" not in done.stderr + done.stdout and "\r" not in done.stderr + done.stdout
     assert done.stdout.startswith(f"labserver:{lab.root}: synced ")
     assert_cache_equals_server(lab.root, cache)
 
