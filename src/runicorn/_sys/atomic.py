@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from runicorn._sys.locking import lock_fd
 
 Buffer = bytes | bytearray | memoryview
 Document = Buffer | Sequence[Buffer]
@@ -45,12 +46,13 @@ class LockTimeoutError(TimeoutError):
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 def _open_directory(directory: Path) -> int:
     """A descriptor of ``directory``, refusing it if it is itself a symbolic link."""
     try:
-        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
+        return os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR) and directory.is_symlink():
             raise LinkRefusedError(
@@ -112,7 +114,8 @@ def _create_temp(directory: int, prefix: str) -> tuple[int, str]:
 
 @contextlib.contextmanager
 def exclusive_lock(lock_path: Path, *, timeout: float | None = None) -> Iterator[None]:
-    """Hold an advisory ``flock`` on ``lock_path`` (created if missing) for the block.
+    """Hold an advisory lock (:mod:`runicorn._sys.locking`) on ``lock_path`` (created if
+    missing) for the block.
 
     A lock file (or its directory) that is a symbolic link raises :class:`LinkRefusedError`:
     creating it would create a file wherever the link points. ``timeout``: seconds to wait
@@ -145,21 +148,19 @@ def exclusive_lock(lock_path: Path, *, timeout: float | None = None) -> Iterator
 
 def _wait_for_lock(fd: int, lock_path: Path, timeout: float | None) -> None:
     if timeout is None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock_fd(fd, blocking=True)
         return
     deadline = time.monotonic() + timeout
     pause = 0.01
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if lock_fd(fd, blocking=False):
             return
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LockTimeoutError(
-                    f"another process has held the lock {lock_path} for more than "
-                    f"{timeout:g} s; if no other sync or generation is running, try again "
-                    "(or raise the lock timeout)"
-                ) from None
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 0.5)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LockTimeoutError(
+                f"another process has held the lock {lock_path} for more than "
+                f"{timeout:g} s; if no other sync or generation is running, try again "
+                "(or raise the lock timeout)"
+            )
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.5)

@@ -24,6 +24,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "sync": ("runicorn.cli.sync", "sync"),
     "demo": ("runicorn.cli.demo", "demo"),
     "runs": ("runicorn.cli.runs", "runs"),
+    "doctor": ("runicorn.cli.doctor", "doctor"),
     "units": ("runicorn.cli.units", "units"),
 }
 
