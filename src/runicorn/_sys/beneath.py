@@ -120,7 +120,7 @@ def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0o666) -> int:
         if fd >= 0:
             return int(fd)
         code = ctypes.get_errno()
-        if code in (errno.ENOSYS, errno.EPERM) and not flags & os.O_CREAT:
+        if code in (errno.ENOSYS, errno.EPERM):
             _Openat2.disable()  # an old kernel or a sandbox: the chain below does the same
         elif code in (errno.ELOOP, errno.EXDEV):
             raise _refused(path)
