@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -262,3 +263,25 @@ def test_a_run_hidden_by_its_case_twin_returns_when_the_twin_goes(live, tmp_path
     live.check(tmp_path)
     shutil.rmtree(live.root / "proj/exp/runs/RUN_A")
     live.check(tmp_path)
+
+
+def test_the_memos_the_tree_writes_spare_a_one_shot_generation_all_hashing(lab, tmp_path, backend):
+    """The tree writes its memo file joined from what it keeps packed: a generator without a
+    tree, on the same output, reads it and hashes nothing of a settled lab."""
+    hour_ago = time.time() - 3600
+    for path in lab.rglob("*"):
+        os.utime(path, (hour_ago, hour_ago), follow_symlinks=False)
+    live = Live(lab, tmp_path / "out", backend, "inotify")
+    try:
+        live.check(tmp_path)
+    finally:
+        live.close()
+    for kind in KINDS:
+        one_shot = ManifestGenerator(
+            lab, tmp_path / "out", backend=backend, clock=lambda: NOW, hostname="lab"
+        )
+        one_shot.generate(kind)
+        report = one_shot.last_report
+        assert report is not None and not report.warnings
+        assert (report.files_hashed, report.files_reused) == (0, 10), kind
+        assert not report.published  # the same content: the tree's revision stands

@@ -574,17 +574,17 @@ class ManifestGenerator:
 
     @staticmethod
     def _tree_state(tree: LiveTree, state_path: Path, refresh: Refresh) -> GeneratorState:
-        """The state saved after a generation from the tree: every memo the tree holds on a
-        walk or every :data:`MEMO_SAVE_SECONDS`, else a header vouching for the memo file
-        written last (its memos stay true: a memo never expires, it only stops matching)."""
+        """The state saved after a generation from the tree: every memo the tree holds the
+        first time and every :data:`MEMO_SAVE_SECONDS`, else a header vouching for the memo
+        file written last (its memos stay true: a memo never expires, it only stops
+        matching)."""
         key = str(state_path)
         saved = tree.memo_saved.get(key)
         saved_at = tree.memo_saved_at.get(key, float("-inf"))
-        fresh = time.monotonic() - saved_at < MEMO_SAVE_SECONDS
-        if saved is not None and fresh and not refresh.full_walk:
+        if saved is not None and time.monotonic() - saved_at < MEMO_SAVE_SECONDS:
             return GeneratorState(scan_started_ns=saved, keep_memo_file=True)
-        files, runs = tree.all_memos()
-        return GeneratorState(scan_started_ns=tree.memo_boundary_ns(), files=files, runs=runs)
+        boundary = tree.memo_boundary_ns()
+        return GeneratorState(scan_started_ns=boundary, encoded_memos=tree.encode_memos(boundary))
 
     def _load_previous_state(self, state_path: Path, report: GenerationReport) -> GeneratorState:
         """The last generation's bookkeeping: its revision, fingerprints and where its memos

@@ -77,6 +77,9 @@ class GeneratorState:
     memo_path: Path | None = None
     """Where :meth:`load_memos` finds ``files`` and ``runs``: kept in a file of their own so
     that a run with nothing to do never parses them."""
+    encoded_memos: bytes | None = None
+    """The memo file's bytes, made by the caller (the publisher's tree joins them from what
+    it keeps packed); ``files`` and ``runs`` are then not used for it."""
     keep_memo_file: bool = False
     """Save only the header: the memo file on disk, written with this ``scan_started_ns``,
     still stands (the publisher rewrites its memos now and then, not with every
@@ -161,6 +164,8 @@ class GeneratorState:
         compressed on other threads."""
         if self.keep_memo_file:
             return b""
+        if self.encoded_memos is not None:
+            return self.encoded_memos
         memos = {
             "state_version": STATE_VERSION,
             "scan_started_ns": self.scan_started_ns,

@@ -39,7 +39,7 @@ from runicorn.format import layout
 from runicorn.format import names as _names
 from runicorn.format.models import ExperimentEntry, ManifestType, SyncManifest
 from runicorn.format.published import decode_own_experiments
-from runicorn.generate.state import RunMemo
+from runicorn.generate.state import STATE_VERSION, RunMemo
 
 __all__ = ["AssembledManifest", "LiveTree", "Refresh", "RunKey", "RunState", "pack_memos"]
 
@@ -80,7 +80,7 @@ class RunState:
         return (
             None
             if run_memo is None
-            else RunMemo(_key(run_memo[0]), _key(run_memo[1]), *run_memo[2:]),
+            else RunMemo(_key(run_memo[0]), _key(run_memo[1]), run_memo[2], run_memo[3]),
             [
                 (path, FileMemo((key[0], key[1], key[2], key[3]), size, tail_hash))
                 for path, key, size, tail_hash in files
@@ -458,15 +458,28 @@ class LiveTree:
         """The oldest scan any run was built from: a reuse boundary valid for every memo."""
         return min((s.scanned_ns for s in self.runs.values() if s.scanned_ns), default=0)
 
-    def all_memos(self) -> tuple[dict[str, FileMemo], dict[str, RunMemo]]:
-        files: dict[str, FileMemo] = {}
-        runs: dict[str, RunMemo] = {}
+    def encode_memos(self, scan_started_ns: int) -> bytes:
+        """The memo file (:meth:`GeneratorState.encode_memos`) of every run's memos, encoded
+        run by run and joined: a 100,000-run tree never has them all as objects at once."""
+        files: list[bytes] = []
+        runs: list[bytes] = []
         for key, state in self.runs.items():
             run_memo, file_memos = state.unpack_memos()
-            files.update(file_memos)
+            if file_memos:
+                encoded = {path: [m.key, m.recorded_size, m.tail_hash] for path, m in file_memos}
+                files.append(orjson.dumps(encoded)[1:-1])
             if run_memo is not None:
-                runs[layout.run_prefix(*key)] = run_memo
-        return files, runs
+                memo = (
+                    run_memo.meta_key,
+                    run_memo.status_key,
+                    run_memo.status,
+                    run_memo.created_at,
+                )
+                runs.append(orjson.dumps({layout.run_prefix(*key): memo})[1:-1])
+        head = orjson.dumps({"state_version": STATE_VERSION, "scan_started_ns": scan_started_ns})
+        return b"".join(
+            [head[:-1], b',"files":{', b",".join(files), b'},"runs":{', b",".join(runs), b"}}"]
+        )
 
 
 def _containing(by_rel: dict[str, RunKey], rel: str) -> RunKey | None:

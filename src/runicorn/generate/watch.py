@@ -192,7 +192,9 @@ class ManifestPublisher:
                     active_due = first_change = None
                     took = self._last_duration
                     earliest_active = time.monotonic() + ACTIVE_PACE * took
-                    if isinstance(self.source, PollingSource):
+                    if isinstance(self.source, PollingSource) and started:
+                        # (not after the first: it builds the tree and the memos, and is
+                        # many times slower than a poll's walk)
                         self.source.pace(took)
                 else:
                     active_due = first_change = now + RETRY_SECONDS
