@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -435,7 +436,7 @@ class ManifestGenerator:
                 continue
             if experiments:
                 pieces.append(b",")
-            pieces.append(encoded)
+            pieces.append(zlib.decompress(encoded))
             run_tags = tags.get(key[2])
             pieces.append(b',"tags":' + orjson.dumps(run_tags) + b"}" if run_tags else b"}")
             experiments += 1
@@ -543,7 +544,7 @@ class ManifestGenerator:
                     digest = b""  # a file vanished while hashed: build the run again next time
                 # the array of one entry, without its brackets and closing brace (the tags
                 # and the brace are added as the manifest is assembled)
-                encoded = self.backend.encode_experiments([entry])[1:-2]
+                encoded = zlib.compress(self.backend.encode_experiments([entry])[1:-2], 1)
             run_memo = next_state.runs.get(prefix)
             packed = pack_memos(run_memo, memos) if run_memo is not None or memos else b""
             tree.store(key, digest, refresh.scan_started_ns, entry, encoded, packed)

@@ -64,7 +64,9 @@ class RunState:
     """When the scan that built it started: its memos' reuse boundary."""
     encoded: bytes | None = None
     """The run's manifest entry as published, without its tags and closing brace (tags
-    change apart from the run); ``None`` when the run is soft-deleted or not listed."""
+    change apart from the run), compressed with zlib (a quarter of the size; only the
+    runs a manifest lists are inflated to assemble it); ``None`` when the run is
+    soft-deleted or not listed."""
     status: str = ""
     updated_at: float = 0.0
     files: int = 0
