@@ -58,6 +58,8 @@ class Live:
             root, out, backend=backend, clock=lambda: NOW, hostname="lab"
         )
         self.tree = self.generator.keep_tree()
+        if mode == "walk":
+            self.tree.scope_walk_runs = 0  # walks after the first go scope by scope
         self.waker = Waker()
         self.source = InotifySource(root, self.waker)
         self.source.start()
