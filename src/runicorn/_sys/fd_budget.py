@@ -7,8 +7,20 @@ would fail with "Too many open files" instead of waiting their turn.
 
 from __future__ import annotations
 
+import importlib
 import os
-import resource
+from typing import Any
+
+
+def _resource() -> Any:
+    """The ``resource`` module, ``None`` on Windows (no ``RLIMIT_NOFILE`` there)."""
+    try:
+        return importlib.import_module("resource")
+    except ImportError:
+        return None
+
+
+resource = _resource()
 
 EXTRA_RESERVE = 8
 """Descriptors left for what a sync opens besides its temp files (append spools spilled to
@@ -17,6 +29,8 @@ disk, the state database's journal, a log file)."""
 
 def soft_limit() -> int | None:
     """The soft ``RLIMIT_NOFILE``, or ``None`` when it is unlimited or unknown."""
+    if resource is None:
+        return None
     try:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):

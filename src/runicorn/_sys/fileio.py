@@ -5,6 +5,12 @@ a network file system, a pipe-like file), and an empty result is its only sign o
 caller that wants "these bytes of the file" loops; these two helpers are that loop, written
 once. Both read explicit ranges and never "to EOF", so a writer appending meanwhile cannot
 make them read more than asked.
+
+Windows has no ``os.pread`` or ``os.pwrite``: :func:`pread` and :func:`pwrite` are those
+calls where the platform has them, and elsewhere a seek and a read (or write) under one
+process-wide lock, so two threads never move one descriptor's position under each other.
+Every positional call of the client goes through them; the portable path is tested on Linux
+with ``os.pread`` and ``os.pwrite`` taken away (tests/unit/test_portable.py).
 """
 
 from __future__ import annotations
@@ -13,9 +19,47 @@ import ctypes
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable
 
-__all__ = ["MAX_CHUNK", "pread_exact", "pread_upto", "sync_file_system"]
+__all__ = [
+    "BINARY",
+    "MAX_CHUNK",
+    "pread",
+    "pread_exact",
+    "pread_upto",
+    "pwrite",
+    "sync_file_system",
+]
+
+BINARY = getattr(os, "O_BINARY", 0)
+"""Add to :func:`os.open` flags: Windows opens a file in text mode (newline translation)
+without it; 0 elsewhere."""
+
+_position_lock = threading.Lock()
+"""Held around a seek and its read or write where the platform has no positional calls."""
+
+
+def _seek_read(fd: int, length: int, offset: int) -> bytes:
+    with _position_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, length)
+
+
+def _seek_write(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    with _position_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+pread: Callable[[int, int, int], bytes] = getattr(os, "pread", _seek_read)
+"""``os.pread(fd, length, offset)``, or a seek and a read where the platform lacks it (the
+descriptor's position then moves; nothing of the client relies on it)."""
+
+pwrite: Callable[[int, bytes | bytearray | memoryview, int], int] = getattr(
+    os, "pwrite", _seek_write
+)
+"""``os.pwrite(fd, data, offset)``, or a seek and a write where the platform lacks it."""
 
 MAX_CHUNK = 1024 * 1024
 """Largest single ``os.pread``: it allocates the size it is asked for before it reads, so a
@@ -36,7 +80,7 @@ def pread_upto(fd: int, offset: int, length: int) -> bytes:
     pieces: list[bytes] = []
     position, end = offset, offset + length
     while position < end:
-        data = os.pread(fd, min(MAX_CHUNK, end - position), position)
+        data = pread(fd, min(MAX_CHUNK, end - position), position)
         if not data:
             break
         pieces.append(data)

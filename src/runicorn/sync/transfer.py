@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from runicorn._sys.atomic import TEMP_PREFIX
-from runicorn._sys.fileio import pread_upto, sync_file_system
+from runicorn._sys.fileio import BINARY, pread_upto, pwrite, sync_file_system
 from runicorn.core.backend import Backend
 from runicorn.core.tailhash import TAIL_WINDOW, digest
 from runicorn.format.models import FileEntry
@@ -82,7 +82,7 @@ hash: by that hash where its window reaches them, by a fetched overlap otherwise
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 """Appended bytes are held until verified; beyond this they spill to an unnamed temp file."""
 
-_FILE_FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+_FILE_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | BINARY
 
 # Temp names: a random token drawn once per process and a counter, so that naming a temp
 # file costs no system call; ``O_EXCL`` still refuses any name that happens to exist.
@@ -160,7 +160,7 @@ def _is_connection_error(error: BaseException | None) -> bool:
 def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        written = os.write(fd, view) if offset is None else pwrite(fd, view, offset)
         view = view[written:]
         if offset is not None:
             offset += written

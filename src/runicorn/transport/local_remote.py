@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from runicorn._sys.beneath import LinkOnPathError, open_beneath
-from runicorn._sys.fileio import pread_upto
+from runicorn._sys.fileio import pread, pread_upto
 from runicorn.transport.fetch import FetchRun, run_fetch
 from runicorn.transport.remote import (
     FetchCancelled,
@@ -233,7 +233,7 @@ class LocalRemote:
                 try:
                     position, end = job.offset, job.offset + job.length
                     while position < end:
-                        data = os.pread(fd, min(self.read_size, end - position), position)
+                        data = pread(fd, min(self.read_size, end - position), position)
                         if not data:
                             raise ShrunkError(job.path, end, position)
                         try:
@@ -261,7 +261,7 @@ class LocalRemote:
                 while position < end:
                     if run.abandoned(index):
                         return
-                    data = os.pread(fd, min(self.read_size, end - position), position)
+                    data = pread(fd, min(self.read_size, end - position), position)
                     if not data:
                         raise ShrunkError(job.path, end, position)
                     run.data(index, position, data)
