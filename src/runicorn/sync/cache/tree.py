@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn._sys.fd_budget import directory_handle_share, soft_limit
+from runicorn.format.client_names import client_path_problem
 from runicorn.format.layout import run_prefix
 
 if TYPE_CHECKING:
@@ -44,6 +46,11 @@ VIEWER_RECYCLE_DIR = ("runs", ".recycle")
 REMOTE_CACHE_MARKERS = (".runicorn_remote_cache", "remote_cache", "_remote_")
 """Substrings of a run's path by which the upstream viewer recognises a remote cache (and
 then never rewrites the run's status): see :func:`is_marked_remote_cache`."""
+
+CLIENT_PLATFORM = sys.platform
+"""The platform whose name rule (:mod:`runicorn.format.client_names`) cache paths must pass:
+on Windows, device names, trailing dots and spaces and ``<>:"|?*`` are refused rather than
+written as another file."""
 
 MAX_DIRECTORY_HANDLES = 128
 """Directories :meth:`CacheTree.directory_handles` keeps open at most (fewer when the
@@ -69,6 +76,13 @@ def split_relative_path(relative_path: str) -> list[str]:
         raise ValueError(
             f"cache path {relative_path!r} starts with a hidden name (reserved for the cache)"
         )
+    if CLIENT_PLATFORM == "win32":
+        reason = client_path_problem(relative_path, CLIENT_PLATFORM)
+        if reason is not None:
+            raise ValueError(
+                f"cache path {relative_path!r}: {reason}; this machine cannot store it as it "
+                "is, so it is not synced (rename it on the server to sync it here)"
+            )
     return parts
 
 
