@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from runicorn._sys.fileio import pread_upto
+from runicorn._sys.fileio import BINARY, pread_upto
 from runicorn.format.layout import run_path_of
 from runicorn.sync.cache.manager import LocalCacheManager
 from runicorn.sync.run_status import EVENTS_FILE, TAIL_BYTES
@@ -125,7 +125,7 @@ def read_tail(path: Path, tail_bytes: int = TAIL_BYTES) -> Tail:
     and the flat ``{"step": …, "loss": …}``.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | BINARY)
     except OSError:
         return Tail()
     try:
