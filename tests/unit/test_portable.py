@@ -29,6 +29,10 @@ print(locking.LOCK_KIND, fileio.pread.__name__, fileio.pwrite.__name__, fd_budge
 """
 
 
+def _pure_forced() -> bool:
+    return os.environ.get("RUNICORN_PURE_PYTHON", "") not in ("", "0")
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(_PORTABLE), env.get("PYTHONPATH", "")])
@@ -48,7 +52,7 @@ def test_the_client_imports_without_fcntl_resource_and_pread() -> None:
     assert result.stdout.split() == ["msvcrt", "_seek_read", "_seek_write", "None"]
 
 
-def test_local_directory_syncs_pass_on_the_portable_paths(backend_name: str) -> None:
+def test_local_directory_syncs_pass_on_the_portable_paths() -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -60,9 +64,10 @@ def test_local_directory_syncs_pass_on_the_portable_paths(backend_name: str) -> 
             str(_TESTS / "unit" / "test_runs_table.py"),
             str(_TESTS / "unit" / "test_run_selection.py"),
             str(_TESTS / "unit" / "test_delta_sync.py"),
-            # The backend is not what differs here (one is enough: the session's first);
-            # the two many-step histories add a minute and nothing the other syncs lack.
-            "--no-native" if backend_name == "python" else "--only-native",
+            # The backend is not what differs here: one is enough (the compiled one, unless
+            # pure Python is forced); the two many-step histories add a minute and nothing
+            # the other syncs lack.
+            "--no-native" if _pure_forced() else "--only-native",
             "-k",
             "not equals_a_full_sync and not restricted_to_the_selection",
         ],
