@@ -70,7 +70,7 @@ def test_short_reads_before_eof_are_retried(fd: int, monkeypatch: pytest.MonkeyP
         calls.append(length)
         return real_pread(descriptor, min(length, 7), offset)
 
-    monkeypatch.setattr(fileio.os, "pread", stingy_pread)
+    monkeypatch.setattr(fileio, "pread", stingy_pread)
     assert pread_upto(fd, 3, 50) == CONTENT[3:53]
     assert pread_exact(fd, len(CONTENT) - 20, 20) == CONTENT[-20:]
     assert len(calls) > 2
@@ -101,7 +101,7 @@ def test_a_bounded_chunk_is_what_each_call_asks_for(
         asked.append(length)
         return real_pread(descriptor, length, offset)
 
-    monkeypatch.setattr(fileio.os, "pread", recording_pread)
+    monkeypatch.setattr(fileio, "pread", recording_pread)
     descriptor = os.open(path, os.O_RDONLY)
     try:
         assert pread_upto(descriptor, 0, 10 * MAX_CHUNK) == b"x" * 10
