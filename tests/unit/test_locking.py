@@ -1,6 +1,6 @@
-"""The portable cache lock: held, free, never created, and the same answers through the
-Windows path (``msvcrt.locking``), run here with ``fcntl`` taken away (see
-tests/unit/test_portable.py for the whole package without ``fcntl``)."""
+"""The portable cache lock: held by another process, free, never created (probing creates
+nothing). Its Windows path (``msvcrt.locking``) runs in tests/unit/test_portable.py, in a
+Python without ``fcntl``."""
 
 from __future__ import annotations
 
