@@ -122,6 +122,11 @@ def sync_file_system(path: str) -> bool:
     return True
 
 
+def syncfs_available() -> bool:
+    """Whether :func:`sync_file_system` can flush a whole file system here (Linux)."""
+    return _syncfs() is not None
+
+
 @functools.cache
 def _syncfs() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from runicorn._sys.atomic import TEMP_PREFIX
-from runicorn._sys.fileio import BINARY, pread_upto, pwrite, sync_file_system
+from runicorn._sys.fileio import BINARY, pread_upto, pwrite, sync_file_system, syncfs_available
 from runicorn.core.backend import Backend
 from runicorn.core.tailhash import TAIL_WINDOW, digest
 from runicorn.format.models import FileEntry
@@ -372,6 +372,7 @@ class FileTransfer:
                     pending, redo = redo, []
         finally:
             state.flush()
+        state.make_durable()
 
     def _within_free_space(
         self,
@@ -685,20 +686,31 @@ class _StateBatch:
         self.forget: list[str] = []
         self.failed: list[tuple[str, str]] = []
         self.last_flush = time.monotonic()
+        # Whether any file was written, and which (kept only where ``syncfs`` is missing,
+        # so that a cold sync of a million files does not hold a million paths).
+        self.wrote = False
+        self.written: list[str] = []
 
-    def _make_durable(self) -> None:
-        """Put the files about to be recorded on the disk before the state says so: after a
-        power loss the state never records a file whose data was lost. One ``syncfs`` of
-        the cache's file system per commit (what this sync wrote since the last one), or an
-        ``fsync`` per file where there is no ``syncfs``."""
+    def make_durable(self) -> None:
+        """Put every file this sync wrote on the disk, once, before the sync is marked done.
+
+        The state commits every few files for a killed process to resume; they need no
+        barrier, because the sync's in-progress mark (set before its first commit, cleared
+        after this) makes the next sync lstat every recorded file, and a file a power loss
+        cut short or emptied is then of the wrong size and fetched again. One ``syncfs`` of
+        the cache's file system here keeps the mark from being cleared before the data is
+        safe; where there is no ``syncfs`` the written files are fsynced one by one.
+        """
+        if not self.wrote:
+            return
         try:
             if sync_file_system(str(self.cache.root_dir)):
                 return
         except OSError as error:
             logger.debug("syncfs of the cache failed (%s); fsyncing file by file", error)
-        for record in self.synced:
+        for path in self.written:
             with contextlib.suppress(OSError, ValueError):
-                dir_fd, name = self.cache.open_parent(record.path, create=False)
+                dir_fd, name = self.cache.open_parent(path, create=False)
                 try:
                     fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
                 finally:
@@ -715,7 +727,9 @@ class _StateBatch:
 
     def flush(self) -> None:
         if self.synced:
-            self._make_durable()
+            self.wrote = True
+            if not syncfs_available():
+                self.written.extend(record.path for record in self.synced)
         if self.synced or self.forget or self.failed:
             self.cache.save_progress(
                 remote_id=self.remote_id,
