@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import starmap
 from typing import Any
 
 import orjson
@@ -270,11 +271,14 @@ class SyncManifest:
         *,
         source: str = "manifest",
         max_entries: int | None = ManifestFormat.MAX_ENTRIES,
+        memo: ValidationMemo | None = None,
     ) -> SyncManifest:
         """Parse and validate JSON bytes; ``ValueError`` says what is wrong and where.
 
         A document listing more than ``max_entries`` runs and files (``None``: no cap) is
         refused before it is parsed (:class:`~runicorn.format.compression.JsonTally`).
+        ``memo``: runs validated by the previous call with it are not checked again
+        (:class:`ValidationMemo`); the result is the same.
         """
         if max_entries is not None:
             JsonTally(len(data), max_entries, source).add(data)
@@ -283,7 +287,8 @@ class SyncManifest:
                 document = orjson.loads(data)
         except orjson.JSONDecodeError as error:
             raise ValueError(f"{source} is not valid JSON: {error}") from None
-        return cls.from_dict(document, source=source)
+        with paused_gc():
+            return _Validator(source, memo).manifest(document)
 
     @classmethod
     def from_gzip(
@@ -293,12 +298,13 @@ class SyncManifest:
         source: str = "manifest",
         max_decompressed: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
         max_entries: int | None = ManifestFormat.MAX_ENTRIES,
+        memo: ValidationMemo | None = None,
     ) -> SyncManifest:
         """Decompress and parse a ``.json.gz`` manifest, refusing it while it inflates when
         it passes ``max_decompressed`` bytes or ``max_entries`` runs and files: memory stays
         bounded whatever the stream holds (:func:`~.compression.decompress_capped`)."""
         text = decompress_capped(data, max_decompressed, source=source, max_entries=max_entries)
-        return cls.from_json(text, source=source, max_entries=None)
+        return cls.from_json(text, source=source, max_entries=None, memo=memo)
 
     @classmethod
     def from_dict(cls, document: Any, *, source: str = "manifest") -> SyncManifest:
@@ -370,6 +376,17 @@ def _refused_path(path: str) -> str | None:
     return names.path_problem(path)
 
 
+def _run_key(raw: Any) -> bytes | None:
+    """A run's JSON as the memo's key; ``None`` for what is not an object (the validator
+    then says what is wrong)."""
+    if type(raw) is not dict:
+        return None
+    try:
+        return orjson.dumps(raw)
+    except TypeError:  # orjson.JSONEncodeError too: not what orjson.loads gives
+        return None
+
+
 def _well_formed_file(raw: Any, prefix: str, prefix_length: int) -> FileEntry | None:
     """The common case of :meth:`_Validator.file` in one tight function.
 
@@ -406,6 +423,43 @@ def _well_formed_file(raw: Any, prefix: str, prefix_length: int) -> FileEntry | 
     return FileEntry(path, size, mtime, priority, append_only, tail_hash)
 
 
+@dataclass(slots=True, frozen=True)
+class _CheckedRun:
+    """What validating one run gave, kept as immutable values so every manifest that reuses
+    it gets objects of its own."""
+
+    fields: tuple[str, str, str, str, float, float]
+    """``ExperimentEntry``'s fields before ``files``: run id, project, name, status, times."""
+    files: tuple[tuple[str, int, float, int, bool, str | None], ...]
+    tags: tuple[str, ...] | None
+    path: str | None
+    paths: tuple[str, ...]
+    """Every listed file path (the kept and the skipped), for the duplicate check."""
+    reason: str | None
+    skipped: tuple[tuple[str, str, int], ...]
+    """Files the name rule left out: path, reason, size."""
+
+
+class ValidationMemo:
+    """The runs of the last manifest decoded with this memo, keyed by their JSON.
+
+    A client that keeps a server's active manifest fresh decodes it again at every change,
+    and between two publications most runs are byte for byte the same. A run whose JSON
+    (as ``orjson`` writes the parsed object: types, values and key order) equals one
+    validated last time cannot validate differently: only what spans runs (a run or a file
+    listed twice) is checked again. The memo holds the runs of the newest manifest decoded
+    with it, so its size follows one manifest; one thread at a time may use it.
+    """
+
+    __slots__ = ("_runs",)
+
+    def __init__(self) -> None:
+        self._runs: dict[bytes, _CheckedRun] = {}
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
 class _Validator:
     """Walks a decoded JSON document and builds the model, failing on the first problem.
 
@@ -413,8 +467,11 @@ class _Validator:
     problem of the document: it is left out, recorded in :attr:`SyncManifest.skipped`, and
     the rest of the manifest is used."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, memo: ValidationMemo | None = None) -> None:
         self.source = source
+        self.memo = memo
+        self.checked: dict[bytes, _CheckedRun] = {}
+        """The runs validated this time, by their JSON: the memo's next contents."""
         self.skipped: list[tuple[str, str]] = []
         self.skipped_runs = 0
         self.skipped_files = 0
@@ -527,8 +584,15 @@ class _Validator:
         manifest.problems = self.problems(doc.get("problems"))
         seen_runs: set[tuple[str, str, str]] = set()
         seen_paths: set[str] = set()
+        known = self.memo._runs if self.memo is not None else None
         for index, raw in enumerate(experiments):
-            exp, reason = self.experiment(raw, f"experiments[{index}]", seen_paths)
+            json_key = _run_key(raw) if known is not None else None
+            hit = known.get(json_key) if json_key is not None and known is not None else None
+            if json_key is not None and hit is not None and seen_paths.isdisjoint(hit.paths):
+                exp, reason = self.reuse(hit, seen_paths)
+                self.checked[json_key] = hit
+            else:
+                exp, reason = self.experiment(raw, f"experiments[{index}]", seen_paths, json_key)
             key = (exp.project, exp.name, exp.run_id)
             if key in seen_runs:
                 raise self.fail(f"experiments[{index}]", f"run {exp.prefix!r} is listed twice")
@@ -541,7 +605,30 @@ class _Validator:
         stats = doc.get("statistics")
         if stats is not None:
             self.check_statistics(stats, manifest)
+        if self.memo is not None:
+            self.memo._runs = self.checked
         return manifest
+
+    def reuse(self, hit: _CheckedRun, seen_paths: set[str]) -> tuple[ExperimentEntry, str | None]:
+        """A run validated before, rebuilt, its file skips recorded again."""
+        seen_paths.update(hit.paths)
+        for path, reason, size in hit.skipped:
+            self.skipped.append((path, reason))
+            self.skipped_files += 1
+            self.skipped_bytes += size
+        run_id, project, name, status, created_at, updated_at = hit.fields
+        exp = ExperimentEntry(
+            run_id,
+            project,
+            name,
+            status,
+            created_at,
+            updated_at,
+            list(starmap(FileEntry, hit.files)),
+            None if hit.tags is None else list(hit.tags),
+            hit.path,
+        )
+        return exp, hit.reason
 
     def problems(self, raw: Any) -> list[tuple[str, str]] | None:
         """The optional ``problems`` list: objects with a string ``path`` and ``reason``."""
@@ -570,7 +657,7 @@ class _Validator:
         self.skipped_bytes += sum(entry.size for entry in files)
 
     def experiment(
-        self, raw: Any, where: str, seen_paths: set[str]
+        self, raw: Any, where: str, seen_paths: set[str], key: bytes | None = None
     ) -> tuple[ExperimentEntry, str | None]:
         """The run, and why the name rule refuses its directory (``None`` when it does not:
         then each file is checked on its own)."""
@@ -612,6 +699,8 @@ class _Validator:
         prefix_length = len(prefix)
         append = exp.files.append
         run_reason = _refused_path(prefix[:-1])
+        paths: list[str] = []
+        dropped: list[tuple[str, str, int]] = []
         for index, raw_file in enumerate(files):
             entry = _well_formed_file(raw_file, prefix, prefix_length)
             if entry is None:  # the slow path says precisely what is wrong
@@ -619,11 +708,33 @@ class _Validator:
             if entry.path in seen_paths:
                 raise self.fail(f"{where}.files[{index}].path", f"{entry.path!r} is listed twice")
             seen_paths.add(entry.path)
+            paths.append(entry.path)
             reason = None if run_reason is not None else _refused_path(entry.path)
             if reason is None:
                 append(entry)
             else:
                 self.skip(entry.path, reason, [entry], run=False)
+                dropped.append((entry.path, reason, entry.size))
+        if key is not None:
+            self.checked[key] = _CheckedRun(
+                fields=(
+                    exp.run_id,
+                    exp.project,
+                    exp.name,
+                    exp.status,
+                    exp.created_at,
+                    exp.updated_at,
+                ),
+                files=tuple(
+                    (e.path, e.size, e.mtime, e.priority, e.is_append_only, e.tail_hash)
+                    for e in exp.files
+                ),
+                tags=None if exp.tags is None else tuple(exp.tags),
+                path=exp.path,
+                paths=tuple(paths),
+                reason=run_reason,
+                skipped=tuple(dropped),
+            )
         return exp, run_reason
 
     def file(self, raw: Any, where: str, prefix: str) -> FileEntry:

@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from runicorn.core.backend import Backend, active_backend
 from runicorn.format.layout import DELETED_MARKER, UNKNOWN_STATUS, run_prefix
-from runicorn.format.models import ExperimentEntry, ManifestFormat, ManifestType, SyncManifest
+from runicorn.format.models import (
+    ExperimentEntry,
+    ManifestFormat,
+    ManifestType,
+    SyncManifest,
+    ValidationMemo,
+)
 from runicorn.sync.cache import LocalCacheManager, RunRecord
 from runicorn.sync.cache.manager import same_server
 from runicorn.sync.manifest_fetch import (
@@ -154,6 +160,7 @@ class ManifestSyncClient:
         self.cache_dir = Path(cache_dir)
         self.jitter_max = jitter_max
         self.backend = backend or active_backend()
+        self._active_memo = ValidationMemo()
         self.cache = cache_manager or LocalCacheManager(self.cache_dir)
         if cache_manager is not None and cache_manager.root_dir != Path(
             os.path.abspath(self.cache_dir)
@@ -495,6 +502,7 @@ class ManifestSyncClient:
             self.remote_root,
             self.max_manifest_bytes,
             self.max_manifest_entries,
+            self._active_memo,
         )
 
     def _check_full(

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from runicorn.format.layout import MANIFEST_DIRNAME
-from runicorn.format.models import ManifestFormat, ManifestType, SyncManifest, read_header
+from runicorn.format.models import (
+    ManifestFormat,
+    ManifestType,
+    SyncManifest,
+    ValidationMemo,
+    read_header,
+)
 
 if TYPE_CHECKING:
     from runicorn.sync.stats import SyncRun
@@ -94,6 +100,9 @@ class ManifestFetcher:
     remote_root: str
     max_manifest_bytes: int
     max_manifest_entries: int | None = ManifestFormat.MAX_ENTRIES
+    active_memo: ValidationMemo | None = None
+    """Kept by the client across passes: an active manifest's runs that did not change since
+    the last one read are not validated again."""
 
     def candidates(self, manifest_type: ManifestType) -> list[tuple[str, bool]]:
         base = f"{MANIFEST_DIRNAME}/{manifest_type.filename}"
@@ -186,16 +195,21 @@ class ManifestFetcher:
                     "refusing it (raise max_manifest_bytes, --max-manifest-bytes on the "
                     "command line, for a lab this large)"
                 )
+            memo = self.active_memo if manifest_type is ManifestType.ACTIVE else None
             if gz:
                 manifest = SyncManifest.from_gzip(
                     data,
                     source=f"manifest {where}",
                     max_decompressed=self.max_manifest_bytes,
                     max_entries=self.max_manifest_entries,
+                    memo=memo,
                 )
             else:
                 manifest = SyncManifest.from_json(
-                    data, source=f"manifest {where}", max_entries=self.max_manifest_entries
+                    data,
+                    source=f"manifest {where}",
+                    max_entries=self.max_manifest_entries,
+                    memo=memo,
                 )
             if manifest.manifest_type is not manifest_type:
                 raise ValueError(
