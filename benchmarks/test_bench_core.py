@@ -5,7 +5,8 @@ Groups: scanning a 1,000-run and a 10,000-run lab (about 10 small files per run,
 and ``find -printf``; a full scan + generate of the same labs (``find -printf`` beside it);
 diffing 10^5 and 10^6 manifest entries; tail-hashing 10^4 files; decoding (gunzip, parse,
 validate) and encoding (JSON per backend, then gzip) the 10,000-run lab's manifest of 100,000
-entries; building the file entries of that lab from its scan.
+entries; decoding an active manifest of 1,500 of its runs, alone and with the memo of the
+previous one; building the file entries of that lab from its scan.
 Every benchmark also checks its result, so ``--benchmark-disable`` makes them a test run.
 The labs are built here (not by ``runicorn.demo.sample_lab``) so the numbers do not move when
 the sample generator changes.
@@ -22,9 +23,10 @@ import pytest
 
 from runicorn._sys.gcpause import paused_gc
 from runicorn.format.compression import compress
+from runicorn.format.models import ValidationMemo
 from runicorn.generate.generator import RUN_METADATA
 from runicorn.generate.state import FileMemo
-from runicorn.manifest import ManifestGenerator, SyncManifest
+from runicorn.manifest import ManifestGenerator, ManifestType, SyncManifest
 
 EVENT_LINE = b'{"step": 123, "loss": 0.123456, "acc": 0.987654, "time": 1735689600.5}\n'
 EVENTS = EVENT_LINE * 110 + b'{"step": 124, "lo'  # ~8 KiB ending in a half-written line
@@ -170,6 +172,48 @@ def test_manifest_decode_100k_entries(benchmark, published_manifest):
     benchmark.group = "manifest encode / decode, 100,000 entries"
     manifest = benchmark.pedantic(SyncManifest.from_gzip, (packed,), rounds=5, warmup_rounds=1)
     assert manifest.total_files == 100_000
+
+
+ACTIVE_RUNS = 1_500
+
+
+@pytest.fixture(scope="session")
+def active_publications(published_manifest) -> tuple[bytes, bytes]:
+    """Two consecutive active manifests of 1,500 runs of the 10,000-run lab (15,000
+    entries), as a live client reads them: between the two, five runs appended a line."""
+    data, _ = published_manifest
+    manifest = SyncManifest.from_json(data)
+    manifest.manifest_type = ManifestType.ACTIVE
+    manifest.experiments = manifest.experiments[:ACTIVE_RUNS]
+    before = manifest.to_json()
+    for exp in manifest.experiments[:: ACTIVE_RUNS // 5]:
+        entry = next(entry for entry in exp.files if entry.path.endswith("events.jsonl"))
+        entry.size += len(EVENT_LINE)
+        entry.mtime += 1.0
+    return before, manifest.to_json()
+
+
+def test_active_manifest_decode_1500_runs(benchmark, active_publications):
+    """A live client's decode of the next active manifest, every run validated."""
+    _, after = active_publications
+    benchmark.group = "active manifest decode, 1,500 runs (15,000 entries)"
+    manifest = benchmark.pedantic(SyncManifest.from_json, (after,), rounds=10, warmup_rounds=1)
+    assert manifest.total_experiments == ACTIVE_RUNS
+
+
+def test_active_manifest_decode_1500_runs_with_memo(benchmark, active_publications):
+    """The same with the memo of the previous active manifest (what ``sync --watch``
+    keeps): only the five changed runs are validated again."""
+    before, after = active_publications
+    benchmark.group = "active manifest decode, 1,500 runs (15,000 entries)"
+
+    def primed() -> tuple[tuple[bytes], dict[str, ValidationMemo]]:
+        memo = ValidationMemo()
+        SyncManifest.from_json(before, memo=memo)
+        return (after,), {"memo": memo}
+
+    manifest = benchmark.pedantic(SyncManifest.from_json, setup=primed, rounds=10)
+    assert manifest == SyncManifest.from_json(after)
 
 
 def test_manifest_json_100k_entries(benchmark, backend, published_manifest):
