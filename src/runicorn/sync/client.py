@@ -697,6 +697,11 @@ class ManifestSyncClient:
         # Sizes of the cached copies of changed files only, not a dict of every file.
         changed = {entries[i].path for i in (*diff.replaced, *diff.grown)}
         local_sizes = {row[0]: row[1] for row in local if row[0] in changed}
+        unlisted = (
+            self._files_to_delete(manifest, served, [local[i][0] for i in diff.vanished])
+            if is_full
+            else []
+        )
         del local, changed
         transfers = plan(entries, diff, local_sizes, self.cache)
         transfers.sort(key=lambda t: (t.entry.priority, t.entry.path))
@@ -709,9 +714,16 @@ class ManifestSyncClient:
             run.full_count = len(transfers) - run.incremental_count
             run.deleted_count = len(gone)
             run.extra["dry_run"] = True
+            if self.delete:
+                run.extra["files_deleted"] = len(unlisted)
             run.reason = (
                 f"dry run: would fetch {run.files_total} file(s), {run.bytes_total} bytes"
                 + (f", delete {len(gone)} run(s)" if gone else "")
+                + (
+                    f", delete {len(unlisted)} file(s) of listed runs"
+                    if unlisted and self.delete
+                    else ""
+                )
             )
             return
 
@@ -735,6 +747,15 @@ class ManifestSyncClient:
         if gone and self.viewer is not None:
             # Only while the directories exist can the viewer drop them from its index.
             self.viewer.forget_runs(run_id for _project, _name, run_id in gone)
+        if unlisted and self.delete:
+            self._delete_files(unlisted, remote_id, run)
+            unlisted = []
+        elif unlisted:
+            logger.info(
+                "%d cached file(s) of listed runs are no longer on the server; kept "
+                "(delete=True removes them)",
+                len(unlisted),
+            )
         for project, name, run_id in gone:
             self.cache.remove_run(project, name, run_id)
             logger.info(
@@ -763,7 +784,8 @@ class ManifestSyncClient:
                 manifest.snapshot_id,
                 manifest.generated_at,
                 clean=clean,
-                vanished=len(vanished) - run.deleted_count,
+                # runs and files a later sync with ``delete`` would remove
+                vanished=len(vanished) - run.deleted_count + len(unlisted),
             )
             if self._delta_target is not None:
                 # the cache now holds all the newest full manifest lists (and newer)
@@ -943,6 +965,41 @@ class ManifestSyncClient:
             workers=self.max_workers or self.MAX_WORKERS,
             batch_size=self.BATCH_SIZE,
         ).transfer(transfers, run, progress, remote_id)
+
+    @staticmethod
+    def _files_to_delete(
+        manifest: SyncManifest, served: SyncManifest, unlisted: list[str]
+    ) -> list[str]:
+        """Cached files of runs the manifest lists that it no longer lists itself: deleted on
+        the server inside a run that stays. Never a file of a run outside the selection or
+        no longer listed (the run deletion decides those), nor one where the server
+        reports a problem or the reader skipped a name (it may exist there unseen)."""
+        prefixes = {exp.prefix for exp in manifest.experiments}
+        found = []
+        for path in unlisted:
+            slash = path.find("/")
+            while slash != -1 and path[: slash + 1] not in prefixes:
+                slash = path.find("/", slash + 1)
+            if slash != -1 and not served.protects(path):
+                found.append(path)
+        return found
+
+    def _delete_files(self, paths: list[str], remote_id: str, run: SyncRun) -> None:
+        """Remove these cached files (never through a link) and forget their records."""
+        removed = []
+        for path in paths:
+            try:
+                self.cache.remove_file(path)
+            except OSError as error:
+                logger.warning("could not delete %s from the cache: %s", path, error)
+                continue
+            removed.append(path)
+        self.cache.save_progress(remote_id=remote_id, forget=removed)
+        run.extra["files_deleted"] = len(removed)
+        if removed:
+            logger.info(
+                "removed %d file(s) the server deleted inside runs it still lists", len(removed)
+            )
 
     def _runs_to_delete(
         self, manifest: SyncManifest, remote_id: str, run: SyncRun

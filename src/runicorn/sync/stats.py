@@ -32,6 +32,10 @@ class SyncStatsExtra(TypedDict, total=False):
     deletion_protected: int
     """Cached runs the full manifest no longer lists but that lie under a path its
     ``problems`` report (unreadable or skipped on the server): never deleted."""
+    files_deleted: int
+    """With ``delete``: cached files removed because the full manifest no longer lists them
+    inside runs it still lists (deleted on the server); never under a ``problems`` path.
+    In a dry run, how many would be."""
     stale_manifest: str
     """Why the server's manifest looks stale (generated long ago while it lists runs as
     running): a warning, the sync itself went on."""

@@ -211,6 +211,10 @@ class LocalCacheManager:
         forgotten = self.state.forget_run(project, name, run_id)
         return existed or forgotten
 
+    def remove_file(self, relative_path: str) -> bool:
+        """Delete one cached file (its record is forgotten by the caller's next commit)."""
+        return self.tree.remove_file(relative_path)
+
     def damaged_files(self, entries: Iterable[LocalEntry] | None = None) -> set[str]:
         """Recorded files (all, or ``entries``) that are missing on disk, not regular, of
         another size or written locally since they were synced: one ``lstat`` each, the

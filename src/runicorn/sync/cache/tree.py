@@ -319,6 +319,23 @@ class CacheTree:
                 raise
         return False
 
+    def remove_file(self, relative_path: str) -> bool:
+        """Delete one cached file, its parents opened without following links; ``False``
+        when it was not there. A directory in its place is left alone (``IsADirectoryError``)."""
+        try:
+            dir_fd, name = self.open_parent(relative_path, create=False)
+        except FileNotFoundError:
+            return False
+        try:
+            if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "a directory, not a file", relative_path)
+            os.unlink(name, dir_fd=dir_fd)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(dir_fd)
+
     def damaged_files(self, entries: Iterable[LocalEntry]) -> set[str]:
         """Of these recorded files, those missing on disk, not regular, of another size, or
         written locally since the sync installed them.

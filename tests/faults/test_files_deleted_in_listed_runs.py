@@ -1,0 +1,107 @@
+"""Files deleted on the server inside a run it still lists (issue 20).
+
+Without ``delete`` they stay in the cache, as runs do; with it they go, and their records
+with them, so that the cache equals the server again. Runs outside the selection and paths
+the manifest reports as problems are never touched. Over the local remote, both backends:
+what is tested is the client's decision, not the transport.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.lab import Lab, assert_cache_equals_server, make_lab
+from runicorn.core.backend import Backend
+from runicorn.sync.client import ManifestSyncClient
+from runicorn.transport.local_remote import LocalRemote
+
+
+@pytest.fixture
+def lab(tmp_path: Path, backend: Backend) -> Lab:
+    return make_lab(tmp_path, backend, runs=6)
+
+
+def _client(lab: Lab, cache: Path, **options: object) -> ManifestSyncClient:
+    return ManifestSyncClient(
+        None, str(lab.root), cache, 0.0, backend=lab.backend, remote=LocalRemote(lab.root),
+        **options,
+    )
+
+
+def _media_file(lab: Lab) -> str:
+    """A media file of a run that keeps other files (the run stays listed)."""
+    return next(
+        path.relative_to(lab.root).as_posix()
+        for path in sorted(lab.root.rglob("*"))
+        if path.is_file() and "media" in path.relative_to(lab.root).parts
+    )
+
+
+def test_a_file_deleted_on_the_server_stays_without_delete_and_goes_with_it(
+    lab: Lab, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    _client(lab, cache).sync()
+    gone = _media_file(lab)
+    kept_bytes = (cache / gone).read_bytes()
+    (lab.root / gone).unlink()
+    lab.publish(now=lab.now + 60)
+
+    kept = _client(lab, cache).sync()
+    assert (cache / gone).read_bytes() == kept_bytes
+    assert "files_deleted" not in kept
+
+    preview = _client(lab, cache, delete=True, dry_run=True).sync()
+    assert preview["files_deleted"] == 1
+    assert (cache / gone).exists()
+
+    deleted = _client(lab, cache, delete=True).sync()
+    assert deleted["files_deleted"] == 1
+    assert deleted["failed_count"] == 0
+    assert not (cache / gone).exists()
+    assert_cache_equals_server(lab.root, cache)
+
+    # The record went with the file: the next sync neither fetches nor misses it.
+    again = _client(lab, cache, delete=True).sync()
+    assert again["files_synced"] == 0
+    assert again.get("files_deleted", 0) == 0
+
+
+def test_files_of_runs_outside_the_selection_are_never_deleted(
+    lab: Lab, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    _client(lab, cache).sync()
+    gone = _media_file(lab)
+    project = gone.split("/")[0]
+    others = sorted({p.name for p in lab.root.iterdir() if p.is_dir()} - {project, ".runicorn"})
+    assert others, "the lab needs a second project"
+    (lab.root / gone).unlink()
+    lab.publish(now=lab.now + 60)
+
+    stats = _client(lab, cache, delete=True, projects=[others[0]]).sync()
+
+    assert stats.get("files_deleted", 0) == 0
+    assert (cache / gone).exists()
+
+
+def test_a_file_under_a_problem_path_is_kept(lab: Lab, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _client(lab, cache).sync()
+    gone = _media_file(lab)
+    (lab.root / gone).unlink()
+    manifest = lab.publish(now=lab.now + 60)
+    # What a scan that could not read the media directory reports (as root, chmod 000 does
+    # not stop a scan here, so the problem is written into the published manifest).
+    media_dir = gone.rsplit("/", 1)[0]
+    problem = type(manifest).from_json(manifest.to_json())
+    problem.problems = [(media_dir, "unreadable: Permission denied")]
+    (lab.manifest_dir / "full_manifest.json").write_bytes(problem.to_json())
+    (lab.manifest_dir / "full_manifest.json.gz").unlink(missing_ok=True)
+
+    stats = _client(lab, cache, delete=True).sync()
+
+    assert stats.get("files_deleted", 0) == 0
+    assert (cache / gone).exists()
