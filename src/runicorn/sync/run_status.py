@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import orjson
 
-from runicorn._sys.fileio import pread_upto
+from runicorn._sys.fileio import BINARY, pread_upto
 from runicorn.sync.selection import run_key
 
 __all__ = ["EVENTS_FILE", "TAIL_BYTES", "RunChange", "RunStatus", "read_run_status"]
@@ -75,25 +75,33 @@ class RunStatus:
     """Newest value of each metric in the tail, in the order of the newest event."""
 
 
-def read_run_status(run_dir: Path, tail_bytes: int = TAIL_BYTES) -> RunStatus:
-    """The newest step and metrics in ``run_dir/events.jsonl`` (empty when there is none,
-    or it cannot be read); reads at most ``tail_bytes`` from its end and follows no
-    symbolic link."""
+def read_tail_lines(path: Path, tail_bytes: int = TAIL_BYTES) -> list[bytes] | None:
+    """The whole lines within the last ``tail_bytes`` of ``path`` (a window that starts
+    mid-file drops its cut first line; the cache holds complete lines only, so the last one
+    is whole); ``None`` when the file is missing, unreadable or a symbolic link."""
     try:
-        fd = os.open(run_dir / EVENTS_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | BINARY)
     except OSError:
-        return RunStatus()
+        return None
     try:
         size = os.fstat(fd).st_size
         start = max(0, size - tail_bytes)
         data = pread_upto(fd, start, size - start)
     except OSError:
-        return RunStatus()
+        return None
     finally:
         os.close(fd)
     lines = data.split(b"\n")
-    if start > 0:
-        lines = lines[1:]  # cut by the window
+    return lines[1:] if start > 0 else lines
+
+
+def read_run_status(run_dir: Path, tail_bytes: int = TAIL_BYTES) -> RunStatus:
+    """The newest step and metrics in ``run_dir/events.jsonl`` (empty when there is none,
+    or it cannot be read); reads at most ``tail_bytes`` from its end and follows no
+    symbolic link."""
+    lines = read_tail_lines(run_dir / EVENTS_FILE, tail_bytes)
+    if lines is None:
+        return RunStatus()
     step: int | None = None
     metrics: dict[str, float] = {}
     for line in reversed(lines):

@@ -14,7 +14,6 @@ runs-path layout) picks the same runs here as in ``runicorn sync``.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,9 @@ from typing import Any
 
 import orjson
 
-from runicorn._sys.fileio import BINARY, pread_upto
 from runicorn.format.layout import run_path_of
 from runicorn.sync.cache.manager import LocalCacheManager
-from runicorn.sync.run_status import EVENTS_FILE, TAIL_BYTES
+from runicorn.sync.run_status import EVENTS_FILE, TAIL_BYTES, read_tail_lines
 from runicorn.sync.selection import RunSelection, run_key
 
 __all__ = [
@@ -124,21 +122,9 @@ def read_tail(path: Path, tail_bytes: int = TAIL_BYTES) -> Tail:
     :mod:`runicorn.sync.run_status` are read: the SDK's ``{"type": "metrics", "data": …}``
     and the flat ``{"step": …, "loss": …}``.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | BINARY)
-    except OSError:
+    lines = read_tail_lines(path, tail_bytes)
+    if lines is None:
         return Tail()
-    try:
-        size = os.fstat(fd).st_size
-        start = max(0, size - tail_bytes)
-        data = pread_upto(fd, start, size - start)
-    except OSError:
-        return Tail()
-    finally:
-        os.close(fd)
-    lines = data.split(b"\n")
-    if start > 0:
-        lines = lines[1:]
     events = [values for values in map(_event, lines) if values is not None]
     if not events:
         return Tail()
