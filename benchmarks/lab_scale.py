@@ -47,6 +47,7 @@ import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
 from harness.sshd import SshServer
 from harness.wan_proxy import WanProxy
 from runicorn.demo.sample_lab import build_sample_lab
+from wan_sync import write_client_config
 
 ALIAS = "labscale"
 
@@ -177,29 +178,6 @@ def generate(lab: Path) -> float:
     return seconds
 
 
-def write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
-    """An ssh_config and known_hosts that reach the server through the proxy's port."""
-    known_hosts = directory / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{proxy_port} {server.host_public_key}\n")
-    config = directory / "ssh_config"
-    config.write_text(
-        "\n".join(
-            [
-                f"Host {ALIAS}",
-                "    HostName 127.0.0.1",
-                f"    Port {proxy_port}",
-                f"    User {server.username}",
-                f"    IdentityFile {server.client_key_path}",
-                "    IdentitiesOnly yes",
-                f"    UserKnownHostsFile {known_hosts}",
-                "    StrictHostKeyChecking yes",
-                "",
-            ]
-        )
-    )
-    return config
-
-
 def run_scenarios(
     lab: Path, workdir: Path, stepping: list[Path], link: Link
 ) -> tuple[dict[str, list[Figure]], float]:
@@ -254,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 "127.0.0.1", server.port, delay_ms=args.rtt_ms / 2, bandwidth_bps=args.mbit * 1e6
             ) as proxy,
         ):
-            config = write_client_config(server, proxy.port, args.workdir)
+            config = write_client_config(server, proxy.port, args.workdir, alias=ALIAS)
             link = Link(config, server)
             figures, generation = run_scenarios(lab, args.workdir, stepping, link)
         where = f"over SSH, {args.rtt_ms:g} ms RTT, {args.mbit:g} Mbit/s (WAN emulator)"

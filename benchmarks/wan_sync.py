@@ -81,15 +81,18 @@ class Measurement:
     detail: str = ""
 
 
-def write_client_config(server: SshServer, proxy_port: int, directory: Path) -> Path:
-    """An ssh_config and known_hosts that reach the server through the proxy's port."""
+def write_client_config(
+    server: SshServer, proxy_port: int, directory: Path, alias: str = ALIAS
+) -> Path:
+    """An ssh_config and known_hosts that reach the server, as ``alias``, through the
+    proxy's port."""
     known_hosts = directory / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{proxy_port} {server.host_public_key}\n")
     config = directory / "ssh_config"
     config.write_text(
         "\n".join(
             [
-                f"Host {ALIAS}",
+                f"Host {alias}",
                 "    HostName 127.0.0.1",
                 f"    Port {proxy_port}",
                 f"    User {server.username}",
