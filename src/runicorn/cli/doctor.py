@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from runicorn.cli._common import (
     printable,
     use_color,
 )
+from runicorn.cli.sync import parse_source
 
 if TYPE_CHECKING:
     import paramiko
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from runicorn.cli.config import RemoteConfig
     from runicorn.sync.doctor import Check
     from runicorn.transport.remote import Remote
-
-_REMOTE_SPEC = re.compile(r"^(?P<dest>(?:[^@/:\[\]]+@)?(?:\[[^\]/]+\]|[^:/\[\]]+)):(?P<path>.*)$")
-"""``[USER@]HOST:PATH`` as ``scp`` writes it (a bracketed IPv6 host allowed)."""
 
 _MARKS = {
     "ok": ("ok", "green"),
@@ -48,17 +45,6 @@ _MARKS = {
 
 _DATE_COMMAND = "date +%s"
 """Read-only, in every POSIX shell: the server's clock in Unix seconds."""
-
-
-def _parse(spec: str) -> tuple[str | None, str]:
-    """``(destination, root)``; a spec naming an existing path, or without ``HOST:``, is a
-    local directory (``destination`` ``None``)."""
-    if os.path.exists(spec):
-        return None, os.path.abspath(spec)
-    match = _REMOTE_SPEC.match(spec)
-    if match is None:
-        return None, os.path.abspath(spec)
-    return match.group("dest"), match.group("path")
 
 
 @click.command("doctor")
@@ -140,7 +126,8 @@ def doctor(
     if named is not None:
         port = port if port is not None else named.port
         identities = identities or named.identity
-    destination, root = _parse(url)
+    parsed = parse_source(url)
+    destination, root = parsed.destination, parsed.root
     checks: list[Check] = []
     code = _run_checks(
         checks,
