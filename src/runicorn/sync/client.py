@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runicorn.core.backend import Backend, active_backend
+from runicorn.format.client_names import is_case_insensitive
 from runicorn.format.layout import DELETED_MARKER, UNKNOWN_STATUS, run_prefix
 from runicorn.format.models import (
     ExperimentEntry,
@@ -44,7 +45,7 @@ from runicorn.format.models import (
     SyncManifest,
     ValidationMemo,
 )
-from runicorn.sync.cache import LocalCacheManager, RunRecord
+from runicorn.sync.cache import LocalCacheManager, RunRecord, tree
 from runicorn.sync.cache.manager import same_server
 from runicorn.sync.manifest_fetch import (
     ManifestFetcher,
@@ -55,6 +56,7 @@ from runicorn.sync.run_status import EVENTS_FILE, RunChange
 from runicorn.sync.selection import RunSelection
 from runicorn.sync.stats import ProgressCallback, SyncRun, SyncStats
 from runicorn.sync.transfer import FileTransfer, Transfer, plan
+from runicorn.sync.twins import drop_case_twins
 from runicorn.sync.viewer import ViewerChanges
 
 if TYPE_CHECKING:
@@ -671,6 +673,15 @@ class ManifestSyncClient:
         manifest, left_out = self.selection.restrict(served)
         if not self.selection.is_everything:
             run.extra["runs_filtered_out"] = left_out
+        if is_case_insensitive(tree.CLIENT_PLATFORM):
+            manifest, twins = drop_case_twins(
+                manifest,
+                lambda: [run_prefix(*key) for key in self.cache.runs_of_remote(remote_id)],
+                lambda prefixes: [row[0] for row in self.cache.file_entries_under(prefixes)],
+                tree.CLIENT_PLATFORM,
+            )
+            if twins:
+                run.extra["case_twins"] = twins
         run.manifest_type = manifest.manifest_type.value
         run.manifest_revision = manifest.revision
         run.tail_hash_algorithm = manifest.tail_hashes_by
@@ -773,7 +784,9 @@ class ManifestSyncClient:
         )
         self.last_changes = self._changes(manifest, transfers, run, cached_ids, gone)
         self.last_run_changes = self._run_changes(manifest, transfers, run, cached_ids, gone)
-        clean = not run.failed
+        # A twin left out keeps the manifest pending: the next sync weighs it again, and
+        # fetches the twin once the cached one it would land on is gone.
+        clean = not run.failed and "case_twins" not in run.extra
         if is_full:
             self.cache.save_selection_applied(remote_id, self.selection.fingerprint)
         if record_header:

@@ -58,6 +58,12 @@ class SyncStatsExtra(TypedDict, total=False):
     """Runs of the applied manifest left out by the run selection (``projects``,
     ``include``, ``exclude``, ``since``): not fetched, not deleted. Present when a selection
     was given and a manifest was applied."""
+    case_twins: dict[str, str]
+    """On a case-insensitive client (macOS, Windows): the runs (their prefix, ending in
+    ``/``) and files of the applied manifest left out because their paths differ from
+    another's only in case or Unicode normalisation, each with the run or file its file
+    system would have stored it as (kept: the cached one, else the first listed). Never
+    written, never failed; present only when there are any."""
 
 
 class SyncStats(SyncStatsExtra):
