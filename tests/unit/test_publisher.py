@@ -82,12 +82,14 @@ class Running:
         self.publisher = ManifestPublisher(
             ManifestGenerator(root),
             source=source,
-            poll_interval=0.05,
-            debounce=0.02,
-            max_delay=0.2,
-            full_interval=0,
+            **{
+                "poll_interval": 0.05,
+                "debounce": 0.02,
+                "max_delay": 0.2,
+                "full_interval": 0,
+                **options,
+            },
             on_generation=self._generated,
-            **options,
         )
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -186,6 +188,21 @@ def test_an_incomplete_last_line_is_not_published(running, lab):
         handle.write('{"step":1}\n{"step":')
     complete = (lab / EVENTS_A).stat().st_size - len('{"step":')
     running.wait_for(ManifestType.ACTIVE, lambda m: _sizes(m).get(EVENTS_A) == complete)
+
+
+def test_a_change_after_a_quiet_spell_is_published_without_waiting_for_the_debounce(lab):
+    """The leading edge: with a debounce far longer than the test's deadline, a lone line is
+    still published, since nothing came before it within the debounce."""
+    late = DEADLINE_SECONDS * 100
+    running = Running(lab, "inotify", debounce=late, max_delay=late)
+    running.start()
+    try:
+        with open(lab / EVENTS_A, "a") as handle:
+            handle.write('{"step":1}\n')
+        size = (lab / EVENTS_A).stat().st_size
+        running.wait_for(ManifestType.ACTIVE, lambda m: _sizes(m).get(EVENTS_A) == size)
+    finally:
+        running.stop()
 
 
 def test_a_new_run_appears_in_both_manifests(running, lab):
@@ -290,6 +307,7 @@ def test_too_few_watches_at_start_means_polling(lab, monkeypatch, caplog):
     try:
         assert running.publisher.source_name == "polling"
         assert "the tree needs 8 inotify watches" in caplog.text
+        assert "sysctl fs.inotify.max_user_watches=65536" in caplog.text
         _make_run(lab, "other", "run_c")
         running.wait_for(ManifestType.FULL, lambda m: "run_c" in _runs(m))
     finally:

@@ -5,11 +5,14 @@ polling where inotify cannot see every write) and turns them into generations th
 ordinary :meth:`ManifestGenerator.generate` -- same lock, same atomic publish, same
 content-based revisions -- so a cron generation beside it, and every client, stay correct.
 
-Scheduling: the **active** manifest is generated ``debounce`` seconds after the last change
-of a burst, and at most ``max_delay`` seconds after its first, so hundreds of runs appending
-at once make one publication and a steady stream still gets one every ``max_delay``. The
-**full** manifest follows within ``full_interval`` seconds of a change, at most once per
-interval, and only when something changed.
+Scheduling: a change that follows ``debounce`` seconds of quiet is published at once (the
+leading edge: a lone line written by a run reaches the active manifest one generation after
+its write, not a debounce later). A change that comes within ``debounce`` of the previous
+one belongs to a burst: the **active** manifest is then generated ``debounce`` seconds after
+the burst's last change, and at most ``max_delay`` seconds after its first, so hundreds of
+runs appending at once make one publication and a steady stream still gets one every
+``max_delay``. The **full** manifest follows within ``full_interval`` seconds of a change,
+at most once per interval, and only when something changed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from runicorn.format.models import ManifestType, SyncManifest
 from runicorn.generate.changes import (
+    WATCH_HEADROOM_FRACTION,
     Changes,
     ChangeSource,
     ChangeSourceFailed,
@@ -158,6 +162,7 @@ class ManifestPublisher:
         full_due: float | None = active_due
         last_full = float("-inf")
         earliest_active = float("-inf")
+        last_change = float("-inf")
         started = False
         while not self._stop.is_set():
             now = time.monotonic()
@@ -181,9 +186,13 @@ class ManifestPublisher:
                     changes.rescan = True
             self._report_to_tree(changes)
             if changes and not requested:
+                # After a quiet spell the change is published at once; inside a burst it
+                # waits for the burst to pause (or for max_delay).
+                leading = first_change is None and now - last_change >= self.debounce
+                last_change = now
                 if first_change is None:
                     first_change = now
-                quiet = now if changes.rescan else now + self.debounce
+                quiet = now if changes.rescan or leading else now + self.debounce
                 active_due = max(min(first_change + self.max_delay, quiet), earliest_active)
                 due = max(active_due, last_full + self.full_interval)
                 full_due = due if full_due is None else min(full_due, due)
@@ -278,7 +287,9 @@ class ManifestPublisher:
                 reason = (
                     f"the tree needs {needed} inotify watches (one per directory) but only "
                     f"{available} are free (limit {limit}, {used} in use by this user's "
-                    "processes, 10% left to others); raise fs.inotify.max_user_watches"
+                    "processes, 10% left to others); to watch it, raise the limit as root "
+                    f"(`sysctl fs.inotify.max_user_watches={suggested_limit(needed, used)}`, "
+                    "and the same line in /etc/sysctl.d/ to keep it) and restart"
                 )
             except ChangeSourceFailed as error:
                 source.close()
@@ -331,3 +342,12 @@ class ManifestPublisher:
         if self.on_generation is not None:
             self.on_generation(report, manifest)
         return True
+
+
+def suggested_limit(needed: int, used: int) -> int:
+    """A ``max_user_watches`` that fits ``needed`` watches beside the ``used`` ones with the
+    10 % headroom left to other programs, and room for the tree to double: rounded up to
+    a multiple of 65,536, the way the limit is usually written."""
+    wanted = (2 * needed + used) / (1 - WATCH_HEADROOM_FRACTION)
+    step = 65536
+    return max(step, -(-int(wanted) // step) * step)
