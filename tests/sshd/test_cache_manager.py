@@ -4,6 +4,7 @@ of a cache (its runs, its size, removing a run, leftovers of a killed sync)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import paramiko
@@ -16,6 +17,7 @@ from runicorn.sync.cache import (
     STATE_DIRNAME,
     FileRecord,
     LocalCacheManager,
+    RunRecord,
 )
 from runicorn.sync.cache.tree import CacheTree
 
@@ -283,35 +285,57 @@ def test_a_coarse_or_clamped_mtime_on_disk_is_not_a_local_write(
 # --------------------------------------------------------------------------- user-facing queries
 
 
-def test_damaged_runs_lstats_only_status_json_and_damaged_under_checks_those_runs(
-    manager: LocalCacheManager,
+def test_damaged_runs_lstats_running_runs_and_moved_containers_only(
+    manager: LocalCacheManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    other = RUN.replace("runs/", "runs/other-")
+    finished = RUN.replace("runs/", "runs/finished-")
+    elsewhere = "proj/other/runs/20240101_000000_fedcba"
     records = []
-    for run in (RUN, other):
+    for run in (RUN, finished, elsewhere):
         for name, data in (("status.json", b"{}"), ("summary.json", b"{}")):
             path = manager.root_dir / run / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             records.append(FileRecord(f"{run}/{name}", 2, path.stat().st_mtime, None))
     manager.save_progress(remote_id="r", synced=records)
-    assert manager.damaged_runs() == set()
+    statuses = {RUN: "running", finished: "finished", elsewhere: "failed"}
+    manager.save_runs(
+        "r",
+        [
+            RunRecord(*run.replace("/runs/", "/").split("/"), status, 0.0, 0.0, None, None)
+            for run, status in statuses.items()
+        ],
+    )
+    manager.stamp_containers()
+    looked_at: list[str] = []
+    lstat = os.lstat
 
-    (manager.root_dir / other / "summary.json").unlink()  # not looked at by the quick check
-    assert manager.damaged_runs() == set()
-    (manager.root_dir / RUN / "status.json").write_bytes(b"{ }")
-    (manager.root_dir / RUN / "summary.json").unlink()
+    def counting(path, *args, **kwargs):
+        looked_at.append(os.path.relpath(path, manager.root_dir))
+        return lstat(path, *args, **kwargs)
 
+    monkeypatch.setattr(os, "lstat", counting)
+    assert manager.damaged_runs() == set()
+    # the two containers and the running run's status: not one lstat per run
+    assert sorted(looked_at) == sorted(["proj/exp/runs", "proj/other/runs", f"{RUN}/status.json"])
+    monkeypatch.setattr(os, "lstat", lstat)
+
+    (manager.root_dir / finished / "status.json").write_bytes(b"{ }")  # in place: no run moved
+    (manager.root_dir / finished / "summary.json").unlink()
+    assert manager.damaged_runs() == set()  # left to the full check
+    (manager.root_dir / RUN / "status.json").write_bytes(b"{ }")  # a viewer's rewrite
     assert manager.damaged_runs() == {f"{RUN}/status.json"}
+    shutil.rmtree(manager.root_dir / elsewhere)  # its container's mtime moves
+    assert manager.damaged_runs() == {f"{RUN}/status.json", f"{elsewhere}/status.json"}
+
     entries = manager.file_entries()
-    assert manager.damaged_under(entries, [f"{RUN}/"]) == {
-        f"{RUN}/status.json",
-        f"{RUN}/summary.json",
-    }
+    assert manager.damaged_under(entries, [f"{RUN}/"]) == {f"{RUN}/status.json"}
     assert manager.damaged_files() == {
         f"{RUN}/status.json",
-        f"{RUN}/summary.json",
-        f"{other}/summary.json",
+        f"{finished}/status.json",
+        f"{finished}/summary.json",
+        f"{elsewhere}/status.json",
+        f"{elsewhere}/summary.json",
     }
 
 

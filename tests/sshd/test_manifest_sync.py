@@ -237,10 +237,10 @@ def test_the_quick_check_of_every_sync_finds_a_run_or_status_changed_locally(
     lab: Lab, cache: Path, client_for, damage: str
 ) -> None:
     client_for().sync()
-    run = cache / _a_run(lab).rel
     if damage == "run directory removed":
-        shutil.rmtree(run)
-    else:
+        shutil.rmtree(cache / _a_run(lab, running=False).rel)
+    else:  # what the upstream viewer does to a running run whose process it cannot find
+        run = cache / _a_run(lab, running=True).rel
         (run / "status.json").write_bytes(b'{"status": "failed", "rewritten": "by a viewer"}')
 
     stats = client_for().sync()
@@ -267,7 +267,7 @@ def test_a_grown_log_damaged_locally_between_full_checks_is_fetched_whole(
     assert_cache_equals_server(lab.root, cache)
 
 
-def test_a_no_change_sync_lstats_one_file_per_run(
+def test_a_no_change_sync_lstats_running_runs_and_run_containers_only(
     lab: Lab, cache: Path, client_for, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client_for().sync()
@@ -276,20 +276,21 @@ def test_a_no_change_sync_lstats_one_file_per_run(
 
     def counting(path, *args, **kwargs):
         if str(path).startswith(str(cache)):
-            cached.append(str(path))
+            cached.append(os.path.relpath(path, cache))
         return lstat(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "lstat", counting)
     stats = client_for().sync()
 
-    runs_with_status = {
-        os.path.dirname(path) for path in server_files(lab.root) if path.endswith("/status.json")
-    }
+    running = {run.rel for run in lab.info.listed_runs if run.status == "running"}
+    containers = {os.path.dirname(run.rel) for run in lab.info.listed_runs}
     assert stats["skipped"] is True
     checked = [path for path in cached if path.endswith("/status.json")]
-    assert {os.path.dirname(os.path.relpath(path, cache)) for path in checked} == runs_with_status
-    assert len(checked) == len(runs_with_status)
-    assert len(cached) - len(checked) <= 8  # the state directory and lock, not the files
+    assert running and {os.path.dirname(path) for path in checked} == running
+    assert len(checked) == len(running) < len(lab.info.listed_runs)
+    assert containers <= set(cached)
+    # the containers twice (checked, then stamped), the state directory and lock
+    assert len(cached) - len(checked) <= 2 * len(containers) + 8
 
 
 def test_an_interrupted_sync_makes_the_next_one_check_every_file(

@@ -104,7 +104,8 @@ class ManifestSyncClient:
     * ``BATCH_SIZE``: finished files per state commit (also at most every 0.5 s). It bounds
       what a killed sync fetches again when re-run; commits are cheap (SQLite WAL).
     * ``VERIFY_INTERVAL``: seconds between full checks of the cached files on disk. Every
-      sync checks each run's ``status.json`` (one ``lstat`` per run); every cached file
+      sync checks the ``status.json`` of each run recorded running and of every run in a
+      directory that moved since the last sync (one ``lstat`` each); every cached file
       (one ``lstat`` each) is checked when ``verify=True``, after an interrupted sync, and
       on the first sync this long after the last full check.
     * ``STALE_MANIFEST_SECONDS``: a manifest older than this while the server lists runs as
@@ -312,6 +313,8 @@ class ManifestSyncClient:
                     manifest = self._check_full(run, remote_id, full_state)
             if manifest is None:
                 if not self.dry_run:
+                    if self._damage is not None:  # the local check ran: what it saw holds
+                        self.cache.stamp_containers()
                     self.cache.save_remote_sync(remote_id, "unchanged")
                     if self.viewer is not None:
                         self._unhide({key[2] for key in self.cache.runs_of_remote(remote_id)})
@@ -476,10 +479,12 @@ class ManifestSyncClient:
     def _disk_damage(self, run: SyncRun, local: list[LocalEntry] | None = None) -> set[str]:
         """Recorded files missing or changed on disk, found once per sync.
 
-        The full check lstats every recorded file. The quick one lstats each run's
-        ``status.json`` and fully checks only the runs where that found something: a run
-        directory removed or moved away, or a status rewritten in the cache (a viewer).
-        ``local`` is the recorded files when the caller has them already.
+        The full check lstats every recorded file. The quick one
+        (:meth:`LocalCacheManager.damaged_runs`) lstats the ``status.json`` of the runs
+        that could have changed locally -- those recorded running, and every run of a run
+        container whose mtime moved (a run directory removed, moved away or put back) --
+        and fully checks only the runs where that found something. ``local`` is the
+        recorded files when the caller has them already.
         """
         if self._damage is not None:
             return self._damage
@@ -492,7 +497,7 @@ class ManifestSyncClient:
             damage = self.cache.damaged_runs()
             if damage:
                 runs = {path[: -len(STATUS_NAME)] for path in damage}
-                entries = local if local is not None else self.cache.file_entries()
+                entries = local if local is not None else self.cache.file_entries_under(runs)
                 damage |= self.cache.damaged_under(entries, runs)
         self._damage = damage
         return damage
@@ -813,6 +818,7 @@ class ManifestSyncClient:
                     vanished=still_vanished,
                 )
         self.cache.save_remote_sync(remote_id, "ok" if clean else "partial")
+        self.cache.stamp_containers()
         self.cache.set_dirty(False)
         if not run.reason and self._delta_target is not None:
             run.reason = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import os
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -261,11 +262,46 @@ class LocalCacheManager:
 
     def damaged_runs(self) -> set[str]:
         """The quick check: recorded ``status.json`` files that are missing on disk, not
-        regular, or changed (as :meth:`damaged_files` judges them); one ``lstat`` per run.
+        regular, or changed (as :meth:`damaged_files` judges them), of the runs that could
+        have changed locally since the last sync.
 
-        It finds a run directory removed or moved away and a status rewritten in the cache
-        (what a viewer does to it), at the cost of the run count, not the file count."""
-        return self.tree.damaged_files(self.state.status_entries())
+        Those are the runs recorded ``running`` (the upstream viewer rewrites the status of
+        a run whose process it cannot find) and every run of a container directory
+        (``project/name/runs/``) whose inode or mtime moved since the last sync stamped it
+        (:meth:`stamp_containers`): a run directory removed, moved away or put there moves
+        its container's mtime. So it costs one ``lstat`` per container and per running run,
+        not one per run of the cache."""
+        stamps = self.state.quick_check_stamps()
+        moved = [
+            container
+            for container in self.state.container_names()
+            if self._container_stamp(container) != stamps.get(container)
+        ]
+        prefixes = set(self.state.running_run_prefixes())
+        if moved:
+            containers = self.state.run_containers()
+            for container in moved:
+                prefixes.update(containers.get(container, ()))
+        return self.tree.damaged_files(self.state.status_entries_of(prefixes))
+
+    def stamp_containers(self) -> None:
+        """Remember each run container's inode and mtime as they are now, after a sync
+        checked or installed its runs: the next quick check looks into the containers
+        that moved since."""
+        stamps: dict[str, list[int]] = {}
+        for container in self.state.container_names():
+            stamp = self._container_stamp(container)
+            if stamp is not None:
+                stamps[container] = stamp
+        if stamps != self.state.quick_check_stamps():
+            self.state.save_quick_check_stamps(stamps)
+
+    def _container_stamp(self, container: str) -> list[int] | None:
+        try:
+            st = os.lstat(os.path.join(self.root_dir, container))
+        except OSError:
+            return None
+        return [st.st_ino, st.st_mtime_ns]
 
     def damaged_under(self, entries: Sequence[LocalEntry], prefixes: Iterable[str]) -> set[str]:
         """:meth:`damaged_files` of the sorted ``entries`` whose path starts with one of

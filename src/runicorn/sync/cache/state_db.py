@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 STATE_DB_NAME = "state.sqlite3"
 SCHEMA_VERSION = 1
 
+_IN_CHUNK = 500
+"""Paths per ``IN (...)`` lookup: well under SQLite's limit on bound parameters."""
+
 
 class CacheError(Exception):
     """The local cache failed (its state database, its directory, its lock), not the server.
@@ -425,6 +428,68 @@ class StateDatabase:
                 " WHERE substr(path, -12) = '/status.json' ORDER BY path"
             )
         ]
+
+    def status_entries_of(self, prefixes: Iterable[str]) -> list[LocalEntry]:
+        """The recorded ``status.json`` of the run directories ``prefixes`` (ending in
+        ``/``), sorted by path: primary-key lookups, not a scan."""
+        paths = sorted({prefix + "status.json" for prefix in prefixes})
+        rows: list[LocalEntry] = []
+        for start in range(0, len(paths), _IN_CHUNK):
+            chunk = paths[start : start + _IN_CHUNK]
+            rows.extend(
+                self._read(
+                    "SELECT path, size, mtime, tail_hash FROM files WHERE path IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+            )
+        rows.sort()
+        return rows
+
+    def running_run_prefixes(self) -> list[str]:
+        """The directory prefix of every run recorded as ``running``."""
+        return [
+            run_prefix(*row)
+            for row in self._read("SELECT project, name, run_id FROM runs WHERE status = 'running'")
+        ]
+
+    def run_containers(self) -> dict[str, list[str]]:
+        """The directories that hold recorded run directories (``project/name/runs/``,
+        ``runs/`` …), each with the prefixes of its recorded runs."""
+        containers: dict[str, list[str]] = {}
+        for row in self._read("SELECT project, name, run_id FROM runs"):
+            prefix = run_prefix(*row)
+            containers.setdefault(prefix[: -len(row[2]) - 1], []).append(prefix)
+        return containers
+
+    def container_names(self) -> list[str]:
+        """The keys of :meth:`run_containers`, read from the primary key's leading columns
+        (one index walk, no row per run in Python)."""
+        return sorted(
+            {
+                run_prefix(project, name, "x")[:-2]
+                for project, name in self._read("SELECT DISTINCT project, name FROM runs")
+            }
+        )
+
+    def quick_check_stamps(self) -> dict[str, list[int]]:
+        """What the last sync saw of each run container: ``[inode, mtime_ns]``."""
+        rows = self._read("SELECT value FROM meta WHERE key = 'container_stamps'")
+        if not rows:
+            return {}
+        try:
+            stamps = orjson.loads(rows[0][0])
+        except orjson.JSONDecodeError:
+            return {}
+        return stamps if isinstance(stamps, dict) else {}
+
+    def save_quick_check_stamps(self, stamps: dict[str, list[int]]) -> None:
+        """Replace what :meth:`quick_check_stamps` returns."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('container_stamps', ?)",
+                (orjson.dumps(stamps, option=orjson.OPT_SORT_KEYS).decode(),),
+            )
 
     def save_progress(
         self,
