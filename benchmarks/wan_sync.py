@@ -13,7 +13,8 @@ around the whole command:
   regenerated, then every tool syncs.
 
 The tools: ``rsync -a``, ``rsync -az`` and ``runicorn sync`` with its default flags (automatic
-compression), with ``--compress`` and with ``--no-compress``. ``--repeat N`` runs the
+compression, the file stream for a first sync), with ``--compress``, with ``--no-compress``
+and with ``--no-stream``. ``--repeat N`` runs the
 scenarios N times (each round into fresh destinations, after its own training step) and
 reports the median of each number.
 
@@ -49,8 +50,14 @@ from runicorn.manifest import ManifestGenerator
 
 ALIAS = "wanlab"
 SCENARIOS = ("cold", "no change", "training step")
-RUNICORN_FLAGS = {"runicorn": [], "runicorn -z": ["--compress"], "runicorn -Z": ["--no-compress"]}
-"""``runicorn -Z`` is short for ``runicorn sync --no-compress`` in the tables."""
+RUNICORN_FLAGS = {
+    "runicorn": [],
+    "runicorn -z": ["--compress"],
+    "runicorn -Z": ["--no-compress"],
+    "runicorn -S": ["--no-stream"],
+}
+"""``runicorn -Z`` is short for ``runicorn sync --no-compress`` in the tables, ``runicorn -S``
+for ``runicorn sync --no-stream`` (SFTP only: what the default was before the file stream)."""
 TOOLS = ("rsync -a", "rsync -az", *RUNICORN_FLAGS)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -160,7 +167,8 @@ def _measure(
             f"files {stats.get('files_synced')}, incr {stats.get('incremental_count')}, "
             f"full {stats.get('full_count')}, skipped {stats.get('skipped')}, "
             f"compression {'on' if compression.get('active') else 'off'} "
-            f"({compression.get('reason')}, {compression.get('rtt_ms')} ms)"
+            f"({compression.get('reason')}, {compression.get('rtt_ms')} ms, "
+            f"by {compression.get('carrier', 'ssh')})"
         )
     return Measurement(tool, scenario, seconds, proxy.bytes_down, requests, server_cpu, detail)
 
@@ -296,7 +304,8 @@ def _table(runs: int, info, profile: Profile, results: list[Measurement]) -> str
     lines = [
         f"\n### {runs} runs, {profile}: {info.total_files} files, "
         f"{info.total_bytes / 1e6:.1f} MB{rounds_note}\n",
-        "Seconds (ratio of runicorn's default to rsync -az; -Z is --no-compress):\n",
+        "Seconds (ratio of runicorn's default to rsync -az; -Z is --no-compress, "
+        "-S --no-stream):\n",
         "| scenario | " + " | ".join(TOOLS) + " | runicorn / rsync -az | SFTP requests |",
         "|---" * (len(TOOLS) + 3) + "|",
     ]

@@ -54,7 +54,14 @@ def lab_root(tmp_path: Path, lab: dict[str, bytes]) -> Path:
     return tmp_path / "lab"
 
 
-@pytest.fixture(params=["local", "local-threaded", pytest.param("sftp", marks=pytest.mark.sshd)])
+@pytest.fixture(
+    params=[
+        "local",
+        "local-threaded",
+        pytest.param("sftp", marks=pytest.mark.sshd),
+        pytest.param("sftp-stream", marks=pytest.mark.sshd),
+    ]
+)
 def remote(request: pytest.FixtureRequest, lab_root: Path) -> Iterator[Remote]:
     if request.param == "local":
         instance: Remote = LocalRemote(lab_root)
@@ -62,7 +69,9 @@ def remote(request: pytest.FixtureRequest, lab_root: Path) -> Iterator[Remote]:
         instance = LocalRemote(lab_root, threaded=True)
     else:
         sftp: paramiko.SFTPClient = request.getfixturevalue("sftp")
-        instance = SftpRemote(sftp, str(lab_root), timeout=20)
+        # "sftp-stream": every fetch through the file stream (file_stream.py).
+        stream = True if request.param == "sftp-stream" else None
+        instance = SftpRemote(sftp, str(lab_root), timeout=20, stream=stream)
     yield instance
     instance.close()
 

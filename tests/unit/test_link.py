@@ -77,11 +77,18 @@ def test_description_and_json_say_what_was_measured_and_agreed() -> None:
         "rtt_ms": 56.3,
         "rtt_method": "handshake",
         "negotiated": "zlib@openssh.com",
+        "carrier": "ssh",
     }
     refused = CompressionChoice(True, "option", None, negotiated="none")
     assert not refused.active
     assert refused.describe() == (
         "compression on (--compress); the server does not offer compression"
+    )
+    # The file stream compresses instead of SSH: active though SSH agreed to none.
+    streamed = CompressionChoice(True, "option", None, negotiated="none", carrier="stream")
+    assert streamed.active and streamed.as_dict()["carrier"] == "stream"
+    assert streamed.describe() == (
+        "compression on (--compress); done by the file stream, SSH compression off"
     )
     assert "no round-trip measurement" in choose_compression(None, None, None).describe()
     assert "Compression no in the ssh config" in choose_compression(None, False, None).describe()

@@ -214,6 +214,13 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     help="SSH compression on or off [default: the ssh config's Compression, else on when "
     "the link's round trip is 15 ms or more].",
 )
+@click.option(
+    "--stream/--no-stream",
+    "stream",
+    default=None,
+    help="Fetch files through one compressed stream run by python3 on the server, or only "
+    "over SFTP [default: the stream for large fetches (a first sync), SFTP otherwise].",
+)
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel transfers.")
 @click.option(
     "--jitter",
@@ -332,6 +339,7 @@ def sync(
     ssh_config: str,
     known_hosts: str | None,
     compress: bool | None,
+    stream: bool | None,
     workers: int | None,
     jitter: float,
     legacy: bool,
@@ -417,6 +425,7 @@ def sync(
             "max_manifest_bytes": max_manifest_bytes,
             "max_manifest_entries": max_manifest_entries,
             "lock_timeout": lock_timeout,
+            "stream": stream,
         }
 
         def run_one(target: Target, report: Report) -> int:
@@ -495,6 +504,7 @@ def sync(
         "max_manifest_bytes": max_manifest_bytes,
         "max_manifest_entries": max_manifest_entries,
         "lock_timeout": lock_timeout,
+        "stream": stream,
     }
     ssh = (port, identities, ssh_config, known_hosts, compress)
     sys.exit(sync_source(parsed, cache_dir, ssh, **options))
@@ -748,6 +758,7 @@ def _run(
     max_manifest_bytes: int | None,
     max_manifest_entries: int | None,
     lock_timeout: float,
+    stream: bool | None = None,
 ) -> int:
     from runicorn.cli.progress import SyncProgressDisplay
     from runicorn.sync.cache import LocalCacheManager
@@ -784,6 +795,7 @@ def _run(
         max_manifest_bytes=max_manifest_bytes,
         max_manifest_entries=max_manifest_entries,
         lock_timeout=lock_timeout,
+        stream=stream,
     )
     if viewer_url and not dry_run and not cache.is_marked_remote_cache:
         click.echo(

@@ -143,6 +143,7 @@ class ManifestSyncClient:
         exclude: Sequence[str] = (),
         since: float | str | None = None,
         selection: RunSelection | None = None,
+        stream: bool | None = None,
     ) -> None:
         if sftp_client is None and remote is None:
             raise ValueError("pass an sftp_client, or a remote to sync from")
@@ -172,6 +173,9 @@ class ManifestSyncClient:
                 f"cache_manager manages {cache_manager.root_dir}, not cache_dir {self.cache_dir}"
             )
         self.max_workers = max_workers
+        self.stream = stream
+        """Fetch through the compressed file stream: on, off, or automatic (``None``), for
+        the SFTP remote this client builds (:mod:`runicorn.transport.file_stream`)."""
         self.delete = delete
         self.allow_mass_delete = allow_mass_delete
         self.dry_run = dry_run
@@ -217,7 +221,9 @@ class ManifestSyncClient:
 
             if self.sftp_client is None:
                 raise ValueError("pass an sftp_client, or a remote to sync from")
-            self._remote = SftpRemote(self.sftp_client, self.remote_root, timeout=self.timeout)
+            self._remote = SftpRemote(
+                self.sftp_client, self.remote_root, timeout=self.timeout, stream=self.stream
+            )
         return self._remote
 
     @property

@@ -114,6 +114,7 @@ class MetadataSyncService:
         legacy_recent_seconds: float | None = None,
         legacy_max_experiments: int | None = None,
         lock_timeout: float | None = 600.0,
+        stream: bool | None = None,
     ) -> None:
         self.ssh_session = ssh_session
         self.sftp_client = sftp_client
@@ -128,6 +129,9 @@ class MetadataSyncService:
         self.allow_mass_delete = allow_mass_delete
         self.dry_run = dry_run
         self.timeout = timeout
+        self.stream = stream
+        """The compressed file stream over SFTP: on, off, or automatic (``None``);
+        :class:`~runicorn.transport.sftp_remote.SftpRemote`."""
         self.verify = verify
         self.selection = RunSelection.of(projects, include, exclude, since)
         """The runs mirrored (:mod:`runicorn.sync.selection`), by manifest and walk alike."""
@@ -344,6 +348,7 @@ class MetadataSyncService:
             max_manifest_bytes=self.max_manifest_bytes or ManifestFormat.MAX_DECOMPRESSED_BYTES,
             max_manifest_entries=self.max_manifest_entries or ManifestFormat.MAX_ENTRIES,
             lock_timeout=self.lock_timeout,
+            stream=self.stream,
         )
         self._last_client = client
         return client
@@ -357,7 +362,8 @@ class MetadataSyncService:
             raise ValueError("MetadataSyncService needs an sftp_client or a remote")
         from runicorn.transport.sftp_remote import SftpRemote
 
-        return SftpRemote(self.sftp_client, root, timeout=self.timeout), True
+        remote = SftpRemote(self.sftp_client, root, timeout=self.timeout, stream=self.stream)
+        return remote, True
 
     # -- progress -----------------------------------------------------------------------
 

@@ -63,10 +63,16 @@ class CompressionChoice:
     reason: Reason
     link: LinkMeasurement | None = None
     negotiated: str | None = None
+    carrier: Literal["ssh", "stream"] = "ssh"
+    """Who compresses: SSH (``sshd``), or the file stream (:mod:`.file_stream`), which then
+    asked for SSH compression to be re-keyed off."""
 
     @property
     def active(self) -> bool:
-        """Whether the server compresses what it sends (asked for and agreed to)."""
+        """Whether the server compresses what it sends (asked for and agreed to, or done
+        by the file stream)."""
+        if self.carrier == "stream":
+            return self.enabled
         return self.enabled and self.negotiated not in (None, "none")
 
     def describe(self) -> str:
@@ -85,7 +91,9 @@ class CompressionChoice:
                 f"{side} {AUTO_MIN_RTT * 1000:.0f} ms"
             )
         line = f"compression {state} ({why})"
-        if self.enabled and self.negotiated == "none":
+        if self.enabled and self.carrier == "stream":
+            line += "; done by the file stream, SSH compression off"
+        elif self.enabled and self.negotiated == "none":
             line += "; the server does not offer compression"
         return line
 
@@ -98,6 +106,7 @@ class CompressionChoice:
             "rtt_ms": None if self.link is None else round(self.link.rtt * 1000, 2),
             "rtt_method": None if self.link is None else self.link.method,
             "negotiated": self.negotiated,
+            "carrier": self.carrier,
         }
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from runicorn._sys.fd_budget import files_in_flight_per_channel
 from runicorn.transport import openssh_shortcuts
 from runicorn.transport.fetch import FetchRun, copy_error, run_fetch
+from runicorn.transport.file_stream import DEFAULT_LEVEL, FileStream, StreamBroken, Unfinished
 from runicorn.transport.remote import FetchJob, FetchResult, RemoteDirEntry, relative_path
 from runicorn.transport.sftp_ops import DirEntry, ListDirOp, LstatOp, Operation, ReadRangeOp
 from runicorn.transport.sftp_pipeline import (
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
     from runicorn.transport.openssh_shortcuts import Prefetched
 
-__all__ = ["FETCH_DEPTH", "SMALL_FETCH_BYTES", "SftpRemote"]
+__all__ = ["FETCH_DEPTH", "SMALL_FETCH_BYTES", "STREAM_MIN_BYTES", "STREAM_MIN_FILES", "SftpRemote"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,12 @@ FETCH_DEPTH = 4 * DEFAULT_DEPTH
 # A fetch at most this big (and of at most ``depth`` files) runs on the client's own channel:
 # opening worker channels costs two round trips, more than such a fetch gains from them.
 SMALL_FETCH_BYTES = 2 * 1024 * 1024
+# With ``stream=None`` (automatic) a fetch goes through the file stream (:mod:`.file_stream`)
+# from this many bytes or files on: below, the round trips and the server's login shell of a
+# new exec channel cost more than the stream saves over pipelined SFTP. Once open, the stream
+# serves every later fetch of the Remote (SSH compression is off by then).
+STREAM_MIN_BYTES = 16 * 1024 * 1024
+STREAM_MIN_FILES = 1000
 
 
 class SftpRemote:
@@ -56,6 +63,14 @@ class SftpRemote:
     meanwhile. ``fetch`` and ``listdirs`` open up to ``workers`` more channels on the same SSH
     transport, once, and keep them until :meth:`close`; if the server refuses channels
     (``MaxSessions``), fewer are used, down to the client's own channel.
+
+    ``stream``: fetch through the compressed file stream (:mod:`.file_stream`) always
+    (True), never (False), or when a fetch is large enough to pay for it (None, the default:
+    :data:`STREAM_MIN_BYTES`, :data:`STREAM_MIN_FILES`). It runs ``stream_python``
+    (``python3``) on the server; without one, or when the stream breaks, the fetch goes on
+    over SFTP from where the stream stopped, and later fetches use SFTP. The stream
+    compresses when the connection's compression choice is on
+    (:func:`.ssh.compression_choice`), and SSH compression is then re-keyed off.
     """
 
     def __init__(
@@ -68,6 +83,8 @@ class SftpRemote:
         timeout: float | None = DEFAULT_TIMEOUT,
         workers: int = 4,
         window_size: int | None = 8 * 1024 * 1024,
+        stream: bool | None = None,
+        stream_python: str | None = None,
     ) -> None:
         if depth < 1 or read_size < 1 or workers < 1:
             raise ValueError("depth, read_size and workers must be at least 1")
@@ -93,6 +110,11 @@ class SftpRemote:
         self._transfer_lock = threading.Lock()  # one fetch/listdirs drives the pipes at a time
         self._transfer_owner: int | None = None
         self._closed = False
+        self.stream = stream
+        self.stream_python = stream_python
+        self._stream: FileStream | None = None
+        self._stream_refused: str | None = None  # why the stream is not used any more
+        self._stream_lock = threading.Lock()
 
     def __enter__(self) -> SftpRemote:
         return self
@@ -224,6 +246,8 @@ class SftpRemote:
 
             def open_them() -> None:
                 with contextlib.suppress(Exception):
+                    if self.stream is not False and self._open_stream() is not None:
+                        return
                     self._open_pipes(workers)
 
             self._warm_up = threading.Thread(
@@ -397,6 +421,11 @@ class SftpRemote:
             self._fetch(run, workers)
 
     def _fetch(self, run: FetchRun, workers: int) -> None:
+        if self._wants_stream(run.jobs):
+            stream = self._open_stream()
+            if stream is not None:
+                self._fetch_streamed(run, stream, workers)
+                return
         small = (
             len(run.jobs) <= self.depth and sum(job.length for job in run.jobs) <= SMALL_FETCH_BYTES
         )
@@ -445,6 +474,160 @@ class SftpRemote:
             run_fetch(run, targets, interrupt)
         finally:
             cleanup()
+
+    # -- the file stream ---------------------------------------------------------------------
+
+    def _wants_stream(self, jobs: list[FetchJob]) -> bool:
+        if self.stream is False or self._stream_refused is not None:
+            return False
+        if self.stream is True or (self._stream is not None and self._stream.alive):
+            return True
+        return len(jobs) >= STREAM_MIN_FILES or sum(j.length for j in jobs) >= STREAM_MIN_BYTES
+
+    def _open_stream(self) -> FileStream | None:
+        """The open stream, started (and SSH compression handed to it) if need be; None
+        when the server cannot run it (logged once, SFTP from then on)."""
+        import paramiko
+
+        from runicorn.transport import ssh
+
+        with self._stream_lock:
+            if self._closed or self._stream_refused is not None:
+                return None
+            if self._stream is not None and self._stream.alive:
+                return self._stream
+            try:
+                compress = ssh.hand_compression_to_stream(self._transport)
+            except (OSError, EOFError, paramiko.SSHException) as error:
+                self._refuse_stream(error)
+                return None
+            stream = FileStream(
+                self._transport,
+                self.root,
+                level=DEFAULT_LEVEL if compress else 0,
+                python=self.stream_python,
+                timeout=self.timeout,
+                window_size=self.window_size,
+            )
+            try:
+                stream.start()
+            except StreamBroken as error:
+                self._refuse_stream(error)
+                return None
+            self._stream = stream
+            logger.debug("file stream started (zlib level %d)", stream.level)
+            return stream
+
+    def _refuse_stream(self, error: BaseException) -> None:
+        self._stream_refused = str(error)
+        self._stream = None
+        logger.warning("%s; fetching over SFTP instead", error)
+
+    def _fetch_streamed(self, run: FetchRun, stream: FileStream, workers: int) -> None:
+        """Run ``run`` through ``stream``; if it breaks, the jobs it did not finish (resumed
+        at the byte where it stopped) and the rest go over SFTP pipelines."""
+        fallback: list[SftpPipeline] = []
+
+        def target() -> None:
+            error: BaseException | None = None
+            try:
+                try:
+                    stream.serve(run)
+                    return
+                except StreamBroken as broken:
+                    if run.stopping.is_set():
+                        self._stream = None  # closed by the interrupt: reopened next time
+                        return
+                    self._refuse_stream(broken)
+                    unfinished = broken.unfinished
+                error = self._finish_over_sftp(run, unfinished, workers, fallback)
+            except BaseException as failure:
+                error = failure
+            finally:
+                run.worker_exit(error)
+
+        def interrupt() -> None:
+            stream.close()
+            for pipe in list(fallback):
+                if not pipe.borrowed:
+                    pipe.close()
+
+        run_fetch(run, [target], interrupt)
+
+    def _finish_over_sftp(
+        self,
+        run: FetchRun,
+        unfinished: list[Unfinished],
+        workers: int,
+        opened: list[SftpPipeline],
+    ) -> BaseException | None:
+        """The stream's unfinished jobs, then every job not taken yet, over SFTP (on the
+        stream's worker thread, driving the pipelines from threads of its own)."""
+        pipes = self._open_pipes(max(1, workers))
+        opened.extend(pipes)
+        refused = self._linked_directories(pipes, run.jobs)
+        lock = threading.Lock()
+        resumes = list(reversed(unfinished))
+
+        def make_feed() -> Callable[[], Operation | None]:
+            def feed() -> Operation | None:
+                while True:
+                    with lock:
+                        item = resumes.pop() if resumes else None
+                    if item is not None:
+                        index, skip = item.index, item.received
+                    else:
+                        taken = run.take()
+                        if taken is None:
+                            return None
+                        index, skip = taken, 0
+                    job = run.jobs[index]
+
+                    def done(
+                        error: BaseException | None, received: int, i: int = index, s: int = skip
+                    ) -> None:
+                        run.done(i, error, received + s)
+
+                    try:
+                        if refused:
+                            _refuse_under(refused, job.path)
+                        return ReadRangeOp(
+                            self._full(job.path),
+                            job.offset + skip,
+                            job.length - skip,
+                            self.read_size,
+                            functools.partial(run.data, index),
+                            done,
+                            should_abort=functools.partial(run.abandoned, index),
+                            display_path=job.path,
+                            detach_close=True,
+                        )
+                    except (ValueError, OSError) as error:
+                        run.done(index, error, skip)
+
+            return feed
+
+        errors: list[BaseException | None] = []
+
+        def on_exit(error: BaseException | None) -> None:
+            with lock:
+                errors.append(error)
+
+        max_open = files_in_flight_per_channel(max(1, len(pipes)), self.depth)
+        targets, _interrupt, cleanup = self._run_on_pipes(pipes, make_feed, on_exit, max_open)
+        threads = [
+            threading.Thread(target=t, name="runicorn-sftp-fallback", daemon=True) for t in targets
+        ]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            cleanup()
+        if errors and all(error is not None for error in errors):
+            return errors[-1]
+        return None
 
     def _linked_directories(self, pipes: list[SftpPipeline], jobs: list[FetchJob]) -> set[str]:
         """The directories above ``jobs``' files (relative to the root) that are not plain
@@ -586,6 +769,10 @@ class SftpRemote:
             pipes, self._pipes = self._pipes, []
         for pipe in pipes:
             pipe.close()
+        with self._stream_lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
 
 
 def _refuse_under(refused: set[str], path: str) -> None:

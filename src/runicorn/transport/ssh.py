@@ -57,8 +57,10 @@ __all__ = [
     "compression_choice",
     "connect",
     "fingerprint",
+    "hand_compression_to_stream",
     "parse_destination",
     "resolve_host",
+    "transport_compression",
 ]
 
 logger = logging.getLogger(__name__)
@@ -389,6 +391,37 @@ def compression_choice(
     if checking is not None:
         checking.join(wait)
     return _CHOICES.get(transport)
+
+
+def transport_compression(
+    transport: paramiko.Transport, *, wait: float = 5.0
+) -> CompressionChoice | None:
+    """:func:`compression_choice` for a transport (None: not opened by :func:`connect`)."""
+    checking = _CONFIRMING.get(transport)
+    if checking is not None:
+        checking.join(wait)
+    return _CHOICES.get(transport)
+
+
+def hand_compression_to_stream(transport: paramiko.Transport) -> bool:
+    """Whether the file stream should compress, given this connection's choice; when it
+    should, SSH compression is re-keyed off first (no double work) and the choice records
+    that the stream carries it.
+
+    False when compression is not wanted, when the connection was not opened by
+    :func:`connect`, or on plain paramiko (``RUNICORN_OPENSSH_SHORTCUTS=0``), which cannot
+    re-key compression off cleanly: SSH then keeps compressing what the stream sends."""
+    choice = transport_compression(transport)
+    if choice is None or not choice.enabled:
+        return False
+    if choice.carrier == "stream":
+        return True
+    if not isinstance(transport, openssh_shortcuts.ClientTransport):
+        return False
+    choice = _turn_off(transport, choice)
+    _CHOICES[transport] = replace(choice, carrier="stream")
+    logger.info("%s", _CHOICES[transport].describe())
+    return True
 
 
 def _measure_link(transport: paramiko.Transport, tcp_rtt: float | None) -> LinkMeasurement | None:

@@ -1,0 +1,550 @@
+"""A compressed file stream: many files' byte ranges over one exec channel, zlib in C on both ends.
+
+SSH compression is done by ``sshd`` at zlib level 6 and undone by paramiko one SSH packet at a
+time in Python, so on a slow link a cold sync is bound by CPU on both ends long before the wire
+is full. This stream runs a small standard-library ``python3`` program on the server (as the
+push channel of :mod:`.change_feed` does) that reads the files the client asks for and writes
+them back framed, compressed at a low level with one shared zlib context, so the SSH channel
+carries a third of the bytes in a third of the packets and SSH compression can stay off.
+
+Wire format (all integers big-endian):
+
+* client to server, one per requested range: ``!IQQI`` (index, offset, length, path length) and
+  the path (UTF-8, relative to the root). Paths are opened beneath the root one component at a
+  time with ``O_NOFOLLOW`` (``openat``), so a symbolic link anywhere on the way is refused, as
+  the SFTP path's LSTAT check refuses it and without its window between check and open.
+* server to client: blocks ``!BI`` (kind, length): ``Z`` blocks feed one zlib decompressor
+  (each ends in a sync flush), ``R`` blocks are plain; both add to one byte stream of records
+  ``!BIQI`` (kind, index, value, length) + payload: ``H`` (hello, value = protocol version),
+  ``D`` (data at file offset ``value``), ``E`` (end, value = bytes sent), ``S`` (short: the
+  file ends at ``value``), ``X`` (error, value = errno, payload = message). Answers come in
+  request order. A file whose first chunk does not shrink (PNG, JPEG, NPZ) goes in ``R`` blocks.
+
+The client treats the stream as hostile: a block is at most :data:`MAX_BLOCK` bytes on the
+wire and after decompression, a record answers the request that is next and stays within the
+range asked for, and anything else ends the stream with :class:`StreamProtocolError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import errno
+import logging
+import shlex
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from runicorn.transport.remote import ShrunkError, relative_path
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from runicorn.transport.fetch import FetchRun
+
+__all__ = [
+    "DEFAULT_LEVEL",
+    "MAX_BLOCK",
+    "PYTHON",
+    "FileStream",
+    "StreamBroken",
+    "StreamProtocolError",
+    "StreamUnavailable",
+    "Unfinished",
+    "stream_command",
+]
+
+logger = logging.getLogger(__name__)
+
+PYTHON = "python3"
+"""The interpreter the command asks the server's shell for."""
+VERSION = 1
+DEFAULT_LEVEL = 1
+"""zlib level of the server's compressor: level 1 keeps most of level 6's ratio on JSON lines
+and logs for a fraction of its CPU (``docs/performance.md``)."""
+CHUNK = 128 * 1024
+"""Bytes of file data in one record (the server never sends more)."""
+MAX_BLOCK = 1024 * 1024
+"""The most bytes one block may carry, on the wire and once decompressed."""
+MAX_OUTSTANDING = 1024
+"""Requests sent and not yet answered: enough to keep a long link busy with small files."""
+MAX_OUTSTANDING_BYTES = 256 * 1024
+"""Request bytes sent and not yet answered: far below the server channel's window, so the
+client's writes never wait on a server that is itself waiting for the client to read."""
+
+_REQUEST = struct.Struct("!IQQI")
+_BLOCK = struct.Struct("!BI")
+_RECORD = struct.Struct("!BIQI")
+_Z, _R = ord("Z"), ord("R")
+_HELLO, _DATA, _END, _SHORT, _ERROR = (ord(c) for c in "HDESX")
+
+_SCRIPT = """\
+import collections, os, select, stat, struct, sys, zlib
+REQ = struct.Struct("!IQQI")
+REC = struct.Struct("!BIQI")
+BLK = struct.Struct("!BI")
+CHUNK = %(chunk)d
+PLAIN = 128 * 1024
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+FILE = os.O_RDONLY | NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+DIR = os.O_RDONLY | NOFOLLOW | os.O_DIRECTORY
+level = int(sys.argv[2])
+comp = zlib.compressobj(level) if level > 0 else None
+pend = []
+size = [0]
+def write(data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
+def flush():
+    if not size[0]:
+        return
+    body = b"".join(pend)
+    del pend[:]
+    size[0] = 0
+    if comp is None:
+        write(BLK.pack(82, len(body)) + body)
+    else:
+        body = comp.compress(body) + comp.flush(zlib.Z_SYNC_FLUSH)
+        write(BLK.pack(90, len(body)) + body)
+def plain(data):
+    if size[0] and size[0] + len(data) > PLAIN:
+        flush()
+    pend.append(data)
+    size[0] += len(data)
+def raw(data):
+    flush()
+    write(BLK.pack(82, len(data)) + data)
+def record(kind, index, value, payload=b""):
+    plain(REC.pack(kind, index, value, len(payload)) + payload)
+def serve(root, index, offset, length, path):
+    parts = path.split(b"/")
+    if not path or [p for p in parts if p in (b"", b".", b"..")]:
+        record(88, index, 22, b"not a plain relative path")
+        return
+    opened = []
+    fd = -1
+    try:
+        try:
+            parent = root
+            for part in parts[:-1]:
+                parent = os.open(part, DIR, dir_fd=parent)
+                opened.append(parent)
+            fd = os.open(parts[-1], FILE, dir_fd=parent)
+        finally:
+            for d in opened:
+                os.close(d)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            record(88, index, 22, b"not a regular file")
+            return
+        pos, end, packed = offset, offset + length, None
+        while pos < end:
+            data = os.pread(fd, min(CHUNK, end - pos), pos)
+            if not data:
+                break
+            if packed is None:
+                packed = comp is not None and (len(data) < 4096 or
+                    len(zlib.compress(data[:16384], 1)) < 0.9 * min(len(data), 16384))
+            head = REC.pack(68, index, pos, len(data))
+            if comp is None or packed:
+                plain(head + data)
+            else:
+                raw(head + data)
+            pos += len(data)
+        if pos < end:
+            record(83, index, pos)
+        else:
+            record(69, index, length)
+    except OSError as error:
+        message = (error.strerror or str(error)).encode("utf-8", "replace")
+        record(88, index, error.errno or 5, message)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+def main():
+    root = os.open(os.fsencode(sys.argv[1]), os.O_RDONLY | os.O_DIRECTORY)
+    record(72, 0, %(version)d)
+    flush()
+    buf = b""
+    queue = collections.deque()
+    eof = False
+    while True:
+        if not eof:
+            wait = None if not queue else 0
+            if not queue:
+                flush()
+            if select.select([0], [], [], wait)[0]:
+                data = os.read(0, 1 << 16)
+                if not data:
+                    eof = True
+                buf += data
+                at = 0
+                while len(buf) - at >= REQ.size:
+                    index, offset, length, plen = REQ.unpack_from(buf, at)
+                    if len(buf) - at - REQ.size < plen:
+                        break
+                    start = at + REQ.size
+                    queue.append((index, offset, length, buf[start:start + plen]))
+                    at = start + plen
+                buf = buf[at:]
+        if not queue:
+            if eof:
+                break
+            continue
+        serve(root, *queue.popleft())
+    flush()
+try:
+    main()
+except (BrokenPipeError, KeyboardInterrupt):
+    pass
+"""
+
+
+def stream_command(root: str, level: int, *, python: str | None = None) -> str:
+    """The shell command that serves files under ``root`` (see the module), compressing at
+    ``level`` (0: not at all). The script travels base64-encoded in one shell word, so the
+    user's login shell (sh, bash, zsh, tcsh) sees no newline and no quote of it."""
+    script = _SCRIPT % {"chunk": CHUNK, "version": VERSION}
+    encoded = base64.b64encode(script.encode()).decode("ascii")
+    program = f"import base64; exec(base64.b64decode('{encoded}'))"
+    words = [python or PYTHON, "-I", "-S", "-c", program, root, str(level)]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+class StreamBroken(ConnectionError):
+    """The stream ended mid-way (the channel closed, the command died, a timeout).
+
+    ``unfinished``: the jobs taken and not answered, for a fallback to finish."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.unfinished: list[Unfinished] = []
+
+
+class StreamUnavailable(StreamBroken):
+    """The stream could not start (no ``python3`` on the server, exec refused): use SFTP."""
+
+
+class StreamProtocolError(StreamBroken):
+    """The server broke the stream's protocol: what it sent is refused, not written."""
+
+
+@dataclass(slots=True)
+class Unfinished:
+    """A job the stream took and did not finish: ``received`` bytes of it reached its sink
+    (so a fallback resumes at ``job.offset + received``)."""
+
+    index: int
+    received: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    index: int
+    path: str
+    end: int
+    position: int
+    received: int = 0
+    size: int = 0
+
+
+def _os_error(code: int, message: str, path: str) -> OSError:
+    text = f"{message} (on the server, through the file stream)"
+    if code == errno.ENOENT:
+        return FileNotFoundError(code, text, path)
+    if code in (errno.EACCES, errno.EPERM):
+        return PermissionError(code, text, path)
+    if code in (errno.ELOOP, errno.ENOTDIR):
+        return OSError(
+            errno.ELOOP,
+            "a symbolic link (or not a directory) on the way on the server; refusing to read "
+            "through it",
+            path,
+        )
+    return OSError(code, text, path)
+
+
+class FileStream:
+    """One running stream command on an exec channel of ``transport``.
+
+    :meth:`serve` answers fetch jobs (a :class:`~.fetch.FetchRun`) until none is left; the
+    stream stays open for the next call. One thread drives it at a time. ``level`` is the
+    server's zlib level (0: plain blocks, for a link where compressing does not pay).
+    """
+
+    def __init__(
+        self,
+        transport: paramiko.Transport,
+        root: str,
+        *,
+        level: int = DEFAULT_LEVEL,
+        python: str | None = None,
+        timeout: float | None = 30.0,
+        window_size: int | None = 8 * 1024 * 1024,
+    ) -> None:
+        if not 0 <= level <= 9:
+            raise ValueError(f"zlib level must be 0 to 9, got {level}")
+        self.root = root
+        self.level = level
+        self.python = python or PYTHON
+        self.timeout = timeout
+        self.wire_bytes = 0
+        """Bytes of blocks received (what crossed the link, before SSH framing)."""
+        self.plain_bytes = 0
+        """Bytes of records those blocks held once decompressed."""
+        self._transport = transport
+        self._window_size = window_size
+        self._channel: paramiko.Channel | None = None
+        self._inflater = zlib.decompressobj()
+        self._inbox = bytearray()
+        self._records = bytearray()
+        self._said_hello = False
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # -- the channel -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the exec channel and start the command; StreamUnavailable if refused.
+
+        Does not wait for the server: the first :meth:`serve` reads its hello (and learns
+        then whether ``python3`` ran)."""
+        try:
+            channel = self._transport.open_session(
+                window_size=self._window_size, timeout=self.timeout
+            )
+            channel.exec_command(stream_command(self.root, self.level, python=self.python))
+        except Exception as error:
+            raise StreamUnavailable(
+                f"the server refused the file stream's command channel ({error})"
+            ) from None
+        channel.settimeout(self.timeout)
+        self._channel = channel
+
+    @property
+    def alive(self) -> bool:
+        channel = self._channel
+        return channel is not None and not self._closed and not channel.closed
+
+    def close(self) -> None:
+        """Close the channel (the command ends on its closed stdin); any thread."""
+        with self._lock:
+            self._closed = True
+            channel = self._channel
+        if channel is not None:
+            try:
+                channel.close()
+            except Exception as error:  # a dead transport: nothing left to close
+                logger.debug("closing the file stream: %s", error)
+
+    # -- serving jobs ------------------------------------------------------------------------
+
+    def serve(self, run: FetchRun) -> list[Unfinished]:
+        """Fetch ``run``'s jobs (taken in priority order) until none is left.
+
+        Returns ``[]`` when every job taken was answered (its result posted to ``run``). When
+        the stream breaks, the error is raised as :class:`StreamBroken` (or
+        :class:`StreamUnavailable` before the server said hello) with ``unfinished`` set on
+        it: the jobs taken and not answered, for a fallback to finish. A protocol violation
+        fails the job it was about (its bytes so far are not installed) and is raised the same
+        way.
+        """
+        channel = self._channel
+        if channel is None:
+            raise StreamUnavailable("the file stream was not started")
+        pending: collections.deque[_Pending] = collections.deque()
+        state = {"sent_bytes": 0, "exhausted": False}
+
+        def top_up() -> None:
+            out = bytearray()
+            while (
+                not state["exhausted"]
+                and len(pending) < MAX_OUTSTANDING
+                and state["sent_bytes"] < MAX_OUTSTANDING_BYTES
+            ):
+                index = run.take()
+                if index is None:
+                    state["exhausted"] = True
+                    break
+                job = run.jobs[index]
+                try:
+                    path = relative_path(job.path)
+                    if not path:
+                        raise ValueError(f"refusing remote path {job.path!r}: it is the root")
+                except ValueError as error:
+                    run.done(index, error, 0)
+                    continue
+                encoded = path.encode("utf-8", "surrogateescape")
+                request = _REQUEST.pack(index, job.offset, job.length, len(encoded)) + encoded
+                out += request
+                pending.append(
+                    _Pending(index, job.path, job.offset + job.length, job.offset, 0, len(request))
+                )
+                state["sent_bytes"] += len(request)
+            if out:
+                channel.sendall(bytes(out))
+
+        try:
+            top_up()
+            while pending or not self._said_hello:
+                if not self._records_ready():
+                    self._receive(channel)
+                    continue
+                kind, index, value, payload = self._next_record()
+                if kind == _HELLO:
+                    if self._said_hello or value != VERSION:
+                        raise StreamProtocolError(
+                            f"unexpected hello (protocol version {value}, expected {VERSION})"
+                        )
+                    self._said_hello = True
+                    continue
+                if not self._said_hello:
+                    raise StreamProtocolError("the server did not start with a hello")
+                if not pending:
+                    raise StreamProtocolError(f"an answer for request {index}, none was asked for")
+                head = pending[0]
+                if index != head.index:
+                    raise StreamProtocolError(
+                        f"an answer for request {index} while request {head.index} "
+                        f"({head.path!r}) was next"
+                    )
+                if kind == _DATA:
+                    if value != head.position or len(payload) > head.end - head.position:
+                        raise StreamProtocolError(
+                            f"{len(payload)} bytes at offset {value} of {head.path!r}, outside "
+                            f"what was asked (offset {head.position}, up to {head.end})"
+                        )
+                    if payload:
+                        head.position += len(payload)
+                        if not run.abandoned(index):
+                            run.data(index, value, payload)
+                        head.received += len(payload)
+                    continue
+                if payload and kind != _ERROR:
+                    raise StreamProtocolError(f"a payload on a record of kind {kind}")
+                if kind == _END:
+                    if head.position != head.end or value != head.end - run.jobs[index].offset:
+                        raise StreamProtocolError(
+                            f"{head.path!r} ended at {head.position}, not at {head.end}"
+                        )
+                    run.done(index, None, head.received)
+                elif kind == _SHORT:
+                    if value != head.position or value >= head.end:
+                        raise StreamProtocolError(
+                            f"{head.path!r} said to end at {value}, having sent up to "
+                            f"{head.position} of {head.end}"
+                        )
+                    run.done(index, ShrunkError(head.path, head.end, value), head.received)
+                elif kind == _ERROR:
+                    message = payload.decode("utf-8", "replace")[:512]
+                    run.done(index, _os_error(int(value), message, head.path), head.received)
+                else:
+                    raise StreamProtocolError(f"a record of unknown kind {kind}")
+                pending.popleft()
+                state["sent_bytes"] -= head.size
+                top_up()
+        except StreamProtocolError as error:
+            self.close()
+            error.unfinished = self._fail_head(run, pending, error)
+            raise
+        except StreamBroken as error:
+            self.close()
+            error.unfinished = [Unfinished(p.index, p.received) for p in pending]
+            raise
+        except Exception as error:
+            self.close()
+            broken: StreamBroken = (
+                StreamBroken(f"the file stream broke: {error}")
+                if self._said_hello
+                else StreamUnavailable(f"the file stream did not start: {error}")
+            )
+            broken.unfinished = [Unfinished(p.index, p.received) for p in pending]
+            raise broken from error
+        return []
+
+    @staticmethod
+    def _fail_head(
+        run: FetchRun, pending: collections.deque[_Pending], error: StreamProtocolError
+    ) -> list[Unfinished]:
+        """A violation fails the job it was about (when one was under way); the rest are
+        handed back untouched or resumable."""
+        if pending and pending[0].received:
+            head = pending.popleft()
+            run.done(head.index, StreamProtocolError(str(error)), head.received)
+        return [Unfinished(p.index, p.received) for p in pending]
+
+    # -- reading blocks and records ----------------------------------------------------------
+
+    def _receive(self, channel: paramiko.Channel) -> None:
+        """Read one block from the channel into the record buffer."""
+        while len(self._inbox) < _BLOCK.size:
+            self._fill(channel)
+        kind, length = _BLOCK.unpack_from(self._inbox)
+        if kind not in (_Z, _R) or length > MAX_BLOCK:
+            raise StreamProtocolError(
+                f"a block of kind {kind} and {length} bytes (at most {MAX_BLOCK} are accepted)"
+            )
+        while len(self._inbox) < _BLOCK.size + length:
+            self._fill(channel)
+        body = bytes(self._inbox[_BLOCK.size : _BLOCK.size + length])
+        del self._inbox[: _BLOCK.size + length]
+        self.wire_bytes += _BLOCK.size + length
+        if kind == _Z:
+            try:
+                body = self._inflater.decompress(body, MAX_BLOCK)
+            except zlib.error as error:
+                raise StreamProtocolError(
+                    f"a compressed block does not decompress ({error})"
+                ) from None
+            if self._inflater.unconsumed_tail:
+                raise StreamProtocolError(
+                    f"a compressed block inflates past {MAX_BLOCK} bytes (a zlib bomb?)"
+                )
+        self.plain_bytes += len(body)
+        self._records += body
+        if len(self._records) > 2 * MAX_BLOCK:
+            raise StreamProtocolError("a record larger than any the client asked for")
+
+    def _fill(self, channel: paramiko.Channel) -> None:
+        try:
+            data = channel.recv(1 << 20)
+        except TimeoutError:
+            raise StreamBroken(
+                f"the file stream sent nothing for {self.timeout} s; the link or the server stalled"
+            ) from None
+        if not data:
+            raise self._ended(channel)
+        self._inbox += data
+
+    def _ended(self, channel: paramiko.Channel) -> StreamBroken:
+        """Why the channel ended: the exit status and the end of stderr, when known."""
+        status = channel.exit_status if channel.status_event.wait(2.0) else None
+        stderr = b""
+        while channel.recv_stderr_ready():
+            stderr += channel.recv_stderr(4096)
+        text = stderr.decode("utf-8", "replace").strip()
+        last = f": {text.splitlines()[-1]}" if text else ""
+        if status == 127:
+            return StreamUnavailable(f"{self.python} was not found on the server{last}")
+        detail = f"exit status {status}" if status is not None else "the channel closed"
+        if not self._said_hello:
+            return StreamUnavailable(f"the file stream did not start ({detail}{last})")
+        return StreamBroken(f"the file stream ended mid-way ({detail}{last})")
+
+    def _records_ready(self) -> bool:
+        if len(self._records) < _RECORD.size:
+            return False
+        length: int = _RECORD.unpack_from(self._records)[3]
+        if length > CHUNK:
+            raise StreamProtocolError(f"a record of {length} bytes (at most {CHUNK} are sent)")
+        return len(self._records) >= _RECORD.size + length
+
+    def _next_record(self) -> tuple[int, int, int, bytes]:
+        kind, index, value, length = _RECORD.unpack_from(self._records)
+        end = _RECORD.size + length
+        payload = bytes(self._records[_RECORD.size : end])
+        del self._records[:end]
+        return kind, index, value, payload

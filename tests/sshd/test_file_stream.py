@@ -1,0 +1,304 @@
+"""The compressed file stream over a real sshd: the same caches with it on, off and automatic
+and with compression on and off; SFTP takes over when the server has no python3 or the stream
+breaks mid-way; a hostile stream is refused and nothing lands outside the cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import orjson
+import paramiko
+import pytest
+from click.testing import CliRunner, Result
+
+from harness.lab import assert_cache_equals_server
+from harness.sshd import SshServer
+from runicorn.cli import main
+from runicorn.core.backend import Backend
+from runicorn.demo.sample_lab import LabInfo, build_sample_lab
+from runicorn.manifest import ManifestGenerator
+from runicorn.sync import service as service_module
+from runicorn.sync.client import ManifestSyncClient
+from runicorn.transport import file_stream
+from runicorn.transport.remote import FetchJob, FetchResult
+from runicorn.transport.sftp_remote import SftpRemote
+
+pytestmark = pytest.mark.sshd
+
+NOW = 1_700_000_000.0
+MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """Route the fixture's backend into every service the CLI builds."""
+    original = service_module.MetadataSyncService.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        kwargs.setdefault("backend", backend)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
+    return backend
+
+
+@pytest.fixture
+def lab(tmp_path: Path, backend: Backend) -> LabInfo:
+    info = build_sample_lab(tmp_path / "lab", runs=6, seed=23, now=NOW)
+    ManifestGenerator(info.root, backend=backend).generate()
+    return info
+
+
+def _sync(server: SshServer, lab: LabInfo, cache: Path, tmp_path: Path, *flags: str) -> dict:
+    config = tmp_path / "ssh_config"
+    server.write_ssh_config(config, "labserver")
+    result: Result = CliRunner().invoke(
+        main,
+        [
+            "sync",
+            f"labserver:{lab.root}",
+            str(cache),
+            "--ssh-config",
+            str(config),
+            "--json",
+            *flags,
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.stderr
+    document: dict = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert document["failed_count"] == 0
+    return document
+
+
+@pytest.mark.parametrize("compress", ["--compress", "--no-compress"])
+def test_stream_on_off_and_automatic_give_byte_identical_caches(
+    lab: LabInfo, sshd_server: SshServer, tmp_path: Path, compress: str
+) -> None:
+    for stream in ("--stream", "--no-stream", ""):
+        cache = tmp_path / f"cache{stream}"
+        report = _sync(sshd_server, lab, cache, tmp_path, compress, *([stream] if stream else []))
+        assert_cache_equals_server(lab.root, cache)
+        choice = report["compression"]
+        assert choice["enabled"] is (compress == "--compress")
+        # The stream takes compression over from SSH: a first sync opens it (automatic)
+        # while the manifest downloads; --no-stream leaves compression with SSH.
+        expected = "stream" if stream != "--no-stream" and compress == "--compress" else "ssh"
+        assert choice["carrier"] == expected
+        assert choice["active"] is (compress == "--compress")
+
+
+# -- SftpRemote with the stream forced on -------------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, bytes]:
+    """Small compressible files, a large random one, and links the stream must refuse."""
+    root = tmp_path / "tree"
+    contents: dict[str, bytes] = {}
+    for run in range(8):
+        contents[f"p/runs/r{run}/events.jsonl"] = b'{"step": 1, "loss": 0.5}\n' * (900 + run)
+        contents[f"p/runs/r{run}/meta.json"] = b'{"status": "running"}'
+    contents["p/runs/r0/media/big.bin"] = os.urandom(3 * MIB + 5)
+    for relative, data in contents.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    os.symlink("meta.json", root / "p/runs/r1/linked.json")
+    os.symlink("r2", root / "p/runs/r3/linked-dir")
+    return contents
+
+
+def _fetch(remote: SftpRemote, paths: dict[str, int]) -> dict[str, tuple[FetchResult, bytes]]:
+    buffers = {path: bytearray() for path in paths}
+    results: dict[str, FetchResult] = {}
+
+    def sink_for(path: str):
+        def sink(offset: int, data: bytes) -> None:
+            assert offset == len(buffers[path]), "sink called out of offset order"
+            buffers[path].extend(data)
+
+        return sink
+
+    jobs = [FetchJob(path, 0, length, sink_for(path)) for path, length in paths.items()]
+    remote.fetch(jobs, lambda result: results.__setitem__(result.job.path, result), workers=2)
+    return {path: (results[path], bytes(buffers[path])) for path in paths}
+
+
+def _remote(ssh_client: paramiko.SSHClient, root: Path, *, python: str | None = None) -> SftpRemote:
+    return SftpRemote(
+        ssh_client.open_sftp(), str(root), timeout=20, stream=True, stream_python=python
+    )
+
+
+def test_the_stream_refuses_links_and_paths_outside_the_root(
+    ssh_client: paramiko.SSHClient, tree: dict[str, bytes], tmp_path: Path
+) -> None:
+    (tmp_path / "outside.txt").write_bytes(b"secret")
+    with _remote(ssh_client, tmp_path / "tree") as remote:
+        got = _fetch(
+            remote,
+            {
+                "p/runs/r1/linked.json": 10,
+                "p/runs/r3/linked-dir/meta.json": 10,
+                "../outside.txt": 6,
+                "p/runs/r4/meta.json": len(tree["p/runs/r4/meta.json"]),
+            },
+        )
+        assert remote._stream is not None and remote._stream_refused is None
+    assert isinstance(got["p/runs/r1/linked.json"][0].error, OSError)
+    assert "symbolic link" in str(got["p/runs/r3/linked-dir/meta.json"][0].error)
+    assert isinstance(got["../outside.txt"][0].error, ValueError)
+    assert got["p/runs/r4/meta.json"][1] == tree["p/runs/r4/meta.json"]
+    for path in ("p/runs/r1/linked.json", "p/runs/r3/linked-dir/meta.json", "../outside.txt"):
+        assert got[path][1] == b""
+
+
+def test_the_server_script_refuses_parent_components_itself(tmp_path: Path) -> None:
+    """A client bug that sent ``..`` still reads nothing outside the root."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "secret").write_bytes(b"secret")
+    request = b"../secret"
+    stdin = struct.pack("!IQQI", 7, 0, 6, len(request)) + request
+    command = file_stream.stream_command(str(tmp_path / "root"), 0, python=sys.executable)
+    out = subprocess.run(command, shell=True, input=stdin, capture_output=True, check=True).stdout
+    assert b"secret" not in out
+    assert b"not a plain relative path" in out
+
+
+def test_without_python3_on_the_server_the_fetch_goes_over_sftp(
+    ssh_client: paramiko.SSHClient, tree: dict[str, bytes], tmp_path: Path, caplog
+) -> None:
+    caplog.set_level(logging.WARNING, "runicorn.transport.sftp_remote")
+    with _remote(ssh_client, tmp_path / "tree", python="no-such-python3") as remote:
+        got = _fetch(remote, {path: len(data) for path, data in tree.items()})
+        assert remote._stream_refused is not None
+    assert {path: data for path, (_, data) in got.items()} == tree
+    assert "no-such-python3 was not found on the server" in caplog.text
+
+
+def _fake_python(tmp_path: Path, body: str) -> str:
+    """An executable the stream runs instead of python3 (it gets the same arguments)."""
+    path = tmp_path / "fake-python"
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_stream_cut_mid_way_resumes_over_sftp(
+    ssh_client: paramiko.SSHClient, tree: dict[str, bytes], tmp_path: Path, caplog
+) -> None:
+    # The real script, with its output cut after 300 kB: inside the large random file.
+    relay = _fake_python(
+        tmp_path,
+        "import os, subprocess, sys\n"
+        f"child = subprocess.Popen([{sys.executable!r}] + sys.argv[1:], stdout=subprocess.PIPE,"
+        " stderr=subprocess.DEVNULL)\n"
+        "left = 300_000\n"
+        "while left > 0:\n"
+        "    data = child.stdout.read1(min(left, 65536))\n"
+        "    if not data:\n"
+        "        break\n"
+        "    os.write(1, data)\n"
+        "    left -= len(data)\n"
+        "sys.exit(3)\n",
+    )
+    caplog.set_level(logging.WARNING, "runicorn.transport.sftp_remote")
+    big = "p/runs/r0/media/big.bin"
+    jobs = {big: len(tree[big]), **{p: len(d) for p, d in tree.items() if p != big}}
+    with _remote(ssh_client, tmp_path / "tree", python=relay) as remote:
+        got = _fetch(remote, jobs)
+    assert all(result.ok for result, _ in got.values())
+    assert {path: data for path, (_, data) in got.items()} == tree
+    assert got[big][0].bytes_received == len(tree[big])
+    assert "ended mid-way (exit status 3" in caplog.text
+
+
+_HOSTILE = """\
+import os, struct, sys, zlib
+head = os.read(0, 24)
+index = struct.unpack("!IQQI", head)[0]
+def block(kind, body):
+    os.write(1, struct.pack("!BI", kind, len(body)) + body)
+def record(kind, index, value, payload=b""):
+    return struct.pack("!BIQI", kind, index, value, len(payload)) + payload
+block(82, record(72, 0, 1))
+mode = %r
+if mode == "oversized":
+    os.write(1, struct.pack("!BI", 82, 64 * 1024 * 1024))
+elif mode == "wrong index":
+    block(82, record(68, index + 1, 0, b"x" * 10))
+elif mode == "zlib bomb":
+    block(90, zlib.compress(record(68, index, 0, b"") + b"\\0" * 200_000_000)[:1000_000])
+elif mode == "too long":
+    block(82, record(68, index, 0, b"y" * 1000))
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("mode", ["oversized", "wrong index", "zlib bomb", "too long"])
+def test_a_hostile_stream_is_refused_and_sftp_finishes(
+    sftp: paramiko.SFTPClient,
+    lab: LabInfo,
+    tmp_path: Path,
+    backend: Backend,
+    caplog,
+    mode: str,
+) -> None:
+    # A real sync: the manifest plans the lab's files; the stream lies about the first one.
+    fake = _fake_python(tmp_path, _HOSTILE % mode)
+    caplog.set_level(logging.WARNING, "runicorn.transport.sftp_remote")
+    cache = tmp_path / "cache"
+    remote = SftpRemote(sftp, str(lab.root), timeout=20, stream=True, stream_python=fake)
+    client = ManifestSyncClient(sftp, str(lab.root), cache, 0.0, backend=backend, remote=remote)
+    try:
+        stats = client.sync()
+    finally:
+        client.close()
+        remote.close()
+    assert remote._stream_refused is not None
+    warning = caplog.text
+    expected = {
+        "oversized": "at most 1048576 are accepted",
+        "wrong index": "while request",
+        "zlib bomb": "zlib bomb",
+        "too long": "outside what was asked",
+    }[mode]
+    assert expected in warning and "fetching over SFTP instead" in warning
+    # Every planned file arrived (over SFTP), nothing else was written anywhere.
+    assert stats["failed_count"] == 0, stats["failed_files"]
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    outside = {p for p in written if p.parts[0] not in ("lab", "cache", "fake-python")}
+    assert outside == set()
+    assert_cache_equals_server(lab.root, cache)
+
+
+def test_the_stream_compresses_and_keeps_raw_what_does_not_shrink(
+    tmp_path: Path, tree: dict[str, bytes]
+) -> None:
+    """The server script alone: JSON lines shrink, random bytes go in plain blocks."""
+    paths = ["p/runs/r0/events.jsonl", "p/runs/r0/media/big.bin"]
+    stdin = b""
+    for index, path in enumerate(paths):
+        encoded = path.encode()
+        stdin += struct.pack("!IQQI", index, 0, len(tree[path]), len(encoded)) + encoded
+    command = file_stream.stream_command(str(tmp_path / "tree"), 1, python=sys.executable)
+    out = subprocess.run(command, shell=True, input=stdin, capture_output=True, check=True).stdout
+    kinds: dict[int, int] = {}
+    inflater = zlib.decompressobj()
+    plain = b""
+    at = 0
+    while at < len(out):
+        kind, length = struct.unpack_from("!BI", out, at)
+        body = out[at + 5 : at + 5 + length]
+        plain += inflater.decompress(body) if kind == ord("Z") else body
+        kinds[kind] = kinds.get(kind, 0) + length
+        at += 5 + length
+    assert kinds[ord("R")] >= len(tree["p/runs/r0/media/big.bin"])
+    assert kinds[ord("Z")] < len(tree["p/runs/r0/events.jsonl"]) / 5
+    assert tree["p/runs/r0/events.jsonl"] in plain
