@@ -11,6 +11,7 @@ import paramiko
 import pytest
 
 from harness.lab import Lab, cache_files, make_client, make_lab, server_files
+from runicorn._sys import dirs
 from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn.core.backend import Backend
 from runicorn.sync.cache import (
@@ -79,10 +80,9 @@ def test_open_parent_refuses_the_same_paths_when_their_directory_is_kept_open(
 ) -> None:
     # The kept-handle shortcut checks only the last component: it must refuse all the same.
     with manager.directory_handles():
-        fd, _name = manager.open_parent(f"{RUN}/media/x.png")
-        os.close(fd)
+        manager.open_parent(f"{RUN}/media/x.png")[0].close()
         with pytest.raises(ValueError):
-            os.close(manager.open_parent(path)[0])
+            manager.open_parent(path)[0].close()
 
 
 def test_path_for_refuses_a_symlinked_directory_pointing_outside(
@@ -100,8 +100,8 @@ def test_path_for_refuses_a_symlinked_directory_pointing_outside(
 def test_open_parent_creates_directories_but_never_through_a_link(
     manager: LocalCacheManager, tmp_path: Path
 ) -> None:
-    fd, name = manager.open_parent(f"{RUN}/media/a.png")
-    os.close(fd)
+    directory, name = manager.open_parent(f"{RUN}/media/a.png")
+    directory.close()
     assert name == "a.png"
     assert (manager.root_dir / RUN / "media").is_dir()
 
@@ -126,21 +126,21 @@ def test_kept_directory_handles_save_the_walk_and_are_closed_after_the_block(
     monkeypatch.setattr(
         CacheTree,
         "_descend",
-        staticmethod(lambda fd, part, *rest: walks.append(part) or descend(fd, part, *rest)),
+        staticmethod(lambda at, part, *rest: walks.append(part) or descend(at, part, *rest)),
     )
     before = _open_fds()
     with manager.directory_handles():
         for name in ("meta.json", "status.json", "events.jsonl"):
-            fd, got = manager.open_parent(f"{RUN}/{name}")
+            directory, got = manager.open_parent(f"{RUN}/{name}")
             try:
-                os.close(os.open(got, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+                os.close(directory.open(got, os.O_WRONLY | os.O_CREAT, 0o644))
             finally:
-                os.close(fd)
+                directory.close()
         assert len(walks) == len(RUN.split("/"))  # one walk for three files
-        fd, _ = manager.open_parent(f"{RUN}/media/step_0.png")
-        os.close(fd)
+        manager.open_parent(f"{RUN}/media/step_0.png")[0].close()
         assert walks[-1] == "media" and len(walks) == len(RUN.split("/")) + 1  # from the run
-        assert _open_fds() == before + len(RUN.split("/")) + 2  # root, 4 levels, media
+        # root, 4 levels, media (by path, where there is no dir_fd, none is held)
+        assert _open_fds() == before + (len(RUN.split("/")) + 2) * dirs.USE_DIR_FD
     assert _open_fds() == before
     assert sorted(p.name for p in (manager.root_dir / RUN).iterdir()) == [
         "events.jsonl",
@@ -168,15 +168,14 @@ def test_removing_a_run_drops_the_kept_handles_so_new_files_land_in_the_new_dire
     manager: LocalCacheManager,
 ) -> None:
     with manager.directory_handles():
-        fd, _ = manager.open_parent(f"{RUN}/meta.json")
-        os.close(fd)
+        manager.open_parent(f"{RUN}/meta.json")[0].close()
         project, name, _runs, run_id = RUN.split("/")
         manager.remove_run(project, name, run_id)
-        fd, got = manager.open_parent(f"{RUN}/meta.json")
+        directory, got = manager.open_parent(f"{RUN}/meta.json")
         try:
-            os.close(os.open(got, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+            os.close(directory.open(got, os.O_WRONLY | os.O_CREAT, 0o644))
         finally:
-            os.close(fd)
+            directory.close()
     assert (manager.root_dir / RUN / "meta.json").is_file()
 
 

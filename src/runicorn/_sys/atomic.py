@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from runicorn._sys.dirs import Directory, is_link, open_directory
+from runicorn._sys.fileio import BINARY
 from runicorn._sys.locking import lock_fd
 
 Buffer = bytes | bytearray | memoryview
@@ -46,15 +48,14 @@ class LockTimeoutError(TimeoutError):
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
-def _open_directory(directory: Path) -> int:
-    """A descriptor of ``directory``, refusing it if it is itself a symbolic link."""
+def _open_directory(directory: Path) -> Directory:
+    """``directory``, refusing it if it is itself a symbolic link (or a junction)."""
     try:
-        return os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
+        return open_directory(directory, follow=False)
     except OSError as error:
-        if error.errno in (errno.ELOOP, errno.ENOTDIR) and directory.is_symlink():
+        if error.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(directory):
             raise LinkRefusedError(
                 errno.ELOOP,
                 "is a symbolic link; refusing to write through it (replace it with a "
@@ -62,6 +63,13 @@ def _open_directory(directory: Path) -> int:
                 str(directory),
             ) from None
         raise
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return is_link(os.lstat(path))
+    except OSError:
+        return False
 
 
 def write_atomically(
@@ -87,26 +95,25 @@ def write_atomically(
                     os.fchmod(handle.fileno(), mode)
                 if durable:
                     os.fsync(handle.fileno())
-            os.replace(temp_name, path.name, src_dir_fd=directory, dst_dir_fd=directory)
+            directory.replace(temp_name, path.name)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(temp_name, dir_fd=directory)
+                directory.unlink(temp_name)
             raise
         if durable:
-            with contextlib.suppress(OSError):  # some file systems refuse to fsync a directory
-                os.fsync(directory)
+            directory.fsync()
     finally:
-        os.close(directory)
+        directory.close()
 
 
-def _create_temp(directory: int, prefix: str) -> tuple[int, str]:
+def _create_temp(directory: Directory, prefix: str) -> tuple[int, str]:
     """A new file ``<prefix><random>.part`` in ``directory``, created with mode 0o666 (the
     umask applies) and never through a link."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | BINARY
     for _ in range(100):
         name = f"{prefix}{secrets.token_hex(4)}.part"
         try:
-            return os.open(name, flags, 0o666, dir_fd=directory), name
+            return directory.open(name, flags, 0o666), name
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free temp file name", prefix)
@@ -126,9 +133,7 @@ def exclusive_lock(lock_path: Path, *, timeout: float | None = None) -> Iterator
     """
     directory = _open_directory(lock_path.parent)
     try:
-        fd = os.open(
-            lock_path.name, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o666, dir_fd=directory
-        )
+        fd = directory.open(lock_path.name, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o666)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise LinkRefusedError(
@@ -138,7 +143,7 @@ def exclusive_lock(lock_path: Path, *, timeout: float | None = None) -> Iterator
             ) from None
         raise
     finally:
-        os.close(directory)
+        directory.close()
     try:
         _wait_for_lock(fd, lock_path, timeout)
         yield

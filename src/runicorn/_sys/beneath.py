@@ -10,7 +10,8 @@ Where the kernel has ``openat2`` (Linux 5.6+), one system call does it
 (``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS``); elsewhere, or where a
 seccomp filter refuses it (``ENOSYS``/``EPERM``), each directory is opened with
 ``O_NOFOLLOW | O_DIRECTORY`` relative to the one before, which gives the same answer at one
-system call per component.
+system call per component. Where there is no ``dir_fd`` at all (Windows),
+:mod:`runicorn._sys.dirs` checks each component by path instead, with the same errors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-__all__ = ["LinkOnPathError", "open_beneath"]
+__all__ = ["LinkOnPathError", "open_beneath", "refused"]
 
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
@@ -82,7 +83,9 @@ class _Openat2:
             cls._call = None
 
 
-def _refused(path: str) -> LinkOnPathError:
+def refused(path: str) -> LinkOnPathError:
+    """The error for a link (or a ``..``) on ``path``: the descriptor and path forms
+    (:mod:`runicorn._sys.dirs`) give the same one."""
     return LinkOnPathError(
         errno.ELOOP,
         "a component of the path is a symbolic link (or leads outside the directory); "
@@ -102,7 +105,7 @@ def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0o666) -> int:
     flags |= _CLOEXEC | _NOFOLLOW
     parts = [part for part in path.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise _refused(path)
+        raise refused(path)
     if not parts:
         return os.open(".", flags & ~_NOFOLLOW, dir_fd=dir_fd)
     found = _Openat2.get()
@@ -123,7 +126,7 @@ def open_beneath(dir_fd: int, path: str, flags: int, mode: int = 0o666) -> int:
         if code in (errno.ENOSYS, errno.EPERM):
             _Openat2.disable()  # an old kernel or a sandbox: the chain below does the same
         elif code in (errno.ELOOP, errno.EXDEV):
-            raise _refused(path)
+            raise refused(path)
         elif code not in (errno.EAGAIN, errno.ENOTDIR):
             raise OSError(code, os.strerror(code), path)
         # EAGAIN: a rename raced the lookup; ENOTDIR: a file, or a link where a directory
@@ -142,7 +145,7 @@ def _open_by_chain(dir_fd: int, parts: list[str], path: str, flags: int, mode: i
                 )
             except OSError as error:
                 if error.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(current, part):
-                    raise _refused(path) from None
+                    raise refused(path) from None
                 raise OSError(error.errno, error.strerror, path) from None
             if current != dir_fd:
                 os.close(current)
@@ -153,7 +156,7 @@ def _open_by_chain(dir_fd: int, parts: list[str], path: str, flags: int, mode: i
             if error.errno == errno.ELOOP or (
                 error.errno == errno.ENOTDIR and _is_link(current, parts[-1])
             ):
-                raise _refused(path) from None
+                raise refused(path) from None
             raise OSError(error.errno, error.strerror, path) from None
     finally:
         if current != dir_fd:

@@ -126,6 +126,10 @@ def _refused(name: str, rel: str, top: bool = False) -> str | None:
     return reason
 
 
+# getattr: the demo scans on a client, and Windows has none of these flags.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _SHORT_PATH = min(_names.MAX_DEPTH * 2 - 2, _names.MAX_PATH_BYTES // 4)
 """A path of at most this many characters is within both path limits: no need to count."""
 
@@ -139,7 +143,7 @@ def _read_whole(path: str) -> bytes | None:
     :data:`MAX_READ_BYTES` or no longer a regular file (never follows a link, never blocks
     on a FIFO that replaced it)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
     except OSError:
         return None
     try:

@@ -71,6 +71,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# getattr: the demo runs the generator on a client, and Windows has neither flag.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
 MAX_LOGGED_PROBLEMS = 50
 """Problems beyond this many are counted in the summary, not logged one by one."""
 
@@ -1230,7 +1234,7 @@ def _read_small_file(path: str | Path, size_hint: int = 65536) -> bytes:
     ``size_hint`` (the scanned size) sizes the read buffer; a file that grew since is still
     read whole, up to :data:`MAX_METADATA_BYTES`.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
     try:
         chunks = []
         remaining = MAX_METADATA_BYTES

@@ -83,6 +83,7 @@ SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 """Appended bytes are held until verified; beyond this they spill to an unnamed temp file."""
 
 _FILE_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | BINARY
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # no FIFOs on Windows, and no flag either
 
 # Temp names: a random token drawn once per process and a counter, so that naming a temp
 # file costs no system call; ``O_EXCL`` still refuses any name that happens to exist.
@@ -203,16 +204,13 @@ class Transfer:
             return
         if self.fd >= 0:
             return
-        dir_fd, _name = self.cache.open_parent(self.entry.path, create=True)
+        directory, _name = self.cache.open_parent(self.entry.path, create=True)
         try:
             for _attempt in range(8):
                 name = f"{TEMP_PREFIX}{_TEMP_TOKEN}{next(_temp_numbers):x}.part"
                 try:
-                    self.fd = os.open(
-                        name,
-                        os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS,
-                        0o644,
-                        dir_fd=dir_fd,
+                    self.fd = directory.open(
+                        name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644
                     )
                 except FileExistsError:
                     continue
@@ -220,7 +218,7 @@ class Transfer:
                 return
             raise FileExistsError(f"cannot create a temp file beside {self.entry.path}")
         finally:
-            os.close(dir_fd)
+            directory.close()
 
     def sink(self, offset: int, data: bytes) -> None:
         """Called by the transfer engine with consecutive chunks (worker thread)."""
@@ -264,11 +262,11 @@ class Transfer:
             self.spool = None
         if self.temp_name is not None:
             with contextlib.suppress(OSError, ValueError):
-                dir_fd, _name = self.cache.open_parent(self.entry.path, create=False)
+                directory, _name = self.cache.open_parent(self.entry.path, create=False)
                 try:
-                    os.unlink(self.temp_name, dir_fd=dir_fd)
+                    directory.unlink(self.temp_name)
                 finally:
-                    os.close(dir_fd)
+                    directory.close()
             self.temp_name = None
 
 
@@ -543,15 +541,15 @@ class FileTransfer:
                     "as it is"
                 )
         ns = _ns(entry.mtime)
-        os.utime(transfer.fd, ns=(ns, ns))
-        os.close(transfer.fd)
-        transfer.fd = -1
-        dir_fd, name = self.cache.open_parent(entry.path, create=False)
+        directory, name = self.cache.open_parent(entry.path, create=False)
         assert transfer.temp_name is not None  # open_target made it
         try:
-            os.replace(transfer.temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            directory.set_times(transfer.fd, transfer.temp_name, (ns, ns))
+            os.close(transfer.fd)
+            transfer.fd = -1
+            directory.replace(transfer.temp_name, name)
         finally:
-            os.close(dir_fd)
+            directory.close()
         transfer.temp_name = None
         state.synced.append(FileRecord(entry.path, entry.size, entry.mtime, entry.tail_hash))
         return None
@@ -569,19 +567,21 @@ class FileTransfer:
         spool = transfer.spool
         assert spool is not None  # open_target made it
         added = transfer.length - transfer.overlap
-        dir_fd, name = self.cache.open_parent(entry.path, create=False)
+        directory, name = self.cache.open_parent(entry.path, create=False)
         try:
             # Non-blocking: a FIFO planted in the cache must not hang the sync.
-            fd = os.open(name, os.O_RDWR | os.O_APPEND | os.O_NONBLOCK | _FILE_FLAGS, dir_fd=dir_fd)
+            fd = directory.open(name, os.O_RDWR | os.O_APPEND | _NONBLOCK | _FILE_FLAGS)
         except OSError as error:
+            directory.close()
             if error.errno not in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENXIO):
                 raise
             # Removed or replaced (by a link, a directory) in the cache since it was
             # recorded, which only the full local check looks for: replace it whole.
             state.forget.append(entry.path)
             raise _Redo("the cached copy is gone or no longer a regular file") from None
-        finally:
-            os.close(dir_fd)
+        except BaseException:
+            directory.close()
+            raise
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -621,9 +621,10 @@ class FileTransfer:
                     state.forget.append(entry.path)
                     raise _Redo("the tail hash after appending does not match the manifest")
             ns = _ns(entry.mtime)
-            os.utime(fd, ns=(ns, ns))
+            directory.set_times(fd, name, (ns, ns))
         finally:
             os.close(fd)
+            directory.close()
         state.synced.append(FileRecord(entry.path, entry.size, entry.mtime, entry.tail_hash))
 
 
@@ -635,11 +636,11 @@ class FileTransfer:
         under those other names: appending in place would write through them. The copy is
         renamed over the cached name, so the cache holds the same bytes at every moment.
         """
-        dir_fd, name = self.cache.open_parent(path, create=False)
+        directory, name = self.cache.open_parent(path, create=False)
         temp = f"{TEMP_PREFIX}{_TEMP_TOKEN}{next(_temp_numbers):x}.part"
         try:
             flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS
-            copy = os.open(temp, flags, 0o644, dir_fd=dir_fd)
+            copy = directory.open(temp, flags, 0o644)
             try:
                 position = 0
                 while position < size:
@@ -648,14 +649,14 @@ class FileTransfer:
                         raise OSError(f"{path} ended at byte {position} while it was copied")
                     _write_all(copy, chunk)
                     position += len(chunk)
-                os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                directory.replace(temp, name)
             except BaseException:
                 os.close(copy)
                 with contextlib.suppress(OSError):
-                    os.unlink(temp, dir_fd=dir_fd)
+                    directory.unlink(temp)
                 raise
         finally:
-            os.close(dir_fd)
+            directory.close()
         os.close(fd)
         return copy
 
@@ -710,11 +711,11 @@ class _StateBatch:
             logger.debug("syncfs of the cache failed (%s); fsyncing file by file", error)
         for path in self.written:
             with contextlib.suppress(OSError, ValueError):
-                dir_fd, name = self.cache.open_parent(path, create=False)
+                directory, name = self.cache.open_parent(path, create=False)
                 try:
-                    fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=dir_fd)
+                    fd = directory.open(name, os.O_RDONLY | _FILE_FLAGS)
                 finally:
-                    os.close(dir_fd)
+                    directory.close()
                 try:
                     os.fsync(fd)
                 finally:

@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from runicorn._sys.beneath import LinkOnPathError, open_beneath
+from runicorn._sys.dirs import Directory, LinkOnPathError, open_directory
 from runicorn._sys.fileio import pread, pread_upto
 from runicorn.transport.fetch import FetchRun, run_fetch
 from runicorn.transport.remote import (
@@ -38,8 +38,9 @@ class LocalRemote:
     relative to a descriptor of the root, one component at a time or with ``openat2``'s
     ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` (:func:`~runicorn._sys.beneath.open_beneath`),
     so a run directory swapped for a link after the manifest was made cannot lead a read
-    outside the root. Only regular files are read. The root itself may be reached through
-    links (a mount point the user chose).
+    outside the root. (Where there is no ``dir_fd``, on Windows, each component is checked
+    by path right before the open instead: :mod:`runicorn._sys.dirs`.) Only regular files
+    are read. The root itself may be reached through links (a mount point the user chose).
 
     ``fetch`` reads on the caller's thread by default: a local file answers an ``open`` and a
     ``pread`` in microseconds, less than handing each file from a worker thread to the
@@ -57,7 +58,7 @@ class LocalRemote:
         self.read_size = read_size
         self.threaded = threaded
         self._closed = False
-        self._root_fd: int | None = None
+        self._root_dir: Directory | None = None
         self._root_lock = threading.Lock()
 
     def __enter__(self) -> LocalRemote:
@@ -66,14 +67,12 @@ class LocalRemote:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _root_descriptor(self) -> int:
+    def _root_directory(self) -> Directory:
         """The root directory, opened once (links followed: the user named it)."""
         with self._root_lock:
-            if self._root_fd is None:
+            if self._root_dir is None:
                 try:
-                    fd = os.open(
-                        self.root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
-                    )
+                    directory = open_directory(self.root)
                 except NotADirectoryError:
                     raise NotADirectoryError(
                         errno.ENOTDIR,
@@ -83,16 +82,32 @@ class LocalRemote:
                     ) from None
                 except OSError as error:
                     raise type(error)(error.errno, error.strerror, self.root) from None
-                self._root_fd = fd
-                self._finalizer = weakref.finalize(self, os.close, fd)
-            return self._root_fd
+                self._root_dir = directory
+                self._finalizer = weakref.finalize(self, directory.close)
+            return self._root_dir
 
     def _open_under_root(self, path: str, flags: int) -> int:
         """``path`` opened beneath the root with no link followed on the way."""
         relative = relative_path(path)
-        root_fd = self._root_descriptor()
+        root = self._root_directory()
         try:
-            return open_beneath(root_fd, relative, flags)
+            return root.open_beneath(relative, flags)
+        except LinkOnPathError:
+            raise OSError(
+                errno.ELOOP,
+                "a component of this path is a symbolic link on the server; refusing to "
+                "follow it out of the root",
+                path,
+            ) from None
+        except OSError as error:
+            raise type(error)(error.errno, error.strerror, path) from None
+
+    def _under_root(self, path: str) -> Directory:
+        """The directory ``path`` beneath the root, no link followed on the way."""
+        relative = relative_path(path)
+        root = self._root_directory()
+        try:
+            return root.descend(relative)
         except LinkOnPathError:
             raise OSError(
                 errno.ELOOP,
@@ -142,9 +157,9 @@ class LocalRemote:
     def listdir(self, path: str) -> list[RemoteDirEntry]:
         """Entries of one directory ('' is the root), sorted by name, links not followed."""
         entries: list[RemoteDirEntry] = []
-        fd = self._open_under_root(path, os.O_RDONLY | os.O_DIRECTORY)
+        directory = self._under_root(path)
         try:
-            with os.scandir(fd) as scan:
+            with directory.scandir() as scan:
                 for item in scan:
                     try:
                         info = item.stat(follow_symlinks=False)
@@ -162,7 +177,7 @@ class LocalRemote:
         except OSError as error:
             raise type(error)(error.errno, error.strerror, path) from None
         finally:
-            os.close(fd)
+            directory.close()
         entries.sort(key=lambda entry: entry.name)
         return entries
 
@@ -277,6 +292,6 @@ class LocalRemote:
     def close(self) -> None:
         self._closed = True
         with self._root_lock:
-            if self._root_fd is not None:
+            if self._root_dir is not None:
                 self._finalizer()
-                self._root_fd = None
+                self._root_dir = None

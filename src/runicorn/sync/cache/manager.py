@@ -34,6 +34,7 @@ from runicorn.sync.cache.state_db import (
 from runicorn.sync.cache.tree import CacheTree, is_marked_remote_cache
 
 if TYPE_CHECKING:
+    from runicorn._sys.dirs import Directory
     from runicorn.core.diff import LocalEntry
 
 LOCK_NAME = "sync.lock"
@@ -173,8 +174,9 @@ class LocalCacheManager:
         """The cache path of a manifest path; see :meth:`CacheTree.path_for`."""
         return self.tree.path_for(relative_path)
 
-    def open_parent(self, relative_path: str, *, create: bool = True) -> tuple[int, str]:
-        """``(dir_fd, name)`` of a manifest path's directory; see :meth:`CacheTree.open_parent`."""
+    def open_parent(self, relative_path: str, *, create: bool = True) -> tuple[Directory, str]:
+        """``(directory, name)`` of a manifest path's directory; see
+        :meth:`CacheTree.open_parent`."""
         return self.tree.open_parent(relative_path, create=create)
 
     def directory_handles(self) -> contextlib.AbstractContextManager[None]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runicorn._sys.atomic import TEMP_PREFIX
+from runicorn._sys.dirs import Directory, is_link, open_directory
 from runicorn._sys.fd_budget import directory_handle_share, soft_limit
 from runicorn.format.client_names import client_path_problem
 from runicorn.format.layout import run_prefix
@@ -34,8 +35,6 @@ logger = logging.getLogger(__name__)
 STATE_DIRNAME = ".runicorn-cache"
 """The cache's own directory under ``root_dir`` (a dot name: unreachable from manifests)."""
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 MTIME_SLACK_NS = 1_000_000_000
 """How much newer than recorded a cached file may look before it counts as written locally
 (timestamp rounding on coarse file systems)."""
@@ -115,7 +114,7 @@ class CacheTree:
         self.root_dir = Path(os.path.abspath(root_dir))
         self.state_dir = self.root_dir / STATE_DIRNAME
         self._lock = threading.Lock()
-        self._handles: OrderedDict[str, int] | None = None
+        self._handles: OrderedDict[str, Directory] | None = None
         self._handle_limit = 0
 
     def ensure_state_dir(self) -> None:
@@ -148,7 +147,7 @@ class CacheTree:
         for part in parts:
             current = current / part
             try:
-                mode = os.lstat(current).st_mode
+                info = os.lstat(current)
             except FileNotFoundError:
                 break  # nothing below a missing component can be a link yet
             except OSError as error:
@@ -159,20 +158,22 @@ class CacheTree:
                 raise ValueError(
                     f"cache path {relative_path!r}: a file stands where a directory should be"
                 ) from None
-            if stat.S_ISLNK(mode):
+            if is_link(info):
                 raise ValueError(
                     f"cache path {relative_path!r}: {current} is a symbolic link; refusing to "
                     "follow it (remove the link so the sync can write a real directory there)"
                 )
         return self.root_dir.joinpath(*parts)
 
-    def open_parent(self, relative_path: str, *, create: bool = True) -> tuple[int, str]:
-        """Open the directory that holds ``relative_path`` and return ``(dir_fd, name)``.
+    def open_parent(self, relative_path: str, *, create: bool = True) -> tuple[Directory, str]:
+        """Open the directory that holds ``relative_path`` and return ``(directory, name)``.
 
-        Each component is opened relative to its parent with ``O_NOFOLLOW`` (created when
-        ``create``), so a symlink swapped in between a check and a write is refused too.
-        The caller closes ``dir_fd``. ``ValueError`` for an unsafe path or a link. Inside
-        :meth:`directory_handles` the walk starts from the nearest directory kept open.
+        Each component is opened relative to its parent without following a link (created
+        when ``create``; :mod:`runicorn._sys.dirs`), so where the system has ``dir_fd`` a
+        symlink swapped in between a check and a write is refused too (without it, each
+        component is checked right before use). The caller closes ``directory``.
+        ``ValueError`` for an unsafe path or a link. Inside :meth:`directory_handles` the
+        walk starts from the nearest directory kept open.
         """
         directory, _sep, name = relative_path.rpartition("/")
         with self._lock:
@@ -182,9 +183,10 @@ class CacheTree:
                 kept = handles.get(directory)
                 if kept is not None:
                     handles.move_to_end(directory)
-                    return os.dup(kept), name
+                    return kept.dup(), name
         parts = split_relative_path(relative_path)
-        fd, start = -1, 0
+        current: Directory | None = None
+        start = 0
         with self._lock:
             handles = self._handles
             if handles is not None:
@@ -193,20 +195,20 @@ class CacheTree:
                     kept = handles.get(key)
                     if kept is not None:
                         handles.move_to_end(key)
-                        fd, start = os.dup(kept), depth
+                        current, start = kept.dup(), depth
                         break
-        if fd < 0:
+        if current is None:
             if create:
                 self.root_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root_dir, _DIR_FLAGS)
+            current = open_directory(self.root_dir)
             if handles is not None:
-                self._keep_handle(handles, "", fd)
+                self._keep_handle(handles, "", current)
         for depth in range(start, len(parts) - 1):
             # closes the parent, always
-            fd = self._descend(fd, parts[depth], relative_path, create)
+            current = self._descend(current, parts[depth], relative_path, create)
             if handles is not None:
-                self._keep_handle(handles, "/".join(parts[: depth + 1]), fd)
-        return fd, parts[-1]
+                self._keep_handle(handles, "/".join(parts[: depth + 1]), current)
+        return current, parts[-1]
 
     @contextlib.contextmanager
     def directory_handles(self) -> Iterator[None]:
@@ -229,14 +231,16 @@ class CacheTree:
             if not nested:
                 self._drop_handles(keep_caching=False)
 
-    def _keep_handle(self, handles: OrderedDict[str, int], directory: str, fd: int) -> None:
+    def _keep_handle(
+        self, handles: OrderedDict[str, Directory], key: str, directory: Directory
+    ) -> None:
         with self._lock:
-            if self._handles is not handles or directory in handles:
+            if self._handles is not handles or key in handles:
                 return  # the block ended or the handles were dropped meanwhile
-            handles[directory] = os.dup(fd)
+            handles[key] = directory.dup()
             while len(handles) > self._handle_limit:
                 _, oldest = handles.popitem(last=False)
-                os.close(oldest)
+                oldest.close()
 
     def _drop_handles(self, *, keep_caching: bool) -> None:
         with self._lock:
@@ -244,21 +248,14 @@ class CacheTree:
             if handles is None:
                 return
             self._handles = OrderedDict() if keep_caching else None
-        for fd in handles.values():
-            os.close(fd)
+        for directory in handles.values():
+            directory.close()
 
     @staticmethod
-    def _descend(fd: int, part: str, relative_path: str, create: bool) -> int:
-        """Open child directory ``part`` of ``fd`` without following links; closes ``fd``."""
+    def _descend(directory: Directory, part: str, relative_path: str, create: bool) -> Directory:
+        """Open child directory ``part`` without following links; closes ``directory``."""
         try:
-            try:
-                child = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                child = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+            child = directory.child(part, create=create)
         except OSError as error:
             if error.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise ValueError(
@@ -267,7 +264,7 @@ class CacheTree:
                 ) from None
             raise
         finally:
-            os.close(fd)
+            directory.close()
         return child
 
     # -- temp files of killed syncs --------------------------------------------------------
@@ -283,10 +280,10 @@ class CacheTree:
     def clean_temp_files(self) -> int:
         """Remove leftover temp files; returns how many. Call only under the sync lock."""
         removed = 0
-        for fd, _parts, entry in walk_files(self.root_dir, skip_top=STATE_DIRNAME):
+        for directory, _parts, entry in walk_files(self.root_dir, skip_top=STATE_DIRNAME):
             if entry.name.startswith(TEMP_PREFIX):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.name, dir_fd=fd)
+                    directory.unlink(entry.name)
                     removed += 1
         if removed:
             logger.info("removed %d temp file(s) left by an interrupted sync", removed)
@@ -323,18 +320,18 @@ class CacheTree:
         """Delete one cached file, its parents opened without following links; ``False``
         when it was not there. A directory in its place is left alone (``IsADirectoryError``)."""
         try:
-            dir_fd, name = self.open_parent(relative_path, create=False)
+            directory, name = self.open_parent(relative_path, create=False)
         except FileNotFoundError:
             return False
         try:
-            if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            if stat.S_ISDIR(directory.lstat(name).st_mode):
                 raise IsADirectoryError(errno.EISDIR, "a directory, not a file", relative_path)
-            os.unlink(name, dir_fd=dir_fd)
+            directory.unlink(name)
             return True
         except FileNotFoundError:
             return False
         finally:
-            os.close(dir_fd)
+            directory.close()
 
     def damaged_files(self, entries: Iterable[LocalEntry]) -> set[str]:
         """Of these recorded files, those missing on disk, not regular, of another size, or
@@ -396,11 +393,11 @@ class CacheTree:
         try:
             os.lstat(target)
         except FileNotFoundError:
-            dir_fd, name = self.open_parent(relative, create=True)
+            directory, name = self.open_parent(relative, create=True)
             try:
-                os.rename(recycled, name, dst_dir_fd=dir_fd)
+                directory.move_in(str(recycled), name)
             finally:
-                os.close(dir_fd)
+                directory.close()
             return True
         remove_tree(recycled)
         return False
@@ -409,14 +406,13 @@ class CacheTree:
 _Identity = tuple[int, int]
 
 
-def _identity(fd: int) -> _Identity:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
-
-
 def _is_directory(entry: os.DirEntry[str]) -> bool:
+    """A real directory: not a link, nor (on Windows) a junction, which is removed as the
+    link it is and never entered."""
     try:
-        return entry.is_dir(follow_symlinks=False)
+        return entry.is_dir(follow_symlinks=False) and not is_link(
+            entry.stat(follow_symlinks=False)
+        )
     except OSError:
         return False
 
@@ -427,12 +423,13 @@ class _Descent:
     Python's ``os.walk`` (before 3.12) and ``shutil.rmtree`` recurse once per level and take
     whole paths, so a tree a few hundred levels deep exhausts the stack or ``PATH_MAX``.
     This walk keeps, per level, the identity of the directory and its subdirectories not yet
-    visited; it goes down with ``openat`` (never through a link) and up with ``..``, checked
-    against the identity it recorded, so a directory moved meanwhile stops it with an error
-    instead of sending it elsewhere."""
+    visited; it goes down a :class:`~runicorn._sys.dirs.Directory` at a time (``openat``
+    where there is ``dir_fd``; never through a link) and up with ``..``, checked against
+    the identity it recorded, so a directory moved meanwhile stops it with an error instead
+    of sending it elsewhere."""
 
     def __init__(self, top: Path) -> None:
-        self.fd = os.open(top, _DIR_FLAGS | _NOFOLLOW)
+        self.directory = open_directory(top, follow=False)
         self.levels: list[tuple[_Identity, list[str]]] = []
         self.parts: list[str] = []
         """The open directory's path below the top, as components."""
@@ -442,16 +439,16 @@ class _Descent:
         not returned, with ``remove_files``); its subdirectories are recorded to visit."""
         files: list[os.DirEntry[str]] = []
         subdirectories: list[str] = []
-        with os.scandir(self.fd) as entries:
+        with self.directory.scandir() as entries:
             for entry in entries:
                 if _is_directory(entry):
                     subdirectories.append(entry.name)
                 elif remove_files:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.name, dir_fd=self.fd)
+                        self.directory.unlink(entry.name)
                 else:
                     files.append(entry)
-        self.levels.append((_identity(self.fd), subdirectories))
+        self.levels.append((self.directory.identity(), subdirectories))
         return files
 
     def skip(self, name: str) -> None:
@@ -470,38 +467,38 @@ class _Descent:
             while pending:
                 name = pending.pop()
                 try:
-                    child = os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=self.fd)
+                    child = self.directory.child(name)
                 except OSError:
                     continue
-                os.close(self.fd)
-                self.fd = child
+                self.directory.close()
+                self.directory = child
                 self.parts.append(name)
                 return True
             self.levels.pop()
             if not self.levels:
                 return False
-            parent = os.open("..", _DIR_FLAGS, dir_fd=self.fd)
-            os.close(self.fd)
-            self.fd = parent
+            parent = self.directory.parent()
+            self.directory.close()
+            self.directory = parent
             left = self.parts.pop()
-            if _identity(parent) != self.levels[-1][0]:
+            if parent.identity() != self.levels[-1][0]:
                 raise OSError(
                     errno.ESTALE,
                     f"a directory moved during the walk below {'/'.join(self.parts) or '.'}",
                 )
             if remove_directories:
-                os.rmdir(left, dir_fd=self.fd)
+                self.directory.rmdir(left)
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.directory.close()
 
 
 def walk_files(
     top: Path, *, skip_top: str | None = None
-) -> Iterator[tuple[int, tuple[str, ...], os.DirEntry[str]]]:
+) -> Iterator[tuple[Directory, tuple[str, ...], os.DirEntry[str]]]:
     """Every entry below ``top`` that is not a directory (links included, never followed),
-    as ``(directory fd, directory's path below top as parts, entry)``: the fd is open while
-    the entry is handled, for ``unlink(entry.name, dir_fd=fd)``. Iterative and one
+    as ``(directory, directory's path below top as parts, entry)``: the directory is open
+    while the entry is handled, for ``directory.unlink(entry.name)``. Iterative and one
     descriptor deep (see :class:`_Descent`); ``skip_top`` names a directory of ``top`` left
     out. Nothing when ``top`` is not a directory."""
     try:
@@ -515,7 +512,7 @@ def walk_files(
                 walk.skip(skip_top)
             parts = tuple(walk.parts)
             for entry in files:
-                yield walk.fd, parts, entry
+                yield walk.directory, parts, entry
             if not walk.advance(remove_directories=False):
                 return
     finally:
