@@ -66,11 +66,11 @@ class Lab:
         self.runs: list[Path] = []
         self.tags: dict[str, list[str]] = {}
 
-    def add(self, project: int) -> None:
+    def add(self, project: int, status: str = "finished") -> None:
         run_id = f"20240101_000000_{next(_ids):06x}"
         run = self.root / f"proj{project}" / "exp" / "runs" / run_id
         _write(run / "meta.json", f'{{"id":"{run_id}","created_at":{OLD - 100}}}')
-        _write(run / "status.json", '{"status":"finished"}')
+        _write(run / "status.json", f'{{"status":"{status}"}}')
         _write(run / "summary.json", '{"loss":1}')
         _write(run / "events.jsonl", '{"step":0}\n')
         _write(run / "logs.txt", "started\n")
@@ -86,7 +86,7 @@ class Lab:
     def apply(self, op: str, index: int) -> None:
         run = self.pick(index)
         if op == "add" or run is None:
-            self.add(index % 3)
+            self.add(index % 3, "running" if index % 2 else "finished")
         elif op == "append":
             _append(run / "events.jsonl", f'{{"step":{index}}}\n')
             _append(run / "logs.txt", f"line {index}\n")
@@ -151,7 +151,7 @@ def test_a_step_from_the_active_manifest_equals_a_full_sync(
         top = Path(work)
         lab = Lab(top / "lab")
         for index in range(3):
-            lab.add(index)
+            lab.add(index, "running" if index else "finished")
         generator = ManifestGenerator(lab.root, backend=backend)
         generator.generate(ManifestType.FULL)
         generator.generate(ManifestType.ACTIVE)
@@ -203,3 +203,40 @@ def test_a_run_copied_in_with_old_mtimes_arrives_through_the_active_manifest(
         if path.is_file()
     }
     assert _files(tmp_path / "cache", lab.prefixes()) == served
+
+
+def test_unchanged_runs_of_an_active_manifest_are_left_out_and_the_cache_equals_a_full_sync(
+    backend: Backend, tmp_path: Path
+) -> None:
+    lab = Lab(tmp_path / "lab")
+    for index in range(4):
+        lab.add(index % 2, "running")
+    lab.add(0)
+    generator = ManifestGenerator(lab.root, backend=backend)
+    generator.generate(ManifestType.FULL)
+    generator.generate(ManifestType.ACTIVE)
+    auto = _client(lab.root, tmp_path / "auto", backend, "auto")
+    full = _client(lab.root, tmp_path / "full", backend, "full")
+    try:
+        auto.sync()
+        full.sync()
+        steps = []
+        for op, index in (("append", 1), ("rewrite", 2), ("media", 1), ("add", 7)):
+            lab.apply(op, index)
+            generator.generate(ManifestType.FULL)
+            generator.generate(ManifestType.ACTIVE)
+            steps.append(auto.sync())
+            full.sync()
+            assert _files(tmp_path / "auto", lab.prefixes()) == _files(
+                tmp_path / "full", lab.prefixes()
+            )
+            assert _runs(auto, lab.prefixes()) == _runs(full, lab.prefixes())
+    finally:
+        auto.close()
+        full.close()
+    assert all(stats["manifest_type"] == "active" for stats in steps)
+    # the full sync recorded the running runs: at least the running runs a step left alone
+    # (three, then four with the one added) are left out of its decoding
+    unchanged = [stats.get("runs_unchanged", 0) for stats in steps]
+    assert all(count >= least for count, least in zip(unchanged, [3, 3, 3, 4], strict=True))
+    assert [stats["files_synced"] for stats in steps] == [2, 1, 1, 5]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from runicorn.format import names
 from runicorn.format.compression import compress, decompress_capped
-from runicorn.format.models import read_header
+from runicorn.format.models import read_header, run_digest
 from runicorn.manifest import (
     ExperimentEntry,
     FileEntry,
@@ -739,3 +739,50 @@ def test_read_header_finds_the_header_of_an_indented_manifest():
         "revision": 7,
         "snapshot_id": "00000000-0000-4000-8000-000000000007",
     }
+
+
+# --------------------------------------------------------------------------- known runs left out
+
+
+def _known(manifest: SyncManifest) -> dict[str, bytes]:
+    return {exp.prefix: run_digest(orjson.dumps(exp.to_dict())) for exp in manifest.experiments}
+
+
+def test_runs_listed_exactly_as_known_are_left_out_and_the_rest_is_decoded_as_before():
+    manifest = _manifest()
+    known = _known(manifest)
+    doc = _document()
+    doc["experiments"][1]["status"] = "failed"  # the second run changed
+    doc["statistics"]["total_experiments"] = 2
+
+    decoded = SyncManifest.from_json(orjson.dumps(doc), known_runs=known)
+
+    assert decoded.unchanged == [PREFIX]
+    assert [exp.run_id for exp in decoded.experiments] == ["20240102_120000_012345"]
+    assert decoded.experiments[0] == SyncManifest.from_json(orjson.dumps(doc)).experiments[1]
+    assert SyncManifest.from_json(orjson.dumps(doc)).unchanged == []
+
+
+def test_a_run_left_out_still_counts_for_the_statistics_and_for_being_listed_twice():
+    known = _known(_manifest())
+    doc = _document()
+    doc["statistics"]["total_files"] += 1  # a truncated or edited manifest
+    with pytest.raises(ValueError, match=r"statistics\.total_files"):
+        SyncManifest.from_json(orjson.dumps(doc), known_runs=known)
+    doc = _document()
+    doc["experiments"].append(doc["experiments"][0])
+    with pytest.raises(ValueError, match="listed twice"):
+        SyncManifest.from_json(orjson.dumps(doc), known_runs=known)
+
+
+def test_a_known_run_whose_directory_nests_with_another_run_is_decoded():
+    outer = _runs_path_document("cv")
+    inner = _runs_path_document(f"cv/{RUN_ID}")  # lies inside the outer run's directory
+    outer["experiments"] += inner["experiments"]
+    outer.pop("statistics")
+    known = _known(SyncManifest.from_json(orjson.dumps(outer)))
+
+    decoded = SyncManifest.from_json(orjson.dumps(outer), known_runs=known)
+
+    assert decoded.unchanged == []
+    assert len(decoded.experiments) == 2

@@ -8,9 +8,10 @@ deterministic (fixed key order, compact orjson) so both backends publish identic
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import starmap
@@ -165,6 +166,9 @@ class SyncManifest:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """``(path, reason)`` of the runs and files this reader left out because the name rule
     (:mod:`runicorn.format.names`) refuses their paths; never encoded."""
+    unchanged: list[str] = field(default_factory=list)
+    """The directory prefixes of the runs this reader left out because the caller holds
+    them exactly as listed (``known_runs`` of :meth:`from_json`); never encoded."""
 
     @property
     def total_experiments(self) -> int:
@@ -272,6 +276,7 @@ class SyncManifest:
         source: str = "manifest",
         max_entries: int | None = ManifestFormat.MAX_ENTRIES,
         memo: ValidationMemo | None = None,
+        known_runs: Mapping[str, bytes] | None = None,
     ) -> SyncManifest:
         """Parse and validate JSON bytes; ``ValueError`` says what is wrong and where.
 
@@ -279,6 +284,11 @@ class SyncManifest:
         refused before it is parsed (:class:`~runicorn.format.compression.JsonTally`).
         ``memo``: runs validated by the previous call with it are not checked again
         (:class:`ValidationMemo`); the result is the same.
+        ``known_runs``: per run prefix, the :func:`run_digest` of a run the caller holds as
+        validated and applied; a run listed with exactly that JSON is left out of
+        ``experiments`` (its prefix goes to ``unchanged``) without being built or checked
+        again, but for what spans runs (a run listed twice, the statistics), unless its
+        directory nests with another run's.
         """
         if max_entries is not None:
             JsonTally(len(data), max_entries, source).add(data)
@@ -288,7 +298,7 @@ class SyncManifest:
         except orjson.JSONDecodeError as error:
             raise ValueError(f"{source} is not valid JSON: {error}") from None
         with paused_gc():
-            return _Validator(source, memo).manifest(document)
+            return _Validator(source, memo, known_runs).manifest(document)
 
     @classmethod
     def from_gzip(
@@ -299,12 +309,15 @@ class SyncManifest:
         max_decompressed: int = ManifestFormat.MAX_DECOMPRESSED_BYTES,
         max_entries: int | None = ManifestFormat.MAX_ENTRIES,
         memo: ValidationMemo | None = None,
+        known_runs: Mapping[str, bytes] | None = None,
     ) -> SyncManifest:
         """Decompress and parse a ``.json.gz`` manifest, refusing it while it inflates when
         it passes ``max_decompressed`` bytes or ``max_entries`` runs and files: memory stays
         bounded whatever the stream holds (:func:`~.compression.decompress_capped`)."""
         text = decompress_capped(data, max_decompressed, source=source, max_entries=max_entries)
-        return cls.from_json(text, source=source, max_entries=None, memo=memo)
+        return cls.from_json(
+            text, source=source, max_entries=None, memo=memo, known_runs=known_runs
+        )
 
     @classmethod
     def from_dict(cls, document: Any, *, source: str = "manifest") -> SyncManifest:
@@ -387,6 +400,66 @@ def _run_key(raw: Any) -> bytes | None:
         return None
 
 
+def run_digest(run_json: bytes) -> bytes:
+    """What a reader compares to know a run unchanged (``known_runs`` of
+    :meth:`SyncManifest.from_json`): a 128-bit BLAKE2b of the run's JSON as ``orjson``
+    writes it, which for a run this generator published is ``orjson.dumps(exp.to_dict())``."""
+    return hashlib.blake2b(run_json, digest_size=16).digest()
+
+
+def _leave_out(
+    experiments: list[Any], known_runs: Mapping[str, bytes]
+) -> dict[int, tuple[str, str, str, str, int, int]]:
+    """The runs of ``experiments`` listed exactly as ``known_runs`` holds them, by index:
+    ``(project, name, run_id, prefix, files, bytes)``. A run whose directory lies inside or
+    around another listed run's is never left out (the paths they may both claim are
+    checked on built runs only)."""
+    candidates: dict[int, tuple[str, str, str, str, int, int]] = {}
+    prefixes: set[str] = set()
+    runs_path = False
+    for index, raw in enumerate(experiments):
+        if type(raw) is not dict:
+            continue
+        project, name, run_id = raw.get("project"), raw.get("name"), raw.get("run_id")
+        if not (type(project) is str and type(name) is str and type(run_id) is str):
+            continue
+        prefix = run_prefix(project, name, run_id)
+        prefixes.add(prefix)
+        runs_path = runs_path or project == RUNS_DIRNAME
+        digest = known_runs.get(prefix)
+        if digest is None or run_digest(orjson.dumps(raw)) != digest:
+            continue
+        # the same JSON as a run validated before: its files are a list of valid objects
+        files = raw["files"]
+        candidates[index] = (
+            project, name, run_id, prefix, len(files), sum(f["size"] for f in files)
+        )
+    if not candidates or not runs_path:
+        # project-name run directories all lie at the same depth: none nests in another
+        return candidates
+    enclosing: set[str] = set()
+    for prefix in prefixes:
+        cut = prefix.find("/")
+        while 0 <= cut < len(prefix) - 1:
+            enclosing.add(prefix[: cut + 1])
+            cut = prefix.find("/", cut + 1)
+    return {
+        index: found
+        for index, found in candidates.items()
+        if found[3] not in enclosing
+        and not any(
+            found[3][: cut + 1] in prefixes for cut in _slash_positions(found[3][:-1])
+        )
+    }
+
+
+def _slash_positions(text: str) -> Iterator[int]:
+    cut = text.find("/")
+    while cut >= 0:
+        yield cut
+        cut = text.find("/", cut + 1)
+
+
 def _well_formed_file(raw: Any, prefix: str, prefix_length: int) -> FileEntry | None:
     """The common case of :meth:`_Validator.file` in one tight function.
 
@@ -467,9 +540,17 @@ class _Validator:
     problem of the document: it is left out, recorded in :attr:`SyncManifest.skipped`, and
     the rest of the manifest is used."""
 
-    def __init__(self, source: str, memo: ValidationMemo | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        memo: ValidationMemo | None = None,
+        known_runs: Mapping[str, bytes] | None = None,
+    ) -> None:
         self.source = source
         self.memo = memo
+        self.known_runs = known_runs
+        self.left_out = [0, 0, 0]
+        """Runs, files and bytes left out as unchanged (``known_runs``)."""
         self.checked: dict[bytes, _CheckedRun] = {}
         """The runs validated this time, by their JSON: the memo's next contents."""
         self.skipped: list[tuple[str, str]] = []
@@ -585,7 +666,19 @@ class _Validator:
         seen_runs: set[tuple[str, str, str]] = set()
         seen_paths: set[str] = set()
         known = self.memo._runs if self.memo is not None else None
+        unchanged = _leave_out(experiments, self.known_runs) if self.known_runs else {}
         for index, raw in enumerate(experiments):
+            same = unchanged.get(index)
+            if same is not None:
+                project, name, run_id, prefix, files, size = same
+                if (project, name, run_id) in seen_runs:
+                    raise self.fail(f"experiments[{index}]", f"run {prefix!r} is listed twice")
+                seen_runs.add((project, name, run_id))
+                manifest.unchanged.append(prefix)
+                self.left_out[0] += 1
+                self.left_out[1] += files
+                self.left_out[2] += size
+                continue
             json_key = _run_key(raw) if known is not None else None
             hit = known.get(json_key) if json_key is not None and known is not None else None
             if json_key is not None and hit is not None and seen_paths.isdisjoint(hit.paths):
@@ -763,9 +856,9 @@ class _Validator:
         if not isinstance(stats, dict):
             raise self.fail("statistics", f"expected an object, got {type(stats).__name__}")
         skipped = {
-            "total_experiments": self.skipped_runs,
-            "total_files": self.skipped_files,
-            "total_bytes": self.skipped_bytes,
+            "total_experiments": self.skipped_runs + self.left_out[0],
+            "total_files": self.skipped_files + self.left_out[1],
+            "total_bytes": self.skipped_bytes + self.left_out[2],
         }
         for key, listed in manifest.statistics.items():
             actual = listed + skipped[key]

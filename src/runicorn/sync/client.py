@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
+
 from runicorn.core.backend import Backend, active_backend
 from runicorn.format.client_names import is_case_insensitive
 from runicorn.format.layout import DELETED_MARKER, UNKNOWN_STATUS, run_prefix
@@ -44,6 +46,7 @@ from runicorn.format.models import (
     ManifestType,
     SyncManifest,
     ValidationMemo,
+    run_digest,
 )
 from runicorn.sync.cache import LocalCacheManager, RunRecord, tree
 from runicorn.sync.cache.manager import same_server
@@ -556,7 +559,7 @@ class ManifestSyncClient:
                 run.reason = f"manifest revision {state.revision} unchanged"
                 return None
             if also_active and header is not None and not self.delete and not self._full_check:
-                delta = self._check_delta(run, state, header, probes[1])
+                delta = self._check_delta(run, remote_id, state, header, probes[1])
                 if delta is not None:
                     return delta
         else:
@@ -578,6 +581,7 @@ class ManifestSyncClient:
     def _check_delta(
         self,
         run: SyncRun,
+        remote_id: str,
         state: AppliedManifest,
         header: dict[str, Any],
         probe: Probe | None,
@@ -590,7 +594,9 @@ class ManifestSyncClient:
         if probe is None:
             return None
         try:
-            manifest = self._manifests().download(ManifestType.ACTIVE, run, probe)
+            manifest = self._manifests().download(
+                ManifestType.ACTIVE, run, probe, self._known_runs(remote_id, run)
+            )
         except (OSError, ValueError) as error:
             logger.info("active manifest unusable (%s); reading the full manifest", error)
             return None
@@ -612,6 +618,14 @@ class ManifestSyncClient:
         run.extra["delta_to"] = int(header["revision"])
         self._delta_target = (int(header["revision"]), str(header["snapshot_id"]), state.vanished)
         return manifest
+
+    def _known_runs(self, remote_id: str, run: SyncRun) -> dict[str, bytes] | None:
+        """The runs the cache holds exactly as a manifest applied cleanly listed them (by
+        the digest of their JSON), for leaving them out of an active manifest's decoding:
+        only while nothing is pending locally, so that what the records say is on disk."""
+        if not self._is_clean(remote_id, run):
+            return None
+        return self.cache.run_digests(remote_id)
 
     def _check_active(
         self,
@@ -644,7 +658,9 @@ class ManifestSyncClient:
                 run.skipped = True
                 run.reason = f"active manifest revision {state.revision} unchanged"
             return None
-        manifest = self._manifests().download(ManifestType.ACTIVE, run, probe)
+        manifest = self._manifests().download(
+            ManifestType.ACTIVE, run, probe, self._known_runs(remote_id, run) if clean else None
+        )
         full = self.cache.applied_manifest(remote_id, ManifestType.FULL.value)
         if full is not None and manifest.generated_at < full.generated_at:
             # Older than the full manifest already applied: its files may be older too.
@@ -758,7 +774,12 @@ class ManifestSyncClient:
                 f.path for f in self.cache.failed_files(remote_id) if f.path not in listed
             )
         now = time.time()
-        cached_ids = {key[2] for key in self.cache.runs_of_remote(remote_id)}
+        if is_full:
+            cached_ids = {key[2] for key in self.cache.runs_of_remote(remote_id)}
+        else:  # only whether each listed run is new matters
+            cached_ids = self.cache.cached_run_ids(
+                remote_id, (exp.run_id for exp in manifest.experiments)
+            )
         self.cache.save_runs(
             remote_id, [self._run_record(exp, None) for exp in manifest.experiments]
         )
@@ -793,6 +814,9 @@ class ManifestSyncClient:
                 for exp in manifest.experiments
             ],
         )
+        self._save_digests(manifest, remote_id, failed_dirs, is_full=is_full)
+        if manifest.unchanged:
+            run.extra["runs_unchanged"] = len(manifest.unchanged)
         self.last_changes = self._changes(manifest, transfers, run, cached_ids, gone)
         self.last_run_changes = self._run_changes(manifest, transfers, run, cached_ids, gone)
         # A twin left out keeps the manifest pending: the next sync weighs it again, and
@@ -839,6 +863,22 @@ class ManifestSyncClient:
                 f"{run.files_synced} file(s) synced, {len(run.failed)} failed"
             )
         logger.info("%s", run.reason)
+
+    def _save_digests(
+        self, manifest: SyncManifest, remote_id: str, failed_dirs: set[str], *, is_full: bool
+    ) -> None:
+        """Remember the JSON digest of each run this sync applied cleanly, so a later active
+        manifest listing it unchanged need not be decoded for it (:meth:`_known_runs`). A
+        full manifest replaces them all and records only its running runs (what every
+        active manifest lists); a run with a failed file is forgotten."""
+        applied = {}
+        failed = []
+        for exp in manifest.experiments:
+            if exp.prefix in failed_dirs:
+                failed.append(exp.prefix)
+            elif not is_full or exp.status == "running":
+                applied[exp.prefix] = run_digest(orjson.dumps(exp.to_dict()))
+        self.cache.save_run_digests(remote_id, applied, forget=failed, replace_all=is_full)
 
     @staticmethod
     def _changes(

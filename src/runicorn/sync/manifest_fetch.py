@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -169,9 +169,14 @@ class ManifestFetcher:
         return results
 
     def download(
-        self, manifest_type: ManifestType, run: SyncRun, probe: Probe | None
+        self,
+        manifest_type: ManifestType,
+        run: SyncRun,
+        probe: Probe | None,
+        known_runs: Mapping[str, bytes] | None = None,
     ) -> SyncManifest:
-        """Read, decompress (capped) and validate the whole manifest."""
+        """Read, decompress (capped) and validate the whole manifest; runs listed exactly as
+        ``known_runs`` holds them are left out (``SyncManifest.from_json``)."""
         candidates = self.candidates(manifest_type)
         if probe is not None:
             candidates = candidates[[path for path, _ in candidates].index(probe.path) :]
@@ -203,6 +208,7 @@ class ManifestFetcher:
                     max_decompressed=self.max_manifest_bytes,
                     max_entries=self.max_manifest_entries,
                     memo=memo,
+                    known_runs=known_runs,
                 )
             else:
                 manifest = SyncManifest.from_json(
@@ -210,6 +216,7 @@ class ManifestFetcher:
                     source=f"manifest {where}",
                     max_entries=self.max_manifest_entries,
                     memo=memo,
+                    known_runs=known_runs,
                 )
             if manifest.manifest_type is not manifest_type:
                 raise ValueError(

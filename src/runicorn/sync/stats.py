@@ -51,6 +51,9 @@ class SyncStatsExtra(TypedDict, total=False):
     now equals or is newer than."""
     delta_to: int
     """See ``delta_from``."""
+    runs_unchanged: int
+    """Runs of the applied active manifest listed exactly as the cache last applied them
+    cleanly: left out of its decoding, diff and state writes (nothing of theirs changed)."""
     older_revision: str
     """Set when the applied full manifest's revision is lower than the one this cache
     applied before: what happened (it is applied, and reported, never silently)."""

@@ -358,6 +358,25 @@ class LocalCacheManager:
         """Insert or update runs from a manifest; ``last_synced=None`` keeps the old value."""
         self.state.save_runs(remote_id, runs)
 
+    def cached_run_ids(self, remote_id: str, run_ids: Iterable[str]) -> set[str]:
+        """Which of ``run_ids`` the cache holds runs of from ``remote_id``."""
+        return self.state.cached_run_ids(remote_id, run_ids)
+
+    def run_digests(self, remote_id: str) -> dict[str, bytes]:
+        """Per run prefix, the digest of its manifest JSON as last applied cleanly."""
+        return self.state.run_digests(remote_id)
+
+    def save_run_digests(
+        self,
+        remote_id: str,
+        digests: dict[str, bytes],
+        *,
+        forget: Iterable[str] = (),
+        replace_all: bool = False,
+    ) -> None:
+        """Record digests of runs applied cleanly; see :meth:`StateDatabase.save_run_digests`."""
+        self.state.save_run_digests(remote_id, digests, forget=forget, replace_all=replace_all)
+
     def runs_of_remote(self, remote_id: str) -> list[tuple[str, str, str]]:
         """``(project, name, run_id)`` of every cached run that came from ``remote_id``."""
         return self.state.runs_of_remote(remote_id)

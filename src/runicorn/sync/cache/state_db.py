@@ -88,6 +88,11 @@ CREATE TABLE IF NOT EXISTS remotes (
     last_sync REAL,
     last_outcome TEXT
 );
+CREATE TABLE IF NOT EXISTS run_digests (
+    prefix TEXT PRIMARY KEY,
+    remote_id TEXT NOT NULL,
+    digest BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied_manifests (
     remote_id TEXT NOT NULL,
     manifest_type TEXT NOT NULL,
@@ -366,7 +371,39 @@ class StateDatabase:
             ).rowcount
             conn.execute("DELETE FROM files WHERE path >= ? AND path < ?", under)
             conn.execute("DELETE FROM failed_files WHERE path >= ? AND path < ?", under)
+            conn.execute("DELETE FROM run_digests WHERE prefix = ?", (prefix,))
         return deleted > 0
+
+    def run_digests(self, remote_id: str) -> dict[str, bytes]:
+        """Per run prefix, the digest of the run's manifest JSON as a sync last applied it
+        cleanly from ``remote_id`` (:func:`runicorn.format.models.run_digest`)."""
+        return {
+            str(prefix): bytes(digest)
+            for prefix, digest in self._read(
+                "SELECT prefix, digest FROM run_digests WHERE remote_id = ?", (remote_id,)
+            )
+        }
+
+    def save_run_digests(
+        self,
+        remote_id: str,
+        digests: dict[str, bytes],
+        *,
+        forget: Iterable[str] = (),
+        replace_all: bool = False,
+    ) -> None:
+        """Record ``digests`` and forget those of the runs ``forget``; ``replace_all``: the
+        remote's other digests are forgotten too (a full manifest was applied)."""
+        with self.transaction() as conn:
+            if replace_all:
+                conn.execute("DELETE FROM run_digests WHERE remote_id = ?", (remote_id,))
+            conn.executemany(
+                "DELETE FROM run_digests WHERE prefix = ?", [(prefix,) for prefix in forget]
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO run_digests (prefix, remote_id, digest) VALUES (?, ?, ?)",
+                [(prefix, remote_id, digest) for prefix, digest in digests.items()],
+            )
 
     def runs_of_remote(self, remote_id: str) -> list[RunKey]:
         """``(project, name, run_id)`` of every cached run that came from ``remote_id``."""
@@ -378,6 +415,23 @@ class StateDatabase:
                 (remote_id,),
             )
         ]
+
+    def cached_run_ids(self, remote_id: str, run_ids: Iterable[str]) -> set[str]:
+        """Which of ``run_ids`` the cache holds runs of from ``remote_id``: index lookups,
+        for a manifest listing a few of the cache's runs."""
+        wanted = sorted(set(run_ids))
+        found: set[str] = set()
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            found.update(
+                str(row[0])
+                for row in self._read(
+                    "SELECT run_id FROM runs WHERE remote_id = ? AND run_id IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    [remote_id, *chunk],
+                )
+            )
+        return found
 
     def remote_ids(self) -> set[str]:
         """Every remote the cache holds runs of or has synced from."""
