@@ -6,8 +6,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import click
 
@@ -20,6 +21,45 @@ EXIT_PARTIAL = 3
 EXIT_HOST_KEY = 4
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+_Command = TypeVar("_Command", bound=Callable[..., object])
+
+
+def ssh_options(command: _Command) -> _Command:
+    """The SSH options every command that connects takes, the same way (``sync``,
+    ``doctor``): ``--port``, ``--identity``, ``--ssh-config``, ``--known-hosts``, passed as
+    ``port``, ``identities``, ``ssh_config``, ``known_hosts``."""
+    for option in reversed(
+        (
+            click.option(
+                "--port", "-p", type=click.IntRange(1, 65535), help="SSH port (overrides config)."
+            ),
+            click.option(
+                "--identity",
+                "-i",
+                "identities",
+                multiple=True,
+                type=click.Path(dir_okay=False),
+                help="Private key file to try (repeatable); the agent and ~/.ssh keys are "
+                "tried too.",
+            ),
+            click.option(
+                "--ssh-config",
+                type=click.Path(dir_okay=False),
+                default="~/.ssh/config",
+                show_default=True,
+                help="OpenSSH client config to read HostName, User, Port, IdentityFile from.",
+            ),
+            click.option(
+                "--known-hosts",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="known_hosts file to verify the server against [default: ~/.ssh/known_hosts].",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
 
 
 def configure_logging(verbose: bool) -> None:
@@ -34,9 +74,7 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose else logging.WARNING)
     # Its transport thread logs a failed handshake with a traceback (through logging's last
     # resort handler) before connect() raises; the command reports it in one line.
-    logging.getLogger("paramiko.transport").setLevel(
-        logging.DEBUG if verbose else logging.CRITICAL
-    )
+    logging.getLogger("paramiko.transport").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

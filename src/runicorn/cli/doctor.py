@@ -24,6 +24,7 @@ from runicorn.cli._common import (
     EXIT_OK,
     configure_logging,
     printable,
+    ssh_options,
     use_color,
 )
 from runicorn.cli.sync import parse_source
@@ -52,22 +53,7 @@ _DATE_COMMAND = "date +%s"
 @click.argument(
     "cache_dir", metavar="[CACHE]", type=click.Path(path_type=Path, file_okay=False), required=False
 )
-@click.option("--port", "-p", type=click.IntRange(1, 65535), help="SSH port (overrides config).")
-@click.option(
-    "--identity",
-    "-i",
-    "identities",
-    multiple=True,
-    type=click.Path(dir_okay=False),
-    help="Private key to try first (repeatable).",
-)
-@click.option(
-    "--ssh-config",
-    default="~/.ssh/config",
-    show_default=True,
-    help="OpenSSH client config to read.",
-)
-@click.option("--known-hosts", default=None, help="known_hosts file to check the host key with.")
+@ssh_options
 @click.option(
     "--timeout",
     type=click.FloatRange(min=1),

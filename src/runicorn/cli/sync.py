@@ -36,6 +36,7 @@ from runicorn.cli._common import (
     EXIT_TERMINATED,
     configure_logging,
     human_bytes,
+    ssh_options,
     terminate_as_exit,
 )
 from runicorn.cli._common import error as print_error
@@ -184,28 +185,7 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     help="The remotes file for NAME and --all [env: RUNICORN_CONFIG; default: config.toml "
     "in the platform's config directory, e.g. ~/.config/runicorn].",
 )
-@click.option("--port", "-p", type=click.IntRange(1, 65535), help="SSH port (overrides config).")
-@click.option(
-    "--identity",
-    "-i",
-    "identities",
-    multiple=True,
-    type=click.Path(dir_okay=False),
-    help="Private key file to try (repeatable); the agent and ~/.ssh keys are tried too.",
-)
-@click.option(
-    "--ssh-config",
-    type=click.Path(dir_okay=False),
-    default="~/.ssh/config",
-    show_default=True,
-    help="OpenSSH client config to read HostName, User, Port, IdentityFile from.",
-)
-@click.option(
-    "--known-hosts",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="known_hosts file to verify the server against [default: ~/.ssh/known_hosts].",
-)
+@ssh_options
 @click.option(
     "--compress/--no-compress",
     "-z",
