@@ -46,22 +46,6 @@ ALL_RUNS = (60, 90, 120)
 """Runs of the three labs of the --all figure: three servers of different sizes."""
 
 
-def _alias_block(alias: str, server: SshServer, port: int, known_hosts: Path) -> str:
-    return "\n".join(
-        [
-            f"Host {alias}",
-            "    HostName 127.0.0.1",
-            f"    Port {port}",
-            f"    User {server.username}",
-            f"    IdentityFile {server.client_key_path}",
-            "    IdentitiesOnly yes",
-            f"    UserKnownHostsFile {known_hosts}",
-            "    StrictHostKeyChecking yes",
-            "",
-        ]
-    )
-
-
 _LINK = """
 import sys
 sys.path.insert(1, sys.argv[1])
@@ -114,8 +98,11 @@ def _served(
             port = server.port
             if bandwidth_bps is not None or delay_ms:
                 port = stack.enter_context(_link(server.port, delay_ms, bandwidth_bps))
-            known.append(f"[127.0.0.1]:{port} {server.host_public_key}")
-            blocks.append(_alias_block(alias, server, port, workdir / "known_hosts"))
+            via = ("127.0.0.1", port)
+            known.append(server.known_hosts_line_at(via))
+            blocks.append(
+                server.ssh_config_block(alias, via=via, known_hosts=workdir / "known_hosts")
+            )
         (workdir / "known_hosts").write_text("\n".join(known) + "\n")
         config = workdir / "ssh_config"
         config.write_text("\n".join(blocks))

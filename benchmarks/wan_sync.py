@@ -91,27 +91,9 @@ class Measurement:
 def write_client_config(
     server: SshServer, proxy_port: int, directory: Path, alias: str = ALIAS
 ) -> Path:
-    """An ssh_config and known_hosts that reach the server, as ``alias``, through the
-    proxy's port."""
-    known_hosts = directory / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{proxy_port} {server.host_public_key}\n")
-    config = directory / "ssh_config"
-    config.write_text(
-        "\n".join(
-            [
-                f"Host {alias}",
-                "    HostName 127.0.0.1",
-                f"    Port {proxy_port}",
-                f"    User {server.username}",
-                f"    IdentityFile {server.client_key_path}",
-                "    IdentitiesOnly yes",
-                f"    UserKnownHostsFile {known_hosts}",
-                "    StrictHostKeyChecking yes",
-                "",
-            ]
-        )
-    )
-    return config
+    """An ssh_config (and a known_hosts beside it) that reaches the server, as ``alias``,
+    through the proxy's port."""
+    return server.write_ssh_config(directory / "ssh_config", alias, via=("127.0.0.1", proxy_port))
 
 
 def _timed(command: list[str]) -> tuple[float, str]:

@@ -24,24 +24,7 @@ DEADLINE_SECONDS = 60.0
 
 def _config_through(proxy: WanProxy, sshd_server: SshServer, tmp_path: Path) -> Path:
     """An ssh_config alias reaching the server through the proxy, trusting its key there."""
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"[{proxy.address[0]}]:{proxy.port} {sshd_server.host_public_key}\n")
-    config = tmp_path / "ssh_config"
-    config.write_text(
-        "\n".join(
-            [
-                "Host labserver",
-                f"    HostName {proxy.address[0]}",
-                f"    Port {proxy.port}",
-                f"    User {sshd_server.username}",
-                f"    IdentityFile {sshd_server.client_key_path}",
-                "    IdentitiesOnly yes",
-                f"    UserKnownHostsFile {known_hosts}",
-                "",
-            ]
-        )
-    )
-    return config
+    return sshd_server.write_ssh_config(tmp_path / "ssh_config", "labserver", via=proxy.address)
 
 
 def test_a_dropped_connection_is_reported_and_reestablished(

@@ -489,28 +489,54 @@ class SshServer:
             raise
         return client
 
-    def write_ssh_config(self, path: str | os.PathLike[str], alias: str) -> Path:
-        """Write an ssh_config with a ``Host alias`` block reaching this server; return the path.
+    def ssh_config_block(
+        self,
+        alias: str,
+        *,
+        via: tuple[str, int] | None = None,
+        known_hosts: str | os.PathLike[str] | None = None,
+    ) -> str:
+        """The ``Host alias`` block of an ssh_config that reaches this server: directly, or
+        at ``via`` (``(host, port)`` of a proxy in front of it, such as
+        :class:`harness.wan_proxy.WanProxy`) trusting its key in ``known_hosts`` (which must
+        hold :meth:`known_hosts_line_at` ``via``; default: this server's own file)."""
+        host, port = via if via is not None else (self.host, self.port)
+        return "\n".join(
+            [
+                f"Host {alias}",
+                f"    HostName {host}",
+                f"    Port {port}",
+                f"    User {self.username}",
+                f"    IdentityFile {self.client_key_path}",
+                "    IdentitiesOnly yes",
+                f"    UserKnownHostsFile {known_hosts or self.known_hosts_path}",
+                "    StrictHostKeyChecking yes",
+                "",
+            ]
+        )
+
+    def known_hosts_line_at(self, via: tuple[str, int]) -> str:
+        """A known_hosts line trusting this server's key at another address (a proxy's)."""
+        host, port = via
+        return f"[{host}]:{port} {self.host_public_key}"
+
+    def write_ssh_config(
+        self, path: str | os.PathLike[str], alias: str, *, via: tuple[str, int] | None = None
+    ) -> Path:
+        """Write an ssh_config with a ``Host alias`` block reaching this server (through the
+        proxy at ``via``, when given, with a known_hosts beside it: ``<path>.known_hosts``);
+        return the path.
 
         For CLI tests: ``runicorn sync alias:/root cache`` resolves HostName, Port, User, key and
         known_hosts from it exactly as from a user's ~/.ssh/config.
         """
         target = Path(path)
+        known_hosts = None
+        if via is not None:
+            known_hosts = target.with_name(target.name + ".known_hosts")
+            known_hosts.write_text(self.known_hosts_line_at(via) + "\n", encoding="ascii")
         target.write_text(
-            "\n".join(
-                [
-                    f"Host {alias}",
-                    f"    HostName {self.host}",
-                    f"    Port {self.port}",
-                    f"    User {self.username}",
-                    f"    IdentityFile {self.client_key_path}",
-                    "    IdentitiesOnly yes",
-                    f"    UserKnownHostsFile {self.known_hosts_path}",
-                    "    StrictHostKeyChecking yes",
-                    "",
-                ]
-            ),
-            encoding="utf-8",
+            self.ssh_config_block(alias, via=via, known_hosts=known_hosts), encoding="utf-8"
         )
         return target
 

@@ -55,7 +55,7 @@ def servers(
     for index in range(3):
         alias = f"gpu{index + 1}"
         server = sshd_factory()
-        blocks.append(server.write_ssh_config(tmp_path / f"{alias}.conf", alias).read_text())
+        blocks.append(server.ssh_config_block(alias))
         labs.append((alias, _lab(tmp_path / f"lab{index + 1}", 30 + index, backend)))
     ssh_config = tmp_path / "ssh_config"
     ssh_config.write_text("\n".join(blocks), encoding="utf-8")
