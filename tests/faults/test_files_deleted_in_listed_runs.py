@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.lab import Lab, assert_cache_equals_server, make_lab
+from harness.lab import Lab, assert_cache_equals_server, cache_files, make_lab, server_files
 from runicorn.core.backend import Backend
+from runicorn.remote_storage import MetadataSyncService
+from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
+from runicorn.sync.stats import SyncStats
 from runicorn.transport.local_remote import LocalRemote
 
 
@@ -25,7 +28,12 @@ def lab(tmp_path: Path, backend: Backend) -> Lab:
 
 def _client(lab: Lab, cache: Path, **options: object) -> ManifestSyncClient:
     return ManifestSyncClient(
-        None, str(lab.root), cache, 0.0, backend=lab.backend, remote=LocalRemote(lab.root),
+        None,
+        str(lab.root),
+        cache,
+        0.0,
+        backend=lab.backend,
+        remote=LocalRemote(lab.root),
         **options,
     )
 
@@ -69,9 +77,7 @@ def test_a_file_deleted_on_the_server_stays_without_delete_and_goes_with_it(
     assert again.get("files_deleted", 0) == 0
 
 
-def test_files_of_runs_outside_the_selection_are_never_deleted(
-    lab: Lab, tmp_path: Path
-) -> None:
+def test_files_of_runs_outside_the_selection_are_never_deleted(lab: Lab, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     _client(lab, cache).sync()
     gone = _media_file(lab)
@@ -102,6 +108,75 @@ def test_a_file_under_a_problem_path_is_kept(lab: Lab, tmp_path: Path) -> None:
     (lab.manifest_dir / "full_manifest.json.gz").unlink(missing_ok=True)
 
     stats = _client(lab, cache, delete=True).sync()
+
+    assert stats.get("files_deleted", 0) == 0
+    assert (cache / gone).exists()
+
+
+def _legacy_sync(lab: Lab, cache: Path, *, delete: bool, dry_run: bool = False) -> SyncStats:
+    """A legacy walk of the lab (no manifest read), as ``runicorn sync --legacy`` does."""
+    manager = LocalCacheManager(cache)
+    remote = LocalRemote(lab.root)
+    try:
+        service = MetadataSyncService(
+            None,
+            None,
+            str(lab.root),
+            manager,
+            use_manifest_sync=False,
+            delete=delete,
+            dry_run=dry_run,
+            remote=remote,
+            backend=lab.backend,
+        )
+        assert service.sync_all()
+    finally:
+        remote.close()
+        manager.close()
+    assert service.progress.mode == "legacy"
+    assert service.last_stats is not None
+    return service.last_stats
+
+
+def test_the_legacy_walk_deletes_files_of_listed_runs_only_with_delete(
+    lab: Lab, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    _legacy_sync(lab, cache, delete=False)
+    gone = _media_file(lab)
+    kept_bytes = (cache / gone).read_bytes()
+    (lab.root / gone).unlink()
+
+    kept = _legacy_sync(lab, cache, delete=False)
+    assert (cache / gone).read_bytes() == kept_bytes
+    assert "files_deleted" not in kept
+
+    preview = _legacy_sync(lab, cache, delete=True, dry_run=True)
+    assert preview["files_deleted"] == 1
+    assert (cache / gone).exists()
+
+    deleted = _legacy_sync(lab, cache, delete=True)
+    assert deleted["files_deleted"] == 1
+    assert deleted["failed_count"] == 0
+    assert not (cache / gone).exists()
+    # (The walk sees whole-second mtimes: the bytes are compared, not the mtimes.)
+    assert cache_files(cache) == server_files(lab.root)
+
+    again = _legacy_sync(lab, cache, delete=True)
+    assert again["files_synced"] == 0
+    assert again.get("files_deleted", 0) == 0
+
+
+def test_an_incomplete_legacy_walk_deletes_no_file(lab: Lab, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _legacy_sync(lab, cache, delete=False)
+    gone = _media_file(lab)
+    (lab.root / gone).unlink()
+    # A name the walk skips makes it incomplete: nothing may be deleted then.
+    other = next(run for run in lab.info.listed_runs if not gone.startswith(run.rel + "/"))
+    (other.path / "bell\x07name.txt").write_bytes(b"skipped by the name rule")
+
+    stats = _legacy_sync(lab, cache, delete=True)
 
     assert stats.get("files_deleted", 0) == 0
     assert (cache / gone).exists()
