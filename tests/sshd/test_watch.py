@@ -34,6 +34,7 @@ from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
 from runicorn.sync.watch import CacheWatcher
 from runicorn.transport import change_feed
+from runicorn.transport.sftp_remote import SftpRemote
 
 pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=6, scale=0.02)]
 
@@ -173,6 +174,33 @@ def test_a_pushed_watch_applies_a_publication_without_polling(client_for, lab: L
     assert [p["manifest_type"] for p in watch.passes[passes:]] == ["active"] * (
         len(watch.passes) - passes
     )
+
+
+def test_a_pushed_publication_arrives_with_its_content_and_no_manifest_read(
+    client_for, sftp: paramiko.SFTPClient, lab: Lab, cache: Path, sshd_server: SshServer
+):
+    """The server's command sends the new active manifest itself: the pass that applies it
+    opens only the appended file over SFTP (the file stream, which would carry that file
+    instead, is off here), never the manifest."""
+    lab.publish(ManifestType.ACTIVE)
+    client = client_for(remote=SftpRemote(sftp, str(lab.root), stream=False))
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
+    try:
+        watcher = client._watcher
+        assert watcher is not None
+        watch.wait_for(lambda: watcher.pushed)
+        watch.wait_for(lambda: len(watch.passes) >= 2)  # the catch-up pass once pushed
+        sshd_server.reset_request_counts()
+        events, rel = _running_events(lab)
+        with open(events, "a") as handle:
+            handle.write('{"step": 4242}\n')
+        lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
+        expected = events.read_bytes()
+        watch.wait_for(lambda: cache_files(cache).get(rel) == expected)
+    finally:
+        watch.stop()
+    counts = sshd_server.sftp_request_count(wait_for_close=True)
+    assert counts["open"] == 1, counts.by_type
 
 
 def test_a_server_without_python3_is_polled_instead(

@@ -207,6 +207,9 @@ class ManifestSyncClient:
         """Full revision, snapshot and vanished count to record when the active manifest
         being applied stands in for the full one (:meth:`_check_delta`)."""
         self._damage: set[str] | None = None
+        self.pushed_active: bytes | None = None
+        """Set by a watch for one pass: the active manifest's ``.gz`` as the server pushed it,
+        read instead of the server's copy when it is not older than the one applied."""
         self._remote = remote
         self._remote_id: str | None = None
         self._owns_remote = remote is None
@@ -640,6 +643,13 @@ class ManifestSyncClient:
         ``probe``: what probing it found already (``None``: absent); not given: probe now."""
         state = self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
         clean = state is not None and state.clean and (not forced or self._is_clean(remote_id, run))
+        if probe is False and self.pushed_active is not None:
+            probe = self._manifests().pushed_probe(ManifestType.ACTIVE, self.pushed_active)
+            revision = None if probe.header is None else probe.header.get("revision")
+            if not isinstance(revision, int) or (state is not None and revision < state.revision):
+                probe = False  # unreadable, or older than applied: read the server's copy
+            else:
+                run.bytes_downloaded += len(self.pushed_active)
         if probe is False:
             probe = self._manifests().probe_many([(ManifestType.ACTIVE, not forced)], run)[0]
         if probe is None:

@@ -152,6 +152,12 @@ class ManifestFetcher:
                 break
         return found
 
+    def pushed_probe(self, manifest_type: ManifestType, data: bytes) -> Probe:
+        """A probe of the ``.gz`` manifest whose whole content the server pushed (the watch's
+        change feed): :meth:`download` then reads nothing more."""
+        path, gz = self.candidates(manifest_type)[0]
+        return Probe(path, gz, data, True, _header_of(data, gz))
+
     def read_prefixes(self, paths: list[str]) -> list[bytes | BaseException]:
         """The remote's pipelined ``read_prefixes`` where it has one, else one at a time."""
         reader = getattr(self.remote(), "read_prefixes", None)

@@ -51,6 +51,7 @@ class WatchedClient(Protocol):
     manifest_type: str
     jitter_max: float
     sftp_client: paramiko.SFTPClient | None
+    pushed_active: bytes | None
 
     def sync(self, progress_callback: ProgressCallback | None = None) -> SyncStats: ...
 
@@ -113,6 +114,10 @@ class CacheWatcher:
         self._wake = threading.Event()
         self._full_changed = False
         self._feed: ChangeFeed | None = None
+        self._pushed: bytes | None = None
+        """The active manifest's content the feed pushed last, until a pass takes it."""
+        self._pushed_lock = threading.Lock()
+        self._gz_announced = False
         self._feed_given_up = False
         self._feed_retry_at = 0.0
 
@@ -169,8 +174,9 @@ class CacheWatcher:
                 self._sleep(self.interval)
 
     def _sleep(self, seconds: float) -> None:
-        """Until ``seconds`` have passed, the feed reported a change, or :meth:`stop`."""
-        if seconds > 0 and not self._stop.is_set():
+        """Until ``seconds`` have passed, the feed reported a change, or :meth:`stop`; not
+        at all while pushed content waits for a pass."""
+        if seconds > 0 and not self._stop.is_set() and self._pushed is None:
             self._wake.wait(seconds)
         self._wake.clear()
 
@@ -203,11 +209,29 @@ class CacheWatcher:
             on_change=self._on_change,
             on_ready=self._on_ready,
             on_end=self._on_end,
+            on_content=self._on_content,
+            inline=[0],  # the active manifest's .gz
         )
         self._feed = feed
+        self._gz_announced = False
         feed.start()
 
+    def _on_content(self, index: int, data: bytes) -> None:
+        with self._pushed_lock:
+            self._pushed = data
+        self._gz_announced = True
+        self._wake.set()
+
     def _on_change(self, index: int) -> None:
+        if index == 0:
+            # Published, but not pushed (too large, or unreadable): the pass reads it.
+            with self._pushed_lock:
+                self._pushed = None
+            self._gz_announced = True
+        elif index == 1 and self._gz_announced:
+            # The plain copy, written just before the .gz by the generator: the .gz's
+            # content follows, and waking now would only read the server's copy early.
+            return
         if index >= 2:  # the full manifest's files
             self._full_changed = True
         self._wake.set()
@@ -237,7 +261,18 @@ class CacheWatcher:
         )
         self._wake.set()
 
+    def _take_pushed(self) -> bytes | None:
+        """The pushed content not used yet, if any; the feed may then send the next."""
+        with self._pushed_lock:
+            pushed, self._pushed = self._pushed, None
+        feed = self._feed
+        if pushed is not None and feed is not None:
+            feed.grant()
+        return pushed
+
     def _close_feed(self) -> None:
+        with self._pushed_lock:
+            self._pushed = None
         feed, self._feed = self._feed, None
         self._feed_given_up = False
         self._feed_retry_at = 0.0
@@ -250,12 +285,15 @@ class CacheWatcher:
         mode, jitter = client.manifest_type, client.jitter_max
         if not full:
             client.manifest_type = ManifestType.ACTIVE.value
+            # (a full pass leaves it for the active pass that follows at once: see _sleep)
+            client.pushed_active = self._take_pushed()
         if self.passes:
             client.jitter_max = 0.0  # the jitter spreads a fleet's first sync, not each pass
         try:
             return client.sync() if self.on_progress is None else client.sync(self.on_progress)
         finally:
             client.manifest_type, client.jitter_max = mode, jitter
+            client.pushed_active = None
 
     def _report(self, error: BaseException, retry_in: float) -> None:
         # A caller with on_error reports it itself; otherwise the log is the only trace.
