@@ -63,24 +63,11 @@ def test_the_client_imports_without_fcntl_resource_and_pread() -> None:
     assert result.stdout.split() == ["msvcrt", "_seek_read", "_seek_write", "None"]
 
 
-def test_local_directory_syncs_pass_on_the_portable_paths() -> None:
+def _child_pytest(*arguments: str, no_dir_fd: bool = False) -> None:
+    """Run pytest on ``arguments`` in the child Python; every test it selects must pass."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(_TESTS / "unit" / "test_runs_table.py"),
-            str(_TESTS / "unit" / "test_run_selection.py"),
-            str(_TESTS / "unit" / "test_delta_sync.py"),
-            # The two many-step histories add a minute and nothing the other syncs lack.
-            _backend_option(),
-            "-k",
-            "not equals_a_full_sync and not restricted_to_the_selection",
-        ],
-        env=_child_env(),
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments],
+        env=_child_env(no_dir_fd=no_dir_fd),
         capture_output=True,
         text=True,
         timeout=600,
@@ -89,6 +76,18 @@ def test_local_directory_syncs_pass_on_the_portable_paths() -> None:
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_local_directory_syncs_pass_on_the_portable_paths() -> None:
+    _child_pytest(
+        str(_TESTS / "unit" / "test_runs_table.py"),
+        str(_TESTS / "unit" / "test_run_selection.py"),
+        str(_TESTS / "unit" / "test_delta_sync.py"),
+        # The two many-step histories add a minute and nothing the other syncs lack.
+        _backend_option(),
+        "-k",
+        "not equals_a_full_sync and not restricted_to_the_selection",
+    )
 
 
 _NO_DIR_FD_PROBE = """
@@ -118,33 +117,18 @@ def test_cache_and_escape_tests_pass_without_dir_fd() -> None:
     it does on Windows, so these pass only on the path form; the link tests among them
     (a link in the cache, on the served tree, at the lock or manifest directory) show it
     refuses what the descriptor form refuses."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(_TESTS / "sshd" / "test_cache_manager.py"),
-            str(_TESTS / "sshd" / "test_case_twins.py"),
-            str(_TESTS / "faults" / "test_escapes_and_bounds.py"),
-            str(_TESTS / "faults" / "test_cache_side_failures.py"),
-            str(_TESTS / "faults" / "test_hostile_trees.py"),
-            _backend_option(),
-            # Left out, for what the child lacks rather than the path form: the memory cap
-            # needs ``resource``; the stand-in for Windows's lock is a POSIX record lock,
-            # which one process never conflicts with; the 1500-level tree is built with
-            # ``O_DIRECTORY`` (and its paths pass every path limit: see the known limits).
-            "-k",
-            "not gzip_bomb and not lock_held_by_another and not 1500_levels",
-        ],
-        env=_child_env(no_dir_fd=True),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=_TESTS.parent,
+    _child_pytest(
+        str(_TESTS / "sshd" / "test_cache_manager.py"),
+        str(_TESTS / "sshd" / "test_case_twins.py"),
+        str(_TESTS / "faults" / "test_escapes_and_bounds.py"),
+        str(_TESTS / "faults" / "test_cache_side_failures.py"),
+        str(_TESTS / "faults" / "test_hostile_trees.py"),
+        _backend_option(),
+        # Left out, for what the child lacks rather than the path form: the memory cap
+        # needs ``resource``; the stand-in for Windows's lock is a POSIX record lock,
+        # which one process never conflicts with; the 1500-level tree is built with
+        # ``O_DIRECTORY`` (its paths exceed every path limit: see the known limits).
+        "-k",
+        "not gzip_bomb and not lock_held_by_another and not 1500_levels",
+        no_dir_fd=True,
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout

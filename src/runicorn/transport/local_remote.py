@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from runicorn._sys.dirs import Directory, LinkOnPathError, open_directory
@@ -29,6 +30,22 @@ __all__ = ["LocalRemote"]
 logger = logging.getLogger(__name__)
 
 _LOCAL_READ_SIZE = 1024 * 1024
+
+
+@contextlib.contextmanager
+def _named(path: str) -> Iterator[None]:
+    """Errors of reaching ``path`` beneath the root, naming it as the caller gave it."""
+    try:
+        yield
+    except LinkOnPathError:
+        raise OSError(
+            errno.ELOOP,
+            "a component of this path is a symbolic link on the server; refusing to "
+            "follow it out of the root",
+            path,
+        ) from None
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, path) from None
 
 
 class LocalRemote:
@@ -88,35 +105,15 @@ class LocalRemote:
 
     def _open_under_root(self, path: str, flags: int) -> int:
         """``path`` opened beneath the root with no link followed on the way."""
-        relative = relative_path(path)
         root = self._root_directory()
-        try:
-            return root.open_beneath(relative, flags)
-        except LinkOnPathError:
-            raise OSError(
-                errno.ELOOP,
-                "a component of this path is a symbolic link on the server; refusing to "
-                "follow it out of the root",
-                path,
-            ) from None
-        except OSError as error:
-            raise type(error)(error.errno, error.strerror, path) from None
+        with _named(path):
+            return root.open_beneath(relative_path(path), flags)
 
     def _under_root(self, path: str) -> Directory:
         """The directory ``path`` beneath the root, no link followed on the way."""
-        relative = relative_path(path)
         root = self._root_directory()
-        try:
-            return root.descend(relative)
-        except LinkOnPathError:
-            raise OSError(
-                errno.ELOOP,
-                "a component of this path is a symbolic link on the server; refusing to "
-                "follow it out of the root",
-                path,
-            ) from None
-        except OSError as error:
-            raise type(error)(error.errno, error.strerror, path) from None
+        with _named(path):
+            return root.descend(relative_path(path))
 
     def _open(self, path: str) -> int:
         """A read-only descriptor of a regular file; no component may be a symbolic link."""
