@@ -14,6 +14,7 @@ import errno
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from runicorn.transport.remote import ShrunkError
 from runicorn.transport.sftp_protocol import (
@@ -58,6 +59,7 @@ __all__ = [
 
 Handler = Callable[[int, "Reader"], None]
 Request = tuple[int, bytes, Handler]
+_Answer = TypeVar("_Answer")
 
 
 class Operation:
@@ -464,14 +466,19 @@ class ListDirOp(Operation):
         self.done = True
 
 
-class RealPathOp(Operation):
-    """REALPATH: the server's absolute, canonical form of ``path`` (``.``: the login directory).
+class _OneAnswerOp(Operation, Generic[_Answer]):
+    """One request, one answer: ``on_done(value or None, error)`` once, the value what
+    :meth:`_parse` reads from the answer; a protocol error (an answer of the wrong type)
+    ends the channel instead."""
 
-    ``on_done(path or None, error)`` once.
-    """
-
-    def __init__(self, path: str, on_done: Callable[[str | None, BaseException | None], None]):
-        self.path = path
+    def __init__(
+        self,
+        request: tuple[int, bytes],
+        display_path: str,
+        on_done: Callable[[_Answer | None, BaseException | None], None],
+    ) -> None:
+        self._request = request
+        self.display_path = display_path
         self._on_done = on_done
         self._sent = False
 
@@ -479,29 +486,46 @@ class RealPathOp(Operation):
         if self._sent:
             return None
         self._sent = True
-        return FXP_REALPATH, encode_path(self.path), self._on_name
+        return self._request[0], self._request[1], self._on_answer
 
     def fail(self, error: BaseException) -> None:
         if not self.done:
             self.done = True
             self._on_done(None, error)
 
-    def _on_name(self, ptype: int, body: Reader) -> None:
+    def _parse(self, ptype: int, body: Reader) -> _Answer:
+        raise NotImplementedError
+
+    def _on_answer(self, ptype: int, body: Reader) -> None:
         self.done = True
         try:
-            expect_answer(ptype, body, FXP_NAME, self.path)
-            if body.u32() != 1:
-                raise SftpProtocolError(f"REALPATH of {self.path!r} did not return one name")
-            resolved = body.text()
+            value = self._parse(ptype, body)
         except SftpProtocolError:
             raise
         except (OSError, EOFError) as error:
             self._on_done(None, error)
             return
-        self._on_done(resolved, None)
+        self._on_done(value, None)
 
 
-class LstatOp(Operation):
+class RealPathOp(_OneAnswerOp[str]):
+    """REALPATH: the server's absolute, canonical form of ``path`` (``.``: the login directory).
+
+    ``on_done(path or None, error)`` once.
+    """
+
+    def __init__(self, path: str, on_done: Callable[[str | None, BaseException | None], None]):
+        super().__init__((FXP_REALPATH, encode_path(path)), path, on_done)
+        self.path = path
+
+    def _parse(self, ptype: int, body: Reader) -> str:
+        expect_answer(ptype, body, FXP_NAME, self.path)
+        if body.u32() != 1:
+            raise SftpProtocolError(f"REALPATH of {self.path!r} did not return one name")
+        return body.text()
+
+
+class LstatOp(_OneAnswerOp[Attrs]):
     """LSTAT: the attributes of ``path`` itself (a symbolic link is reported, not followed).
 
     ``on_done(attrs or None, error)`` once; ``display_path`` names the path in errors.
@@ -514,30 +538,13 @@ class LstatOp(Operation):
         *,
         display_path: str | None = None,
     ) -> None:
+        super().__init__(
+            (FXP_LSTAT, encode_path(path)),
+            display_path if display_path is not None else path,
+            on_done,
+        )
         self.path = path
-        self.display_path = display_path if display_path is not None else path
-        self._on_done = on_done
-        self._sent = False
 
-    def next_request(self) -> Request | None:
-        if self._sent:
-            return None
-        self._sent = True
-        return FXP_LSTAT, encode_path(self.path), self._on_attrs
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done:
-            self.done = True
-            self._on_done(None, error)
-
-    def _on_attrs(self, ptype: int, body: Reader) -> None:
-        self.done = True
-        try:
-            expect_answer(ptype, body, FXP_ATTRS, self.display_path)
-            attrs = body.attrs()
-        except SftpProtocolError:
-            raise
-        except (OSError, EOFError) as error:
-            self._on_done(None, error)
-            return
-        self._on_done(attrs, None)
+    def _parse(self, ptype: int, body: Reader) -> Attrs:
+        expect_answer(ptype, body, FXP_ATTRS, self.display_path)
+        return body.attrs()
