@@ -618,7 +618,7 @@ def _read_cached_json(cache: LocalCacheManager, relative_path: str) -> dict[str,
     """A cached metadata file as a JSON object; ``None`` if missing, a link or not JSON."""
     try:
         path = cache.path_for(relative_path)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except (OSError, ValueError):
         return None
     with os.fdopen(fd, "rb") as handle:

@@ -47,7 +47,7 @@ if os.environ.get("RUNICORN_TEST_NO_DIR_FD"):
 
     os.supports_dir_fd = set()  # type: ignore[misc]
     os.supports_fd = os.supports_fd - {os.scandir, os.utime}  # type: ignore[misc]
-    del os.O_NOFOLLOW, os.O_DIRECTORY
+    del os.O_NOFOLLOW, os.O_DIRECTORY, os.O_CLOEXEC  # Windows has O_NOINHERIT instead
 
     def _no_dir_fd(call):  # type: ignore[no-untyped-def]
         @functools.wraps(call)
