@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Protocol
 from runicorn._sys.cpu import usable_cores
 
 if TYPE_CHECKING:
-    from runicorn.core import diff, entries, scan, tailhash
+    from runicorn.core import copy, diff, entries, scan, tailhash
+    from runicorn.core.copy import CopyJob, CopyResult, Install
     from runicorn.core.diff import DiffResult, LocalEntry, RemoteEntry
     from runicorn.core.entries import Entries
     from runicorn.core.memo import FileMemo
@@ -43,6 +44,7 @@ MODULES = {
     "diff": ("runicorn.core.diff", "runicorn.core._native_diff"),
     "tailhash": ("runicorn.core.tailhash", "runicorn.core._native_tailhash"),
     "entries": ("runicorn.core.entries", "runicorn.core._native_entries"),
+    "copy": ("runicorn.core.copy", "runicorn.core._native_copy"),
 }
 
 FUNCTIONS = {
@@ -50,6 +52,7 @@ FUNCTIONS = {
     "diff": ("diff_entries",),
     "tailhash": ("hash_tails",),
     "entries": ("build_file_entries", "encode_experiments"),
+    "copy": ("copy_files", "install_files"),
 }
 
 
@@ -101,6 +104,27 @@ class EncodeExperiments(Protocol):
     def __call__(self, experiments: Sequence[ExperimentEntry]) -> bytes: ...
 
 
+class CopyFiles(Protocol):
+    """:func:`runicorn.core.copy.copy_files`."""
+
+    def __call__(
+        self,
+        source_fd: int,
+        target_fd: int,
+        jobs: Sequence[CopyJob],
+        temp_prefix: str,
+        threads: int = 1,
+    ) -> list[CopyResult]: ...
+
+
+class InstallFiles(Protocol):
+    """:func:`runicorn.core.copy.install_files`."""
+
+    def __call__(
+        self, target_fd: int, installs: Sequence[Install], threads: int = 1
+    ) -> list[int]: ...
+
+
 if TYPE_CHECKING:
     # The pure twins are the specification: mypy proves each one fits its protocol (the
     # compiled twins have no stubs; a test compares their signatures with the pure ones).
@@ -109,6 +133,8 @@ if TYPE_CHECKING:
     _hash: HashTails = tailhash.hash_tails
     _build: BuildFileEntries = entries.build_file_entries
     _encode: EncodeExperiments = entries.encode_experiments
+    _copy: CopyFiles = copy.copy_files
+    _install: InstallFiles = copy.install_files
 
 
 def _flag(name: str) -> bool:
@@ -125,6 +151,8 @@ class Backend:
     hash_tails: HashTails
     build_file_entries: BuildFileEntries
     encode_experiments: EncodeExperiments
+    copy_files: CopyFiles
+    install_files: InstallFiles
 
     def __repr__(self) -> str:
         return f"<runicorn backend {self.name}>"
