@@ -55,6 +55,8 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         real_dirty(self, value)
 
     monkeypatch.setattr(transfer, "sync_file_system", barrier)
+    # a commit every BATCH_SIZE files, however fast they land: several commits to order
+    monkeypatch.setattr(transfer, "COMMIT_SPACING", 0.0)
     monkeypatch.setattr(LocalCacheManager, "save_progress", commit)
     monkeypatch.setattr(LocalCacheManager, "set_dirty", dirty)
     return seen

@@ -441,8 +441,11 @@ import sys
 from pathlib import Path
 import paramiko
 from runicorn.core.backend import load_backend
+from runicorn.sync import transfer
 from runicorn.sync.client import ManifestSyncClient
 
+# Commits every BATCH_SIZE files, however fast they land: the bound the parent checks.
+transfer.COMMIT_SPACING = 0.0
 host, port, user, key, known_hosts, lab, cache, backend, stop_at = sys.argv[1:]
 ssh = paramiko.SSHClient()
 ssh.load_host_keys(known_hosts)

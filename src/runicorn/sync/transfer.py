@@ -34,18 +34,31 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 
 from runicorn._sys.atomic import TEMP_PREFIX
+from runicorn._sys.cpu import usable_cores
+from runicorn._sys.dirs import USE_DIR_FD
 from runicorn._sys.fileio import BINARY, pread_upto, pwrite, sync_file_system, syncfs_available
 from runicorn.core.backend import Backend
+from runicorn.core.copy import (
+    COPIED,
+    HELD,
+    INSTALL_FAILED,
+    SHRUNK,
+    SOURCE_FAILED,
+    CopyJob,
+    CopyResult,
+)
 from runicorn.core.tailhash import TAIL_WINDOW, digest
 from runicorn.format.models import FileEntry
-from runicorn.sync.cache import FileRecord, LocalCacheManager
+from runicorn.sync.cache import FileRecord, LocalCacheManager, split_relative_path
+from runicorn.transport.local_remote import LocalRemote
+from runicorn.transport.remote import ShrunkError
 
 if TYPE_CHECKING:
     from runicorn.core.diff import DiffResult
@@ -53,7 +66,9 @@ if TYPE_CHECKING:
     from runicorn.transport.remote import FetchResult, Remote
 
 __all__ = [
+    "COMMIT_BYTES",
     "COMMIT_INTERVAL",
+    "COMMIT_SPACING",
     "HASHED_VERIFY_BYTES",
     "JSON_ACCEPT_AFTER_ATTEMPTS",
     "JSON_CHECK_MAX_BYTES",
@@ -70,6 +85,13 @@ logger = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 0.5
 """Seconds between state commits at most, however slowly files land."""
+COMMIT_SPACING = 0.05
+"""Seconds between state commits at least while files land faster than ``batch_size`` in
+that time (a cold sync of small files): what a killed sync fetches again stays a fraction of
+a second's work, and a million small files cost a few thousand commits, not 200,000."""
+COMMIT_BYTES = 8 * 1024 * 1024
+"""Bytes of finished files after which a due commit is not held back by
+:data:`COMMIT_SPACING`: large files are worth recording as soon as they land."""
 JSON_CHECK_MAX_BYTES = 64 * 1024 * 1024
 """JSON metadata files up to this size are parsed after download (truncation check)."""
 JSON_ACCEPT_AFTER_ATTEMPTS = 3
@@ -345,6 +367,7 @@ class FileTransfer:
             nonlocal completed, moved
             run.bytes_downloaded += received
             moved += received
+            state.bytes += received
             if _is_connection_error(error):
                 run.connection_lost = True
             outcome = self._finish(transfer, error, state, run, attempts)
@@ -360,14 +383,42 @@ class FileTransfer:
             elif progress is not None:
                 progress(completed, total, transfer.entry.path)
 
+        def landed(transfer: Transfer, received: int) -> None:
+            """A file the local copy finished (installed, or failed with a reason)."""
+            nonlocal completed, moved
+            run.bytes_downloaded += received
+            moved += received
+            state.bytes += received
+            completed += 1
+            state.maybe_flush()
+            if with_bytes:
+                progress(completed, total, transfer.entry.path, moved, run.bytes_total)  # type: ignore[call-arg,misc]
+            elif progress is not None:
+                progress(completed, total, transfer.entry.path)
+
         try:
             with self.cache.directory_handles():
                 pending = self._within_free_space(pending, handle)
-                for _round in range(2):
+                remote = self.remote() if pending else None
+                source_fd = (
+                    remote.root_descriptor()
+                    if isinstance(remote, LocalRemote) and COPY_HERE
+                    else None
+                )
+                if source_fd is not None:
+                    copier = _LocalCopy(self, source_fd, state, run, attempts, landed)
+                    try:
+                        for here, segment in _segments(pending):
+                            if here:
+                                copier.copy(segment)
+                            else:
+                                self._fetch(segment, handle)
+                    finally:
+                        copier.close()
+                else:
                     self._fetch(pending, handle)
-                    if not redo:
-                        break
-                    pending, redo = redo, []
+                if redo:  # whole files now, so no append can ask for a third round
+                    self._fetch(redo, handle)
         finally:
             state.flush()
         state.make_durable()
@@ -523,23 +574,16 @@ class FileTransfer:
         ``invalid_json_files``: never installed truncated without saying so."""
         entry = transfer.entry
         transfer.open_target()
-        if entry.path.endswith(".json") and entry.size <= JSON_CHECK_MAX_BYTES:
-            try:
-                data = transfer.whole
-                orjson.loads(data if data is not None else pread_upto(transfer.fd, 0, entry.size))
-            except orjson.JSONDecodeError:
-                if attempts + 1 < JSON_ACCEPT_AFTER_ATTEMPTS:
-                    return TRUNCATED_JSON
-                logger.warning(
-                    "%s is still not valid JSON after %d syncs; installing the server's copy "
-                    "as it is",
-                    entry.path,
-                    attempts + 1,
-                )
-                run.extra.setdefault("invalid_json_files", {})[entry.path] = (
-                    f"not valid JSON after {attempts + 1} syncs; installed the server's copy "
-                    "as it is"
-                )
+        if _checks_json(entry):
+            data = transfer.whole
+            problem = _json_problem(
+                entry.path,
+                data if data is not None else pread_upto(transfer.fd, 0, entry.size),
+                attempts,
+                run,
+            )
+            if problem:
+                return problem
         ns = _ns(entry.mtime)
         directory, name = self.cache.open_parent(entry.path, create=False)
         assert transfer.temp_name is not None  # open_target made it
@@ -627,7 +671,6 @@ class FileTransfer:
             directory.close()
         state.synced.append(FileRecord(entry.path, entry.size, entry.mtime, entry.tail_hash))
 
-
     def _unshare(self, fd: int, path: str, size: int) -> int:
         """A private copy of the cached file ``fd`` (``size`` bytes) put in its place, open
         for appending; ``fd`` is closed.
@@ -661,6 +704,224 @@ class FileTransfer:
         return copy
 
 
+def _checks_json(entry: FileEntry) -> bool:
+    """Whether a fetched file must parse as JSON before it is installed."""
+    return entry.path.endswith(".json") and entry.size <= JSON_CHECK_MAX_BYTES
+
+
+def _json_problem(path: str, data: bytes, attempts: int, run: SyncRun) -> str | None:
+    """Why a fetched JSON file must not be installed yet (it does not parse: the server
+    was caught mid-write), or ``None``. After :data:`JSON_ACCEPT_AFTER_ATTEMPTS` syncs it is
+    installed as it is, and listed in the stats' ``invalid_json_files``."""
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        if attempts + 1 < JSON_ACCEPT_AFTER_ATTEMPTS:
+            return TRUNCATED_JSON
+        logger.warning(
+            "%s is still not valid JSON after %d syncs; installing the server's copy as it is",
+            path,
+            attempts + 1,
+        )
+        run.extra.setdefault("invalid_json_files", {})[path] = (
+            f"not valid JSON after {attempts + 1} syncs; installed the server's copy as it is"
+        )
+    return None
+
+
+COPY_HERE = USE_DIR_FD and hasattr(os, "pread")
+"""Whether files from a local-directory remote are copied by the backend's ``copy_files``
+(directory descriptors and positional reads, so not on Windows), rather than through the
+fetch engine."""
+COPY_CHUNK_FILES = 2048
+"""Files handed to one ``copy_files`` call at most: what a killed sync may have installed
+without recording it, and the granularity of the priority order."""
+COPY_CHUNK_BYTES = 32 * 1024 * 1024
+"""Bytes one ``copy_files`` call copies at most (a larger file goes alone): the JSON files
+it returns for checking are held in memory until installed."""
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _segments(transfers: list[Transfer]) -> Iterator[tuple[bool, list[Transfer]]]:
+    """The transfers in order, cut into runs the local copy takes (``True``: whole files,
+    at most :data:`COPY_CHUNK_FILES` and :data:`COPY_CHUNK_BYTES` each) and runs of appends
+    for the fetch engine (``False``)."""
+    segment: list[Transfer] = []
+    here = True
+    size = 0
+    for transfer in transfers:
+        kind = not transfer.append
+        if segment and (
+            kind != here
+            or (
+                kind
+                and (len(segment) >= COPY_CHUNK_FILES or size + transfer.length > COPY_CHUNK_BYTES)
+            )
+        ):
+            yield here, segment
+            segment, size = [], 0
+        here = kind
+        segment.append(transfer)
+        size += transfer.length
+    if segment:
+        yield here, segment
+
+
+def _source_error(code: int, path: str) -> OSError:
+    """The error :class:`LocalRemote` raises for a source it cannot read, from its errno."""
+    if code == errno.ELOOP:
+        return OSError(
+            errno.ELOOP,
+            "a component of this path is a symbolic link on the server; refusing to follow "
+            "it out of the root",
+            path,
+        )
+    if code == errno.EISDIR:
+        return IsADirectoryError(errno.EISDIR, "is a directory", path)
+    if code == errno.EINVAL:
+        return OSError(errno.EINVAL, "not a regular file", path)
+    return OSError(code, os.strerror(code), path)
+
+
+def _target_error(code: int, path: str) -> Exception:
+    """The error the cache tree raises for a file it cannot write, from its errno."""
+    if code in (errno.ELOOP, errno.ENOTDIR):
+        return ValueError(
+            f"cache path {path!r}: a directory on the way is a symbolic link or not a "
+            "directory; refusing to follow it"
+        )
+    return CacheWriteError(code, os.strerror(code), path)
+
+
+class _LocalCopy:
+    """Whole files from a local-directory remote, copied by the backend's ``copy_files`` a
+    chunk at a time: the per-file work (open beneath the root, read, temp file, mtime,
+    rename) runs in the compiled core without the GIL, on every usable core.
+
+    Each directory of the cache is created once per sync, through the tree's safe walk
+    (:meth:`LocalCacheManager.open_parent`); the copy then opens it beneath the cache root
+    with no link followed, so a link swapped in meanwhile fails the file, never leads out.
+    """
+
+    def __init__(
+        self,
+        owner: FileTransfer,
+        source_fd: int,
+        state: _StateBatch,
+        run: SyncRun,
+        attempts: dict[str, int],
+        landed: Callable[[Transfer, int], None],
+    ) -> None:
+        self.owner = owner
+        self.cache = owner.cache
+        self.backend = owner.backend
+        self.source_fd = source_fd
+        self.state = state
+        self.run = run
+        self.attempts = attempts
+        self.landed = landed
+        self.threads = usable_cores() if self.backend.releases_gil else 1
+        self.made: set[str] = set()
+        self.target_fd = -1
+
+    def close(self) -> None:
+        if self.target_fd >= 0:
+            os.close(self.target_fd)
+            self.target_fd = -1
+
+    def _prepare(self, transfer: Transfer) -> str | None:
+        """Create the file's directory (once per sync); why the file cannot be written
+        there, or ``None``."""
+        path = transfer.entry.path
+        directory, _sep, name = path.rpartition("/")
+        try:
+            if (
+                not name
+                or name in (".", "..")
+                or "\0" in name
+                or "\\" in name
+                or name.startswith(TEMP_PREFIX)
+            ):
+                split_relative_path(path)  # raises, with the reason
+                raise ValueError(f"cache path {path!r} has an unusable file name")
+            if directory not in self.made:
+                handle, _name = self.cache.open_parent(path, create=True)
+                handle.close()
+                self.made.add(directory)
+        except OSError as error:
+            return _reason(CacheWriteError(error.errno, error.strerror, path))
+        except ValueError as error:
+            return _reason(error)
+        return None
+
+    def copy(self, transfers: list[Transfer]) -> None:
+        """Copy one chunk and record every file of it: installed, or failed with a reason."""
+        if self.target_fd < 0:
+            self.target_fd = os.open(self.cache.root_dir, _DIR_FLAGS)
+        jobs: list[CopyJob] = []
+        taken: list[Transfer] = []
+        for transfer in transfers:
+            problem = self._prepare(transfer)
+            if problem is not None:
+                self.owner._fail(transfer.entry.path, problem, self.state, self.run)
+                self.landed(transfer, 0)
+                continue
+            entry = transfer.entry
+            jobs.append((entry.path, entry.size, _ns(entry.mtime), _checks_json(entry)))
+            taken.append(transfer)
+        if not jobs:
+            return
+        prefix = f"{TEMP_PREFIX}{_TEMP_TOKEN}{next(_temp_numbers):x}-"
+        results = self.backend.copy_files(
+            self.source_fd, self.target_fd, jobs, prefix, self.threads
+        )
+        held = [index for index, result in enumerate(results) if result[0] == HELD]
+        problems: dict[int, str | None] = {}
+        if held:
+            for index in held:
+                _outcome, _error, _received, _temp, data = results[index]
+                path = taken[index].entry.path
+                problems[index] = _json_problem(
+                    path, data or b"", self.attempts.get(path, 0), self.run
+                )
+            errors = self.backend.install_files(
+                self.target_fd,
+                [
+                    (taken[index].entry.path, str(results[index][3]), problems[index] is None)
+                    for index in held
+                ],
+                self.threads,
+            )
+            for index, code in zip(held, errors, strict=True):
+                if problems[index] is None and code:
+                    problems[index] = f"cannot write to the cache: {os.strerror(code)}"
+        for index, (transfer, result) in enumerate(zip(taken, results, strict=True)):
+            self._record(transfer, result, problems.get(index))
+            self.landed(transfer, result[2])
+
+    def _record(self, transfer: Transfer, result: CopyResult, problem: str | None) -> None:
+        entry = transfer.entry
+        outcome, code, received, _temp, _data = result
+        if outcome in (COPIED, HELD) and problem is None:
+            self.state.synced.append(
+                FileRecord(entry.path, entry.size, entry.mtime, entry.tail_hash)
+            )
+            self.run.full_count += 1
+            self.run.files_synced += 1
+            return
+        if problem is None:
+            if outcome == SOURCE_FAILED:
+                problem = _reason(_source_error(code, entry.path))
+            elif outcome == SHRUNK:
+                problem = _reason(ShrunkError(entry.path, entry.size, received))
+            elif outcome == INSTALL_FAILED:
+                problem = f"cannot write to the cache: {os.strerror(code)}"
+            else:
+                problem = _reason(_target_error(code, entry.path))
+        self.owner._fail(entry.path, problem, self.state, self.run)
+
+
 def _overlap(entry: FileEntry, local_size: int) -> int:
     """Bytes before the cached end to fetch again and compare (the append-verify).
 
@@ -677,7 +938,12 @@ def _overlap(entry: FileEntry, local_size: int) -> int:
 
 
 class _StateBatch:
-    """State changes waiting for the next commit (every ``batch_size`` files or 0.5 s)."""
+    """State changes waiting for the next commit.
+
+    A commit is due every ``batch_size`` finished files, held back while the last one is
+    less than :data:`COMMIT_SPACING` old unless the files waiting hold :data:`COMMIT_BYTES`;
+    whatever waits is committed after :data:`COMMIT_INTERVAL` in any case.
+    """
 
     def __init__(self, cache: LocalCacheManager, remote_id: str, batch_size: int) -> None:
         self.cache = cache
@@ -686,6 +952,7 @@ class _StateBatch:
         self.synced: list[FileRecord] = []
         self.forget: list[str] = []
         self.failed: list[tuple[str, str]] = []
+        self.bytes = 0
         self.last_flush = time.monotonic()
         # Whether any file was written, and which (kept only where ``syncfs`` is missing,
         # so that a cold sync of a million files does not hold a million paths).
@@ -723,7 +990,12 @@ class _StateBatch:
 
     def maybe_flush(self) -> None:
         count = len(self.synced) + len(self.failed)
-        if count >= self.batch_size or time.monotonic() - self.last_flush >= COMMIT_INTERVAL:
+        if not count and not self.forget:
+            return
+        waited = time.monotonic() - self.last_flush
+        if waited >= COMMIT_INTERVAL or (
+            count >= self.batch_size and (waited >= COMMIT_SPACING or self.bytes >= COMMIT_BYTES)
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -739,4 +1011,5 @@ class _StateBatch:
                 failed=self.failed,
             )
             self.synced, self.forget, self.failed = [], [], []
+        self.bytes = 0
         self.last_flush = time.monotonic()

@@ -103,6 +103,13 @@ class LocalRemote:
                 self._finalizer = weakref.finalize(self, directory.close)
             return self._root_dir
 
+    def root_descriptor(self) -> int | None:
+        """The root directory's descriptor, opened once and owned by this remote (never
+        close it): for opening many files beneath the root (``copy_files``) without a path
+        walk per file. ``None`` where directories are reached by path (Windows)."""
+        fd = getattr(self._root_directory(), "fd", None)
+        return fd if isinstance(fd, int) else None
+
     def _open_under_root(self, path: str, flags: int) -> int:
         """``path`` opened beneath the root with no link followed on the way."""
         root = self._root_directory()
