@@ -290,15 +290,44 @@ class SyncManifest:
         again, but for what spans runs (a run listed twice, the statistics), unless its
         directory nests with another run's.
         """
+        return cls._parse([data], source, max_entries, memo, known_runs)
+
+    @classmethod
+    def _parse(
+        cls,
+        holder: list[bytes | bytearray],
+        source: str,
+        max_entries: int | None,
+        memo: ValidationMemo | None,
+        known_runs: Mapping[str, bytes] | None,
+    ) -> SyncManifest:
+        """:meth:`from_json` of the bytes in ``holder``, which it empties: bytes only it
+        holds (a decompressed manifest) are freed once parsed, and each run's parsed JSON
+        once validated, so the text, the parsed document and the entries are never all
+        in memory at once (at 100,000 runs: 150 MB, about 400 MB and 200 MB). A large
+        document is parsed a few runs at a time (:func:`_split_document`) unless
+        ``known_runs`` asks for a look at every run first."""
+        data = holder.pop()
         if max_entries is not None:
             JsonTally(len(data), max_entries, source).add(data)
+        split = (
+            _split_document(data) if len(data) > PARSE_PIECE_BYTES and not known_runs else None
+        )
+        if split is not None:
+            header, pieces = split
+            try:
+                with paused_gc():
+                    return _Validator(source, memo).manifest(header, runs=_runs(data, pieces))
+            except _SplitFailed:
+                pass  # not cut where runs meet after all: parsed whole below
         try:
             with paused_gc():
                 document = orjson.loads(data)
         except orjson.JSONDecodeError as error:
             raise ValueError(f"{source} is not valid JSON: {error}") from None
+        del data
         with paused_gc():
-            return _Validator(source, memo, known_runs).manifest(document)
+            return _Validator(source, memo, known_runs).manifest(document, consume=True)
 
     @classmethod
     def from_gzip(
@@ -314,10 +343,9 @@ class SyncManifest:
         """Decompress and parse a ``.json.gz`` manifest, refusing it while it inflates when
         it passes ``max_decompressed`` bytes or ``max_entries`` runs and files: memory stays
         bounded whatever the stream holds (:func:`~.compression.decompress_capped`)."""
-        text = decompress_capped(data, max_decompressed, source=source, max_entries=max_entries)
-        return cls.from_json(
-            text, source=source, max_entries=None, memo=memo, known_runs=known_runs
-        )
+        # held by the list alone, so that parsing frees the text as soon as it is parsed
+        text = [decompress_capped(data, max_decompressed, source=source, max_entries=max_entries)]
+        return cls._parse(text, source, None, memo, known_runs)
 
     @classmethod
     def from_dict(cls, document: Any, *, source: str = "manifest") -> SyncManifest:
@@ -533,6 +561,68 @@ class ValidationMemo:
         return len(self._runs)
 
 
+PARSE_PIECE_BYTES = 4 * 1024 * 1024
+"""A manifest's JSON larger than this is parsed a few megabytes of runs at a time, where it
+can be cut between runs (:func:`_split_document`): the parsed document of a 100,000-run lab
+is some 400 MB of dictionaries, and is then never held whole."""
+
+_RUN_BOUNDARY = b'},{"run_id":'
+"""Where one run's object ends and the next begins in the experiments array this package
+writes (``run_id`` first)."""
+
+
+class _SplitFailed(Exception):
+    """A piece cut from the experiments array did not parse: parse the document whole."""
+
+
+def _split_document(
+    data: bytes | bytearray,
+) -> tuple[dict[str, Any], list[tuple[int, int]]] | None:
+    """The header of a compact manifest whose last key is ``experiments`` (as this package
+    writes it), and the spans of its array's inside, each a run of whole runs of about
+    :data:`PARSE_PIECE_BYTES`; ``None`` for any other shape (parsed whole).
+
+    A cut can only be wrong inside a string or a nested value, and then a piece cannot
+    parse (a string left open, a bracket left unclosed), which :func:`_runs` turns into
+    :class:`_SplitFailed`: the pieces that parse are exactly the runs the whole would give.
+    """
+    key_at = data.find(EXPERIMENTS_KEY)
+    start = key_at + len(EXPERIMENTS_KEY)
+    if key_at < 0 or data[start : start + 1] != b"[" or not data.endswith(b"]}"):
+        return None
+    try:
+        header = orjson.loads(bytes(data[:key_at]) + b"}")
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(header, dict) or "experiments" in header:
+        return None
+    position, end = start + 1, len(data) - 2
+    if end <= position:
+        return None
+    pieces: list[tuple[int, int]] = []
+    while end - position > PARSE_PIECE_BYTES:
+        cut = data.find(_RUN_BOUNDARY, position + PARSE_PIECE_BYTES, end)
+        if cut < 0:
+            break
+        pieces.append((position, cut + 1))
+        position = cut + 2
+    pieces.append((position, end))
+    return header, pieces
+
+
+def _runs(data: bytes | bytearray, pieces: list[tuple[int, int]]) -> Iterator[Any]:
+    """The runs of the experiments array, one parsed piece at a time."""
+    view = memoryview(data)
+    for start, end in pieces:
+        try:
+            parsed = orjson.loads(b"".join((b"[", view[start:end], b"]")))
+        except orjson.JSONDecodeError:
+            raise _SplitFailed from None
+        if not isinstance(parsed, list):
+            raise _SplitFailed
+        yield from parsed
+
+
 class _Validator:
     """Walks a decoded JSON document and builds the model, failing on the first problem.
 
@@ -620,7 +710,13 @@ class _Validator:
             raise self.fail(f"{where}.path", f"{text!r} is not a safe relative path")
         return text
 
-    def manifest(self, doc: Any) -> SyncManifest:
+    def manifest(
+        self, doc: Any, *, consume: bool = False, runs: Iterable[Any] | None = None
+    ) -> SyncManifest:
+        """The manifest ``doc`` describes; ``consume``: drop each run's JSON from ``doc``'s
+        ``experiments`` once it is validated (a document only the caller holds); ``runs``:
+        the experiments, parsed piece by piece, for a ``doc`` that is only the header
+        (never with ``known_runs``, which looks at every run first)."""
         if not isinstance(doc, dict):
             raise self.fail("top level", f"expected an object, got {type(doc).__name__}")
         version = self.string(self.require(doc, "format_version", "header"), "format_version")
@@ -659,15 +755,26 @@ class _Validator:
             tail_hash_window=window,
             changes_since=self.snapshot_list(doc.get("changes_since"), "changes_since"),
         )
-        experiments = self.require(doc, "experiments", "header")
-        if not isinstance(experiments, list):
-            raise self.fail("experiments", f"expected a list, got {type(experiments).__name__}")
+        experiments: list[Any] | None = None
+        if runs is None:
+            experiments = self.require(doc, "experiments", "header")
+            if not isinstance(experiments, list):
+                raise self.fail(
+                    "experiments", f"expected a list, got {type(experiments).__name__}"
+                )
+            runs = experiments
         manifest.problems = self.problems(doc.get("problems"))
         seen_runs: set[tuple[str, str, str]] = set()
         seen_paths: set[str] = set()
         known = self.memo._runs if self.memo is not None else None
-        unchanged = _leave_out(experiments, self.known_runs) if self.known_runs else {}
-        for index, raw in enumerate(experiments):
+        unchanged = (
+            _leave_out(experiments, self.known_runs)
+            if self.known_runs and experiments is not None
+            else {}
+        )
+        for index, raw in enumerate(runs):
+            if consume and experiments is not None:
+                experiments[index] = None
             same = unchanged.get(index)
             if same is not None:
                 project, name, run_id, prefix, files, size = same
