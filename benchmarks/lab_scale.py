@@ -179,9 +179,10 @@ def generate(lab: Path) -> float:
 
 
 def run_scenarios(
-    lab: Path, workdir: Path, stepping: list[Path], link: Link
+    lab: Path, workdir: Path, stepping: list[Path], link: Link, *, cold_only: bool = False
 ) -> tuple[dict[str, list[Figure]], float]:
-    """Cold, no change and step for each tool, one tool after the other."""
+    """Cold, no change and step for each tool, one tool after the other (only cold with
+    ``cold_only``: the lab is only read, so it may be a hard-linked copy of another)."""
     figures: dict[str, list[Figure]] = {}
     generation = 0.0
     for tool, destination in (
@@ -189,6 +190,10 @@ def run_scenarios(
         (rsync, workdir / "rsync"),
     ):
         shutil.rmtree(destination, ignore_errors=True)
+        if cold_only:
+            figures[tool.__name__] = [tool(lab, destination, link)]
+            shutil.rmtree(destination)
+            continue
         cold, unchanged = tool(lab, destination, link), tool(lab, destination, link)
         step(lab, stepping, time.time())
         generation = generate(lab)
@@ -210,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wan", action="store_true", help="over SSH through the WAN emulator")
     parser.add_argument("--rtt-ms", type=float, default=50.0, help="--wan: round trip")
     parser.add_argument("--mbit", type=float, default=100.0, help="--wan: bandwidth cap")
+    parser.add_argument(
+        "--cold-only",
+        action="store_true",
+        help="only the cold scenario; the lab is never written (a hard-linked copy will do)",
+    )
     args = parser.parse_args(argv)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -223,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
         elif not (lab / ".runicorn" / "active_manifest.json.gz").exists():
             generate(lab)  # a lab built before active manifests named the full ones
-    stepping = running_runs(lab, args.step_runs)
-    names = ("cold", "no change", f"{args.step_runs}-run step")
+    stepping = [] if args.cold_only else running_runs(lab, args.step_runs)
+    names = ("cold",) if args.cold_only else ("cold", "no change", f"{args.step_runs}-run step")
     if args.wan:
         with (
             SshServer(count_requests=True) as server,
@@ -234,16 +244,22 @@ def main(argv: list[str] | None = None) -> int:
         ):
             config = write_client_config(server, proxy.port, args.workdir, alias=ALIAS)
             link = Link(config, server)
-            figures, generation = run_scenarios(lab, args.workdir, stepping, link)
+            figures, generation = run_scenarios(
+                lab, args.workdir, stepping, link, cold_only=args.cold_only
+            )
         where = f"over SSH, {args.rtt_ms:g} ms RTT, {args.mbit:g} Mbit/s (WAN emulator)"
     else:
-        figures, generation = run_scenarios(lab, args.workdir, stepping, Link())
+        figures, generation = run_scenarios(
+            lab, args.workdir, stepping, Link(), cold_only=args.cold_only
+        )
         where = "local directory"
     rows = dict(
         zip(names, zip(figures["runicorn_sync"], figures["rsync"], strict=True), strict=True)
     )
 
-    print(f"lab: {lab}, {where}; the step's manifests generated in {generation:.2f} s")
+    print(f"lab: {lab}, {where}; load average {os.getloadavg()[0]:.2f} at the end")
+    if not args.cold_only:
+        print(f"the step's manifests generated in {generation:.2f} s")
     print()
     print("| | `runicorn sync` | `rsync -a` | ratio |" + (" SFTP requests |" if args.wan else ""))
     print("|---|---|---|---|" + ("---|" if args.wan else ""))
