@@ -753,6 +753,7 @@ class ManifestSyncClient:
         )
         del local, changed
         transfers = plan(entries, diff, local_sizes, self.cache)
+        del diff, local_sizes  # a cold sync's diff lists every file: not held while it runs
         transfers.sort(key=lambda t: (t.entry.priority, t.entry.path))
         run.files_total = len(transfers)
         run.bytes_total = sum(t.length for t in transfers)
@@ -779,11 +780,12 @@ class ManifestSyncClient:
         if self.cache.is_dirty():
             self.cache.clean_temp_files()
         self.cache.set_dirty(True)
-        if is_full:
+        failed = self.cache.failed_files(remote_id) if is_full else []
+        if failed:
             listed = {entry.path for entry in entries}
-            self.cache.clear_failures(
-                f.path for f in self.cache.failed_files(remote_id) if f.path not in listed
-            )
+            self.cache.clear_failures(f.path for f in failed if f.path not in listed)
+            del listed
+        del entries, failed  # the transfers hold the entries still needed
         now = time.time()
         if is_full:
             cached_ids = {key[2] for key in self.cache.runs_of_remote(remote_id)}
