@@ -88,6 +88,7 @@ class PublishedManifest(SyncManifest):
             None if problems is None else [(item["path"], item["reason"]) for item in problems]
         )
         self.skipped = []
+        self.unchanged = []
         statistics = header["statistics"]
         self._header_statistics = {
             key: int(statistics[key]) for key in ("total_experiments", "total_files", "total_bytes")
