@@ -150,7 +150,10 @@ def test_the_stream_refuses_links_and_paths_outside_the_root(
                 "p/runs/r4/meta.json": len(tree["p/runs/r4/meta.json"]),
             },
         )
-        assert remote._stream is not None and remote._stream_refused is None
+        stream = remote._stream
+        assert stream is not None and remote._stream_refused is None
+    # Closing the remote ends the command cleanly (its stdin closed, its exit awaited).
+    assert stream._channel is not None and stream._channel.exit_status == 0
     assert isinstance(got["p/runs/r1/linked.json"][0].error, OSError)
     assert "symbolic link" in str(got["p/runs/r3/linked-dir/meta.json"][0].error)
     assert isinstance(got["../outside.txt"][0].error, ValueError)

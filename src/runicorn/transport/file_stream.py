@@ -329,6 +329,19 @@ class FileStream:
         channel = self._channel
         return channel is not None and not self._closed and not channel.closed
 
+    def finish(self, wait: float = 2.0) -> None:
+        """End the command cleanly: close its stdin, wait up to ``wait`` seconds (one round
+        trip) for it to exit, then close the channel. A server whose connection closes
+        first may leave the command to end unobserved, outside its session's accounting."""
+        channel = self._channel
+        if channel is not None and self.alive:
+            try:
+                channel.shutdown_write()
+                channel.status_event.wait(wait)
+            except Exception as error:  # a dead transport: nothing left to end
+                logger.debug("ending the file stream: %s", error)
+        self.close()
+
     def close(self) -> None:
         """Close the channel (the command ends on its closed stdin); any thread."""
         with self._lock:

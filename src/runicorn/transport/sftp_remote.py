@@ -772,7 +772,7 @@ class SftpRemote:
         with self._stream_lock:
             stream, self._stream = self._stream, None
         if stream is not None:
-            stream.close()
+            stream.finish(min(2.0, self.timeout or 2.0))
 
 
 def _refuse_under(refused: set[str], path: str) -> None:
