@@ -21,6 +21,7 @@ SCRIPTS = [
     "live_latency",
     "publisher_cpu",
     "multi_remote",
+    "cold_profile",
 ]
 
 
