@@ -667,18 +667,38 @@ def _preload_sync_engine() -> None:
     threading.Thread(target=load, name="runicorn-preload", daemon=True).start()
 
 
+def _first_round_trip_plan(cache_dir: Path) -> tuple[bool, bool]:
+    """``(stamped, fresh)``: whether the cache recorded the server's full manifest stamp
+    (the no-change check then reads the active manifest's header and the full one's size
+    and mtime, not its header), and whether it has no state yet (a first sync reads the
+    full manifest and records its stamp, asked with the headers at no extra cost)."""
+    from runicorn.sync.cache import CacheError, LocalCacheManager
+
+    cache = LocalCacheManager(cache_dir)
+    try:
+        if not cache.state.exists():
+            return False, True
+        return cache.has_full_manifest_stamp(), False
+    except CacheError:
+        return False, False  # the sync reports it
+    finally:
+        cache.close()
+
+
 def _sync_remote(
     client: paramiko.SSHClient, parsed: Source, cache_dir: Path, **options: Any
 ) -> int:
     import paramiko
 
-    from runicorn.sync.manifest_fetch import PREFIX_BYTES, first_probe_paths
+    from runicorn.sync.manifest_fetch import PREFIX_BYTES, first_probe_paths, first_stamp_paths
     from runicorn.transport.sftp_pipeline import open_sftp_client
 
     root = parsed.root or "."
     root = "." if root == "~" else root.removeprefix("~/")
-    # The session's first round trip resolves the root and reads the manifests' headers:
-    # on OpenSSH the whole no-change check rides on it. The window is the worker channels'.
+    stamped, fresh = _first_round_trip_plan(cache_dir)
+    # The session's first round trip resolves the root, reads the active manifest's header
+    # and asks the full one's size and mtime: on OpenSSH the whole no-change check rides on
+    # it. The window is the worker channels'.
     try:
         transport = client.get_transport()
         if transport is None:  # connect() returns a connected client; never expected
@@ -688,8 +708,9 @@ def _sync_remote(
             window_size=8 * 1024 * 1024,
             timeout=options["timeout"],
             root=root,
-            prefetch=[] if options["legacy"] else first_probe_paths(),
+            prefetch=[] if options["legacy"] else first_probe_paths(stamped=stamped),
             prefetch_bytes=PREFIX_BYTES,
+            prestat=[] if options["legacy"] else first_stamp_paths(stamped=stamped or fresh),
         )
     except (paramiko.SSHException, OSError, EOFError) as exc:
         _fail(

@@ -95,6 +95,15 @@ warned about: a running run changes its files, so its manifest should be newer."
 
 _MODES = ("auto", "full", "active")
 
+FULL_STAMP_ASK_AFTER_SECONDS = 60.0
+"""A no-change check without a recorded stamp asks for one (a STAT more), but not again
+within this long of a sync that asked and could not keep it (too fresh)."""
+
+FULL_STAMP_SETTLE_SECONDS = 2.0
+"""A full manifest's stamp (size, whole-second mtime) is kept for the next no-change check
+only once its mtime is this far in the past: by then no other manifest can be written with
+the same mtime second (allowing a second of clock difference with the server)."""
+
 
 class ManifestSyncClient:
     """Syncs one remote experiments root into one local cache directory.
@@ -211,6 +220,10 @@ class ManifestSyncClient:
         self.pushed_active: bytes | None = None
         """Set by a watch for one pass: the active manifest's ``.gz`` as the server pushed it,
         read instead of the server's copy when it is not older than the one applied."""
+        self._full_stamp: tuple[int, int] | None = None
+        """Size and mtime of the full manifest's ``.gz`` as this sync first saw them."""
+        self._full_stamp_of: str | None = None
+        """The snapshot this sync found that full manifest to be (or applied in its place)."""
         self._remote = remote
         self._remote_id: str | None = None
         self._owns_remote = remote is None
@@ -301,6 +314,7 @@ class ManifestSyncClient:
         with self._busy, self._locked():
             self.last_run_changes = ()
             self._delta_target = None
+            self._full_stamp = self._full_stamp_of = None
             remote_id = self.remote_id
             self._claim(remote_id)
             self._start_disk_check(full=None)
@@ -329,11 +343,20 @@ class ManifestSyncClient:
                     if self._damage is not None:  # the local check ran: what it saw holds
                         self.cache.stamp_containers()
                     self.cache.save_remote_sync(remote_id, "unchanged")
+                    self._record_full_stamp(remote_id)
                     if self.viewer is not None:
                         self._unhide({key[2] for key in self.cache.runs_of_remote(remote_id)})
                 self._warn_if_stale(run, remote_id, None)
                 return run.stats()
             self._apply(manifest, run, progress_callback, remote_id, record_header=True)
+            self._record_full_stamp(remote_id)
+            if (
+                manifest.manifest_type is ManifestType.FULL
+                and self.manifest_type == "auto"
+                and not self.dry_run
+                and not run.failed
+            ):
+                self._adopt_active(run, remote_id, manifest)
             self._warn_if_stale(run, remote_id, manifest)
         return run.stats()
 
@@ -528,7 +551,14 @@ class ManifestSyncClient:
     def _check_full(
         self, run: SyncRun, remote_id: str, state: AppliedManifest | None
     ) -> SyncManifest | None:
-        """The full manifest to apply, or ``None`` after a cheap no-change check."""
+        """The full manifest to apply, or ``None`` after a cheap no-change check.
+
+        The check first asks for the size and mtime of the full manifest's ``.gz`` (one STAT)
+        beside the active manifest's first bytes: when they are what this cache recorded
+        with the full manifest it applied (:meth:`_record_full_stamp`), the full manifest is
+        that one and its header is not read. Otherwise its header decides, as it always did.
+        """
+        fetcher = self._manifests()
         probe = None
         deletions_pending = self.delete and state is not None and state.vanished > 0
         if (
@@ -539,38 +569,52 @@ class ManifestSyncClient:
         ):
             # The active manifest is probed in the same round trip, in case it is needed.
             also_active = self.manifest_type == "auto"
-            probes = self._manifests().probe_many(
-                [(ManifestType.FULL, False)] + [(ManifestType.ACTIVE, True)] * also_active, run
+            active_wanted = [(ManifestType.ACTIVE, True)] * also_active
+            active_probe: Probe | Literal[False] | None = False
+            recorded = self.cache.full_manifest_stamp(remote_id)
+            if isinstance(recorded, tuple) and recorded[0] == state.snapshot_id:
+                found = fetcher.probe_many(active_wanted, run, stamp_full=True)
+                self._full_stamp = fetcher.full_stamp
+                active_probe = found[0] if also_active else None
+                if fetcher.full_stamp is not None and fetcher.full_stamp == recorded[1:]:
+                    return self._full_unchanged(run, remote_id, state, active_probe)
+            probes = fetcher.probe_many(
+                [(ManifestType.FULL, False)] + (active_wanted if active_probe is False else []),
+                run,
+                # one STAT more, at most once a minute while none can be kept
+                stamp_full=self._full_stamp is None
+                and not (
+                    isinstance(recorded, float)
+                    and 0 <= time.time() - recorded < FULL_STAMP_ASK_AFTER_SECONDS
+                ),
             )
+            if self._full_stamp is None:
+                self._full_stamp = fetcher.full_stamp
+            if active_probe is False:
+                active_probe = probes[1] if also_active else None
             probe = probes[0]
             if probe is None:
-                raise OSError(self._manifests().missing_message(ManifestType.FULL))
+                raise OSError(fetcher.missing_message(ManifestType.FULL))
             header = probe.header
             if header is not None and (
                 header["manifest_type"],
                 header["revision"],
                 header["snapshot_id"],
             ) == (ManifestType.FULL.value, state.revision, state.snapshot_id):
-                run.manifest_type = ManifestType.FULL.value
-                run.manifest_revision = state.revision
-                if also_active:
-                    active = self._check_active(run, remote_id, forced=False, probe=probes[1])
-                    if active is not None:
-                        return active
-                    if run.manifest_type == ManifestType.ACTIVE.value:
-                        return None  # the active check decided (stale or unchanged)
-                run.skipped = True
-                run.reason = f"manifest revision {state.revision} unchanged"
-                return None
+                self._full_stamp_of = state.snapshot_id
+                return self._full_unchanged(run, remote_id, state, active_probe)
             if also_active and header is not None and not self.delete and not self._full_check:
-                delta = self._check_delta(run, remote_id, state, header, probes[1])
+                delta = self._check_delta(run, remote_id, state, header, active_probe)
                 if delta is not None:
+                    self._full_stamp_of = str(header["snapshot_id"])
                     return delta
         else:
             # A first or unclean sync needs the whole manifest anyway; a small one arrives
             # with this first READ (two round trips, no FSTAT, nobody waits for the CLOSE).
-            probe = self._manifests().probe_many([(ManifestType.FULL, False)], run)[0]
-        manifest = self._manifests().download(ManifestType.FULL, run, probe)
+            probe = fetcher.probe_many([(ManifestType.FULL, False)], run, stamp_full=True)[0]
+            self._full_stamp = fetcher.full_stamp
+        manifest = fetcher.download(ManifestType.FULL, run, probe)
+        self._full_stamp_of = manifest.snapshot_id
         if state is not None and manifest.revision < state.revision:
             message = (
                 f"the server's full manifest has revision {manifest.revision}, older than "
@@ -582,20 +626,94 @@ class ManifestSyncClient:
             run.extra["older_revision"] = message
         return manifest
 
+    def _full_unchanged(
+        self,
+        run: SyncRun,
+        remote_id: str,
+        state: AppliedManifest,
+        active_probe: Probe | Literal[False] | None,
+    ) -> SyncManifest | None:
+        """The full manifest is the one applied last: the active one may still have moved
+        (``auto``); otherwise nothing changed."""
+        run.manifest_type = ManifestType.FULL.value
+        run.manifest_revision = state.revision
+        if self.manifest_type == "auto":
+            active = self._check_active(run, remote_id, forced=False, probe=active_probe)
+            if active is not None:
+                return active
+            if run.manifest_type == ManifestType.ACTIVE.value:
+                return None  # the active check decided (stale or unchanged)
+        run.skipped = True
+        run.reason = f"manifest revision {state.revision} unchanged"
+        return None
+
+    def _adopt_active(self, run: SyncRun, remote_id: str, full: SyncManifest) -> None:
+        """After a full manifest was applied, record the active manifest published beside it
+        as applied too when it lists nothing the cache does not now hold exactly so (every
+        run left out by its digest) or is older: the next sync then finds it unchanged
+        instead of reading it. Anything else is left for the next sync to apply."""
+        fetcher = self._manifests()
+        try:
+            probe = fetcher.probe_many([(ManifestType.ACTIVE, True)], run)[0]
+            if probe is None:
+                return
+            state = self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
+            header = probe.header
+            if (
+                state is not None
+                and state.clean
+                and header is not None
+                and (header["revision"], header["snapshot_id"])
+                == (state.revision, state.snapshot_id)
+            ):
+                return
+            active = fetcher.download(
+                ManifestType.ACTIVE, run, probe, self.cache.run_digests(remote_id)
+            )
+            check_root(active, self.remote_root, local=self.sftp_client is None)
+        except (OSError, ValueError) as error:
+            logger.debug("active manifest not adopted after the full one: %s", error)
+            return
+        if active.generated_at >= full.generated_at and (active.experiments or active.skipped):
+            return
+        self.cache.save_applied_manifest(
+            remote_id,
+            ManifestType.ACTIVE.value,
+            active.revision,
+            active.snapshot_id,
+            active.generated_at,
+            clean=True,
+        )
+
+    def _record_full_stamp(self, remote_id: str) -> None:
+        """Remember the full manifest's size and mtime with the snapshot this sync found it
+        to be, for the next no-change check. Taken before its header was read, the stamp
+        can only be older than the snapshot: a manifest replaced in between shows another
+        stamp next time and its header is read then. A stamp whose mtime second may not be
+        over yet (within 2 s of now: a manifest replaced within the same second, at the same
+        size, would look the same) is not kept."""
+        stamp, snapshot_id = self._full_stamp, self._full_stamp_of
+        if self.dry_run or stamp is None or snapshot_id is None:
+            return
+        if stamp[1] > time.time() - FULL_STAMP_SETTLE_SECONDS:
+            self.cache.save_full_manifest_stamp(remote_id, time.time())
+        else:
+            self.cache.save_full_manifest_stamp(remote_id, (snapshot_id, *stamp))
+
     def _check_delta(
         self,
         run: SyncRun,
         remote_id: str,
         state: AppliedManifest,
         header: dict[str, Any],
-        probe: Probe | None,
+        probe: Probe | Literal[False] | None,
     ) -> SyncManifest | None:
         """The active manifest, when it can stand in for the full one that moved on: it
         names the full manifest this cache last applied and, last, the one now published
         (``changes_since``), so it lists every run that differs from the cache but those
         removed. ``None`` (the full manifest is read) otherwise. Never with ``delete``
         (removals are in the full manifest only) nor on a full check of the cache."""
-        if probe is None:
+        if not probe:
             return None
         try:
             manifest = self._manifests().download(
@@ -882,14 +1000,13 @@ class ManifestSyncClient:
     ) -> None:
         """Remember the JSON digest of each run this sync applied cleanly, so a later active
         manifest listing it unchanged need not be decoded for it (:meth:`_known_runs`). A
-        full manifest replaces them all and records only its running runs (what every
-        active manifest lists); a run with a failed file is forgotten."""
+        full manifest replaces them all; a run with a failed file is forgotten."""
         applied = {}
         failed = []
         for exp in manifest.experiments:
             if exp.prefix in failed_dirs:
                 failed.append(exp.prefix)
-            elif not is_full or exp.status == "running":
+            else:
                 applied[exp.prefix] = run_digest(orjson.dumps(exp.to_dict()))
         self.cache.save_run_digests(remote_id, applied, forget=failed, replace_all=is_full)
 

@@ -39,6 +39,7 @@ __all__ = [
     "Probe",
     "check_root",
     "first_probe_paths",
+    "first_stamp_paths",
     "normalize_root",
 ]
 
@@ -48,14 +49,23 @@ READ (OpenSSH's clamp), so a manifest up to this size (a gzip manifest of ~1,000
 whole with the check and is not downloaded again when it changed."""
 
 
-def first_probe_paths() -> list[str]:
-    """What a sync's no-change check reads first: the ``.gz`` of the full manifest, then of
-    the active one (relative to the root). A caller that can read them early (the first round
-    trip of an SFTP session) saves the check its round trips."""
-    return [
-        f"{MANIFEST_DIRNAME}/{kind.filename}{ManifestFormat.GZIP_SUFFIX}"
-        for kind in (ManifestType.FULL, ManifestType.ACTIVE)
-    ]
+def first_probe_paths(*, stamped: bool = False) -> list[str]:
+    """What a sync's no-change check reads first (relative to the root): the ``.gz`` of the
+    full manifest, then of the active one; only the active one's when the cache recorded the
+    full manifest's stamp (``stamped``), which :func:`first_stamp_paths` then checks. A
+    caller that can read them early (the first round trip of an SFTP session) saves the
+    check its round trips."""
+    kinds = (ManifestType.ACTIVE,) if stamped else (ManifestType.FULL, ManifestType.ACTIVE)
+    return [f"{MANIFEST_DIRNAME}/{kind.filename}{ManifestFormat.GZIP_SUFFIX}" for kind in kinds]
+
+
+def first_stamp_paths(*, stamped: bool = False) -> list[str]:
+    """What a sync's no-change check asks the size and mtime of first, when the cache
+    recorded the full manifest's stamp (``stamped``): the full manifest's ``.gz``, compared
+    with that record in place of reading its header."""
+    if not stamped:
+        return []
+    return [f"{MANIFEST_DIRNAME}/{ManifestType.FULL.filename}{ManifestFormat.GZIP_SUFFIX}"]
 
 
 def normalize_root(root: str) -> str:
@@ -103,6 +113,9 @@ class ManifestFetcher:
     active_memo: ValidationMemo | None = None
     """Kept by the client across passes: an active manifest's runs that did not change since
     the last one read are not validated again."""
+    full_stamp: tuple[int, int] | None = None
+    """``(size, mtime)`` of the full manifest's ``.gz`` when :meth:`probe_many` was asked
+    for it and the server answered."""
 
     def candidates(self, manifest_type: ManifestType) -> list[tuple[str, bool]]:
         base = f"{MANIFEST_DIRNAME}/{manifest_type.filename}"
@@ -119,13 +132,20 @@ class ManifestFetcher:
         )
 
     def probe_many(
-        self, wanted: Sequence[tuple[ManifestType, bool]], run: SyncRun
+        self,
+        wanted: Sequence[tuple[ManifestType, bool]],
+        run: SyncRun,
+        *,
+        stamp_full: bool = False,
     ) -> list[Probe | None]:
         """Read the first :data:`PREFIX_BYTES` of each published manifest in ``wanted``
         (type, gz only), all ``.gz`` candidates in one pipeline: OPEN, READ and a CLOSE
         nobody waits for, two round trips however many. A missing ``.gz`` is followed by
-        its plain ``.json`` unless gz only. ``None`` for a type with no manifest published."""
+        its plain ``.json`` unless gz only. ``None`` for a type with no manifest published.
+        ``stamp_full``: the same pipeline first asks the full manifest's ``.gz`` for its size
+        and mtime (:attr:`full_stamp`), where the remote can (``probe_files``)."""
         found: list[Probe | None] = [None] * len(wanted)
+        stamp_paths = [self.candidates(ManifestType.FULL)[0][0]] if stamp_full else []
         rounds = [
             [(i, *self.candidates(kind)[0]) for i, (kind, _) in enumerate(wanted)],
             [
@@ -136,9 +156,13 @@ class ManifestFetcher:
         ]
         for candidates in rounds:
             todo = [(i, path, gz) for i, path, gz in candidates if found[i] is None]
-            if not todo:
+            if stamp_paths:
+                results = self._probe_files([path for _, path, _ in todo], stamp_paths)
+                stamp_paths = []
+            elif not todo:
                 continue
-            results = self.read_prefixes([path for _, path, _ in todo])
+            else:
+                results = self.read_prefixes([path for _, path, _ in todo])
             for (i, path, gz), data in zip(todo, results, strict=True):
                 if isinstance(data, FileNotFoundError):
                     continue
@@ -157,6 +181,22 @@ class ManifestFetcher:
         change feed): :meth:`download` then reads nothing more."""
         path, gz = self.candidates(manifest_type)[0]
         return Probe(path, gz, data, True, _header_of(data, gz))
+
+    def _probe_files(
+        self, paths: list[str], stamp_paths: list[str]
+    ) -> list[bytes | BaseException]:
+        """:meth:`read_prefixes`, with the stamps of ``stamp_paths`` (the full manifest's
+        ``.gz``) asked first in the same pipeline where the remote can."""
+        prober = getattr(self.remote(), "probe_files", None)
+        if prober is None:
+            return self.read_prefixes(paths)
+        try:
+            prefixes, stamps = prober(paths, PREFIX_BYTES, stamp_paths)
+        except OSError as error:  # the channel failed: every read failed
+            return [error] * len(paths)
+        stamp = stamps[0] if stamps else None
+        self.full_stamp = stamp if isinstance(stamp, tuple) else None
+        return list(prefixes)
 
     def read_prefixes(self, paths: list[str]) -> list[bytes | BaseException]:
         """The remote's pipelined ``read_prefixes`` where it has one, else one at a time."""

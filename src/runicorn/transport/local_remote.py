@@ -10,7 +10,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from runicorn._sys.dirs import Directory, LinkOnPathError, open_directory
@@ -146,6 +146,35 @@ class LocalRemote:
             return pread_upto(fd, 0, length)
         finally:
             os.close(fd)
+
+    def probe_files(
+        self, paths: Sequence[str], length: int, stamp_paths: Sequence[str]
+    ) -> tuple[list[bytes | BaseException], list[tuple[int, int] | BaseException]]:
+        """:meth:`read_prefix` of each of ``paths`` and the ``(size, whole-second mtime)``
+        of each of ``stamp_paths`` (a link followed), the stamps taken first; per path the
+        answer or the exception (``OSError``) asking raised."""
+        stamps: list[tuple[int, int] | BaseException] = []
+        for path in stamp_paths:
+            try:
+                fd = self._open(path)
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+            except OSError as error:
+                stamps.append(error)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                stamps.append(OSError(f"{path}: not a regular file"))
+            else:
+                stamps.append((st.st_size, int(st.st_mtime)))
+        prefixes: list[bytes | BaseException] = []
+        for path in paths:
+            try:
+                prefixes.append(self.read_prefix(path, length))
+            except OSError as error:
+                prefixes.append(error)
+        return prefixes, stamps
 
     def read_file(self, path: str, max_bytes: int) -> bytes:
         """The whole file; ValueError if it is larger than ``max_bytes``."""

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import paramiko
@@ -334,12 +334,20 @@ class Prefetched:
     root: str
     length: int
     results: dict[str, bytes | BaseException]
+    stamps: dict[str, tuple[int, int] | BaseException] = field(default_factory=dict)
+    """``(size, mtime)`` of the paths whose attributes that round trip asked (STAT)."""
 
     def take(self, root: str, path: str, length: int) -> bytes | BaseException | None:
         """The answer for ``path``, once; None if it was not read with this root and length."""
         if root.rstrip("/") != self.root.rstrip("/") or length != self.length:
             return None
         return self.results.pop(path, None)
+
+    def take_stamp(self, root: str, path: str) -> tuple[int, int] | BaseException | None:
+        """The ``(size, mtime)`` of ``path`` asked with this root, once; None if not asked."""
+        if root.rstrip("/") != self.root.rstrip("/"):
+            return None
+        return self.stamps.pop(path, None)
 
 
 class PrefetchingSFTPClient(paramiko.SFTPClient):

@@ -33,6 +33,7 @@ from runicorn.transport.sftp_protocol import (
     FXP_READ,
     FXP_READDIR,
     FXP_REALPATH,
+    FXP_STAT,
     FXP_STATUS,
     U32,
     U64,
@@ -526,7 +527,8 @@ class RealPathOp(_OneAnswerOp[str]):
 
 
 class LstatOp(_OneAnswerOp[Attrs]):
-    """LSTAT: the attributes of ``path`` itself (a symbolic link is reported, not followed).
+    """LSTAT: the attributes of ``path`` itself (a symbolic link is reported, not followed);
+    with ``follow``, STAT: those of what a link points to.
 
     ``on_done(attrs or None, error)`` once; ``display_path`` names the path in errors.
     """
@@ -537,9 +539,10 @@ class LstatOp(_OneAnswerOp[Attrs]):
         on_done: Callable[[Attrs | None, BaseException | None], None],
         *,
         display_path: str | None = None,
+        follow: bool = False,
     ) -> None:
         super().__init__(
-            (FXP_LSTAT, encode_path(path)),
+            (FXP_STAT if follow else FXP_LSTAT, encode_path(path)),
             display_path if display_path is not None else path,
             on_done,
         )

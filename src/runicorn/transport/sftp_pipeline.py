@@ -29,6 +29,7 @@ import paramiko
 from runicorn.transport import openssh_shortcuts
 from runicorn.transport.sftp_ops import (
     Handler,
+    LstatOp,
     Operation,
     ReadRangeOp,
     RealPathOp,
@@ -41,6 +42,7 @@ from runicorn.transport.sftp_protocol import (
     MAX_PACKET,
     SFTP_VERSION,
     U32,
+    Attrs,
     Reader,
     SftpProtocolError,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "MAX_READ_SIZE",
     "SftpPipeline",
     "open_sftp_client",
+    "stamp_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -394,6 +397,7 @@ def open_sftp_client(
     root: str | None = None,
     prefetch: Sequence[str] = (),
     prefetch_bytes: int = MAX_READ_SIZE,
+    prestat: Sequence[str] = (),
 ) -> paramiko.SFTPClient:
     """An SFTP session on a new channel of ``transport``: a paramiko ``SFTPClient``.
 
@@ -403,7 +407,8 @@ def open_sftp_client(
     ``prefetch`` (paths relative to it) on an OpenSSH server, the INIT leaves together with
     a REALPATH of a relative root and the reads of the first ``prefetch_bytes`` of each
     path -- the first one with its handle guessed
-    (:data:`~.openssh_shortcuts.OPENSSH_FIRST_HANDLE`), so it costs no round trip of its own.
+    (:data:`~.openssh_shortcuts.OPENSSH_FIRST_HANDLE`), so it costs no round trip of its own
+    -- and a STAT of each path of ``prestat`` (their size and mtime, sent before the reads).
     The session is then a :class:`~.openssh_shortcuts.PrefetchingSFTPClient`: the whole
     no-change check of a sync is the third round trip. :func:`.openssh_shortcuts.enabled`
     decides whether the server gets this; otherwise the session is paramiko's own.
@@ -414,7 +419,7 @@ def open_sftp_client(
         channel.invoke_subsystem("sftp")
         if root is None or not openssh_shortcuts.enabled(transport):
             return paramiko.SFTPClient(channel)
-        return _first_round_trip(channel, root, prefetch, prefetch_bytes, timeout)
+        return _first_round_trip(channel, root, prefetch, prefetch_bytes, timeout, prestat)
     except BaseException:
         channel.close()
         raise
@@ -426,8 +431,10 @@ def _first_round_trip(
     prefetch: Sequence[str],
     length: int,
     timeout: float | None,
+    prestat: Sequence[str] = (),
 ) -> openssh_shortcuts.PrefetchingSFTPClient:
-    """INIT, REALPATH (relative root only) and the prefetch reads, pipelined; see above."""
+    """INIT, REALPATH (relative root only), the STATs and the prefetch reads, pipelined; see
+    above."""
     if not 0 <= length <= MAX_READ_SIZE:
         raise ValueError(f"prefetch_bytes must be between 0 and {MAX_READ_SIZE}")
     pipe = SftpPipeline(channel, timeout=timeout, borrowed=True, pipelined_init=True)
@@ -439,6 +446,16 @@ def _first_round_trip(
     absolute = root.startswith("/")
     if not absolute:
         ops.append(RealPathOp(root or ".", lambda path, error: resolved.append((path, error))))
+    stamps: dict[str, tuple[int, int] | BaseException] = {}
+    for path in prestat:
+
+        def on_attrs(
+            attrs: Attrs | None, error: BaseException | None, path: str = path
+        ) -> None:
+            stamps[path] = error if error is not None else stamp_of(attrs, path)
+
+        full = posixpath.join(root, path) if root else path
+        ops.append(LstatOp(full, on_attrs, display_path=path, follow=True))
     for index, path in enumerate(prefetch):
 
         def on_data(_offset: int, data: bytes, path: str = path) -> None:
@@ -470,7 +487,14 @@ def _first_round_trip(
         assert real is not None
         resolved_root = real
     assert pipe.server_version is not None
-    prefetched = openssh_shortcuts.Prefetched(resolved_root, length, results)
+    prefetched = openssh_shortcuts.Prefetched(resolved_root, length, results, stamps)
     return openssh_shortcuts.PrefetchingSFTPClient(
         channel, pipe.server_version, resolved_root, prefetched
     )
+
+
+def stamp_of(attrs: Attrs | None, path: str) -> tuple[int, int] | BaseException:
+    """``(size, mtime)`` from a STAT answer, or why it cannot say."""
+    if attrs is None or attrs.size is None or attrs.mtime is None or attrs.is_dir:
+        return OSError(f"{path}: the server reported no size and mtime of a file")
+    return attrs.size, attrs.mtime

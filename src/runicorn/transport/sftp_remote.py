@@ -27,6 +27,7 @@ from runicorn.transport.sftp_pipeline import (
     DEFAULT_READ_SIZE,
     DEFAULT_TIMEOUT,
     SftpPipeline,
+    stamp_of,
 )
 from runicorn.transport.sftp_protocol import Attrs
 
@@ -194,12 +195,37 @@ class SftpRemote:
         prefixes that fit one READ (255 KiB) costs two round trips -- none for a path the
         session's first round trip read already (a :class:`PrefetchingSFTPClient`). Per
         path: the bytes, or the exception (``FileNotFoundError`` …) reading it raised."""
+        return self.probe_files(paths, length, ())[0]
+
+    def probe_files(
+        self, paths: Sequence[str], length: int, stamp_paths: Sequence[str]
+    ) -> tuple[list[bytes | BaseException], list[tuple[int, int] | BaseException]]:
+        """:meth:`read_prefixes` of ``paths`` and the ``(size, mtime)`` (STAT, a link
+        followed) of ``stamp_paths``, in one pipeline whose STATs go out first, so a stamp
+        is never newer than a prefix read with it. Nothing is asked again that the session's
+        first round trip asked already. Per path: the answer, or the exception asking
+        raised."""
         if length < 0:
             raise ValueError("length must not be negative")
+        prefetched: Prefetched | None = getattr(self._sftp, "prefetched", None)
+        ops: list[Operation] = []
+        stamps: list[tuple[int, int] | BaseException | None] = [None] * len(stamp_paths)
+        for index, path in enumerate(stamp_paths):
+            early_stamp = (
+                prefetched.take_stamp(self.root, relative_path(path)) if prefetched else None
+            )
+            if early_stamp is not None:
+                stamps[index] = early_stamp
+                continue
+
+            def on_attrs(
+                attrs: Attrs | None, error: BaseException | None, i: int = index, p: str = path
+            ) -> None:
+                stamps[i] = error if error is not None else stamp_of(attrs, p)
+
+            ops.append(LstatOp(self._full(path), on_attrs, display_path=path, follow=True))
         pieces: list[list[bytes]] = [[] for _ in paths]
         errors: list[BaseException | None] = [None] * len(paths)
-        ops: list[Operation] = []
-        prefetched: Prefetched | None = getattr(self._sftp, "prefetched", None)
         for index, path in enumerate(paths):
             early = prefetched.take(self.root, relative_path(path), length) if prefetched else None
             if isinstance(early, bytes):
@@ -235,6 +261,9 @@ class SftpRemote:
         return [
             error if error is not None else b"".join(parts)
             for parts, error in zip(pieces, errors, strict=True)
+        ], [
+            stamp if stamp is not None else OSError(f"{path}: the STAT was not answered")
+            for stamp, path in zip(stamps, stamp_paths, strict=True)
         ]
 
     def warm_up(self, workers: int) -> None:

@@ -358,6 +358,22 @@ class LocalCacheManager:
         """Insert or update runs from a manifest; ``last_synced=None`` keeps the old value."""
         self.state.save_runs(remote_id, runs)
 
+    def has_full_manifest_stamp(self) -> bool:
+        """Whether a sync recorded the server's full manifest stamp in this cache."""
+        return self.state.has_full_manifest_stamp()
+
+    def full_manifest_stamp(self, remote_id: str) -> tuple[str, int, int] | float | None:
+        """``(snapshot_id, size, mtime)`` of the server's full manifest file as the last
+        sync found it (the no-change check's shortcut); when a sync asked for it last but
+        could not keep it, that time; or ``None``."""
+        return self.state.full_manifest_stamp(remote_id)
+
+    def save_full_manifest_stamp(
+        self, remote_id: str, stamp: tuple[str, int, int] | float | None
+    ) -> None:
+        """Replace (``None``: forget) what :meth:`full_manifest_stamp` returns."""
+        self.state.save_full_manifest_stamp(remote_id, stamp)
+
     def cached_run_ids(self, remote_id: str, run_ids: Iterable[str]) -> set[str]:
         """Which of ``run_ids`` the cache holds runs of from ``remote_id``."""
         return self.state.cached_run_ids(remote_id, run_ids)

@@ -658,6 +658,43 @@ class StateDatabase:
             else:
                 conn.execute("DELETE FROM meta WHERE key = ?", (f"selection {remote_id}",))
 
+    def has_full_manifest_stamp(self) -> bool:
+        """Whether a full manifest stamp is recorded for any remote (never creates the
+        database)."""
+        rows = self._read("SELECT value FROM meta WHERE key LIKE 'full_stamp %'")
+        return any(str(value).startswith("[") for (value,) in rows)
+
+    def full_manifest_stamp(self, remote_id: str) -> tuple[str, int, int] | float | None:
+        """``(snapshot_id, size, mtime)`` of the full manifest file of ``remote_id`` as the
+        last sync found it; the time a sync asked for it and could not keep it (a float);
+        or ``None``."""
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (f"full_stamp {remote_id}",))
+        if not rows:
+            return None
+        try:
+            value = orjson.loads(rows[0][0])
+            if isinstance(value, float):
+                return value
+            snapshot_id, size, mtime = value
+            return str(snapshot_id), int(size), int(mtime)
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            return None
+
+    def save_full_manifest_stamp(
+        self, remote_id: str, stamp: tuple[str, int, int] | float | None
+    ) -> None:
+        """Replace (``None``: forget) what :meth:`full_manifest_stamp` returns."""
+        key = f"full_stamp {remote_id}"
+        with self.transaction() as conn:
+            if stamp is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                value = float(stamp) if isinstance(stamp, float) else list(stamp)
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (key, orjson.dumps(value).decode()),
+                )
+
     def save_remote_sync(self, remote_id: str, outcome: str) -> None:
         """Record when ``remote_id`` was last synced and how it went."""
         with self.transaction() as conn:
