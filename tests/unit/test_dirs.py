@@ -110,3 +110,15 @@ def test_a_windows_junction_counts_as_a_link() -> None:
     assert dirs.is_link(junction)  # type: ignore[arg-type]
     assert not dirs.is_link(plain)  # type: ignore[arg-type]
     assert dirs.is_link(os.lstat("/proc/self/exe"))
+
+
+def test_a_link_at_the_target_name_is_replaced_never_followed(opened, tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    with opened(root) as top, top.child("a") as a:
+        fd = a.open("new.part", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"real")
+        os.close(fd)
+        a.replace("new.part", "file-link")
+    assert (root / "a" / "file-link").read_bytes() == b"real"
+    assert not (root / "a" / "file-link").is_symlink()
+    assert (tmp_path / "outside" / "f.txt").read_bytes() == b"outside"

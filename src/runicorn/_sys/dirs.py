@@ -330,12 +330,11 @@ class _PathDirectory:
         os.rmdir(self._unlinked(name, missing_ok=False))
 
     def replace(self, source: str, target: str) -> None:
-        os.replace(
-            self._unlinked(source, missing_ok=False), self._unlinked(target, missing_ok=True)
-        )
+        # A link at ``target`` is replaced, never followed: a rename takes names as they are.
+        os.replace(self._unlinked(source, missing_ok=False), os.path.join(self.path, target))
 
     def move_in(self, source: str, name: str) -> None:
-        os.rename(source, self._unlinked(name, missing_ok=True))
+        os.rename(source, os.path.join(self.path, name))
 
     def set_times(self, fd: int, name: str, ns: tuple[int, int]) -> None:
         if os.utime in os.supports_fd:
