@@ -36,6 +36,8 @@ class SshOptions:
     known_hosts: str | None
     timeout: float
     compress: bool | None = None
+    stream: bool | None = None
+    """The file stream: on, off, or automatic (``None``; ``runicorn.transport.file_stream``)."""
 
 
 class _Connection:
@@ -122,7 +124,7 @@ def watch_cache(
         code, sftp, resolved = _first_connection(connection, root, as_json)
         if sftp is None:
             return code
-        client = ManifestSyncClient(sftp, resolved, cache_dir, jitter, **options)
+        client = ManifestSyncClient(sftp, resolved, cache_dir, jitter, stream=ssh.stream, **options)
         reconnect = connection.sftp
     source = root if destination is None else f"{destination}:{client.remote_root}"
     click.echo(f"watching {source} into {cache_dir}", err=True)

@@ -447,7 +447,7 @@ def sync(
                 parsed.destination,
                 parsed.root,
                 cache_dir,
-                SshOptions(port, identities, ssh_config, known_hosts, timeout, compress),
+                SshOptions(port, identities, ssh_config, known_hosts, timeout, compress, stream),
                 workers=workers,
                 jitter=jitter,
                 delete=delete,
