@@ -110,7 +110,10 @@ def test_an_appended_line_reaches_the_cache(watching: Watching, lab: Lab, cache:
     lab.publish(ManifestType.ACTIVE, now=lab.now + 60)
     expected = events.read_bytes()
     watching.wait_for(lambda: cache_files(cache).get(rel) == expected)
-    assert any(p["manifest_type"] == "active" and not p["skipped"] for p in watching.passes)
+    # (the file lands during the pass, which is recorded once it ends)
+    watching.wait_for(
+        lambda: any(p["manifest_type"] == "active" and not p["skipped"] for p in watching.passes)
+    )
 
 
 def test_a_new_run_arrives_and_a_removed_one_is_kept_without_delete(
@@ -201,6 +204,36 @@ def test_a_pushed_publication_arrives_with_its_content_and_no_manifest_read(
         watch.stop()
     counts = sshd_server.sftp_request_count(wait_for_close=True)
     assert counts["open"] == 1, counts.by_type
+
+
+def test_a_pushed_full_publication_is_applied_through_the_active_one_naming_it(
+    client_for, lab: Lab, cache: Path
+):
+    """A new full manifest followed by an active one that names it (what the publisher
+    does): the pass takes the pushed active manifest in place of the whole full one."""
+    lab.publish(ManifestType.ACTIVE)
+    client = client_for()
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
+    try:
+        watcher = client._watcher
+        assert watcher is not None
+        watch.wait_for(lambda: watcher.pushed)
+        watch.wait_for(lambda: len(watch.passes) >= 2)  # the catch-up pass once pushed
+        passes = len(watch.passes)
+        source = next(r for r in lab.info.listed_runs if r.status == "running")
+        shutil.copytree(source.path, source.path.with_name(source.run_id + "_copy"))
+        lab.publish(ManifestType.FULL, now=lab.now + 60)
+        named = lab.publish(ManifestType.ACTIVE, now=lab.now + 1)
+        full = lab.publish(ManifestType.FULL)  # unchanged: the one the active names
+        assert named.changes_since and named.changes_since[-1] == full.snapshot_id
+        new_rel = f"{source.rel}_copy/meta.json"
+        watch.wait_for(lambda: new_rel in cache_files(cache))
+        watch.wait_for(lambda: any("in place of full" in p["reason"] for p in watch.passes))
+    finally:
+        watch.stop()
+    assert not any(
+        p["manifest_type"] == "full" and not p["skipped"] for p in watch.passes[passes:]
+    ), [p["reason"] for p in watch.passes[passes:]]
 
 
 def test_a_server_without_python3_is_polled_instead(

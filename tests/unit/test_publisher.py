@@ -205,6 +205,17 @@ def test_a_change_after_a_quiet_spell_is_published_without_waiting_for_the_debou
         running.stop()
 
 
+def test_each_full_publication_is_followed_by_an_active_one_naming_it(running, lab):
+    """A client that applied an older full manifest can take that active manifest in place
+    of the new full one: it names the new full snapshot last."""
+    _make_run(lab, "other", "run_c")
+    running.wait_for(ManifestType.FULL, lambda m: "run_c" in _runs(m))
+    snapshot = running.manifest(ManifestType.FULL).snapshot_id
+    running.wait_for(
+        ManifestType.ACTIVE, lambda m: bool(m.changes_since) and m.changes_since[-1] == snapshot
+    )
+
+
 def test_a_new_run_appears_in_both_manifests(running, lab):
     _make_run(lab, "other", "run_c")
     running.wait_for(ManifestType.ACTIVE, lambda m: "run_c" in _runs(m))
@@ -520,13 +531,19 @@ def test_json_prints_one_summary_per_publication(backend, lab):
     child = Child(backend, "--root", str(lab), "--json", "--full-interval", "0")
     child.expect("published full manifest revision 1")
     _make_run(lab, "other", "run_c")
-    child.expect_all("published active manifest revision 2", "published full manifest revision 2")
+    # the full publication is followed by an active one naming it (its changes_since)
+    child.expect_all(
+        "published active manifest revision 2",
+        "published full manifest revision 2",
+        "published active manifest revision 3",
+    )
     code, stdout = child.finish(signal.SIGTERM)
     assert code == 0
     summaries = [orjson.loads(line) for line in stdout.splitlines()]
     assert sorted((s["type"], s["revision"]) for s in summaries) == [
         ("active", 1),
         ("active", 2),
+        ("active", 3),
         ("full", 1),
         ("full", 2),
     ]

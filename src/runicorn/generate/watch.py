@@ -12,7 +12,9 @@ one belongs to a burst: the **active** manifest is then generated ``debounce`` s
 the burst's last change, and at most ``max_delay`` seconds after its first, so hundreds of
 runs appending at once make one publication and a steady stream still gets one every
 ``max_delay``. The **full** manifest follows within ``full_interval`` seconds of a change,
-at most once per interval, and only when something changed.
+at most once per interval, and only when something changed; each published full manifest
+is followed at once by an active one that names it (its ``changes_since``), so a client
+applies that small manifest in place of the whole full one.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class ManifestPublisher:
         self._rescan = threading.Event()
         self._started = threading.Event()
         self._last_duration = 0.0
+        self._last_published = False
         # Generations rescan only what the source reports (a full walk when it cannot
         # tell); with --no-incremental every generation recomputes everything, as asked.
         self._tree = generator.keep_tree() if generator.incremental else None
@@ -211,6 +214,10 @@ class ManifestPublisher:
                 if self._generate(ManifestType.FULL):
                     full_due = None
                     last_full = time.monotonic()
+                    if started and self._last_published:
+                        # An active manifest naming the new full one (``changes_since``):
+                        # a client applies it in place of the whole full manifest.
+                        self._generate(ManifestType.ACTIVE)
                 else:
                     full_due = now + RETRY_SECONDS
             if not started and active_due is None and full_due is None:
@@ -328,6 +335,7 @@ class ManifestPublisher:
         report = self.generator.last_report
         assert report is not None
         self._last_duration = report.duration
+        self._last_published = report.published
         if report.published:
             logger.info(
                 "published %s manifest revision %d: %d runs, %d files (%.3f s)",

@@ -569,13 +569,20 @@ class ManifestSyncClient:
         ):
             # The active manifest is probed in the same round trip, in case it is needed.
             also_active = self.manifest_type == "auto"
-            active_wanted = [(ManifestType.ACTIVE, True)] * also_active
             active_probe: Probe | Literal[False] | None = False
+            if also_active:  # a watch's pushed copy saves reading the server's
+                active_probe = self._pushed_probe(
+                    run, self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
+                )
+            active_wanted = [(ManifestType.ACTIVE, True)] * (also_active and active_probe is False)
             recorded = self.cache.full_manifest_stamp(remote_id)
             if isinstance(recorded, tuple) and recorded[0] == state.snapshot_id:
                 found = fetcher.probe_many(active_wanted, run, stamp_full=True)
                 self._full_stamp = fetcher.full_stamp
-                active_probe = found[0] if also_active else None
+                if active_wanted:
+                    active_probe = found[0]
+                elif not also_active:
+                    active_probe = None
                 if fetcher.full_stamp is not None and fetcher.full_stamp == recorded[1:]:
                     return self._full_unchanged(run, remote_id, state, active_probe)
             probes = fetcher.probe_many(
@@ -700,6 +707,20 @@ class ManifestSyncClient:
         else:
             self.cache.save_full_manifest_stamp(remote_id, (snapshot_id, *stamp))
 
+    def _pushed_probe(self, run: SyncRun, state: AppliedManifest | None) -> Probe | Literal[False]:
+        """:attr:`pushed_active` as a probe of the active manifest; ``False`` when there is
+        none, or it is unreadable or older than the active manifest applied (``state``):
+        then the server's copy is read."""
+        data = self.pushed_active
+        if data is None:
+            return False
+        probe = self._manifests().pushed_probe(ManifestType.ACTIVE, data)
+        revision = None if probe.header is None else probe.header.get("revision")
+        if not isinstance(revision, int) or (state is not None and revision < state.revision):
+            return False
+        run.bytes_downloaded += len(data)
+        return probe
+
     def _check_delta(
         self,
         run: SyncRun,
@@ -762,13 +783,8 @@ class ManifestSyncClient:
         ``probe``: what probing it found already (``None``: absent); not given: probe now."""
         state = self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
         clean = state is not None and state.clean and (not forced or self._is_clean(remote_id, run))
-        if probe is False and self.pushed_active is not None:
-            probe = self._manifests().pushed_probe(ManifestType.ACTIVE, self.pushed_active)
-            revision = None if probe.header is None else probe.header.get("revision")
-            if not isinstance(revision, int) or (state is not None and revision < state.revision):
-                probe = False  # unreadable, or older than applied: read the server's copy
-            else:
-                run.bytes_downloaded += len(self.pushed_active)
+        if probe is False:
+            probe = self._pushed_probe(run, state)
         if probe is False:
             probe = self._manifests().probe_many([(ManifestType.ACTIVE, not forced)], run)[0]
         if probe is None:
@@ -1286,4 +1302,3 @@ def _slashes(path: str) -> Iterator[int]:
     while end >= 0:
         yield end
         end = path.find("/", end + 1)
-

@@ -67,6 +67,11 @@ a second."""
 PUSH_ENV = "RUNICORN_WATCH_PUSH"
 """``0`` turns the push channel off: the watch polls, as on a server that cannot push."""
 FULL_INTERVAL_SECONDS = 30.0
+FULL_SETTLE_SECONDS = 2.0
+"""Pushed, how long the pass for a new full manifest waits for the active publication that
+follows it (the publisher republishes the active manifest after each full one, naming it):
+that pass then applies the active manifest in place of the full one, not the whole full
+manifest, while appended lines wait behind it."""
 FIRST_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
 
@@ -117,7 +122,9 @@ class CacheWatcher:
         self._pushed: bytes | None = None
         """The active manifest's content the feed pushed last, until a pass takes it."""
         self._pushed_lock = threading.Lock()
-        self._gz_announced = False
+        self._full_settle_at: float | None = None
+        self._active_again = False
+        self._pushed_unused = False
         self._feed_given_up = False
         self._feed_retry_at = 0.0
 
@@ -147,8 +154,15 @@ class CacheWatcher:
         next_full = time.monotonic()
         backoff = FIRST_BACKOFF_SECONDS
         while not self._stop.is_set():
-            full = time.monotonic() >= next_full or self._full_changed
-            self._full_changed = False
+            now = time.monotonic()
+            settle = self._full_settle_at
+            # A new full manifest waits for the active publication that names it, unless the
+            # push is gone or the wait is over (see FULL_SETTLE_SECONDS).
+            waiting = settle is not None and now < settle and self._pushed is None and self.pushed
+            full = now >= next_full or (self._full_changed and not waiting)
+            if full:
+                self._full_changed = False
+                self._full_settle_at = None
             try:
                 stats = self._pass(full)
             except Exception as error:
@@ -167,9 +181,22 @@ class CacheWatcher:
                 next_full = time.monotonic() + self.full_interval
             if self.on_sync is not None:
                 self.on_sync(stats)
+            if (
+                self._pushed_unused
+                and not stats.get("skipped")
+                and stats.get("manifest_type") == ManifestType.FULL.value
+            ):
+                # The full manifest was applied, not the (newer) active one pushed for this
+                # pass: look at the active one again now.
+                self._active_again = True
             self._start_feed()
+            if self._active_again:
+                self._active_again = False
+                continue
             if self.pushed:
-                self._sleep(next_full - time.monotonic())
+                settle = self._full_settle_at
+                wake_at = next_full if settle is None else min(next_full, settle)
+                self._sleep(wake_at - time.monotonic())
             else:
                 self._sleep(self.interval)
 
@@ -213,13 +240,11 @@ class CacheWatcher:
             inline=[0],  # the active manifest's .gz
         )
         self._feed = feed
-        self._gz_announced = False
         feed.start()
 
     def _on_content(self, index: int, data: bytes) -> None:
         with self._pushed_lock:
             self._pushed = data
-        self._gz_announced = True
         self._wake.set()
 
     def _on_change(self, index: int) -> None:
@@ -227,13 +252,18 @@ class CacheWatcher:
             # Published, but not pushed (too large, or unreadable): the pass reads it.
             with self._pushed_lock:
                 self._pushed = None
-            self._gz_announced = True
-        elif index == 1 and self._gz_announced:
+        elif index == 1:
             # The plain copy, written just before the .gz by the generator: the .gz's
-            # content follows, and waking now would only read the server's copy early.
+            # content follows, and waking now would only read the server's copy early. (A
+            # server that publishes no .gz is followed by the full checks.)
             return
         if index >= 2:  # the full manifest's files
             self._full_changed = True
+            if self.pushed:
+                # The active publication that follows wakes the pass (see FULL_SETTLE_SECONDS).
+                if self._full_settle_at is None:
+                    self._full_settle_at = time.monotonic() + FULL_SETTLE_SECONDS
+                return
         self._wake.set()
 
     def _on_ready(self) -> None:
@@ -285,8 +315,11 @@ class CacheWatcher:
         mode, jitter = client.manifest_type, client.jitter_max
         if not full:
             client.manifest_type = ManifestType.ACTIVE.value
-            # (a full pass leaves it for the active pass that follows at once: see _sleep)
+        if not full or mode == "auto":
+            # (a full pass that reads only the full manifest leaves it to the active pass
+            # that follows at once: see _sleep)
             client.pushed_active = self._take_pushed()
+        self._pushed_unused = full and client.pushed_active is not None
         if self.passes:
             client.jitter_max = 0.0  # the jitter spreads a fleet's first sync, not each pass
         try:
