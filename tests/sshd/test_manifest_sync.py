@@ -214,21 +214,29 @@ def test_locally_damaged_file_is_fetched_again(lab: Lab, cache: Path, client_for
     assert_cache_equals_server(lab.root, cache)
 
 
-def test_damage_outside_status_json_waits_for_the_full_check(
-    lab: Lab, cache: Path, client_for
+@pytest.mark.parametrize("due", ["the slow cadence", "--verify"])
+@pytest.mark.parametrize("damage", ["a file removed", "a finished run's status rewritten"])
+def test_damage_the_quick_check_does_not_look_at_waits_for_the_full_check(
+    lab: Lab, cache: Path, client_for, damage: str, due: str
 ) -> None:
     client_for().sync()
-    victim = cache / _a_run(lab).rel / "summary.json"
-    victim.unlink()
+    run = cache / _a_run(lab, running=False).rel
+    if damage == "a file removed":
+        victim = run / "summary.json"
+        victim.unlink()
+    else:  # in place: neither a running run's nor in a container that moved
+        victim = run / "status.json"
+        victim.write_bytes(victim.read_bytes() + b" ")
 
     quick = client_for().sync()  # within VERIFY_INTERVAL of the cold sync's full check
 
     assert quick["skipped"] is True and "verified" not in quick
-    assert not victim.exists()
-    client = client_for()
-    client.VERIFY_INTERVAL = 0.0  # the slow cadence, come round
-    due = client.sync()
-    assert (due["files_synced"], due["verified"]) == (1, True)
+    assert damage != "a file removed" or not victim.exists()
+    client = client_for(verify=True) if due == "--verify" else client_for()
+    if due == "the slow cadence":
+        client.VERIFY_INTERVAL = 0.0  # come round
+    checked = client.sync()
+    assert (checked["files_synced"], checked["verified"]) == (1, True)
     assert_cache_equals_server(lab.root, cache)
 
 
