@@ -1,6 +1,7 @@
-"""The compressed file stream over a real sshd: the same caches with it on, off and automatic
-and with compression on and off; SFTP takes over when the server has no python3 or the stream
-breaks mid-way; a hostile stream is refused and nothing lands outside the cache."""
+"""The compressed file stream over a real sshd: the same caches with it on, off and automatic,
+with compression on and off, and with zstd or zlib (zstd only where both ends have it); SFTP
+takes over when the server has no python3 or the stream breaks mid-way; a hostile stream (a
+zlib or zstd bomb among others) is refused and nothing lands outside the cache."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from runicorn.manifest import ManifestGenerator
 from runicorn.sync import service as service_module
 from runicorn.sync.client import ManifestSyncClient
 from runicorn.transport import file_stream
+from runicorn.transport import ssh as ssh_module
 from runicorn.transport.remote import FetchJob, FetchResult
 from runicorn.transport.sftp_remote import SftpRemote
 
@@ -222,6 +224,61 @@ def test_a_stream_cut_mid_way_resumes_over_sftp(
     assert "ended mid-way (exit status 3" in caplog.text
 
 
+# Runs the stream's program the way the server would, with zstd made unimportable.
+_NO_ZSTD = """\
+import sys
+sys.modules["zstandard"] = None
+sys.modules["compression.zstd"] = None
+at = sys.argv.index("-c")
+program = sys.argv[at + 1]
+sys.argv = ["-c", *sys.argv[at + 2 :]]
+exec(compile(program, "<stream>", "exec"), {"__name__": "__main__"})
+"""
+
+
+@pytest.mark.parametrize("case", ["zstd", "server without zstd", "client without zstd"])
+def test_zstd_and_zlib_streams_give_byte_identical_caches(
+    lab: LabInfo,
+    sshd_server: SshServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    codecs: list[str | None] = []
+    hello = file_stream.FileStream._hello
+
+    def record_codec(self: file_stream.FileStream, payload: bytes) -> None:
+        hello(self, payload)
+        codecs.append(self.codec)
+
+    monkeypatch.setattr(file_stream.FileStream, "_hello", record_codec)
+    # This test's interpreter has zstandard (a dependency): it stands for a runicorn
+    # environment on the server, named with --stream-python.
+    python = sys.executable
+    if case == "server without zstd":
+        python = _fake_python(tmp_path, _NO_ZSTD)
+    elif case == "client without zstd":
+        monkeypatch.setitem(sys.modules, "zstandard", None)
+        monkeypatch.setitem(sys.modules, "compression.zstd", None)
+    cache = tmp_path / "cache"
+    _sync(sshd_server, lab, cache, tmp_path, "--compress", "--stream", "--stream-python", python)
+    assert_cache_equals_server(lab.root, cache)
+    # The client without zstd asks for zlib, and the server (which has zstd) honours it.
+    assert codecs == ["zstd" if case == "zstd" else "zlib"]
+
+
+def test_without_zstandard_the_package_imports_and_asks_for_zlib(tmp_path: Path) -> None:
+    program = (
+        "import sys\n"
+        "sys.modules['zstandard'] = None\n"
+        "sys.modules['compression.zstd'] = None\n"
+        "import runicorn, runicorn.cli\n"
+        "from runicorn.transport import file_stream\n"
+        "assert not file_stream.zstd_available()\n"
+    )
+    subprocess.run([sys.executable, "-c", program], check=True)
+
+
 _HOSTILE = """\
 import os, struct, sys, zlib
 head = os.read(0, 24)
@@ -230,31 +287,44 @@ def block(kind, body):
     os.write(1, struct.pack("!BI", kind, len(body)) + body)
 def record(kind, index, value, payload=b""):
     return struct.pack("!BIQI", kind, index, value, len(payload)) + payload
-block(82, record(72, 0, 1))
 mode = %r
+codec = {"zstd bomb": b"zstd", "unknown codec": b"lz4"}.get(mode, b"zlib")
+block(82, record(72, 0, 2, codec))
 if mode == "oversized":
     os.write(1, struct.pack("!BI", 82, 64 * 1024 * 1024))
 elif mode == "wrong index":
     block(82, record(68, index + 1, 0, b"x" * 10))
 elif mode == "zlib bomb":
     block(90, zlib.compress(record(68, index, 0, b"") + b"\\0" * 200_000_000)[:1000_000])
+elif mode == "zstd bomb":
+    import zstandard
+    packer = zstandard.ZstdCompressor(level=1).compressobj()
+    body = packer.compress(record(68, index, 0, b""))
+    for _ in range(200):
+        body += packer.compress(b"\\0" * 1048576)
+    block(90, body + packer.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
 elif mode == "too long":
     block(82, record(68, index, 0, b"y" * 1000))
 sys.stdin.read()
 """
 
 
-@pytest.mark.parametrize("mode", ["oversized", "wrong index", "zlib bomb", "too long"])
+@pytest.mark.parametrize(
+    "mode", ["oversized", "wrong index", "zlib bomb", "zstd bomb", "unknown codec", "too long"]
+)
 def test_a_hostile_stream_is_refused_and_sftp_finishes(
     sftp: paramiko.SFTPClient,
     lab: LabInfo,
     tmp_path: Path,
     backend: Backend,
     caplog,
+    monkeypatch: pytest.MonkeyPatch,
     mode: str,
 ) -> None:
     # A real sync: the manifest plans the lab's files; the stream lies about the first one.
     fake = _fake_python(tmp_path, _HOSTILE % mode)
+    # The stream is asked to compress (zlib or zstd), as over a connection that chose to.
+    monkeypatch.setattr(ssh_module, "hand_compression_to_stream", lambda transport: True)
     caplog.set_level(logging.WARNING, "runicorn.transport.sftp_remote")
     cache = tmp_path / "cache"
     remote = SftpRemote(sftp, str(lab.root), timeout=20, stream=True, stream_python=fake)
@@ -270,6 +340,8 @@ def test_a_hostile_stream_is_refused_and_sftp_finishes(
         "oversized": "at most 1048576 are accepted",
         "wrong index": "while request",
         "zlib bomb": "zlib bomb",
+        "zstd bomb": "zstd bomb",
+        "unknown codec": "the server chose the codec 'lz4'",
         "too long": "outside what was asked",
     }[mode]
     assert expected in warning and "fetching over SFTP instead" in warning

@@ -1,11 +1,18 @@
-"""A compressed file stream: many files' byte ranges over one exec channel, zlib in C on both ends.
+"""A compressed file stream: many files' byte ranges over one exec channel, zstd or zlib in C.
 
 SSH compression is done by ``sshd`` at zlib level 6 and undone by paramiko one SSH packet at a
 time in Python, so on a slow link a cold sync is bound by CPU on both ends long before the wire
 is full. This stream runs a small standard-library ``python3`` program on the server (as the
 push channel of :mod:`.change_feed` does) that reads the files the client asks for and writes
-them back framed, compressed at a low level with one shared zlib context, so the SSH channel
-carries a third of the bytes in a third of the packets and SSH compression can stay off.
+them back framed, compressed at a low level with one shared context, so the SSH channel carries
+a fraction of the bytes in a fraction of the packets and SSH compression can stay off.
+
+The codec is zstd where both ends have it (Python 3.14's ``compression.zstd``, else the
+``zstandard`` module: a runicorn dependency, so the server's interpreter has it when it is the
+one of a runicorn environment, ``stream_python``), zlib otherwise. The client offers zstd only
+when it can decode it; the server picks zstd when it can import it and was offered it, and names
+its choice in its hello. On JSON lines zstd leaves about half of zlib's bytes at less server CPU
+(``docs/performance.md``).
 
 Wire format (all integers big-endian):
 
@@ -13,16 +20,20 @@ Wire format (all integers big-endian):
   the path (UTF-8, relative to the root). Paths are opened beneath the root one component at a
   time with ``O_NOFOLLOW`` (``openat``), so a symbolic link anywhere on the way is refused, as
   the SFTP path's LSTAT check refuses it and without its window between check and open.
-* server to client: blocks ``!BI`` (kind, length): ``Z`` blocks feed one zlib decompressor
-  (each ends in a sync flush), ``R`` blocks are plain; both add to one byte stream of records
-  ``!BIQI`` (kind, index, value, length) + payload: ``H`` (hello, value = protocol version),
+* server to client: blocks ``!BI`` (kind, length): ``Z`` blocks feed one decompressor of the
+  codec the hello named (each ends in a flush: a zlib sync flush, a zstd block flush of one
+  endless frame), ``R`` blocks are plain; both add to one byte stream of records
+  ``!BIQI`` (kind, index, value, length) + payload: ``H`` (hello, value = protocol version,
+  payload = the codec: ``zstd``, ``zlib`` or ``none``; always first, alone in an ``R`` block),
   ``D`` (data at file offset ``value``), ``E`` (end, value = bytes sent), ``S`` (short: the
   file ends at ``value``), ``X`` (error, value = errno, payload = message). Answers come in
   request order. A file whose first chunk does not shrink (PNG, JPEG, NPZ) goes in ``R`` blocks.
 
 The client treats the stream as hostile: a block is at most :data:`MAX_BLOCK` bytes on the
 wire and after decompression, a record answers the request that is next and stays within the
-range asked for, and anything else ends the stream with :class:`StreamProtocolError`.
+range asked for, and anything else ends the stream with :class:`StreamProtocolError`. The zstd
+window is capped at :data:`ZSTD_WINDOW_LOG` (the decoder's memory), and a block that would
+decompress past :data:`MAX_BLOCK` is refused before more than that is produced (a bomb).
 """
 
 from __future__ import annotations
@@ -30,13 +41,14 @@ from __future__ import annotations
 import base64
 import collections
 import errno
+import importlib
 import logging
 import shlex
 import struct
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runicorn.transport.remote import ShrunkError, relative_path
 
@@ -49,22 +61,32 @@ __all__ = [
     "DEFAULT_LEVEL",
     "MAX_BLOCK",
     "PYTHON",
+    "ZSTD_LEVEL",
+    "ZSTD_WINDOW_LOG",
     "FileStream",
     "StreamBroken",
     "StreamProtocolError",
     "StreamUnavailable",
     "Unfinished",
     "stream_command",
+    "zstd_available",
 ]
 
 logger = logging.getLogger(__name__)
 
 PYTHON = "python3"
 """The interpreter the command asks the server's shell for."""
-VERSION = 1
+VERSION = 2
 DEFAULT_LEVEL = 1
 """zlib level of the server's compressor: level 1 keeps most of level 6's ratio on JSON lines
 and logs for a fraction of its CPU (``docs/performance.md``)."""
+ZSTD_LEVEL = 2
+"""zstd level of the server's compressor, where both ends have zstd: on JSON lines level 2
+leaves fewer bytes than level 3 for less CPU, and both far fewer than zlib 1 for less CPU."""
+ZSTD_WINDOW_LOG = 23
+"""The zstd window (8 MiB): it reaches back across files (runs repeat their keys and values),
+7 % fewer bytes than level 2's own window; long-distance matching gains little more for
+twice the CPU. The client refuses frames that need a larger window."""
 CHUNK = 128 * 1024
 """Bytes of file data in one record (the server never sends more)."""
 MAX_BLOCK = 1024 * 1024
@@ -91,8 +113,45 @@ PLAIN = 128 * 1024
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 FILE = os.O_RDONLY | NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 DIR = os.O_RDONLY | NOFOLLOW | os.O_DIRECTORY
+WINDOW_LOG = %(window_log)d
+def site_paths():
+    import site
+    here = os.path.dirname(os.path.abspath(sys.executable))
+    prefixes = [d for d in (here, os.path.dirname(here))
+                if os.path.isfile(os.path.join(d, "pyvenv.cfg"))][:1]
+    for path in site.getsitepackages(prefixes or None):
+        if os.path.isdir(path) and path not in sys.path:
+            sys.path.append(path)
+def zstd_packer(zlevel):
+    try:
+        from compression import zstd
+    except ImportError:
+        zstd = None
+    if zstd is not None:
+        param = zstd.CompressionParameter
+        c = zstd.ZstdCompressor(options={param.compression_level: zlevel,
+                                         param.window_log: WINDOW_LOG})
+        mode = zstd.ZstdCompressor.FLUSH_BLOCK
+        return lambda body: c.compress(body, mode)
+    site_paths()
+    import zstandard
+    params = zstandard.ZstdCompressionParameters.from_level(zlevel, window_log=WINDOW_LOG)
+    o = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    mode = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+    return lambda body: o.compress(body) + o.flush(mode)
+def zlib_packer(level):
+    z = zlib.compressobj(level)
+    return lambda body: z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
 level = int(sys.argv[2])
-comp = zlib.compressobj(level) if level > 0 else None
+zlevel = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+comp, codec = None, b"none"
+if level > 0 and zlevel > 0:
+    try:
+        comp, codec = zstd_packer(zlevel), b"zstd"
+    except Exception:
+        comp = None
+if level > 0 and comp is None:
+    comp, codec = zlib_packer(level), b"zlib"
 pend = []
 size = [0]
 def write(data):
@@ -108,7 +167,7 @@ def flush():
     if comp is None:
         write(BLK.pack(82, len(body)) + body)
     else:
-        body = comp.compress(body) + comp.flush(zlib.Z_SYNC_FLUSH)
+        body = comp(body)
         write(BLK.pack(90, len(body)) + body)
 def plain(data):
     if size[0] and size[0] + len(data) > PLAIN:
@@ -166,8 +225,7 @@ def serve(root, index, offset, length, path):
             os.close(fd)
 def main():
     root = os.open(os.fsencode(sys.argv[1]), os.O_RDONLY | os.O_DIRECTORY)
-    record(72, 0, %(version)d)
-    flush()
+    raw(REC.pack(72, 0, %(version)d, len(codec)) + codec)
     buf = b""
     queue = collections.deque()
     eof = False
@@ -203,15 +261,148 @@ except (BrokenPipeError, KeyboardInterrupt):
 """
 
 
-def stream_command(root: str, level: int, *, python: str | None = None) -> str:
+def stream_command(root: str, level: int, *, python: str | None = None, zstd_level: int = 0) -> str:
     """The shell command that serves files under ``root`` (see the module), compressing at
-    ``level`` (0: not at all). The script travels base64-encoded in one shell word, so the
-    user's login shell (sh, bash, zsh, tcsh) sees no newline and no quote of it."""
-    script = _SCRIPT % {"chunk": CHUNK, "version": VERSION}
+    zlib ``level`` (0: not at all), or with zstd at ``zstd_level`` when that is not 0 and the
+    server's interpreter can import zstd. The script travels base64-encoded in one shell word,
+    so the user's login shell (sh, bash, zsh, tcsh) sees no newline and no quote of it.
+
+    The interpreter runs isolated (``-I -S``: no environment variables, no ``.pth`` code); for
+    ``zstandard`` the script adds the site-packages of that interpreter (its virtual
+    environment's, when it is one) at the end of its path, and nothing else."""
+    script = _SCRIPT % {"chunk": CHUNK, "version": VERSION, "window_log": ZSTD_WINDOW_LOG}
     encoded = base64.b64encode(script.encode()).decode("ascii")
     program = f"import base64; exec(base64.b64decode('{encoded}'))"
-    words = [python or PYTHON, "-I", "-S", "-c", program, root, str(level)]
-    return " ".join(shlex.quote(word) for word in words)
+    words = ["-I", "-S", "-c", program, root, str(level), str(zstd_level)]
+    return " ".join([_interpreter(python or PYTHON), *(shlex.quote(word) for word in words)])
+
+
+def _interpreter(python: str) -> str:
+    """``python`` quoted for the server's shell, but a leading ``~/`` left unquoted for that
+    shell to expand to the account's home (as it does for rsync's ``--rsync-path``)."""
+    if python.startswith("~/"):
+        return "~/" + shlex.quote(python[2:])
+    return shlex.quote(python)
+
+
+class _Inflater(Protocol):
+    """One decompression context for the whole stream, fed one ``Z`` block at a time."""
+
+    def inflate(self, body: bytes) -> bytes:
+        """The block's bytes; StreamProtocolError past :data:`MAX_BLOCK` or on bad data."""
+        ...
+
+
+class _ZlibInflater:
+    def __init__(self) -> None:
+        self._inflater = zlib.decompressobj()
+
+    def inflate(self, body: bytes) -> bytes:
+        try:
+            out = self._inflater.decompress(body, MAX_BLOCK)
+        except zlib.error as error:
+            raise StreamProtocolError(f"a compressed block does not decompress ({error})") from None
+        if self._inflater.unconsumed_tail:
+            raise StreamProtocolError(
+                f"a compressed block inflates past {MAX_BLOCK} bytes (a zlib bomb?)"
+            )
+        return out
+
+
+class _Overflow(Exception):
+    pass
+
+
+class _BoundedSink:
+    """Where ``zstandard``'s stream writer puts a block's output: it refuses to hold more
+    than :data:`MAX_BLOCK` bytes, which stops the decoder in the middle of a bomb."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.size > MAX_BLOCK:
+            raise _Overflow
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts, self.size = [], 0
+        return out
+
+
+class _ZstandardInflater:
+    """zstd through the ``zstandard`` module. Its stream writer hands the decoder's output on
+    in pieces of at most its output buffer, which is one byte larger than any block may
+    inflate to: a block that fits is always emitted whole (the decoder only holds output back
+    when the buffer is full), and one that does not is stopped at the first piece."""
+
+    def __init__(self, module: Any) -> None:
+        self._error: type[Exception] = module.ZstdError
+        self._sink = _BoundedSink()
+        decoder = module.ZstdDecompressor(max_window_size=1 << ZSTD_WINDOW_LOG)
+        self._writer = decoder.stream_writer(
+            self._sink, write_size=MAX_BLOCK + 1, write_return_read=True, closefd=False
+        )
+
+    def inflate(self, body: bytes) -> bytes:
+        try:
+            self._writer.write(body)
+        except _Overflow:
+            raise StreamProtocolError(
+                f"a compressed block inflates past {MAX_BLOCK} bytes (a zstd bomb?)"
+            ) from None
+        except self._error as error:
+            raise StreamProtocolError(f"a compressed block does not decompress ({error})") from None
+        return self._sink.take()
+
+
+class _StdlibZstdInflater:
+    """zstd through Python 3.14's ``compression.zstd``, whose decoder takes an output cap."""
+
+    def __init__(self, module: Any) -> None:
+        self._error: type[Exception] = module.ZstdError
+        window = module.DecompressionParameter.window_log_max
+        self._decoder = module.ZstdDecompressor(options={window: ZSTD_WINDOW_LOG})
+
+    def inflate(self, body: bytes) -> bytes:
+        try:
+            out: bytes = self._decoder.decompress(body, MAX_BLOCK + 1)
+        except (self._error, EOFError) as error:
+            raise StreamProtocolError(f"a compressed block does not decompress ({error})") from None
+        if len(out) > MAX_BLOCK or not self._decoder.needs_input:
+            raise StreamProtocolError(
+                f"a compressed block inflates past {MAX_BLOCK} bytes (a zstd bomb?)"
+            )
+        return out
+
+
+def _zstd_module() -> tuple[str, Any] | None:
+    """The zstd this client can decode with (the standard library's first), or None."""
+    for name in ("compression.zstd", "zstandard"):
+        try:
+            return name, importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def zstd_available() -> bool:
+    """Whether this client can decode a zstd stream (and so offers one to the server)."""
+    return _zstd_module() is not None
+
+
+def _zstd_inflater() -> _Inflater:
+    found = _zstd_module()
+    if found is None:
+        raise StreamProtocolError("the server chose zstd, which this client did not offer")
+    name, module = found
+    if name == "zstandard":
+        return _ZstandardInflater(module)
+    return _StdlibZstdInflater(module)
 
 
 class StreamBroken(ConnectionError):
@@ -272,7 +463,9 @@ class FileStream:
 
     :meth:`serve` answers fetch jobs (a :class:`~.fetch.FetchRun`) until none is left; the
     stream stays open for the next call. One thread drives it at a time. ``level`` is the
-    server's zlib level (0: plain blocks, for a link where compressing does not pay).
+    server's zlib level (0: plain blocks, for a link where compressing does not pay);
+    ``zstd_level`` the zstd level offered instead when this client can decode zstd (0: zlib
+    only). :attr:`codec` is what the server chose, once it said hello.
     """
 
     def __init__(
@@ -281,14 +474,21 @@ class FileStream:
         root: str,
         *,
         level: int = DEFAULT_LEVEL,
+        zstd_level: int = ZSTD_LEVEL,
         python: str | None = None,
         timeout: float | None = 30.0,
         window_size: int | None = 8 * 1024 * 1024,
     ) -> None:
         if not 0 <= level <= 9:
             raise ValueError(f"zlib level must be 0 to 9, got {level}")
+        if not 0 <= zstd_level <= 19:
+            raise ValueError(f"zstd level must be 0 to 19, got {zstd_level}")
         self.root = root
         self.level = level
+        self.zstd_level = zstd_level if level > 0 and zstd_available() else 0
+        """The zstd level offered (0: this client asks for zlib, or for no compression)."""
+        self.codec: str | None = None
+        """``zstd``, ``zlib`` or ``none``: what the server's hello said it compresses with."""
         self.python = python or PYTHON
         self.timeout = timeout
         self.wire_bytes = 0
@@ -298,7 +498,7 @@ class FileStream:
         self._transport = transport
         self._window_size = window_size
         self._channel: paramiko.Channel | None = None
-        self._inflater = zlib.decompressobj()
+        self._inflater: _Inflater | None = None
         self._inbox = bytearray()
         self._records = bytearray()
         self._said_hello = False
@@ -316,7 +516,11 @@ class FileStream:
             channel = self._transport.open_session(
                 window_size=self._window_size, timeout=self.timeout
             )
-            channel.exec_command(stream_command(self.root, self.level, python=self.python))
+            channel.exec_command(
+                stream_command(
+                    self.root, self.level, python=self.python, zstd_level=self.zstd_level
+                )
+            )
         except Exception as error:
             raise StreamUnavailable(
                 f"the server refused the file stream's command channel ({error})"
@@ -412,7 +616,7 @@ class FileStream:
                         raise StreamProtocolError(
                             f"unexpected hello (protocol version {value}, expected {VERSION})"
                         )
-                    self._said_hello = True
+                    self._hello(payload)
                     continue
                 if not self._said_hello:
                     raise StreamProtocolError("the server did not start with a hello")
@@ -478,6 +682,25 @@ class FileStream:
             raise broken from error
         return []
 
+    def _hello(self, payload: bytes) -> None:
+        """Take the server's codec: one this client offered, or a protocol error."""
+        codec = payload.decode("ascii", "replace")
+        offered = ["none"] if self.level == 0 else ["zlib"]
+        if self.zstd_level:
+            offered.append("zstd")
+        if codec not in offered:
+            raise StreamProtocolError(
+                f"the server chose the codec {codec[:16]!r}; this client offered "
+                + " or ".join(offered)
+            )
+        if codec == "zstd":
+            self._inflater = _zstd_inflater()
+        elif codec == "zlib":
+            self._inflater = _ZlibInflater()
+        self.codec = codec
+        self._said_hello = True
+        logger.debug("the file stream compresses with %s", codec)
+
     @staticmethod
     def _fail_head(
         run: FetchRun, pending: collections.deque[_Pending], error: StreamProtocolError
@@ -506,16 +729,11 @@ class FileStream:
         del self._inbox[: _BLOCK.size + length]
         self.wire_bytes += _BLOCK.size + length
         if kind == _Z:
-            try:
-                body = self._inflater.decompress(body, MAX_BLOCK)
-            except zlib.error as error:
+            if self._inflater is None:
                 raise StreamProtocolError(
-                    f"a compressed block does not decompress ({error})"
-                ) from None
-            if self._inflater.unconsumed_tail:
-                raise StreamProtocolError(
-                    f"a compressed block inflates past {MAX_BLOCK} bytes (a zlib bomb?)"
+                    "a compressed block before the hello, or after one that chose no codec"
                 )
+            body = self._inflater.inflate(body)
         self.plain_bytes += len(body)
         self._records += body
         if len(self._records) > 2 * MAX_BLOCK:

@@ -68,10 +68,11 @@ class SftpRemote:
     ``stream``: fetch through the compressed file stream (:mod:`.file_stream`) always
     (True), never (False), or when a fetch is large enough to pay for it (None, the default:
     :data:`STREAM_MIN_BYTES`, :data:`STREAM_MIN_FILES`). It runs ``stream_python``
-    (``python3``) on the server; without one, or when the stream breaks, the fetch goes on
-    over SFTP from where the stream stopped, and later fetches use SFTP. The stream
-    compresses when the connection's compression choice is on
-    (:func:`.ssh.compression_choice`), and SSH compression is then re-keyed off.
+    (``python3``) on the server, which compresses with zstd when it can import it (a runicorn
+    environment's interpreter can) and this client has it, zlib otherwise; without one, or
+    when the stream breaks, the fetch goes on over SFTP from where the stream stopped, and
+    later fetches use SFTP. The stream compresses when the connection's compression choice
+    is on (:func:`.ssh.compression_choice`), and SSH compression is then re-keyed off.
     """
 
     def __init__(
@@ -544,7 +545,12 @@ class SftpRemote:
                 self._refuse_stream(error)
                 return None
             self._stream = stream
-            logger.debug("file stream started (zlib level %d)", stream.level)
+            logger.debug(
+                "file stream started with %s (zlib level %d, zstd level %d offered)",
+                self.stream_python or "python3",
+                stream.level,
+                stream.zstd_level,
+            )
             return stream
 
     def _refuse_stream(self, error: BaseException) -> None:
