@@ -14,7 +14,11 @@ around the whole command:
 
 The tools: ``rsync -a``, ``rsync -az`` and ``runicorn sync`` with its default flags (automatic
 compression, the file stream for a first sync), with ``--compress``, with ``--no-compress``
-and with ``--no-stream``. ``--repeat N`` runs the
+and with ``--no-stream``; with ``--stream-python PATH`` also with its default flags and
+``--stream-python PATH`` (``runicorn -P``): the stream run by that interpreter on the server,
+which compresses with zstd when it can import it (this benchmark's own venv python stands for
+a runicorn environment on a lab server), while the default ``python3`` here has only zlib.
+``--repeat N`` runs the
 scenarios N times (each round into fresh destinations, after its own training step) and
 reports the median of each number.
 
@@ -26,7 +30,8 @@ every tool moves the same files. ``--media-only`` keeps only each run's ``meta.j
 ``status.json`` and ``media/`` (PNG, JPEG: already compressed) to show what compression
 costs where it cannot win.
 
-    python benchmarks/wan_sync.py --runs 100 500 1000 --profiles wan lan
+    python benchmarks/wan_sync.py --runs 100 500 1000 --profiles wan lan \
+        --stream-python "$PWD/.venv/bin/python"
 """
 
 from __future__ import annotations
@@ -58,7 +63,20 @@ RUNICORN_FLAGS = {
 }
 """``runicorn -Z`` is short for ``runicorn sync --no-compress`` in the tables, ``runicorn -S``
 for ``runicorn sync --no-stream`` (SFTP only: what the default was before the file stream)."""
-TOOLS = ("rsync -a", "rsync -az", *RUNICORN_FLAGS)
+STREAM_PYTHON_TOOL = "runicorn -P"
+"""``runicorn sync --stream-python PATH`` (with ``--stream-python`` given to this script)."""
+
+
+def runicorn_flags(stream_python: str | None) -> dict[str, list[str]]:
+    """The runicorn columns: the fixed ones, and ``-P`` when a server interpreter is given."""
+    flags = dict(RUNICORN_FLAGS)
+    if stream_python:
+        flags[STREAM_PYTHON_TOOL] = ["--stream-python", stream_python]
+    return flags
+
+
+def tools_of(flags: dict[str, list[str]]) -> tuple[str, ...]:
+    return ("rsync -a", "rsync -az", *flags)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -177,6 +195,7 @@ def run_lab(
     workdir: Path,
     repeat: int = 1,
     media_only: bool = False,
+    flags: dict[str, list[str]] | None = None,
 ):
     lab = workdir / f"lab{runs}"
     info = build_sample_lab(lab, runs, seed=runs, scale=scale)
@@ -206,6 +225,7 @@ def run_lab(
                         proxy,
                         server,
                         train=not media_only,
+                        flags=flags or RUNICORN_FLAGS,
                     )
                 results[profile.name] = measured
     return info, results
@@ -220,11 +240,12 @@ def _round(
     server: SshServer,
     *,
     train: bool,
+    flags: dict[str, list[str]],
 ) -> list[Measurement]:
     """The scenarios once, for every tool, into fresh destinations."""
     directory.mkdir(parents=True)
     commands: dict[str, list[str]] = {}
-    for tool, flags in RUNICORN_FLAGS.items():
+    for tool, tool_flags in flags.items():
         commands[tool] = [
             sys.executable,
             "-m",
@@ -237,7 +258,7 @@ def _round(
             "--jitter",
             "0",
             "--json",
-            *flags,
+            *tool_flags,
         ]
     for tool, options in (("rsync -a", ["-a"]), ("rsync -az", ["-az"])):
         commands[tool] = [
@@ -255,7 +276,7 @@ def _round(
         if scenario == "training step":
             training_step(lab, seed=seed + 1, now=time.time())
             ManifestGenerator(lab).generate()
-        for tool in TOOLS:
+        for tool in tools_of(flags):
             results.append(_measure(tool, scenario, commands[tool], proxy, server))
     return results
 
@@ -276,6 +297,8 @@ def _median(measurements: list[Measurement]) -> Measurement:
 
 
 def _table(runs: int, info, profile: Profile, results: list[Measurement]) -> str:
+    tools = tuple(dict.fromkeys(m.tool for m in results))
+    with_p = STREAM_PYTHON_TOOL in tools
     rounds: dict[tuple[str, str], list[Measurement]] = {}
     for m in results:
         rounds.setdefault((m.tool, m.scenario), []).append(m)
@@ -287,25 +310,32 @@ def _table(runs: int, info, profile: Profile, results: list[Measurement]) -> str
         f"\n### {runs} runs, {profile}: {info.total_files} files, "
         f"{info.total_bytes / 1e6:.1f} MB{rounds_note}\n",
         "Seconds (ratio of runicorn's default to rsync -az; -Z is --no-compress, "
-        "-S --no-stream):\n",
-        "| scenario | " + " | ".join(TOOLS) + " | runicorn / rsync -az | SFTP requests |",
-        "|---" * (len(TOOLS) + 3) + "|",
+        "-S --no-stream" + (", -P --stream-python" if with_p else "") + "):\n",
+        "| scenario | "
+        + " | ".join(tools)
+        + " | runicorn / rsync -az"
+        + (" | runicorn -P / rsync -az" if with_p else "")
+        + " | SFTP requests |",
+        "|---" * (len(tools) + 3 + with_p) + "|",
     ]
     for scenario in scenarios:
-        row = [by_key[(tool, scenario)] for tool in TOOLS]
+        row = [by_key[(tool, scenario)] for tool in tools]
         ours, theirs = by_key[("runicorn", scenario)], by_key[("rsync -az", scenario)]
+        ratio_p = ""
+        if with_p:
+            ratio_p = f" | {by_key[(STREAM_PYTHON_TOOL, scenario)].seconds / theirs.seconds:.2f}x"
         lines.append(
             f"| {scenario} | "
             + " | ".join(f"{m.seconds:.2f}" for m in row)
-            + f" | {ours.seconds / theirs.seconds:.2f}x | {ours.requests} |"
+            + f" | {ours.seconds / theirs.seconds:.2f}x{ratio_p} | {ours.requests} |"
         )
     lines += [
         "\nMB towards the client / server CPU seconds (sshd's children):\n",
-        "| scenario | " + " | ".join(TOOLS) + " |",
-        "|---" * (len(TOOLS) + 1) + "|",
+        "| scenario | " + " | ".join(tools) + " |",
+        "|---" * (len(tools) + 1) + "|",
     ]
     for scenario in scenarios:
-        row = [by_key[(tool, scenario)] for tool in TOOLS]
+        row = [by_key[(tool, scenario)] for tool in tools]
         lines.append(
             f"| {scenario} | "
             + " | ".join(f"{m.bytes_down / 1e6:.2f} / {m.server_cpu:.2f}" for m in row)
@@ -334,6 +364,13 @@ def main() -> None:
     parser.add_argument("--media-only", action="store_true", help="only meta, status, media/")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(
+        "--stream-python",
+        default=None,
+        metavar="PATH",
+        help="also run runicorn with --stream-python PATH (runicorn -P): e.g. this venv's "
+        "python, which has zstandard",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of the scenarios; medians reported"
     )
     args = parser.parse_args()
@@ -351,13 +388,20 @@ def main() -> None:
         "; ".join(str(p) for p in profiles)
         + f"; python {sys.version.split()[0]}; backend {active_backend().name}"
         + ("; media only" if args.media_only else "")
+        + (f"; -P is --stream-python {args.stream_python}" if args.stream_python else "")
     )
     try:
         for runs in args.runs:
             workdir = base / f"r{runs}"
             workdir.mkdir(parents=True)
             info, results = run_lab(
-                runs, args.scale, profiles, workdir, max(1, args.repeat), args.media_only
+                runs,
+                args.scale,
+                profiles,
+                workdir,
+                max(1, args.repeat),
+                args.media_only,
+                runicorn_flags(args.stream_python),
             )
             for profile in profiles:
                 print(_table(runs, info, profile, results[profile.name]), flush=True)

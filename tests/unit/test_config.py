@@ -24,6 +24,7 @@ exclude = "vision/*_ablation"
 since = "30d"
 compress = "auto"
 workers = 4
+stream_python = "~/venvs/runicorn/bin/python"
 
 [remotes."nfs-2"]
 url = "/mnt/lab2"
@@ -50,6 +51,7 @@ def test_a_good_file_names_its_remotes_with_their_settings(tmp_path: Path) -> No
     assert gpu1.exclude == ("vision/*_ablation",)
     assert gpu1.since == "30d"
     assert (gpu1.compress, gpu1.workers) == ("auto", 4)
+    assert gpu1.stream_python == "~/venvs/runicorn/bin/python"  # the server's ~, kept as is
     nfs = config.get("nfs-2")
     assert nfs.cache == Path("~/lab2-cache").expanduser()
     assert (nfs.compress, nfs.port, nfs.identity) == (False, 2222, ("~/.ssh/lab",))
@@ -144,6 +146,8 @@ def test_an_unknown_remote_names_the_known_ones(tmp_path: Path) -> None:
         ("remotes = 3\n", 1, "remotes must be tables"),
         ('[remotes]\na = "h:/x"\n', 2, "must be a table"),
         ('[remotes.a]\nurl = "h:/x"\ncache = ""\n', 3, "cache must be a directory"),
+        ('[remotes.a]\nurl = "h:/x"\nstream_python = ""\n', 3, "a Python on the server"),
+        ('[remotes.a]\nurl = "h:/x"\nstream_python = ["p"]\n', 3, "a Python on the server"),
     ],
 )
 def test_errors_name_the_file_and_the_line(
@@ -177,10 +181,13 @@ def test_the_command_line_wins_over_the_file(tmp_path: Path) -> None:
         ["vision", "nlp"], None, ["vision/*_ablation"], "30d"
     )
     assert from_file.compress is None  # "auto": the command's default
+    assert from_file.stream_python == "~/venvs/runicorn/bin/python"
 
     given = resolve(remote, Invocation(2200, ("k",), 8, RunSelection(projects=("rl",))))
     assert (given.port, given.identities, given.workers) == (2200, ("k",), 8)
     assert given.selection == RunSelection(projects=("rl",))  # replaces the file's, whole
+    python = Invocation(None, (), None, RunSelection(), stream_python="/opt/py/bin/python3")
+    assert resolve(remote, python).stream_python == "/opt/py/bin/python3"
 
 
 def test_the_worst_exit_code_wins() -> None:

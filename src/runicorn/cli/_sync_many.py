@@ -62,6 +62,7 @@ class Invocation:
     identities: tuple[str, ...]
     workers: int | None
     selection: RunSelection
+    stream_python: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class Target:
     selection: RunSelection
     compress: bool | None
     """SSH compression: on, off, or ``None`` for the default ("auto" in the file)."""
+    stream_python: str | None = None
+    """The server's interpreter that runs the file stream (``None``: ``python3``)."""
 
 
 def resolve(remote: RemoteConfig, invocation: Invocation) -> Target:
@@ -97,6 +100,7 @@ def resolve(remote: RemoteConfig, invocation: Invocation) -> Target:
         workers=invocation.workers if invocation.workers is not None else remote.workers,
         selection=selection,
         compress=remote.compress if isinstance(remote.compress, bool) else None,
+        stream_python=invocation.stream_python or remote.stream_python,
     )
 
 

@@ -38,6 +38,8 @@ class SshOptions:
     compress: bool | None = None
     stream: bool | None = None
     """The file stream: on, off, or automatic (``None``; ``runicorn.transport.file_stream``)."""
+    stream_python: str | None = None
+    """The server's interpreter that runs the file stream (``None``: ``python3``)."""
 
 
 class _Connection:
@@ -124,7 +126,15 @@ def watch_cache(
         code, sftp, resolved = _first_connection(connection, root, as_json)
         if sftp is None:
             return code
-        client = ManifestSyncClient(sftp, resolved, cache_dir, jitter, stream=ssh.stream, **options)
+        client = ManifestSyncClient(
+            sftp,
+            resolved,
+            cache_dir,
+            jitter,
+            stream=ssh.stream,
+            stream_python=ssh.stream_python,
+            **options,
+        )
         reconnect = connection.sftp
     source = root if destination is None else f"{destination}:{client.remote_root}"
     click.echo(f"watching {source} into {cache_dir}", err=True)

@@ -12,6 +12,7 @@ elsewhere)::
     since = "30d"
     compress = "auto"                    # true, false or "auto"
     workers = 4
+    stream_python = "~/runicorn-venv/bin/python"   # the server's Python for the file stream
 
     [remotes.nfs]
     url = "/mnt/lab2/experiments"        # a local directory (an NFS mount)
@@ -60,6 +61,7 @@ _REMOTE_KEYS = {
     "workers",
     "port",
     "identity",
+    "stream_python",
 }
 
 
@@ -83,6 +85,8 @@ class RemoteConfig:
     workers: int | None = None
     port: int | None = None
     identity: tuple[str, ...] = ()
+    stream_python: str | None = None
+    """The server's interpreter that runs the file stream (``--stream-python``)."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,18 @@ class _Parser:
         compress = table.get("compress")
         if compress is not None and compress not in (True, False, "auto"):
             raise self.fail(where, "compress", 'compress must be true, false or "auto"')
+        stream_python = table.get("stream_python")
+        if stream_python is not None and (
+            not isinstance(stream_python, str)
+            or not stream_python.strip()
+            or any(char in stream_python for char in "\0\n\r")
+        ):
+            raise self.fail(
+                where,
+                "stream_python",
+                "stream_python must be the path of a Python on the server, such as "
+                '"~/runicorn-venv/bin/python"',
+            )
         since = table.get("since")
         if since is not None:
             if isinstance(since, bool) or not isinstance(since, str | int | float):
@@ -305,6 +321,7 @@ class _Parser:
             workers=self._int(where, "workers", table.get("workers"), 1, 64),
             port=self._int(where, "port", table.get("port"), 1, 65535),
             identity=self._strings(where, "identity", table.get("identity")),
+            stream_python=stream_python.strip() if stream_python is not None else None,
         )
 
     def _path(self, table: str | None, key: str, value: object) -> Path:

@@ -157,6 +157,7 @@ class ManifestSyncClient:
         since: float | str | None = None,
         selection: RunSelection | None = None,
         stream: bool | None = None,
+        stream_python: str | None = None,
     ) -> None:
         if sftp_client is None and remote is None:
             raise ValueError("pass an sftp_client, or a remote to sync from")
@@ -189,6 +190,8 @@ class ManifestSyncClient:
         self.stream = stream
         """Fetch through the compressed file stream: on, off, or automatic (``None``), for
         the SFTP remote this client builds (:mod:`runicorn.transport.file_stream`)."""
+        self.stream_python = stream_python
+        """The server's interpreter that runs the file stream (``None``: ``python3``)."""
         self.delete = delete
         self.allow_mass_delete = allow_mass_delete
         self.dry_run = dry_run
@@ -242,7 +245,11 @@ class ManifestSyncClient:
             if self.sftp_client is None:
                 raise ValueError("pass an sftp_client, or a remote to sync from")
             self._remote = SftpRemote(
-                self.sftp_client, self.remote_root, timeout=self.timeout, stream=self.stream
+                self.sftp_client,
+                self.remote_root,
+                timeout=self.timeout,
+                stream=self.stream,
+                stream_python=self.stream_python,
             )
         return self._remote
 

@@ -115,6 +115,7 @@ class MetadataSyncService:
         legacy_max_experiments: int | None = None,
         lock_timeout: float | None = 600.0,
         stream: bool | None = None,
+        stream_python: str | None = None,
     ) -> None:
         self.ssh_session = ssh_session
         self.sftp_client = sftp_client
@@ -132,6 +133,8 @@ class MetadataSyncService:
         self.stream = stream
         """The compressed file stream over SFTP: on, off, or automatic (``None``);
         :class:`~runicorn.transport.sftp_remote.SftpRemote`."""
+        self.stream_python = stream_python
+        """The server's interpreter that runs the file stream (``None``: ``python3``)."""
         self.verify = verify
         self.selection = RunSelection.of(projects, include, exclude, since)
         """The runs mirrored (:mod:`runicorn.sync.selection`), by manifest and walk alike."""
@@ -349,6 +352,7 @@ class MetadataSyncService:
             max_manifest_entries=self.max_manifest_entries or ManifestFormat.MAX_ENTRIES,
             lock_timeout=self.lock_timeout,
             stream=self.stream,
+            stream_python=self.stream_python,
         )
         self._last_client = client
         return client
@@ -362,7 +366,13 @@ class MetadataSyncService:
             raise ValueError("MetadataSyncService needs an sftp_client or a remote")
         from runicorn.transport.sftp_remote import SftpRemote
 
-        remote = SftpRemote(self.sftp_client, root, timeout=self.timeout, stream=self.stream)
+        remote = SftpRemote(
+            self.sftp_client,
+            root,
+            timeout=self.timeout,
+            stream=self.stream,
+            stream_python=self.stream_python,
+        )
         return remote, True
 
     # -- progress -----------------------------------------------------------------------
