@@ -22,6 +22,7 @@ SCRIPTS = [
     "publisher_cpu",
     "multi_remote",
     "cold_profile",
+    "stream_codecs",
 ]
 
 
