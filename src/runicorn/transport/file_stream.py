@@ -83,8 +83,9 @@ DEFAULT_LEVEL = 1
 """zlib level of the server's compressor: level 1 keeps most of level 6's ratio on JSON lines
 and logs for a fraction of its CPU (``docs/performance.md``)."""
 ZSTD_LEVEL = 2
-"""zstd level of the server's compressor, where both ends have zstd: on JSON lines level 2
-leaves fewer bytes than level 3 for less CPU, and both far fewer than zlib 1 for less CPU."""
+"""zstd level of the server's compressor, where both ends have zstd: on a lab's JSON lines,
+with the window below, level 2 leaves fewer bytes than level 3 for less CPU, and half of zlib
+level 1's bytes for a third of its CPU (``benchmarks/stream_codecs.py``)."""
 ZSTD_WINDOW_LOG = 23
 """The zstd window (8 MiB): it reaches back across files (runs repeat their keys and values),
 7 % fewer bytes than level 2's own window; long-distance matching gains little more for
