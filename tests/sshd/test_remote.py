@@ -461,3 +461,79 @@ def test_stopping_releases_a_worker_waiting_for_room(monkeypatch) -> None:
     worker.join(5)
     assert not worker.is_alive()
     assert run.events.qsize() == 1  # the late event is dropped, as every post after a stop
+
+
+# -- directories above the fetched files ----------------------------------------------------------
+
+
+def test_a_file_under_a_linked_directory_is_refused_and_the_rest_fetched(
+    remote: Remote, lab: dict[str, bytes]
+) -> None:
+    linked, buffer = collecting_job("p/e/runs/r0/link-to-dir/meta.json", 0, 300)
+    plain, plain_buffer = collecting_job("p/e/runs/r1/meta.json", 0, 300)
+    results = fetch_all(remote, [linked, plain], workers=1)
+    assert not results[id(linked)].ok
+    assert isinstance(results[id(linked)].error, OSError)
+    assert not buffer
+    assert results[id(plain)].ok
+    assert bytes(plain_buffer) == lab["p/e/runs/r1/meta.json"]
+
+
+def _sftp_types(data: bytes) -> list[int]:
+    """The SFTP packet types in one write to the channel."""
+    types, at = [], 0
+    while at + 5 <= len(data):
+        types.append(data[at + 4])
+        at += 4 + int.from_bytes(data[at : at + 4], "big")
+    return types
+
+
+@pytest.mark.sshd
+def test_a_small_fetch_sends_its_directory_checks_with_the_opens(
+    sshd_server: SshServer,
+    sftp: paramiko.SFTPClient,
+    lab_root: Path,
+    lab: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    remote = SftpRemote(sftp, str(lab_root))
+    channel = sftp.get_channel()
+    assert channel is not None
+    flights: list[list[int]] = []
+    send = channel.sendall
+    monkeypatch.setattr(
+        channel, "sendall", lambda data: (flights.append(_sftp_types(data)), send(data))[1]
+    )
+    paths = ["p/e/runs/r0/meta.json", "p/e/runs/r1/meta.json", "p/e/runs/r2/empty.txt"]
+    pairs = [collecting_job(path, 0, len(lab[path])) for path in paths]
+    sshd_server.reset_request_counts()
+    results = fetch_all(remote, [job for job, _ in pairs], workers=4)
+    assert all(result.ok for result in results.values())
+    assert [bytes(buffer) for _, buffer in pairs] == [lab[path] for path in paths]
+    counts = sshd_server.sftp_request_count()
+    # p, p/e, p/e/runs and three run directories: one LSTAT each (the CLOSEs are not waited
+    # for; the empty file's FSTAT checks it is a file); no new channel
+    by_type = {kind: n for kind, n in counts.by_type.items() if kind != "close"}
+    assert by_type == {"lstat": 6, "open": 3, "read": 2, "fstat": 1}
+    assert counts.sessions == 0
+    lstat, open_ = 7, 3
+    assert sorted(flights[0]) == [open_] * 3 + [lstat] * 6
+    remote.close()
+
+
+@pytest.mark.sshd
+def test_a_linked_directory_is_refused_before_any_read(
+    sshd_server: SshServer, sftp: paramiko.SFTPClient, lab_root: Path, lab: dict[str, bytes]
+) -> None:
+    remote = SftpRemote(sftp, str(lab_root))
+    job, buffer = collecting_job("p/e/runs/r0/link-to-dir/meta.json", 0, 300)
+    sshd_server.reset_request_counts()
+    results = fetch_all(remote, [job], workers=1)
+    error = results[id(job)].error
+    assert isinstance(error, OSError)
+    assert "symbolic link" in str(error)
+    assert not buffer
+    counts = sshd_server.sftp_request_count()
+    assert "read" not in counts.by_type  # opened with its checks, closed unread
+    assert counts.by_type["lstat"] == 5
+    remote.close()

@@ -111,6 +111,10 @@ class ReadRangeOp(Operation):
     Their answers are used only if the OPEN really returned that handle; otherwise they are
     dropped (they named no file or one that this op then reads again properly) and the op goes
     on as usual.
+    ``check`` is asked once the OPEN is answered, before any READ: an error it returns is the
+    op's outcome (its handle is closed, nothing read). It lets checks that were sent on the
+    same channel ahead of the OPEN, and so are answered before it, guard the file without a
+    round trip of their own.
     """
 
     def __init__(
@@ -129,11 +133,16 @@ class ReadRangeOp(Operation):
         display_path: str | None = None,
         detach_close: bool = False,
         predicted_handle: bytes | None = None,
+        check: Callable[[], BaseException | None] | None = None,
     ) -> None:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length for {path!r}")
         if predicted_handle is not None and (
-            exact or not short_read_is_eof or size_cap is not None or length > read_size
+            exact
+            or not short_read_is_eof
+            or size_cap is not None
+            or length > read_size
+            or check is not None
         ):
             raise ValueError("a predicted handle is only for a prefix that fits one READ")
         self.path = path
@@ -160,6 +169,7 @@ class ReadRangeOp(Operation):
         self._finished = False  # outcome reported (or aborted): no more reads
         self._closing = False
         self._predicted = predicted_handle
+        self._check = check
         # guess: 0 none, 1 READ to send, 2 CLOSE to send, 3 answers due, 4 settled
         self._guess_state = 0
         self._guess_read: tuple[int, Reader] | None = None
@@ -210,6 +220,10 @@ class ReadRangeOp(Operation):
         if self._guess_state == 3 or self._handle is None or self._closing:
             return None
         handle = encode_string(self._handle)
+        if self._check is not None and not self._finished:
+            error = self._checked(None)
+            if error is not None:
+                self._finish(error)
         if not self._aborted():
             if self._stat_state == 1:
                 self._stat_state = 2
@@ -254,8 +268,14 @@ class ReadRangeOp(Operation):
             if isinstance(error, SftpProtocolError):
                 raise
             self.done = self._guess_state == 0  # else the guessed answers are still due
-            self._finish(error)
+            self._finish(self._checked(error))
         self._settle_guess()
+
+    def _checked(self, error: BaseException | None) -> BaseException | None:
+        """The ``check``'s error if it has one (asked once), else ``error``."""
+        check, self._check = self._check, None
+        found = check() if check is not None else None
+        return found if found is not None else error
 
     def _on_guessed_read(self, ptype: int, body: Reader) -> None:
         self._guess_read = (ptype, body)

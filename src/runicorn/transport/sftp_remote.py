@@ -466,10 +466,21 @@ class SftpRemote:
                 pipes = [pipe for pipe in self._pipes if pipe.alive][: max(1, workers)]
         else:
             pipes = self._open_pipes(max(1, workers))
-        refused = self._linked_directories(pipes, run.jobs)
+        gate: _DirectoryGate | None = None
+        refused: set[str] = set()
+        if len(pipes) <= 1:
+            # One channel answers in order: the LSTATs go ahead of the OPENs in one flight,
+            # and each file is read only once the directories above it passed.
+            gate = _DirectoryGate(self.root, _directories_above(run.jobs))
+        else:
+            refused = self._linked_directories(pipes, run.jobs)
 
         def make_feed() -> Callable[[], Operation | None]:
             def feed() -> Operation | None:
+                if gate is not None:
+                    check = gate.next_op()
+                    if check is not None:
+                        return check
                 while True:
                     index = run.take()
                     if index is None:
@@ -489,6 +500,7 @@ class SftpRemote:
                             should_abort=functools.partial(run.abandoned, index),
                             display_path=job.path,
                             detach_close=True,
+                            check=None if gate is None else functools.partial(gate.check, job.path),
                         )
                     except (ValueError, OSError) as error:
                         run.done(index, error, 0)
@@ -674,16 +686,7 @@ class SftpRemote:
         and the OPEN (see ``docs/reliability.md``). A directory that is missing or cannot
         be checked is not refused here: opening the file under it then fails as it would.
         """
-        directories: set[str] = set()
-        for job in jobs:
-            try:
-                relative = relative_path(job.path)
-            except ValueError:
-                continue  # the file's own operation reports it
-            end = relative.rfind("/")
-            while end > 0 and relative[:end] not in directories:
-                directories.add(relative[:end])
-                end = relative.rfind("/", 0, end)
+        directories = _directories_above(jobs)
         if not directories:
             return set()
         found: dict[str, Attrs] = {}
@@ -808,6 +811,77 @@ class SftpRemote:
             stream, self._stream = self._stream, None
         if stream is not None:
             stream.finish(min(2.0, self.timeout or 2.0))
+
+
+def _directories_above(jobs: list[FetchJob]) -> set[str]:
+    """Every directory above ``jobs``' files, relative to the root."""
+    directories: set[str] = set()
+    for job in jobs:
+        try:
+            relative = relative_path(job.path)
+        except ValueError:
+            continue  # the file's own operation reports it
+        end = relative.rfind("/")
+        while end > 0 and relative[:end] not in directories:
+            directories.add(relative[:end])
+            end = relative.rfind("/", 0, end)
+    return directories
+
+
+class _DirectoryGate:
+    """The directory checks of :meth:`SftpRemote._linked_directories` on the fetch's own
+    channel: the LSTATs are fed first, so they travel with the first OPENs, and a file's
+    :meth:`check` (asked when its OPEN is answered, and so after every LSTAT sent before
+    it, as the server answers in order) refuses it when a directory above it is not a
+    plain directory. A file whose directory was not answered yet is refused too, though an
+    in-order server never lets that happen. Driven by one pipeline's thread."""
+
+    def __init__(self, root: str, directories: set[str]) -> None:
+        self._root = root
+        self._pending = sorted(directories, reverse=True)
+        self._answered: set[str] = set()
+        self._refused: set[str] = set()
+
+    def next_op(self) -> LstatOp | None:
+        """The next LSTAT to send, or ``None`` once all are sent."""
+        if not self._pending:
+            return None
+        path = self._pending.pop()
+        return LstatOp(
+            posixpath.join(self._root, path),
+            functools.partial(self._record, path),
+            display_path=path,
+        )
+
+    def _record(self, path: str, attrs: Attrs | None, _error: BaseException | None) -> None:
+        # A directory that is missing or cannot be checked is not refused: opening the
+        # file under it fails as it would.
+        self._answered.add(path)
+        if attrs is not None and not attrs.is_dir:
+            self._refused.add(path)
+
+    def check(self, path: str) -> BaseException | None:
+        """Why ``path`` must not be read, or ``None``."""
+        try:
+            relative = relative_path(path)
+        except ValueError as error:
+            return error
+        end = relative.rfind("/")
+        while end > 0:
+            directory = relative[:end]
+            if directory not in self._answered:
+                return OSError(
+                    errno.EPROTO,
+                    f"the server answered the OPEN before the LSTAT of {directory!r}; "
+                    "not reading the file unchecked",
+                    path,
+                )
+            end = relative.rfind("/", 0, end)
+        try:
+            _refuse_under(self._refused, relative)
+        except OSError as error:
+            return error
+        return None
 
 
 def _refuse_under(refused: set[str], path: str) -> None:
