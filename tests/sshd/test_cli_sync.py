@@ -17,7 +17,7 @@ from harness.lab import assert_cache_equals_server
 from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import Backend
-from runicorn.demo.sample_lab import LabInfo, build_sample_lab
+from runicorn.demo.sample_lab import LabInfo, build_sample_lab, training_step
 from runicorn.manifest import ManifestGenerator, ManifestType
 from runicorn.sync import service as service_module
 
@@ -125,6 +125,32 @@ def test_a_no_change_sync_with_an_active_manifest_is_four_sftp_requests(
     # the active manifest's first bytes (its handle guessed: OPEN, READ, CLOSE) and the
     # full manifest's size and mtime, as recorded: its header is not read
     assert counts.by_type == {"open": 1, "read": 1, "close": 1, "stat": 1}
+
+
+@pytest.mark.sshd
+def test_a_training_step_reads_each_manifest_once(
+    lab: LabInfo, ssh_config: Path, sshd_server: SshServer, tmp_path: Path, backend: Backend
+) -> None:
+    def age_manifests(seconds: float) -> None:
+        for manifest in (lab.root / ".runicorn").glob("*_manifest.json*"):
+            os.utime(manifest, (time.time() - seconds, time.time() - seconds))
+
+    age_manifests(120)  # a stamp is kept for the no-change check
+    args = _alias_sync_args(lab, ssh_config, tmp_path / "cache")
+    assert _run(*args).exit_code == 0
+    training_step(lab.root, seed=22, now=NOW + 60)
+    ManifestGenerator(lab.root, backend=backend).generate()
+    age_manifests(60)
+    sshd_server.reset_request_counts(after_sessions_end=True)
+    stats = _stats(_run(*args, "--json"))
+    assert stats["files_synced"] > 0
+    counts = sshd_server.sftp_request_count(wait_for_close=True)
+    # the first round trip's STAT of the full manifest and OPEN of the active one (this lab
+    # has none), the full manifest's OPEN, and one OPEN per file: the active manifest is not
+    # asked for again after the full one was applied
+    assert counts.by_type["open"] == stats["files_synced"] + 2
+    assert counts.by_type["stat"] == 1
+    assert stats["failed_count"] == 0
 
 
 @pytest.mark.sshd

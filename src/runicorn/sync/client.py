@@ -219,6 +219,9 @@ class ManifestSyncClient:
         self._delta_target: tuple[int, str, int] | None = None
         """Full revision, snapshot and vanished count to record when the active manifest
         being applied stands in for the full one (:meth:`_check_delta`)."""
+        self._active_seen: Probe | Literal[False] | None = False
+        """The active manifest's first bytes as this sync's first round trip found them
+        (``None``: not there; ``False``: not asked), for :meth:`_adopt_active`."""
         self._damage: set[str] | None = None
         self.pushed_active: bytes | None = None
         """Set by a watch for one pass: the active manifest's ``.gz`` as the server pushed it,
@@ -322,6 +325,7 @@ class ManifestSyncClient:
             self.last_run_changes = ()
             self._delta_target = None
             self._full_stamp = self._full_stamp_of = None
+            self._active_seen = False
             remote_id = self.remote_id
             self._claim(remote_id)
             self._start_disk_check(full=None)
@@ -606,6 +610,7 @@ class ManifestSyncClient:
                 self._full_stamp = fetcher.full_stamp
             if active_probe is False:
                 active_probe = probes[1] if also_active else None
+            self._active_seen = active_probe
             probe = probes[0]
             if probe is None:
                 raise OSError(fetcher.missing_message(ManifestType.FULL))
@@ -665,10 +670,15 @@ class ManifestSyncClient:
         """After a full manifest was applied, record the active manifest published beside it
         as applied too when it lists nothing the cache does not now hold exactly so (every
         run left out by its digest) or is older: the next sync then finds it unchanged
-        instead of reading it. Anything else is left for the next sync to apply."""
+        instead of reading it. Anything else is left for the next sync to apply.
+
+        The active manifest as the first round trip found it serves as well as one read
+        now: one published since is another revision, which the next sync reads."""
         fetcher = self._manifests()
         try:
-            probe = fetcher.probe_many([(ManifestType.ACTIVE, True)], run)[0]
+            probe = self._active_seen
+            if probe is False:
+                probe = fetcher.probe_many([(ManifestType.ACTIVE, True)], run)[0]
             if probe is None:
                 return
             state = self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
