@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
@@ -198,21 +198,10 @@ def decompress_capped(
     buffer of its now known size. So a stream refused by a cap costs at most
     :data:`KEEP_BYTES` of memory, a 2 GiB bomb included, and an accepted one its own size.
     """
-    tally = JsonTally(limit, max_entries, source)
-    kept: list[bytes] | None = []
-
-    def first_pass(chunk: bytes) -> None:
-        nonlocal kept
-        tally.add(chunk)
-        if kept is not None:
-            kept.append(chunk)
-            if tally.size > KEEP_BYTES:
-                kept = None
-
-    _inflate(data, source, _STEP_BYTES, lambda: limit + 1 - tally.size, first_pass)
+    size, kept = _first_pass(data, limit, source, max_entries)
     if kept is not None:
         return b"".join(kept)
-    result = bytearray(tally.size)
+    result = bytearray(size)
     position = 0
 
     def second_pass(chunk: bytes) -> None:
@@ -227,6 +216,62 @@ def decompress_capped(
     return result
 
 
+def decompress_pieces(
+    data: bytes | bytearray,
+    limit: int,
+    *,
+    source: str = "manifest",
+    max_entries: int | None = None,
+) -> tuple[int, Iterator[bytes]]:
+    """:func:`decompress_capped` handed out in pieces: the text's size, and its bytes a
+    piece at a time, in order. The caps are checked in full before this returns, as there;
+    a piece the caller drops is freed, so a reader that consumes the text as it comes
+    (:meth:`~runicorn.format.models.SyncManifest.from_gzip`) never holds it whole."""
+    size, kept = _first_pass(data, limit, source, max_entries)
+    if kept is not None:
+        return size, _handed_out(kept)
+    return size, _inflated_again(data, source, size)
+
+
+def _first_pass(
+    data: bytes | bytearray, limit: int, source: str, max_entries: int | None
+) -> tuple[int, list[bytes] | None]:
+    """Inflate ``data`` once under the caps: its inflated size, and its pieces when they
+    came to at most :data:`KEEP_BYTES` (``None`` beyond: only counted)."""
+    tally = JsonTally(limit, max_entries, source)
+    kept: list[bytes] | None = []
+    for chunk in _inflated(data, source, _STEP_BYTES, lambda: limit + 1 - tally.size):
+        tally.add(chunk)
+        if kept is not None:
+            kept.append(chunk)
+            if tally.size > KEEP_BYTES:
+                kept = None
+    return tally.size, kept
+
+
+def _handed_out(kept: list[bytes]) -> Iterator[bytes]:
+    """The pieces of ``kept`` in order, each let go of as it is handed out."""
+    kept.reverse()
+    while kept:
+        yield kept.pop()
+
+
+def _inflated_again(data: bytes | bytearray, source: str, size: int) -> Iterator[bytes]:
+    """The second pass over a stream the first pass found within the caps, in pieces."""
+    produced = 0
+
+    def room() -> int:
+        return size + 1 - produced
+
+    for chunk in _inflated(data, source, _STEP_BYTES, room):
+        produced += len(chunk)
+        if produced > size:  # the same bytes inflate the same way; never expected
+            raise ValueError(f"{source} inflated differently the second time")
+        yield chunk
+    if produced != size:
+        raise ValueError(f"{source} inflated differently the second time")
+
+
 def _inflate(
     data: bytes | bytearray,
     source: str,
@@ -234,8 +279,19 @@ def _inflate(
     room: Callable[[], int],
     sink: Callable[[bytes], None],
 ) -> None:
+    """:func:`_inflated`, each piece handed to ``sink``."""
+    for chunk in _inflated(data, source, step, room):
+        sink(chunk)
+
+
+def _inflated(
+    data: bytes | bytearray,
+    source: str,
+    step: int,
+    room: Callable[[], int],
+) -> Iterator[bytes]:
     """Inflate the one gzip member ``data`` holds, at most ``min(step, room())`` bytes per
-    call, handing each piece to ``sink``; ValueError if it is not gzip, is truncated or is
+    call, yielding each piece; ValueError if it is not gzip, is truncated or is
     followed by anything but zero padding."""
     deflate = DEFLATE
     inflater = deflate.decompressobj(wbits=16 + deflate.MAX_WBITS)
@@ -244,7 +300,7 @@ def _inflate(
         while True:
             wanted = min(step, room())
             chunk = inflater.decompress(pending, wanted)
-            sink(chunk)
+            yield chunk
             if inflater.eof:
                 if inflater.unused_data.strip(b"\0"):
                     raise ValueError(f"{source} has trailing data after the gzip stream")

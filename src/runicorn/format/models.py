@@ -23,7 +23,7 @@ from runicorn._sys.atomic import TEMP_PREFIX
 from runicorn._sys.gcpause import paused_gc
 from runicorn._version import __version__
 from runicorn.format import names
-from runicorn.format.compression import JsonTally, decompress_capped
+from runicorn.format.compression import JsonTally, decompress_capped, decompress_pieces
 from runicorn.format.layout import RUNS_DIRNAME, run_prefix
 
 
@@ -343,6 +343,21 @@ class SyncManifest:
         """Decompress and parse a ``.json.gz`` manifest, refusing it while it inflates when
         it passes ``max_decompressed`` bytes or ``max_entries`` runs and files: memory stays
         bounded whatever the stream holds (:func:`~.compression.decompress_capped`)."""
+        if not known_runs:
+            size, pieces = decompress_pieces(
+                data, max_decompressed, source=source, max_entries=max_entries
+            )
+            if size <= PARSE_PIECE_BYTES:
+                return cls._parse([b"".join(pieces)], source, None, memo, known_runs)
+            # The text is parsed as it inflates, a few runs at a time, and never held whole.
+            try:
+                with paused_gc():
+                    header, runs = _streamed_document(pieces)
+                    return _Validator(source, memo).manifest(header, runs=runs)
+            except _SplitFailed:
+                pass  # not the shape this package writes: inflated again and parsed whole
+            finally:
+                del pieces
         # held by the list alone, so that parsing frees the text as soon as it is parsed
         text = [decompress_capped(data, max_decompressed, source=source, max_entries=max_entries)]
         return cls._parse(text, source, None, memo, known_runs)
@@ -621,6 +636,70 @@ def _runs(data: bytes | bytearray, pieces: list[tuple[int, int]]) -> Iterator[An
         if not isinstance(parsed, list):
             raise _SplitFailed
         yield from parsed
+
+
+def _streamed_document(pieces: Iterator[bytes]) -> tuple[dict[str, Any], Iterator[Any]]:
+    """:func:`_split_document` and :func:`_runs` over text that arrives in pieces: the
+    header, and the runs of the experiments array parsed about :data:`PARSE_PIECE_BYTES` at
+    a time as the text comes, so that only a few pieces of it are ever held.
+
+    Raises :class:`_SplitFailed` (now or while the runs are read) where the text is not
+    the shape :func:`_split_document` accepts, or a cut does not parse.
+    """
+    buffer = bytearray()
+    for piece in pieces:
+        buffer += piece
+        key_at = buffer.find(EXPERIMENTS_KEY)
+        if key_at >= 0 and len(buffer) > key_at + len(EXPERIMENTS_KEY):
+            break
+    else:
+        raise _SplitFailed
+    start = key_at + len(EXPERIMENTS_KEY)
+    if buffer[start : start + 1] != b"[":
+        raise _SplitFailed
+    try:
+        header = orjson.loads(bytes(buffer[:key_at]) + b"}")
+    except orjson.JSONDecodeError:
+        raise _SplitFailed from None
+    if not isinstance(header, dict) or "experiments" in header:
+        raise _SplitFailed
+    del buffer[: start + 1]
+    return header, _streamed_runs(buffer, pieces)
+
+
+def _streamed_runs(buffer: bytearray, pieces: Iterator[bytes]) -> Iterator[Any]:
+    """The runs of an experiments array whose inside starts ``buffer`` and continues in
+    ``pieces``, up to the document's closing ``]}``."""
+    searched = PARSE_PIECE_BYTES  # no boundary before this offset of ``buffer`` is wanted
+    for piece in pieces:
+        buffer += piece
+        del piece  # not held while the runs it completes are read
+        while len(buffer) > searched:
+            cut = buffer.find(_RUN_BOUNDARY, searched)
+            if cut < 0:  # a run longer than a piece: search on from here next time
+                searched = max(searched, len(buffer) - len(_RUN_BOUNDARY) + 1)
+                break
+            runs = _parsed_runs(buffer, cut + 1)
+            del buffer[: cut + 2]
+            searched = PARSE_PIECE_BYTES
+            yield from runs
+            del runs
+    if not buffer.endswith(b"]}") or len(buffer) <= 2:
+        raise _SplitFailed
+    yield from _parsed_runs(buffer, len(buffer) - 2)
+
+
+def _parsed_runs(buffer: bytearray, end: int) -> list[Any]:
+    """The runs of one cut of the experiments array: its inside, ``buffer[:end]``."""
+    try:
+        with memoryview(buffer) as view:  # released before the buffer is cut
+            text = b"".join((b"[", view[:end], b"]"))
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise _SplitFailed from None
+    if not isinstance(parsed, list):
+        raise _SplitFailed
+    return parsed
 
 
 class _Validator:

@@ -42,6 +42,7 @@ from runicorn.format.client_names import is_case_insensitive
 from runicorn.format.layout import DELETED_MARKER, UNKNOWN_STATUS, run_prefix
 from runicorn.format.models import (
     ExperimentEntry,
+    FileEntry,
     ManifestFormat,
     ManifestType,
     SyncManifest,
@@ -65,7 +66,7 @@ from runicorn.sync.viewer import ViewerChanges
 if TYPE_CHECKING:
     import paramiko
 
-    from runicorn.core.diff import LocalEntry
+    from runicorn.core.diff import DiffResult, LocalEntry
     from runicorn.sync.cache import AppliedManifest
     from runicorn.sync.manifest_fetch import Probe
     from runicorn.sync.viewer import ViewerNotifier
@@ -891,14 +892,25 @@ class ManifestSyncClient:
                 "%d cached file(s) missing or changed locally; fetching them again", len(damaged)
             )
             local = [row for row in local if row[0] not in damaged]
-        diff = self.backend.diff_entries(
-            [(e.path, e.size, e.mtime, e.is_append_only, e.tail_hash) for e in entries], local
-        )
+        if local:
+            diff: DiffResult | None = self.backend.diff_entries(
+                [(e.path, e.size, e.mtime, e.is_append_only, e.tail_hash) for e in entries],
+                local,
+            )
+        else:
+            # Nothing cached (a cold sync): every file is new, and a merge with nothing
+            # would only cost a tuple per file of the lab. The order is still checked.
+            _check_order(entries)
+            diff = None
         # Sizes of the cached copies of changed files only, not a dict of every file.
-        changed = {entries[i].path for i in (*diff.replaced, *diff.grown)}
+        changed = (
+            {entries[i].path for i in (*diff.replaced, *diff.grown)} if diff is not None else set()
+        )
         local_sizes = {row[0]: row[1] for row in local if row[0] in changed}
         unlisted = (
-            self._files_to_delete(manifest, served, [local[i][0] for i in diff.vanished])
+            self._files_to_delete(
+                manifest, served, [local[i][0] for i in diff.vanished] if diff is not None else []
+            )
             if is_full
             else []
         )
@@ -1311,6 +1323,17 @@ def _enclosing_run(path: str, prefixes: set[str]) -> str | None:
             return path[: cut + 1]
         cut = path.rfind("/", 0, cut)
     return None
+
+
+def _check_order(entries: Sequence[FileEntry]) -> None:
+    """What the diff checks of the manifest's side, for a sync that needs no diff:
+    ``ValueError`` unless the paths are strictly ascending (no path listed twice)."""
+    for index in range(1, len(entries)):
+        if not entries[index - 1].path < entries[index].path:
+            raise ValueError(
+                "remote entries must be sorted by path without duplicates: entry "
+                f"{index} {entries[index].path!r} follows {entries[index - 1].path!r}"
+            )
 
 
 def _slashes(path: str) -> Iterator[int]:

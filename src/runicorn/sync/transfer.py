@@ -189,23 +189,104 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> 
             offset += written
 
 
-@dataclass(eq=False, slots=True)
+class _Flight:
+    """What a :class:`Transfer` holds only while its bytes arrive and are checked."""
+
+    __slots__ = ("error", "fd", "received", "spool", "temp_name", "whole")
+
+    def __init__(self) -> None:
+        self.temp_name: str | None = None
+        self.fd = -1
+        self.spool: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self.error: BaseException | None = None
+        self.received = 0
+        self.whole: bytes | None = None
+
+
+_IDLE = _Flight()
+"""What every transfer not in flight reads: shared, never written (:meth:`Transfer._landing`
+makes a transfer its own before the first write)."""
+
+
 class Transfer:
     """One file being fetched: where its bytes go while they arrive (worker threads) and
-    what the main thread must check before they become visible."""
+    what the main thread must check before they become visible.
 
-    entry: FileEntry
-    append: bool
-    cache: LocalCacheManager
-    local_size: int = 0
-    overlap: int = 0
-    temp_name: str | None = None
-    fd: int = -1
-    spool: tempfile.SpooledTemporaryFile[bytes] | None = None
-    error: BaseException | None = None
-    received: int = 0
-    whole: bytes | None = None
-    """A JSON file's bytes when they arrived in one piece: its check needs no read back."""
+    A cold sync plans one per file of the lab, so the planned part is a few slots and what
+    a file needs while it is in flight (its temp file, the bytes received, an error) lives
+    in an object of its own, made on the first write.
+    """
+
+    __slots__ = ("_flight", "append", "cache", "entry", "local_size", "overlap")
+
+    def __init__(
+        self,
+        entry: FileEntry,
+        append: bool,
+        cache: LocalCacheManager,
+        local_size: int = 0,
+        overlap: int = 0,
+    ) -> None:
+        self.entry = entry
+        self.append = append
+        self.cache = cache
+        self.local_size = local_size
+        self.overlap = overlap
+        self._flight = _IDLE
+
+    def _landing(self) -> _Flight:
+        if self._flight is _IDLE:
+            self._flight = _Flight()
+        return self._flight
+
+    @property
+    def temp_name(self) -> str | None:
+        return self._flight.temp_name
+
+    @temp_name.setter
+    def temp_name(self, value: str | None) -> None:
+        self._landing().temp_name = value
+
+    @property
+    def fd(self) -> int:
+        return self._flight.fd
+
+    @fd.setter
+    def fd(self, value: int) -> None:
+        self._landing().fd = value
+
+    @property
+    def spool(self) -> tempfile.SpooledTemporaryFile[bytes] | None:
+        return self._flight.spool
+
+    @spool.setter
+    def spool(self, value: tempfile.SpooledTemporaryFile[bytes] | None) -> None:
+        self._landing().spool = value
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._flight.error
+
+    @error.setter
+    def error(self, value: BaseException | None) -> None:
+        self._landing().error = value
+
+    @property
+    def received(self) -> int:
+        return self._flight.received
+
+    @received.setter
+    def received(self, value: int) -> None:
+        self._landing().received = value
+
+    @property
+    def whole(self) -> bytes | None:
+        """A JSON file's bytes when they arrived in one piece: its check needs no read back."""
+        return self._flight.whole
+
+    @whole.setter
+    def whole(self, value: bytes | None) -> None:
+        self._landing().whole = value
 
     @property
     def offset(self) -> int:
@@ -274,6 +355,8 @@ class Transfer:
 
     def discard(self) -> None:
         """Close and remove whatever this transfer created; its file stays as it was."""
+        if self._flight is _IDLE:
+            return  # nothing was created
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -298,11 +381,14 @@ class _Redo(Exception):
 
 def plan(
     entries: Sequence[FileEntry],
-    diff: DiffResult,
+    diff: DiffResult | None,
     local_sizes: dict[str, int],
     cache: LocalCacheManager,
 ) -> list[Transfer]:
-    """One :class:`Transfer` per file the diff found new, replaced or grown (appended)."""
+    """One :class:`Transfer` per file the diff found new, replaced or grown (appended);
+    ``diff`` ``None``: the cache holds none of them, so every entry is new."""
+    if diff is None:
+        return [Transfer(entry, False, cache) for entry in entries]
     transfers = [Transfer(entries[i], False, cache) for i in diff.new]
     for i in diff.replaced:
         entry = entries[i]
