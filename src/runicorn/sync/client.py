@@ -917,7 +917,10 @@ class ManifestSyncClient:
         del local, changed
         transfers = plan(entries, diff, local_sizes, self.cache)
         del diff, local_sizes  # a cold sync's diff lists every file: not held while it runs
-        transfers.sort(key=lambda t: (t.entry.priority, t.entry.path))
+        # Priority first, then path: two stable sorts, as a key tuple per file would cost
+        # more than the transfers themselves on a cold sync.
+        transfers.sort(key=lambda t: t.entry.path)
+        transfers.sort(key=lambda t: t.entry.priority)
         run.files_total = len(transfers)
         run.bytes_total = sum(t.length for t in transfers)
         vanished, gone = self._runs_to_delete(served, remote_id, run) if is_full else ([], [])
