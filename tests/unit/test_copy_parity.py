@@ -53,7 +53,10 @@ TARGET_KINDS = ["missing", "missing", "file", "dir", "link-in"]
 def cases(draw: st.DrawFn) -> dict:
     paths = draw(
         st.lists(
-            st.tuples(st.sampled_from(DIRS), st.sampled_from(NAMES)), min_size=1, max_size=10
+            st.tuples(st.sampled_from(DIRS), st.sampled_from(NAMES)),
+            min_size=1,
+            max_size=10,
+            unique=True,  # a plan names each path once; two jobs on one path race by design
         )
     )
     jobs = []

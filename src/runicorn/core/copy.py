@@ -196,7 +196,8 @@ def copy_files(
 
     Job ``i`` writes the temp file ``temp_name(temp_prefix, i, attempt)`` (the first free
     one). ``threads`` is how many files may be copied at once; the results do not depend on
-    it (the pure twin copies one at a time).
+    it (the pure twin copies one at a time) as long as no two jobs name the same path, which
+    a validated manifest guarantees.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
