@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 import orjson
 
@@ -203,9 +203,34 @@ class _Flight:
         self.whole: bytes | None = None
 
 
+_T = TypeVar("_T")
+
 _IDLE = _Flight()
 """What every transfer not in flight reads: shared, never written (:meth:`Transfer._landing`
 makes a transfer its own before the first write)."""
+
+
+class _InFlight(Generic[_T]):
+    """A :class:`Transfer` attribute that lives on its :class:`_Flight`: reading it on a
+    transfer not in flight gives the idle default, writing it makes the flight first."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, transfer: None, owner: type) -> _InFlight[_T]: ...
+
+    @overload
+    def __get__(self, transfer: Transfer, owner: type) -> _T: ...
+
+    def __get__(self, transfer: Transfer | None, owner: type) -> _T | _InFlight[_T]:
+        if transfer is None:
+            return self
+        value: _T = getattr(transfer._flight, self._name)
+        return value
+
+    def __set__(self, transfer: Transfer, value: _T) -> None:
+        setattr(transfer._landing(), self._name, value)
 
 
 class Transfer:
@@ -218,6 +243,14 @@ class Transfer:
     """
 
     __slots__ = ("_flight", "append", "cache", "entry", "local_size", "overlap")
+
+    temp_name = _InFlight[str | None]()
+    fd = _InFlight[int]()
+    spool = _InFlight["tempfile.SpooledTemporaryFile[bytes] | None"]()
+    error = _InFlight[BaseException | None]()
+    received = _InFlight[int]()
+    whole = _InFlight[bytes | None]()
+    """A JSON file's bytes when they arrived in one piece: its check needs no read back."""
 
     def __init__(
         self,
@@ -238,55 +271,6 @@ class Transfer:
         if self._flight is _IDLE:
             self._flight = _Flight()
         return self._flight
-
-    @property
-    def temp_name(self) -> str | None:
-        return self._flight.temp_name
-
-    @temp_name.setter
-    def temp_name(self, value: str | None) -> None:
-        self._landing().temp_name = value
-
-    @property
-    def fd(self) -> int:
-        return self._flight.fd
-
-    @fd.setter
-    def fd(self, value: int) -> None:
-        self._landing().fd = value
-
-    @property
-    def spool(self) -> tempfile.SpooledTemporaryFile[bytes] | None:
-        return self._flight.spool
-
-    @spool.setter
-    def spool(self, value: tempfile.SpooledTemporaryFile[bytes] | None) -> None:
-        self._landing().spool = value
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._flight.error
-
-    @error.setter
-    def error(self, value: BaseException | None) -> None:
-        self._landing().error = value
-
-    @property
-    def received(self) -> int:
-        return self._flight.received
-
-    @received.setter
-    def received(self, value: int) -> None:
-        self._landing().received = value
-
-    @property
-    def whole(self) -> bytes | None:
-        """A JSON file's bytes when they arrived in one piece: its check needs no read back."""
-        return self._flight.whole
-
-    @whole.setter
-    def whole(self, value: bytes | None) -> None:
-        self._landing().whole = value
 
     @property
     def offset(self) -> int:
