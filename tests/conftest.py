@@ -23,6 +23,7 @@ import pytest
 
 from harness.lab import Lab, make_client, make_lab
 from runicorn.core.backend import Backend
+from runicorn.sync import service as service_module
 from runicorn.sync.client import ManifestSyncClient
 
 # The backend parametrization (the ``backend`` fixture, --no-native), shared with the
@@ -81,3 +82,16 @@ def client_for(
     yield build
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """The CLI has no backend flag; route the fixture's backend into every service it builds."""
+    original = service_module.MetadataSyncService.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        kwargs.setdefault("backend", backend)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
+    return backend

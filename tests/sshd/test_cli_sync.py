@@ -21,20 +21,9 @@ from runicorn.demo.sample_lab import LabInfo, build_sample_lab, training_step
 from runicorn.manifest import ManifestGenerator, ManifestType
 from runicorn.sync import service as service_module
 
+pytestmark = pytest.mark.usefixtures("cli_backend")
+
 NOW = 1_700_000_000.0
-
-
-@pytest.fixture(autouse=True)
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """The CLI has no backend flag; route the fixture's backend into every service it builds."""
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.manifest import ManifestType
-from runicorn.sync import service as service_module
 from runicorn.sync.cache import LocalCacheManager
 
 pytestmark = [pytest.mark.sshd, pytest.mark.lab(runs=10)]
@@ -158,19 +157,6 @@ def test_an_active_manifest_in_active_mode_never_deletes_anything(
 
 
 # --------------------------------------------------------------------------- the CLI flag
-
-
-@pytest.fixture
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """The CLI has no backend flag; route the fixture's backend into the service it builds."""
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 def test_cli_mass_deletion_needs_allow_mass_delete_and_then_deletes_exactly_the_vanished_runs(

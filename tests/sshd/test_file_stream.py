@@ -24,30 +24,16 @@ from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
-from runicorn.sync import service as service_module
 from runicorn.sync.client import ManifestSyncClient
 from runicorn.transport import file_stream
 from runicorn.transport import ssh as ssh_module
 from runicorn.transport.remote import FetchJob, FetchResult
 from runicorn.transport.sftp_remote import SftpRemote
 
-pytestmark = pytest.mark.sshd
+pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("cli_backend")]
 
 NOW = 1_700_000_000.0
 MIB = 1024 * 1024
-
-
-@pytest.fixture(autouse=True)
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """Route the fixture's backend into every service the CLI builds."""
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 @pytest.fixture

@@ -18,25 +18,11 @@ from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
-from runicorn.sync import service as service_module
 from runicorn.sync.cache import CacheOwnerError, LocalCacheManager
 
-pytestmark = pytest.mark.sshd
+pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("cli_backend")]
 
 NOW = 1_700_000_000.0
-
-
-@pytest.fixture(autouse=True)
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """Every service the CLI builds uses the test's backend."""
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 def _lab(root: Path, seed: int, backend: Backend) -> LabInfo:

@@ -26,7 +26,6 @@ from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import training_step
 from runicorn.format import layout
-from runicorn.sync import service as service_module
 from runicorn.transport.openssh_shortcuts import ENV_VAR, enabled
 from runicorn.transport.sftp_pipeline import SftpPipeline, open_sftp_client
 from runicorn.transport.sftp_remote import SftpRemote
@@ -136,19 +135,6 @@ def test_cold_then_incremental_sync_mirrors_the_server(
         assert client.sync()["skipped"] is True
     finally:
         client.close()
-
-
-@pytest.fixture
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """The CLI has no backend flag; route the fixture's backend into the service it builds."""
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 @pytest.mark.parametrize("published", [True, False], ids=["manifest", "legacy-walk"])

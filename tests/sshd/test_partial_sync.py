@@ -19,7 +19,6 @@ from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.format import layout
 from runicorn.remote_storage import MetadataSyncService
-from runicorn.sync import service as service_module
 from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.selection import RunSelection
 
@@ -190,18 +189,6 @@ def _client(sftp, lab: Lab, cache: Path, backend: Backend, **options: object):
 
 
 # ----------------------------------------------------------------------------------- the CLI
-
-
-@pytest.fixture
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 def test_cli_project_and_exclude_over_ssh(

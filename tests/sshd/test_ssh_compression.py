@@ -19,28 +19,14 @@ from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
-from runicorn.sync import service as service_module
 from runicorn.transport import ssh as ssh_module
 from runicorn.transport.link import AUTO_MIN_RTT, LinkMeasurement
 from runicorn.transport.openssh_shortcuts import ENV_VAR
 from runicorn.transport.ssh import compression_choice, connect
 
-pytestmark = pytest.mark.sshd
+pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("cli_backend")]
 
 NOW = 1_700_000_000.0
-
-
-@pytest.fixture(autouse=True)
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """Route the fixture's backend into every service the CLI builds."""
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 @pytest.fixture

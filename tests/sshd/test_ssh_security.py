@@ -32,7 +32,6 @@ from harness.lab import assert_cache_equals_server, make_lab
 from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import PYTHON, Backend, load_backend
-from runicorn.sync import service as service_module
 from runicorn.transport.ssh import fingerprint
 
 pytestmark = pytest.mark.sshd
@@ -41,19 +40,6 @@ WATCHDOG_SECONDS = 60
 PASSPHRASE = "correct-horse-battery-staple-7f3a"
 # Runs that fail before any engine work are not repeated per backend (pure Python builds
 # their lab).
-
-
-@pytest.fixture
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """The CLI has no backend flag; route the fixture's backend into the service it builds."""
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 @pytest.fixture

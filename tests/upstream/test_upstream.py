@@ -43,7 +43,6 @@ from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.format.models import SyncManifest
 from runicorn.manifest import ManifestGenerator
-from runicorn.sync import service as service_module
 from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.viewer import ViewerChanges, notify_viewer
 
@@ -144,19 +143,6 @@ def _assert_runs_mirrored(manifest: SyncManifest, root: Path, cache: Path) -> No
     assert paths
     different = [p for p in paths if (cache / p).read_bytes() != (root / p).read_bytes()]
     assert not different, f"differ in the cache: {different[:5]}"
-
-
-@pytest.fixture
-def cli_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """Route the backend fixture into the services the CLI builds."""
-    original = service_module.MetadataSyncService.__init__
-
-    def init(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", backend)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(service_module.MetadataSyncService, "__init__", init)
-    return backend
 
 
 # -- what the viewer answers ---------------------------------------------------------------
