@@ -661,17 +661,8 @@ class SftpRemote:
                 errors.append(error)
 
         max_open = files_in_flight_per_channel(max(1, len(pipes)), self.depth)
-        targets, _interrupt, cleanup = self._run_on_pipes(pipes, make_feed, on_exit, max_open)
-        threads = [
-            threading.Thread(target=t, name="runicorn-sftp-fallback", daemon=True) for t in targets
-        ]
-        try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        finally:
-            cleanup()
+        targets, interrupt, cleanup = self._run_on_pipes(pipes, make_feed, on_exit, max_open)
+        self._run_workers(targets, interrupt, cleanup, "runicorn-sftp-fallback")
         if errors and all(error is not None for error in errors):
             return errors[-1]
         return None
@@ -713,7 +704,7 @@ class SftpRemote:
             return feed
 
         targets, interrupt, cleanup = self._run_on_pipes(pipes, make_feed, lambda _error: None)
-        self._run_listing(targets, interrupt, cleanup)
+        self._run_workers(targets, interrupt, cleanup, "runicorn-lstat")
         return {path for path, attrs in found.items() if not attrs.is_dir}
 
     def listdirs(self, paths: list[str]) -> dict[str, list[RemoteDirEntry] | BaseException]:
@@ -768,7 +759,7 @@ class SftpRemote:
         with self._transfer():
             pipes = self._open_pipes(min(self.workers, max(1, len(unique) // 8)))
             targets, interrupt, cleanup = self._run_on_pipes(pipes, make_feed, on_exit)
-            self._run_listing(targets, interrupt, cleanup)
+            self._run_workers(targets, interrupt, cleanup, "runicorn-listdirs")
         failure = errors[-1] if errors else ConnectionError("directory listing did not finish")
         for path in unique:
             if path not in results:
@@ -776,14 +767,15 @@ class SftpRemote:
         return results
 
     @staticmethod
-    def _run_listing(
+    def _run_workers(
         targets: list[Callable[[], None]],
         interrupt: Callable[[], None],
         cleanup: Callable[[], None],
+        name: str,
     ) -> None:
-        threads = [
-            threading.Thread(target=t, name="runicorn-listdirs", daemon=True) for t in targets
-        ]
+        """Run one thread per worker channel to the end; on Ctrl+C (or any error here) stop
+        them and wait for them before the channels are cleaned up."""
+        threads = [threading.Thread(target=t, name=name, daemon=True) for t in targets]
         try:
             for thread in threads:
                 thread.start()
