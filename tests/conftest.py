@@ -15,6 +15,8 @@ everything under ``faults/``) and ``slow``.
 
 from __future__ import annotations
 
+import logging
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +34,27 @@ pytest_plugins = ["harness.backends", "harness.sshd_fixtures"]
 
 TESTS_DIR = Path(__file__).parent
 _SERVER_FIXTURES = {"sshd_server", "sshd_factory", "ssh_client", "sftp"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A test runner started in the background by a non-interactive shell has SIGINT ignored,
+    # and its children inherit that: the tests that press Ctrl+C on a child would see it
+    # shrug. Ctrl+C is the suite's to test, so it gets its default meaning back.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _library_logging_restored() -> Iterator[None]:
+    """CLI tests configure the ``runicorn`` and ``paramiko`` loggers as the CLI does (a
+    stderr handler, ``-v`` levels); undo that after each test so that it cannot leak into
+    the next one's captured output."""
+    loggers = [logging.getLogger(name) for name in ("runicorn", "paramiko", "paramiko.transport")]
+    saved = [(logger, logger.level, list(logger.handlers)) for logger in loggers]
+    yield
+    for logger, level, handlers in saved:
+        logger.setLevel(level)
+        logger.handlers = handlers
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
