@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,16 @@ import orjson
 from runicorn._sys.fileio import BINARY, pread_upto
 from runicorn.sync.selection import run_key
 
-__all__ = ["EVENTS_FILE", "TAIL_BYTES", "RunChange", "RunStatus", "read_run_status"]
+__all__ = [
+    "EVENTS_FILE",
+    "TAIL_BYTES",
+    "RunChange",
+    "RunStatus",
+    "metric_number",
+    "newest_step_and_metrics",
+    "parse_event",
+    "read_run_status",
+]
 
 EVENTS_FILE = "events.jsonl"
 
@@ -35,6 +45,9 @@ TAIL_BYTES = 8192
 
 _NOT_METRICS = frozenset({"step", "global_step", "time", "ts", "timestamp", "stage", "epoch"})
 """Numeric fields of an event that say when it was, not what was measured."""
+
+_TIME_FIELDS = ("ts", "time", "timestamp")
+"""Where an event says when it was written (the first present one counts)."""
 
 
 @dataclass(frozen=True)
@@ -102,28 +115,14 @@ def read_run_status(run_dir: Path, tail_bytes: int = TAIL_BYTES) -> RunStatus:
     lines = read_tail_lines(run_dir / EVENTS_FILE, tail_bytes)
     if lines is None:
         return RunStatus()
-    step: int | None = None
-    metrics: dict[str, float] = {}
-    for line in reversed(lines):
-        values = _event_values(line)
-        if values is None:
-            continue
-        if step is None:
-            step = _step_of(values)
-        for name, value in values.items():
-            if (
-                name not in _NOT_METRICS
-                and name not in metrics
-                and isinstance(value, (int, float))
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-            ):
-                metrics[name] = value
+    events = [event for event in map(parse_event, lines) if event is not None]
+    step, metrics = newest_step_and_metrics(values for _, values in reversed(events))
     return RunStatus(step=step, metrics=metrics)
 
 
-def _event_values(line: bytes) -> dict[str, Any] | None:
-    """The measured fields of one metrics event; ``None`` for anything else."""
+def parse_event(line: bytes) -> tuple[float | None, dict[str, Any]] | None:
+    """``(when it was written, its measured fields)`` of one metrics event in either line
+    shape; ``None`` for a blank or unparsable line or another event type."""
     if not line.strip():
         return None
     try:
@@ -132,11 +131,39 @@ def _event_values(line: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(event, dict):
         return None
+    when = next((metric_number(event.get(name)) for name in _TIME_FIELDS if name in event), None)
     kind = event.get("type")
     if kind is None:
-        return event
+        return when, event
     data = event.get("data")
-    return data if kind == "metrics" and isinstance(data, dict) else None
+    if kind != "metrics" or not isinstance(data, dict):
+        return None
+    return when, data
+
+
+def newest_step_and_metrics(
+    newest_first: Iterable[dict[str, Any]],
+) -> tuple[int | None, dict[str, float]]:
+    """The newest step, and each metric's newest value (in the order of the newest event),
+    from events' measured fields given newest first."""
+    step: int | None = None
+    metrics: dict[str, float] = {}
+    for values in newest_first:
+        if step is None:
+            step = _step_of(values)
+        for name, value in values.items():
+            if name not in metrics and name not in _NOT_METRICS:
+                number = metric_number(value)
+                if number is not None:
+                    metrics[name] = number
+    return step, metrics
+
+
+def metric_number(value: object) -> float | None:
+    """``value`` when it is a finite number (not a bool), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _step_of(values: dict[str, Any]) -> int | None:

@@ -13,17 +13,21 @@ runs-path layout) picks the same runs here as in ``runicorn sync``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from runicorn.format.layout import run_path_of
 from runicorn.sync.cache.manager import LocalCacheManager
-from runicorn.sync.run_status import EVENTS_FILE, TAIL_BYTES, read_tail_lines
+from runicorn.sync.run_status import (
+    EVENTS_FILE,
+    TAIL_BYTES,
+    metric_number,
+    newest_step_and_metrics,
+    parse_event,
+    read_tail_lines,
+)
 from runicorn.sync.selection import RunSelection, run_key
 
 __all__ = [
@@ -39,12 +43,6 @@ __all__ = [
 LOSS_NAMES = ("loss", "train_loss", "train/loss", "val_loss", "val/loss")
 """The metric whose recent values a row keeps (the first of these an event carries): the
 one curve a glance at a table of runs can judge."""
-
-_NOT_METRICS = frozenset({"step", "global_step", "time", "ts", "timestamp", "stage", "epoch"})
-"""Numeric fields of an event that say when it was, not what was measured."""
-
-_TIME_FIELDS = ("ts", "time", "timestamp")
-"""Fields of an event holding its Unix time (the newest is the run's last heartbeat)."""
 
 
 class NotACacheError(ValueError):
@@ -125,64 +123,19 @@ def read_tail(path: Path, tail_bytes: int = TAIL_BYTES) -> Tail:
     lines = read_tail_lines(path, tail_bytes)
     if lines is None:
         return Tail()
-    events = [values for values in map(_event, lines) if values is not None]
+    events = [event for event in map(parse_event, lines) if event is not None]
     if not events:
         return Tail()
-    step: int | None = None
-    metrics: dict[str, float] = {}
-    last_event_at: float | None = None
-    for when, values in reversed(events):
-        if last_event_at is None and when is not None:
-            last_event_at = when
-        if step is None:
-            step = _step_of(values)
-        for name, value in values.items():
-            if name not in metrics and name not in _NOT_METRICS:
-                number = _number(value)
-                if number is not None:
-                    metrics[name] = number
+    last_event_at = next((when for when, _ in reversed(events) if when is not None), None)
+    step, metrics = newest_step_and_metrics(values for _, values in reversed(events))
     loss_name = next((name for name in LOSS_NAMES if name in metrics), None)
     if loss_name is None:
         loss_name = next((name for name in metrics if "loss" in name.lower()), None)
     loss: tuple[float, ...] = ()
     if loss_name is not None:
-        numbers = (_number(values.get(loss_name)) for _, values in events)
+        numbers = (metric_number(values.get(loss_name)) for _, values in events)
         loss = tuple(number for number in numbers if number is not None)
     return Tail(step, metrics, loss_name, loss, last_event_at)
-
-
-def _event(line: bytes) -> tuple[float | None, dict[str, Any]] | None:
-    """``(time, measured fields)`` of one metrics event; ``None`` for anything else."""
-    if not line.strip():
-        return None
-    try:
-        event = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(event, dict):
-        return None
-    when = next((_number(event.get(name)) for name in _TIME_FIELDS if name in event), None)
-    kind = event.get("type")
-    if kind is None:
-        return when, event
-    data = event.get("data")
-    if kind != "metrics" or not isinstance(data, dict):
-        return None
-    return when, data
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _step_of(values: dict[str, Any]) -> int | None:
-    for name in ("global_step", "step"):
-        value = values.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
 
 
 def read_run_rows(
