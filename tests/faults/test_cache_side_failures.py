@@ -16,16 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.lab import Lab, assert_cache_equals_server, make_lab
+from harness.lab import Lab, assert_cache_equals_server, local_client, local_service, make_lab
 from runicorn._sys.atomic import exclusive_lock
 from runicorn.core.backend import Backend
 from runicorn.format.layout import MANIFEST_DIRNAME
 from runicorn.manifest import ManifestGenerator
-from runicorn.remote_storage import MetadataSyncService
 from runicorn.sync.cache import LOCK_NAME, CacheError, FileRecord, LocalCacheManager
 from runicorn.sync.cache.state_db import RunRecord
-from runicorn.sync.client import ManifestSyncClient
-from runicorn.transport.local_remote import LocalRemote
 
 
 @pytest.fixture
@@ -33,24 +30,8 @@ def lab(tmp_path: Path, backend: Backend) -> Lab:
     return make_lab(tmp_path, backend, runs=4)
 
 
-def _client(lab: Lab, cache: Path, **options: object) -> ManifestSyncClient:
-    return ManifestSyncClient(
-        None, str(lab.root), cache, 0.0, backend=lab.backend, remote=LocalRemote(lab.root),
-        **options,
-    )
 
 
-def _service(lab: Lab, cache: Path, **options: object) -> MetadataSyncService:
-    return MetadataSyncService(
-        None,
-        None,
-        str(lab.root),
-        LocalCacheManager(cache),
-        manifest_sync_jitter=0.0,
-        remote=LocalRemote(lab.root),
-        backend=lab.backend,
-        **options,
-    )
 
 
 # --------------------------------------------------------------------------- the cache's errors
@@ -60,7 +41,7 @@ def test_a_broken_state_database_is_the_caches_error_and_no_legacy_walk_follows(
     lab: Lab, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    client = _client(lab, cache)
+    client = local_client(lab, cache)
     client.sync()
     client.close()
     (cache / ".runicorn-cache" / "state.sqlite3").write_bytes(b"not a database at all " * 100)
@@ -68,9 +49,9 @@ def test_a_broken_state_database_is_the_caches_error_and_no_legacy_walk_follows(
         (cache / ".runicorn-cache" / f"state.sqlite3{suffix}").unlink(missing_ok=True)
 
     with pytest.raises(CacheError, match=r"the cache.s state database .*state.sqlite3 failed"):
-        _client(lab, cache).sync()
+        local_client(lab, cache).sync()
 
-    service = _service(lab, cache)
+    service = local_service(lab, cache)
     assert service.sync_all() is False
     assert service.fallback_reason is None, "a cache failure sent the service to the server"
     assert service.progress.mode == "manifest"
@@ -79,11 +60,11 @@ def test_a_broken_state_database_is_the_caches_error_and_no_legacy_walk_follows(
 
 def test_a_lock_held_by_another_sync_times_out_with_a_message(lab: Lab, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    _client(lab, cache).sync()
+    local_client(lab, cache).sync()
     with exclusive_lock(cache / ".runicorn-cache" / LOCK_NAME):
         with pytest.raises(CacheError, match=r"another sync .* for more than 0.2 s"):
-            _client(lab, cache, lock_timeout=0.2).sync()
-        service = _service(lab, cache, lock_timeout=0.2)
+            local_client(lab, cache, lock_timeout=0.2).sync()
+        service = local_service(lab, cache, lock_timeout=0.2)
         assert service.sync_all() is False
         assert service.fallback_reason is None
         assert "--lock-timeout" in (service.progress.last_error or "")
@@ -102,7 +83,7 @@ def test_files_that_would_not_fit_on_the_disk_fail_before_they_are_fetched(
         return os.statvfs_result(fields)
 
     monkeypatch.setattr(os, "statvfs", nearly_full)
-    stats = _client(lab, cache).sync()
+    stats = local_client(lab, cache).sync()
     monkeypatch.undo()
 
     assert stats["files_synced"] == 0
@@ -113,7 +94,7 @@ def test_files_that_would_not_fit_on_the_disk_fail_before_they_are_fetched(
     )
     assert [path.name for path in cache.iterdir()] == [".runicorn-cache"]
     assert stats["bytes_downloaded"] < 1024 * 1024  # the manifest only: no file was read
-    stats = _client(lab, cache).sync()
+    stats = local_client(lab, cache).sync()
     assert stats["failed_count"] == 0
     assert_cache_equals_server(lab.root, cache)
 
@@ -123,7 +104,7 @@ def test_an_unwritable_cache_is_named_as_the_cache_not_the_server(
 ) -> None:
     cache = tmp_path / "cache"
     cache.write_bytes(b"a file where the cache directory should be")
-    service = _service(lab, tmp_path / "cache")
+    service = local_service(lab, tmp_path / "cache")
     assert service.sync_all() is False
     assert service.fallback_reason is None
     assert "cannot use the cache directory" in (service.progress.last_error or "")
@@ -134,7 +115,7 @@ def test_an_unwritable_cache_is_named_as_the_cache_not_the_server(
 
 def test_an_append_never_writes_through_a_hard_link(lab: Lab, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    _client(lab, cache).sync()
+    local_client(lab, cache).sync()
     log = next(path for path in sorted(cache.rglob("events.jsonl")))
     relative = log.relative_to(cache).as_posix()
     backup = tmp_path / "backup-events.jsonl"
@@ -144,7 +125,7 @@ def test_an_append_never_writes_through_a_hard_link(lab: Lab, tmp_path: Path) ->
         handle.write('{"step": 999}\n')
     lab.publish(now=lab.now + 60)
 
-    stats = _client(lab, cache).sync()
+    stats = local_client(lab, cache).sync()
 
     assert stats["incremental_count"] >= 1
     assert backup.read_bytes() == before

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.lab import Lab, assert_cache_equals_server, make_lab, server_files
+from harness.lab import Lab, assert_cache_equals_server, local_client, make_lab, server_files
 from runicorn.core.backend import Backend
 from runicorn.sync import transfer
 from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
-from runicorn.transport.local_remote import LocalRemote
 
 
 @pytest.fixture
@@ -27,10 +26,6 @@ def lab(tmp_path: Path, backend: Backend) -> Lab:
     return make_lab(tmp_path, backend, runs=4)
 
 
-def _client(lab: Lab, cache: Path) -> ManifestSyncClient:
-    return ManifestSyncClient(
-        None, str(lab.root), cache, 0.0, backend=lab.backend, remote=LocalRemote(lab.root)
-    )
 
 
 @pytest.fixture
@@ -66,7 +61,7 @@ def test_one_barrier_after_the_last_commit_and_before_the_sync_is_done(
     lab: Lab, tmp_path: Path, events: list[str]
 ) -> None:
     cache = tmp_path / "cache"
-    stats = _client(lab, cache).sync()
+    stats = local_client(lab, cache).sync()
 
     # several commits, so that the order below means something
     assert stats["files_synced"] > ManifestSyncClient.BATCH_SIZE
@@ -82,10 +77,10 @@ def test_a_sync_that_writes_nothing_needs_no_barrier(
     lab: Lab, tmp_path: Path, events: list[str]
 ) -> None:
     cache = tmp_path / "cache"
-    _client(lab, cache).sync()
+    local_client(lab, cache).sync()
     events.clear()
 
-    stats = _client(lab, cache).sync()
+    stats = local_client(lab, cache).sync()
 
     assert stats["files_synced"] == 0
     assert "barrier" not in events
@@ -106,7 +101,7 @@ def test_without_syncfs_every_written_file_is_fsynced_once(
     monkeypatch.setattr(transfer.os, "fsync", fsync)
     cache = tmp_path / "cache"
 
-    stats = _client(lab, cache).sync()
+    stats = local_client(lab, cache).sync()
 
     written = {(cache / path).stat().st_ino for path in server_files(lab.root)}
     assert stats["files_synced"] == len(written)

@@ -12,11 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from harness.lab import Lab, assert_cache_equals_server, cache_files, make_lab, server_files
+from harness.lab import (
+    Lab,
+    assert_cache_equals_server,
+    cache_files,
+    local_client,
+    make_lab,
+    server_files,
+)
 from runicorn.core.backend import Backend
 from runicorn.remote_storage import MetadataSyncService
 from runicorn.sync.cache import LocalCacheManager
-from runicorn.sync.client import ManifestSyncClient
 from runicorn.sync.stats import SyncStats
 from runicorn.transport.local_remote import LocalRemote
 
@@ -26,16 +32,6 @@ def lab(tmp_path: Path, backend: Backend) -> Lab:
     return make_lab(tmp_path, backend, runs=6)
 
 
-def _client(lab: Lab, cache: Path, **options: object) -> ManifestSyncClient:
-    return ManifestSyncClient(
-        None,
-        str(lab.root),
-        cache,
-        0.0,
-        backend=lab.backend,
-        remote=LocalRemote(lab.root),
-        **options,
-    )
 
 
 def _media_file(lab: Lab) -> str:
@@ -51,35 +47,35 @@ def test_a_file_deleted_on_the_server_stays_without_delete_and_goes_with_it(
     lab: Lab, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    _client(lab, cache).sync()
+    local_client(lab, cache).sync()
     gone = _media_file(lab)
     kept_bytes = (cache / gone).read_bytes()
     (lab.root / gone).unlink()
     lab.publish(now=lab.now + 60)
 
-    kept = _client(lab, cache).sync()
+    kept = local_client(lab, cache).sync()
     assert (cache / gone).read_bytes() == kept_bytes
     assert "files_deleted" not in kept
 
-    preview = _client(lab, cache, delete=True, dry_run=True).sync()
+    preview = local_client(lab, cache, delete=True, dry_run=True).sync()
     assert preview["files_deleted"] == 1
     assert (cache / gone).exists()
 
-    deleted = _client(lab, cache, delete=True).sync()
+    deleted = local_client(lab, cache, delete=True).sync()
     assert deleted["files_deleted"] == 1
     assert deleted["failed_count"] == 0
     assert not (cache / gone).exists()
     assert_cache_equals_server(lab.root, cache)
 
     # The record went with the file: the next sync neither fetches nor misses it.
-    again = _client(lab, cache, delete=True).sync()
+    again = local_client(lab, cache, delete=True).sync()
     assert again["files_synced"] == 0
     assert again.get("files_deleted", 0) == 0
 
 
 def test_files_of_runs_outside_the_selection_are_never_deleted(lab: Lab, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    _client(lab, cache).sync()
+    local_client(lab, cache).sync()
     gone = _media_file(lab)
     project = gone.split("/")[0]
     others = sorted({p.name for p in lab.root.iterdir() if p.is_dir()} - {project, ".runicorn"})
@@ -87,7 +83,7 @@ def test_files_of_runs_outside_the_selection_are_never_deleted(lab: Lab, tmp_pat
     (lab.root / gone).unlink()
     lab.publish(now=lab.now + 60)
 
-    stats = _client(lab, cache, delete=True, projects=[others[0]]).sync()
+    stats = local_client(lab, cache, delete=True, projects=[others[0]]).sync()
 
     assert stats.get("files_deleted", 0) == 0
     assert (cache / gone).exists()
@@ -95,7 +91,7 @@ def test_files_of_runs_outside_the_selection_are_never_deleted(lab: Lab, tmp_pat
 
 def test_a_file_under_a_problem_path_is_kept(lab: Lab, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    _client(lab, cache).sync()
+    local_client(lab, cache).sync()
     gone = _media_file(lab)
     (lab.root / gone).unlink()
     manifest = lab.publish(now=lab.now + 60)
@@ -107,7 +103,7 @@ def test_a_file_under_a_problem_path_is_kept(lab: Lab, tmp_path: Path) -> None:
     (lab.manifest_dir / "full_manifest.json").write_bytes(problem.to_json())
     (lab.manifest_dir / "full_manifest.json.gz").unlink(missing_ok=True)
 
-    stats = _client(lab, cache, delete=True).sync()
+    stats = local_client(lab, cache, delete=True).sync()
 
     assert stats.get("files_deleted", 0) == 0
     assert (cache / gone).exists()

@@ -20,16 +20,12 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
-from harness.lab import Lab, cache_files, make_lab, server_files
+from harness.lab import Lab, cache_files, local_client, local_service, make_lab, server_files
 from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import Backend
 from runicorn.format.compression import compress
 from runicorn.format.layout import MANIFEST_DIRNAME
-from runicorn.remote_storage import MetadataSyncService
-from runicorn.sync.cache import LocalCacheManager
-from runicorn.sync.client import ManifestSyncClient
-from runicorn.transport.local_remote import LocalRemote
 
 
 @pytest.fixture
@@ -37,29 +33,8 @@ def lab(tmp_path: Path, backend: Backend) -> Lab:
     return make_lab(tmp_path, backend, runs=4)
 
 
-def _client(lab: Lab, cache: Path, **options: object) -> ManifestSyncClient:
-    return ManifestSyncClient(
-        None,
-        str(lab.root),
-        cache,
-        0.0,
-        backend=lab.backend,
-        remote=LocalRemote(lab.root),
-        **options,
-    )
 
 
-def _service(lab: Lab, cache: Path, **options: object) -> MetadataSyncService:
-    return MetadataSyncService(
-        None,
-        None,
-        str(lab.root),
-        LocalCacheManager(cache),
-        manifest_sync_jitter=0.0,
-        remote=LocalRemote(lab.root),
-        backend=lab.backend,
-        **options,
-    )
 
 
 def _percent(completed: int, total: int, current_file: str) -> None:
@@ -72,12 +47,12 @@ def test_the_documents_example_callback_survives_a_sync_that_moves_nothing(
 ) -> None:
     cache = tmp_path / "cache"
     calls: list[tuple[int, int, str]] = []
-    _client(lab, cache).sync(lambda *call: calls.append(call))
+    local_client(lab, cache).sync(lambda *call: calls.append(call))
     assert calls and all(total > 0 for _done, total, _name in calls)
     shutil.rmtree(sorted(lab.root.glob("*/*/runs/*"))[0])  # a run leaves the server
     lab.publish(now=lab.now + 60)
 
-    stats = _client(lab, cache).sync(_percent)  # a new revision, nothing to fetch
+    stats = local_client(lab, cache).sync(_percent)  # a new revision, nothing to fetch
 
     assert not stats["skipped"] and stats["files_synced"] == 0
 
@@ -87,7 +62,7 @@ def test_the_fallback_is_logged_with_the_documents_phrase(
 ) -> None:
     shutil.rmtree(lab.root / MANIFEST_DIRNAME)
     with caplog.at_level(logging.WARNING, logger="runicorn"):
-        assert _service(lab, tmp_path / "cache").sync_all() is True
+        assert local_service(lab, tmp_path / "cache").sync_all() is True
     assert "falling back to legacy sync" in caplog.text
     assert cache_files(tmp_path / "cache") == server_files(lab.root)
 
@@ -102,12 +77,12 @@ def test_the_legacy_walk_copies_append_only_files_up_to_their_last_complete_line
     with open(log, "ab") as handle:
         handle.write(b'{"step": 77, "loss": 0.')  # the trainer is mid-line
 
-    assert _service(lab, cache, use_manifest_sync=False).sync_all() is True
+    assert local_service(lab, cache, use_manifest_sync=False).sync_all() is True
     assert (cache / relative).read_bytes() == complete
 
     with open(log, "ab") as handle:
         handle.write(b'5}\n')
-    assert _service(lab, cache, use_manifest_sync=False).sync_all() is True
+    assert local_service(lab, cache, use_manifest_sync=False).sync_all() is True
     assert (cache / relative).read_bytes() == log.read_bytes()
 
 
@@ -119,7 +94,7 @@ def test_an_older_manifest_revision_is_reported_not_applied_silently(
     with sorted(lab.root.glob("*/*/runs/*/logs.txt"))[0].open("a") as handle:
         handle.write("one more line\n")
     applied = lab.publish(now=lab.now + 120)
-    assert _client(lab, cache).sync()["manifest_revision"] == applied.revision
+    assert local_client(lab, cache).sync()["manifest_revision"] == applied.revision
     document = orjson.loads((lab.manifest_dir / "full_manifest.json").read_bytes())
     document["revision"] = applied.revision - 1  # a restored backup of the manifests
     document["snapshot_id"] = "restored-from-backup"
@@ -127,7 +102,7 @@ def test_an_older_manifest_revision_is_reported_not_applied_silently(
     (lab.manifest_dir / "full_manifest.json.gz").write_bytes(compress(orjson.dumps(document)))
 
     with caplog.at_level(logging.WARNING, logger="runicorn"):
-        stats = _client(lab, cache).sync()
+        stats = local_client(lab, cache).sync()
 
     assert f"older than revision {applied.revision}" in stats["older_revision"]
     assert "older than revision" in caplog.text

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.lab import Lab, make_lab
+from harness.lab import Lab, local_client, make_lab
 from runicorn.core.backend import Backend
 from runicorn.sync.client import ManifestSyncClient
-from runicorn.transport.local_remote import LocalRemote
 
 
 @pytest.fixture
@@ -26,9 +25,7 @@ def lab(tmp_path: Path, backend: Backend) -> Lab:
 
 
 def _sync(lab: Lab, cache: Path) -> dict:
-    client = ManifestSyncClient(
-        None, str(lab.root), cache, 0.0, backend=lab.backend, remote=LocalRemote(lab.root)
-    )
+    client = local_client(lab, cache)
     try:
         return dict(client.sync())
     finally:

@@ -13,8 +13,10 @@ from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.format import layout
 from runicorn.manifest import ManifestGenerator, ManifestType, SyncManifest
-from runicorn.sync.cache import STATE_DIRNAME
+from runicorn.sync.cache import STATE_DIRNAME, LocalCacheManager
 from runicorn.sync.client import ManifestSyncClient
+from runicorn.sync.service import MetadataSyncService
+from runicorn.transport.local_remote import LocalRemote
 
 NOW = 1_700_000_000.0
 SEED = 11
@@ -68,6 +70,28 @@ def make_client(
 ) -> ManifestSyncClient:
     """A client without jitter (tests must not sleep)."""
     return ManifestSyncClient(sftp, str(lab_root), cache, 0.0, backend=backend, **options)
+
+
+def local_client(lab: Lab, cache: Path, **options: object) -> ManifestSyncClient:
+    """A client of ``lab`` read as a local directory (no server), without jitter."""
+    remote = LocalRemote(lab.root)
+    return ManifestSyncClient(
+        None, str(lab.root), cache, 0.0, backend=lab.backend, remote=remote, **options
+    )
+
+
+def local_service(lab: Lab, cache: Path, **options: object) -> MetadataSyncService:
+    """The API document's service over ``lab`` read as a local directory, without jitter."""
+    return MetadataSyncService(
+        None,
+        None,
+        str(lab.root),
+        LocalCacheManager(cache),
+        manifest_sync_jitter=0.0,
+        remote=LocalRemote(lab.root),
+        backend=lab.backend,
+        **options,
+    )
 
 
 def settle(sftp: paramiko.SFTPClient) -> None:
