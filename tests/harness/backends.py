@@ -65,3 +65,14 @@ def backend(backend_name: str) -> Backend:
             "or pass --no-native to run pure Python only"
         )
     return load_backend(backend_name)
+
+
+@pytest.fixture(scope="session")
+def both(request: pytest.FixtureRequest) -> tuple[Backend, Backend]:
+    """``(compiled, pure)``, for parity tests that compare the two on the same input; skipped
+    where the compiled half is deselected."""
+    if request.config.getoption("--no-native"):
+        pytest.skip("the compiled core is deselected")
+    if not native_available():
+        pytest.fail("the compiled core did not import; rebuild it (pip install -e .)")
+    return load_backend(NATIVE), load_backend(PYTHON)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runicorn.core import copy as spec
-from runicorn.core.backend import NATIVE, PYTHON, Backend, load_backend, native_available
+from runicorn.core.backend import Backend
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("RUNICORN_PURE_PYTHON", "") not in ("", "0"),
@@ -31,15 +31,6 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 PREFIX = ".runicorn-tmp-test-"
-
-
-@pytest.fixture(scope="module")
-def both(request: pytest.FixtureRequest) -> tuple[Backend, Backend]:
-    if request.config.getoption("--no-native"):
-        pytest.skip("the compiled core is deselected")
-    if not native_available():
-        pytest.fail("the compiled core did not import; rebuild it (pip install -e .)")
-    return load_backend(NATIVE), load_backend(PYTHON)
 
 
 NAMES = ["a.json", "b.txt", "c", "meta.json"]
