@@ -76,6 +76,20 @@ class Watching:
         self.wait_for(lambda: len(self.passes) >= 1)
         return self
 
+    def start_pushed(self) -> Watching:
+        """:meth:`start`, then wait for the server's push and the catch-up pass it brings;
+        the watch is stopped again if that never comes."""
+        self.start()
+        try:
+            watcher = self.client._watcher
+            assert watcher is not None
+            self.wait_for(lambda: watcher.pushed)
+            self.wait_for(lambda: len(self.passes) >= 2)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def stop(self) -> None:
         self.client.stop_watch()
         self._thread.join(DEADLINE_SECONDS)
@@ -159,12 +173,8 @@ def test_a_pushed_watch_applies_a_publication_without_polling(client_for, lab: L
     bring the append."""
     lab.publish(ManifestType.ACTIVE)
     client = client_for()
-    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start_pushed()
     try:
-        watcher = client._watcher
-        assert watcher is not None
-        watch.wait_for(lambda: watcher.pushed)
-        watch.wait_for(lambda: len(watch.passes) >= 2)  # the catch-up pass once pushed
         passes = len(watch.passes)
         events, rel = _running_events(lab)
         with open(events, "a") as handle:
@@ -187,12 +197,8 @@ def test_a_pushed_publication_arrives_with_its_content_and_no_manifest_read(
     instead, is off here), never the manifest."""
     lab.publish(ManifestType.ACTIVE)
     client = client_for(remote=SftpRemote(sftp, str(lab.root), stream=False))
-    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start_pushed()
     try:
-        watcher = client._watcher
-        assert watcher is not None
-        watch.wait_for(lambda: watcher.pushed)
-        watch.wait_for(lambda: len(watch.passes) >= 2)  # the catch-up pass once pushed
         sshd_server.reset_request_counts()
         events, rel = _running_events(lab)
         with open(events, "a") as handle:
@@ -213,12 +219,8 @@ def test_a_pushed_full_publication_is_applied_through_the_active_one_naming_it(
     does): the pass takes the pushed active manifest in place of the whole full one."""
     lab.publish(ManifestType.ACTIVE)
     client = client_for()
-    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start_pushed()
     try:
-        watcher = client._watcher
-        assert watcher is not None
-        watch.wait_for(lambda: watcher.pushed)
-        watch.wait_for(lambda: len(watch.passes) >= 2)  # the catch-up pass once pushed
         passes = len(watch.passes)
         source = next(r for r in lab.info.listed_runs if r.status == "running")
         shutil.copytree(source.path, source.path.with_name(source.run_id + "_copy"))
@@ -263,10 +265,7 @@ def test_a_server_without_python3_is_polled_instead(
 def test_a_pushed_watch_stops_at_once_when_told(client_for, lab: Lab):
     lab.publish(ManifestType.ACTIVE)
     client = client_for()
-    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
-    watcher = client._watcher
-    assert watcher is not None
-    watch.wait_for(lambda: watcher.pushed)
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start_pushed()
     watch.stop()  # fails unless the hour-long wait for the next change ends
 
 
