@@ -18,6 +18,10 @@ and with ``--no-stream``; with ``--stream-python PATH`` also with its default fl
 ``--stream-python PATH`` (``runicorn -P``): the stream run by that interpreter on the server,
 which compresses with zstd when it can import it (this benchmark's own venv python stands for
 a runicorn environment on a lab server), while the default ``python3`` here has only zlib.
+The server account has this environment's ``runicorn`` in its ``~/.local/bin``, as a lab
+server that publishes manifests has it installed, so the default stream swaps ``python3``
+for that command's interpreter (zstd); ``--no-server-runicorn`` leaves it out, and
+``--stream-python python3`` names the plain ``python3`` (no swap: zlib) in the ``-P`` column.
 ``--repeat N`` runs the
 scenarios N times (each round into fresh destinations, after its own training step) and
 reports the median of each number.
@@ -114,6 +118,22 @@ def write_client_config(
     return server.write_ssh_config(directory / "ssh_config", alias, via=("127.0.0.1", proxy_port))
 
 
+def default_server_runicorn() -> Path | None:
+    """This environment's ``runicorn`` command, which stands for the one a lab server has
+    installed for ``runicorn generate-manifest`` (None if there is none)."""
+    command = Path(sys.executable).parent / "runicorn"
+    return command if command.is_file() else None
+
+
+def install_server_runicorn(server: SshServer, command: Path) -> None:
+    """Put ``command`` in the server account's ``~/.local/bin``, where pip and pipx install
+    it (and where a non-interactive SSH session's ``PATH`` does not look): the file stream
+    finds its interpreter there."""
+    target = server.directory / "home" / ".local" / "bin" / "runicorn"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(command)
+
+
 def _timed(command: list[str]) -> tuple[float, str]:
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -196,6 +216,7 @@ def run_lab(
     repeat: int = 1,
     media_only: bool = False,
     flags: dict[str, list[str]] | None = None,
+    server_runicorn: Path | None = None,
 ):
     lab = workdir / f"lab{runs}"
     info = build_sample_lab(lab, runs, seed=runs, scale=scale)
@@ -204,6 +225,8 @@ def run_lab(
     ManifestGenerator(lab).generate()
     results: dict[str, list[Measurement]] = {}
     with SshServer(count_requests=True) as server:
+        if server_runicorn is not None:
+            install_server_runicorn(server, server_runicorn)
         for index, profile in enumerate(profiles):
             with WanProxy(
                 "127.0.0.1",
@@ -373,7 +396,14 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of the scenarios; medians reported"
     )
+    parser.add_argument(
+        "--no-server-runicorn",
+        action="store_true",
+        help="leave runicorn out of the server account's ~/.local/bin: the default stream "
+        "then runs the server's plain python3 (zlib here)",
+    )
     args = parser.parse_args()
+    server_runicorn = None if args.no_server_runicorn else default_server_runicorn()
     if shutil.which("rsync") is None:
         sys.exit("rsync is not installed (apt-get install rsync)")
     known = {
@@ -389,6 +419,11 @@ def main() -> None:
         + f"; python {sys.version.split()[0]}; backend {active_backend().name}"
         + ("; media only" if args.media_only else "")
         + (f"; -P is --stream-python {args.stream_python}" if args.stream_python else "")
+        + (
+            f"; the server account has {server_runicorn} as ~/.local/bin/runicorn"
+            if server_runicorn
+            else "; no runicorn on the server account"
+        )
     )
     try:
         for runs in args.runs:
@@ -402,6 +437,7 @@ def main() -> None:
                 max(1, args.repeat),
                 args.media_only,
                 runicorn_flags(args.stream_python),
+                server_runicorn,
             )
             for profile in profiles:
                 print(_table(runs, info, profile, results[profile.name]), flush=True)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -251,6 +253,61 @@ def test_zstd_and_zlib_streams_give_byte_identical_caches(
     assert_cache_equals_server(lab.root, cache)
     # The client without zstd asks for zlib, and the server (which has zstd) honours it.
     assert codecs == ["zstd" if case == "zstd" else "zlib"]
+
+
+@pytest.fixture
+def account_runicorn(sshd_server: SshServer) -> Iterator[Path]:
+    """Where the server account's own ``runicorn`` goes (``~/.local/bin``, as pip and pipx
+    install it); removed again after the test, since the server is shared."""
+    local = sshd_server.directory / "home" / ".local"
+    command = local / "bin" / "runicorn"
+    command.parent.mkdir(parents=True)
+    try:
+        yield command
+    finally:
+        shutil.rmtree(local)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["runicorn with zstandard", "runicorn without zstandard", "env line", "named interpreter"],
+)
+def test_the_default_python3_hands_over_to_the_accounts_runicorn(
+    lab: LabInfo,
+    sshd_server: SshServer,
+    account_runicorn: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    codecs: list[str | None] = []
+    hello = file_stream.FileStream._hello
+
+    def record_codec(self: file_stream.FileStream, payload: bytes) -> None:
+        hello(self, payload)
+        codecs.append(self.codec)
+
+    monkeypatch.setattr(file_stream.FileStream, "_hello", record_codec)
+    # The server's default python3 without zstd; the account's runicorn is installed in an
+    # environment that has zstandard (this test's: a runicorn dependency) or in one that has not.
+    no_zstd = _fake_python(tmp_path, _NO_ZSTD)
+    monkeypatch.setattr(file_stream, "PYTHON", no_zstd)
+    python = sys.executable
+    if case == "runicorn without zstandard":
+        bare = tmp_path / "bare-env" / "bin" / "python"
+        bare.parent.mkdir(parents=True)
+        bare.symlink_to(sys.executable)
+        python = str(bare)
+    shebang = f"#!/usr/bin/env {python}" if case == "env line" else f"#!{python}"
+    account_runicorn.write_text(f"{shebang}\nraise SystemExit('not run by the stream')\n")
+    account_runicorn.chmod(0o755)
+    flags = ["--stream-python", no_zstd] if case == "named interpreter" else []
+    cache = tmp_path / "cache"
+    _sync(sshd_server, lab, cache, tmp_path, "--compress", "--stream", *flags)
+    assert_cache_equals_server(lab.root, cache)
+    # Only the account's own runicorn whose interpreter has zstandard beside it, and only
+    # when no interpreter was named, is used.
+    assert codecs == ["zstd" if case == "runicorn with zstandard" else "zlib"]
 
 
 def test_without_zstandard_the_package_imports_and_asks_for_zlib(tmp_path: Path) -> None:

@@ -208,7 +208,8 @@ def _fail(as_json: bool, code: int, message: str, **extra: Any) -> NoReturn:
     default=None,
     help="The server's Python that runs the file stream, e.g. the python of the runicorn "
     "environment there: it has zstd, which compresses about twice as well as zlib "
-    "[default: python3].",
+    "[default: python3, which hands over to your own runicorn command's python when that "
+    "has zstd].",
 )
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel transfers.")
 @click.option(

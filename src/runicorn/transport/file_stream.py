@@ -146,14 +146,54 @@ def zstd_packer(zlevel):
 def zlib_packer(level):
     z = zlib.compressobj(level)
     return lambda body: z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
+def shebang(path):
+    with open(path, "rb") as script:
+        head = script.read(512).split(b"\\n")
+    if not head[0].startswith(b"#!"):
+        return None
+    words = head[0][2:].split()
+    if words == [b"/bin/sh"] and len(head) > 1 and head[1].startswith(b"'''exec' "):
+        import shlex
+        words = [os.fsencode(w) for w in shlex.split(os.fsdecode(head[1][9:]))]
+    if not words or not words[0].startswith(b"/") or os.path.basename(words[0]) == b"env":
+        return None
+    return os.fsdecode(words[0])
+def runicorn_python():
+    places = os.environ.get("PATH", "").split(os.pathsep)
+    places.append(os.path.join(os.path.expanduser("~"), ".local", "bin"))
+    for place in places:
+        command = os.path.join(place, "runicorn")
+        if not place or not os.path.isfile(command) or not os.access(command, os.X_OK):
+            continue
+        python = shebang(command)
+        if python is None or not os.access(python, os.X_OK):
+            return None
+        import glob
+        prefix = glob.escape(os.path.dirname(os.path.dirname(python)))
+        lib = os.path.join(prefix, "lib*", "python3*", "site-packages", "zstandard")
+        return python if glob.glob(os.path.join(lib, "__init__.py")) else None
+    return None
+def reexec(zlevel):
+    try:
+        python = runicorn_python()
+        if python is None:
+            return
+        program = "import base64; S=%%r; exec(base64.b64decode(S))" %% (S,)
+        os.execv(python, [python, "-I", "-S", "-c", program, sys.argv[1], sys.argv[2],
+                          str(zlevel), "0"])
+    except (OSError, ValueError, NameError):
+        return
 level = int(sys.argv[2])
 zlevel = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+find = len(sys.argv) > 4 and sys.argv[4] == "1"
 comp, codec = None, b"none"
 if level > 0 and zlevel > 0:
     try:
         comp, codec = zstd_packer(zlevel), b"zstd"
     except Exception:
         comp = None
+    if comp is None and find:
+        reexec(zlevel)
 if level > 0 and comp is None:
     comp, codec = zlib_packer(level), b"zlib"
 pend = []
@@ -265,7 +305,14 @@ except (BrokenPipeError, KeyboardInterrupt):
 """
 
 
-def stream_command(root: str, level: int, *, python: str | None = None, zstd_level: int = 0) -> str:
+def stream_command(
+    root: str,
+    level: int,
+    *,
+    python: str | None = None,
+    zstd_level: int = 0,
+    find_runicorn: bool = False,
+) -> str:
     """The shell command that serves files under ``root`` (see the module), compressing at
     zlib ``level`` (0: not at all), or with zstd at ``zstd_level`` when that is not 0 and the
     server's interpreter can import zstd. The script travels base64-encoded in one shell word,
@@ -273,11 +320,19 @@ def stream_command(root: str, level: int, *, python: str | None = None, zstd_lev
 
     The interpreter runs isolated (``-I -S``: no environment variables, no ``.pth`` code); for
     ``zstandard`` the script adds the site-packages of that interpreter (its virtual
-    environment's, when it is one) at the end of its path, and nothing else."""
+    environment's, when it is one) at the end of its path, and nothing else.
+
+    With ``find_runicorn``, an interpreter that cannot import zstd looks for the account's own
+    ``runicorn`` command (the first on its ``PATH``, else ``~/.local/bin/runicorn``, where pip
+    and pipx put it), and when that command's ``#!`` interpreter has ``zstandard`` installed
+    beside it, replaces itself with that interpreter (``exec``, before it says anything).
+    Only the login's own environment is consulted, never a path the server publishes; any
+    doubt (no such command, an ``env`` line, no ``zstandard``) keeps the first interpreter."""
     script = _SCRIPT % {"chunk": CHUNK, "version": VERSION, "window_log": ZSTD_WINDOW_LOG}
     encoded = base64.b64encode(script.encode()).decode("ascii")
-    program = f"import base64; exec(base64.b64decode('{encoded}'))"
-    words = ["-I", "-S", "-c", program, root, str(level), str(zstd_level)]
+    # The script reads its own text from ``S`` to hand it to the interpreter it may exec.
+    program = f"import base64; S='{encoded}'; exec(base64.b64decode(S))"
+    words = ["-I", "-S", "-c", program, root, str(level), str(zstd_level), str(int(find_runicorn))]
     return " ".join([_interpreter(python or PYTHON), *(shlex.quote(word) for word in words)])
 
 
@@ -494,6 +549,9 @@ class FileStream:
         self.codec: str | None = None
         """``zstd``, ``zlib`` or ``none``: what the server's hello said it compresses with."""
         self.python = python or PYTHON
+        self.find_runicorn = python is None
+        """Whether the server may swap the default ``python3`` for the interpreter of the
+        account's own ``runicorn`` (see :func:`stream_command`): not when one was named."""
         self.timeout = timeout
         self.wire_bytes = 0
         """Bytes of blocks received (what crossed the link, before SSH framing)."""
@@ -522,7 +580,11 @@ class FileStream:
             )
             channel.exec_command(
                 stream_command(
-                    self.root, self.level, python=self.python, zstd_level=self.zstd_level
+                    self.root,
+                    self.level,
+                    python=self.python,
+                    zstd_level=self.zstd_level,
+                    find_runicorn=self.find_runicorn,
                 )
             )
         except Exception as error:
