@@ -41,6 +41,7 @@ costs where it cannot win.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -79,8 +80,12 @@ def runicorn_flags(stream_python: str | None) -> dict[str, list[str]]:
     return flags
 
 
-def tools_of(flags: dict[str, list[str]]) -> tuple[str, ...]:
-    return ("rsync -a", "rsync -az", *flags)
+def tools_of(flags: dict[str, list[str]], skip: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    return tuple(t for t in ("rsync -a", "rsync -az", *flags) if t not in skip)
+
+
+KEPT_TOOLS = ("rsync -az", "runicorn")
+"""The columns every table needs (its ratios): ``--skip`` cannot leave them out."""
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -217,6 +222,7 @@ def run_lab(
     media_only: bool = False,
     flags: dict[str, list[str]] | None = None,
     server_runicorn: Path | None = None,
+    skip: frozenset[str] = frozenset(),
 ):
     lab = workdir / f"lab{runs}"
     info = build_sample_lab(lab, runs, seed=runs, scale=scale)
@@ -249,6 +255,7 @@ def run_lab(
                         server,
                         train=not media_only,
                         flags=flags or RUNICORN_FLAGS,
+                        skip=skip,
                     )
                 results[profile.name] = measured
     return info, results
@@ -264,6 +271,7 @@ def _round(
     *,
     train: bool,
     flags: dict[str, list[str]],
+    skip: frozenset[str] = frozenset(),
 ) -> list[Measurement]:
     """The scenarios once, for every tool, into fresh destinations."""
     directory.mkdir(parents=True)
@@ -299,7 +307,7 @@ def _round(
         if scenario == "training step":
             training_step(lab, seed=seed + 1, now=time.time())
             ManifestGenerator(lab).generate()
-        for tool in tools_of(flags):
+        for tool in tools_of(flags, skip):
             results.append(_measure(tool, scenario, commands[tool], proxy, server))
     return results
 
@@ -402,7 +410,18 @@ def main() -> None:
         help="leave runicorn out of the server account's ~/.local/bin: the default stream "
         "then runs the server's plain python3 (zlib here)",
     )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="TOOL",
+        help="leave out a column (e.g. 'rsync -a', 'runicorn -S'), for shorter runs; "
+        f"not {' or '.join(KEPT_TOOLS)}",
+    )
     args = parser.parse_args()
+    skip = frozenset(args.skip)
+    if skip & set(KEPT_TOOLS):
+        parser.error(f"--skip cannot leave out {' or '.join(KEPT_TOOLS)}: the ratios need them")
     server_runicorn = None if args.no_server_runicorn else default_server_runicorn()
     if shutil.which("rsync") is None:
         sys.exit("rsync is not installed (apt-get install rsync)")
@@ -411,12 +430,18 @@ def main() -> None:
         "lan": Profile("lan", 2.0, None),
     }
     profiles = [known[name] for name in dict.fromkeys(args.profiles)]
+    # An installed wheel has its bytecode; an editable install under PYTHONDONTWRITEBYTECODE
+    # would compile every imported module in every timed command.
+    import runicorn
+
+    compileall.compile_dir(Path(runicorn.__file__).parent, quiet=2)
     base = args.workdir or Path(tempfile.mkdtemp(prefix="runicorn-wan-"))
     from runicorn.core.backend import active_backend
 
     print(
         "; ".join(str(p) for p in profiles)
         + f"; python {sys.version.split()[0]}; backend {active_backend().name}"
+        + "; runicorn's sources precompiled, as installed"
         + ("; media only" if args.media_only else "")
         + (f"; -P is --stream-python {args.stream_python}" if args.stream_python else "")
         + (
@@ -438,6 +463,7 @@ def main() -> None:
                 args.media_only,
                 runicorn_flags(args.stream_python),
                 server_runicorn,
+                skip,
             )
             for profile in profiles:
                 print(_table(runs, info, profile, results[profile.name]), flush=True)
