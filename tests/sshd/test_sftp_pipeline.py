@@ -518,3 +518,98 @@ def test_without_a_root_the_session_is_a_plain_sftp_client(
         assert client.normalize(".")
     finally:
         client.close()
+
+
+# -- handles predicted from OpenSSH's handle table ----------------------------------------------
+
+
+@pytest.mark.sshd
+def test_every_first_read_leaves_with_its_open_on_a_predicted_handle(
+    ssh_client: paramiko.SSHClient, sshd_server: SshServer, tmp_path: Path
+) -> None:
+    # More files than the pipeline keeps open, closes answered and detached: the server
+    # reuses freed slots (last freed first); the table follows it, so each file costs one
+    # READ (a directory opens too, and its READ fails). Then missing files among them: an
+    # OPEN that fails takes no slot, and the guesses sent before that is known are wrong
+    # (a READ more each), never the bytes.
+    contents = {f"f{index:02}": os.urandom(100 + index * 50) for index in range(40)}
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "dir").mkdir()
+    names = list(contents)
+    names[20:20] = ["dir"]
+    with_missing = names[::-1]
+    with_missing[5:5] = ["missing-1"]
+    with_missing[30:30] = ["missing-2"]
+    pipe = SftpPipeline.open(ssh_client.get_transport(), timeout=10, depth=16)
+
+    def read_all(batch: list[str]) -> tuple[dict[str, bytes], set[str]]:
+        results: dict[str, bytearray] = {}
+        outcomes: dict[str, BaseException | None] = {}
+        ops = iter(
+            ReadRangeOp(
+                str(tmp_path / name),
+                0,
+                len(contents.get(name, b"x")),
+                255 * 1024,
+                lambda off, chunk, n=name: results.setdefault(n, bytearray()).extend(chunk),
+                lambda error, received, n=name: outcomes.__setitem__(n, error),
+                detach_close=bool(index % 2),
+            )
+            for index, name in enumerate(batch)
+        )
+        pipe.run(lambda: next(ops, None), max_open=6)
+        failed = {name for name, error in outcomes.items() if error is not None}
+        return {name: bytes(data) for name, data in results.items()}, failed
+
+    try:
+        sshd_server.reset_request_counts()
+        assert read_all(names) == (contents, {"dir"})
+        counts = sshd_server.sftp_request_count()
+        assert counts.by_type["read"] == len(names)
+        assert read_all(with_missing) == (contents, {"dir", "missing-1", "missing-2"})
+        assert read_all(names) == (contents, {"dir"})
+        assert pipe._handles is not None and not pipe._handles.broken
+    finally:
+        pipe.close()
+
+
+@pytest.mark.sshd
+def test_a_handle_taken_behind_the_tables_back_stops_the_predictions_not_the_reads(
+    ssh_client: paramiko.SSHClient, tmp_path: Path
+) -> None:
+    # paramiko's own client opens a file on the channel the pipeline borrows (first round
+    # trip done): the table cannot know; its guesses go wrong once, then it stops guessing.
+    contents = {f"g{index}": os.urandom(500 + index) for index in range(6)}
+    for name, data in contents.items():
+        (tmp_path / name).write_bytes(data)
+    client = sp.open_sftp_client(
+        ssh_client.get_transport(), root=str(tmp_path), prefetch=["g0"], timeout=10
+    )
+    try:
+        held = client.open(str(tmp_path / "g5"))  # takes slot 0 behind the table's back
+        pipe = SftpPipeline.borrow(client, timeout=10)
+        for _ in range(2):
+            results: dict[str, bytes] = {}
+
+            def keep(chunk: bytes, name: str, results: dict[str, bytes] = results) -> None:
+                results[name] = results.get(name, b"") + chunk
+
+            ops = [
+                ReadRangeOp(
+                    str(tmp_path / name),
+                    0,
+                    len(data),
+                    255 * 1024,
+                    lambda off, chunk, n=name: keep(chunk, n),
+                    lambda error, received: None,
+                )
+                for name, data in contents.items()
+            ]
+            pipe.run(ops=ops)
+            assert results == contents
+        assert pipe._handles is not None and pipe._handles.broken
+        assert held.read() == contents["g5"]
+        held.close()
+    finally:
+        client.close()

@@ -79,6 +79,11 @@ class Operation:
     def fail(self, error: BaseException) -> None:
         raise NotImplementedError
 
+    def predict_handle(self, handle: bytes) -> None:
+        """The OPEN this op just handed out should get ``handle`` (the pipeline's
+        :class:`~.sftp_pipeline.HandleTable` says so): an op may send a READ on that guess
+        right behind it. Ignoring it is always correct."""
+
 
 def detached(ptype: int, body: Reader) -> None:
     """The handler of a request whose answer nobody waits for (a CLOSE of a read-only handle).
@@ -110,7 +115,9 @@ class ReadRangeOp(Operation):
     naming the handle the server is expected to return, so the whole read costs one round trip.
     Their answers are used only if the OPEN really returned that handle; otherwise they are
     dropped (they named no file or one that this op then reads again properly) and the op goes
-    on as usual.
+    on as usual. Without it, the pipeline may still :meth:`predict_handle` (the READ alone
+    leaves on the guess), unless ``guess_later`` is False: a READ on a guess for a file that
+    is missing is a request spent for nothing.
     ``check`` is asked once the OPEN is answered, before any READ: an error it returns is the
     op's outcome (its handle is closed, nothing read). It lets checks that were sent on the
     same channel ahead of the OPEN, and so are answered before it, guard the file without a
@@ -134,6 +141,7 @@ class ReadRangeOp(Operation):
         detach_close: bool = False,
         predicted_handle: bytes | None = None,
         check: Callable[[], BaseException | None] | None = None,
+        guess_later: bool = True,
     ) -> None:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length for {path!r}")
@@ -169,6 +177,9 @@ class ReadRangeOp(Operation):
         self._finished = False  # outcome reported (or aborted): no more reads
         self._closing = False
         self._predicted = predicted_handle
+        self._guess_close = predicted_handle is not None  # the guess sends the CLOSE too
+        self._guess_later = guess_later
+        self._guess_size = 0
         self._check = check
         # guess: 0 none, 1 READ to send, 2 CLOSE to send, 3 answers due, 4 settled
         self._guess_state = 0
@@ -211,9 +222,9 @@ class ReadRangeOp(Operation):
         if self._guess_state in (1, 2) and self._predicted is not None:
             guessed = encode_string(self._predicted)
             if self._guess_state == 1:
-                self._guess_state = 2
-                size = self._end - self._start
-                payload = guessed + U64.pack(self._start) + U32.pack(size)
+                self._guess_state = 2 if self._guess_close else 3
+                self._guess_size = min(self._read_size, self._end - self._start)
+                payload = guessed + U64.pack(self._start) + U32.pack(self._guess_size)
                 return FXP_READ, payload, self._on_guessed_read
             self._guess_state = 3
             return FXP_CLOSE, guessed, self._on_guessed_close
@@ -246,6 +257,23 @@ class ReadRangeOp(Operation):
             self.done = True
             return FXP_CLOSE, handle, detached
         return FXP_CLOSE, handle, self._on_close
+
+    def predict_handle(self, handle: bytes) -> None:
+        """The first READ leaves right behind the OPEN, naming ``handle``; its answer is used
+        only if the OPEN returns that handle (else it named no file of this op's, or another
+        file, whose bytes are dropped) and ``check`` passes. No CLOSE goes out on a guess: a
+        wrong one could close another file's handle."""
+        if (
+            self._guess_later
+            and self._guess_state == 0
+            and self._predicted is None
+            and self._size_cap is None
+            and self._stat_state == 0
+            and self._end > self._start
+            and not self._open_answered
+        ):
+            self._predicted = handle
+            self._guess_state = 1
 
     def _read(self, handle: bytes, start: int, size: int) -> Request:
         self._reads_in_flight += 1
@@ -295,12 +323,24 @@ class ReadRangeOp(Operation):
         ptype, body = self._guess_read
         self._guess_read = None
         if self._handle is None or self._handle != self._predicted:
-            return  # OPEN failed, or another handle: the guessed requests named no file of ours
+            # OPEN failed, or another handle: the guessed requests named no file of ours.
+            if self._handle is None and not self._guess_close:
+                self.done = True  # no CLOSE of a guess is due
+            return
         self._guess_matched = True
+        size = self._guess_size
+        if not self._guess_close:
+            error = self._checked(None) if self._check is not None else None
+            if error is not None:
+                self._finish(error)
+            self._next = self._start + size
+            self._reads_in_flight += 1
+            self._on_read(ptype, body, self._start, size)
+            return
         self._closing = True  # the guessed CLOSE is this file's
         self._next = self._end
         self._reads_in_flight += 1
-        self._on_read(ptype, body, self._start, self._end - self._start)
+        self._on_read(ptype, body, self._start, size)
         self._finish(None)  # one READ covered the prefix (or it failed, reported already)
 
     def _on_fstat(self, ptype: int, body: Reader) -> None:

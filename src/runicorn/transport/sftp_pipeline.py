@@ -36,6 +36,12 @@ from runicorn.transport.sftp_ops import (
     detached,
 )
 from runicorn.transport.sftp_protocol import (
+    FX_OK,
+    FXP_CLOSE,
+    FXP_HANDLE,
+    FXP_OPEN,
+    FXP_OPENDIR,
+    FXP_STATUS,
     FXP_VERSION,
     HEADER,
     INIT_PACKET,
@@ -52,6 +58,7 @@ __all__ = [
     "DEFAULT_READ_SIZE",
     "DEFAULT_TIMEOUT",
     "MAX_READ_SIZE",
+    "HandleTable",
     "SftpPipeline",
     "open_sftp_client",
     "stamp_of",
@@ -73,12 +80,142 @@ _RECV_SIZE = 1024 * 1024
 _MAX_DETACHED = 4096
 
 
+_MAX_UNANSWERED = 4096
+
+
+class HandleTable:
+    """OpenSSH's sftp-server handle table as one session's requests leave it, so the handle
+    an OPEN will get is known when the OPEN is sent (its first READ can go right behind it).
+
+    The server keeps the free slots of its table on a stack (``handle_new`` and
+    ``handle_unused`` in sftp-server.c): an OPEN or OPENDIR takes the slot freed last, or a
+    new one after the highest; a CLOSE frees its slot; a failed OPEN takes none. A handle is
+    the slot's index as four bytes. Two copies are kept: the table as the answers read so
+    far left it (the server answers a session's requests in order), and the same with every
+    request still unanswered applied as if it succeeded -- the prediction. An answer that
+    differs from what was assumed (an OPEN that failed) rebuilds the prediction from the
+    first; one that makes no sense for the table (someone else's requests on the channel)
+    stops the predictions for the session. A wrong prediction costs a round trip, never a
+    wrong byte: only READs are sent on a guess, and their answers are used only when the
+    OPEN returned the guessed handle (:meth:`.sftp_ops.ReadRangeOp.predict_handle`).
+    """
+
+    def __init__(self) -> None:
+        self.broken = False
+        self._free: list[int] = []  # answered state: the stack of free slots
+        self._size = 0  # answered state: slots in the table
+        self._guess_free: list[int] = []  # predicted state
+        self._guess_size = 0
+        # request id -> [FXP_OPEN, predicted slot] or [FXP_CLOSE, slot named (None: not a
+        # handle of this table), 1 if it is assumed to succeed else 0]
+        self._unanswered: dict[int, list[int | None]] = {}
+
+    def sent_open(self, request_id: int) -> bytes | None:
+        """An OPEN or OPENDIR left with ``request_id``: the handle it should get."""
+        if self.broken:
+            return None
+        slot = self._take(self._guess_free, self._guess_size)
+        if slot == self._guess_size:
+            self._guess_size += 1
+        self._note(request_id, [FXP_OPEN, slot])
+        return slot.to_bytes(4, "big")
+
+    def sent_close(self, request_id: int, payload: bytes) -> None:
+        """A CLOSE left with ``request_id`` (``payload``: the handle as an SFTP string)."""
+        if self.broken:
+            return
+        slot = _slot_of(payload[4:]) if payload[:4] == b"\x00\x00\x00\x04" else None
+        # Not open as far as the table knows: it will fail, freeing nothing.
+        assumed = slot is not None and _in_use(slot, self._guess_free, self._guess_size)
+        if assumed:
+            assert slot is not None
+            self._guess_free.append(slot)
+        self._note(request_id, [FXP_CLOSE, slot, int(assumed)])
+
+    def answered(self, request_id: int, ptype: int, body: memoryview) -> None:
+        """The answer to ``request_id`` arrived (``body``: after the type byte, id first)."""
+        entry = self._unanswered.pop(request_id, None)
+        if entry is None or self.broken:
+            return
+        if entry[0] == FXP_OPEN:
+            assumed = entry[1]
+            slot = None
+            if ptype == FXP_HANDLE and len(body) == 12 and bytes(body[4:8]) == b"\x00\x00\x00\x04":
+                slot = _slot_of(bytes(body[8:12]))
+            elif ptype != FXP_STATUS:
+                self._break()
+                return
+            if slot is not None:
+                if self._free and self._free[-1] == slot:
+                    self._free.pop()
+                elif not self._free and slot == self._size:
+                    self._size += 1
+                else:
+                    self._break()
+                    return
+            if slot != assumed:
+                self._rebuild()
+            return
+        slot, closes = entry[1], entry[2]
+        ok = ptype == FXP_STATUS and len(body) >= 8 and int.from_bytes(body[4:8], "big") == FX_OK
+        if ok:
+            if slot is None or not _in_use(slot, self._free, self._size):
+                self._break()  # it closed a handle the table did not know was open
+                return
+            self._free.append(slot)
+        if ok != bool(closes):
+            self._rebuild()
+
+    def forget(self) -> None:
+        """The channel failed mid-request: what the server did is unknown from here."""
+        self._break()
+
+    def _note(self, request_id: int, entry: list[int | None]) -> None:
+        if len(self._unanswered) >= _MAX_UNANSWERED:
+            self._break()  # answers someone else read: the table can no longer follow
+            return
+        self._unanswered[request_id] = entry
+
+    def _break(self) -> None:
+        self.broken = True
+        self._unanswered.clear()
+
+    def _rebuild(self) -> None:
+        """The prediction again: the answered state, then every unanswered request."""
+        free, size = list(self._free), self._size
+        for entry in self._unanswered.values():
+            if entry[0] == FXP_OPEN:
+                slot = self._take(free, size)
+                if slot == size:
+                    size += 1
+                entry[1] = slot
+            else:
+                closed = entry[1]
+                entry[2] = int(closed is not None and _in_use(closed, free, size))
+                if closed is not None and entry[2]:
+                    free.append(closed)
+        self._guess_free, self._guess_size = free, size
+
+    @staticmethod
+    def _take(free: list[int], size: int) -> int:
+        return free.pop() if free else size
+
+
+def _slot_of(handle: bytes) -> int | None:
+    return int.from_bytes(handle, "big") if len(handle) == 4 else None
+
+
+def _in_use(slot: int, free: list[int], size: int) -> bool:
+    return slot < size and slot not in free
+
+
 @dataclass(eq=False)
 class _BorrowedState:
     """What the pipelines borrowed on one channel, one after another, share."""
 
     next_id: int = 0x70000000  # far above paramiko's own request ids
     detached: set[int] = field(default_factory=set)
+    handles: HandleTable | None = None
 
 
 _BORROWED: weakref.WeakKeyDictionary[paramiko.Channel, _BorrowedState] = weakref.WeakKeyDictionary()
@@ -103,6 +240,7 @@ class SftpPipeline:
         timeout: float | None = DEFAULT_TIMEOUT,
         borrowed: bool = False,
         pipelined_init: bool = False,
+        predict_handles: bool = False,
     ) -> None:
         if depth < 1:
             raise ValueError("depth must be at least 1")
@@ -122,6 +260,9 @@ class SftpPipeline:
         self._detached: set[int] = set()  # sent, answer not awaited (see ``detached``)
         self._next_id = 1
         self._shared: _BorrowedState | None = None
+        # Only a pipeline that starts the session knows its handle table is empty.
+        fresh = pipelined_init or not borrowed
+        self._handles = HandleTable() if predict_handles and fresh else None
         if borrowed:
             self._shared = _BORROWED.get(channel)
             if self._shared is None:
@@ -129,6 +270,10 @@ class SftpPipeline:
                 _BORROWED[channel] = self._shared
             self._detached = self._shared.detached
             self._next_id = self._shared.next_id
+            if self._handles is not None:
+                self._shared.handles = self._handles
+            else:
+                self._handles = self._shared.handles
         self._dead: BaseException | None = None
         # pipelined_init: the INIT leaves with the first requests and VERSION is read before
         # their answers (the server handles a session's packets in order), saving a round trip.
@@ -157,7 +302,9 @@ class SftpPipeline:
             max_packet_size=max_packet_size,
             timeout=timeout,  # type: ignore[arg-type]
         )
-        options.setdefault("pipelined_init", openssh_shortcuts.enabled(transport))
+        shortcuts = openssh_shortcuts.enabled(transport)
+        options.setdefault("pipelined_init", shortcuts)
+        options.setdefault("predict_handles", shortcuts)
         try:
             channel.settimeout(timeout)  # type: ignore[arg-type]
             channel.invoke_subsystem("sftp")
@@ -266,6 +413,7 @@ class SftpPipeline:
         if self.borrowed or self._init_due:
             self.channel.settimeout(self.timeout)
         pending = self._pending
+        handles = self._handles
         try:
             while True:
                 out = bytearray()
@@ -288,6 +436,13 @@ class SftpPipeline:
                         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
                         out += HEADER.pack(len(payload) + 5, ptype, request_id)
                         out += payload
+                        if handles is not None and not handles.broken:
+                            if ptype == FXP_CLOSE:
+                                handles.sent_close(request_id, payload)
+                            elif ptype in (FXP_OPEN, FXP_OPENDIR):
+                                guess = handles.sent_open(request_id)
+                                if guess is not None:
+                                    op.predict_handle(guess)
                         if handler is detached:
                             self._note_detached(request_id)
                         else:
@@ -317,6 +472,8 @@ class SftpPipeline:
                     ptype, body = self._read_packet()
                     reader = Reader(body)
                     request_id = reader.u32()
+                    if handles is not None:
+                        handles.answered(request_id, ptype, body)
                     entry = pending.pop(request_id, None)
                     if entry is not None:
                         op, handler = entry
@@ -366,6 +523,8 @@ class SftpPipeline:
             failure = ConnectionError(f"SFTP transfer interrupted ({type(error).__name__})")
         if self._dead is None:
             self._dead = failure
+        if self._handles is not None:
+            self._handles.forget()
         if self.borrowed:
             # The channel lives on: answers still due must not look unknown to a successor.
             self._detached.update(self._pending)
@@ -437,7 +596,9 @@ def _first_round_trip(
     above."""
     if not 0 <= length <= MAX_READ_SIZE:
         raise ValueError(f"prefetch_bytes must be between 0 and {MAX_READ_SIZE}")
-    pipe = SftpPipeline(channel, timeout=timeout, borrowed=True, pipelined_init=True)
+    pipe = SftpPipeline(
+        channel, timeout=timeout, borrowed=True, pipelined_init=True, predict_handles=True
+    )
     resolved: list[tuple[str | None, BaseException | None]] = []
     results: dict[str, bytes | BaseException] = {}
     pieces: dict[str, list[bytes]] = {path: [] for path in prefetch}
@@ -449,9 +610,7 @@ def _first_round_trip(
     stamps: dict[str, tuple[int, int] | BaseException] = {}
     for path in prestat:
 
-        def on_attrs(
-            attrs: Attrs | None, error: BaseException | None, path: str = path
-        ) -> None:
+        def on_attrs(attrs: Attrs | None, error: BaseException | None, path: str = path) -> None:
             stamps[path] = error if error is not None else stamp_of(attrs, path)
 
         full = posixpath.join(root, path) if root else path
@@ -476,6 +635,8 @@ def _first_round_trip(
                 display_path=path,
                 short_read_is_eof=True,
                 predicted_handle=first_handle if index == 0 and length else None,
+                # A no-change check costs its four requests even when a manifest is missing.
+                guess_later=False,
             )
         )
     pipe.run(ops=ops)
