@@ -307,3 +307,32 @@ def test_only_an_openssh_server_gets_the_round_trip_savings() -> None:
     assert speaks_openssh(FakeTransport())  # type: ignore[arg-type]
     FakeTransport.remote_version = "SSH-2.0-dropbear_2022.83"
     assert not speaks_openssh(FakeTransport())  # type: ignore[arg-type]
+
+
+def test_paramiko_starts_without_invoke_and_gets_it_for_a_match_exec(tmp_path: Path) -> None:
+    # A fresh process, as the command is: invoke stays out of paramiko's import, and comes in
+    # when an ssh_config asks for ``Match exec`` (which then works as with plain paramiko).
+    config = tmp_path / "ssh_config"
+    config.write_text("Match exec true\n    Port 2222\nHost *\n    User someone\n")
+    script = f"""
+import sys
+from runicorn.transport.paramiko_import import import_paramiko
+import_paramiko()
+import paramiko
+assert "invoke" not in sys.modules and paramiko.config.invoke is None
+from runicorn.transport.ssh import resolve_host
+plain = resolve_host("lab", config_path=None)
+assert "invoke" not in sys.modules and plain.port == 22
+resolved = resolve_host("lab", config_path={str(config)!r})
+assert resolved.port == 2222 and resolved.username == "someone"
+assert "invoke" in sys.modules
+import invoke
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr

@@ -623,6 +623,9 @@ def _connect(
     as_json: bool,
     compress: bool | None,
 ) -> paramiko.SSHClient:
+    from runicorn.transport.paramiko_import import import_paramiko
+
+    import_paramiko()  # before anything else imports it: without invoke
     import paramiko
 
     from runicorn.transport.ssh import HostKeyError, SshConfigError, connect

@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 
 import paramiko
 
-from runicorn.transport import openssh_shortcuts
+from runicorn.transport import openssh_shortcuts, paramiko_import
 from runicorn.transport.link import (
     CompressionChoice,
     LinkMeasurement,
@@ -161,8 +161,14 @@ def _load_config(config_path: str | os.PathLike[str] | None) -> paramiko.SSHConf
     if not path.is_file():
         return None
     try:
-        return paramiko.SSHConfig.from_path(str(path))
-    except (OSError, paramiko.ConfigParseError) as error:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise SshConfigError(f"cannot read ssh config {path}: {error}") from error
+    if "exec" in text.lower():
+        paramiko_import.allow_match_exec()  # a Match exec may need invoke
+    try:
+        return paramiko.SSHConfig.from_text(text)
+    except paramiko.ConfigParseError as error:
         raise SshConfigError(f"cannot read ssh config {path}: {error}") from error
 
 
