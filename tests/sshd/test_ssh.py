@@ -336,3 +336,40 @@ print("ok")
         [sys.executable, "-c", script], capture_output=True, text=True, check=False
     )
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_first_sftp_session_asks_for_its_subsystem_before_the_channel_is_confirmed(
+    sshd_server: SshServer, tmp_path: Path
+) -> None:
+    from paramiko.common import MSG_CHANNEL_REQUEST
+
+    from runicorn.transport.sftp_pipeline import open_sftp_client
+
+    (tmp_path / "a.txt").write_bytes(b"hello")
+    client = _connect(sshd_server, sshd_server.known_hosts_path)
+    try:
+        transport = client.get_transport()
+        assert transport is not None
+        # For each CHANNEL_REQUEST sent: was its channel confirmed by then?
+        confirmed: list[bool] = []
+        packetizer = transport.packetizer
+        send = packetizer.send_message
+
+        def sending(message: paramiko.Message) -> None:
+            if message.asbytes()[:1] == bytes([MSG_CHANNEL_REQUEST]):
+                newest = max(transport._channels.values(), key=lambda channel: channel.chanid)
+                confirmed.append(bool(newest.active))
+            send(message)
+
+        packetizer.send_message = sending  # type: ignore[method-assign]
+        first = open_sftp_client(transport, root=str(tmp_path), prefetch=["a.txt"], timeout=10)
+        second = open_sftp_client(transport, timeout=10)  # not the first: the plain way
+        try:
+            assert confirmed == [False, True]
+            assert first.prefetched.take(str(tmp_path), "a.txt", 255 * 1024) == b"hello"
+            assert second.stat(str(tmp_path / "a.txt")).st_size == 5
+        finally:
+            first.close()
+            second.close()
+    finally:
+        client.close()

@@ -1,9 +1,10 @@
 """Round trips saved by leaning on paramiko internals and on OpenSSH's behaviour, in one place.
 
-Why: on a 50 ms link a sync that finds nothing new is a handful of round trips, and three of
+Why: on a 50 ms link a sync that finds nothing new is a handful of round trips, and four of
 them can be skipped when the server is OpenSSH -- the SSH authentication request can leave
-behind its service request, the SFTP INIT can leave with the first requests, and the handle
-of a session's first file is known in advance. Each of these needs either paramiko's private
+behind its service request, the subsystem request behind its channel's CHANNEL_OPEN, the
+SFTP INIT with the first requests, and the handle of a session's first file is known in
+advance. Each of these needs either paramiko's private
 methods or a fact about OpenSSH that no standard promises. Everything that does lives here,
 and so do the two hooks the automatic compression choice needs: timing the key exchange's
 round trip, and a re-key that really turns compression off (:class:`ClientTransport`).
@@ -28,9 +29,11 @@ from typing import Any
 
 import paramiko
 from paramiko.auth_handler import AuthHandler
+from paramiko.common import cMSG_CHANNEL_OPEN, cMSG_CHANNEL_REQUEST
 
 __all__ = [
     "ENV_VAR",
+    "OPENSSH_FIRST_CHANNEL",
     "OPENSSH_FIRST_HANDLE",
     "PRIVATE_API",
     "ClientTransport",
@@ -56,6 +59,16 @@ Its handles are the index of a slot in its handle table, as four bytes, the lowe
 first (``handle_new``/``handle_to_string`` in sftp-server.c, unchanged since 2002). Knowing it
 lets the first READ leave with the OPEN; :class:`~.sftp_ops.ReadRangeOp` checks the guess
 against the handle actually returned before it uses a byte."""
+
+
+OPENSSH_FIRST_CHANNEL = 0
+"""The number sshd gives the first channel a client opens on a connection.
+
+OpenSSH numbers a connection's channels by the lowest free slot of its channel table
+(``channel_new`` in channels.c) and opens none of its own unless the client asks for a
+forwarding, so the first session channel is 0. Knowing it lets the subsystem request leave
+with the CHANNEL_OPEN; :meth:`ClientTransport.open_subsystem` checks the number the server
+confirms before the channel is used."""
 
 
 # -- the switch --------------------------------------------------------------------------------
@@ -146,6 +159,42 @@ PRIVATE_API: tuple[PrivateHook, ...] = (
         "PipelinedAuthHandler looks for server-sig-algs in it",
     ),
     PrivateHook("paramiko.Transport", "remote_version", None, "speaks_openssh reads the banner"),
+    *(
+        PrivateHook(
+            "paramiko.Transport",
+            name,
+            parameters,
+            "ClientTransport.open_subsystem does what open_channel does, then sends the "
+            "subsystem request without waiting for the channel's confirmation",
+        )
+        for name, parameters in (
+            ("lock", None),
+            ("_channels", None),
+            ("channel_events", None),
+            ("channels_seen", None),
+            ("channel_timeout", None),
+            ("_next_channel", ()),
+            ("_sanitize_window_size", ("window_size",)),
+            ("_sanitize_packet_size", ("max_packet_size",)),
+            ("_send_user_message", ("data",)),
+        )
+    ),
+    *(
+        PrivateHook(
+            "paramiko.Channel",
+            name,
+            parameters,
+            "ClientTransport.open_subsystem sets the channel up as open_channel and "
+            "invoke_subsystem do, and reads the server's channel number",
+        )
+        for name, parameters in (
+            ("remote_chanid", None),
+            ("_set_transport", ("transport",)),
+            ("_set_window", ("window_size", "max_packet_size")),
+            ("_event_pending", ()),
+            ("_wait_for_event", ()),
+        )
+    ),
     PrivateHook(
         "paramiko.Transport",
         "_negotiate_keys",
@@ -291,6 +340,79 @@ class ClientTransport(paramiko.Transport):
         super()._activate_inbound()  # type: ignore[misc]
         if getattr(self, "remote_compression", None) == "none":  # absent from the stubs
             self.packetizer.set_inbound_compressor(None)  # type: ignore[arg-type]
+
+    def open_subsystem(
+        self,
+        subsystem: str,
+        *,
+        window_size: int | None = None,
+        max_packet_size: int | None = None,
+        timeout: float | None = None,
+    ) -> paramiko.Channel:
+        """A session channel running ``subsystem``: ``open_session`` and
+        ``invoke_subsystem``, in one round trip instead of two when :func:`enabled` and no
+        channel was opened on the connection yet (the request names the server's channel
+        :data:`OPENSSH_FIRST_CHANNEL` before the server has confirmed it)."""
+        if not enabled(self) or self.channels_seen:
+            channel = self.open_session(
+                window_size=window_size, max_packet_size=max_packet_size, timeout=timeout
+            )
+            try:
+                channel.invoke_subsystem(subsystem)
+            except BaseException:
+                channel.close()
+                raise
+            return channel
+        if not self.active:  # type: ignore[attr-defined]
+            raise paramiko.SSHException("SSH session not active")
+        wait = self.channel_timeout if timeout is None else timeout
+        # paramiko's open_channel, up to sending the CHANNEL_OPEN
+        with self.lock:
+            window_size = self._sanitize_window_size(window_size)  # type: ignore[attr-defined]
+            max_packet_size = self._sanitize_packet_size(max_packet_size)  # type: ignore[attr-defined]
+            chanid = self._next_channel()  # type: ignore[attr-defined]
+            opening = paramiko.Message()
+            opening.add_byte(cMSG_CHANNEL_OPEN)
+            opening.add_string("session")
+            opening.add_int(chanid)
+            opening.add_int(window_size)
+            opening.add_int(max_packet_size)
+            channel = paramiko.Channel(chanid)
+            self._channels.put(chanid, channel)  # type: ignore[attr-defined]
+            self.channel_events[chanid] = opened = threading.Event()
+            self.channels_seen[chanid] = True
+            channel._set_transport(self)  # type: ignore[attr-defined]
+            channel._set_window(window_size, max_packet_size)  # type: ignore[attr-defined]
+        # paramiko's invoke_subsystem, addressed to the channel number the server will give
+        request = paramiko.Message()
+        request.add_byte(cMSG_CHANNEL_REQUEST)
+        request.add_int(OPENSSH_FIRST_CHANNEL)
+        request.add_string("subsystem")
+        request.add_boolean(True)
+        request.add_string(subsystem)
+        channel._event_pending()  # type: ignore[attr-defined]
+        self._send_user_message(opening)  # type: ignore[attr-defined]
+        self._send_user_message(request)  # type: ignore[attr-defined]
+        try:
+            deadline = time.monotonic() + wait
+            while not opened.wait(0.1):
+                if not self.active:  # type: ignore[attr-defined]
+                    raise self.get_exception() or paramiko.SSHException("Unable to open channel.")
+                if time.monotonic() > deadline:
+                    raise paramiko.SSHException("Timeout opening channel.")
+            if self._channels.get(chanid) is None:  # type: ignore[attr-defined]  # refused
+                raise self.get_exception() or paramiko.SSHException("Unable to open channel.")
+            if channel.remote_chanid != OPENSSH_FIRST_CHANNEL:
+                raise paramiko.SSHException(
+                    f"the server numbered the first channel {channel.remote_chanid}, not "
+                    f"{OPENSSH_FIRST_CHANNEL} as OpenSSH does; set {ENV_VAR}=0 to connect "
+                    "without the OpenSSH shortcuts"
+                )
+            channel._wait_for_event()  # type: ignore[attr-defined]  # the subsystem's answer
+        except BaseException:
+            channel.close()
+            raise
+        return channel
 
     def auth_publickey(
         self, username: str, key: paramiko.PKey, event: threading.Event | None = None

@@ -560,22 +560,31 @@ def open_sftp_client(
 ) -> paramiko.SFTPClient:
     """An SFTP session on a new channel of ``transport``: a paramiko ``SFTPClient``.
 
-    Plain, that is three round trips: channel open, subsystem request, INIT. OpenSSH's sshd
-    opens a session channel with a zero window until the subsystem runs, so nothing can go
-    along with the request. With ``root`` (relative: to the login directory) and
-    ``prefetch`` (paths relative to it) on an OpenSSH server, the INIT leaves together with
-    a REALPATH of a relative root and the reads of the first ``prefetch_bytes`` of each
-    path -- the first one with its handle guessed
-    (:data:`~.openssh_shortcuts.OPENSSH_FIRST_HANDLE`), so it costs no round trip of its own
-    -- and a STAT of each path of ``prestat`` (their size and mtime, sent before the reads).
+    Plain, that is three round trips: channel open, subsystem request, INIT. On OpenSSH the
+    subsystem request leaves with the channel open on a connection's first channel
+    (:meth:`.openssh_shortcuts.ClientTransport.open_subsystem`); sshd opens a session channel
+    with a zero window until the subsystem runs, so the INIT must wait for that answer. With
+    ``root`` (relative: to the login directory) and ``prefetch`` (paths relative to it) on
+    an OpenSSH server, the INIT leaves together with a REALPATH of a relative root and the
+    reads of the first ``prefetch_bytes`` of each path -- the first one with its handle
+    guessed (:data:`~.openssh_shortcuts.OPENSSH_FIRST_HANDLE`), so it costs no round trip of
+    its own -- and a STAT of each path of ``prestat`` (their size and mtime, sent before the
+    reads).
     The session is then a :class:`~.openssh_shortcuts.PrefetchingSFTPClient`: the whole
-    no-change check of a sync is the third round trip. :func:`.openssh_shortcuts.enabled`
+    no-change check of a sync is the second round trip. :func:`.openssh_shortcuts.enabled`
     decides whether the server gets this; otherwise the session is paramiko's own.
     """
-    channel = transport.open_session(window_size=window_size, timeout=timeout)
+    if isinstance(transport, openssh_shortcuts.ClientTransport):
+        channel = transport.open_subsystem("sftp", window_size=window_size, timeout=timeout)
+    else:
+        channel = transport.open_session(window_size=window_size, timeout=timeout)
+        try:
+            channel.invoke_subsystem("sftp")
+        except BaseException:
+            channel.close()
+            raise
     try:
         channel.settimeout(timeout)
-        channel.invoke_subsystem("sftp")
         if root is None or not openssh_shortcuts.enabled(transport):
             return paramiko.SFTPClient(channel)
         return _first_round_trip(channel, root, prefetch, prefetch_bytes, timeout, prestat)
