@@ -537,3 +537,27 @@ def test_a_linked_directory_is_refused_before_any_read(
     assert "read" not in counts.by_type  # opened with its checks, closed unread
     assert counts.by_type["lstat"] == 5
     remote.close()
+
+
+@pytest.mark.sshd
+def test_a_fetch_over_worker_channels_checks_directories_on_each_channel(
+    sshd_server: SshServer, sftp: paramiko.SFTPClient, lab_root: Path, lab: dict[str, bytes]
+) -> None:
+    # Too many files for the client's own channel (depth 2): worker channels, each sending
+    # the LSTATs above the files it takes ahead of their OPENs, with no round trip of their
+    # own; the file under a linked directory is refused unread on whichever channel takes it.
+    remote = SftpRemote(sftp, str(lab_root), depth=2, stream=False)
+    paths = [path for path in lab if path.endswith(("meta.json", "events.jsonl"))]
+    pairs = [collecting_job(path, 0, len(lab[path])) for path in paths]
+    linked, linked_buffer = collecting_job("p/e/runs/r0/link-to-dir/meta.json", 0, 300)
+    sshd_server.reset_request_counts()
+    results = fetch_all(remote, [linked, *(job for job, _ in pairs)], workers=3)
+    error = results[id(linked)].error
+    assert isinstance(error, OSError) and "symbolic link" in str(error)
+    assert not linked_buffer
+    assert [bytes(buffer) for _, buffer in pairs] == [lab[path] for path in paths]
+    remote.close()
+    counts = sshd_server.sftp_request_count(wait_for_close=True)
+    assert counts.sessions == 3
+    # Each directory is asked at least once, at most once per channel.
+    assert 5 <= counts.by_type["lstat"] <= 3 * 9

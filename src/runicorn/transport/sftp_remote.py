@@ -7,6 +7,7 @@ with many requests in flight (see :mod:`.remote` for the threading contract of `
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -466,42 +467,47 @@ class SftpRemote:
                 pipes = [pipe for pipe in self._pipes if pipe.alive][: max(1, workers)]
         else:
             pipes = self._open_pipes(max(1, workers))
-        gate: _DirectoryGate | None = None
-        refused: set[str] = set()
+        shared_gate = None
         if len(pipes) <= 1:
-            # One channel answers in order: the LSTATs go ahead of the OPENs in one flight,
-            # and each file is read only once the directories above it passed.
-            gate = _DirectoryGate(self.root, _directories_above(run.jobs))
-        else:
-            refused = self._linked_directories(pipes, run.jobs)
+            shared_gate = _DirectoryGate(self.root, _directories_above(run.jobs))
 
         def make_feed() -> Callable[[], Operation | None]:
+            # One channel answers in order: the LSTATs of the directories above a file go
+            # out on the file's own channel ahead of its OPEN (all of them first when there
+            # is one channel; on several, each channel checks the directories of the files
+            # it takes, as it takes them), and a file is read only once they passed.
+            gate = shared_gate if shared_gate is not None else _DirectoryGate(self.root, set())
+            queued: collections.deque[Operation] = collections.deque()
+
             def feed() -> Operation | None:
-                if gate is not None:
-                    check = gate.next_op()
-                    if check is not None:
-                        return check
+                if queued:
+                    return queued.popleft()
+                check = gate.next_op()
+                if check is not None:
+                    return check
                 while True:
                     index = run.take()
                     if index is None:
                         return None
                     job = run.jobs[index]
                     try:
-                        if refused:
-                            _refuse_under(refused, job.path)
                         full = self._full(job.path)
-                        return ReadRangeOp(
-                            full,
-                            job.offset,
-                            job.length,
-                            self.read_size,
-                            functools.partial(run.data, index),
-                            functools.partial(run.done, index),
-                            should_abort=functools.partial(run.abandoned, index),
-                            display_path=job.path,
-                            detach_close=True,
-                            check=None if gate is None else functools.partial(gate.check, job.path),
+                        queued.extend(gate.ops_for(job.path))
+                        queued.append(
+                            ReadRangeOp(
+                                full,
+                                job.offset,
+                                job.length,
+                                self.read_size,
+                                functools.partial(run.data, index),
+                                functools.partial(run.done, index),
+                                should_abort=functools.partial(run.abandoned, index),
+                                display_path=job.path,
+                                detach_close=True,
+                                check=functools.partial(gate.check, job.path),
+                            )
                         )
+                        return queued.popleft()
                     except (ValueError, OSError) as error:
                         run.done(index, error, 0)
 
@@ -822,7 +828,8 @@ def _directories_above(jobs: list[FetchJob]) -> set[str]:
 
 class _DirectoryGate:
     """The directory checks of :meth:`SftpRemote._linked_directories` on the fetch's own
-    channel: the LSTATs are fed first, so they travel with the first OPENs, and a file's
+    channel: the LSTATs are fed ahead of the OPENs they guard (all at the start, or those
+    above each file as it is taken), so they travel with the first OPENs, and a file's
     :meth:`check` (asked when its OPEN is answered, and so after every LSTAT sent before
     it, as the server answers in order) refuses it when a directory above it is not a
     plain directory. A file whose directory was not answered yet is refused too, though an
@@ -831,6 +838,7 @@ class _DirectoryGate:
     def __init__(self, root: str, directories: set[str]) -> None:
         self._root = root
         self._pending = sorted(directories, reverse=True)
+        self._asked: set[str] = set(directories)
         self._answered: set[str] = set()
         self._refused: set[str] = set()
 
@@ -838,7 +846,26 @@ class _DirectoryGate:
         """The next LSTAT to send, or ``None`` once all are sent."""
         if not self._pending:
             return None
-        path = self._pending.pop()
+        return self._op(self._pending.pop())
+
+    def ops_for(self, path: str) -> list[LstatOp]:
+        """LSTATs of the directories above ``path`` not asked on this channel yet (none
+        for a path of a directory given at the start: those go first, from :meth:`next_op`)."""
+        try:
+            relative = relative_path(path)
+        except ValueError:
+            return []  # the file's own operation reports it
+        ops: list[LstatOp] = []
+        end = relative.find("/")
+        while end > 0:
+            directory = relative[:end]
+            if directory not in self._asked:
+                self._asked.add(directory)
+                ops.append(self._op(directory))
+            end = relative.find("/", end + 1)
+        return ops
+
+    def _op(self, path: str) -> LstatOp:
         return LstatOp(
             posixpath.join(self._root, path),
             functools.partial(self._record, path),
