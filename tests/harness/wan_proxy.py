@@ -32,7 +32,7 @@ import socket
 import struct
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Literal, TypeVar
 
@@ -389,6 +389,19 @@ class WanProxy:
         self._bytes = {"down": 0, "up": 0}
         self._connections_total = 0
         self._cuts = 0
+
+    @contextlib.contextmanager
+    def unthrottled(self) -> Iterator[None]:
+        """No delay and no cap while inside: connections made meanwhile reach the same port
+        (so a client takes the server for the same one), at loopback speed."""
+        saved = [(link, link.delay_s, link.bandwidth_bps) for link in self._links.values()]
+        for link, _, _ in saved:
+            link.delay_s, link.bandwidth_bps = 0.0, None
+        try:
+            yield
+        finally:
+            for link, delay, bandwidth in saved:
+                link.delay_s, link.bandwidth_bps = delay, bandwidth
 
     # ----------------------------------------------------------------------------------- life
     def start(self) -> WanProxy:
