@@ -27,7 +27,7 @@ from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
 from runicorn.sync.client import ManifestSyncClient
-from runicorn.transport import file_stream
+from runicorn.transport import file_stream, openssh_shortcuts
 from runicorn.transport import ssh as ssh_module
 from runicorn.transport.remote import FetchJob, FetchResult
 from runicorn.transport.sftp_remote import SftpRemote
@@ -253,6 +253,33 @@ def test_zstd_and_zlib_streams_give_byte_identical_caches(
     assert_cache_equals_server(lab.root, cache)
     # The client without zstd asks for zlib, and the server (which has zstd) honours it.
     assert codecs == ["zstd" if case == "zstd" else "zlib"]
+
+
+@pytest.mark.parametrize("shortcuts", ["1", "0"])
+def test_the_stream_starts_with_and_without_the_early_exec(
+    lab: LabInfo,
+    sshd_server: SshServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    shortcuts: str,
+) -> None:
+    """The requests leave right behind the exec request (OpenSSH shortcuts on), or after
+    sshd accepted it (paramiko's exec_command): the same cache either way."""
+    monkeypatch.setenv(openssh_shortcuts.ENV_VAR, shortcuts)
+    execs: list[str] = []
+    exec_command = paramiko.Channel.exec_command
+
+    def record_exec(channel: paramiko.Channel, command: str) -> None:
+        execs.append(command)
+        exec_command(channel, command)
+
+    monkeypatch.setattr(paramiko.Channel, "exec_command", record_exec)
+    cache = tmp_path / "cache"
+    report = _sync(sshd_server, lab, cache, tmp_path, "--compress", "--stream")
+    assert_cache_equals_server(lab.root, cache)
+    # Without the shortcuts compression stays with SSH (no clean re-key), the stream runs.
+    assert report["compression"]["carrier"] == ("stream" if shortcuts == "1" else "ssh")
+    assert len(execs) == (1 if shortcuts == "0" else 0)
 
 
 @pytest.fixture

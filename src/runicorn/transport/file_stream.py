@@ -52,6 +52,7 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from runicorn.transport import openssh_shortcuts
 from runicorn.transport.remote import ShrunkError, relative_path
 
 if TYPE_CHECKING:
@@ -99,6 +100,12 @@ MAX_OUTSTANDING = 1024
 MAX_OUTSTANDING_BYTES = 256 * 1024
 """Request bytes sent and not yet answered: far below the server channel's window, so the
 client's writes never wait on a server that is itself waiting for the client to read."""
+REFILL_AT = MAX_OUTSTANDING // 2
+"""Requests still unanswered when the client sends the next batch: one batch of hundreds of
+requests is one SSH packet and one wake-up of the server program, where a request sent as
+each answer completes is a packet (encrypted, sent, decrypted, piped) per file. Half the
+queue is still tens of megabytes of small files in flight, far more than a link holds."""
+REFILL_AT_BYTES = MAX_OUTSTANDING_BYTES // 2
 
 _REQUEST = struct.Struct("!IQQI")
 _BLOCK = struct.Struct("!BI")
@@ -578,14 +585,15 @@ class FileStream:
             channel = self._transport.open_session(
                 window_size=self._window_size, timeout=self.timeout
             )
-            channel.exec_command(
+            openssh_shortcuts.exec_early(
+                channel,
                 stream_command(
                     self.root,
                     self.level,
                     python=self.python,
                     zstd_level=self.zstd_level,
                     find_runicorn=self.find_runicorn,
-                )
+                ),
             )
         except Exception as error:
             raise StreamUnavailable(
@@ -728,7 +736,12 @@ class FileStream:
                     raise StreamProtocolError(f"a record of unknown kind {kind}")
                 pending.popleft()
                 state["sent_bytes"] -= head.size
-                top_up()
+                if (
+                    not state["exhausted"]
+                    and len(pending) <= REFILL_AT
+                    and state["sent_bytes"] <= REFILL_AT_BYTES
+                ):
+                    top_up()
         except StreamProtocolError as error:
             self.close()
             error.unfinished = self._fail_head(run, pending, error)

@@ -43,6 +43,7 @@ __all__ = [
     "PrivateHook",
     "enabled",
     "environment_allows",
+    "exec_early",
     "speaks_openssh",
     "transport_class",
 ]
@@ -197,6 +198,24 @@ PRIVATE_API: tuple[PrivateHook, ...] = (
     ),
     PrivateHook(
         "paramiko.Transport",
+        "_send_user_message",
+        ("data",),
+        "exec_early sends the exec request through it, as Channel.exec_command does",
+    ),
+    PrivateHook(
+        "paramiko.Channel",
+        "_event_pending",
+        (),
+        "exec_early arms the channel's event for the exec reply it does not wait for",
+    ),
+    PrivateHook(
+        "paramiko.Channel",
+        "remote_chanid",
+        None,
+        "exec_early addresses the exec request to the server's end of the channel",
+    ),
+    PrivateHook(
+        "paramiko.Transport",
         "_negotiate_keys",
         ("m",),
         "ClientTransport overrides it to time the key-exchange round trip from its end",
@@ -235,6 +254,30 @@ PRIVATE_API: tuple[PrivateHook, ...] = (
     ),
 )
 """Checked by ``tests/sshd/test_paramiko_hooks.py`` against the installed paramiko."""
+
+
+# -- a command's input in the same flight as its start ---------------------------------------
+
+
+def exec_early(channel: paramiko.Channel, command: str) -> None:
+    """Start ``command`` on ``channel`` without waiting for the server's answer.
+
+    paramiko's ``exec_command`` waits a round trip for the server to accept the request before
+    the command's input can be sent. sshd handles a channel's packets in order and has the
+    command's stdin open once it accepts, so input sent right behind the request reaches the
+    command; a refusal closes the channel (paramiko's handling of the failure), which the
+    reader sees as an end before any output. With the shortcuts off: ``exec_command``."""
+    if not enabled(channel.get_transport()):
+        channel.exec_command(command)
+        return
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    message.add_int(channel.remote_chanid)
+    message.add_string("exec")
+    message.add_boolean(True)
+    message.add_string(command)
+    channel._event_pending()  # type: ignore[attr-defined]
+    channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
 
 
 # -- SSH authentication in one round trip less ------------------------------------------------
