@@ -191,3 +191,57 @@ def test_a_generator_keeping_its_tree_keeps_the_same_promise(lab: Path, make_gen
     # a one-shot generation beside it shares the journal and agrees
     other, _ = make_generator(lab).generate(ManifestType.ACTIVE)
     assert _ids(other) == ["20231201_000000_000009"]
+
+
+def _sig(count: int, ctime: int) -> journal.Signature:
+    return (count, count * ctime, ctime)
+
+
+def test_an_observation_of_reported_runs_marks_exactly_those_that_changed(tmp_path: Path):
+    """A publisher's tree reports the runs it rebuilt: the journal compares only those, and
+    marks exactly the ones whose signature moved, as comparing every run would."""
+    runs = {f"p/e/runs/r{i}/": (f"r{i}", _sig(3, 1_000 + i)) for i in range(6)}
+
+    def every() -> list[tuple[str, str, journal.Signature]]:
+        return [(prefix, run_id, sig) for prefix, (run_id, sig) in runs.items()]
+
+    incremental = journal.ChangeJournal(tmp_path / "a")
+    compared = journal.ChangeJournal(tmp_path / "b")
+    for directory in ("a", "b"):
+        (tmp_path / directory).mkdir()
+    for one in (incremental, compared):
+        first = one.observe(every(), {}, 10**12)
+        one.record_full(journal.FullRecord("full-1", 1, first.seq, 100.0), horizon=0.0)
+    written = incremental.path.stat().st_mtime_ns, incremental.path.stat().st_ino
+
+    # r1 appended to, r2 rebuilt but its signature unchanged, r6 new
+    runs["p/e/runs/r1/"] = ("r1", _sig(3, 5_000))
+    runs["p/e/runs/r6/"] = ("r6", _sig(1, 5_000))
+    reported = [(p, *runs[p]) for p in ("p/e/runs/r1/", "p/e/runs/r2/", "p/e/runs/r6/")]
+    seen = incremental.observe(lambda: [], {}, 2 * 10**12, reported=reported, run_count=7)
+    assert seen.changed == {"p/e/runs/r1/": seen.seq, "p/e/runs/r6/": seen.seq}
+    assert seen.changed == compared.observe(every(), {}, 2 * 10**12).changed
+    # not written until the next full manifest is recorded
+    assert (incremental.path.stat().st_mtime_ns, incremental.path.stat().st_ino) == written
+
+    # nothing reported, nothing moved: the same number, nothing new
+    again = incremental.observe(lambda: [], {}, 3 * 10**12, reported=[], run_count=7)
+    assert (again.seq, again.changed) == (seen.seq, seen.changed)
+
+    # a removed run shows in the count: every run is compared
+    del runs["p/e/runs/r4/"]
+    after = incremental.observe(every, {}, 4 * 10**12, reported=[], run_count=6)
+    assert after.changed == compared.observe(every(), {}, 4 * 10**12).changed
+    assert after.seq == seen.seq + 1
+
+    # tags edited: compared for every run as well
+    tags = {"r3": ["best"]}
+    tagged = incremental.observe(every, tags, 5 * 10**12, reported=[], run_count=6)
+    assert tagged.changed["p/e/runs/r3/"] == tagged.seq
+    assert tagged.changed == compared.observe(every(), tags, 5 * 10**12).changed
+
+    # the file written at the next full manifest holds what the observations saw
+    incremental.record_full(journal.FullRecord("full-2", 2, tagged.seq, 200.0), horizon=0.0)
+    fresh = orjson.loads(incremental.path.read_bytes())
+    assert fresh["seq"] == tagged.seq
+    assert fresh["runs"]["p/e/runs/r1/"][4] == seen.seq

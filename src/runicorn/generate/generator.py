@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,7 @@ from runicorn.generate.journal import (
     ChangeJournal,
     FullRecord,
     Observation,
+    RunsSource,
     Signature,
     signature,
     signatures_of,
@@ -368,8 +369,11 @@ class ManifestGenerator:
         read = RUN_METADATA if disk_memo is not None and not disk_memo.runs else ()
         refresh = self._refresh_tree(tree, read, report)
         signatures = self._tree_signatures
+        rebuilt: list[RunKey] = []
         for run, _digest in refresh.dirty:
-            signatures[run[0], run[1], run[2]] = signature(run[3])
+            key = (run[0], run[1], run[2])
+            signatures[key] = signature(run[3])
+            rebuilt.append(key)
         unlisted = {path for path, _ in report.problems}
         tags = self._read_tags(report)
         self._rebuild_dirty_runs(tree, refresh, disk_memo, unlisted, report)
@@ -382,14 +386,21 @@ class ManifestGenerator:
         if len(signatures) > len(tree.runs):
             self._tree_signatures = signatures = {key: signatures[key] for key in tree.runs}
         journal = ChangeJournal(output.parent)
+        runs = tree.runs
         observation = self._observe(
             journal,
-            (
+            lambda: (
                 (layout.run_prefix(*key), key[2], signatures.get(key, _UNKNOWN_SIGNATURE))
-                for key in tree.runs
+                for key in runs
             ),
             tags,
             refresh.scan_started_ns,
+            reported=[
+                (layout.run_prefix(*key), key[2], signatures.get(key, _UNKNOWN_SIGNATURE))
+                for key in rebuilt
+                if key in runs
+            ],
+            run_count=len(runs),
         )
         changes_since, changed = self._changes_since(observation, now)
         next_state = self._tree_state(tree, state_path, refresh)
@@ -745,14 +756,19 @@ class ManifestGenerator:
     @staticmethod
     def _observe(
         journal: ChangeJournal,
-        runs: Iterable[tuple[str, str, Signature]],
+        runs: RunsSource,
         tags: dict[str, list[str]],
         started_ns: int,
+        *,
+        reported: list[tuple[str, str, Signature]] | None = None,
+        run_count: int | None = None,
     ) -> Observation | None:
         """This scan, told to the change journal; ``None`` (logged) when the journal cannot
-        be written: clients then lose their shortcut for a while, not the manifest."""
+        be written: clients then lose their shortcut for a while, not the manifest.
+        ``reported``: the runs rebuilt since the previous generation (see
+        :meth:`ChangeJournal.observe`)."""
         try:
-            return journal.observe(runs, tags, started_ns)
+            return journal.observe(runs, tags, started_ns, reported=reported, run_count=run_count)
         except OSError as error:
             logger.warning("cannot update the change journal %s: %s", journal.path, error)
             return None

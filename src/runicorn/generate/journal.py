@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -75,7 +75,9 @@ class Observation:
 
     seq: int
     changed: dict[str, int]
-    """Per run prefix, the number of the last observation that saw the run change."""
+    """Per run prefix, the number of the last observation that saw the run change, for
+    the runs changed after the oldest full manifest recorded (the others are listed for
+    no full manifest)."""
     fulls: tuple[FullRecord, ...]
     """The full manifests recorded so far, oldest first."""
 
@@ -117,10 +119,41 @@ def signatures_of(runs: list[RunScan]) -> Iterator[tuple[str, str, Signature]]:
         yield run_prefix(project, name, run_id), run_id, signature(files)
 
 
-_LAST_WRITTEN: dict[str, tuple[tuple[str, int, int, int], dict[str, Any]]] = {}
-"""Per journal path, the document this process last wrote and the file's identity then: a
-long-running publisher does not decode its own 8 MB again (100,000 runs) while the file is
-the one it wrote. Another writer's replacement has another inode."""
+RunSignature = tuple[str, str, Signature]
+"""``(prefix, run_id, signature)`` of one run."""
+RunsSource = Iterable[RunSignature] | Callable[[], Iterable[RunSignature]]
+"""Every run of the tree as ``(prefix, run_id, signature)``, or a callable returning them (so
+that an observation which needs only the reported runs never builds the whole list)."""
+
+
+@dataclass(slots=True)
+class _Memory:
+    """What this process knows of one journal file: its document as last loaded or written
+    (newer than the file after observations that were not written, see
+    :meth:`ChangeJournal.observe`), and what is derived from it to keep an observation
+    proportional to what changed."""
+
+    identity: tuple[int, int, int] | None
+    """The file's (inode, mtime, size) when the document last matched it; another writer's
+    replacement has another identity, and the file is then read again."""
+    doc: dict[str, Any]
+    recent: dict[str, int]
+    """Per run prefix, the number of the observation that saw it change, for the runs
+    changed after the oldest full manifest recorded (the only ones ``changes_since`` can
+    list)."""
+    racy: set[str]
+    """Runs whose newest ``ctime`` was within the margin of the last observation's scan:
+    they count as changed again while they stay so."""
+    tags: dict[str, list[str]] | None
+    """The tags the last observation saw (``None``: not known, compare every run)."""
+    complete: bool
+    """Whether the runs of the document are exactly the runs of the tree as the last
+    observation reported it (the base an observation of reported runs builds on)."""
+
+
+_MEMORY: dict[str, _Memory] = {}
+"""Per journal path: a long-running publisher does not decode its own 8 MB again (100,000
+runs) while the file is the one it wrote, nor compare every run at every observation."""
 
 
 class ChangeJournal:
@@ -132,58 +165,109 @@ class ChangeJournal:
 
     def observe(
         self,
-        runs: Iterable[tuple[str, str, Signature]],
+        runs: RunsSource,
         tags: dict[str, list[str]],
         scan_started_ns: int,
+        *,
+        reported: Iterable[RunSignature] | None = None,
+        run_count: int | None = None,
     ) -> Observation:
         """Number this scan and mark the runs it finds changed since the previous one.
 
         ``runs``: every run of the tree as ``(prefix, run_id, signature)``
-        (:func:`signature`), the runs left out of the manifest included."""
+        (:func:`signature`), the runs left out of the manifest included.
+
+        A caller that knows which runs may have changed since its previous observation
+        (a tree told by inotify or a poll) names them in ``reported``, and ``run_count``
+        the runs of the tree now: when this process made the previous observation of the
+        same journal and the tags are as it saw them, only the reported runs (and those
+        still within the margin) are compared, and the journal is written at the next
+        full manifest recorded, not now. A run removed shows in the count and makes it
+        compare every run, as does anything else it cannot vouch for."""
         with exclusive_lock(self._lock):
-            doc = self._load()
+            memory = self._memory()
+            doc = memory.doc
             seq = doc["seq"] + 1
-            known: dict[str, list[Any]] = doc["runs"]
             settled_before = min(doc["scan_started_ns"] or scan_started_ns, scan_started_ns)
             settled_before -= REUSE_MARGIN_NS
-            current: dict[str, list[Any]] = {}
-            moved = False
-            for prefix, run_id, (count, ctimes, newest) in runs:
-                run_tags = tags.get(run_id)
-                before = known.get(prefix)
-                # [count, ctime sum, newest ctime, tags, number of the observation]
-                if (
-                    before is None
-                    or before[0] != count
-                    or before[1] != ctimes
-                    or before[3] != run_tags
-                    or newest >= settled_before
-                ):
-                    current[prefix] = [count, ctimes, newest, run_tags, seq]
-                    moved = True
+            moved: dict[str, list[Any]] | None = None
+            if reported is not None and memory.complete and memory.tags == tags:
+                moved = _moved_among(reported, memory, tags, seq, settled_before, run_count)
+            if moved is not None:
+                if moved:
+                    known: dict[str, list[Any]] = doc["runs"]
+                    known.update(moved)
+                    doc.update(seq=seq, scan_started_ns=scan_started_ns)
+                    memory.recent.update((prefix, seq) for prefix in moved)
+                    memory.racy = {
+                        prefix
+                        for prefix in memory.racy.union(moved)
+                        if known[prefix][2] >= settled_before
+                    }
                 else:
-                    current[prefix] = before
-            moved = moved or len(current) != len(known)
-            if not moved:  # the tree as the previous observation saw it
-                seq -= 1
+                    seq -= 1
             else:
-                doc.update(seq=seq, scan_started_ns=scan_started_ns, runs=current)
-                self._save(doc)
+                seq = self._observe_all(memory, runs, tags, seq, settled_before, scan_started_ns)
+            memory.tags = dict(tags)
+            memory.complete = True
             return Observation(
                 seq=seq,
-                changed={prefix: entry[4] for prefix, entry in current.items()},
+                changed=dict(memory.recent),
                 fulls=tuple(FullRecord(*full) for full in doc["fulls"]),
             )
 
+    def _observe_all(
+        self,
+        memory: _Memory,
+        runs: RunsSource,
+        tags: dict[str, list[str]],
+        seq: int,
+        settled_before: int,
+        scan_started_ns: int,
+    ) -> int:
+        """Compare every run (see :meth:`observe`); written at once when anything moved."""
+        doc = memory.doc
+        known: dict[str, list[Any]] = doc["runs"]
+        current: dict[str, list[Any]] = {}
+        racy: set[str] = set()
+        moved = False
+        for prefix, run_id, (count, ctimes, newest) in runs() if callable(runs) else runs:
+            run_tags = tags.get(run_id)
+            before = known.get(prefix)
+            # [count, ctime sum, newest ctime, tags, number of the observation]
+            if (
+                before is None
+                or before[0] != count
+                or before[1] != ctimes
+                or before[3] != run_tags
+                or newest >= settled_before
+            ):
+                current[prefix] = [count, ctimes, newest, run_tags, seq]
+                moved = True
+            else:
+                current[prefix] = before
+            if newest >= settled_before:
+                racy.add(prefix)
+        moved = moved or len(current) != len(known)
+        memory.racy = racy
+        if not moved:  # the tree as the previous observation saw it
+            return seq - 1
+        doc.update(seq=seq, scan_started_ns=scan_started_ns, runs=current)
+        memory.recent = _recent(doc)
+        self._save(memory)
+        return seq
+
     def record_full(self, full: FullRecord, horizon: float) -> None:
         """Remember that ``full`` is the published full manifest; records older than
-        ``horizon`` (but the newest two) are pruned.
+        ``horizon`` (but the newest two) are pruned. The journal is written here, with
+        every observation made since it was last written.
 
         A full manifest someone else publishes in between is never recorded: a client
         that applied it finds its snapshot in no ``changes_since`` and reads the full
         manifest, while the records kept stay true (the observations saw every change)."""
         with exclusive_lock(self._lock):
-            doc = self._load()
+            memory = self._memory()
+            doc = memory.doc
             fulls = [FullRecord(*entry) for entry in doc["fulls"]]
             if fulls and fulls[-1].snapshot_id == full.snapshot_id:
                 return
@@ -194,28 +278,38 @@ class ChangeJournal:
                 [entry.snapshot_id, entry.revision, entry.seq, entry.generated_at]
                 for entry in fulls
             ]
-            self._save(doc)
+            memory.recent = _recent(doc)
+            self._save(memory)
 
-    def _load(self) -> dict[str, Any]:
-        empty: dict[str, Any] = {
-            "journal_version": JOURNAL_VERSION,
-            "seq": 0,
-            "scan_started_ns": 0,
-            "runs": {},
-            "fulls": [],
-        }
+    def _memory(self) -> _Memory:
+        """This process's memory of the journal, read afresh when the file is not the one
+        it last read or wrote."""
+        key = str(self.path)
         try:
             stat = self.path.stat()
-            identity = (str(self.path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            cached = _LAST_WRITTEN.get(str(self.path))
-            if cached is not None and cached[0] == identity:
-                return dict(cached[1])  # what this process wrote last, still in place
+        except FileNotFoundError:
+            identity = None
+        except OSError as error:
+            logger.warning("change journal %s unusable (%s); starting afresh", self.path, error)
+            identity = None
+        else:
+            identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        memory = _MEMORY.get(key)
+        if memory is not None and memory.identity == identity:
+            return memory
+        doc = self._load() if identity is not None else _empty()
+        memory = _Memory(identity, doc, _recent(doc), set(), None, complete=False)
+        _MEMORY[key] = memory
+        return memory
+
+    def _load(self) -> dict[str, Any]:
+        try:
             doc = orjson.loads(self.path.read_bytes())
         except FileNotFoundError:
-            return empty
+            return _empty()
         except (OSError, orjson.JSONDecodeError) as error:
             logger.warning("change journal %s unusable (%s); starting afresh", self.path, error)
-            return empty
+            return _empty()
         try:
             if doc["journal_version"] != JOURNAL_VERSION:
                 raise ValueError(f"unknown version {doc['journal_version']!r}")
@@ -228,16 +322,15 @@ class ChangeJournal:
             }
         except (KeyError, TypeError, ValueError) as error:
             logger.warning("change journal %s is corrupt (%s); starting afresh", self.path, error)
-            return empty
+            return _empty()
         return checked
 
-    def _save(self, doc: dict[str, Any]) -> None:
+    def _save(self, memory: _Memory) -> None:
         self._remove_leftovers()
-        _LAST_WRITTEN.pop(str(self.path), None)
-        write_atomically(self.path, orjson.dumps(doc), durable=False)
+        memory.identity = None  # (a failed write leaves the file unknown)
+        write_atomically(self.path, orjson.dumps(memory.doc), durable=False)
         stat = self.path.stat()
-        identity = (str(self.path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        _LAST_WRITTEN[str(self.path)] = (identity, doc)
+        memory.identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
     def _remove_leftovers(self) -> None:
         """Temp files of a journal write that was killed (we hold the lock: none is live)."""
@@ -247,3 +340,57 @@ class ChangeJournal:
                 if entry.name.startswith(prefix):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
+
+
+def _moved_among(
+    reported: Iterable[RunSignature],
+    memory: _Memory,
+    tags: dict[str, list[str]],
+    seq: int,
+    settled_before: int,
+    run_count: int | None,
+) -> dict[str, list[Any]] | None:
+    """The entries of the reported runs (and of the racy ones) that moved, numbered
+    ``seq``; ``None`` when the runs of the tree are not the journal's plus the new ones
+    (a run was removed): then every run is compared."""
+    known: dict[str, list[Any]] = memory.doc["runs"]
+    moved: dict[str, list[Any]] = {}
+    added = 0
+    for prefix, run_id, (count, ctimes, newest) in reported:
+        run_tags = tags.get(run_id)
+        before = known.get(prefix)
+        if before is None:
+            added += 1
+        if (
+            before is None
+            or before[0] != count
+            or before[1] != ctimes
+            or before[3] != run_tags
+            or newest >= settled_before
+        ):
+            moved[prefix] = [count, ctimes, newest, run_tags, seq]
+    if run_count is None or len(known) + added != run_count:
+        return None
+    for prefix in memory.racy:
+        entry = known.get(prefix)
+        if prefix not in moved and entry is not None and entry[2] >= settled_before:
+            moved[prefix] = [*entry[:4], seq]
+    return moved
+
+
+def _recent(doc: dict[str, Any]) -> dict[str, int]:
+    """The runs changed after the oldest full manifest recorded (none without one)."""
+    if not doc["fulls"]:
+        return {}
+    floor = min(int(full[2]) for full in doc["fulls"])
+    return {prefix: entry[4] for prefix, entry in doc["runs"].items() if entry[4] > floor}
+
+
+def _empty() -> dict[str, Any]:
+    return {
+        "journal_version": JOURNAL_VERSION,
+        "seq": 0,
+        "scan_started_ns": 0,
+        "runs": {},
+        "fulls": [],
+    }
