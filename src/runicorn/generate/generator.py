@@ -39,6 +39,7 @@ from runicorn.core.memo import FileMemo, StatKey
 from runicorn.core.scan import POLICY_REASONS, FileStat, Problem, RunScan, ScanResult
 from runicorn.format import layout, names
 from runicorn.format.compression import compress
+from runicorn.format.delta import delta_filename, write_delta
 from runicorn.format.models import (
     ExperimentEntry,
     FileEntry,
@@ -120,6 +121,19 @@ NFS: the server's clock), so "older than the scan" needs slack to mean it.
 """
 
 
+@dataclass
+class _ActiveSelection:
+    """The runs the last active manifest from the tree listed, and what it was weighed
+    against; ``rebuilt`` gathers the runs rebuilt since, by any generation."""
+
+    listed: set[RunKey]
+    rebuilt: set[RunKey]
+    unlisted: set[str]
+    changed: set[str]
+
+
+_ListedRun = tuple[bytes, list[str] | None, RunState]
+"""A run an active manifest from the tree lists: its encoded entry, its tags, its state."""
 _UNKNOWN_SIGNATURE: Signature = (-1, 0, 2**62)
 """For a run whose records this process has not seen: counts as changed."""
 
@@ -196,6 +210,13 @@ class ManifestGenerator:
         self.hostname = hostname or socket.gethostname()
         self.last_report: GenerationReport | None = None
         self.tree: LiveTree | None = None
+        self._active_selection: _ActiveSelection | None = None
+        """What the last active manifest from the tree weighed (:meth:`_active_candidates`)."""
+        self._tags_read: tuple[bytes, dict[str, list[str]]] | None = None
+        """The tags file's content when last read, and the tags it held."""
+        self._active_published: tuple[int, str, dict[RunKey, _ListedRun]] | None = None
+        """The active manifest this generator published last (revision, snapshot, the runs
+        it listed), the base of the next one's delta."""
         self._tree_signatures: dict[RunKey, Signature] = {}
         """Per run of the live tree, its signature for the change journal, kept from the
         scan that last rebuilt it (the tree keeps no records)."""
@@ -374,6 +395,10 @@ class ManifestGenerator:
             key = (run[0], run[1], run[2])
             signatures[key] = signature(run[3])
             rebuilt.append(key)
+        if self._active_selection is not None:
+            self._active_selection.rebuilt.update(rebuilt)
+            if refresh.full_walk:
+                self._active_selection = None  # (cheap next to the walk)
         unlisted = {path for path, _ in report.problems}
         tags = self._read_tags(report)
         self._rebuild_dirty_runs(tree, refresh, disk_memo, unlisted, report)
@@ -404,9 +429,14 @@ class ManifestGenerator:
         )
         changes_since, changed = self._changes_since(observation, now)
         next_state = self._tree_state(tree, state_path, refresh)
+        listed: dict[RunKey, _ListedRun] = {}
+        if manifest_type is ManifestType.ACTIVE:
+            kept = self._active_candidates(kept, unlisted, changed)
         manifest, experiments_json = self._assemble(
-            manifest_type, kept, unlisted, tags, changed, next_state, now
+            manifest_type, kept, unlisted, tags, changed, next_state, now, listed
         )
+        if manifest_type is ManifestType.ACTIVE:
+            self._active_selection = _ActiveSelection(set(listed), set(), unlisted, changed)
         manifest.problems = manifest_problems(report.problems)
         if manifest_type is ManifestType.ACTIVE and changes_since:
             manifest.changes_since = changes_since
@@ -414,6 +444,8 @@ class ManifestGenerator:
         memos: bytes | None = None
         if self._decide_revision(manifest, digest, previous, output, report):
             memos = self._publish(manifest, experiments_json, next_state, output, report)
+            if manifest_type is ManifestType.ACTIVE:
+                self._publish_delta(manifest, listed, output)
         if manifest_type is ManifestType.FULL and observation is not None:
             self._record_full(journal, manifest, observation.seq, now)
         self._save_state(next_state, manifest, digest, previous, state_path, memos, report)
@@ -431,9 +463,11 @@ class ManifestGenerator:
         changed: set[str],
         next_state: GeneratorState,
         now: float,
+        listed: dict[RunKey, _ListedRun] | None = None,
     ) -> tuple[SyncManifest, bytes]:
         """What :meth:`_select_for_type` and :meth:`_encode` make of the runs, from the
-        tree's encoded runs: the manifest and its experiments as published."""
+        tree's encoded runs: the manifest and its experiments as published. ``listed``
+        receives each run listed, for :meth:`_publish_delta`."""
         active = manifest_type is ManifestType.ACTIVE
         horizon = now - self.active_window_seconds
         pieces = [b"["]
@@ -454,6 +488,8 @@ class ManifestGenerator:
             pieces.append(zlib.decompress(encoded))
             run_tags = tags.get(key[2])
             pieces.append(b',"tags":' + orjson.dumps(run_tags) + b"}" if run_tags else b"}")
+            if listed is not None:
+                listed[key] = (encoded, run_tags, state)
             experiments += 1
             files += state.files
             total_bytes += state.total_bytes
@@ -471,6 +507,87 @@ class ManifestGenerator:
             (experiments, files, total_bytes),
         )
         return manifest, experiments_json
+
+    def _active_candidates(
+        self,
+        kept: list[tuple[RunKey, RunState]],
+        unlisted: set[str],
+        changed: set[str],
+    ) -> list[tuple[RunKey, RunState]]:
+        """The runs an active manifest may list now, in order: those the previous active
+        manifest listed, those rebuilt since, and those the journal reports changed.
+
+        A run outside all three is as it was when the previous active manifest left it out,
+        and the window has only moved on since, so it is left out again; when that cannot be
+        vouched for (the first time, after a walk, problems that came or went, a run
+        reported changed without being rebuilt) every run is weighed."""
+        previous = self._active_selection
+        if previous is None or unlisted != previous.unlisted:
+            return kept
+        rebuilt = previous.rebuilt
+        new = changed - previous.changed
+        if new and not new <= {layout.run_prefix(*key) for key in rebuilt}:
+            return kept
+        candidates = previous.listed | rebuilt
+        return [item for item in kept if item[0] in candidates]
+
+    def _publish_delta(
+        self, manifest: SyncManifest, listed: dict[RunKey, _ListedRun], output: Path
+    ) -> None:
+        """Write the delta of the active manifest just published (:mod:`runicorn.format.delta`):
+        the runs it lists otherwise than the active manifest this generator published before
+        it. Nothing without such a predecessor (the first publication); a failure is
+        logged, and the client reads the whole manifest."""
+        base, self._active_published = self._active_published, None
+        path = output.with_name(delta_filename(output.name))
+        if base is None or base[0] >= manifest.revision:
+            with contextlib.suppress(OSError):
+                path.unlink()  # an older process's: its base is no publication of ours
+        else:
+            before = base[2]
+            pieces = [b"["]
+            totals = [0, 0, 0]
+            for key, run in listed.items():
+                seen = before.get(key)
+                if seen is not None and seen[0] == run[0] and seen[1] == run[1]:
+                    continue
+                encoded, run_tags, state = run
+                if totals[0]:
+                    pieces.append(b",")
+                pieces.append(zlib.decompress(encoded))
+                pieces.append(b',"tags":' + orjson.dumps(run_tags) + b"}" if run_tags else b"}")
+                totals[0] += 1
+                totals[1] += state.files
+                totals[2] += state.total_bytes
+            pieces.append(b"]")
+            array = b"".join(pieces)
+            delta = AssembledManifest(
+                ManifestType.ACTIVE,
+                manifest.generated_at,
+                manifest.server_hostname,
+                manifest.remote_root,
+                array,
+                (totals[0], totals[1], totals[2]),
+            )
+            delta.revision = manifest.revision
+            delta.snapshot_id = manifest.snapshot_id
+            delta.changes_since = manifest.changes_since
+            delta.problems = manifest.problems
+            try:
+                write_atomically(path, write_delta(base[0], base[1], delta.to_json_pieces(array)))
+            except OSError as error:
+                logger.warning("cannot write the active manifest delta %s: %s", path, error)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return
+            logger.debug(
+                "active manifest delta %d -> %d: %d of %d runs",
+                base[0],
+                manifest.revision,
+                totals[0],
+                len(listed),
+            )
+        self._active_published = (manifest.revision, manifest.snapshot_id, listed)
 
     def _refresh_tree(
         self, tree: LiveTree, read: tuple[str, ...], report: GenerationReport
@@ -999,12 +1116,17 @@ class ManifestGenerator:
             report.warnings.append(message)
             logger.warning("%s", message)
             return {}
+        if self._tags_read is not None and self._tags_read[0] == data:
+            return self._tags_read[1]  # (a publisher reads it at every generation)
         doc = layout.parse_json_object(data)
         if doc is None:
             message = f"{path.name}: not a valid JSON object; runs get no tags"
             report.warnings.append(message)
             logger.warning("%s", message)
-        return layout.tags_by_run(doc)
+            return layout.tags_by_run(doc)
+        tags = layout.tags_by_run(doc)
+        self._tags_read = (data, tags)
+        return tags
 
     def _scan_fingerprint(
         self, manifest_type: ManifestType, scan: ScanResult, tags: dict[str, list[str]]

@@ -12,8 +12,10 @@ one belongs to a burst: the **active** manifest is then generated ``debounce`` s
 the burst's last change, and at most ``max_delay`` seconds after its first, so hundreds of
 runs appending at once make one publication and a steady stream still gets one every
 ``max_delay``. The **full** manifest follows within ``full_interval`` seconds of a change,
-at most once per interval, and only when something changed; each published full manifest
-is followed at once by an active one that names it (its ``changes_since``), so a client
+at most once per interval, and only when something changed; since on a large lab it takes
+seconds during which no active manifest is published, it waits for a pause in the changes
+(:data:`FULL_QUIET_SECONDS`) as long as that bound allows. Each published full manifest is
+followed at once by an active one that names it (its ``changes_since``), so a client
 applies that small manifest in place of the whole full one.
 """
 
@@ -49,6 +51,10 @@ logger = logging.getLogger(__name__)
 DEBOUNCE_SECONDS = 0.2
 MAX_DELAY_SECONDS = 1.0
 FULL_INTERVAL_SECONDS = 60.0
+FULL_QUIET_SECONDS = 5.0
+"""A full generation waits for this long without a change, or until ``full_interval`` after
+the first change it has to publish, whichever comes first: at 100,000 runs it takes several
+seconds, and a line written meanwhile would wait for it."""
 POLL_INTERVAL_SECONDS = 5.0
 RESCAN_INTERVAL_SECONDS = 900.0
 """With inotify, how often the whole tree is walked anyway (a generation that rescans only
@@ -163,6 +169,8 @@ class ManifestPublisher:
         active_due: float | None = time.monotonic()
         first_change: float | None = active_due
         full_due: float | None = active_due
+        full_forced = True  # (due now, not postponed by changes: the first, a rescan)
+        full_pending: float | None = None  # the first change not in a full manifest yet
         last_full = float("-inf")
         earliest_active = float("-inf")
         last_change = float("-inf")
@@ -182,6 +190,7 @@ class ManifestPublisher:
                 self._rescan_source()
                 changes.rescan = True
                 active_due = full_due = first_change = now
+                full_forced = True
             else:
                 walk_due = self._walk_due()
                 if walk_due is not None and now >= walk_due:
@@ -197,8 +206,11 @@ class ManifestPublisher:
                     first_change = now
                 quiet = now if changes.rescan or leading else now + self.debounce
                 active_due = max(min(first_change + self.max_delay, quiet), earliest_active)
-                due = max(active_due, last_full + self.full_interval)
-                full_due = due if full_due is None else min(full_due, due)
+                if full_pending is None:
+                    full_pending = now
+                if not full_forced:
+                    paused = min(now + FULL_QUIET_SECONDS, full_pending + self.full_interval)
+                    full_due = max(active_due, last_full + self.full_interval, paused)
             if active_due is not None and now >= active_due:
                 if self._generate(ManifestType.ACTIVE):
                     active_due = first_change = None
@@ -212,7 +224,8 @@ class ManifestPublisher:
                     active_due = first_change = now + RETRY_SECONDS
             if full_due is not None and time.monotonic() >= full_due:
                 if self._generate(ManifestType.FULL):
-                    full_due = None
+                    full_due = full_pending = None
+                    full_forced = False
                     last_full = time.monotonic()
                     if started and self._last_published:
                         # An active manifest naming the new full one (``changes_since``):

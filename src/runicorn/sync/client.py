@@ -39,6 +39,7 @@ import orjson
 
 from runicorn.core.backend import Backend, active_backend
 from runicorn.format.client_names import is_case_insensitive
+from runicorn.format.delta import read_delta
 from runicorn.format.layout import DELETED_MARKER, UNKNOWN_STATUS, run_prefix
 from runicorn.format.models import (
     ExperimentEntry,
@@ -47,12 +48,14 @@ from runicorn.format.models import (
     ManifestType,
     SyncManifest,
     ValidationMemo,
+    read_header,
     run_digest,
 )
 from runicorn.sync.cache import LocalCacheManager, RunRecord, tree
 from runicorn.sync.cache.manager import same_server
 from runicorn.sync.manifest_fetch import (
     ManifestFetcher,
+    Probe,
     check_root,
     normalize_root,
 )
@@ -68,7 +71,6 @@ if TYPE_CHECKING:
 
     from runicorn.core.diff import DiffResult, LocalEntry
     from runicorn.sync.cache import AppliedManifest
-    from runicorn.sync.manifest_fetch import Probe
     from runicorn.sync.viewer import ViewerNotifier
     from runicorn.sync.watch import CacheWatcher
     from runicorn.transport.remote import Remote
@@ -584,7 +586,9 @@ class ManifestSyncClient:
             active_probe: Probe | Literal[False] | None = False
             if also_active:  # a watch's pushed copy saves reading the server's
                 active_probe = self._pushed_probe(
-                    run, self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
+                    run,
+                    self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value),
+                    clean=True,
                 )
             active_wanted = [(ManifestType.ACTIVE, True)] * (also_active and active_probe is False)
             recorded = self.cache.full_manifest_stamp(remote_id)
@@ -725,14 +729,42 @@ class ManifestSyncClient:
         else:
             self.cache.save_full_manifest_stamp(remote_id, (snapshot_id, *stamp))
 
-    def _pushed_probe(self, run: SyncRun, state: AppliedManifest | None) -> Probe | Literal[False]:
+    def _pushed_probe(
+        self, run: SyncRun, state: AppliedManifest | None, *, clean: bool
+    ) -> Probe | Literal[False]:
         """:attr:`pushed_active` as a probe of the active manifest; ``False`` when there is
         none, or it is unreadable or older than the active manifest applied (``state``):
-        then the server's copy is read."""
+        then the server's copy is read.
+
+        A pushed delta (:mod:`runicorn.format.delta`) stands for the whole active manifest
+        only when ``state`` is its base, applied cleanly, and nothing is pending locally
+        (``clean``): its probe is then the delta's manifest, which lists the runs changed
+        since the base. Otherwise the whole manifest is read."""
         data = self.pushed_active
         if data is None:
             return False
-        probe = self._manifests().pushed_probe(ManifestType.ACTIVE, data)
+        fetcher = self._manifests()
+        try:
+            delta = read_delta(data, self.max_manifest_bytes)
+        except ValueError as error:
+            logger.info("pushed delta unusable (%s); reading the active manifest", error)
+            return False
+        if delta is None:
+            probe = fetcher.pushed_probe(ManifestType.ACTIVE, data)
+        else:
+            base = delta[:2]
+            if not clean or state is None or not state.clean:
+                return False
+            if base != (state.revision, state.snapshot_id):
+                logger.debug(
+                    "pushed delta from active revision %d, not %d; reading the whole manifest",
+                    base[0],
+                    state.revision,
+                )
+                return False
+            path = fetcher.candidates(ManifestType.ACTIVE)[1][0]
+            probe = Probe(path, False, delta[2], True, read_header(delta[2]))
+            logger.debug("applying the pushed delta from active revision %d", base[0])
         revision = None if probe.header is None else probe.header.get("revision")
         if not isinstance(revision, int) or (state is not None and revision < state.revision):
             return False
@@ -802,7 +834,7 @@ class ManifestSyncClient:
         state = self.cache.applied_manifest(remote_id, ManifestType.ACTIVE.value)
         clean = state is not None and state.clean and (not forced or self._is_clean(remote_id, run))
         if probe is False:
-            probe = self._pushed_probe(run, state)
+            probe = self._pushed_probe(run, state, clean=clean)
         if probe is False:
             probe = self._manifests().probe_many([(ManifestType.ACTIVE, not forced)], run)[0]
         if probe is None:

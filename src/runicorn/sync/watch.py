@@ -5,8 +5,11 @@ active one when newer). Then the client learns of publications in one of two way
 
 * **pushed** (the default, over SSH): a small command on the server, on an exec channel of the
   same connection (:mod:`runicorn.transport.change_feed`), says when a manifest file was
-  replaced; the pass that applies it starts one one-way delay later, and an idle watch sends
-  no SFTP request between the full checks;
+  replaced and sends the active manifest itself -- or, where the publisher writes one, its
+  delta (:mod:`runicorn.format.delta`), which the pass applies when the cache holds the
+  delta's base and reads the whole active manifest otherwise; the pass starts one one-way
+  delay after the publication, and an idle watch sends no SFTP request between the full
+  checks;
 * **polled**, where the server cannot run that command (no ``python3``, no exec channels),
   until it can, or when ``push`` is off (``RUNICORN_WATCH_PUSH=0``): every ``interval``
   seconds the **active** manifest's header is probed -- three SFTP requests, nothing more
@@ -33,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from runicorn.format.delta import delta_filename
 from runicorn.format.layout import MANIFEST_DIRNAME
 from runicorn.format.models import ManifestFormat, ManifestType
 
@@ -74,6 +78,9 @@ that pass then applies the active manifest in place of the full one, not the who
 manifest, while appended lines wait behind it."""
 FIRST_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
+
+_DELTA = 4
+"""The index of the active manifest's delta among the feed's paths (see _start_feed)."""
 
 SyncCallback = Callable[["SyncStats"], None]
 ErrorCallback = Callable[[BaseException, float], None]
@@ -230,6 +237,7 @@ class CacheWatcher:
             for kind in (ManifestType.ACTIVE, ManifestType.FULL)
             for suffix in (ManifestFormat.GZIP_SUFFIX, "")
         ]
+        paths.append(f"{root}/{MANIFEST_DIRNAME}/{delta_filename(ManifestType.ACTIVE.filename)}")
         feed = ChangeFeed(
             transport,
             paths,
@@ -237,7 +245,9 @@ class CacheWatcher:
             on_ready=self._on_ready,
             on_end=self._on_end,
             on_content=self._on_content,
-            inline=[0],  # the active manifest's .gz
+            # the active manifest's .gz, and its delta in its place when one follows it
+            inline=[0, _DELTA],
+            deltas={0: _DELTA},
         )
         self._feed = feed
         feed.start()
@@ -248,7 +258,7 @@ class CacheWatcher:
         self._wake.set()
 
     def _on_change(self, index: int) -> None:
-        if index == 0:
+        if index in (0, _DELTA):
             # Published, but not pushed (too large, or unreadable): the pass reads it.
             with self._pushed_lock:
                 self._pushed = None
@@ -257,7 +267,7 @@ class CacheWatcher:
             # content follows, and waking now would only read the server's copy early. (A
             # server that publishes no .gz is followed by the full checks.)
             return
-        if index >= 2:  # the full manifest's files
+        if index in (2, 3):  # the full manifest's files
             self._full_changed = True
             if self.pushed:
                 # The active publication that follows wakes the pass (see FULL_SETTLE_SECONDS).

@@ -22,6 +22,14 @@ publication while no credit is left is sent, read afresh, when the credit comes.
 is read from an open descriptor and its (inode, mtime, size) taken from that descriptor, so
 what is sent is one whole published file (publications replace it atomically).
 
+A file may have a *delta* (``deltas``: the active manifest's ``.gz`` and the publisher's
+``active_manifest.delta.json.gz``, :mod:`runicorn.format.delta`): a change of the file is
+then held for up to :data:`DELTA_GRACE_SECONDS`, and dropped when its delta changes
+meanwhile (the publisher writes the delta right after the file), so a publication sends
+the delta, a few kilobytes, not the whole file. A file replaced without a delta following
+(another generator, or a publisher that writes none) is sent or announced when the grace
+is over, and at once while no delta exists at all.
+
 The command ends when its stdin closes (the client closed the channel, or the connection
 died and sshd closed the session). It needs ``python3`` on the server's ``PATH``; without
 one (exit 127), or where the server refuses exec channels, :meth:`ChangeFeed.start` still
@@ -34,13 +42,20 @@ import base64
 import logging
 import shlex
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import paramiko
 
-__all__ = ["CHECK_SECONDS", "INLINE_MAX_BYTES", "PYTHON", "ChangeFeed", "feed_command"]
+__all__ = [
+    "CHECK_SECONDS",
+    "DELTA_GRACE_SECONDS",
+    "INLINE_MAX_BYTES",
+    "PYTHON",
+    "ChangeFeed",
+    "feed_command",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +65,19 @@ CHECK_SECONDS = 0.05
 """How often the server-side command stats the watched files: a publication is noticed
 25 ms later on average, for about 80 ``stat`` calls a second with four paths."""
 
+DELTA_GRACE_SECONDS = 0.3
+"""How long the command holds a change of a file that has a delta (see the module) for the
+delta that follows it; past that, the file itself is announced or sent."""
 INLINE_MAX_BYTES = 8 * 1024 * 1024
 """The largest file the command sends inline: an active manifest of thousands of running runs
 is well under it; a larger one is announced by a ``changed`` line and read over SFTP."""
 
 _SCRIPT = """\
-import os, select, stat, sys
+import os, select, stat, sys, time
 inline = set(int(i) for i in sys.argv[1].split(",") if i)
 cap = int(sys.argv[2])
-paths = sys.argv[3:]
+pairs = dict(tuple(int(i) for i in p.split(":")) for p in sys.argv[3].split(",") if p)
+paths = sys.argv[4:]
 out = sys.stdout.buffer
 def mark(path):
     try:
@@ -98,6 +117,8 @@ def send(index):
 last = [mark(path) for path in paths]
 credit = 1
 owed = set()
+held = {}
+whole_of = dict((delta, whole) for whole, delta in pairs.items())
 out.write(b"ready\\n")
 out.flush()
 while True:
@@ -109,14 +130,28 @@ while True:
         credit += got.count(b"\\n")
     now = [mark(path) for path in paths]
     wrote = False
+    clock = time.monotonic()
     for index in range(len(paths)):
         if now[index] != last[index]:
+            if index in pairs and now[pairs[index]] is not None:
+                held[index] = clock + %(grace)r
+            elif index in inline:
+                owed.add(index)
+            else:
+                out.write(b"changed %%d\\n" %% index)
+                wrote = True
+            if index in whole_of:
+                held.pop(whole_of[index], None)
+                owed.discard(whole_of[index])
+            last[index] = now[index]
+    for index, until in list(held.items()):
+        if clock >= until:
+            del held[index]
             if index in inline:
                 owed.add(index)
             else:
                 out.write(b"changed %%d\\n" %% index)
                 wrote = True
-            last[index] = now[index]
     for index in sorted(owed):
         if credit <= 0:
             break
@@ -135,17 +170,21 @@ def feed_command(
     python: str | None = None,
     inline: Collection[int] = (),
     inline_max: int = INLINE_MAX_BYTES,
+    deltas: Mapping[int, int] | None = None,
 ) -> str:
     """The shell command that watches ``paths`` on the server (see the module); the content
     of the paths whose indexes are in ``inline`` is sent whole, up to ``inline_max`` bytes.
+    ``deltas`` maps a path's index to the index of its delta (see the module).
 
     The script travels base64-encoded in one shell word, so the user's login shell (sh, bash,
     zsh, tcsh) sees no newline and no quote of it; each path is one quoted word."""
-    script = _SCRIPT % {"seconds": CHECK_SECONDS}
+    deltas = deltas or {}
+    script = _SCRIPT % {"seconds": CHECK_SECONDS, "grace": DELTA_GRACE_SECONDS}
     encoded = base64.b64encode(script.encode()).decode("ascii")
     program = f"import base64; exec(base64.b64decode('{encoded}'))"
     spec = ",".join(str(index) for index in sorted(set(inline)))
-    words = [python or PYTHON, "-c", program, spec, str(inline_max), *paths]
+    paired = ",".join(f"{whole}:{delta}" for whole, delta in sorted(deltas.items()))
+    words = [python or PYTHON, "-c", program, spec, str(inline_max), paired, *paths]
     return " ".join(shlex.quote(word) for word in words)
 
 
@@ -171,6 +210,7 @@ class ChangeFeed:
         on_content: Callable[[int, bytes], None] | None = None,
         inline: Collection[int] = (),
         inline_max: int = INLINE_MAX_BYTES,
+        deltas: Mapping[int, int] | None = None,
         timeout: float = 30.0,
     ) -> None:
         if inline and on_content is None:
@@ -179,6 +219,7 @@ class ChangeFeed:
         self.paths = list(paths)
         self.inline = sorted(set(inline))
         self.inline_max = inline_max
+        self.deltas = dict(deltas or {})
         self.on_change = on_change
         self.on_content = on_content
         self.on_ready = on_ready
@@ -196,7 +237,9 @@ class ChangeFeed:
         try:
             channel = self.transport.open_session(timeout=self.timeout)
             channel.exec_command(
-                feed_command(self.paths, inline=self.inline, inline_max=self.inline_max)
+                feed_command(
+                    self.paths, inline=self.inline, inline_max=self.inline_max, deltas=self.deltas
+                )
             )
         except Exception as error:
             self._end(f"the server refused the command channel ({error})")
