@@ -138,12 +138,8 @@ def test_a_watch_is_pushed_the_delta_in_place_of_the_whole_manifest(
     first = publisher.publish_active()
     client = client_for()
     _at_active(client, first)
-    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start()
+    watch = Watching(client, interval=3600.0, full_interval=3600.0, push=True).start_pushed()
     try:
-        watcher = client._watcher
-        assert watcher is not None
-        watch.wait_for(lambda: watcher.pushed)
-        watch.wait_for(lambda: len(watch.passes) >= 2)  # the catch-up pass once pushed
         rel = publisher.append(0, '{"step": 777201}\n')
         revision = publisher.publish_active()
         expected = (lab.root / rel).read_bytes()

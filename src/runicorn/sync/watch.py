@@ -71,11 +71,13 @@ a second."""
 PUSH_ENV = "RUNICORN_WATCH_PUSH"
 """``0`` turns the push channel off: the watch polls, as on a server that cannot push."""
 FULL_INTERVAL_SECONDS = 30.0
-FULL_SETTLE_SECONDS = 2.0
+FULL_SETTLE_SECONDS = 10.0
 """Pushed, how long the pass for a new full manifest waits for the active publication that
 follows it (the publisher republishes the active manifest after each full one, naming it):
 that pass then applies the active manifest in place of the full one, not the whole full
-manifest, while appended lines wait behind it."""
+manifest, while appended lines wait behind it. On a large lab under load that active
+generation takes seconds; a full manifest no active one follows (a cron generation) is
+read when the wait is over."""
 FIRST_BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
 
