@@ -420,7 +420,9 @@ class ManifestGenerator:
             ),
             tags,
             refresh.scan_started_ns,
-            reported=[
+            reported=None  # (a walk that rebuilt most runs compares them all anyway)
+            if 2 * len(rebuilt) > len(runs)
+            else [
                 (layout.run_prefix(*key), key[2], signatures.get(key, _UNKNOWN_SIGNATURE))
                 for key in rebuilt
                 if key in runs

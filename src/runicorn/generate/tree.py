@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from runicorn.core.rescan import (
 from runicorn.core.scan import Problem, RunScan
 from runicorn.format import layout
 from runicorn.format import names as _names
+from runicorn.format.layout import is_hidden
 from runicorn.format.models import ExperimentEntry, ManifestType, SyncManifest
 from runicorn.format.published import decode_own_experiments
 from runicorn.generate.state import STATE_VERSION, RunMemo
@@ -309,6 +311,7 @@ class LiveTree:
         """Rescan the scopes and runs the changed directories lie in."""
         scopes_to_scan: set[str] = set()
         runs_to_scan: set[RunKey] = set()
+        experiments: set[tuple[str, str]] = set()
         if "" in pending or layout.RUNS_DIRNAME in pending:
             scopes_to_scan |= self._relist_root()
         for rel in pending:
@@ -317,10 +320,34 @@ class LiveTree:
             key = self._run_containing(rel)
             if key is not None:
                 runs_to_scan.add(key)
+                continue
+            experiment = self._experiment_of(rel)
+            if experiment is not None:
+                experiments.add(experiment)
             else:
                 scopes_to_scan.add(scope_of(rel))
         found: list[RunScan] = []
         contents: dict[str, bytes] = {}
+        for scope, name in sorted(experiments):
+            if scope in scopes_to_scan:
+                continue
+            new = self._relist_experiment(scope, name)
+            if new is None:
+                scopes_to_scan.add(scope)
+                continue
+            for key in new:
+                rescan = scan_run(self.root, key, read)
+                if rescan is None:
+                    scopes_to_scan.add(scope)
+                    break
+                self._place(key, scope)
+                self.scope_runs.setdefault(scope, set()).add(key)
+                problems = self.scope_problems.get(scope, []) + rescan.problems
+                problems.sort()
+                self._set_problems(scope, problems)
+                self._set_collisions(key, rescan.collisions)
+                contents.update(rescan.contents)
+                found.append(rescan.run)
         for key in sorted(runs_to_scan):
             state = self.runs.get(key)
             if state is None or state.scope in scopes_to_scan:
@@ -350,6 +377,52 @@ class LiveTree:
         for scope in sorted(scopes_to_scan):
             found.extend(self._rescan_scope(scope, read, contents))
         return found, contents, len(found)
+
+    def _experiment_of(self, rel: str) -> tuple[str, str] | None:
+        """``(project, name)`` when ``rel`` is the ``runs`` directory of an experiment of the
+        project layout, or a directory right in it: a run created there is found by listing
+        that directory, not by scanning the whole project (15,000 runs in a project of a
+        100,000-run lab)."""
+        parts = rel.split("/")
+        if len(parts) not in (3, 4) or parts[2] != layout.RUNS_DIRNAME:
+            return None
+        scope = parts[0]
+        if scope == layout.RUNS_DIRNAME or scope not in self.scopes:
+            return None
+        return scope, parts[1]
+
+    def _relist_experiment(self, scope: str, name: str) -> list[RunKey] | None:
+        """List ``<scope>/<name>/runs`` again: its new runs, sorted, to be scanned. ``None``
+        when only a rescan of the project can tell what the full scan would find: the
+        experiment is new to the tree, a run is gone, two runs differ only in case, or the
+        listing holds anything but directories the name rule accepts."""
+        known = {key for key in self.scope_runs.get(scope, ()) if key[1] == name}
+        if not known:
+            return None
+        runs_rel = f"{scope}/{name}/{layout.RUNS_DIRNAME}"
+        ids: set[str] = set()
+        try:
+            st = os.lstat(os.path.join(self.root, runs_rel))
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            with os.scandir(os.path.join(self.root, runs_rel)) as entries:
+                for entry in entries:
+                    if is_hidden(entry.name):
+                        continue
+                    if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                        return None
+                    rel = f"{runs_rel}/{entry.name}"
+                    if _names.name_problem(entry.name) is not None or (
+                        _names.depth_problem(rel.count("/") + 1, len(rel.encode())) is not None
+                    ):
+                        return None
+                    ids.add(entry.name)
+        except OSError:
+            return None
+        present = {(scope, name, run_id) for run_id in ids}
+        if not known <= present or len({_names.fold(run_id) for run_id in ids}) != len(ids):
+            return None  # a run gone may uncover its case twin: the project's scan decides
+        return sorted(present - known)
 
     def _relist_root(self) -> set[str]:
         """List the root again: scopes gone are dropped; new or replaced ones (and
