@@ -222,10 +222,6 @@ class ManifestPublisher:
                         self.source.pace(took)
                 else:
                     active_due = first_change = now + RETRY_SECONDS
-                if full_due is not None and not full_forced:
-                    # The changes that came during this generation may postpone the full
-                    # one (FULL_QUIET_SECONDS): they are read first.
-                    continue
             if full_due is not None and time.monotonic() >= full_due:
                 if self._generate(ManifestType.FULL):
                     full_due = full_pending = None
