@@ -123,6 +123,27 @@ def test_one_shot_sync_off_a_terminal_writes_no_bar_and_no_escape_code(
     assert_cache_equals_server(lab.root, cache)
 
 
+def test_one_shot_sync_off_a_terminal_does_not_even_import_rich(
+    lab: Lab, cache: Path, ssh_config: Path, backend
+):
+    # A sync from cron, a pipe or a script draws nothing, so it need not pay for rich.
+    overrides = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+    env = {k: v for k, v in _env(backend).items() if k not in overrides}
+    command = _sync_command(lab, cache, ssh_config, "--json")
+    done = subprocess.run(
+        [command[0], "-X", "importtime", *command[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
+    assert "runicorn.sync.client" in imported
+    assert not [name for name in imported if name == "rich" or name.startswith("rich.")]
+
+
 # --- runicorn sync --watch ------------------------------------------------------------------
 
 WATCH_OPTIONS = ("--watch", "--interval", "0.02", "--full-interval", "0.5")

@@ -688,13 +688,29 @@ def _preload_sync_engine() -> None:
 
     def load() -> None:
         with contextlib.suppress(Exception):  # the main thread imports again and reports
-            import runicorn.cli.progress  # (and rich)
+            if _may_draw_progress():
+                import runicorn.cli.progress  # (and rich)
             import runicorn.sync.client
             import runicorn.sync.service
             import runicorn.transport.sftp_remote  # noqa: F401  (and the SFTP engine)
 
     sys.setswitchinterval(0.0005)
     threading.Thread(target=load, name="runicorn-preload", daemon=True).start()
+
+
+_TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+"""Environment variables with which rich may draw on what is not a terminal."""
+
+
+def _may_draw_progress() -> bool:
+    """Whether the progress display could draw: stderr is a terminal, or the environment
+    lets rich decide otherwise. When not, rich (some 30 ms of a command's start) is never
+    imported: cron, systemd, pipes and ``--json`` in a script get no display anyway."""
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    return terminal or any(name in os.environ for name in _TERMINAL_OVERRIDES)
 
 
 def _first_round_trip_plan(cache_dir: Path) -> tuple[bool, bool]:
@@ -792,13 +808,16 @@ def _run(
     stream: bool | None = None,
     stream_python: str | None = None,
 ) -> int:
-    from runicorn.cli.progress import SyncProgressDisplay
     from runicorn.sync.cache import LocalCacheManager
     from runicorn.sync.service import MetadataSyncService
 
     report = getattr(_OUTPUT, "report", None)
     # Under ``sync --all`` the command draws one display for every remote.
-    display = SyncProgressDisplay() if report is None else None
+    display = None
+    if report is None and _may_draw_progress():
+        from runicorn.cli.progress import SyncProgressDisplay
+
+        display = SyncProgressDisplay()
     if report is not None:
         on_progress = report.progress
     else:
