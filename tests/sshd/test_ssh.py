@@ -373,3 +373,29 @@ def test_the_first_sftp_session_asks_for_its_subsystem_before_the_channel_is_con
             second.close()
     finally:
         client.close()
+
+
+def test_a_paramiko_that_needs_invoke_outright_is_imported_the_ordinary_way(
+    tmp_path: Path,
+) -> None:
+    # Should paramiko ever import invoke unconditionally, hiding it must not break the start.
+    fake = tmp_path / "paramiko"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import invoke\nNEEDS = invoke.__name__\n")
+    script = """
+import sys
+from runicorn.transport.paramiko_import import import_paramiko
+import_paramiko()
+import paramiko
+assert paramiko.NEEDS == "invoke" and sys.modules["invoke"] is not None
+print("ok")
+"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr

@@ -5,7 +5,8 @@ unittest.mock and more: tens of milliseconds of a command's start, on every sync
 feature few ssh_configs use. :func:`import_paramiko` keeps invoke out while paramiko is
 imported (for a process that imports it first: the ``runicorn`` command); :func:`allow_match_exec`
 brings it in when an ssh_config does ask for ``Match exec``, before that config is looked up.
-A process that imported paramiko otherwise is left as it is.
+A paramiko that imports invoke unconditionally is imported the ordinary way; a process that
+imported paramiko otherwise is left as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def import_paramiko() -> None:
     sys.modules["invoke"] = None  # type: ignore[assignment]  # `import invoke` raises
     try:
         importlib.import_module("paramiko")
+    except ImportError:
+        # A paramiko that needs invoke outright: only slower, never broken.
+        del sys.modules["invoke"]
+        importlib.import_module("paramiko")
+        return
     finally:
         if sys.modules.get("invoke", 0) is None:
             del sys.modules["invoke"]
