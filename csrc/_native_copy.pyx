@@ -25,6 +25,7 @@ from libc.string cimport memchr
 from runicorn.core import copy as _pure
 from runicorn.core.copy import (
     COPIED,
+    DIR_MODE,
     HELD,
     INSTALL_FAILED,
     READ_SIZE,
@@ -38,7 +39,7 @@ from runicorn.core.copy import (
     temp_name,
 )
 
-__all__ = ["COPIED", "HELD", "INSTALL_FAILED", "READ_SIZE", "SHRUNK", "SOURCE_FAILED",
+__all__ = ["COPIED", "DIR_MODE", "HELD", "INSTALL_FAILED", "READ_SIZE", "SHRUNK", "SOURCE_FAILED",
            "TARGET_FAILED", "TEMP_ATTEMPTS", "CopyJob", "CopyResult", "Install", "copy_files",
            "install_files", "temp_name"]
 
@@ -60,6 +61,7 @@ cdef extern from *:
 
     #define __RC_TEMP_ATTEMPTS 8
     #define __RC_READ_SIZE (1LL << 20)
+    #define __RC_DIR_MODE 0755
 
     /* Outcomes: the values of runicorn.core.copy's constants (checked at import). */
     enum { RC_COPIED = 0, RC_HELD = 1, RC_SOURCE = 2, RC_SHRUNK = 3, RC_TARGET = 4,
@@ -197,6 +199,64 @@ cdef extern from *:
         return rc_open_beneath(target_fd, path, cut > 0 ? cut - 1 : 0, O_RDONLY | O_DIRECTORY);
     }
 
+    /* The directory ``name`` in ``parent``, made first when missing; never a link. */
+    static int rc_child(int parent, const char *name) {
+        int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, fd, saved;
+        fd = openat(parent, name, flags);
+        if (fd < 0 && errno == ENOENT) {
+            if (mkdirat(parent, name, __RC_DIR_MODE) != 0 && errno != EEXIST) return -1;
+            fd = openat(parent, name, flags);
+        }
+        if (fd < 0) {
+            saved = errno;
+            if ((saved == ELOOP || saved == ENOTDIR) && rc_is_link(parent, name))
+                saved = ELOOP;
+            errno = saved;
+        }
+        return fd;
+    }
+
+    /* The directory part of path beneath target_fd, missing parts made one at a time. */
+    static int rc_make_directory(int target_fd, const char *path, long long length) {
+        long long end = length, start = 0;
+        int current = target_fd, step, saved = 0;
+        char small[256];
+        char *name;
+        while (end > 0 && path[end - 1] != '/') end--;
+        end = end > 0 ? end - 1 : 0;
+        name = end < 255 ? small : malloc((size_t)end + 1);
+        if (name == NULL) { errno = ENOMEM; return -1; }
+        for (long long i = 0; i <= end; i++) {
+            if (i < end && path[i] != '/') continue;
+            long long n = i - start;
+            if (!(n == 0 || (n == 1 && path[start] == '.'))) {
+                if (n == 2 && path[start] == '.' && path[start + 1] == '.') {
+                    saved = ELOOP;
+                    goto fail;
+                }
+                memcpy(name, path + start, n);
+                name[n] = 0;
+                step = rc_child(current, name);
+                if (step < 0) { saved = errno; goto fail; }
+                if (current != target_fd) close(current);
+                current = step;
+            }
+            start = i + 1;
+        }
+        if (current == target_fd) {
+            current = openat(target_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (current < 0) saved = errno;
+        }
+        if (name != small) free(name);
+        errno = saved;
+        return current;
+    fail:
+        if (current != target_fd) close(current);
+        if (name != small) free(name);
+        errno = saved;
+        return -1;
+    }
+
     static const char *rc_name(const char *path, long long length) {
         long long cut = length;
         while (cut > 0 && path[cut - 1] != '/') cut--;
@@ -229,7 +289,7 @@ cdef extern from *:
 
     static void rc_copy_one(int source_fd, int target_fd, struct rc_job *job,
                             const char *prefix, long long index, char *buffer,
-                            long long buffer_size) {
+                            long long buffer_size, int make_dirs) {
         int source = -1, dir_fd = -1, temp_fd = -1, created = 0;
         size_t temp_size = strlen(prefix) + 48;
         char temp_small[256];
@@ -252,6 +312,8 @@ cdef extern from *:
             RC_FAIL(RC_SOURCE);
         }
         dir_fd = rc_open_directory(target_fd, job->path, job->path_length);
+        if (dir_fd < 0 && errno == ENOENT && make_dirs)
+            dir_fd = rc_make_directory(target_fd, job->path, job->path_length);
         if (dir_fd < 0) RC_FAIL(RC_TARGET);
         for (job->attempt = 0; job->attempt < __RC_TEMP_ATTEMPTS; job->attempt++) {
             rc_temp_name(temp, temp_size, prefix, index, job->attempt);
@@ -354,17 +416,19 @@ cdef extern from *:
         int keep
         int error
     void rc_copy_one(int source_fd, int target_fd, rc_job *job, const char *prefix,
-                     long long index, char *buffer, long long buffer_size) nogil
+                     long long index, char *buffer, long long buffer_size,
+                     int make_dirs) nogil
     void rc_install_one(int target_fd, rc_install *item) nogil
     long long rc_next(long long *counter) nogil
 
 cdef extern from *:
     int RC_TEMP_ATTEMPTS "__RC_TEMP_ATTEMPTS"
+    int RC_DIR_MODE "__RC_DIR_MODE"
     long long RC_READ_SIZE "__RC_READ_SIZE"
 
 if (COPIED, HELD, SOURCE_FAILED, SHRUNK, TARGET_FAILED, INSTALL_FAILED) != (
     RC_COPIED, RC_HELD, RC_SOURCE, RC_SHRUNK, RC_TARGET, RC_INSTALL
-) or TEMP_ATTEMPTS != RC_TEMP_ATTEMPTS or READ_SIZE != RC_READ_SIZE:
+) or (TEMP_ATTEMPTS, READ_SIZE, DIR_MODE) != (RC_TEMP_ATTEMPTS, RC_READ_SIZE, RC_DIR_MODE):
     raise ImportError("runicorn.core._native_copy was built against other constants; rebuild it")
 
 
@@ -377,6 +441,7 @@ cdef class _Copies:
     cdef long long next_job
     cdef int source_fd
     cdef int target_fd
+    cdef int make_dirs
     cdef const char *prefix
     cdef object keep_alive
 
@@ -385,6 +450,7 @@ cdef class _Copies:
         self.installs = NULL
         self.count = 0
         self.next_job = 0
+        self.make_dirs = 0
 
     def __dealloc__(self):
         cdef long long i
@@ -412,7 +478,8 @@ cdef class _Copies:
                         break
                     if self.jobs != NULL:
                         rc_copy_one(self.source_fd, self.target_fd, &self.jobs[index],
-                                    self.prefix, index, buffer, RC_READ_SIZE)
+                                    self.prefix, index, buffer, RC_READ_SIZE,
+                                    self.make_dirs)
                     else:
                         rc_install_one(self.target_fd, &self.installs[index])
         finally:
@@ -449,6 +516,7 @@ def copy_files(
     jobs: Sequence[CopyJob],
     temp_prefix: str,
     threads: int = 1,
+    make_dirs: bool = False,
 ) -> list[CopyResult]:
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
@@ -460,6 +528,7 @@ def copy_files(
     keep = [prefix]
     batch.source_fd = source_fd
     batch.target_fd = target_fd
+    batch.make_dirs = 1 if make_dirs else 0
     batch.prefix = prefix
     batch.jobs = <rc_job *>malloc(max(count, 1) * sizeof(rc_job))
     if batch.jobs == NULL:

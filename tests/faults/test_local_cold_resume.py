@@ -52,9 +52,9 @@ class Killing:
 
     releases_gil = backend.releases_gil
 
-    def copy_files(self, *args):
+    def copy_files(self, *args, **options):
         global calls
-        results = backend.copy_files(*args)
+        results = backend.copy_files(*args, **options)
         calls += 1
         if mode == "copied" and calls == int(stop_at):
             die()

@@ -34,7 +34,7 @@ PREFIX = ".runicorn-tmp-test-"
 
 
 NAMES = ["a.json", "b.txt", "c", "meta.json"]
-DIRS = ["", "r", "r/media", "s", "link"]
+DIRS = ["", "r", "r/media", "r/media/deep", "s", "s/t", "link", "link/in"]
 # what a source or target name is: missing, a file, a directory, a link (in or out), a FIFO
 SOURCE_KINDS = ["file", "file", "file", "missing", "dir", "link-in", "link-out", "fifo"]
 TARGET_KINDS = ["missing", "missing", "file", "dir", "link-in"]
@@ -65,7 +65,14 @@ def cases(draw: st.DrawFn) -> dict:
     kinds = st.sampled_from(["dir", "dir", "dir", "missing", "link", "file"])
     made = {d: draw(kinds) for d in DIRS}
     keep = draw(st.lists(st.booleans(), min_size=len(jobs), max_size=len(jobs)))
-    return {"jobs": jobs, "source": source, "target": target, "made": made, "keep": keep}
+    return {
+        "jobs": jobs,
+        "source": source,
+        "target": target,
+        "made": made,
+        "keep": keep,
+        "make_dirs": draw(st.booleans()),
+    }
 
 
 def _build_source(root: Path, outside: Path, source: dict[str, tuple[str, bytes]]) -> None:
@@ -141,7 +148,9 @@ def _run(backend: Backend, source: Path, target: Path, case: dict) -> tuple:
     source_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
     target_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        results = backend.copy_files(source_fd, target_fd, case["jobs"], PREFIX, 3)
+        results = backend.copy_files(
+            source_fd, target_fd, case["jobs"], PREFIX, 3, make_dirs=case["make_dirs"]
+        )
         held = [
             (case["jobs"][i][0], result[3], case["keep"][i])
             for i, result in enumerate(results)
@@ -288,3 +297,38 @@ def test_permission_errors_match_for_an_unprivileged_user(both, open_dir):
         [spec.TARGET_FAILED, 13, 0],  # EACCES creating the temp file
         [spec.TARGET_FAILED, 13, 0],
     ]
+
+
+def test_make_dirs_makes_what_is_missing_and_follows_no_link(both, tmp_path):
+    source = tmp_path / "source"
+    (source / "p" / "n" / "runs" / "r1").mkdir(parents=True)
+    (source / "p" / "n" / "runs" / "r1" / "a.txt").write_bytes(b"abc")
+    (source / "q" / "b.txt").parent.mkdir()
+    (source / "q" / "b.txt").write_bytes(b"q")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    jobs = [("p/n/runs/r1/a.txt", 3, 7, False), ("q/b.txt", 1, 7, False)]
+    for backend in both:
+        target = tmp_path / f"target-{backend.name}"
+        target.mkdir()
+        os.symlink(outside, target / "q")  # a link where a directory should be made
+        source_fd = os.open(source, os.O_RDONLY)
+        target_fd = os.open(target, os.O_RDONLY)
+        try:
+            without = backend.copy_files(source_fd, target_fd, jobs[:1], PREFIX)
+            results = backend.copy_files(source_fd, target_fd, jobs, PREFIX, 2, make_dirs=True)
+        finally:
+            os.close(source_fd)
+            os.close(target_fd)
+        assert without == [(spec.TARGET_FAILED, 2, 0, None, None)]  # ENOENT: nothing made
+        assert results == [(spec.COPIED, 0, 3, None, None), (spec.TARGET_FAILED, 40, 0, None, None)]
+        made = target / "p" / "n" / "runs" / "r1"
+        assert (made / "a.txt").read_bytes() == b"abc"
+        assert (made.stat().st_mode & 0o777) == spec.DIR_MODE & ~_umask()
+        assert os.listdir(outside) == []
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

@@ -114,6 +114,7 @@ class CopyFiles(Protocol):
         jobs: Sequence[CopyJob],
         temp_prefix: str,
         threads: int = 1,
+        make_dirs: bool = False,
     ) -> list[CopyResult]: ...
 
 

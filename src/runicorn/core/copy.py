@@ -31,6 +31,7 @@ from runicorn._sys.beneath import open_beneath
 
 __all__ = [
     "COPIED",
+    "DIR_MODE",
     "HELD",
     "INSTALL_FAILED",
     "READ_SIZE",
@@ -79,6 +80,8 @@ TEMP_ATTEMPTS = 8
 """Temp names tried per file before giving up with ``EEXIST``."""
 READ_SIZE = 1 << 20
 """Bytes read and written at a time."""
+DIR_MODE = 0o755
+"""The mode a directory made for a job gets (before the umask)."""
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -123,6 +126,64 @@ def _open_directory(target_fd: int, path: str) -> int:
         raise _Failed(TARGET_FAILED, error.errno or errno.EIO) from None
 
 
+_DIR_OPEN = os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC
+
+
+def _link_errno(parent: int, name: str, error: OSError) -> int:
+    """``ELOOP`` when ``name`` is a link (``O_NOFOLLOW`` may say ``ENOTDIR`` for one)."""
+    code = error.errno or errno.EIO
+    if code in (errno.ELOOP, errno.ENOTDIR):
+        with contextlib.suppress(OSError):
+            if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                return errno.ELOOP
+    return code
+
+
+def _child(parent: int, name: str) -> int:
+    """The directory ``name`` in ``parent``, made first when missing; never a link."""
+    try:
+        return os.open(name, _DIR_OPEN, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise _Failed(TARGET_FAILED, _link_errno(parent, name, error)) from None
+    try:
+        os.mkdir(name, DIR_MODE, dir_fd=parent)
+    except FileExistsError:
+        pass  # another job made it meanwhile (or something else is there: the open says)
+    except OSError as error:
+        raise _Failed(TARGET_FAILED, error.errno or errno.EIO) from None
+    try:
+        return os.open(name, _DIR_OPEN, dir_fd=parent)
+    except OSError as error:
+        raise _Failed(TARGET_FAILED, _link_errno(parent, name, error)) from None
+
+
+def _make_directory(target_fd: int, path: str) -> int:
+    """The directory part of ``path`` beneath ``target_fd``, missing parts made."""
+    current = target_fd
+    try:
+        for part in path.rpartition("/")[0].split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                raise _Failed(TARGET_FAILED, errno.ELOOP)
+            step = _child(current, part)
+            if current != target_fd:
+                os.close(current)
+            current = step
+        if current == target_fd:
+            try:
+                current = os.open(".", os.O_RDONLY | _DIRECTORY | _CLOEXEC, dir_fd=target_fd)
+            except OSError as error:
+                raise _Failed(TARGET_FAILED, error.errno or errno.EIO) from None
+        return current
+    except BaseException:
+        if current != target_fd:
+            os.close(current)
+        raise
+
+
 def _create_temp(dir_fd: int, prefix: str, index: int) -> tuple[int, str]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
     for attempt in range(TEMP_ATTEMPTS):
@@ -136,7 +197,9 @@ def _create_temp(dir_fd: int, prefix: str, index: int) -> tuple[int, str]:
     raise _Failed(TARGET_FAILED, errno.EEXIST)
 
 
-def _copy_one(source_fd: int, target_fd: int, job: CopyJob, prefix: str, index: int) -> CopyResult:
+def _copy_one(
+    source_fd: int, target_fd: int, job: CopyJob, prefix: str, index: int, make_dirs: bool
+) -> CopyResult:
     path, length, mtime_ns, hold = job
     received = 0
     source = dir_fd = temp_fd = -1
@@ -144,7 +207,12 @@ def _copy_one(source_fd: int, target_fd: int, job: CopyJob, prefix: str, index: 
     chunks: list[bytes] = []
     try:
         source = _open_source(source_fd, path)
-        dir_fd = _open_directory(target_fd, path)
+        try:
+            dir_fd = _open_directory(target_fd, path)
+        except _Failed as failure:
+            if not make_dirs or failure.error != errno.ENOENT:
+                raise
+            dir_fd = _make_directory(target_fd, path)
         temp_fd, temp = _create_temp(dir_fd, prefix, index)
         while received < length:
             try:
@@ -190,9 +258,11 @@ def copy_files(
     jobs: Sequence[CopyJob],
     temp_prefix: str,
     threads: int = 1,
+    make_dirs: bool = False,
 ) -> list[CopyResult]:
     """Copy each job's file from beneath ``source_fd`` to beneath ``target_fd`` (see the
-    module's docstring); one :data:`CopyResult` per job, in order.
+    module's docstring); one :data:`CopyResult` per job, in order. ``make_dirs`` makes the
+    directories a job's file needs (a failure to is the job's ``TARGET_FAILED``).
 
     Job ``i`` writes the temp file ``temp_name(temp_prefix, i, attempt)`` (the first free
     one). ``threads`` is how many files may be copied at once; the results do not depend on
@@ -202,7 +272,8 @@ def copy_files(
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     return [
-        _copy_one(source_fd, target_fd, job, temp_prefix, index) for index, job in enumerate(jobs)
+        _copy_one(source_fd, target_fd, job, temp_prefix, index, make_dirs)
+        for index, job in enumerate(jobs)
     ]
 
 

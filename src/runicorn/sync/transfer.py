@@ -56,7 +56,13 @@ from runicorn.core.copy import (
 )
 from runicorn.core.tailhash import TAIL_WINDOW, digest
 from runicorn.format.models import FileEntry
-from runicorn.sync.cache import FileRecord, LocalCacheManager, split_relative_path
+from runicorn.sync.cache import (
+    FileRecord,
+    LocalCacheManager,
+    SyncedRow,
+    plain_name,
+    split_relative_path,
+)
 from runicorn.transport.local_remote import LocalRemote
 from runicorn.transport.remote import ShrunkError
 
@@ -453,18 +459,30 @@ class FileTransfer:
             elif progress is not None:
                 progress(completed, total, transfer.entry.path)
 
-        def landed(transfer: Transfer, received: int) -> None:
-            """A file the local copy finished (installed, or failed with a reason)."""
+        def landed(done: Sequence[Transfer], received: Sequence[int]) -> None:
+            """Files the local copy finished (installed, or failed with a reason), in order.
+
+            Without a progress callback a chunk is counted at once and weighed for a commit
+            once; with one, each file is reported after the commit it may make."""
             nonlocal completed, moved
-            run.bytes_downloaded += received
-            moved += received
-            state.bytes += received
-            completed += 1
-            state.maybe_flush()
-            if with_bytes:
-                progress(completed, total, transfer.entry.path, moved, run.bytes_total)  # type: ignore[call-arg,misc]
-            elif progress is not None:
-                progress(completed, total, transfer.entry.path)
+            if progress is None:
+                count = sum(received)
+                run.bytes_downloaded += count
+                moved += count
+                state.bytes += count
+                completed += len(done)
+                state.maybe_flush()
+                return
+            for transfer, size in zip(done, received, strict=True):
+                run.bytes_downloaded += size
+                moved += size
+                state.bytes += size
+                completed += 1
+                state.maybe_flush()
+                if with_bytes:
+                    progress(completed, total, transfer.entry.path, moved, run.bytes_total)  # type: ignore[call-arg]
+                else:
+                    progress(completed, total, transfer.entry.path)
 
         try:
             with self.cache.directory_handles():
@@ -866,12 +884,14 @@ def _target_error(code: int, path: str) -> Exception:
 
 class _LocalCopy:
     """Whole files from a local-directory remote, copied by the backend's ``copy_files`` a
-    chunk at a time: the per-file work (open beneath the root, read, temp file, mtime,
-    rename) runs in the compiled core without the GIL, on every usable core.
+    chunk at a time: the per-file work (make the directory, open beneath the root, read,
+    temp file, mtime, rename) runs in the compiled core without the GIL, on every usable
+    core.
 
-    Each directory of the cache is created once per sync, through the tree's safe walk
-    (:meth:`LocalCacheManager.open_parent`); the copy then opens it beneath the cache root
-    with no link followed, so a link swapped in meanwhile fails the file, never leads out.
+    Each directory's path is checked once per sync (:func:`split_relative_path`, the cache
+    tree's own rule); the copy then opens or makes it beneath the cache root one component
+    at a time with no link followed, so a link swapped in meanwhile fails the file, never
+    leads out.
     """
 
     def __init__(
@@ -881,7 +901,7 @@ class _LocalCopy:
         state: _StateBatch,
         run: SyncRun,
         attempts: dict[str, int],
-        landed: Callable[[Transfer, int], None],
+        landed: Callable[[Sequence[Transfer], Sequence[int]], None],
     ) -> None:
         self.owner = owner
         self.cache = owner.cache
@@ -892,7 +912,7 @@ class _LocalCopy:
         self.attempts = attempts
         self.landed = landed
         self.threads = usable_cores() if self.backend.releases_gil else 1
-        self.made: set[str] = set()
+        self.checked: set[str] = set()
         self.target_fd = -1
 
     def close(self) -> None:
@@ -900,29 +920,16 @@ class _LocalCopy:
             os.close(self.target_fd)
             self.target_fd = -1
 
-    def _prepare(self, transfer: Transfer) -> str | None:
-        """Create the file's directory (once per sync); why the file cannot be written
-        there, or ``None``."""
-        path = transfer.entry.path
-        directory, _sep, name = path.rpartition("/")
+    def _check(self, path: str, directory: str) -> str | None:
+        """Why ``path`` cannot be written in the cache, or ``None`` (its directory is
+        remembered as checked)."""
         try:
-            if (
-                not name
-                or name in (".", "..")
-                or "\0" in name
-                or "\\" in name
-                or name.startswith(TEMP_PREFIX)
-            ):
-                split_relative_path(path)  # raises, with the reason
+            split_relative_path(path)  # raises, with the reason
+            if not plain_name(path.rpartition("/")[2]):
                 raise ValueError(f"cache path {path!r} has an unusable file name")
-            if directory not in self.made:
-                handle, _name = self.cache.open_parent(path, create=True)
-                handle.close()
-                self.made.add(directory)
-        except OSError as error:
-            return _reason(CacheWriteError(error.errno, error.strerror, path))
         except ValueError as error:
             return _reason(error)
+        self.checked.add(directory)
         return None
 
     def copy(self, transfers: list[Transfer]) -> None:
@@ -931,20 +938,24 @@ class _LocalCopy:
             self.target_fd = os.open(self.cache.root_dir, _DIR_FLAGS)
         jobs: list[CopyJob] = []
         taken: list[Transfer] = []
+        checked = self.checked
         for transfer in transfers:
-            problem = self._prepare(transfer)
-            if problem is not None:
-                self.owner._fail(transfer.entry.path, problem, self.state, self.run)
-                self.landed(transfer, 0)
-                continue
             entry = transfer.entry
-            jobs.append((entry.path, entry.size, _ns(entry.mtime), _checks_json(entry)))
+            path = entry.path
+            directory, _sep, name = path.rpartition("/")
+            if directory not in checked or not plain_name(name):
+                problem = self._check(path, directory)
+                if problem is not None:
+                    self.owner._fail(path, problem, self.state, self.run)
+                    self.landed((transfer,), (0,))
+                    continue
+            jobs.append((path, entry.size, _ns(entry.mtime), _checks_json(entry)))
             taken.append(transfer)
         if not jobs:
             return
         prefix = f"{TEMP_PREFIX}{_TEMP_TOKEN}{next(_temp_numbers):x}-"
         results = self.backend.copy_files(
-            self.source_fd, self.target_fd, jobs, prefix, self.threads
+            self.source_fd, self.target_fd, jobs, prefix, self.threads, make_dirs=True
         )
         held = [index for index, result in enumerate(results) if result[0] == HELD]
         problems: dict[int, str | None] = {}
@@ -966,20 +977,23 @@ class _LocalCopy:
             for index, code in zip(held, errors, strict=True):
                 if problems[index] is None and code:
                     problems[index] = f"cannot write to the cache: {os.strerror(code)}"
+        synced = self.state.synced
+        installed = 0
         for index, (transfer, result) in enumerate(zip(taken, results, strict=True)):
-            self._record(transfer, result, problems.get(index))
-            self.landed(transfer, result[2])
+            outcome = result[0]
+            if outcome == COPIED or (outcome == HELD and problems[index] is None):
+                entry = transfer.entry
+                synced.append((entry.path, entry.size, entry.mtime, entry.tail_hash))
+                installed += 1
+            else:
+                self._fail(transfer, result, problems.get(index))
+        self.run.full_count += installed
+        self.run.files_synced += installed
+        self.landed(taken, [result[2] for result in results])
 
-    def _record(self, transfer: Transfer, result: CopyResult, problem: str | None) -> None:
+    def _fail(self, transfer: Transfer, result: CopyResult, problem: str | None) -> None:
         entry = transfer.entry
         outcome, code, received, _temp, _data = result
-        if outcome in (COPIED, HELD) and problem is None:
-            self.state.synced.append(
-                FileRecord(entry.path, entry.size, entry.mtime, entry.tail_hash)
-            )
-            self.run.full_count += 1
-            self.run.files_synced += 1
-            return
         if problem is None:
             if outcome == SOURCE_FAILED:
                 problem = _reason(_source_error(code, entry.path))
@@ -1019,7 +1033,7 @@ class _StateBatch:
         self.cache = cache
         self.remote_id = remote_id
         self.batch_size = max(1, int(batch_size))
-        self.synced: list[FileRecord] = []
+        self.synced: list[SyncedRow] = []
         self.forget: list[str] = []
         self.failed: list[tuple[str, str]] = []
         self.bytes = 0
@@ -1072,7 +1086,7 @@ class _StateBatch:
         if self.synced:
             self.wrote = True
             if not syncfs_available():
-                self.written.extend(record.path for record in self.synced)
+                self.written.extend(record[0] for record in self.synced)
         if self.synced or self.forget or self.failed:
             self.cache.save_progress(
                 remote_id=self.remote_id,

@@ -27,8 +27,9 @@ from runicorn.sync.cache.state_db import (
     FailedFile,
     FileRecord,
     RunRecord,
+    SyncedRow,
 )
-from runicorn.sync.cache.tree import STATE_DIRNAME, split_relative_path
+from runicorn.sync.cache.tree import STATE_DIRNAME, plain_name, split_relative_path
 
 __all__ = [
     "IDENTITY_NAME",
@@ -43,5 +44,7 @@ __all__ = [
     "FileRecord",
     "LocalCacheManager",
     "RunRecord",
+    "SyncedRow",
+    "plain_name",
     "split_relative_path",
 ]

@@ -27,9 +27,9 @@ from runicorn.sync.cache.state_db import (
     CachedRun,
     CacheError,
     FailedFile,
-    FileRecord,
     RunRecord,
     StateDatabase,
+    SyncedRow,
 )
 from runicorn.sync.cache.tree import CacheTree, is_marked_remote_cache
 
@@ -339,11 +339,12 @@ class LocalCacheManager:
         self,
         *,
         remote_id: str,
-        synced: Sequence[FileRecord] = (),
+        synced: Sequence[SyncedRow] = (),
         forget: Sequence[str] = (),
         failed: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """Record finished files, forget stale records and note failures, in one commit."""
+        """Record finished files (:class:`FileRecord` or the same plain tuple), forget
+        stale records and note failures, in one commit."""
         self.state.save_progress(remote_id=remote_id, synced=synced, forget=forget, failed=failed)
 
     def failed_files(self, remote_id: str | None = None) -> list[FailedFile]:

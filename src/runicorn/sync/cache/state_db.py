@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -140,9 +140,14 @@ class RunRecord:
     """``None`` keeps the previous value (the run still has files pending)."""
 
 
-@dataclass(frozen=True)
-class FileRecord:
-    """One synced file: it is on disk at ``path`` with this size, mtime and tail hash."""
+SyncedRow = tuple[str, int, float, "str | None"]
+"""A synced file as :meth:`StateDatabase.save_progress` takes it: ``(path, size, mtime,
+tail_hash)``, what :class:`FileRecord` is."""
+
+
+class FileRecord(NamedTuple):
+    """One synced file: it is on disk at ``path`` with this size, mtime and tail hash (a
+    tuple: a cold sync records a million of them)."""
 
     path: str
     size: int
@@ -549,11 +554,12 @@ class StateDatabase:
         self,
         *,
         remote_id: str,
-        synced: Sequence[FileRecord] = (),
+        synced: Sequence[SyncedRow] = (),
         forget: Sequence[str] = (),
         failed: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """Record finished files, forget stale records and note failures, in one commit."""
+        """Record finished files (:class:`FileRecord` or the same plain tuple), forget
+        stale records and note failures, in one commit."""
         now = time.time()
         with self.transaction() as conn:
             if forget:
@@ -562,11 +568,11 @@ class StateDatabase:
                 conn.executemany(
                     "INSERT OR REPLACE INTO files (path, size, mtime, tail_hash, synced_at)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    [(r.path, r.size, r.mtime, r.tail_hash, now) for r in synced],
+                    [(*record, now) for record in synced],
                 )
                 if not self._no_failures:
                     conn.executemany(
-                        "DELETE FROM failed_files WHERE path = ?", [(r.path,) for r in synced]
+                        "DELETE FROM failed_files WHERE path = ?", [(r[0],) for r in synced]
                     )
                     self._no_failures = (
                         conn.execute("SELECT 1 FROM failed_files LIMIT 1").fetchone() is None

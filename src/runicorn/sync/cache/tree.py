@@ -85,7 +85,7 @@ def split_relative_path(relative_path: str) -> list[str]:
     return parts
 
 
-def _plain_name(name: str) -> bool:
+def plain_name(name: str) -> bool:
     """Whether a last path component passes :func:`split_relative_path` (its own checks)."""
     return (
         bool(name)
@@ -178,7 +178,7 @@ class CacheTree:
         directory, _sep, name = relative_path.rpartition("/")
         with self._lock:
             handles = self._handles
-            if handles is not None and directory and _plain_name(name):
+            if handles is not None and directory and plain_name(name):
                 # A kept directory was validated when it was opened: only the name is new.
                 kept = handles.get(directory)
                 if kept is not None:
