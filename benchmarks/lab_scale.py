@@ -24,6 +24,11 @@ children it waited for) and its peak memory (``ru_maxrss`` from ``wait4``). rsyn
 ``*.lock`` and ``.runicorn/`` so both tools move the same files. The table is printed as
 Markdown; ``--json`` prints the numbers too.
 
+The package is compiled to bytecode first (``compileall``), as an installed wheel is: from
+an editable install under ``PYTHONDONTWRITEBYTECODE`` every ``runicorn`` process would
+otherwise compile each module it imports, a start-up cost no installed copy has.
+``--no-bytecode`` measures that case instead.
+
     python benchmarks/lab_scale.py --runs 10000 --scale 0.01 --workdir /dev/shm/bench
     python benchmarks/lab_scale.py --runs 10000 --scale 0.01 --workdir /dev/shm/bench --wan
 
@@ -36,6 +41,7 @@ and the step at its 50 ms / 100 Mbit/s.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import gc
 import os
@@ -50,6 +56,7 @@ from pathlib import Path
 import orjson
 
 import _harness_path  # noqa: F401  (tests/ on sys.path, for harness)
+import runicorn
 from harness.sshd import SshServer
 from harness.wan_proxy import WanProxy
 from runicorn.demo.sample_lab import build_sample_lab
@@ -189,8 +196,24 @@ def generate(lab: Path) -> float:
     return seconds
 
 
+def set_aside(destination: Path, keep: bool) -> None:
+    """Remove a tool's destination, or with ``keep`` rename it to ``NAME.done`` for the
+    caller to remove after the run (a million files take minutes to delete on a busy disk:
+    time nobody measures, spent holding the benchmark lock)."""
+    if keep:
+        destination.rename(destination.with_name(destination.name + ".done"))
+    else:
+        shutil.rmtree(destination)
+
+
 def run_scenarios(
-    lab: Path, workdir: Path, stepping: list[Path], link: Link, *, cold_only: bool = False
+    lab: Path,
+    workdir: Path,
+    stepping: list[Path],
+    link: Link,
+    *,
+    cold_only: bool = False,
+    keep: bool = False,
 ) -> tuple[dict[str, list[Figure]], float]:
     """Cold, no change and step for each tool, one tool after the other (only cold with
     ``cold_only``: the lab is only read, so it may be a hard-linked copy of another)."""
@@ -203,7 +226,7 @@ def run_scenarios(
         shutil.rmtree(destination, ignore_errors=True)
         if cold_only:
             figures[tool.__name__] = [tool(lab, destination, link)]
-            shutil.rmtree(destination)
+            set_aside(destination, keep)
             continue
         with link.cold():
             cold = tool(lab, destination, link)
@@ -211,7 +234,7 @@ def run_scenarios(
         step(lab, stepping, time.time())
         generation = generate(lab)
         figures[tool.__name__] = [cold, unchanged, tool(lab, destination, link)]
-        shutil.rmtree(destination)
+        set_aside(destination, keep)
     return figures, generation
 
 
@@ -239,8 +262,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the cold scenario; the lab is never written (a hard-linked copy will do)",
     )
+    parser.add_argument(
+        "--keep-destinations",
+        action="store_true",
+        help="leave each destination as WORKDIR/cache.done and WORKDIR/rsync.done instead "
+        "of deleting it (remove them after the run; they must not exist before it)",
+    )
+    parser.add_argument(
+        "--no-bytecode",
+        action="store_true",
+        help="do not compile the package first (an editable install's start-up)",
+    )
     args = parser.parse_args(argv)
 
+    if args.keep_destinations:
+        for name in ("cache.done", "rsync.done"):
+            if (args.workdir / name).exists():
+                parser.error(f"{args.workdir / name} exists: remove it first")
+    load_at_start = os.getloadavg()[0]
+    if not args.no_bytecode:
+        compileall.compile_dir(Path(runicorn.__file__).parent, quiet=1)
     args.workdir.mkdir(parents=True, exist_ok=True)
     lab = args.lab
     if lab is None:
@@ -264,21 +305,39 @@ def main(argv: list[str] | None = None) -> int:
             config = write_client_config(server, proxy.port, args.workdir, alias=ALIAS)
             link = Link(config, server, proxy if args.cold_unthrottled else None)
             figures, generation = run_scenarios(
-                lab, args.workdir, stepping, link, cold_only=args.cold_only
+                lab,
+                args.workdir,
+                stepping,
+                link,
+                cold_only=args.cold_only,
+                keep=args.keep_destinations,
             )
         where = f"over SSH, {args.rtt_ms:g} ms RTT, {args.mbit:g} Mbit/s (WAN emulator)"
         if args.cold_unthrottled:
             where += "; the cold syncs unthrottled (not WAN figures)"
     else:
         figures, generation = run_scenarios(
-            lab, args.workdir, stepping, Link(), cold_only=args.cold_only
+            lab,
+            args.workdir,
+            stepping,
+            Link(),
+            cold_only=args.cold_only,
+            keep=args.keep_destinations,
         )
         where = "local directory"
     rows = dict(
         zip(names, zip(figures["runicorn_sync"], figures["rsync"], strict=True), strict=True)
     )
 
-    print(f"lab: {lab}, {where}; load average {os.getloadavg()[0]:.2f} at the end")
+    print(
+        f"lab: {lab}, {where}; load average {load_at_start:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end"
+    )
+    print(
+        "runicorn started from sources compiled on the fly (editable install)"
+        if args.no_bytecode
+        else "runicorn started from compiled bytecode (as an installed package)"
+    )
     if not args.cold_only:
         print(f"the step's manifests generated in {generation:.2f} s")
     print()

@@ -50,8 +50,10 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         real_dirty(self, value)
 
     monkeypatch.setattr(transfer, "sync_file_system", barrier)
-    # a commit every BATCH_SIZE files, however fast they land: several commits to order
+    # a commit every BATCH_SIZE files, however fast they land, and the local copy's
+    # chunks (recorded a chunk at a time) small: several commits to order
     monkeypatch.setattr(transfer, "COMMIT_SPACING", 0.0)
+    monkeypatch.setattr(transfer, "COPY_CHUNK_FILES", 5)
     monkeypatch.setattr(LocalCacheManager, "save_progress", commit)
     monkeypatch.setattr(LocalCacheManager, "set_dirty", dirty)
     return seen

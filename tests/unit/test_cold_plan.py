@@ -4,22 +4,26 @@ whose paths are not strictly ascending (runs on both backends)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from runicorn.manifest import FileEntry
 from runicorn.sync.cache import LocalCacheManager
 from runicorn.sync.client import _check_order
-from runicorn.sync.transfer import Transfer, plan
+from runicorn.sync.transfer import Transfer, WholeFiles, plan
 
 
 def _entries(count: int) -> list[FileEntry]:
     return [
-        FileEntry(f"p/e/r{index // 7}/f{index % 7}.txt", index, 1.5, 4, index % 2 == 0)
+        FileEntry(
+            f"p/e/r{index // 7}/f{index % 7}.txt", index, 1.5, 1 + index % 4, index % 2 == 0
+        )
         for index in range(count)
     ]
 
 
-def _shape(transfers: list[Transfer]) -> list[tuple]:
+def _shape(transfers: Sequence[Transfer]) -> list[tuple]:
     return [(t.entry, t.append, t.local_size, t.overlap, t.offset, t.length) for t in transfers]
 
 
@@ -29,7 +33,14 @@ def test_a_cold_plan_is_the_plan_of_a_diff_against_nothing(backend, tmp_path) ->
     diff = backend.diff_entries(
         [(e.path, e.size, e.mtime, e.is_append_only, e.tail_hash) for e in entries], []
     )
-    assert _shape(plan(entries, None, {}, cache)) == _shape(plan(entries, diff, {}, cache))
+    cold = plan(entries, None, {}, cache)
+    assert isinstance(cold, WholeFiles)
+    assert _shape(cold) == _shape(plan(entries, diff, {}, cache))
+    order = [(t.entry.priority, t.entry.path) for t in cold]
+    assert order == sorted(order)
+    assert cold.total_bytes == sum(t.length for t in cold) == sum(range(50))
+    assert _shape(cold[3:9]) == _shape(cold)[3:9]
+    assert _shape([cold[-1]]) == _shape(cold)[-1:]
 
 
 def test_a_planned_transfer_is_idle_until_its_first_byte(tmp_path) -> None:

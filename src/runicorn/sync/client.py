@@ -62,7 +62,7 @@ from runicorn.sync.manifest_fetch import (
 from runicorn.sync.run_status import EVENTS_FILE, RunChange
 from runicorn.sync.selection import RunSelection
 from runicorn.sync.stats import ProgressCallback, SyncRun, SyncStats
-from runicorn.sync.transfer import FileTransfer, Transfer, plan
+from runicorn.sync.transfer import FileTransfer, Transfer, WholeFiles, plan
 from runicorn.sync.twins import drop_case_twins
 from runicorn.sync.viewer import ViewerChanges
 
@@ -947,14 +947,14 @@ class ManifestSyncClient:
             else []
         )
         del local, changed
-        transfers = plan(entries, diff, local_sizes, self.cache)
+        transfers = plan(entries, diff, local_sizes, self.cache)  # priority, then path
         del diff, local_sizes  # a cold sync's diff lists every file: not held while it runs
-        # Priority first, then path: two stable sorts, as a key tuple per file would cost
-        # more than the transfers themselves on a cold sync.
-        transfers.sort(key=lambda t: t.entry.path)
-        transfers.sort(key=lambda t: t.entry.priority)
         run.files_total = len(transfers)
-        run.bytes_total = sum(t.length for t in transfers)
+        run.bytes_total = (
+            transfers.total_bytes
+            if isinstance(transfers, WholeFiles)
+            else sum(t.length for t in transfers)
+        )
         vanished, gone = self._runs_to_delete(served, remote_id, run) if is_full else ([], [])
 
         if self.dry_run:
@@ -1093,7 +1093,7 @@ class ManifestSyncClient:
     @staticmethod
     def _changes(
         manifest: SyncManifest,
-        transfers: list[Transfer],
+        transfers: Sequence[Transfer],
         run: SyncRun,
         cached_ids: set[str],
         gone: list[tuple[str, str, str]],
@@ -1123,7 +1123,7 @@ class ManifestSyncClient:
     @staticmethod
     def _run_changes(
         manifest: SyncManifest,
-        transfers: list[Transfer],
+        transfers: Sequence[Transfer],
         run: SyncRun,
         cached_ids: set[str],
         gone: list[tuple[str, str, str]],
@@ -1226,7 +1226,7 @@ class ManifestSyncClient:
 
     def _transfer(
         self,
-        transfers: list[Transfer],
+        transfers: Sequence[Transfer],
         run: SyncRun,
         progress: ProgressCallback | None,
         remote_id: str,

@@ -35,6 +35,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
@@ -82,6 +83,7 @@ __all__ = [
     "TRUNCATED_JSON",
     "FileTransfer",
     "Transfer",
+    "WholeFiles",
     "plan",
 ]
 
@@ -369,16 +371,60 @@ class _Redo(Exception):
     """The append-verify failed: the file must be fetched whole."""
 
 
+class WholeFiles(Sequence[Transfer]):
+    """The plan of a sync that fetches every file whole (a cold one): its entries, each
+    made a :class:`Transfer` only when it is looked at.
+
+    A cold sync of a large lab plans a transfer per file, and a million of them held at
+    once cost more memory than the rest of the plan; the local copy and the counts walk
+    this one a chunk at a time, so only a chunk's transfers exist at once. Each look makes
+    a new transfer: whoever needs the same one twice (the fetch engine's sinks) takes a
+    list of them first.
+    """
+
+    __slots__ = ("_cache", "_entries")
+
+    def __init__(self, entries: list[FileEntry], cache: LocalCacheManager) -> None:
+        self._entries = entries
+        self._cache = cache
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @overload
+    def __getitem__(self, index: int) -> Transfer: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Transfer]: ...
+
+    def __getitem__(self, index: int | slice) -> Transfer | list[Transfer]:
+        if isinstance(index, slice):
+            return [Transfer(entry, False, self._cache) for entry in self._entries[index]]
+        return Transfer(self._entries[index], False, self._cache)
+
+    def __iter__(self) -> Iterator[Transfer]:
+        cache = self._cache
+        for entry in self._entries:
+            yield Transfer(entry, False, cache)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes every transfer moves (no transfer made)."""
+        return sum(entry.size for entry in self._entries)
+
+
 def plan(
     entries: Sequence[FileEntry],
     diff: DiffResult | None,
     local_sizes: dict[str, int],
     cache: LocalCacheManager,
-) -> list[Transfer]:
-    """One :class:`Transfer` per file the diff found new, replaced or grown (appended);
-    ``diff`` ``None``: the cache holds none of them, so every entry is new."""
+) -> Sequence[Transfer]:
+    """One :class:`Transfer` per file the diff found new, replaced or grown (appended), in
+    priority order, then by path; ``diff`` ``None``: the cache holds none of them, so every
+    entry is new (and the plan is a :class:`WholeFiles`). ``entries`` are sorted by path."""
     if diff is None:
-        return [Transfer(entry, False, cache) for entry in entries]
+        # One stable sort keeps the path order within each priority.
+        return WholeFiles(sorted(entries, key=_priority), cache)
     transfers = [Transfer(entries[i], False, cache) for i in diff.new]
     for i in diff.replaced:
         entry = entries[i]
@@ -397,7 +443,14 @@ def plan(
         local_size = local_sizes[entry.path]
         overlap = _overlap(entry, local_size)
         transfers.append(Transfer(entry, True, cache, local_size=local_size, overlap=overlap))
+    # Priority first, then path: two stable sorts, cheaper than a key tuple per file.
+    transfers.sort(key=lambda t: t.entry.path)
+    transfers.sort(key=lambda t: t.entry.priority)
     return transfers
+
+
+def _priority(entry: FileEntry) -> int:
+    return entry.priority
 
 
 @dataclass
@@ -417,7 +470,7 @@ class FileTransfer:
 
     def transfer(
         self,
-        transfers: list[Transfer],
+        transfers: Sequence[Transfer],
         run: SyncRun,
         progress: ProgressCallback | None,
         remote_id: str,
@@ -500,7 +553,9 @@ class FileTransfer:
                             if here:
                                 copier.copy(segment)
                             else:
+                                copier.finish()
                                 self._fetch(segment, handle)
+                        copier.finish()
                     finally:
                         copier.close()
                 else:
@@ -513,9 +568,9 @@ class FileTransfer:
 
     def _within_free_space(
         self,
-        transfers: list[Transfer],
+        transfers: Sequence[Transfer],
         handle: Callable[[Transfer, BaseException | None, int], None],
-    ) -> list[Transfer]:
+    ) -> Sequence[Transfer]:
         """The transfers that fit on the cache's disk, in order (priority first); each one
         that does not is failed now, before a byte is fetched, with the sizes in its reason.
 
@@ -528,7 +583,12 @@ class FileTransfer:
         except OSError:
             return transfers  # the writes report an unusable directory themselves
         budget = free - FREE_SPACE_MARGIN
-        if sum(transfer.length for transfer in transfers) <= budget:
+        planned = (
+            transfers.total_bytes
+            if isinstance(transfers, WholeFiles)
+            else sum(transfer.length for transfer in transfers)
+        )
+        if planned <= budget:
             return transfers
         kept: list[Transfer] = []
         refused = 0
@@ -555,13 +615,15 @@ class FileTransfer:
 
     def _fetch(
         self,
-        transfers: list[Transfer],
+        planned: Sequence[Transfer],
         handle: Callable[[Transfer, BaseException | None, int], None],
     ) -> None:
         """Hand the transfers to the engine (priority order); every one is handled once,
         even when the engine itself fails."""
-        if not transfers:
+        if not planned:
             return
+        # Each sink must be the transfer its result is handled with: made once, here.
+        transfers = planned if isinstance(planned, list) else list(planned)
         # The transfer engine is imported late, so importing the client stays cheap.
         from runicorn.transport.remote import FetchJob
 
@@ -831,7 +893,7 @@ it returns for checking are held in memory until installed."""
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def _segments(transfers: list[Transfer]) -> Iterator[tuple[bool, list[Transfer]]]:
+def _segments(transfers: Sequence[Transfer]) -> Iterator[tuple[bool, list[Transfer]]]:
     """The transfers in order, cut into runs the local copy takes (``True``: whole files,
     at most :data:`COPY_CHUNK_FILES` and :data:`COPY_CHUNK_BYTES` each) and runs of appends
     for the fetch engine (``False``)."""
@@ -914,8 +976,16 @@ class _LocalCopy:
         self.threads = usable_cores() if self.backend.releases_gil else 1
         self.checked: set[str] = set()
         self.target_fd = -1
+        # The chunk copied last, not yet recorded: it is recorded while the next one copies.
+        self.copied: tuple[list[Transfer], list[CopyResult]] | None = None
+        self._worker: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
+        """Wait for a copy still running (it cannot be stopped half way: at most a chunk,
+        left unrecorded for the next sync to copy again), then let go of the cache root."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         if self.target_fd >= 0:
             os.close(self.target_fd)
             self.target_fd = -1
@@ -933,7 +1003,13 @@ class _LocalCopy:
         return None
 
     def copy(self, transfers: list[Transfer]) -> None:
-        """Copy one chunk and record every file of it: installed, or failed with a reason."""
+        """Copy one chunk; the chunk before it is recorded meanwhile (:meth:`finish`).
+
+        With the GIL released the copy runs on every core while this thread checks the
+        JSON files of the chunk before, records them and commits the state: the
+        bookkeeping of a chunk costs no time of its own. Every file of a chunk is recorded
+        (installed, or failed with a reason) before the one after the next is copied.
+        """
         if self.target_fd < 0:
             self.target_fd = os.open(self.cache.root_dir, _DIR_FLAGS)
         jobs: list[CopyJob] = []
@@ -954,9 +1030,29 @@ class _LocalCopy:
         if not jobs:
             return
         prefix = f"{TEMP_PREFIX}{_TEMP_TOKEN}{next(_temp_numbers):x}-"
-        results = self.backend.copy_files(
-            self.source_fd, self.target_fd, jobs, prefix, self.threads, make_dirs=True
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="runicorn-copy")
+        copying = self._worker.submit(
+            self.backend.copy_files,
+            self.source_fd,
+            self.target_fd,
+            jobs,
+            prefix,
+            self.threads,
+            make_dirs=True,
         )
+        try:
+            self.finish()
+        finally:
+            results = copying.result()  # the copy's own failure is raised here
+        self.copied = (taken, results)
+
+    def finish(self) -> None:
+        """Record every file of the chunk copied last: installed, or failed with a reason."""
+        if self.copied is None:
+            return
+        taken, results = self.copied
+        self.copied = None
         held = [index for index, result in enumerate(results) if result[0] == HELD]
         problems: dict[int, str | None] = {}
         if held:
