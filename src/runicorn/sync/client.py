@@ -364,6 +364,11 @@ class ManifestSyncClient:
                 return run.stats()
             self._apply(manifest, run, progress_callback, remote_id, record_header=True)
             self._record_full_stamp(remote_id)
+            # What is left needs the manifest's header and its runs' statuses, not their
+            # files: the bulk of a large lab's manifest is let go before the active
+            # manifest is read beside it (the manifest is this call's own).
+            for exp in manifest.experiments:
+                exp.files = []
             if (
                 manifest.manifest_type is ManifestType.FULL
                 and self.manifest_type == "auto"
