@@ -6,7 +6,9 @@ those the stream sends uncompressed (a first 4 KiB that zlib level 1 does not sh
 feeds the rest through one compression context in blocks of about 128 KiB, each ended by a
 flush, as the server-side program does. For each setting it prints the bytes out, the ratio
 and the CPU seconds of this process (``time.process_time``), best of ``--rounds``. LDM is
-zstd's long-distance matching.
+zstd's long-distance matching. The standard library's other codecs are there for a server
+whose ``python3`` has no zstd: zlib's levels, and LZMA (``lzma``: it cannot flush a stream
+and go on, so each block is a raw LZMA2 stream of its own).
 
     python benchmarks/stream_codecs.py --runs 200 --scale 1.0
 """
@@ -14,6 +16,7 @@ zstd's long-distance matching.
 from __future__ import annotations
 
 import argparse
+import lzma
 import tempfile
 import time
 import zlib
@@ -63,6 +66,11 @@ def _zlib(level: int) -> Callable[[bytes], bytes]:
     return lambda body: packer.compress(body) + packer.flush(zlib.Z_SYNC_FLUSH)
 
 
+def _lzma(preset: int) -> Callable[[bytes], bytes]:
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": preset}]
+    return lambda body: lzma.compress(body, format=lzma.FORMAT_RAW, filters=filters)
+
+
 def _zstd(level: int, window_log: int | None, ldm: bool) -> Callable[[bytes], bytes]:
     if window_log is None and not ldm:
         compressor = zstandard.ZstdCompressor(level=level)
@@ -78,7 +86,9 @@ def _zstd(level: int, window_log: int | None, ldm: bool) -> Callable[[bytes], by
 
 SETTINGS: list[tuple[str, Callable[[], Callable[[bytes], bytes]]]] = [
     ("zlib 1 (the stream without zstd)", lambda: _zlib(1)),
+    *[(f"zlib {level}", lambda level=level: _zlib(level)) for level in (2, 3, 4)],
     ("zlib 6 (sshd's)", lambda: _zlib(6)),
+    ("LZMA2 preset 0, each block alone", lambda: _lzma(0)),
     *[(f"zstd {level}", lambda level=level: _zstd(level, None, False)) for level in (1, 2, 3)],
     *[
         (f"zstd {level}, window 2^{log}", lambda level=level, log=log: _zstd(level, log, False))

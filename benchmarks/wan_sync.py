@@ -173,6 +173,9 @@ def _measure(
     tool: str, scenario: str, command: list[str], proxy: WanProxy, server: SshServer
 ) -> Measurement:
     _wait_sessions_gone(server)
+    # The last tool's files still dirty in the page cache would be written out on this
+    # one's time: by runicorn's syncfs at the end of a sync, or by throttled writes.
+    os.sync()
     proxy.reset_counters()
     server.reset_request_counts()
     cpu_before = _server_cpu(server)
