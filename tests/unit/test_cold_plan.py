@@ -4,6 +4,7 @@ whose paths are not strictly ascending (runs on both backends)."""
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Sequence
 
 import pytest
@@ -80,3 +81,19 @@ def test_a_cold_sync_refuses_paths_out_of_order_as_the_diff_does(
 def test_ascending_paths_pass_the_order_check() -> None:
     _check_order(_entries(30))
     _check_order([])
+
+
+def test_a_cold_plan_holds_no_object_per_file(tmp_path) -> None:
+    """The plan of 20,000 new files is their entries in order, not 20,000 transfers: what
+    it allocates is a list of references (a ``Transfer`` each would be some 1.6 MB)."""
+    entries = sorted(_entries(20_000), key=lambda entry: entry.path)
+    cache = LocalCacheManager(tmp_path / "cache")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        planned = plan(entries, None, {}, cache)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(planned) == 20_000
+    assert held < 20_000 * 8 + 64 * 1024
