@@ -396,11 +396,8 @@ class ManifestSyncClient:
             return
         if manifest is not None:
             running = sum(exp.status == "running" for exp in manifest.experiments)
-        else:
-            running = sum(
-                cached.remote_id == remote_id and cached.status == "running"
-                for cached in self.cache.list_runs()
-            )
+        else:  # one count, not every cached run with its files' sizes
+            running = self.cache.running_run_count(remote_id)
         if not running:
             return
         message = (

@@ -398,6 +398,10 @@ class LocalCacheManager:
         """``(project, name, run_id)`` of every cached run that came from ``remote_id``."""
         return self.state.runs_of_remote(remote_id)
 
+    def running_run_count(self, remote_id: str) -> int:
+        """How many cached runs from ``remote_id`` are recorded as ``running``."""
+        return self.state.running_run_count(remote_id)
+
     def applied_manifest(self, remote_id: str, manifest_type: str) -> AppliedManifest | None:
         """The last manifest of this type applied from ``remote_id``, if any."""
         return self.state.applied_manifest(remote_id, manifest_type)

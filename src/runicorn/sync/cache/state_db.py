@@ -421,6 +421,14 @@ class StateDatabase:
             )
         ]
 
+    def running_run_count(self, remote_id: str) -> int:
+        """How many cached runs from ``remote_id`` are recorded as ``running`` (one query:
+        a no-change sync may ask, whatever the lab's size)."""
+        rows = self._read(
+            "SELECT COUNT(*) FROM runs WHERE remote_id = ? AND status = 'running'", (remote_id,)
+        )
+        return int(rows[0][0]) if rows else 0
+
     def cached_run_ids(self, remote_id: str, run_ids: Iterable[str]) -> set[str]:
         """Which of ``run_ids`` the cache holds runs of from ``remote_id``: index lookups,
         for a manifest listing a few of the cache's runs."""
