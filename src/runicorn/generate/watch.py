@@ -174,6 +174,7 @@ class ManifestPublisher:
         last_full = float("-inf")
         earliest_active = float("-inf")
         last_change = float("-inf")
+        leading_pending = False  # a leading-edge publication is due and not yet made
         started = False
         while not self._stop.is_set():
             now = time.monotonic()
@@ -204,7 +205,10 @@ class ManifestPublisher:
                 last_change = now
                 if first_change is None:
                     first_change = now
-                quiet = now if changes.rescan or leading else now + self.debounce
+                # The rest of the write that opened the burst (its close, a second batch of
+                # events) must not push a publication already due at once into the debounce.
+                leading_pending = leading_pending or leading
+                quiet = now if changes.rescan or leading_pending else now + self.debounce
                 active_due = max(min(first_change + self.max_delay, quiet), earliest_active)
                 if full_pending is None:
                     full_pending = now
@@ -214,6 +218,7 @@ class ManifestPublisher:
             if active_due is not None and now >= active_due:
                 if self._generate(ManifestType.ACTIVE):
                     active_due = first_change = None
+                    leading_pending = False
                     took = self._last_duration
                     earliest_active = time.monotonic() + ACTIVE_PACE * took
                     if isinstance(self.source, PollingSource) and started:
