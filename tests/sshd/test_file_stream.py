@@ -88,6 +88,20 @@ def test_stream_on_off_and_automatic_give_byte_identical_caches(
 
 
 @pytest.fixture
+def codecs(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The codec each file stream of the test agreed with the server, in order."""
+    agreed: list[str | None] = []
+    hello = file_stream.FileStream._hello
+
+    def record_codec(self: file_stream.FileStream, payload: bytes) -> None:
+        hello(self, payload)
+        agreed.append(self.codec)
+
+    monkeypatch.setattr(file_stream.FileStream, "_hello", record_codec)
+    return agreed
+
+
+@pytest.fixture
 def tree(tmp_path: Path) -> dict[str, bytes]:
     """Small compressible files, a large random one, and links the stream must refuse."""
     root = tmp_path / "tree"
@@ -230,16 +244,9 @@ def test_zstd_and_zlib_streams_give_byte_identical_caches(
     sshd_server: SshServer,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    codecs: list[str | None],
     case: str,
 ) -> None:
-    codecs: list[str | None] = []
-    hello = file_stream.FileStream._hello
-
-    def record_codec(self: file_stream.FileStream, payload: bytes) -> None:
-        hello(self, payload)
-        codecs.append(self.codec)
-
-    monkeypatch.setattr(file_stream.FileStream, "_hello", record_codec)
     # This test's interpreter has zstandard (a dependency): it stands for a runicorn
     # environment on the server, named with --stream-python.
     python = sys.executable
@@ -305,16 +312,9 @@ def test_the_default_python3_hands_over_to_the_accounts_runicorn(
     account_runicorn: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    codecs: list[str | None],
     case: str,
 ) -> None:
-    codecs: list[str | None] = []
-    hello = file_stream.FileStream._hello
-
-    def record_codec(self: file_stream.FileStream, payload: bytes) -> None:
-        hello(self, payload)
-        codecs.append(self.codec)
-
-    monkeypatch.setattr(file_stream.FileStream, "_hello", record_codec)
     # The server's default python3 without zstd; the account's runicorn is installed in an
     # environment that has zstandard (this test's: a runicorn dependency) or in one that has not.
     no_zstd = _fake_python(tmp_path, _NO_ZSTD)

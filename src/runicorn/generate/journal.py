@@ -234,14 +234,7 @@ class ChangeJournal:
         for prefix, run_id, (count, ctimes, newest) in runs() if callable(runs) else runs:
             run_tags = tags.get(run_id)
             before = known.get(prefix)
-            # [count, ctime sum, newest ctime, tags, number of the observation]
-            if (
-                before is None
-                or before[0] != count
-                or before[1] != ctimes
-                or before[3] != run_tags
-                or newest >= settled_before
-            ):
+            if before is None or _moved(before, count, ctimes, newest, run_tags, settled_before):
                 current[prefix] = [count, ctimes, newest, run_tags, seq]
                 moved = True
             else:
@@ -361,13 +354,7 @@ def _moved_among(
         before = known.get(prefix)
         if before is None:
             added += 1
-        if (
-            before is None
-            or before[0] != count
-            or before[1] != ctimes
-            or before[3] != run_tags
-            or newest >= settled_before
-        ):
+        if before is None or _moved(before, count, ctimes, newest, run_tags, settled_before):
             moved[prefix] = [count, ctimes, newest, run_tags, seq]
     if run_count is None or len(known) + added != run_count:
         return None
@@ -394,3 +381,22 @@ def _empty() -> dict[str, Any]:
         "runs": {},
         "fulls": [],
     }
+
+
+def _moved(
+    before: list[Any],
+    count: int,
+    ctimes: int,
+    newest: int,
+    run_tags: object,
+    settled_before: int,
+) -> bool:
+    """Whether a run's observation differs from its journal entry ``before`` (``[count,
+    ctime sum, newest ctime, tags, observation number]``), or is too recent to be trusted
+    as settled."""
+    return (
+        before[0] != count
+        or before[1] != ctimes
+        or before[3] != run_tags
+        or newest >= settled_before
+    )
