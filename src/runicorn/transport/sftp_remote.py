@@ -819,11 +819,20 @@ def _directories_above(jobs: list[FetchJob]) -> set[str]:
             relative = relative_path(job.path)
         except ValueError:
             continue  # the file's own operation reports it
-        end = relative.rfind("/")
-        while end > 0 and relative[:end] not in directories:
-            directories.add(relative[:end])
-            end = relative.rfind("/", 0, end)
+        for directory in _directories_of(relative):
+            if directory in directories:
+                break  # and every one above it
+            directories.add(directory)
     return directories
+
+
+def _directories_of(relative: str) -> Iterator[str]:
+    """The directories above the root-relative ``relative``, nearest first: ``a/b/c``
+    gives ``a/b``, then ``a``."""
+    end = relative.rfind("/")
+    while end > 0:
+        yield relative[:end]
+        end = relative.rfind("/", 0, end)
 
 
 class _DirectoryGate:
@@ -856,13 +865,10 @@ class _DirectoryGate:
         except ValueError:
             return []  # the file's own operation reports it
         ops: list[LstatOp] = []
-        end = relative.find("/")
-        while end > 0:
-            directory = relative[:end]
+        for directory in reversed(list(_directories_of(relative))):  # the root's side first
             if directory not in self._asked:
                 self._asked.add(directory)
                 ops.append(self._op(directory))
-            end = relative.find("/", end + 1)
         return ops
 
     def _op(self, path: str) -> LstatOp:
@@ -885,9 +891,7 @@ class _DirectoryGate:
             relative = relative_path(path)
         except ValueError as error:
             return error
-        end = relative.rfind("/")
-        while end > 0:
-            directory = relative[:end]
+        for directory in _directories_of(relative):
             if directory not in self._answered:
                 return OSError(
                     errno.EPROTO,
@@ -895,7 +899,6 @@ class _DirectoryGate:
                     "not reading the file unchecked",
                     path,
                 )
-            end = relative.rfind("/", 0, end)
         try:
             _refuse_under(self._refused, relative)
         except OSError as error:
@@ -905,16 +908,14 @@ class _DirectoryGate:
 
 def _refuse_under(refused: set[str], path: str) -> None:
     """OSError (``ELOOP``) if a directory above ``path`` is in ``refused``."""
-    end = path.rfind("/")
-    while end > 0:
-        if path[:end] in refused:
+    for directory in _directories_of(path):
+        if directory in refused:
             raise OSError(
                 errno.ELOOP,
-                f"{path[:end]!r} is a symbolic link (or not a directory) on the server; "
+                f"{directory!r} is a symbolic link (or not a directory) on the server; "
                 "refusing to read through it",
                 path,
             )
-        end = path.rfind("/", 0, end)
 
 
 def _entry(item: DirEntry) -> RemoteDirEntry:
