@@ -127,14 +127,6 @@ def _plant(root: Path, paths: list[bytes]) -> list[bytes]:
     return made
 
 
-def _json_safe(path: str) -> str:
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return names.printable(path)
-    return path
-
-
 def _generate(root: Path, backend: Backend) -> SyncManifest:
     ManifestGenerator(root, backend=backend, clock=lambda: NOW, hostname="lab").generate()
     return SyncManifest.from_json((root / ".runicorn" / "full_manifest.json").read_bytes())
@@ -184,7 +176,7 @@ def _assert_refused_paths_are_reported(planted: list[bytes], manifest: SyncManif
         if not _refused_visibly(path):
             continue
         parts = path.split("/")
-        prefixes = {_json_safe("/".join(parts[:end])) for end in range(1, len(parts) + 1)}
+        prefixes = {names.json_safe("/".join(parts[:end])) for end in range(1, len(parts) + 1)}
         assert prefixes & set(problems), (path, problems)
 
 

@@ -148,6 +148,16 @@ def printable(text: str) -> str:
     return "".join(_escaped(char) for char in text)
 
 
+def json_safe(path: str) -> str:
+    """``path`` as a manifest carries it: as it is when JSON can carry it, so a client can
+    match it against what it holds; else (undecodable bytes) as :func:`printable` shows it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return printable(path)
+    return path
+
+
 _NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 

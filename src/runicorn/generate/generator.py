@@ -1140,7 +1140,9 @@ class ManifestGenerator:
         runs = scan.runs
         for start in range(0, len(runs), FINGERPRINT_RUNS_PER_UPDATE):
             hasher.update(orjson.dumps(runs[start : start + FINGERPRINT_RUNS_PER_UPDATE]))
-        hasher.update(orjson.dumps([(_json_safe(path), reason) for path, reason in scan.problems]))
+        hasher.update(
+            orjson.dumps([(names.json_safe(path), reason) for path, reason in scan.problems])
+        )
         hasher.update(orjson.dumps(tags))
         return hasher.hexdigest()
 
@@ -1228,20 +1230,14 @@ class ManifestGenerator:
 def manifest_problems(problems: list[Problem]) -> list[tuple[str, str]]:
     """The problems a manifest lists: those that are gaps in what the generation read (not
     the scan's rules, :data:`~runicorn.core.scan.POLICY_REASONS`), sorted, each path as JSON
-    can carry it (an undecodable name is shown escaped, :func:`runicorn.format.names.printable`;
-    every other name as it is, so a client can match it against what it holds)."""
+    can carry it (:func:`runicorn.format.names.json_safe`)."""
     return sorted(
-        {(_json_safe(path), reason) for path, reason in problems if reason not in POLICY_REASONS}
+        {
+            (names.json_safe(path), reason)
+            for path, reason in problems
+            if reason not in POLICY_REASONS
+        }
     )
-
-
-def _json_safe(path: str) -> str:
-    """``path`` as it is when JSON can carry it, else (undecodable bytes) escaped."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return names.printable(path)
-    return path
 
 
 def _hash_pair(data: Document, packed: bytes) -> str:
