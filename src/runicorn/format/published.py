@@ -3,7 +3,9 @@
 An incremental generation that finds the tree as it was returns the manifest already on
 disk. At 100,000 runs, turning its 850,000 file entries into objects takes about two seconds
 and most of a gigabyte, and the CLI then reads only the header and its statistics from it. So
-the header is decoded at once, and the experiments on first access.
+the header is decoded at once, and the experiments on first access. :class:`LazyManifest` is
+that behaviour on its own, shared with the manifest the publisher assembles from its tree
+(:class:`runicorn.generate.tree.AssembledManifest`).
 
 Only for bytes this generator wrote and has verified against the hash it recorded when it
 published them: they are decoded without the validation a downloaded manifest gets.
@@ -55,84 +57,75 @@ def decode_own_experiments(array: bytes | memoryview) -> list[ExperimentEntry]:
         ]
 
 
-class PublishedManifest(SyncManifest):
-    """A :class:`SyncManifest` over the bytes of a published manifest.
+_HEADER_FIELDS = (
+    "revision",
+    "snapshot_id",
+    "generated_at",
+    "server_hostname",
+    "remote_root",
+    "format_version",
+)
+"""The header fields every manifest of this generator carries, as :class:`SyncManifest`
+names them (``manifest_type``, ``problems`` and ``statistics`` are converted)."""
+_OPTIONAL_HEADER_FIELDS = (
+    ("generator_version", ""),
+    ("tail_hash_algorithm", None),
+    ("tail_hash_window", None),
+    ("changes_since", None),
+)
+"""The header fields that may be missing, with what a missing one means."""
 
-    It compares equal to the fully decoded manifest of the same bytes. The statistics come
-    from the header until the experiments are decoded; assigning ``experiments`` replaces
-    the document as it would on a plain manifest.
+
+class LazyManifest(SyncManifest):
+    """A :class:`SyncManifest` holding its experiments as the JSON array this generator
+    encoded, decoded into objects only on first access.
+
+    At 100,000 runs the objects take about two seconds and most of a gigabyte, and the
+    generator and the CLI mostly need only the header and the statistics: those come from
+    ``totals`` (experiments, files, bytes) until the experiments are decoded. It compares
+    equal to the fully decoded manifest of the same content; assigning ``experiments``
+    replaces the array as it would on a plain manifest.
     """
 
-    __slots__ = ("_array_start", "_decoded", "_document", "_header_statistics")
+    __slots__ = ("_array", "_decoded", "_totals")
 
-    def __init__(self, document: bytes) -> None:
-        """Decode the header of ``document``; ``ValueError`` or ``KeyError`` if it is not
-        one of this generator's manifests."""
-        header_end = document.find(EXPERIMENTS_KEY)
-        if header_end < 0 or not document.endswith(b"}"):
-            raise ValueError("not a manifest written by this generator")
-        header: dict[str, Any] = orjson.loads(document[:header_end] + b"}")
-        self.manifest_type = ManifestType(header["manifest_type"])
-        self.revision = header["revision"]
-        self.snapshot_id = header["snapshot_id"]
-        self.generated_at = header["generated_at"]
-        self.server_hostname = header["server_hostname"]
-        self.remote_root = header["remote_root"]
-        self.format_version = header["format_version"]
-        self.generator_version = header.get("generator_version", "")
-        self.tail_hash_algorithm = header.get("tail_hash_algorithm")
-        self.tail_hash_window = header.get("tail_hash_window")
-        self.changes_since = header.get("changes_since")
-        problems = header.get("problems")
-        self.problems = (
-            None if problems is None else [(item["path"], item["reason"]) for item in problems]
-        )
-        self.skipped = []
-        self.unchanged = []
-        statistics = header["statistics"]
-        self._header_statistics = {
-            key: int(statistics[key]) for key in ("total_experiments", "total_files", "total_bytes")
-        }
-        self._document: bytes | None = document
-        self._array_start = header_end + len(EXPERIMENTS_KEY)
-        self._decoded: list[ExperimentEntry] = []
+    def __init__(
+        self, array: bytes | memoryview, totals: tuple[int, int, int], **header: Any
+    ) -> None:
+        """``array``: the experiments as published; ``header``: the other fields, as
+        :class:`SyncManifest` takes them."""
+        SyncManifest.__init__(self, **header)
+        self._array: bytes | memoryview | None = array
+        self._totals = totals
 
     @property
     def is_decoded(self) -> bool:
         """Whether the experiments have been turned into objects yet."""
-        return self._document is None
+        return self._array is None
 
     @property
     def experiments(self) -> list[ExperimentEntry]:
-        if self._document is not None:
-            self._decoded = decode_own_experiments(
-                memoryview(self._document)[self._array_start : -1]
-            )
-            self._document = None
+        if self._array is not None:
+            self._decoded = decode_own_experiments(self._array)
+            self._array = None
         return self._decoded
 
     @experiments.setter
     def experiments(self, value: list[ExperimentEntry]) -> None:
         self._decoded = value
-        self._document = None
+        self._array = None
 
     @property
     def total_experiments(self) -> int:
-        if self._document is not None:
-            return self._header_statistics["total_experiments"]
-        return super().total_experiments
+        return self._totals[0] if self._array is not None else super().total_experiments
 
     @property
     def total_files(self) -> int:
-        if self._document is not None:
-            return self._header_statistics["total_files"]
-        return super().total_files
+        return self._totals[1] if self._array is not None else super().total_files
 
     @property
     def total_bytes(self) -> int:
-        if self._document is not None:
-            return self._header_statistics["total_bytes"]
-        return super().total_bytes
+        return self._totals[2] if self._array is not None else super().total_bytes
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SyncManifest):
@@ -143,3 +136,35 @@ class PublishedManifest(SyncManifest):
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it extends
+
+
+class PublishedManifest(LazyManifest):
+    """A manifest read back from the bytes this generator published: the header decoded at
+    once, the experiments on demand (:class:`LazyManifest`)."""
+
+    __slots__ = ()
+
+    def __init__(self, document: bytes) -> None:
+        """Decode the header of ``document``; ``ValueError`` or ``KeyError`` if it is not
+        one of this generator's manifests."""
+        header_end = document.find(EXPERIMENTS_KEY)
+        if header_end < 0 or not document.endswith(b"}"):
+            raise ValueError("not a manifest written by this generator")
+        header: dict[str, Any] = orjson.loads(document[:header_end] + b"}")
+        problems = header.get("problems")
+        statistics = header["statistics"]
+        LazyManifest.__init__(
+            self,
+            memoryview(document)[header_end + len(EXPERIMENTS_KEY) : -1],
+            (
+                int(statistics["total_experiments"]),
+                int(statistics["total_files"]),
+                int(statistics["total_bytes"]),
+            ),
+            manifest_type=ManifestType(header["manifest_type"]),
+            **{name: header[name] for name in _HEADER_FIELDS},
+            **{name: header.get(name, default) for name, default in _OPTIONAL_HEADER_FIELDS},
+            problems=(
+                None if problems is None else [(item["path"], item["reason"]) for item in problems]
+            ),
+        )

@@ -13,7 +13,6 @@ fails half-way makes the next refresh a full walk too: the tree is never trusted
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 import time
@@ -39,8 +38,8 @@ from runicorn.core.scan import Problem, RunScan
 from runicorn.format import layout
 from runicorn.format import names as _names
 from runicorn.format.layout import is_hidden
-from runicorn.format.models import ExperimentEntry, ManifestType, SyncManifest
-from runicorn.format.published import decode_own_experiments
+from runicorn.format.models import ExperimentEntry, ManifestType
+from runicorn.format.published import LazyManifest
 from runicorn.generate.state import STATE_VERSION, RunMemo
 
 __all__ = ["AssembledManifest", "LiveTree", "Refresh", "RunKey", "RunState", "pack_memos"]
@@ -602,15 +601,16 @@ def _below(path: str, rel: str) -> bool:
     return path == rel or path.startswith(rel + "/")
 
 
-class AssembledManifest(SyncManifest):
+class AssembledManifest(LazyManifest):
     """A manifest assembled from the tree's encoded runs.
 
     Its statistics were counted while it was assembled and its experiments are decoded
-    from the encoded array only when asked for: the publisher reads the header and the
-    statistics, and at 100,000 runs the objects would take most of a gigabyte.
+    from the encoded array only when asked for (:class:`LazyManifest`): the publisher reads
+    the header and the statistics, and at 100,000 runs the objects would take most of a
+    gigabyte.
     """
 
-    __slots__ = ("_array", "_decoded", "_totals")
+    __slots__ = ()
 
     def __init__(
         self,
@@ -622,43 +622,15 @@ class AssembledManifest(SyncManifest):
         totals: tuple[int, int, int],
     ) -> None:
         """``array``: the experiments as published (a JSON array); ``totals``: how many
-        experiments, files and bytes it lists."""
-        SyncManifest.__init__(
-            self, manifest_type, 0, "", generated_at, server_hostname, remote_root
+        experiments, files and bytes it lists. Revision and snapshot are decided later."""
+        LazyManifest.__init__(
+            self,
+            array,
+            totals,
+            manifest_type=manifest_type,
+            revision=0,
+            snapshot_id="",
+            generated_at=generated_at,
+            server_hostname=server_hostname,
+            remote_root=remote_root,
         )
-        self._array: bytes | None = array
-        self._totals = totals
-
-    @property
-    def experiments(self) -> list[ExperimentEntry]:
-        if self._array is not None:
-            self._decoded = decode_own_experiments(self._array)
-            self._array = None
-        return self._decoded
-
-    @experiments.setter
-    def experiments(self, value: list[ExperimentEntry]) -> None:
-        self._decoded = value
-        self._array = None
-
-    @property
-    def total_experiments(self) -> int:
-        return self._totals[0] if self._array is not None else super().total_experiments
-
-    @property
-    def total_files(self) -> int:
-        return self._totals[1] if self._array is not None else super().total_files
-
-    @property
-    def total_bytes(self) -> int:
-        return self._totals[2] if self._array is not None else super().total_bytes
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SyncManifest):
-            return NotImplemented
-        return all(
-            getattr(self, f.name) == getattr(other, f.name)
-            for f in dataclasses.fields(SyncManifest)
-        )
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it extends
