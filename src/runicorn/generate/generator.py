@@ -5,6 +5,13 @@ backend), derive each run's status and times, tail-hash the append-only logs tha
 and publish ``<type>_manifest.json`` and ``.json.gz`` atomically -- but only when the content
 differs from the previous manifest of that type, in which case the revision goes up by one.
 A generation that fails or is interrupted leaves the previous manifest in place.
+
+The runs come by one of two paths: a scan of the whole root (a one-shot generation), or the
+publisher's live tree (:meth:`ManifestGenerator.keep_tree`), which rescans only what changed
+and holds every run encoded. Both end in one publish tail
+(:meth:`ManifestGenerator._publish_tail`: journal, selection, encoding, revision,
+publication, state); each path hands it its runs through the same small interface
+(:class:`_BuiltRuns`), so the two publish the same bytes for the same tree.
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from blake3 import blake3
@@ -53,6 +60,7 @@ from runicorn.generate.journal import (
     ChangeJournal,
     FullRecord,
     Observation,
+    RunSignature,
     RunsSource,
     Signature,
     signature,
@@ -60,7 +68,7 @@ from runicorn.generate.journal import (
 )
 from runicorn.generate.state import GeneratorState, RunMemo
 from runicorn.generate.tree import (
-    AssembledManifest,
+    EncodedRuns,
     LiveTree,
     Refresh,
     RunKey,
@@ -136,6 +144,178 @@ _ListedRun = tuple[bytes, list[str] | None, RunState]
 """A run an active manifest from the tree lists: its encoded entry, its tags, its state."""
 _UNKNOWN_SIGNATURE: Signature = (-1, 0, 2**62)
 """For a run whose records this process has not seen: counts as changed."""
+
+
+@dataclass
+class _Target:
+    """One generation's destination: the manifest type it makes, where it publishes it,
+    the state file beside it, the state the last generation there left, and the report
+    this one fills in. Both generation paths and their shared tail work towards it."""
+
+    manifest_type: ManifestType
+    output: Path
+    state_path: Path
+    previous: GeneratorState
+    report: GenerationReport
+
+
+class _BuiltRuns(Protocol):
+    """The runs a generation path built, as :meth:`ManifestGenerator._publish_tail` takes
+    them. The scan path holds an entry object per run, the live tree each run encoded; so
+    each path says how its runs are told to the change journal, selected and encoded, and
+    what follows a publication, while the tail around them is one."""
+
+    now: float
+    """The generation's clock: the manifest's time and the end of the active window."""
+    next_state: GeneratorState
+    """What this generation saves for the next one (its memos among it)."""
+
+    def observe(self, journal: ChangeJournal) -> Observation | None:
+        """Tell ``journal`` the runs as they are now (:func:`_observe`)."""
+        ...
+
+    def encode(self, manifest_type: ManifestType, changed: set[str]) -> tuple[SyncManifest, bytes]:
+        """The manifest of ``manifest_type`` (no revision yet) and its experiments as they
+        are published; ``changed``: the runs (prefixes) the journal says an active manifest
+        must list whatever their age."""
+        ...
+
+    def published(self, manifest: SyncManifest, output: Path) -> None:
+        """What follows the publication of ``manifest`` at ``output``, before the state is
+        saved."""
+        ...
+
+
+@dataclass
+class _ScannedRuns:
+    """The scan path's runs: an entry object per listed run, every one built just now."""
+
+    generator: ManifestGenerator
+    scanned: list[RunScan]
+    """The scan's records, whose signatures the change journal compares."""
+    experiments: list[ExperimentEntry]
+    tags: dict[str, list[str]]
+    now: float
+    next_state: GeneratorState
+
+    def observe(self, journal: ChangeJournal) -> Observation | None:
+        """Every run, with the signature of its records in this scan."""
+        return _observe(
+            journal, signatures_of(self.scanned), self.tags, self.next_state.scan_started_ns
+        )
+
+    def encode(self, manifest_type: ManifestType, changed: set[str]) -> tuple[SyncManifest, bytes]:
+        """The entries this type lists (:meth:`ManifestGenerator._select_for_type`), encoded
+        by the backend."""
+        generator = self.generator
+        experiments = generator._select_for_type(manifest_type, self.experiments, self.now, changed)
+        self.next_state.append_only_files = _count_append_only(experiments)
+        return generator._encode(manifest_type, experiments, self.now)
+
+    def published(self, manifest: SyncManifest, output: Path) -> None:
+        """Nothing: a delta is built on the previous active publication's runs, which only a
+        generator keeping its tree remembers."""
+
+
+@dataclass
+class _TreeRuns:
+    """The live tree's runs: every run held encoded, few of them rebuilt just now."""
+
+    generator: ManifestGenerator
+    kept: list[tuple[RunKey, RunState]]
+    """Every run of the tree, in manifest order."""
+    runs: dict[RunKey, RunState]
+    rebuilt: list[RunKey]
+    """The runs this generation rebuilt: the only ones the journal need compare."""
+    unlisted: set[str]
+    """The directories the scan could not list: runs below them are left out."""
+    tags: dict[str, list[str]]
+    signatures: dict[RunKey, Signature]
+    scan_started_ns: int
+    now: float
+    next_state: GeneratorState
+    listed: dict[RunKey, _ListedRun] = field(default_factory=dict)
+    """The runs an active manifest lists, filled by :meth:`encode` for its delta."""
+
+    def observe(self, journal: ChangeJournal) -> Observation | None:
+        """Only the rebuilt runs are reported for comparison, unless they are most of the
+        tree (a walk), when the journal compares them all anyway."""
+        runs = self.runs
+        reported = None
+        if 2 * len(self.rebuilt) <= len(runs):
+            reported = list(self._signed(key for key in self.rebuilt if key in runs))
+        return _observe(
+            journal,
+            lambda: self._signed(runs),
+            self.tags,
+            self.scan_started_ns,
+            reported=reported,
+            run_count=len(runs),
+        )
+
+    def _signed(self, keys: Iterable[RunKey]) -> Iterator[RunSignature]:
+        """``keys`` as the journal takes them, each with the signature of the scan that last
+        rebuilt it (a run this process has not seen counts as changed)."""
+        signatures = self.signatures
+        for key in keys:
+            yield layout.run_prefix(*key), key[2], signatures.get(key, _UNKNOWN_SIGNATURE)
+
+    def encode(self, manifest_type: ManifestType, changed: set[str]) -> tuple[SyncManifest, bytes]:
+        """An active manifest weighs only the runs that may have entered or left it since
+        the last one (:meth:`ManifestGenerator._active_candidates`), and remembers what it
+        listed for the next one's candidates and delta."""
+        if manifest_type is not ManifestType.ACTIVE:
+            return self._assemble(manifest_type, self.kept, changed, None)
+        generator = self.generator
+        candidates = generator._active_candidates(self.kept, self.unlisted, changed)
+        assembled = self._assemble(manifest_type, candidates, changed, self.listed)
+        generator._active_selection = _ActiveSelection(
+            set(self.listed), set(), self.unlisted, changed
+        )
+        return assembled
+
+    def _assemble(
+        self,
+        manifest_type: ManifestType,
+        candidates: list[tuple[RunKey, RunState]],
+        changed: set[str],
+        listed: dict[RunKey, _ListedRun] | None,
+    ) -> tuple[SyncManifest, bytes]:
+        """What :meth:`ManifestGenerator._select_for_type` and
+        :meth:`~ManifestGenerator._encode` make of entry objects, made of the encoded runs
+        without decoding one: the manifest and its experiments as published. ``listed``
+        receives each run listed."""
+        generator = self.generator
+        active = manifest_type is ManifestType.ACTIVE
+        horizon = self.now - generator.active_window_seconds
+        unlisted = self.unlisted
+        tags = self.tags
+        array = EncodedRuns()
+        for key, state in candidates:
+            encoded = state.encoded
+            if encoded is None or (unlisted and layout.run_prefix(*key)[:-1] in unlisted):
+                continue
+            if (
+                active
+                and state.status != "running"
+                and state.updated_at < horizon
+                and not (changed and layout.run_prefix(*key) in changed)
+            ):
+                continue
+            run_tags = tags.get(key[2])
+            array.add(encoded, run_tags, state)
+            if listed is not None:
+                listed[key] = (encoded, run_tags, state)
+        self.next_state.append_only_files = array.append_only
+        return array.manifest(
+            manifest_type, self.now, generator.hostname, str(generator.remote_root)
+        )
+
+    def published(self, manifest: SyncManifest, output: Path) -> None:
+        """An active publication gets its delta at once, before the state is saved: a pushed
+        client is waiting for it."""
+        if manifest.manifest_type is ManifestType.ACTIVE:
+            self.generator._publish_delta(manifest, self.listed, output)
 
 
 class ManifestGenerationError(OSError):
@@ -329,25 +509,39 @@ class ManifestGenerator:
         with _legacy_state_lock(legacy_state):  # shared by the full and active generations
             _remove_leftover_temp_files(legacy_state)
         previous = self._load_previous_state(state_path, report)
+        target = _Target(manifest_type, output, state_path, previous, report)
         if self.tree is not None:
-            try:
-                return self._generate_from_tree(
-                    self.tree, manifest_type, output, state_path, previous, report
-                )
-            except BaseException:
-                self.tree.rescan()  # never trust a tree updated half-way
-                raise
+            return self._generate_from_tree(self.tree, target)
+        return self._generate_from_scan(target)
+
+    def _generate_from_scan(self, target: _Target) -> SyncManifest:
+        """A generation from a scan of the whole tree (cron, or a publisher without a live
+        tree): the published manifest as it is when the scan proves nothing changed, else
+        every run built again, reusing what the memos vouch for, then :meth:`_publish_tail`."""
+        previous, report = target.previous, target.report
         scan_started_ns, scan = self._scan(previous, report)
         now = self.clock()
         tags = self._read_tags(report)
-        fingerprint = self._scan_fingerprint(manifest_type, scan, tags)
-        unchanged_manifest = self._reuse_unchanged_manifest(
-            manifest_type, previous, fingerprint, scan, output, report
-        )
+        fingerprint = self._scan_fingerprint(target.manifest_type, scan, tags)
+        unchanged_manifest = self._reuse_unchanged_manifest(fingerprint, scan, target)
         if unchanged_manifest is not None:
             return unchanged_manifest
-        memo = self._reuse_memos(previous, report)
         next_state = GeneratorState(scan_started_ns=scan_started_ns, scan_fingerprint=fingerprint)
+        experiments = self._build_experiments(scan, tags, previous, next_state, report)
+        built = _ScannedRuns(self, scan.runs, experiments, tags, now, next_state)
+        return self._publish_tail(built, target)
+
+    def _build_experiments(
+        self,
+        scan: ScanResult,
+        tags: dict[str, list[str]],
+        previous: GeneratorState,
+        next_state: GeneratorState,
+        report: GenerationReport,
+    ) -> list[ExperimentEntry]:
+        """Every listed run's experiment entry, built from the scan: its files, status and
+        times, with the tails no memo vouches for hashed now."""
+        memo = self._reuse_memos(previous, report)
         runs = _listed_runs(scan)
         built = self._build_file_entries(runs, memo, next_state, report)
         experiments = self._describe_runs(
@@ -355,50 +549,33 @@ class ManifestGenerator:
         )
         if built.stale:
             self._hash_stale_tails(built.stale, experiments, next_state, report)
-        journal = ChangeJournal(output.parent)
-        observation = self._observe(journal, signatures_of(scan.runs), tags, scan_started_ns)
-        changes_since, changed = self._changes_since(observation, now)
-        experiments = self._select_for_type(manifest_type, experiments, now, changed)
         report.runs_scanned = report.runs_rescanned = len(scan.runs)
-        next_state.append_only_files = _count_append_only(experiments)
-        manifest, experiments_json, digest = self._encode(
-            manifest_type, experiments, now, report.problems
-        )
-        if manifest_type is ManifestType.ACTIVE and changes_since:
-            manifest.changes_since = changes_since
-            digest = self._content_digest(manifest, experiments_json)
-        memos: bytes | None = None
-        if self._decide_revision(manifest, digest, previous, output, report):
-            memos = self._publish(manifest, experiments_json, next_state, output, report)
-        if manifest_type is ManifestType.FULL and observation is not None:
-            self._record_full(journal, manifest, observation.seq, now)
-        self._save_state(next_state, manifest, digest, previous, state_path, memos, report)
+        return experiments
+
+    def _generate_from_tree(self, tree: LiveTree, target: _Target) -> SyncManifest:
+        """A generation from the live tree: rescan and rebuild only what changed
+        (:meth:`_rebuild_from_tree`), then :meth:`_publish_tail`. Any failure makes the tree
+        walk everything next time: a tree updated half-way is never trusted."""
+        try:
+            built = self._rebuild_from_tree(tree, target)
+            manifest = self._publish_tail(built, target)
+            if not built.next_state.keep_memo_file:
+                state_file = str(target.state_path)
+                tree.memo_saved[state_file] = built.next_state.scan_started_ns
+                tree.memo_saved_at[state_file] = time.monotonic()
+        except BaseException:
+            tree.rescan()
+            raise
         return manifest
 
-    def _generate_from_tree(
-        self,
-        tree: LiveTree,
-        manifest_type: ManifestType,
-        output: Path,
-        state_path: Path,
-        previous: GeneratorState,
-        report: GenerationReport,
-    ) -> SyncManifest:
-        """The stages of a generation from the live tree: refresh what changed, rebuild the
-        dirty runs, then select, encode and publish as :meth:`_generate_locked` does."""
-        disk_memo = None if tree.seeded else self._reuse_memos(previous, report)
+    def _rebuild_from_tree(self, tree: LiveTree, target: _Target) -> _TreeRuns:
+        """Refresh the tree (rescan what was reported changed, or walk it) and rebuild the
+        runs whose scan records changed; the rest stay as the tree holds them, encoded."""
+        report = target.report
+        disk_memo = None if tree.seeded else self._reuse_memos(target.previous, report)
         read = RUN_METADATA if disk_memo is not None and not disk_memo.runs else ()
         refresh = self._refresh_tree(tree, read, report)
-        signatures = self._tree_signatures
-        rebuilt: list[RunKey] = []
-        for run, _digest in refresh.dirty:
-            key = (run[0], run[1], run[2])
-            signatures[key] = signature(run[3])
-            rebuilt.append(key)
-        if self._active_selection is not None:
-            self._active_selection.rebuilt.update(rebuilt)
-            if refresh.full_walk:
-                self._active_selection = None  # (cheap next to the walk)
+        rebuilt = self._note_rebuilt(refresh)
         unlisted = {path for path, _ in report.problems}
         tags = self._read_tags(report)
         self._rebuild_dirty_runs(tree, refresh, disk_memo, unlisted, report)
@@ -408,107 +585,64 @@ class ManifestGenerator:
         report.runs_rescanned = refresh.rescanned_runs
         report.run_layout = layout.layout_name(len(kept) - runs_path_runs, runs_path_runs)
         now = self.clock()
+        signatures = self._tree_signatures
         if len(signatures) > len(tree.runs):
             self._tree_signatures = signatures = {key: signatures[key] for key in tree.runs}
-        journal = ChangeJournal(output.parent)
-        runs = tree.runs
-        observation = self._observe(
-            journal,
-            lambda: (
-                (layout.run_prefix(*key), key[2], signatures.get(key, _UNKNOWN_SIGNATURE))
-                for key in runs
-            ),
-            tags,
-            refresh.scan_started_ns,
-            reported=None  # (a walk that rebuilt most runs compares them all anyway)
-            if 2 * len(rebuilt) > len(runs)
-            else [
-                (layout.run_prefix(*key), key[2], signatures.get(key, _UNKNOWN_SIGNATURE))
-                for key in rebuilt
-                if key in runs
-            ],
-            run_count=len(runs),
+        next_state = self._tree_state(tree, target.state_path, refresh)
+        return _TreeRuns(
+            generator=self,
+            kept=kept,
+            runs=tree.runs,
+            rebuilt=rebuilt,
+            unlisted=unlisted,
+            tags=tags,
+            signatures=signatures,
+            scan_started_ns=refresh.scan_started_ns,
+            now=now,
+            next_state=next_state,
         )
-        changes_since, changed = self._changes_since(observation, now)
-        next_state = self._tree_state(tree, state_path, refresh)
-        listed: dict[RunKey, _ListedRun] = {}
-        if manifest_type is ManifestType.ACTIVE:
-            kept = self._active_candidates(kept, unlisted, changed)
-        manifest, experiments_json = self._assemble(
-            manifest_type, kept, unlisted, tags, changed, next_state, now, listed
-        )
-        if manifest_type is ManifestType.ACTIVE:
-            self._active_selection = _ActiveSelection(set(listed), set(), unlisted, changed)
-        manifest.problems = manifest_problems(report.problems)
+
+    def _note_rebuilt(self, refresh: Refresh) -> list[RunKey]:
+        """The runs the refresh found new or changed. Their signatures are kept for the
+        change journal (the tree keeps no scan records), and the active selection learns
+        they were rebuilt: it is forgotten after a walk, which may have changed any run."""
+        rebuilt: list[RunKey] = []
+        signatures = self._tree_signatures
+        for run, _digest in refresh.dirty:
+            key = (run[0], run[1], run[2])
+            signatures[key] = signature(run[3])
+            rebuilt.append(key)
+        if self._active_selection is not None:
+            self._active_selection.rebuilt.update(rebuilt)
+            if refresh.full_walk:
+                self._active_selection = None  # (cheap next to the walk)
+        return rebuilt
+
+    def _publish_tail(self, built: _BuiltRuns, target: _Target) -> SyncManifest:
+        """What every generation does with the runs it built, whichever path built them:
+        tell the change journal, select and encode the runs this type lists, decide the
+        revision from that encoding, publish when it changed, and save the state.
+
+        The journal comes first because an active manifest also lists the runs it saw
+        change since the full manifests it names; the state comes last, so a generation
+        killed on the way is redone, never trusted half-way."""
+        manifest_type = target.manifest_type
+        journal = ChangeJournal(target.output.parent)
+        observation = built.observe(journal)
+        changes_since, changed = self._changes_since(observation, built.now)
+        manifest, experiments_json = built.encode(manifest_type, changed)
+        manifest.problems = manifest_problems(target.report.problems)
         if manifest_type is ManifestType.ACTIVE and changes_since:
             manifest.changes_since = changes_since
         digest = self._content_digest(manifest, experiments_json)
         memos: bytes | None = None
-        if self._decide_revision(manifest, digest, previous, output, report):
-            memos = self._publish(manifest, experiments_json, next_state, output, report)
-            if manifest_type is ManifestType.ACTIVE:
-                self._publish_delta(manifest, listed, output)
+        if self._decide_revision(manifest, digest, target):
+            memos = self._publish(manifest, experiments_json, built.next_state, target)
+            built.published(manifest, target.output)
         if manifest_type is ManifestType.FULL and observation is not None:
-            self._record_full(journal, manifest, observation.seq, now)
-        self._save_state(next_state, manifest, digest, previous, state_path, memos, report)
-        if not next_state.keep_memo_file:
-            tree.memo_saved[str(state_path)] = next_state.scan_started_ns
-            tree.memo_saved_at[str(state_path)] = time.monotonic()
+            self._record_full(journal, manifest, observation.seq, built.now)
+        self._save_state(built.next_state, manifest, digest, memos, target)
         return manifest
-
-    def _assemble(
-        self,
-        manifest_type: ManifestType,
-        kept: list[tuple[RunKey, RunState]],
-        unlisted: set[str],
-        tags: dict[str, list[str]],
-        changed: set[str],
-        next_state: GeneratorState,
-        now: float,
-        listed: dict[RunKey, _ListedRun] | None = None,
-    ) -> tuple[SyncManifest, bytes]:
-        """What :meth:`_select_for_type` and :meth:`_encode` make of the runs, from the
-        tree's encoded runs: the manifest and its experiments as published. ``listed``
-        receives each run listed, for :meth:`_publish_delta`."""
-        active = manifest_type is ManifestType.ACTIVE
-        horizon = now - self.active_window_seconds
-        pieces = [b"["]
-        experiments = files = total_bytes = append_only = 0
-        for key, state in kept:
-            encoded = state.encoded
-            if encoded is None or (unlisted and layout.run_prefix(*key)[:-1] in unlisted):
-                continue
-            if (
-                active
-                and state.status != "running"
-                and state.updated_at < horizon
-                and not (changed and layout.run_prefix(*key) in changed)
-            ):
-                continue
-            if experiments:
-                pieces.append(b",")
-            pieces.append(zlib.decompress(encoded))
-            run_tags = tags.get(key[2])
-            pieces.append(b',"tags":' + orjson.dumps(run_tags) + b"}" if run_tags else b"}")
-            if listed is not None:
-                listed[key] = (encoded, run_tags, state)
-            experiments += 1
-            files += state.files
-            total_bytes += state.total_bytes
-            append_only += state.append_only
-        pieces.append(b"]")
-        experiments_json = b"".join(pieces)
-        del pieces
-        next_state.append_only_files = append_only
-        manifest = AssembledManifest(
-            manifest_type,
-            now,
-            self.hostname,
-            str(self.remote_root),
-            experiments_json,
-            (experiments, files, total_bytes),
-        )
-        return manifest, experiments_json
 
     def _active_candidates(
         self,
@@ -547,36 +681,25 @@ class ManifestGenerator:
                 path.unlink()  # an older process's: its base is no publication of ours
         else:
             before = base[2]
-            pieces = [b"["]
-            totals = [0, 0, 0]
+            array = EncodedRuns()
             for key, run in listed.items():
                 seen = before.get(key)
-                if seen is not None and seen[0] == run[0] and seen[1] == run[1]:
-                    continue
-                encoded, run_tags, state = run
-                if totals[0]:
-                    pieces.append(b",")
-                pieces.append(zlib.decompress(encoded))
-                pieces.append(b',"tags":' + orjson.dumps(run_tags) + b"}" if run_tags else b"}")
-                totals[0] += 1
-                totals[1] += state.files
-                totals[2] += state.total_bytes
-            pieces.append(b"]")
-            array = b"".join(pieces)
-            delta = AssembledManifest(
+                if seen is None or seen[0] != run[0] or seen[1] != run[1]:
+                    array.add(*run)
+            delta, delta_json = array.manifest(
                 ManifestType.ACTIVE,
                 manifest.generated_at,
                 manifest.server_hostname,
                 manifest.remote_root,
-                array,
-                (totals[0], totals[1], totals[2]),
             )
             delta.revision = manifest.revision
             delta.snapshot_id = manifest.snapshot_id
             delta.changes_since = manifest.changes_since
             delta.problems = manifest.problems
             try:
-                write_atomically(path, write_delta(base[0], base[1], delta.to_json_pieces(array)))
+                write_atomically(
+                    path, write_delta(base[0], base[1], delta.to_json_pieces(delta_json))
+                )
             except OSError as error:
                 logger.warning("cannot write the active manifest delta %s: %s", path, error)
                 with contextlib.suppress(OSError):
@@ -586,7 +709,7 @@ class ManifestGenerator:
                 "active manifest delta %d -> %d: %d of %d runs",
                 base[0],
                 manifest.revision,
-                totals[0],
+                array.experiments,
                 len(listed),
             )
         self._active_published = (manifest.revision, manifest.snapshot_id, listed)
@@ -750,23 +873,18 @@ class ManifestGenerator:
         return scan_started_ns, scan
 
     def _reuse_unchanged_manifest(
-        self,
-        manifest_type: ManifestType,
-        previous: GeneratorState,
-        fingerprint: str,
-        scan: ScanResult,
-        output: Path,
-        report: GenerationReport,
+        self, fingerprint: str, scan: ScanResult, target: _Target
     ) -> SyncManifest | None:
         """The fast path of an incremental full generation: the published manifest when the
         tree is provably unchanged (see :meth:`_unchanged_since`), with the report filled
         in; ``None`` when the manifest must be built."""
-        if not (self.incremental and manifest_type is ManifestType.FULL):
+        if not (self.incremental and target.manifest_type is ManifestType.FULL):
             return None
-        unchanged_manifest = self._unchanged_since(previous, fingerprint, scan, output, report)
+        unchanged_manifest = self._unchanged_since(fingerprint, scan, target)
         if unchanged_manifest is not None:
+            report = target.report
             report.runs_scanned = report.runs_rescanned = len(scan.runs)
-            reused = previous.append_only_files
+            reused = target.previous.append_only_files
             if reused is None:
                 reused = _count_append_only(unchanged_manifest.experiments)
             report.files_reused = reused
@@ -872,26 +990,6 @@ class ManifestGenerator:
             if exp.status == "running" or exp.updated_at >= horizon or exp.prefix in changed
         ]
 
-    @staticmethod
-    def _observe(
-        journal: ChangeJournal,
-        runs: RunsSource,
-        tags: dict[str, list[str]],
-        started_ns: int,
-        *,
-        reported: list[tuple[str, str, Signature]] | None = None,
-        run_count: int | None = None,
-    ) -> Observation | None:
-        """This scan, told to the change journal; ``None`` (logged) when the journal cannot
-        be written: clients then lose their shortcut for a while, not the manifest.
-        ``reported``: the runs rebuilt since the previous generation (see
-        :meth:`ChangeJournal.observe`)."""
-        try:
-            return journal.observe(runs, tags, started_ns, reported=reported, run_count=run_count)
-        except OSError as error:
-            logger.warning("cannot update the change journal %s: %s", journal.path, error)
-            return None
-
     def _changes_since(
         self, observation: Observation | None, now: float
     ) -> tuple[list[str], set[str]]:
@@ -915,16 +1013,10 @@ class ManifestGenerator:
             logger.warning("cannot record the full manifest in %s: %s", journal.path, error)
 
     def _encode(
-        self,
-        manifest_type: ManifestType,
-        experiments: list[ExperimentEntry],
-        now: float,
-        problems: list[Problem],
-    ) -> tuple[SyncManifest, bytes, str]:
-        """The manifest (revision not decided yet), its experiments encoded once, and the
-        digest of that encoding: the same bytes decide the revision and get published.
-        ``problems`` are the generation's; those that are gaps in what it read are listed
-        (:func:`manifest_problems`)."""
+        self, manifest_type: ManifestType, experiments: list[ExperimentEntry], now: float
+    ) -> tuple[SyncManifest, bytes]:
+        """The manifest (revision not decided yet) and its experiments encoded once: the
+        same bytes decide the revision and get published."""
         manifest = SyncManifest(
             manifest_type=manifest_type,
             revision=0,
@@ -933,19 +1025,10 @@ class ManifestGenerator:
             server_hostname=self.hostname,
             remote_root=str(self.remote_root),
             experiments=experiments,
-            problems=manifest_problems(problems),
         )
-        experiments_json = self.backend.encode_experiments(experiments)
-        return manifest, experiments_json, self._content_digest(manifest, experiments_json)
+        return manifest, self.backend.encode_experiments(experiments)
 
-    def _decide_revision(
-        self,
-        manifest: SyncManifest,
-        digest: str,
-        previous: GeneratorState,
-        output: Path,
-        report: GenerationReport,
-    ) -> bool:
+    def _decide_revision(self, manifest: SyncManifest, digest: str, target: _Target) -> bool:
         """Give ``manifest`` its revision and snapshot; ``True`` when it must be published.
 
         Unchanged content keeps the previous revision, snapshot and time, so clients see
@@ -953,11 +1036,12 @@ class ManifestGenerator:
         one and a 0.5.x generator's counter: a lost or stale state file, or another
         generator publishing on the same root, never makes a revision go back or repeat.
         """
+        previous, output = target.previous, target.output
         published_revision = self._published_revision(output)
         unchanged = (
             previous.digest == digest
             and published_revision == previous.revision
-            and _published_hash(output, report.compressed_path) == previous.published_hash
+            and _published_hash(output, target.report.compressed_path) == previous.published_hash
         )
         if unchanged:
             manifest.revision = previous.revision
@@ -981,11 +1065,11 @@ class ManifestGenerator:
         manifest: SyncManifest,
         experiments_json: bytes,
         next_state: GeneratorState,
-        output: Path,
-        report: GenerationReport,
+        target: _Target,
     ) -> bytes:
         """Write the ``.json`` then the ``.json.gz``, each atomically; returns the encoded
         memos, made here because their encoding overlaps the compression."""
+        output, report = target.output, target.report
         data = manifest.to_json_pieces(experiments_json)
         # zlib releases the GIL: while the gzip is made, write the JSON and encode the
         # memos (the files still appear in the order .json, .json.gz, state)
@@ -1012,10 +1096,8 @@ class ManifestGenerator:
         next_state: GeneratorState,
         manifest: SyncManifest,
         digest: str,
-        previous: GeneratorState,
-        state_path: Path,
         memos: bytes | None,
-        report: GenerationReport,
+        target: _Target,
     ) -> None:
         """Remember this generation for the next one, after publishing: a generation killed
         before this point is redone in full, never trusted half-way."""
@@ -1023,9 +1105,9 @@ class ManifestGenerator:
         next_state.snapshot_id = manifest.snapshot_id
         next_state.generated_at = manifest.generated_at
         next_state.digest = digest
-        if not report.published:
-            next_state.published_hash = previous.published_hash
-        next_state.save(state_path, memos)
+        if not target.report.published:
+            next_state.published_hash = target.previous.published_hash
+        next_state.save(target.state_path, memos)
 
     def _describe_run(
         self,
@@ -1147,12 +1229,7 @@ class ManifestGenerator:
         return hasher.hexdigest()
 
     def _unchanged_since(
-        self,
-        previous: GeneratorState,
-        fingerprint: str,
-        scan: ScanResult,
-        output: Path,
-        report: GenerationReport,
+        self, fingerprint: str, scan: ScanResult, target: _Target
     ) -> SyncManifest | None:
         """The published manifest, when the tree is provably as it was when it was made.
 
@@ -1161,14 +1238,15 @@ class ManifestGenerator:
         that scan by :data:`REUSE_MARGIN_NS` (so no write can hide inside one mtime tick),
         and the published files to be byte for byte what it wrote.
         """
+        previous = target.previous
         if not previous.scan_fingerprint or previous.scan_fingerprint != fingerprint:
             return None
         settled_before = previous.scan_started_ns - REUSE_MARGIN_NS
         if scan.newest_mtime_ns is not None and scan.newest_mtime_ns >= settled_before:
             return None
         try:
-            data = output.read_bytes()
-            packed = report.compressed_path.read_bytes()
+            data = target.output.read_bytes()
+            packed = target.report.compressed_path.read_bytes()
         except OSError:
             return None
         if _hash_pair(data, packed) != previous.published_hash:
@@ -1225,6 +1303,26 @@ class ManifestGenerator:
             logger.warning("skipped %s: %s", path, reason)
         if len(problems) > MAX_LOGGED_PROBLEMS:
             logger.warning("... and %d more problems", len(problems) - MAX_LOGGED_PROBLEMS)
+
+
+def _observe(
+    journal: ChangeJournal,
+    runs: RunsSource,
+    tags: dict[str, list[str]],
+    started_ns: int,
+    *,
+    reported: list[RunSignature] | None = None,
+    run_count: int | None = None,
+) -> Observation | None:
+    """This scan, told to the change journal; ``None`` (logged) when the journal cannot
+    be written: clients then lose their shortcut for a while, not the manifest.
+    ``reported``: the runs rebuilt since the previous generation (see
+    :meth:`ChangeJournal.observe`)."""
+    try:
+        return journal.observe(runs, tags, started_ns, reported=reported, run_count=run_count)
+    except OSError as error:
+        logger.warning("cannot update the change journal %s: %s", journal.path, error)
+        return None
 
 
 def manifest_problems(problems: list[Problem]) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+import zlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -42,7 +43,15 @@ from runicorn.format.models import ExperimentEntry, ManifestType
 from runicorn.format.published import LazyManifest
 from runicorn.generate.state import STATE_VERSION, RunMemo
 
-__all__ = ["AssembledManifest", "LiveTree", "Refresh", "RunKey", "RunState", "pack_memos"]
+__all__ = [
+    "AssembledManifest",
+    "EncodedRuns",
+    "LiveTree",
+    "Refresh",
+    "RunKey",
+    "RunState",
+    "pack_memos",
+]
 
 
 @dataclass(slots=True)
@@ -602,7 +611,7 @@ def _below(path: str, rel: str) -> bool:
 
 
 class AssembledManifest(LazyManifest):
-    """A manifest assembled from the tree's encoded runs.
+    """A manifest assembled from the tree's encoded runs (:class:`EncodedRuns`).
 
     Its statistics were counted while it was assembled and its experiments are decoded
     from the encoded array only when asked for (:class:`LazyManifest`): the publisher reads
@@ -634,3 +643,46 @@ class AssembledManifest(LazyManifest):
             server_hostname=server_hostname,
             remote_root=remote_root,
         )
+
+
+class EncodedRuns:
+    """An experiments array joined from the tree's encoded runs (:attr:`RunState.encoded`),
+    counting what it lists as it goes, so a manifest gets its statistics without a run
+    being decoded."""
+
+    __slots__ = ("_pieces", "append_only", "experiments", "files", "total_bytes")
+
+    def __init__(self) -> None:
+        self._pieces = [b"["]
+        self.experiments = self.files = self.total_bytes = self.append_only = 0
+
+    def add(self, encoded: bytes, tags: list[str] | None, state: RunState) -> None:
+        """One run: its entry as the tree encoded it, then its tags and the closing brace
+        (tags are kept apart: they change without the run changing)."""
+        pieces = self._pieces
+        if self.experiments:
+            pieces.append(b",")
+        pieces.append(zlib.decompress(encoded))
+        pieces.append(b',"tags":' + orjson.dumps(tags) + b"}" if tags else b"}")
+        self.experiments += 1
+        self.files += state.files
+        self.total_bytes += state.total_bytes
+        self.append_only += state.append_only
+
+    def manifest(
+        self,
+        manifest_type: ManifestType,
+        generated_at: float,
+        server_hostname: str,
+        remote_root: str,
+    ) -> tuple[AssembledManifest, bytes]:
+        """The manifest listing the runs added, and its experiments array as published.
+        Ends this array: its pieces are let go once joined."""
+        self._pieces.append(b"]")
+        array = b"".join(self._pieces)
+        self._pieces = []
+        totals = (self.experiments, self.files, self.total_bytes)
+        manifest = AssembledManifest(
+            manifest_type, generated_at, server_hostname, remote_root, array, totals
+        )
+        return manifest, array
