@@ -209,6 +209,7 @@ class _ScannedRuns:
         by the backend."""
         generator = self.generator
         experiments = generator._select_for_type(manifest_type, self.experiments, self.now, changed)
+        self.experiments = experiments  # the rest go now: at 100,000 runs, most of the memory
         self.next_state.append_only_files = _count_append_only(experiments)
         return generator._encode(manifest_type, experiments, self.now)
 
@@ -529,6 +530,7 @@ class ManifestGenerator:
         next_state = GeneratorState(scan_started_ns=scan_started_ns, scan_fingerprint=fingerprint)
         experiments = self._build_experiments(scan, tags, previous, next_state, report)
         built = _ScannedRuns(self, scan.runs, experiments, tags, now, next_state)
+        del experiments  # built alone holds them, and lets go what an active manifest leaves out
         return self._publish_tail(built, target)
 
     def _build_experiments(
