@@ -1,5 +1,6 @@
 """SSH compression over a real sshd: on, off and automatic give the same cache, the choice is
-reported, the ssh config and the option are obeyed, and a re-key really turns it off."""
+reported, the ssh config and the option are obeyed, and a re-key really turns it off (or on).
+A first sync offers SSH no compression: its file stream compresses, with no re-key."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from harness.lab import assert_cache_equals_server
 from harness.sshd import SshServer
 from harness.wan_proxy import WanProxy
 from runicorn.cli import main
+from runicorn.cli import sync as cli_sync
 from runicorn.core.backend import Backend
 from runicorn.demo.sample_lab import LabInfo, build_sample_lab
 from runicorn.manifest import ManifestGenerator
 from runicorn.transport import ssh as ssh_module
 from runicorn.transport.link import AUTO_MIN_RTT, LinkMeasurement
-from runicorn.transport.openssh_shortcuts import ENV_VAR
-from runicorn.transport.ssh import compression_choice, connect
+from runicorn.transport.openssh_shortcuts import ENV_VAR, ClientTransport
+from runicorn.transport.ssh import compression_choice, connect, take_compression_back
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("cli_backend")]
 
@@ -88,7 +90,7 @@ def test_on_off_and_automatic_give_byte_identical_caches(
     }
     on, off, auto = (reports[flag]["compression"] for flag in caches)
     assert on["enabled"] and on["active"] and on["reason"] == "option"
-    # A first sync hands compression to the file stream, which re-keys SSH's off.
+    # A first sync leaves compression to the file stream: SSH never compresses.
     assert on["carrier"] == "stream" and on["negotiated"] == "none"
     assert off == {**off, "enabled": False, "active": False, "negotiated": "none"}
     assert auto["reason"] == "automatic" and auto["rtt_method"] == "handshake"
@@ -206,6 +208,87 @@ def test_a_stretched_key_exchange_is_checked_by_keepalives(
         assert choice.enabled == (choice.link.rtt >= AUTO_MIN_RTT)
         assert choice.active == choice.enabled
         assert choice.negotiated == ("zlib@openssh.com" if choice.enabled else "none")
+        sftp.close()
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def rekeys(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each key re-exchange a connection asked for: whether it asked for compression."""
+    asked: list[bool] = []
+    renegotiate = ClientTransport.renegotiate_keys
+
+    def record(self: ClientTransport) -> None:
+        asked.append("zlib@openssh.com" in self.preferred_compression)
+        renegotiate(self)
+
+    monkeypatch.setattr(ClientTransport, "renegotiate_keys", record)
+    return asked
+
+
+def test_a_first_sync_gives_the_stream_compression_without_a_rekey(
+    lab: LabInfo,
+    sshd_server: SshServer,
+    tmp_path: Path,
+    rekeys: list[bool],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with WanProxy("127.0.0.1", sshd_server.port, delay_ms=10) as proxy:
+        config = _config(sshd_server, tmp_path / "ssh_config", port=proxy.port)
+        first = _sync(lab, config, tmp_path / "planned")["compression"]
+        planned_rekeys = list(rekeys)
+        # The same first sync with SSH compression offered, then handed over by a re-key.
+        monkeypatch.setattr(cli_sync, "_streams_first_sync", lambda cache, options: False)
+        handed = _sync(lab, config, tmp_path / "handed")["compression"]
+    assert planned_rekeys == []
+    assert rekeys == [False]
+    for report in (first, handed):
+        assert report["enabled"] and report["active"] and report["reason"] == "automatic"
+        assert (report["carrier"], report["negotiated"]) == ("stream", "none")
+    assert_cache_equals_server(lab.root, tmp_path / "planned")
+    _same_tree(tmp_path / "planned", tmp_path / "handed")
+
+
+def test_compression_meant_for_the_stream_goes_to_ssh_when_the_stream_cannot_run(
+    lab: LabInfo, sshd_server: SshServer, tmp_path: Path, rekeys: list[bool]
+) -> None:
+    config = _config(sshd_server, tmp_path / "ssh_config")
+    flags = ("--compress", "--stream-python", "no-such-python3")
+    report = _sync(lab, config, tmp_path / "cache", *flags)["compression"]
+    assert rekeys == [True]
+    assert report["enabled"] and report["active"] and report["reason"] == "option"
+    assert (report["carrier"], report["negotiated"]) == ("ssh", "zlib@openssh.com")
+    assert_cache_equals_server(lab.root, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_a_connection_for_the_stream_agrees_no_compression_and_can_take_it_back(
+    sshd_server: SshServer, tmp_path: Path, compress: bool
+) -> None:
+    payload = (b'{"step": 3, "loss": 0.125}\n' * 30_000) + bytes(range(256)) * 64
+    source = tmp_path / "events.jsonl"
+    source.write_bytes(payload)
+    client = _connect(sshd_server, compress=compress, carrier="stream")
+    try:
+        transport = client.get_transport()
+        assert transport is not None
+        assert (transport.local_compression, transport.remote_compression) == ("none", "none")
+        choice = compression_choice(client)
+        assert choice is not None and (choice.enabled, choice.reason) == (compress, "option")
+        assert choice.carrier == ("stream" if compress else "ssh")
+        assert take_compression_back(transport) is compress
+        expected = "zlib@openssh.com" if compress else "none"
+        assert (transport.local_compression, transport.remote_compression) == (
+            expected,
+            expected,
+        )
+        back = compression_choice(client)
+        assert back is not None and (back.carrier, back.negotiated) == ("ssh", expected)
+        sftp = client.open_sftp()
+        with sftp.open(str(source)) as remote:
+            remote.prefetch(len(payload))
+            assert remote.read() == payload
         sftp.close()
     finally:
         client.close()

@@ -95,6 +95,46 @@ def test_description_and_json_say_what_was_measured_and_agreed() -> None:
 
 
 @pytest.mark.parametrize(
+    ("link", "expected"),
+    [(LOOPBACK, False), (LAN_2MS, False), (WAN_50MS, True), (LOCAL_PROXY, False), (None, False)],
+)
+def test_a_first_sync_leaves_an_automatic_on_to_the_file_stream(
+    link: LinkMeasurement | None, expected: bool
+) -> None:
+    # A first sync's connection offers SSH no compression: the choice, made from the same
+    # measurement, is the file stream's when it is on, and plainly off when it is not.
+    choice = choose_compression(None, None, link, "stream")
+    assert (choice.enabled, choice.reason, choice.link) == (expected, "automatic", link)
+    assert choice.carrier == ("stream" if expected else "ssh")
+    assert choice.active is expected
+    assert choice.negotiated == ("none" if expected else None)
+    assert choose_compression(None, None, link) == CompressionChoice(expected, "automatic", link)
+
+
+@pytest.mark.parametrize(
+    ("requested", "config_value", "enabled", "reason"),
+    [
+        (True, None, True, "option"),
+        (False, True, False, "option"),
+        (None, True, True, "ssh_config"),
+        (None, False, False, "ssh_config"),
+    ],
+)
+def test_the_option_and_the_ssh_config_keep_their_meaning_for_the_file_stream(
+    requested: bool | None, config_value: bool | None, enabled: bool, reason: str
+) -> None:
+    for link in (LOOPBACK, WAN_50MS, None):
+        choice = choose_compression(requested, config_value, link, "stream")
+        assert (choice.enabled, choice.reason, choice.active) == (enabled, reason, enabled)
+        assert choice.carrier == ("stream" if enabled else "ssh")
+    on = choose_compression(True, None, WAN_50MS, "stream")
+    assert on.describe() == (
+        "compression on (--compress); done by the file stream, SSH compression off"
+    )
+    assert on.as_dict()["carrier"] == "stream" and on.as_dict()["negotiated"] == "none"
+
+
+@pytest.mark.parametrize(
     ("value", "expected"),
     [(None, None), ("yes", True), ("Yes", True), ("delayed", True), ("no", False)],
 )

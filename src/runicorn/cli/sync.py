@@ -22,7 +22,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import click
 import orjson
@@ -568,8 +568,17 @@ def sync_source(
             if parsed.is_local:
                 code = _sync_local(parsed, cache_dir, **options)
             else:
+                streams = _streams_first_sync(cache_dir, options)
                 client = _connect(
-                    parsed, port, identities, ssh_config, known_hosts, timeout, as_json, compress
+                    parsed,
+                    port,
+                    identities,
+                    ssh_config,
+                    known_hosts,
+                    timeout,
+                    as_json,
+                    compress,
+                    "stream" if streams else "ssh",
                 )
                 code = _sync_remote(client, parsed, cache_dir, **options)
     except SystemExit as stop:
@@ -593,6 +602,18 @@ def sync_source(
         if client is not None:
             client.close()
     return code
+
+
+def _streams_first_sync(cache_dir: Path, options: dict[str, Any]) -> bool:
+    """Whether this sync will fetch through the file stream, judged before connecting: a
+    cache that holds no state yet is a first sync, which opens the stream at once (unless
+    --no-stream, --legacy or --dry-run). The connection then leaves compression to the
+    stream instead of offering it to SSH and re-keying it off."""
+    if options.get("stream") is False or options.get("legacy") or options.get("dry_run"):
+        return False
+    from runicorn.sync.cache import STATE_DB_NAME, STATE_DIRNAME
+
+    return not os.path.lexists(cache_dir / STATE_DIRNAME / STATE_DB_NAME)
 
 
 def _selection(
@@ -622,6 +643,7 @@ def _connect(
     timeout: float,
     as_json: bool,
     compress: bool | None,
+    carrier: Literal["ssh", "stream"] = "ssh",
 ) -> paramiko.SSHClient:
     from runicorn.transport.paramiko_import import import_paramiko
 
@@ -651,6 +673,7 @@ def _connect(
             identity_files=identities,
             timeout=timeout,
             compress=compress,
+            carrier=carrier,
         )
     except HostKeyError as exc:
         _fail(as_json, EXIT_HOST_KEY, str(exc), host=exc.host, port=exc.port)

@@ -56,6 +56,8 @@ from runicorn.transport import openssh_shortcuts
 from runicorn.transport.remote import ShrunkError, relative_path
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import paramiko
 
     from runicorn.transport.fetch import FetchRun
@@ -532,6 +534,11 @@ class FileStream:
     server's zlib level (0: plain blocks, for a link where compressing does not pay);
     ``zstd_level`` the zstd level offered instead when this client can decode zstd (0: zlib
     only). :attr:`codec` is what the server chose, once it said hello.
+
+    ``decide_level``, when given, is asked for the zlib level by :meth:`start` once the
+    channel is open, just before the command goes out: the connection's compression choice
+    may still be settling (its keepalive check of the link), and it settles while the
+    channel's open crosses the link.
     """
 
     def __init__(
@@ -544,15 +551,17 @@ class FileStream:
         python: str | None = None,
         timeout: float | None = 30.0,
         window_size: int | None = 8 * 1024 * 1024,
+        decide_level: Callable[[], int] | None = None,
     ) -> None:
-        if not 0 <= level <= 9:
-            raise ValueError(f"zlib level must be 0 to 9, got {level}")
         if not 0 <= zstd_level <= 19:
             raise ValueError(f"zstd level must be 0 to 19, got {zstd_level}")
         self.root = root
-        self.level = level
-        self.zstd_level = zstd_level if level > 0 and zstd_available() else 0
+        self._zstd_wanted = zstd_level
+        self._decide_level = decide_level
+        self.level = 0
+        self.zstd_level = 0
         """The zstd level offered (0: this client asks for zlib, or for no compression)."""
+        self._set_level(level)
         self.codec: str | None = None
         """``zstd``, ``zlib`` or ``none``: what the server's hello said it compresses with."""
         self.python = python or PYTHON
@@ -574,6 +583,12 @@ class FileStream:
         self._closed = False
         self._lock = threading.Lock()
 
+    def _set_level(self, level: int) -> None:
+        if not 0 <= level <= 9:
+            raise ValueError(f"zlib level must be 0 to 9, got {level}")
+        self.level = level
+        self.zstd_level = self._zstd_wanted if level > 0 and zstd_available() else 0
+
     # -- the channel -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -581,10 +596,13 @@ class FileStream:
 
         Does not wait for the server: the first :meth:`serve` reads its hello (and learns
         then whether ``python3`` ran)."""
+        channel = None
         try:
             channel = self._transport.open_session(
                 window_size=self._window_size, timeout=self.timeout
             )
+            if self._decide_level is not None:
+                self._set_level(self._decide_level())
             openssh_shortcuts.exec_early(
                 channel,
                 stream_command(
@@ -596,6 +614,8 @@ class FileStream:
                 ),
             )
         except Exception as error:
+            if channel is not None:
+                channel.close()
             raise StreamUnavailable(
                 f"the server refused the file stream's command channel ({error})"
             ) from None
@@ -606,6 +626,14 @@ class FileStream:
     def alive(self) -> bool:
         channel = self._channel
         return channel is not None and not self._closed and not channel.closed
+
+    def failed_to_start(self) -> StreamBroken | None:
+        """Why the command ended by itself before its hello (e.g. no such interpreter), once
+        its channel has closed; None while it runs, after it served, or when closed here."""
+        channel = self._channel
+        if channel is None or self._closed or self._said_hello or not channel.closed:
+            return None
+        return self._ended(channel)
 
     def finish(self, wait: float = 2.0) -> None:
         """End the command cleanly: close its stdin, wait up to ``wait`` seconds (one round

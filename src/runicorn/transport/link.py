@@ -16,11 +16,15 @@ recorded measurements:
    file moves, and it separates the two cases well: a LAN answers in well under a
    millisecond or two, links whose bandwidth zlib outruns sit tens of milliseconds away.
    Without a measurement the automatic choice is off, as ``ssh``'s default is.
+
+Who carries it is the caller's plan: SSH (``sshd``'s zlib), or the file stream of a first
+sync, which compresses in its own process (zstd where the server has it) and needs SSH
+compression off; then nothing is offered to SSH and a choice of "on" is the stream's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 __all__ = [
@@ -129,12 +133,20 @@ def choose_compression(
     requested: bool | None,
     config_value: bool | None,
     link: LinkMeasurement | None,
+    carrier: Literal["ssh", "stream"] = "ssh",
 ) -> CompressionChoice:
-    """The choice for one connection: the request, else the ssh config, else the link."""
+    """The choice for one connection: the request, else the ssh config, else the link.
+
+    ``carrier``: who would compress (``"stream"``: the file stream, SSH agreed to none); the
+    choice names it only when it is on."""
     if requested is not None:
-        return CompressionChoice(requested, "option", link)
-    if config_value is not None:
-        return CompressionChoice(config_value, "ssh_config", link)
-    if link is None:
-        return CompressionChoice(False, "automatic", None)
-    return CompressionChoice(link.rtt >= AUTO_MIN_RTT, "automatic", link)
+        choice = CompressionChoice(requested, "option", link)
+    elif config_value is not None:
+        choice = CompressionChoice(config_value, "ssh_config", link)
+    elif link is None:
+        choice = CompressionChoice(False, "automatic", None)
+    else:
+        choice = CompressionChoice(link.rtt >= AUTO_MIN_RTT, "automatic", link)
+    if carrier == "stream" and choice.enabled:
+        return replace(choice, negotiated="none", carrier="stream")
+    return choice

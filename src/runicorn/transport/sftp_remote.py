@@ -526,7 +526,19 @@ class SftpRemote:
     # -- the file stream ---------------------------------------------------------------------
 
     def _wants_stream(self, jobs: list[FetchJob]) -> bool:
-        if self.stream is False or self._stream_refused is not None:
+        if self.stream is False:
+            return False
+        warm_up = self._warm_up
+        if warm_up is not None and warm_up.is_alive():
+            # A first sync is opening the stream (a round trip or two): its files go there,
+            # compressed, rather than over SFTP beside it.
+            warm_up.join()
+        if self._stream_refused is not None:
+            return False
+        opened = self._stream
+        failure = None if opened is None else opened.failed_to_start()
+        if failure is not None:  # started early, ended at once: refused like one that fails
+            self._refuse_stream(failure)
             return False
         if self.stream is True or (self._stream is not None and self._stream.alive):
             return True
@@ -535,8 +547,6 @@ class SftpRemote:
     def _open_stream(self) -> FileStream | None:
         """The open stream, started (and SSH compression handed to it) if need be; None
         when the server cannot run it (logged once, SFTP from then on)."""
-        import paramiko
-
         from runicorn.transport import ssh
 
         with self._stream_lock:
@@ -544,18 +554,20 @@ class SftpRemote:
                 return None
             if self._stream is not None and self._stream.alive:
                 return self._stream
-            try:
-                compress = ssh.hand_compression_to_stream(self._transport)
-            except (OSError, EOFError, paramiko.SSHException) as error:
-                self._refuse_stream(error)
-                return None
+            transport = self._transport
+
+            def decide_level() -> int:
+                # Asked once the channel is open: the link check settles meanwhile.
+                return DEFAULT_LEVEL if ssh.hand_compression_to_stream(transport) else 0
+
             stream = FileStream(
-                self._transport,
+                transport,
                 self.root,
-                level=DEFAULT_LEVEL if compress else 0,
+                level=0,
                 python=self.stream_python,
                 timeout=self.timeout,
                 window_size=self.window_size,
+                decide_level=decide_level,
             )
             try:
                 stream.start()
@@ -572,9 +584,18 @@ class SftpRemote:
             return stream
 
     def _refuse_stream(self, error: BaseException) -> None:
+        import paramiko
+
+        from runicorn.transport import ssh
+
         self._stream_refused = str(error)
         self._stream = None
         logger.warning("%s; fetching over SFTP instead", error)
+        try:
+            # Compression meant for the stream goes back to SSH, for SFTP's files.
+            ssh.take_compression_back(self._transport)
+        except (OSError, EOFError, paramiko.SSHException) as failure:
+            logger.debug("SSH compression could not be turned back on: %s", failure)
 
     def _fetch_streamed(self, run: FetchRun, stream: FileStream, workers: int) -> None:
         """Run ``run`` through ``stream``; if it breaks, the jobs it did not finish (resumed

@@ -13,7 +13,10 @@ prompt, and a man-in-the-middle is refused rather than remembered.
 Compression is chosen per connection (:mod:`runicorn.transport.link`): asked for, else the
 ssh config's ``Compression``, else automatic -- offered in the key exchange, and re-keyed off
 when the round trip shows a fast local link (a millisecond or two on a LAN, where the re-key
-costs that much again). :func:`compression_choice` tells what was chosen.
+costs that much again). A connection for a first sync, whose files the file stream compresses,
+does not offer it at all (``connect(carrier="stream")``): the re-key that would hand it to the
+stream costs a key exchange (about three round trips) before the first file.
+:func:`compression_choice` tells what was chosen.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import paramiko
 
@@ -60,6 +63,7 @@ __all__ = [
     "hand_compression_to_stream",
     "parse_destination",
     "resolve_host",
+    "take_compression_back",
     "transport_compression",
 ]
 
@@ -412,7 +416,8 @@ def transport_compression(
 def hand_compression_to_stream(transport: paramiko.Transport) -> bool:
     """Whether the file stream should compress, given this connection's choice; when it
     should, SSH compression is re-keyed off first (no double work) and the choice records
-    that the stream carries it.
+    that the stream carries it (a connection opened with ``carrier="stream"`` has no SSH
+    compression to turn off).
 
     False when compression is not wanted, when the connection was not opened by
     :func:`connect`, or on plain paramiko (``RUNICORN_OPENSSH_SHORTCUTS=0``), which cannot
@@ -428,6 +433,27 @@ def hand_compression_to_stream(transport: paramiko.Transport) -> bool:
     _CHOICES[transport] = replace(choice, carrier="stream")
     logger.info("%s", _CHOICES[transport].describe())
     return True
+
+
+def take_compression_back(transport: paramiko.Transport) -> bool:
+    """SSH compression re-keyed on for a connection whose compression the file stream was to
+    carry, when the stream cannot run and SFTP carries the files instead; whether it is on.
+
+    A re-key (about three round trips): worth it for the files of a sync that would
+    otherwise cross the link uncompressed. Nothing happens when compression is not wanted,
+    SSH compresses already, or the connection was not opened by :func:`connect`."""
+    choice = transport_compression(transport)
+    if choice is None or not choice.enabled or choice.carrier != "stream":
+        return False
+    if not isinstance(transport, openssh_shortcuts.ClientTransport):
+        return False
+    if _server_compression(transport) == "none":
+        transport.use_compression(True)
+        transport.renegotiate_keys()
+    choice = replace(choice, carrier="ssh", negotiated=_server_compression(transport))
+    _CHOICES[transport] = choice
+    logger.info("%s; the file stream did not run", choice.describe())
+    return choice.active
 
 
 def _measure_link(transport: paramiko.Transport, tcp_rtt: float | None) -> LinkMeasurement | None:
@@ -455,9 +481,11 @@ def _settle_compression(
     requested: bool | None,
     config_value: bool | None,
     tcp_rtt: float | None,
+    carrier: Literal["ssh", "stream"] = "ssh",
 ) -> CompressionChoice:
     """Decide with what the connection measured; re-key compression off at once when that is
-    the automatic choice (it was offered while the link was unknown).
+    the automatic choice (it was offered while the link was unknown). With ``carrier``
+    ``"stream"`` (nothing was offered) the choice says whether the file stream compresses.
 
     A key exchange is one sample of the round trip, and a busy client or server stretches it
     (a stall of tens of milliseconds on a loaded machine makes a LAN look far away). So an
@@ -467,7 +495,7 @@ def _settle_compression(
     """
     automatic = requested is None and config_value is None
     link = _measure_link(transport, tcp_rtt)
-    choice = choose_compression(requested, config_value, link)
+    choice = choose_compression(requested, config_value, link, carrier)
     if not choice.enabled:
         choice = _turn_off(transport, choice)
     else:
@@ -523,6 +551,7 @@ def connect(
     allow_agent: bool = True,
     system_known_hosts: Sequence[str] | None = SYSTEM_KNOWN_HOSTS,
     compress: bool | None = None,
+    carrier: Literal["ssh", "stream"] = "ssh",
 ) -> paramiko.SSHClient:
     """Connect to ``[USER@]HOST`` with verified host key and key-based authentication.
 
@@ -530,6 +559,13 @@ def connect(
     Compression=no``); None (the default) follows ``Compression`` in the ssh config, else
     decides from the link's round trip (:func:`runicorn.transport.link.choose_compression`).
     :func:`compression_choice` on the returned client tells what was chosen and why.
+
+    ``carrier``: ``"stream"`` when the caller will fetch its files through the file stream
+    (a first sync), which compresses them itself: SSH compression is then not offered in
+    the key exchange, and the choice (made as above) is the stream's, with no re-key to
+    hand it over; :func:`take_compression_back` gives it to SSH if the stream cannot run.
+    Plain paramiko (``RUNICORN_OPENSSH_SHORTCUTS=0``) cannot time the handshake: there it
+    is ignored.
 
     Raises :class:`UnknownHostKeyError` / :class:`ChangedHostKeyError` (host key not
     trusted), :class:`SshAuthenticationError` (no key accepted), :class:`SshConfigError`
@@ -561,7 +597,11 @@ def connect(
     else:
         sock, tcp_rtt = _tcp_connect(resolved.hostname, resolved.port, timeout)
     fixed = compress if compress is not None else resolved.compression
-    if fixed is not None:
+    if carrier == "stream" and not openssh_shortcuts.environment_allows():
+        carrier = "ssh"  # plain paramiko: decided before the handshake, as below
+    if carrier == "stream":
+        offer = False  # the file stream compresses; the handshake still times the link
+    elif fixed is not None:
         offer = fixed
     elif openssh_shortcuts.environment_allows():
         offer = True  # the key exchange times the link; a fast one is re-keyed off
@@ -619,7 +659,7 @@ def connect(
         # until it completes: bounded by the caller's timeout, not paramiko's 30 s.
         transport.clear_to_send_timeout = timeout
         try:
-            _settle_compression(transport, compress, resolved.compression, tcp_rtt)
+            _settle_compression(transport, compress, resolved.compression, tcp_rtt, carrier)
         except BaseException:
             client.close()
             raise
