@@ -20,7 +20,8 @@ import threading
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc
-from libc.string cimport memchr
+from libc.string cimport memchr, memcmp
+from posix.unistd cimport close
 
 from runicorn.core import copy as _pure
 from runicorn.core.copy import (
@@ -287,9 +288,11 @@ cdef extern from *:
     #define RC_FAIL(kind) do { job->outcome = (kind); job->error = errno ? errno : EIO; \\
                                goto fail; } while (0)
 
+    /* dir_cache: the file's directory when a job before it in the same directory opened
+       it (kept open for the next one; the caller closes it), else -1 and set here. */
     static void rc_copy_one(int source_fd, int target_fd, struct rc_job *job,
                             const char *prefix, long long index, char *buffer,
-                            long long buffer_size, int make_dirs) {
+                            long long buffer_size, int make_dirs, int *dir_cache) {
         int source = -1, dir_fd = -1, temp_fd = -1, created = 0;
         size_t temp_size = strlen(prefix) + 48;
         char temp_small[256];
@@ -311,10 +314,15 @@ cdef extern from *:
             errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
             RC_FAIL(RC_SOURCE);
         }
-        dir_fd = rc_open_directory(target_fd, job->path, job->path_length);
-        if (dir_fd < 0 && errno == ENOENT && make_dirs)
-            dir_fd = rc_make_directory(target_fd, job->path, job->path_length);
-        if (dir_fd < 0) RC_FAIL(RC_TARGET);
+        if (*dir_cache >= 0) {
+            dir_fd = *dir_cache;
+        } else {
+            dir_fd = rc_open_directory(target_fd, job->path, job->path_length);
+            if (dir_fd < 0 && errno == ENOENT && make_dirs)
+                dir_fd = rc_make_directory(target_fd, job->path, job->path_length);
+            if (dir_fd < 0) RC_FAIL(RC_TARGET);
+            *dir_cache = dir_fd;
+        }
         for (job->attempt = 0; job->attempt < __RC_TEMP_ATTEMPTS; job->attempt++) {
             rc_temp_name(temp, temp_size, prefix, index, job->attempt);
             temp_fd = openat(dir_fd, temp,
@@ -366,7 +374,6 @@ cdef extern from *:
         }
     done:
         if (temp_fd >= 0) close(temp_fd);
-        if (dir_fd >= 0) close(dir_fd);
         if (source >= 0) close(source);
         if (temp != temp_small && temp != NULL) free(temp);
     }
@@ -417,7 +424,7 @@ cdef extern from *:
         int error
     void rc_copy_one(int source_fd, int target_fd, rc_job *job, const char *prefix,
                      long long index, char *buffer, long long buffer_size,
-                     int make_dirs) nogil
+                     int make_dirs, int *dir_cache) nogil
     void rc_install_one(int target_fd, rc_install *item) nogil
     long long rc_next(long long *counter) nogil
 
@@ -439,6 +446,8 @@ cdef class _Copies:
     cdef rc_install *installs
     cdef long long count
     cdef long long next_job
+    cdef long long *groups
+    cdef long long group_count
     cdef int source_fd
     cdef int target_fd
     cdef int make_dirs
@@ -448,6 +457,8 @@ cdef class _Copies:
     def __cinit__(self):
         self.jobs = NULL
         self.installs = NULL
+        self.groups = NULL
+        self.group_count = 0
         self.count = 0
         self.next_job = 0
         self.make_dirs = 0
@@ -461,10 +472,17 @@ cdef class _Copies:
             free(self.jobs)
         if self.installs != NULL:
             free(self.installs)
+        if self.groups != NULL:
+            free(self.groups)
 
     def work(self):
-        """Copy (or install) jobs until every one is taken (any thread, without the GIL)."""
-        cdef long long index
+        """Copy (or install) jobs until every one is taken (any thread, without the GIL).
+
+        Copy jobs are taken a directory at a time (:attr:`groups`): the files of one
+        directory are created by one thread, one after the other, through one descriptor
+        of it, so two threads never wait for each other on a directory's lock."""
+        cdef long long index, group
+        cdef int dir_cache
         cdef char *buffer = NULL
         if self.jobs != NULL:
             buffer = <char *>malloc(<size_t>RC_READ_SIZE)
@@ -473,14 +491,21 @@ cdef class _Copies:
         try:
             with nogil:
                 while True:
-                    index = rc_next(&self.next_job)
-                    if index >= self.count:
-                        break
                     if self.jobs != NULL:
-                        rc_copy_one(self.source_fd, self.target_fd, &self.jobs[index],
-                                    self.prefix, index, buffer, RC_READ_SIZE,
-                                    self.make_dirs)
+                        group = rc_next(&self.next_job)
+                        if group >= self.group_count:
+                            break
+                        dir_cache = -1
+                        for index in range(self.groups[group], self.groups[group + 1]):
+                            rc_copy_one(self.source_fd, self.target_fd, &self.jobs[index],
+                                        self.prefix, index, buffer, RC_READ_SIZE,
+                                        self.make_dirs, &dir_cache)
+                        if dir_cache >= 0:
+                            close(dir_cache)
                     else:
+                        index = rc_next(&self.next_job)
+                        if index >= self.count:
+                            break
                         rc_install_one(self.target_fd, &self.installs[index])
         finally:
             free(buffer)
@@ -499,7 +524,9 @@ cdef void _run(_Copies batch, int threads) except *:
     """Run ``batch`` on this thread and ``threads - 1`` helpers."""
     helpers = [
         threading.Thread(target=batch.work, name=f"runicorn-copy-{number}", daemon=True)
-        for number in range(1, min(threads, batch.count))
+        for number in range(
+            1, min(threads, batch.group_count if batch.jobs != NULL else batch.count)
+        )
     ]
     for helper in helpers:
         helper.start()
@@ -531,13 +558,24 @@ def copy_files(
     batch.make_dirs = 1 if make_dirs else 0
     batch.prefix = prefix
     batch.jobs = <rc_job *>malloc(max(count, 1) * sizeof(rc_job))
-    if batch.jobs == NULL:
+    batch.groups = <long long *>malloc((count + 1) * sizeof(long long))
+    if batch.jobs == NULL or batch.groups == NULL:
         raise MemoryError("no memory for the copy jobs")
     batch.count = 0
+    batch.group_count = 0
+    cdef long long cut, previous_cut = -2
+    cdef const char *previous = NULL
     for i in range(count):
         path, length, mtime_ns, hold = jobs[i]
         raw = _encoded(path)
         keep.append(raw)
+        # Consecutive jobs in one directory (the same path up to the last "/") are one group.
+        cut = raw.rfind(b"/")
+        if cut != previous_cut or (cut > 0 and memcmp(previous, <const char *>raw, cut) != 0):
+            batch.groups[batch.group_count] = i
+            batch.group_count += 1
+        previous = raw
+        previous_cut = cut
         job = &batch.jobs[i]
         job.path = raw
         job.path_length = len(raw)
@@ -546,6 +584,7 @@ def copy_files(
         job.hold = 1 if hold else 0
         job.data = NULL
         batch.count = i + 1
+    batch.groups[batch.group_count] = count
     batch.keep_alive = keep
     _run(batch, threads)
     results = []

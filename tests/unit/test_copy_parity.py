@@ -187,12 +187,18 @@ def test_copies_of_random_trees_match(both, tmp_path_factory, case):
 
 
 def test_results_do_not_depend_on_threads(both, tmp_path):
+    """Jobs in runs of one directory (taken by one thread each), in directories that change
+    from job to job, and at the top: the same results and files with 1 and 4 threads."""
     source = tmp_path / "source"
-    source.mkdir()
     jobs = []
     for number in range(300):
-        (source / f"f{number}.json").write_bytes(b"{}" * number)
-        jobs.append((f"f{number}.json", 2 * number, number, number % 3 == 0))
+        if number < 150:
+            directory = f"d{number // 20}/"
+        else:
+            directory = f"e{number % 5}/" if number < 280 else ""
+        (source / directory).mkdir(parents=True, exist_ok=True)
+        (source / f"{directory}f{number}.json").write_bytes(b"{}" * number)
+        jobs.append((f"{directory}f{number}.json", 2 * number, number, number % 3 == 0))
     native, _python = both
     seen = []
     for threads in (1, 4):
@@ -201,13 +207,21 @@ def test_results_do_not_depend_on_threads(both, tmp_path):
         source_fd = os.open(source, os.O_RDONLY)
         target_fd = os.open(target, os.O_RDONLY)
         try:
-            seen.append(native.copy_files(source_fd, target_fd, jobs, PREFIX, threads))
+            seen.append(
+                native.copy_files(source_fd, target_fd, jobs, PREFIX, threads, make_dirs=True)
+            )
         finally:
             os.close(source_fd)
             os.close(target_fd)
-        held = [PREFIX + f"{n:x}.part" for n in range(0, 300, 3)]
-        copied = [f"f{n}.json" for n in range(300) if n % 3]
-        assert sorted(os.listdir(target)) == sorted(copied + held)
+        held = [
+            f"{jobs[n][0].rpartition('/')[0]}/{PREFIX}{n:x}.part".lstrip("/")
+            for n in range(0, 300, 3)
+        ]
+        copied = [jobs[n][0] for n in range(300) if n % 3]
+        landed = [
+            str(path.relative_to(target)) for path in target.rglob("*") if path.is_file()
+        ]
+        assert sorted(landed) == sorted(copied + held)
     assert seen[0] == seen[1]
 
 
