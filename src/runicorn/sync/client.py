@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
+from runicorn._sys.gcpause import paused_gc
 from runicorn.core.backend import Backend, active_backend
 from runicorn.format.client_names import is_case_insensitive
 from runicorn.format.delta import read_delta
@@ -891,6 +892,21 @@ class ManifestSyncClient:
         *,
         record_header: bool,
     ) -> None:
+        # A large lab's manifest is millions of live objects, and each full pass of the
+        # cyclic collector walks them all (some seconds at 100,000 runs); what the apply
+        # builds holds no cycles that need collecting before it ends.
+        with paused_gc():
+            self._apply_now(manifest, run, progress, remote_id, record_header=record_header)
+
+    def _apply_now(
+        self,
+        manifest: SyncManifest,
+        run: SyncRun,
+        progress: ProgressCallback | None,
+        remote_id: str,
+        *,
+        record_header: bool,
+    ) -> None:
         check_root(manifest, self.remote_root, local=self.sftp_client is None)
         is_full = manifest.manifest_type is ManifestType.FULL
         served = manifest
@@ -998,7 +1014,16 @@ class ManifestSyncClient:
         )
         self.cache.save_progress(remote_id=remote_id, forget=sorted(damaged))
 
-        self._transfer(transfers, run, progress, remote_id)
+        # What the end of the sync needs of every run (its digest, and for a cold plan
+        # which runs its files land in) is worked out while the files are copied: the copy
+        # holds no GIL and leaves this thread waiting most of the time, so that Python work
+        # costs no wall time there, where after the last file it would be serial.
+        with _Meanwhile(_digests_and_tally, manifest.experiments, transfers) as meanwhile:
+            self._transfer(transfers, run, progress, remote_id)
+        digests, moved = meanwhile.result()
+        if moved is None:
+            moved = _tally(manifest.experiments, _planned(transfers))
+        _settle(moved, run.failed, manifest.experiments, transfers)
 
         if gone and self.viewer is not None:
             # Only while the directories exist can the viewer drop them from its index.
@@ -1027,11 +1052,11 @@ class ManifestSyncClient:
                 for exp in manifest.experiments
             ],
         )
-        self._save_digests(manifest, remote_id, failed_dirs, is_full=is_full)
+        self._save_digests(manifest, remote_id, failed_dirs, digests, is_full=is_full)
         if manifest.unchanged:
             run.extra["runs_unchanged"] = len(manifest.unchanged)
-        self.last_changes = self._changes(manifest, transfers, run, cached_ids, gone)
-        self.last_run_changes = self._run_changes(manifest, transfers, run, cached_ids, gone)
+        self.last_changes = self._changes(manifest, moved, cached_ids, gone)
+        self.last_run_changes = self._run_changes(manifest, moved, cached_ids, gone)
         # A twin left out keeps the manifest pending: the next sync weighs it again, and
         # fetches the twin once the cached one it would land on is gone.
         clean = not run.failed and "case_twins" not in run.extra
@@ -1078,43 +1103,42 @@ class ManifestSyncClient:
         logger.info("%s", run.reason)
 
     def _save_digests(
-        self, manifest: SyncManifest, remote_id: str, failed_dirs: set[str], *, is_full: bool
+        self,
+        manifest: SyncManifest,
+        remote_id: str,
+        failed_dirs: set[str],
+        digests: list[bytes],
+        *,
+        is_full: bool,
     ) -> None:
         """Remember the JSON digest of each run this sync applied cleanly, so a later active
         manifest listing it unchanged need not be decoded for it (:meth:`_known_runs`). A
-        full manifest replaces them all; a run with a failed file is forgotten."""
+        full manifest replaces them all; a run with a failed file is forgotten.
+        ``digests``: each run's, in the manifest's order (:func:`_digests_and_tally`)."""
         applied = {}
         failed = []
-        for exp in manifest.experiments:
+        for exp, digest in zip(manifest.experiments, digests, strict=True):
             if exp.prefix in failed_dirs:
                 failed.append(exp.prefix)
             else:
-                applied[exp.prefix] = run_digest(orjson.dumps(exp.to_dict()))
+                applied[exp.prefix] = digest
         self.cache.save_run_digests(remote_id, applied, forget=failed, replace_all=is_full)
 
     @staticmethod
     def _changes(
         manifest: SyncManifest,
-        transfers: Sequence[Transfer],
-        run: SyncRun,
+        moved: dict[str, list[int]],
         cached_ids: set[str],
         gone: list[tuple[str, str, str]],
     ) -> ViewerChanges:
-        """Runs this sync added, changed (some file landed) and removed, by id."""
-        run_of = {exp.prefix: exp.run_id for exp in manifest.experiments}
+        """Runs this sync added, changed (some file landed) and removed, by id; ``moved``:
+        what landed in each run (:func:`_tally`, settled)."""
         added = {exp.run_id for exp in manifest.experiments} - cached_ids
-        changed: set[str] = set()
-        for transfer in transfers:
-            path = transfer.entry.path
-            if path in run.failed:
-                continue
-            cut = path.rfind("/")
-            while cut > 0:  # the nearest enclosing run directory
-                run_id = run_of.get(path[: cut + 1])
-                if run_id is not None:
-                    changed.add(run_id)
-                    break
-                cut = path.rfind("/", 0, cut)
+        changed = {
+            exp.run_id
+            for exp in manifest.experiments
+            if exp.prefix in moved and moved[exp.prefix][0]
+        }
         removed = [run_id for _project, _name, run_id in gone]
         return ViewerChanges(
             added=tuple(sorted(added)),
@@ -1125,27 +1149,11 @@ class ManifestSyncClient:
     @staticmethod
     def _run_changes(
         manifest: SyncManifest,
-        transfers: Sequence[Transfer],
-        run: SyncRun,
+        moved: dict[str, list[int]],
         cached_ids: set[str],
         gone: list[tuple[str, str, str]],
     ) -> tuple[RunChange, ...]:
         """Every run this sync added, changed or removed, with its files and bytes."""
-        listed = {exp.prefix for exp in manifest.experiments}
-        moved: dict[str, list[int]] = {}  # prefix: [files, bytes, failed, events landed]
-        for transfer in transfers:
-            path = transfer.entry.path
-            prefix = _enclosing_run(path, listed)
-            if prefix is None:
-                continue
-            tally = moved.setdefault(prefix, [0, 0, 0, 0])
-            if path in run.failed:
-                tally[2] += 1
-                continue
-            tally[0] += 1
-            tally[1] += transfer.length
-            if path == prefix + EVENTS_FILE:
-                tally[3] = 1
         changes: list[RunChange] = []
         for exp in manifest.experiments:
             added = exp.run_id not in cached_ids
@@ -1350,6 +1358,103 @@ class ManifestSyncClient:
                 run.project, run.name, run.run_id, run.created_at, run.updated_at, now
             )
         ]
+
+
+class _Meanwhile:
+    """``work(*args)`` on a thread of its own while the ``with`` block runs; its result (or
+    its exception) from :meth:`result` after the block."""
+
+    def __init__(self, work: Callable[..., Any], *args: Any) -> None:
+        self._work = work
+        self._args = args
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="runicorn-meanwhile", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._result = self._work(*self._args)
+        except BaseException as error:  # handed to the caller by result()
+            self._error = error
+
+    def __enter__(self) -> _Meanwhile:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _digests_and_tally(
+    experiments: list[ExperimentEntry], transfers: Sequence[Transfer]
+) -> tuple[list[bytes], dict[str, list[int]] | None]:
+    """Each run's digest (:func:`run_digest`), in order, and for a cold plan (a
+    :class:`WholeFiles`, whose entries never change) the :func:`_tally` of its files; a
+    plan of transfers is tallied after the transfer, which may still change it."""
+    digests = [run_digest(orjson.dumps(exp.to_dict())) for exp in experiments]
+    if not isinstance(transfers, WholeFiles):
+        return digests, None
+    return digests, _tally(experiments, _planned(transfers))
+
+
+def _planned(transfers: Sequence[Transfer]) -> Iterator[tuple[str, int]]:
+    """Each planned file's path and the bytes it moves, with no :class:`Transfer` made for
+    a cold plan."""
+    if isinstance(transfers, WholeFiles):
+        return ((entry.path, entry.size) for entry in transfers.entries)
+    return ((transfer.entry.path, transfer.length) for transfer in transfers)
+
+
+def _tally(
+    experiments: list[ExperimentEntry], planned: Iterator[tuple[str, int]]
+) -> dict[str, list[int]]:
+    """What the planned files bring to each run, by the prefix of the nearest enclosing run
+    directory: ``[files, bytes, failed, events]`` (``events`` 1 when its ``events.jsonl``
+    is among them), every file counted as landed until :func:`_settle`."""
+    listed = {exp.prefix for exp in experiments}
+    moved: dict[str, list[int]] = {}
+    for path, length in planned:
+        prefix = _enclosing_run(path, listed)
+        if prefix is None:
+            continue
+        tally = moved.get(prefix)
+        if tally is None:
+            tally = moved[prefix] = [0, 0, 0, 0]
+        tally[0] += 1
+        tally[1] += length
+        if path == prefix + EVENTS_FILE:
+            tally[3] = 1
+    return moved
+
+
+def _settle(
+    moved: dict[str, list[int]],
+    failed: dict[str, str],
+    experiments: list[ExperimentEntry],
+    transfers: Sequence[Transfer],
+) -> None:
+    """Move the files that failed from landed to failed in ``moved`` (every failed file
+    was planned)."""
+    if not failed:
+        return
+    listed = {exp.prefix for exp in experiments}
+    for path, length in _planned(transfers):
+        if path not in failed:
+            continue
+        prefix = _enclosing_run(path, listed)
+        if prefix is None:
+            continue
+        tally = moved[prefix]
+        tally[0] -= 1
+        tally[1] -= length
+        tally[2] += 1
+        if path == prefix + EVENTS_FILE:
+            tally[3] = 0
 
 
 def _enclosing_run(path: str, prefixes: set[str]) -> str | None:

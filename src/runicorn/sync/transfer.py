@@ -35,7 +35,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
@@ -406,6 +406,11 @@ class WholeFiles(Sequence[Transfer]):
         cache = self._cache
         for entry in self._entries:
             yield Transfer(entry, False, cache)
+
+    @property
+    def entries(self) -> Sequence[FileEntry]:
+        """The planned files, in the plan's order (each moves its whole ``size``)."""
+        return self._entries
 
     @property
     def total_bytes(self) -> int:
@@ -978,6 +983,7 @@ class _LocalCopy:
         self.target_fd = -1
         # The chunk copied last, not yet recorded: it is recorded while the next one copies.
         self.copied: tuple[list[Transfer], list[CopyResult]] | None = None
+        self._copying: tuple[list[Transfer], Future[list[CopyResult]]] | None = None
         self._worker: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
@@ -1003,12 +1009,14 @@ class _LocalCopy:
         return None
 
     def copy(self, transfers: list[Transfer]) -> None:
-        """Copy one chunk; the chunk before it is recorded meanwhile (:meth:`finish`).
+        """Copy one chunk; the chunk before it is recorded meanwhile.
 
         With the GIL released the copy runs on every core while this thread checks the
         JSON files of the chunk before, records them and commits the state: the
-        bookkeeping of a chunk costs no time of its own. Every file of a chunk is recorded
-        (installed, or failed with a reason) before the one after the next is copied.
+        bookkeeping of a chunk costs no time of its own. This chunk's jobs are made while
+        the chunk before it still copies, so the copy waits for nothing between chunks.
+        Every file of a chunk is recorded (installed, or failed with a reason) before the
+        one after the next is copied.
         """
         if self.target_fd < 0:
             self.target_fd = os.open(self.cache.root_dir, _DIR_FLAGS)
@@ -1029,25 +1037,40 @@ class _LocalCopy:
             taken.append(transfer)
         if not jobs:
             return
+        self._collect()
         prefix = f"{TEMP_PREFIX}{_TEMP_TOKEN}{next(_temp_numbers):x}-"
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="runicorn-copy")
-        copying = self._worker.submit(
-            self.backend.copy_files,
-            self.source_fd,
-            self.target_fd,
-            jobs,
-            prefix,
-            self.threads,
-            make_dirs=True,
+        self._copying = (
+            taken,
+            self._worker.submit(
+                self.backend.copy_files,
+                self.source_fd,
+                self.target_fd,
+                jobs,
+                prefix,
+                self.threads,
+                make_dirs=True,
+            ),
         )
-        try:
-            self.finish()
-        finally:
-            results = copying.result()  # the copy's own failure is raised here
-        self.copied = (taken, results)
+        self._record()
+
+    def _collect(self) -> None:
+        """Wait for the chunk being copied, to be recorded next (its copy's own failure is
+        raised here)."""
+        if self._copying is None:
+            return
+        taken, copying = self._copying
+        self._copying = None
+        self.copied = (taken, copying.result())
 
     def finish(self) -> None:
+        """Record every file copied so far: the chunk copied last, and the one copying."""
+        self._record()
+        self._collect()
+        self._record()
+
+    def _record(self) -> None:
         """Record every file of the chunk copied last: installed, or failed with a reason."""
         if self.copied is None:
             return
@@ -1193,3 +1216,4 @@ class _StateBatch:
             self.synced, self.forget, self.failed = [], [], []
         self.bytes = 0
         self.last_flush = time.monotonic()
+
