@@ -75,6 +75,22 @@ def test_one_barrier_after_the_last_commit_and_before_the_sync_is_done(
     assert_cache_equals_server(lab.root, cache)
 
 
+def test_flushes_ahead_leave_the_last_barrier_after_the_last_commit(
+    lab: Lab, tmp_path: Path, events: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flushes during the sync (every byte, here) come on top of the one that ends it."""
+    monkeypatch.setattr(transfer, "FLUSH_AHEAD_BYTES", 1)
+    cache = tmp_path / "cache"
+    stats = local_client(lab, cache).sync()
+
+    assert stats["files_synced"] > ManifestSyncClient.BATCH_SIZE
+    assert events.count("barrier") >= 2  # at least one ahead, and the last one
+    last_commit = len(events) - 1 - events[::-1].index("commit")
+    last_barrier = len(events) - 1 - events[::-1].index("barrier")
+    assert last_commit < last_barrier < events.index("done")
+    assert_cache_equals_server(lab.root, cache)
+
+
 def test_a_sync_that_writes_nothing_needs_no_barrier(
     lab: Lab, tmp_path: Path, events: list[str]
 ) -> None:

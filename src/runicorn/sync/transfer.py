@@ -33,6 +33,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -111,6 +112,10 @@ HASHED_VERIFY_BYTES = 512
 hash: by that hash where its window reaches them, by a fetched overlap otherwise."""
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 """Appended bytes are held until verified; beyond this they spill to an unnamed temp file."""
+FLUSH_AHEAD_BYTES = 64 * 1024 * 1024
+"""Bytes landed after which the cache's file system is flushed on a thread of its own while
+the sync goes on (where ``syncfs`` exists), so that the flush before the sync is marked done
+finds little left to write."""
 
 _FILE_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | BINARY
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # no FIFOs on Windows, and no flag either
@@ -569,6 +574,7 @@ class FileTransfer:
                     self._fetch(redo, handle)
         finally:
             state.flush()
+            state.stop_flushing_ahead()
         state.make_durable()
 
     def _within_free_space(
@@ -1161,6 +1167,15 @@ class _StateBatch:
         # so that a cold sync of a million files does not hold a million paths).
         self.wrote = False
         self.written: list[str] = []
+        self.unflushed = 0
+        self._ahead: _FlushAhead | None = None
+
+    def stop_flushing_ahead(self) -> None:
+        """Wait for a flush ahead still running (it has to reach the disk before the last
+        one anyway) and stop its thread."""
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def make_durable(self) -> None:
         """Put every file this sync wrote on the disk, once, before the sync is marked done.
@@ -1170,7 +1185,8 @@ class _StateBatch:
         after this) makes the next sync lstat every recorded file, and a file a power loss
         cut short or emptied is then of the wrong size and fetched again. One ``syncfs`` of
         the cache's file system here keeps the mark from being cleared before the data is
-        safe; where there is no ``syncfs`` the written files are fsynced one by one.
+        safe; where there is no ``syncfs`` the written files are fsynced one by one. The
+        flushes ahead (:class:`_FlushAhead`) only leave this one less to write.
         """
         if not self.wrote:
             return
@@ -1214,6 +1230,52 @@ class _StateBatch:
                 failed=self.failed,
             )
             self.synced, self.forget, self.failed = [], [], []
+        self.unflushed += self.bytes
+        if self.unflushed >= FLUSH_AHEAD_BYTES and syncfs_available():
+            self.unflushed = 0
+            if self._ahead is None:
+                self._ahead = _FlushAhead(str(self.cache.root_dir))
+            self._ahead.request()
         self.bytes = 0
         self.last_flush = time.monotonic()
 
+
+class _FlushAhead:
+    """``syncfs`` of the cache's file system on a thread of its own, on request: the data a
+    sync has written reaches the disk while it goes on writing, instead of all of it in the
+    flush that ends the sync (:meth:`_StateBatch.make_durable`, which still runs: these
+    flushes change nothing of what is durable when). One runs at a time; requests made
+    while it runs are one more flush after it, and one made before :meth:`close` is served
+    before it returns."""
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+        self._wake = threading.Event()
+        self._requested = False
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="runicorn-flush", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        self._requested = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        failed = False
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._requested and not failed:  # a request is served even when closing
+                self._requested = False
+                try:
+                    sync_file_system(self._root)
+                except OSError as error:  # the flush that ends the sync reports it
+                    logger.debug("a flush of the cache ahead of the sync's end failed: %s", error)
+                    failed = True
+            if self._closing:
+                return
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
