@@ -1293,6 +1293,8 @@ class ManifestSyncClient:
         delete: all when deleting is asked and safe (spec 3.10), else none (logged, and
         the reason reported)."""
         cached = self._selected_cached_runs(remote_id)
+        if not cached:  # a first sync: nothing to weigh (no set of every listed run)
+            return [], []
         listed = {(exp.project, exp.name, exp.run_id) for exp in manifest.experiments}
         gone = [key for key in cached if key not in listed]
         if gone and manifest.problem_paths():
