@@ -25,6 +25,7 @@ from runicorn.transport.remote import (
     RemoteDirEntry,
     ShrunkError,
 )
+from runicorn.transport.sftp_pipeline import SftpPipeline
 from runicorn.transport.sftp_remote import SftpRemote
 
 MIB = 1024 * 1024
@@ -500,9 +501,9 @@ def test_a_small_fetch_sends_its_directory_checks_with_the_opens(
     channel = sftp.get_channel()
     assert channel is not None
     flights: list[list[int]] = []
-    send = channel.sendall
+    send = channel.send
     monkeypatch.setattr(
-        channel, "sendall", lambda data: (flights.append(_sftp_types(data)), send(data))[1]
+        channel, "send", lambda data: (flights.append(_sftp_types(data)), send(data))[1]
     )
     paths = ["p/e/runs/r0/meta.json", "p/e/runs/r1/meta.json", "p/e/runs/r2/empty.txt"]
     pairs = [collecting_job(path, 0, len(lab[path])) for path in paths]
@@ -561,3 +562,100 @@ def test_a_fetch_over_worker_channels_checks_directories_on_each_channel(
     assert counts.sessions == 3
     # Each directory is asked at least once, at most once per channel.
     assert 5 <= counts.by_type["lstat"] <= 3 * 9
+
+
+@pytest.mark.sshd
+@pytest.mark.parametrize("how", ["cancel", "interrupt"])
+def test_stopping_a_fetch_sends_nothing_on_a_worker_channel_after_closing_it(
+    how: str,
+    sshd_server: SshServer,
+    ssh_client: paramiko.SSHClient,
+    sftp: paramiko.SFTPClient,
+    lab_root: Path,
+    lab: dict[str, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenSSH drops the whole connection when data arrives for a channel it has freed
+    ("data packet referred to nonexistent channel"), and paramiko sends a message after
+    releasing the lock under which it checked that the channel is open. A fetch stopped by
+    ``cancel`` or by an exception in a callback (Ctrl+C) closes its worker channels from the
+    caller's thread; here the worker is held in that gap, with its SFTP CLOSE of the file,
+    until that close returned and, if it closed the channel, the server answered with its
+    own CLOSE: the interleaving a loaded machine makes now and then. The connection must
+    survive it, and the next fetch work."""
+    transport = ssh_client.get_transport()
+    assert transport is not None
+    remote = SftpRemote(sftp, str(lab_root), timeout=20, stream=False)
+    cancel, stopped = threading.Event(), threading.Event()
+    in_send, close_returned = threading.Event(), threading.Event()
+    server_closed: set[int] = set()
+    unlinked = threading.Condition()
+    held: list[int] = []  # the remote id of the channel whose send is held
+    caller = threading.current_thread()
+    original_data = fetch_module.FetchRun.data
+    original_send = transport._send_user_message  # type: ignore[attr-defined]
+    original_unlink = transport._unlink_channel  # type: ignore[attr-defined]
+    original_close = SftpPipeline.close
+
+    def stop(offset: int, data: bytes) -> None:
+        stopped.set()
+        if how == "cancel":
+            cancel.set()
+        else:
+            raise KeyboardInterrupt
+
+    def data(self: fetch_module.FetchRun, index: int, offset: int, chunk: bytes) -> None:
+        # No answer past the first before the fetch stops: the other reads are still in
+        # flight, so the worker's CLOSE of the file comes after the stop.
+        original_data(self, index, offset, chunk)
+        assert self.stopping.wait(20)
+
+    def send_user_message(message: paramiko.Message) -> None:
+        raw = message.asbytes()
+        worker = threading.current_thread().name.startswith("runicorn-fetch")
+        if worker and stopped.is_set() and raw[0] == 94 and not held:  # CHANNEL_DATA
+            held.append(int.from_bytes(raw[1:5], "big"))
+            in_send.set()
+            assert close_returned.wait(20)
+            channels = list(transport._channels.values())  # type: ignore[attr-defined]
+            channel = next(c for c in channels if c.remote_chanid == held[0])
+            if channel.closed:
+                with unlinked:
+                    assert unlinked.wait_for(lambda: channel.chanid in server_closed, 20)
+        original_send(message)
+
+    def unlink_channel(chanid: int) -> None:  # the server's CLOSE: it freed the channel
+        original_unlink(chanid)
+        with unlinked:
+            server_closed.add(chanid)
+            unlinked.notify_all()
+
+    def close(self: SftpPipeline) -> None:
+        stopping = stopped.is_set() and threading.current_thread() is caller
+        if stopping:
+            assert in_send.wait(20)
+        original_close(self)
+        if stopping:
+            close_returned.set()
+
+    monkeypatch.setattr(fetch_module.FetchRun, "data", data)
+    monkeypatch.setattr(transport, "_send_user_message", send_user_message)
+    monkeypatch.setattr(transport, "_unlink_channel", unlink_channel)
+    monkeypatch.setattr(SftpPipeline, "close", close)
+    dropped_before = sshd_server.sshd_log().count("nonexistent channel")
+    path = "p/e/runs/r0/media/big.bin"
+    first = FetchJob(path, 0, 5 * MIB, stop)
+    if how == "cancel":
+        fetch_all(remote, [first], workers=1, cancel=cancel)  # one channel: the one held
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            remote.fetch([first], lambda result: None, workers=1)
+    monkeypatch.undo()
+    assert held, "the worker sent nothing after the stop: the interleaving was not made"
+    job, buffer = collecting_job(path, 0, len(lab[path]))
+    (result,) = fetch_all(remote, [job], workers=1).values()
+    log = sshd_server.sshd_log()
+    assert log.count("nonexistent channel") == dropped_before, log[-400:]
+    assert transport.is_active()
+    assert result.ok and bytes(buffer) == lab[path]
+    remote.close()

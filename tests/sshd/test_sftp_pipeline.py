@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class FakeSftpChannel:
         # OpenSSH's sftp-server: a handle is the lowest free slot as four bytes; the default
         # here is another scheme (ASCII counters) that no guess matches.
         self.openssh_handles = openssh_handles
-        self.flights = 0  # sendall calls: one per batch of requests the client sent
+        self.flights = 0  # send calls: one per batch of requests the client sent
         self.closed = False
         self.timeout: float | None = None
         self._inbox = bytearray()
@@ -77,8 +78,12 @@ class FakeSftpChannel:
     def close(self) -> None:
         self.closed = True
 
-    def sendall(self, data: bytes) -> None:
+    def send(self, data: bytes) -> int:
         self.flights += 1
+        self._take(data)
+        return len(data)
+
+    def _take(self, data: bytes) -> None:
         self._inbox += data
         while len(self._inbox) >= 4:
             (size,) = struct.unpack_from(">I", self._inbox)
@@ -200,6 +205,45 @@ def test_a_silent_server_times_out_and_fails_every_open_operation() -> None:
         pipe.run(ops=[op_a, op_b])
     assert isinstance(outcome_a[0][0], TimeoutError)
     assert isinstance(outcome_b[0][0], TimeoutError)
+    assert not pipe.alive
+
+
+def test_a_close_from_another_thread_is_carried_out_by_the_running_thread() -> None:
+    """``close`` while ``run`` waits for answers in another thread: the run stops with a
+    connection error and closes the channel itself, so that nothing it sends can follow the
+    channel's CLOSE (OpenSSH drops the connection on data for a channel it freed)."""
+    waiting = threading.Event()
+    closed_by: list[threading.Thread] = []
+
+    class Channel(FakeSftpChannel):
+        def recv(self, nbytes: int) -> bytes:
+            waiting.set()
+            return super().recv(nbytes)
+
+        def close(self) -> None:
+            closed_by.append(threading.current_thread())
+            super().close()
+
+    channel = Channel({"/a": b"x" * 10}, silent=True)
+    pipe = SftpPipeline(channel, timeout=None)  # type: ignore[arg-type]
+    waiting.clear()  # the handshake's own wait
+    op, _, outcome = _collect("/a", 0, 10, 100)
+    errors: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            pipe.run(ops=[op])
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    assert waiting.wait(10)
+    pipe.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert isinstance(errors[0], ConnectionError) and isinstance(outcome[0][0], ConnectionError)
+    assert channel.closed and closed_by and all(t is thread for t in closed_by)
     assert not pipe.alive
 
 

@@ -8,6 +8,10 @@ requests as answers arrive. The requests come from operations (:mod:`.sftp_ops`)
 :meth:`SftpPipeline.run` takes them from a feed until the feed and the operations are
 exhausted. A pipeline is not thread-safe: only the thread inside :meth:`~SftpPipeline.run` may
 touch it, except :meth:`~SftpPipeline.close`, which any thread may call to make ``run`` fail fast.
+Such a close is carried out by the thread in ``run``, between its own sends: OpenSSH drops the
+whole connection when data arrives for a channel it has already freed, and paramiko sends a
+message outside the lock under which it checked that the channel was open, so a close from
+another thread could overtake a request on its way out.
 
 Errors of the channel (closed, dropped connection, no answer within ``timeout``) fail every
 operation that is still open with ``ConnectionError`` or ``TimeoutError`` and mark the pipeline
@@ -20,6 +24,8 @@ from __future__ import annotations
 import collections
 import logging
 import posixpath
+import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +83,10 @@ DEFAULT_READ_SIZE = MAX_READ_SIZE
 DEFAULT_TIMEOUT = 30.0
 
 _RECV_SIZE = 1024 * 1024
+# How long one wait on the channel lasts before ``run`` looks again whether another thread
+# asked it to close (a cancel), and so how soon it stops: waits for answers and for send
+# window are made of such polls until ``timeout``.
+_POLL_SECONDS = 0.05
 _MAX_DETACHED = 4096
 
 
@@ -275,6 +285,11 @@ class SftpPipeline:
             else:
                 self._handles = self._shared.handles
         self._dead: BaseException | None = None
+        # close() from another thread while run() drives the channel: run closes it (see the
+        # module docstring). Guarded by _state_lock together with _running.
+        self._state_lock = threading.Lock()
+        self._running = False
+        self._close_asked = False
         # pipelined_init: the INIT leaves with the first requests and VERSION is read before
         # their answers (the server handles a session's packets in order), saving a round trip.
         self._init_due = pipelined_init
@@ -328,18 +343,56 @@ class SftpPipeline:
         return self._dead is None and not self.channel.closed
 
     def close(self) -> None:
-        """Close the channel (unless borrowed); a ``run`` in another thread then fails fast."""
-        if self._dead is None:
-            self._dead = ConnectionError("SFTP pipeline closed")
-        if not self.borrowed:
-            self.channel.close()
+        """Close the channel (unless borrowed); any thread. A ``run`` in another thread stops
+        within :data:`_POLL_SECONDS` and closes the channel itself, after its last send."""
+        with self._state_lock:
+            if self._dead is None:
+                self._dead = ConnectionError("SFTP pipeline closed")
+            if self.borrowed:
+                return
+            self._close_asked = True
+            if self._running:
+                return
+        self.channel.close()
+
+    def _stop_if_asked(self) -> None:
+        if self._close_asked:
+            raise ConnectionError("SFTP pipeline closed")
+
+    def _waited(self, since: float, what: str) -> None:
+        """A poll of the channel timed out: stop if a close was asked, raise TimeoutError once
+        ``timeout`` seconds passed ``since`` (without progress), else let the caller poll on."""
+        self._stop_if_asked()
+        if self.timeout is not None and time.monotonic() - since >= self.timeout:
+            raise TimeoutError(
+                f"the SFTP server {what} for {self.timeout} s; giving up on the connection "
+                "(raise the timeout for a slow link)"
+            )
 
     # -- wire ----------------------------------------------------------------------------------
 
     def _handshake(self) -> None:
-        self.channel.settimeout(self.timeout)
-        self.channel.sendall(INIT_PACKET)
+        self.channel.settimeout(self._poll_seconds())
+        self._send(INIT_PACKET)
         self._take_version()
+
+    def _poll_seconds(self) -> float:
+        return _POLL_SECONDS if self.timeout is None else min(_POLL_SECONDS, self.timeout)
+
+    def _send(self, data: bytes) -> None:
+        """Send all of ``data`` (the channel's timeout is a poll: see :meth:`_waited`)."""
+        since = time.monotonic()
+        while data:
+            self._stop_if_asked()
+            try:
+                sent = self.channel.send(data)
+            except TimeoutError:  # no send window: the server reads no requests
+                self._waited(since, "took no request")
+                continue
+            if sent == 0:
+                raise ConnectionError("the SFTP channel closed (connection dropped or server gone)")
+            data = data[sent:]
+            since = time.monotonic()
 
     def _take_version(self) -> None:
         """Read and check the server's VERSION answer to our INIT."""
@@ -360,17 +413,18 @@ class SftpPipeline:
     def _fill(self, need: int) -> None:
         """Receive until the buffer holds ``need`` bytes; raise on EOF or a silent server."""
         buffer = self._buffer
+        since = time.monotonic()
         while len(buffer) < need:
+            self._stop_if_asked()
             try:
                 data = self.channel.recv(_RECV_SIZE)
             except TimeoutError:
-                raise TimeoutError(
-                    f"the SFTP server sent nothing for {self.timeout} s; giving up on the "
-                    "connection (raise the timeout for a slow link)"
-                ) from None
+                self._waited(since, "sent nothing")
+                continue
             if not data:
                 raise ConnectionError("the SFTP channel closed (connection dropped or server gone)")
             buffer += data
+            since = time.monotonic()
 
     def _read_packet(self) -> tuple[int, memoryview]:
         """One whole packet: (type, body after the type byte)."""
@@ -401,8 +455,10 @@ class SftpPipeline:
         operations are open at once. If the channel dies, every open operation gets ``fail``
         and the error is raised; operations never started stay with the feed.
         """
-        if self._dead is not None:
-            raise ConnectionError(f"SFTP pipeline is dead: {self._dead}") from self._dead
+        with self._state_lock:
+            if self._dead is not None:
+                raise ConnectionError(f"SFTP pipeline is dead: {self._dead}") from self._dead
+            self._running = True
         limit = max_open if max_open is not None else self.depth
         active: list[Operation] = list(ops)
         ready: collections.deque[Operation] = collections.deque(active)
@@ -410,8 +466,7 @@ class SftpPipeline:
         open_count = len(active)
         feed_empty = feed is None
         previous_timeout = self.channel.gettimeout() if self.borrowed else None
-        if self.borrowed or self._init_due:
-            self.channel.settimeout(self.timeout)
+        self.channel.settimeout(self._poll_seconds())
         pending = self._pending
         handles = self._handles
         try:
@@ -459,7 +514,7 @@ class SftpPipeline:
                     ready.append(new)
                     queued.add(id(new))
                 if out:
-                    self.channel.sendall(bytes(out))
+                    self._send(bytes(out))
                 if self._version_due:
                     self._version_due = False
                     self._take_version()
@@ -501,8 +556,13 @@ class SftpPipeline:
         finally:
             if self._shared is not None:
                 self._shared.next_id = self._next_id
-            if self.borrowed and self._dead is None:
+            if self.borrowed:  # the owner's timeout, not our poll, even after a failure
                 self.channel.settimeout(previous_timeout)
+            with self._state_lock:
+                self._running = False
+                close_now = self._close_asked
+            if close_now:
+                self.channel.close()  # asked from another thread while this one could send
 
     def _note_detached(self, request_id: int) -> None:
         detached_ids = self._detached
