@@ -601,8 +601,8 @@ class SftpPipeline:
             self.channel.close()
         else:
             logger.warning(
-                "the borrowed SFTP channel failed mid-request (%s); its SFTPClient may be "
-                "unusable now",
+                "the SFTP session failed in the middle of a request (%s); the connection is "
+                "probably lost: open a new one before using this session again",
                 failure,
             )
         return failure
