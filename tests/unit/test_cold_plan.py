@@ -97,3 +97,74 @@ def test_a_cold_plan_holds_no_object_per_file(tmp_path) -> None:
         tracemalloc.stop()
     assert len(planned) == 20_000
     assert held < 20_000 * 8 + 64 * 1024
+
+
+def _reference_tally(
+    experiments: list, planned: list[tuple[str, int]], failed: dict[str, str]
+) -> dict[str, tuple[int, int, int, bool]]:
+    """What each run got, file by file: the nearest enclosing listed run directory."""
+    listed = {exp.prefix for exp in experiments}
+    moved: dict[str, list] = {}
+    for path, length in planned:
+        cuts = [i for i, c in enumerate(path) if c == "/"]
+        prefix = next((path[: i + 1] for i in reversed(cuts) if path[: i + 1] in listed), None)
+        if prefix is None:
+            continue
+        tally = moved.setdefault(prefix, [0, 0, 0, False])
+        if path in failed:
+            tally[2] += 1
+            continue
+        tally[0] += 1
+        tally[1] += length
+        tally[3] = tally[3] or path == prefix + "events.jsonl"
+    return {prefix: tuple(tally) for prefix, tally in moved.items()}
+
+
+def test_what_lands_in_each_run_is_tallied_by_the_nearest_enclosing_run(tmp_path) -> None:
+    """Runs nested in runs (the runs-path layout allows it), files outside every run, and
+    failed files: the compact tally of a cold plan and of a plan of transfers agree with a
+    file-by-file count."""
+    from runicorn.manifest import ExperimentEntry
+    from runicorn.sync.client import _Landed
+
+    def run(project: str, name: str, run_id: str, names: list[str]) -> ExperimentEntry:
+        exp = ExperimentEntry(run_id, project, name, "finished", 1.0, 2.0)
+        exp.files = [FileEntry(exp.prefix + name, 10 + len(name), 1.5) for name in names]
+        return exp
+
+    experiments = [
+        run("p", "e", "r1", ["events.jsonl", "logs.txt", "media/a.png"]),
+        run("p", "e", "r2", ["status.json"]),
+        run("runs", "a", "outer", ["events.jsonl", "inner/x.txt"]),
+        run("runs", "a/outer", "inner", ["events.jsonl", "y.txt"]),
+        run("p", "e", "r3", []),
+    ]
+    entries = sorted(
+        (entry for exp in experiments for entry in exp.files), key=lambda entry: entry.path
+    )
+    failed = {
+        "p/e/runs/r1/events.jsonl": "gone",
+        "runs/a/outer/inner/y.txt": "gone",
+        "p/e/runs/r2/status.json": "gone",
+    }
+    cache = LocalCacheManager(tmp_path / "cache")
+    for transfers in (plan(entries, None, {}, cache), list(plan(entries, None, {}, cache))):
+        landed = _Landed(experiments, transfers)
+        landed.settle(failed, transfers)
+        planned = [(t.entry.path, t.length) for t in transfers]
+        expected = _reference_tally(experiments, planned, failed)
+        got = {
+            exp.prefix: (
+                landed.files[i],
+                landed.bytes[i],
+                landed.failed[i],
+                bool(landed.events[i]),
+            )
+            for i, exp in enumerate(experiments)
+            if landed.files[i] or landed.failed[i]
+        }
+        assert got == expected
+        # the outer run's file inside the inner run's directory counts toward the inner run
+        assert expected["runs/a/outer/"][0] == 1
+        assert expected["runs/a/outer/inner/"][0::2] == (2, 1)
+        assert expected["p/e/runs/r2/"] == (0, 0, 1, False)
