@@ -356,7 +356,7 @@ def _interpreter(python: str) -> str:
 class _Inflater(Protocol):
     """One decompression context for the whole stream, fed one ``Z`` block at a time."""
 
-    def inflate(self, body: bytes) -> bytes:
+    def inflate(self, body: bytes | memoryview) -> bytes:
         """The block's bytes; StreamProtocolError past :data:`MAX_BLOCK` or on bad data."""
         ...
 
@@ -365,7 +365,7 @@ class _ZlibInflater:
     def __init__(self) -> None:
         self._inflater = zlib.decompressobj()
 
-    def inflate(self, body: bytes) -> bytes:
+    def inflate(self, body: bytes | memoryview) -> bytes:
         try:
             out = self._inflater.decompress(body, MAX_BLOCK)
         except zlib.error as error:
@@ -416,7 +416,7 @@ class _ZstandardInflater:
             self._sink, write_size=MAX_BLOCK + 1, write_return_read=True, closefd=False
         )
 
-    def inflate(self, body: bytes) -> bytes:
+    def inflate(self, body: bytes | memoryview) -> bytes:
         try:
             self._writer.write(body)
         except _Overflow:
@@ -436,7 +436,7 @@ class _StdlibZstdInflater:
         window = module.DecompressionParameter.window_log_max
         self._decoder = module.ZstdDecompressor(options={window: ZSTD_WINDOW_LOG})
 
-    def inflate(self, body: bytes) -> bytes:
+    def inflate(self, body: bytes | memoryview) -> bytes:
         try:
             out: bytes = self._decoder.decompress(body, MAX_BLOCK + 1)
         except (self._error, EOFError) as error:
@@ -830,19 +830,24 @@ class FileStream:
             raise StreamProtocolError(
                 f"a block of kind {kind} and {length} bytes (at most {MAX_BLOCK} are accepted)"
             )
-        while len(self._inbox) < _BLOCK.size + length:
+        end = _BLOCK.size + length
+        while len(self._inbox) < end:
             self._fill(channel)
-        body = bytes(self._inbox[_BLOCK.size : _BLOCK.size + length])
-        del self._inbox[: _BLOCK.size + length]
-        self.wire_bytes += _BLOCK.size + length
-        if kind == _Z:
-            if self._inflater is None:
-                raise StreamProtocolError(
-                    "a compressed block before the hello, or after one that chose no codec"
-                )
-            body = self._inflater.inflate(body)
-        self.plain_bytes += len(body)
-        self._records += body
+        if kind == _Z and self._inflater is None:
+            raise StreamProtocolError(
+                "a compressed block before the hello, or after one that chose no codec"
+            )
+        # The block is read in place: a copy of it would be one more pass over every byte.
+        with memoryview(self._inbox) as inbox, inbox[_BLOCK.size : end] as block:
+            if self._inflater is not None and kind == _Z:
+                body = self._inflater.inflate(block)
+                self._records += body
+                self.plain_bytes += len(body)
+            else:
+                self._records += block
+                self.plain_bytes += length
+        del self._inbox[:end]
+        self.wire_bytes += end
         if len(self._records) > 2 * MAX_BLOCK:
             raise StreamProtocolError("a record larger than any the client asked for")
 
@@ -883,6 +888,7 @@ class FileStream:
     def _next_record(self) -> tuple[int, int, int, bytes]:
         kind, index, value, length = _RECORD.unpack_from(self._records)
         end = _RECORD.size + length
-        payload = bytes(self._records[_RECORD.size : end])
+        with memoryview(self._records) as records, records[_RECORD.size : end] as piece:
+            payload = bytes(piece)
         del self._records[:end]
         return kind, index, value, payload
