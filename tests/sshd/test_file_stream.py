@@ -30,7 +30,9 @@ from runicorn.sync.client import ManifestSyncClient
 from runicorn.transport import file_stream, openssh_shortcuts
 from runicorn.transport import ssh as ssh_module
 from runicorn.transport.remote import FetchJob, FetchResult
+from runicorn.transport.sftp_pipeline import open_sftp_client
 from runicorn.transport.sftp_remote import SftpRemote
+from runicorn.transport.ssh import connect
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("cli_backend")]
 
@@ -447,3 +449,67 @@ def test_the_stream_compresses_and_keeps_raw_what_does_not_shrink(
     assert kinds[ord("R")] >= len(tree["p/runs/r0/media/big.bin"])
     assert kinds[ord("Z")] < len(tree["p/runs/r0/events.jsonl"]) / 5
     assert tree["p/runs/r0/events.jsonl"] in plain
+
+
+# -- the stream's channel, opened beside the SFTP one ---------------------------------------------
+
+
+def test_a_first_sync_runs_the_stream_on_the_channel_opened_ahead(
+    sshd_server: SshServer, lab: LabInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[paramiko.Channel | None] = []
+    take = openssh_shortcuts.ClientTransport.take_session_ahead
+
+    def record(self: openssh_shortcuts.ClientTransport, *args: object) -> paramiko.Channel | None:
+        channel = take(self, *args)  # type: ignore[arg-type]
+        taken.append(channel)
+        return channel
+
+    monkeypatch.setattr(openssh_shortcuts.ClientTransport, "take_session_ahead", record)
+    report = _sync(sshd_server, lab, tmp_path / "cache", tmp_path)
+    assert len(taken) == 1 and taken[0] is not None
+    assert taken[0].in_window_size == file_stream.WINDOW_SIZE
+    assert report["files_synced"] > 0
+    assert_cache_equals_server(lab.root, tmp_path / "cache")
+    # A later sync is no first sync: nothing is opened ahead, and no stream runs.
+    taken.clear()
+    _sync(sshd_server, lab, tmp_path / "cache", tmp_path)
+    assert taken == []
+
+
+def _connect(server: SshServer) -> paramiko.SSHClient:
+    return connect(
+        f"{server.username}@{server.host}",
+        port=server.port,
+        identity_files=[server.client_key_path],
+        config_path=None,
+        known_hosts=server.known_hosts_path,
+        system_known_hosts=None,
+        allow_agent=False,
+        timeout=10.0,
+    )
+
+
+@pytest.mark.parametrize("asked", [2 * MIB, 3 * MIB])
+def test_a_session_opened_ahead_is_handed_out_once_with_its_window(
+    sshd_server: SshServer, asked: int
+) -> None:
+    client = _connect(sshd_server)
+    try:
+        transport = client.get_transport()
+        assert isinstance(transport, openssh_shortcuts.ClientTransport)
+        openssh_shortcuts.open_session_ahead(transport, 2 * MIB)
+        sftp = open_sftp_client(transport, timeout=10.0)
+        ahead = openssh_shortcuts.take_session_ahead(transport, asked, 10.0)
+        assert openssh_shortcuts.take_session_ahead(transport, asked, 10.0) is None  # once
+        if asked != 2 * MIB:  # opened with another window: closed, not handed out
+            assert ahead is None
+        else:
+            assert ahead is not None
+            assert ahead.remote_chanid != sftp.get_channel().remote_chanid
+            ahead.exec_command("echo ahead")
+            assert ahead.makefile("rb").read() == b"ahead\n"
+        assert sftp.listdir(".") is not None  # the SFTP channel beside it is unharmed
+        sftp.close()
+    finally:
+        client.close()

@@ -772,6 +772,11 @@ def _sync_remote(
         transport = client.get_transport()
         if transport is None:  # connect() returns a connected client; never expected
             raise EOFError("the SSH connection is not open")
+        if _streams_first_sync(cache_dir, options):
+            from runicorn.transport import file_stream, openssh_shortcuts
+
+            # The file stream's channel opens beside the SFTP one, not after the manifest.
+            openssh_shortcuts.open_session_ahead(transport, file_stream.WINDOW_SIZE)
         sftp = open_sftp_client(
             transport,
             window_size=8 * 1024 * 1024,

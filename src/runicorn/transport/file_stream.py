@@ -66,6 +66,7 @@ __all__ = [
     "DEFAULT_LEVEL",
     "MAX_BLOCK",
     "PYTHON",
+    "WINDOW_SIZE",
     "ZSTD_LEVEL",
     "ZSTD_WINDOW_LOG",
     "FileStream",
@@ -95,6 +96,9 @@ ZSTD_WINDOW_LOG = 23
 twice the CPU. The client refuses frames that need a larger window."""
 CHUNK = 128 * 1024
 """Bytes of file data in one record (the server never sends more)."""
+WINDOW_SIZE = 8 * 1024 * 1024
+"""The stream channel's SSH window: more than a 100 Mbit/s link at 50 ms holds (625 KB), so
+the server is never held back by it, and what this client buffers at most."""
 MAX_BLOCK = 1024 * 1024
 """The most bytes one block may carry, on the wire and once decompressed."""
 MAX_OUTSTANDING = 1024
@@ -550,7 +554,7 @@ class FileStream:
         zstd_level: int = ZSTD_LEVEL,
         python: str | None = None,
         timeout: float | None = 30.0,
-        window_size: int | None = 8 * 1024 * 1024,
+        window_size: int | None = WINDOW_SIZE,
         decide_level: Callable[[], int] | None = None,
     ) -> None:
         if not 0 <= zstd_level <= 19:
@@ -598,9 +602,14 @@ class FileStream:
         then whether ``python3`` ran)."""
         channel = None
         try:
-            channel = self._transport.open_session(
-                window_size=self._window_size, timeout=self.timeout
-            )
+            if self._window_size is not None:  # a first sync's, opened beside the SFTP one
+                channel = openssh_shortcuts.take_session_ahead(
+                    self._transport, self._window_size, self.timeout
+                )
+            if channel is None:
+                channel = self._transport.open_session(
+                    window_size=self._window_size, timeout=self.timeout
+                )
             if self._decide_level is not None:
                 self._set_level(self._decide_level())
             openssh_shortcuts.exec_early(

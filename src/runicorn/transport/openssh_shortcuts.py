@@ -44,7 +44,9 @@ __all__ = [
     "enabled",
     "environment_allows",
     "exec_early",
+    "open_session_ahead",
     "speaks_openssh",
+    "take_session_ahead",
     "transport_class",
 ]
 
@@ -341,6 +343,8 @@ class ClientTransport(paramiko.Transport):
     kex_round_trip: float | None = None
     _kex_request_sent: float | None = None
     _last_read: float = 0.0
+    _ahead_window: int | None = None
+    _ahead: tuple[paramiko.Channel, threading.Event] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -409,7 +413,42 @@ class ClientTransport(paramiko.Transport):
         if not self.active:  # type: ignore[attr-defined]
             raise paramiko.SSHException("SSH session not active")
         wait = self.channel_timeout if timeout is None else timeout
-        # paramiko's open_channel, up to sending the CHANNEL_OPEN
+        channel, opening, opened = self._session_opening(window_size, max_packet_size)
+        # paramiko's invoke_subsystem, addressed to the channel number the server will give
+        request = paramiko.Message()
+        request.add_byte(cMSG_CHANNEL_REQUEST)
+        request.add_int(OPENSSH_FIRST_CHANNEL)
+        request.add_string("subsystem")
+        request.add_boolean(True)
+        request.add_string(subsystem)
+        channel._event_pending()  # type: ignore[attr-defined]
+        self._send_user_message(opening)  # type: ignore[attr-defined]
+        self._send_user_message(request)  # type: ignore[attr-defined]
+        if self._ahead_window is not None:
+            # The channel asked for ahead leaves right behind, while this one is answered.
+            ahead, ahead_opening, ahead_opened = self._session_opening(self._ahead_window, None)
+            self._ahead_window = None
+            self._send_user_message(ahead_opening)  # type: ignore[attr-defined]
+            self._ahead = (ahead, ahead_opened)
+        try:
+            self._wait_open(channel, opened, wait)
+            if channel.remote_chanid != OPENSSH_FIRST_CHANNEL:
+                raise paramiko.SSHException(
+                    f"the server numbered the first channel {channel.remote_chanid}, not "
+                    f"{OPENSSH_FIRST_CHANNEL} as OpenSSH does; set {ENV_VAR}=0 to connect "
+                    "without the OpenSSH shortcuts"
+                )
+            channel._wait_for_event()  # type: ignore[attr-defined]  # the subsystem's answer
+        except BaseException:
+            channel.close()
+            raise
+        return channel
+
+    def _session_opening(
+        self, window_size: int | None, max_packet_size: int | None
+    ) -> tuple[paramiko.Channel, paramiko.Message, threading.Event]:
+        """paramiko's ``open_channel`` up to sending the CHANNEL_OPEN: the channel, the
+        message to send, and the event its answer sets."""
         with self.lock:
             window_size = self._sanitize_window_size(window_size)  # type: ignore[attr-defined]
             max_packet_size = self._sanitize_packet_size(max_packet_size)  # type: ignore[attr-defined]
@@ -426,32 +465,40 @@ class ClientTransport(paramiko.Transport):
             self.channels_seen[chanid] = True
             channel._set_transport(self)  # type: ignore[attr-defined]
             channel._set_window(window_size, max_packet_size)  # type: ignore[attr-defined]
-        # paramiko's invoke_subsystem, addressed to the channel number the server will give
-        request = paramiko.Message()
-        request.add_byte(cMSG_CHANNEL_REQUEST)
-        request.add_int(OPENSSH_FIRST_CHANNEL)
-        request.add_string("subsystem")
-        request.add_boolean(True)
-        request.add_string(subsystem)
-        channel._event_pending()  # type: ignore[attr-defined]
-        self._send_user_message(opening)  # type: ignore[attr-defined]
-        self._send_user_message(request)  # type: ignore[attr-defined]
-        try:
-            deadline = time.monotonic() + wait
-            while not opened.wait(0.1):
-                if not self.active:  # type: ignore[attr-defined]
-                    raise self.get_exception() or paramiko.SSHException("Unable to open channel.")
-                if time.monotonic() > deadline:
-                    raise paramiko.SSHException("Timeout opening channel.")
-            if self._channels.get(chanid) is None:  # type: ignore[attr-defined]  # refused
+        return channel, opening, opened
+
+    def _wait_open(self, channel: paramiko.Channel, opened: threading.Event, wait: float) -> None:
+        """paramiko's ``open_channel`` from the wait for the server's answer on."""
+        deadline = time.monotonic() + wait
+        while not opened.wait(0.1):
+            if not self.active:  # type: ignore[attr-defined]
                 raise self.get_exception() or paramiko.SSHException("Unable to open channel.")
-            if channel.remote_chanid != OPENSSH_FIRST_CHANNEL:
-                raise paramiko.SSHException(
-                    f"the server numbered the first channel {channel.remote_chanid}, not "
-                    f"{OPENSSH_FIRST_CHANNEL} as OpenSSH does; set {ENV_VAR}=0 to connect "
-                    "without the OpenSSH shortcuts"
-                )
-            channel._wait_for_event()  # type: ignore[attr-defined]  # the subsystem's answer
+            if time.monotonic() > deadline:
+                raise paramiko.SSHException("Timeout opening channel.")
+        if self._channels.get(channel.chanid) is None:  # type: ignore[attr-defined]  # refused
+            raise self.get_exception() or paramiko.SSHException("Unable to open channel.")
+
+    def open_session_ahead(self, window_size: int) -> None:
+        """Have the next :meth:`open_subsystem` that saves its round trip (the connection's
+        first channel) send the CHANNEL_OPEN of one more session channel right behind its
+        own, for :meth:`take_session_ahead`: that channel's round trip then overlaps the
+        first one's instead of following it. Nothing about its number is assumed."""
+        self._ahead_window = window_size
+
+    def take_session_ahead(
+        self, window_size: int, timeout: float | None
+    ) -> paramiko.Channel | None:
+        """The session channel opened ahead, once the server confirmed it; None when none was
+        opened ahead (or it was taken) or it was opened with another window (then closed)."""
+        ahead, self._ahead, self._ahead_window = self._ahead, None, None
+        if ahead is None:
+            return None
+        channel, opened = ahead
+        try:
+            if channel.in_window_size != window_size:
+                channel.close()
+                return None
+            self._wait_open(channel, opened, self.channel_timeout if timeout is None else timeout)
         except BaseException:
             channel.close()
             raise
@@ -473,6 +520,21 @@ class ClientTransport(paramiko.Transport):
             return []
         allowed: list[str] = self.auth_handler.wait_for_response(done)
         return allowed
+
+
+def open_session_ahead(transport: paramiko.Transport, window_size: int) -> None:
+    """:meth:`ClientTransport.open_session_ahead` where the transport is one (else nothing)."""
+    if isinstance(transport, ClientTransport) and enabled(transport):
+        transport.open_session_ahead(window_size)
+
+
+def take_session_ahead(
+    transport: paramiko.Transport, window_size: int, timeout: float | None
+) -> paramiko.Channel | None:
+    """:meth:`ClientTransport.take_session_ahead` where the transport is one (else None)."""
+    if isinstance(transport, ClientTransport):
+        return transport.take_session_ahead(window_size, timeout)
+    return None
 
 
 def transport_class() -> type[paramiko.Transport]:
