@@ -580,9 +580,9 @@ def test_stopping_a_fetch_sends_nothing_on_a_worker_channel_after_closing_it(
     releasing the lock under which it checked that the channel is open. A fetch stopped by
     ``cancel`` or by an exception in a callback (Ctrl+C) closes its worker channels from the
     caller's thread; here the worker is held in that gap, with its SFTP CLOSE of the file,
-    until that close returned and, if it closed the channel, the server answered with its
-    own CLOSE: the interleaving a loaded machine makes now and then. The connection must
-    survive it, and the next fetch work."""
+    until that close returned and, if it closed the channel, the server freed it: the
+    interleaving a loaded machine makes now and then. The connection must survive it, and
+    the next fetch work."""
     transport = ssh_client.get_transport()
     assert transport is not None
     remote = SftpRemote(sftp, str(lab_root), timeout=20, stream=False)
@@ -615,13 +615,16 @@ def test_stopping_a_fetch_sends_nothing_on_a_worker_channel_after_closing_it(
         worker = threading.current_thread().name.startswith("runicorn-fetch")
         if worker and stopped.is_set() and raw[0] == 94 and not held:  # CHANNEL_DATA
             held.append(int.from_bytes(raw[1:5], "big"))
-            in_send.set()
-            assert close_returned.wait(20)
             channels = list(transport._channels.values())  # type: ignore[attr-defined]
             channel = next(c for c in channels if c.remote_chanid == held[0])
+            in_send.set()
+            assert close_returned.wait(20)
             if channel.closed:
                 with unlinked:
                     assert unlinked.wait_for(lambda: channel.chanid in server_closed, 20)
+                # The server may send its CLOSE before it read ours; one round trip more and
+                # it has read ours and freed the channel before it reads what follows.
+                transport.global_request("keepalive@openssh.com", wait=True)
         original_send(message)
 
     def unlink_channel(chanid: int) -> None:  # the server's CLOSE: it freed the channel
