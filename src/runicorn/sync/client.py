@@ -1433,7 +1433,8 @@ class _Landed:
         self.position = {exp.prefix: index for index, exp in enumerate(experiments)}
         zeros = bytes(8 * len(experiments))
         self.files = array("q", zeros)
-        self.bytes = array("q", zeros)
+        # Python ints: a manifest may list files of up to 2**63 - 1 bytes, and a run several.
+        self.bytes = [0] * len(experiments)
         self.failed = array("q", zeros)
         self.events = bytearray(len(experiments))
         """1 where the run's ``events.jsonl`` is among its files (and has not failed)."""
