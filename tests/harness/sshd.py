@@ -489,6 +489,27 @@ class SshServer:
             raise
         return client
 
+    def runicorn_connect(self, **options: object) -> paramiko.SSHClient:
+        """A client opened by runicorn's own :func:`runicorn.transport.ssh.connect`, seeing
+        only this server's key and known_hosts: no ssh_config, agent or system known_hosts.
+
+        ``options`` go to ``connect`` and may override ``port``, ``identity_files`` and
+        ``known_hosts`` (a test of host-key trust names its own file).
+        """
+        from runicorn.transport.ssh import connect
+
+        settings: dict[str, object] = {
+            "port": self.port,
+            "identity_files": [self.client_key_path],
+            "known_hosts": self.known_hosts_path,
+            "config_path": None,
+            "system_known_hosts": None,
+            "allow_agent": False,
+            "timeout": 10.0,
+        }
+        settings.update(options)
+        return connect(f"{self.username}@{self.host}", **settings)  # type: ignore[arg-type]
+
     def ssh_config_block(
         self,
         alias: str,

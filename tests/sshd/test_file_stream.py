@@ -32,7 +32,6 @@ from runicorn.transport import ssh as ssh_module
 from runicorn.transport.remote import FetchJob, FetchResult
 from runicorn.transport.sftp_pipeline import open_sftp_client
 from runicorn.transport.sftp_remote import SftpRemote
-from runicorn.transport.ssh import connect
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("cli_backend")]
 
@@ -477,24 +476,11 @@ def test_a_first_sync_runs_the_stream_on_the_channel_opened_ahead(
     assert taken == []
 
 
-def _connect(server: SshServer) -> paramiko.SSHClient:
-    return connect(
-        f"{server.username}@{server.host}",
-        port=server.port,
-        identity_files=[server.client_key_path],
-        config_path=None,
-        known_hosts=server.known_hosts_path,
-        system_known_hosts=None,
-        allow_agent=False,
-        timeout=10.0,
-    )
-
-
 @pytest.mark.parametrize("asked", [2 * MIB, 3 * MIB])
 def test_a_session_opened_ahead_is_handed_out_once_with_its_window(
     sshd_server: SshServer, asked: int
 ) -> None:
-    client = _connect(sshd_server)
+    client = sshd_server.runicorn_connect()
     try:
         transport = client.get_transport()
         assert isinstance(transport, openssh_shortcuts.ClientTransport)

@@ -29,7 +29,7 @@ from runicorn.format import layout
 from runicorn.transport.openssh_shortcuts import ENV_VAR, enabled
 from runicorn.transport.sftp_pipeline import SftpPipeline, open_sftp_client
 from runicorn.transport.sftp_remote import SftpRemote
-from runicorn.transport.ssh import AEAD_CIPHERS, connect
+from runicorn.transport.ssh import AEAD_CIPHERS
 
 pytestmark = pytest.mark.sshd
 
@@ -44,16 +44,7 @@ def shortcuts_off(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def connection(sshd_server: SshServer) -> Iterator[paramiko.SSHClient]:
     """A connection made by runicorn's own ``connect`` (the CLI's path)."""
-    client = connect(
-        f"{sshd_server.username}@{sshd_server.host}",
-        port=sshd_server.port,
-        identity_files=[sshd_server.client_key_path],
-        config_path=None,
-        known_hosts=sshd_server.known_hosts_path,
-        system_known_hosts=None,
-        allow_agent=False,
-        timeout=10.0,
-    )
+    client = sshd_server.runicorn_connect()
     yield client
     client.close()
 

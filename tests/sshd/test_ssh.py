@@ -27,19 +27,9 @@ from runicorn.transport.ssh import (
 pytestmark = pytest.mark.sshd
 
 
-def _connect(server: SshServer, known_hosts: Path, **options) -> paramiko.SSHClient:
-    """Connect with only the test's own key and known_hosts, nothing from the user's ~/.ssh."""
-    options.setdefault("port", server.port)
-    options.setdefault("identity_files", [server.client_key_path])
-    return connect(
-        f"{server.username}@{server.host}",
-        config_path=None,
-        known_hosts=known_hosts,
-        system_known_hosts=None,
-        allow_agent=False,
-        timeout=10.0,
-        **options,
-    )
+def _connect(server: SshServer, known_hosts: Path, **options: object) -> paramiko.SSHClient:
+    """Connect with only the test's own key and the given known_hosts."""
+    return server.runicorn_connect(known_hosts=known_hosts, **options)
 
 
 def _server_key(server: SshServer) -> paramiko.PKey:

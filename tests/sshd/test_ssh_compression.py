@@ -9,7 +9,6 @@ import io
 from pathlib import Path
 
 import orjson
-import paramiko
 import pytest
 from click.testing import CliRunner, Result
 
@@ -24,7 +23,7 @@ from runicorn.manifest import ManifestGenerator
 from runicorn.transport import ssh as ssh_module
 from runicorn.transport.link import AUTO_MIN_RTT, LinkMeasurement
 from runicorn.transport.openssh_shortcuts import ENV_VAR, ClientTransport
-from runicorn.transport.ssh import compression_choice, connect, take_compression_back
+from runicorn.transport.ssh import compression_choice, take_compression_back
 
 pytestmark = [pytest.mark.sshd, pytest.mark.usefixtures("cli_backend")]
 
@@ -128,27 +127,13 @@ def test_the_ssh_config_decides_unless_the_option_says_otherwise(
     assert overridden["active"] is (not enabled)
 
 
-def _connect(server: SshServer, **options: object) -> paramiko.SSHClient:
-    return connect(
-        f"{server.username}@{server.host}",
-        port=server.port,
-        identity_files=[server.client_key_path],
-        config_path=None,
-        known_hosts=server.known_hosts_path,
-        system_known_hosts=None,
-        allow_agent=False,
-        timeout=10.0,
-        **options,  # type: ignore[arg-type]
-    )
-
-
 def test_a_rekey_turns_compression_off_for_both_directions(
     sshd_server: SshServer, tmp_path: Path
 ) -> None:
     payload = (b'{"step": 1, "loss": 0.25}\n' * 40_000) + bytes(range(256)) * 64
     source = tmp_path / "events.jsonl"
     source.write_bytes(payload)
-    client = _connect(sshd_server, compress=True)
+    client = sshd_server.runicorn_connect(compress=True)
     try:
         transport = client.get_transport()
         assert transport is not None
@@ -173,7 +158,7 @@ def test_without_the_private_hooks_the_automatic_choice_uses_the_tcp_connect(
     sshd_server: SshServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(ENV_VAR, "0")
-    client = _connect(sshd_server)
+    client = sshd_server.runicorn_connect()
     try:
         choice = compression_choice(client)
         assert choice is not None and choice.reason == "automatic"
@@ -195,7 +180,7 @@ def test_a_stretched_key_exchange_is_checked_by_keepalives(
     payload = b'{"step": 2, "acc": 0.75}\n' * 50_000
     source = tmp_path / "logs.txt"
     source.write_bytes(payload)
-    client = _connect(sshd_server)
+    client = sshd_server.runicorn_connect()
     try:
         sftp = client.open_sftp()
         for _ in range(3):  # reads before, during and after a re-key all arrive intact
@@ -269,7 +254,7 @@ def test_a_connection_for_the_stream_agrees_no_compression_and_can_take_it_back(
     payload = (b'{"step": 3, "loss": 0.125}\n' * 30_000) + bytes(range(256)) * 64
     source = tmp_path / "events.jsonl"
     source.write_bytes(payload)
-    client = _connect(sshd_server, compress=compress, carrier="stream")
+    client = sshd_server.runicorn_connect(compress=compress, carrier="stream")
     try:
         transport = client.get_transport()
         assert transport is not None

@@ -884,22 +884,11 @@ class ManifestSyncClient:
 
     # -- applying a manifest -------------------------------------------------------------------
 
+    # A large lab's manifest is millions of live objects, and each full pass of the cyclic
+    # collector walks them all (some seconds at 100,000 runs); what the apply builds holds
+    # no cycles that need collecting before it ends.
+    @paused_gc()
     def _apply(
-        self,
-        manifest: SyncManifest,
-        run: SyncRun,
-        progress: ProgressCallback | None,
-        remote_id: str,
-        *,
-        record_header: bool,
-    ) -> None:
-        # A large lab's manifest is millions of live objects, and each full pass of the
-        # cyclic collector walks them all (some seconds at 100,000 runs); what the apply
-        # builds holds no cycles that need collecting before it ends.
-        with paused_gc():
-            self._apply_now(manifest, run, progress, remote_id, record_header=record_header)
-
-    def _apply_now(
         self,
         manifest: SyncManifest,
         run: SyncRun,
