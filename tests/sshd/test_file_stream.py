@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from runicorn.manifest import ManifestGenerator
 from runicorn.sync.client import ManifestSyncClient
 from runicorn.transport import file_stream, openssh_shortcuts
 from runicorn.transport import ssh as ssh_module
+from runicorn.transport.fetch import FetchRun
 from runicorn.transport.remote import FetchJob, FetchResult
 from runicorn.transport.sftp_pipeline import open_sftp_client
 from runicorn.transport.sftp_remote import SftpRemote
@@ -190,6 +192,46 @@ def test_without_python3_on_the_server_the_fetch_goes_over_sftp(
     assert "no-such-python3 was not found on the server" in caplog.text
 
 
+def test_a_stream_command_gone_before_the_first_request_still_says_why(
+    ssh_client: paramiko.SSHClient,
+    tree: dict[str, bytes],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command that fails at once (no such interpreter) can close its channel before the
+    stream's thread sends its first requests (a loaded client): the fallback's warning still
+    names the cause, not the closed channel the send ran into."""
+    transport = ssh_client.get_transport()
+    assert transport is not None
+    server_closed: set[int] = set()
+    unlinked = threading.Condition()
+    original_unlink = transport._unlink_channel  # type: ignore[attr-defined]
+    original_serve = file_stream.FileStream.serve
+
+    def unlink_channel(chanid: int) -> None:  # the server's CLOSE: the command ended
+        original_unlink(chanid)
+        with unlinked:
+            server_closed.add(chanid)
+            unlinked.notify_all()
+
+    def serve(self: file_stream.FileStream, run: FetchRun) -> list[file_stream.Unfinished]:
+        channel = self._channel
+        assert channel is not None
+        with unlinked:
+            assert unlinked.wait_for(lambda: channel.chanid in server_closed, 20)
+        return original_serve(self, run)
+
+    monkeypatch.setattr(transport, "_unlink_channel", unlink_channel)
+    monkeypatch.setattr(file_stream.FileStream, "serve", serve)
+    caplog.set_level(logging.WARNING, "runicorn.transport.sftp_remote")
+    with _remote(ssh_client, tmp_path / "tree", python="no-such-python3") as remote:
+        got = _fetch(remote, {path: len(data) for path, data in tree.items()})
+        assert remote._stream_refused is not None
+    assert {path: data for path, (_, data) in got.items()} == tree
+    assert "no-such-python3 was not found on the server" in caplog.text
+
+
 def _fake_python(tmp_path: Path, body: str) -> str:
     """An executable the stream runs instead of python3 (it gets the same arguments)."""
     path = tmp_path / "fake-python"
@@ -225,6 +267,77 @@ def test_a_stream_cut_mid_way_resumes_over_sftp(
     assert {path: data for path, (_, data) in got.items()} == tree
     assert got[big][0].bytes_received == len(tree[big])
     assert "ended mid-way (exit status 3" in caplog.text
+
+
+def test_a_cancel_sends_nothing_on_the_stream_after_closing_it(
+    sshd_server: SshServer,
+    ssh_client: paramiko.SSHClient,
+    tree: dict[str, bytes],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenSSH drops the whole connection when data arrives for a channel it has freed
+    ("data packet referred to nonexistent channel"), and paramiko sends a message after
+    releasing the lock under which it checked that the channel is open. A cancelled fetch
+    closes the stream from the caller's thread; here the stream's thread is held in that
+    gap, with a batch of requests, until that close returned and, if it closed the channel,
+    the server answered with its own CLOSE: the interleaving a loaded machine makes now and
+    then. The connection must survive it, and the next fetch work."""
+    transport = ssh_client.get_transport()
+    assert transport is not None
+    cancel, close_returned = threading.Event(), threading.Event()
+    server_closed: set[int] = set()
+    unlinked = threading.Condition()
+    sends: list[int] = []  # the remote ids of the channels the stream's thread sent on
+    held: list[bool] = []
+    caller = threading.current_thread()
+    original_send = transport._send_user_message  # type: ignore[attr-defined]
+    original_unlink = transport._unlink_channel  # type: ignore[attr-defined]
+    original_close = file_stream.FileStream.close
+
+    def send_user_message(message: paramiko.Message) -> None:
+        raw = message.asbytes()
+        if threading.current_thread().name.startswith("runicorn-fetch") and raw[0] == 94:
+            sends.append(int.from_bytes(raw[1:5], "big"))  # CHANNEL_DATA: a batch's packet
+            if len(sends) == 2 and not held:  # past the first: answers are on their way
+                held.append(True)
+                channels = list(transport._channels.values())  # type: ignore[attr-defined]
+                channel = next(c for c in channels if c.remote_chanid == sends[-1])
+                cancel.set()
+                assert close_returned.wait(20)
+                if channel.closed:
+                    with unlinked:
+                        assert unlinked.wait_for(lambda: channel.chanid in server_closed, 20)
+        original_send(message)
+
+    def unlink_channel(chanid: int) -> None:  # the server's CLOSE: it freed the channel
+        original_unlink(chanid)
+        with unlinked:
+            server_closed.add(chanid)
+            unlinked.notify_all()
+
+    def close(self: file_stream.FileStream) -> None:
+        original_close(self)
+        if cancel.is_set() and threading.current_thread() is caller:
+            close_returned.set()
+
+    monkeypatch.setattr(transport, "_send_user_message", send_user_message)
+    monkeypatch.setattr(transport, "_unlink_channel", unlink_channel)
+    monkeypatch.setattr(file_stream.FileStream, "close", close)
+    dropped_before = sshd_server.sshd_log().count("nonexistent channel")
+    paths = [path for path in sorted(tree) for _ in range(200)]  # more than one batch
+    results: list[FetchResult] = []
+    with _remote(ssh_client, tmp_path / "tree") as remote:
+        jobs = [FetchJob(path, 0, len(tree[path]), lambda offset, data: None) for path in paths]
+        remote.fetch(jobs, results.append, workers=1, cancel=cancel)
+        monkeypatch.undo()
+        assert held, "the stream sent one batch only: the interleaving was not made"
+        assert len(results) == len(jobs)
+        got = _fetch(remote, {path: len(data) for path, data in tree.items()})
+    log = sshd_server.sshd_log()
+    assert log.count("nonexistent channel") == dropped_before, log[-400:]
+    assert transport.is_active()
+    assert {path: data for path, (_, data) in got.items()} == tree
 
 
 # Runs the stream's program the way the server would, with zstd made unimportable.

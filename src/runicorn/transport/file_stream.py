@@ -36,6 +36,13 @@ wire and after decompression, a record answers the request that is next and stay
 range asked for, and anything else ends the stream with :class:`StreamProtocolError`. The zstd
 window is capped at :data:`ZSTD_WINDOW_LOG` (the decoder's memory), and a block that would
 decompress past :data:`MAX_BLOCK` is refused before more than that is produced (a bomb).
+
+Only the thread in :meth:`FileStream.serve` sends on the channel; a :meth:`~FileStream.close`
+from another thread (a cancelled or interrupted fetch) marks the stream, and ``serve`` closes
+the channel itself after its last send, within :data:`_POLL_SECONDS`. OpenSSH drops the whole
+connection when data arrives for a channel it has freed, and paramiko sends a message after
+releasing the lock under which it checked that the channel is open, so a close from another
+thread could overtake a batch of requests on its way out.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import logging
 import shlex
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -112,6 +120,10 @@ requests is one SSH packet and one wake-up of the server program, where a reques
 each answer completes is a packet (encrypted, sent, decrypted, piped) per file. Half the
 queue is still tens of megabytes of small files in flight, far more than a link holds."""
 REFILL_AT_BYTES = MAX_OUTSTANDING_BYTES // 2
+# How long one wait on the channel lasts before ``serve`` looks again whether another thread
+# closed the stream, and so how soon a stop takes effect: waits for answers and for send
+# window are made of such polls until ``timeout``.
+_POLL_SECONDS = 0.05
 
 _REQUEST = struct.Struct("!IQQI")
 _BLOCK = struct.Struct("!BI")
@@ -585,6 +597,9 @@ class FileStream:
         self._records = bytearray()
         self._said_hello = False
         self._closed = False
+        # close() from another thread while serve() drives the channel: serve closes it (see
+        # the module docstring). Guarded by _lock together with _closed.
+        self._serving = False
         self._lock = threading.Lock()
 
     def _set_level(self, level: int) -> None:
@@ -658,15 +673,57 @@ class FileStream:
         self.close()
 
     def close(self) -> None:
-        """Close the channel (the command ends on its closed stdin); any thread."""
+        """Close the channel (the command ends on its closed stdin); any thread. A
+        :meth:`serve` in another thread stops within :data:`_POLL_SECONDS` and closes the
+        channel itself, after its last send."""
         with self._lock:
             self._closed = True
             channel = self._channel
+            if self._serving:
+                return
         if channel is not None:
+            self._close_channel(channel)
+
+    @staticmethod
+    def _close_channel(channel: paramiko.Channel) -> None:
+        try:
+            channel.close()
+        except Exception as error:  # a dead transport: nothing left to close
+            logger.debug("closing the file stream: %s", error)
+
+    def _stop_if_closed(self) -> None:
+        if self._closed:
+            raise StreamBroken("the file stream was closed (the fetch was stopped)")
+
+    def _waited(self, since: float, what: str) -> None:
+        """A poll of the channel timed out: stop if the stream was closed, raise StreamBroken
+        once ``timeout`` seconds passed ``since`` (without progress), else let the caller
+        poll on."""
+        self._stop_if_closed()
+        if self.timeout is not None and time.monotonic() - since >= self.timeout:
+            raise StreamBroken(
+                f"the file stream {what} for {self.timeout} s; the link or the server stalled"
+            )
+
+    def _send(self, channel: paramiko.Channel, data: bytes) -> None:
+        """Send all of ``data`` (the channel's timeout is a poll: see :meth:`_waited`);
+        ``send`` in a loop, as ``sendall`` loses its place when a timeout interrupts it."""
+        since = time.monotonic()
+        while data:
+            self._stop_if_closed()
             try:
-                channel.close()
-            except Exception as error:  # a dead transport: nothing left to close
-                logger.debug("closing the file stream: %s", error)
+                sent = channel.send(data)
+            except TimeoutError:  # no send window: the server reads no requests
+                self._waited(since, "took no request")
+                continue
+            except OSError:
+                if channel.closed:  # the command ended (no python3?): say why, not "closed"
+                    raise self._ended(channel) from None
+                raise
+            if sent == 0:
+                raise self._ended(channel)
+            data = data[sent:]
+            since = time.monotonic()
 
     # -- serving jobs ------------------------------------------------------------------------
 
@@ -683,6 +740,8 @@ class FileStream:
         channel = self._channel
         if channel is None:
             raise StreamUnavailable("the file stream was not started")
+        with self._lock:
+            self._serving = True
         pending: collections.deque[_Pending] = collections.deque()
         state = {"sent_bytes": 0, "exhausted": False}
 
@@ -713,9 +772,10 @@ class FileStream:
                 )
                 state["sent_bytes"] += len(request)
             if out:
-                channel.sendall(bytes(out))
+                self._send(channel, bytes(out))
 
         try:
+            channel.settimeout(self._poll_seconds())
             top_up()
             while pending or not self._said_hello:
                 if not self._records_ready():
@@ -796,7 +856,16 @@ class FileStream:
             )
             broken.unfinished = [Unfinished(p.index, p.received) for p in pending]
             raise broken from error
+        finally:
+            with self._lock:
+                self._serving = False
+                close_now = self._closed
+            if close_now:  # asked from another thread while this one could send
+                self._close_channel(channel)
         return []
+
+    def _poll_seconds(self) -> float:
+        return _POLL_SECONDS if self.timeout is None else min(_POLL_SECONDS, self.timeout)
 
     def _hello(self, payload: bytes) -> None:
         """Take the server's codec: one this client offered, or a protocol error."""
@@ -861,12 +930,14 @@ class FileStream:
             raise StreamProtocolError("a record larger than any the client asked for")
 
     def _fill(self, channel: paramiko.Channel) -> None:
-        try:
-            data = channel.recv(1 << 20)
-        except TimeoutError:
-            raise StreamBroken(
-                f"the file stream sent nothing for {self.timeout} s; the link or the server stalled"
-            ) from None
+        since = time.monotonic()
+        while True:
+            self._stop_if_closed()
+            try:
+                data = channel.recv(1 << 20)
+                break
+            except TimeoutError:
+                self._waited(since, "sent nothing")
         if not data:
             raise self._ended(channel)
         self._inbox += data
