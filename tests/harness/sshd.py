@@ -461,6 +461,12 @@ class SshServer:
             self._client_pkey = paramiko.Ed25519Key.from_private_key_file(str(self.client_key_path))
         return self._client_pkey
 
+    def host_key(self) -> paramiko.PKey:
+        """The server's ed25519 host key as a paramiko key, loaded by its own class:
+        ``PKey.from_path`` on paramiko 3.x touches cryptography's deprecated DSA names,
+        a warning (an error under the suite's ``filterwarnings``) on cryptography 51."""
+        return paramiko.Ed25519Key.from_private_key_file(str(self.host_key_path))
+
     def connect(self, *, timeout: float = 10.0) -> paramiko.SSHClient:
         """A connected client that trusts this server through ``known_hosts_path`` only.
 

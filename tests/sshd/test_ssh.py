@@ -33,7 +33,7 @@ def _connect(server: SshServer, known_hosts: Path, **options: object) -> paramik
 
 
 def _server_key(server: SshServer) -> paramiko.PKey:
-    return paramiko.PKey.from_path(server.host_key_path)
+    return server.host_key()
 
 
 def test_connects_when_the_host_key_is_known(sshd_server: SshServer) -> None:

@@ -129,7 +129,7 @@ def test_changed_host_key_exits_4_naming_both_keys_and_writes_nothing(
         )
         in result.stderr
     )
-    server_key = paramiko.PKey.from_path(sshd_server.host_key_path)
+    server_key = sshd_server.host_key()
     assert fingerprint(server_key) in result.stderr
     assert orjson.loads(result.stdout)["exit_code"] == 4
     assert known.read_text() == f"[127.0.0.1]:{sshd_server.port} {impostor_line}\n"
