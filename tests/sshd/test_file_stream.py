@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from harness.lab import assert_cache_equals_server
+from harness.server_closes import ServerCloses
 from harness.sshd import SshServer
 from runicorn.cli import main
 from runicorn.core.backend import Backend
@@ -204,25 +205,15 @@ def test_a_stream_command_gone_before_the_first_request_still_says_why(
     names the cause, not the closed channel the send ran into."""
     transport = ssh_client.get_transport()
     assert transport is not None
-    server_closed: set[int] = set()
-    unlinked = threading.Condition()
-    original_unlink = transport._unlink_channel  # type: ignore[attr-defined]
+    server_closes = ServerCloses(transport, monkeypatch)
     original_serve = file_stream.FileStream.serve
-
-    def unlink_channel(chanid: int) -> None:  # the server's CLOSE: the command ended
-        original_unlink(chanid)
-        with unlinked:
-            server_closed.add(chanid)
-            unlinked.notify_all()
 
     def serve(self: file_stream.FileStream, run: FetchRun) -> list[file_stream.Unfinished]:
         channel = self._channel
         assert channel is not None
-        with unlinked:
-            assert unlinked.wait_for(lambda: channel.chanid in server_closed, 20)
+        assert server_closes.wait(channel)
         return original_serve(self, run)
 
-    monkeypatch.setattr(transport, "_unlink_channel", unlink_channel)
     monkeypatch.setattr(file_stream.FileStream, "serve", serve)
     caplog.set_level(logging.WARNING, "runicorn.transport.sftp_remote")
     with _remote(ssh_client, tmp_path / "tree", python="no-such-python3") as remote:
@@ -286,13 +277,11 @@ def test_a_cancel_sends_nothing_on_the_stream_after_closing_it(
     transport = ssh_client.get_transport()
     assert transport is not None
     cancel, close_returned = threading.Event(), threading.Event()
-    server_closed: set[int] = set()
-    unlinked = threading.Condition()
+    server_closes = ServerCloses(transport, monkeypatch)
     sends: list[int] = []  # the remote ids of the channels the stream's thread sent on
     held: list[bool] = []
     caller = threading.current_thread()
     original_send = transport._send_user_message  # type: ignore[attr-defined]
-    original_unlink = transport._unlink_channel  # type: ignore[attr-defined]
     original_close = file_stream.FileStream.close
 
     def send_user_message(message: paramiko.Message) -> None:
@@ -306,15 +295,8 @@ def test_a_cancel_sends_nothing_on_the_stream_after_closing_it(
                 cancel.set()
                 assert close_returned.wait(20)
                 if channel.closed:
-                    with unlinked:
-                        assert unlinked.wait_for(lambda: channel.chanid in server_closed, 20)
+                    assert server_closes.wait(channel)
         original_send(message)
-
-    def unlink_channel(chanid: int) -> None:  # the server's CLOSE: it freed the channel
-        original_unlink(chanid)
-        with unlinked:
-            server_closed.add(chanid)
-            unlinked.notify_all()
 
     def close(self: file_stream.FileStream) -> None:
         original_close(self)
@@ -322,7 +304,6 @@ def test_a_cancel_sends_nothing_on_the_stream_after_closing_it(
             close_returned.set()
 
     monkeypatch.setattr(transport, "_send_user_message", send_user_message)
-    monkeypatch.setattr(transport, "_unlink_channel", unlink_channel)
     monkeypatch.setattr(file_stream.FileStream, "close", close)
     dropped_before = sshd_server.sshd_log().count("nonexistent channel")
     paths = [path for path in sorted(tree) for _ in range(200)]  # more than one batch

@@ -14,6 +14,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from harness.server_closes import ServerCloses
 from harness.sshd import SshServer
 from runicorn.transport import fetch as fetch_module
 from runicorn.transport.local_remote import LocalRemote
@@ -588,13 +589,11 @@ def test_stopping_a_fetch_sends_nothing_on_a_worker_channel_after_closing_it(
     remote = SftpRemote(sftp, str(lab_root), timeout=20, stream=False)
     cancel, stopped = threading.Event(), threading.Event()
     in_send, close_returned = threading.Event(), threading.Event()
-    server_closed: set[int] = set()
-    unlinked = threading.Condition()
+    server_closes = ServerCloses(transport, monkeypatch)
     held: list[int] = []  # the remote id of the channel whose send is held
     caller = threading.current_thread()
     original_data = fetch_module.FetchRun.data
     original_send = transport._send_user_message  # type: ignore[attr-defined]
-    original_unlink = transport._unlink_channel  # type: ignore[attr-defined]
     original_close = SftpPipeline.close
 
     def stop(offset: int, data: bytes) -> None:
@@ -620,18 +619,11 @@ def test_stopping_a_fetch_sends_nothing_on_a_worker_channel_after_closing_it(
             in_send.set()
             assert close_returned.wait(20)
             if channel.closed:
-                with unlinked:
-                    assert unlinked.wait_for(lambda: channel.chanid in server_closed, 20)
+                assert server_closes.wait(channel)
                 # The server may send its CLOSE before it read ours; one round trip more and
                 # it has read ours and freed the channel before it reads what follows.
                 transport.global_request("keepalive@openssh.com", wait=True)
         original_send(message)
-
-    def unlink_channel(chanid: int) -> None:  # the server's CLOSE: it freed the channel
-        original_unlink(chanid)
-        with unlinked:
-            server_closed.add(chanid)
-            unlinked.notify_all()
 
     def close(self: SftpPipeline) -> None:
         stopping = stopped.is_set() and threading.current_thread() is caller
@@ -643,7 +635,6 @@ def test_stopping_a_fetch_sends_nothing_on_a_worker_channel_after_closing_it(
 
     monkeypatch.setattr(fetch_module.FetchRun, "data", data)
     monkeypatch.setattr(transport, "_send_user_message", send_user_message)
-    monkeypatch.setattr(transport, "_unlink_channel", unlink_channel)
     monkeypatch.setattr(SftpPipeline, "close", close)
     dropped_before = sshd_server.sshd_log().count("nonexistent channel")
     path = "p/e/runs/r0/media/big.bin"
