@@ -182,15 +182,26 @@ def test_the_server_script_refuses_parent_components_itself(tmp_path: Path) -> N
     assert b"not a plain relative path" in out
 
 
-def test_without_python3_on_the_server_the_fetch_goes_over_sftp(
-    ssh_client: paramiko.SSHClient, tree: dict[str, bytes], tmp_path: Path, caplog
+def _assert_falls_back_to_sftp_naming_the_missing_python(
+    ssh_client: paramiko.SSHClient,
+    tree: dict[str, bytes],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A fetch whose stream names an interpreter the server lacks gets every file over SFTP,
+    and the fallback's warning names the missing interpreter."""
     caplog.set_level(logging.WARNING, "runicorn.transport.sftp_remote")
     with _remote(ssh_client, tmp_path / "tree", python="no-such-python3") as remote:
         got = _fetch(remote, {path: len(data) for path, data in tree.items()})
         assert remote._stream_refused is not None
     assert {path: data for path, (_, data) in got.items()} == tree
     assert "no-such-python3 was not found on the server" in caplog.text
+
+
+def test_without_python3_on_the_server_the_fetch_goes_over_sftp(
+    ssh_client: paramiko.SSHClient, tree: dict[str, bytes], tmp_path: Path, caplog
+) -> None:
+    _assert_falls_back_to_sftp_naming_the_missing_python(ssh_client, tree, tmp_path, caplog)
 
 
 def test_a_stream_command_gone_before_the_first_request_still_says_why(
@@ -215,12 +226,7 @@ def test_a_stream_command_gone_before_the_first_request_still_says_why(
         return original_serve(self, run)
 
     monkeypatch.setattr(file_stream.FileStream, "serve", serve)
-    caplog.set_level(logging.WARNING, "runicorn.transport.sftp_remote")
-    with _remote(ssh_client, tmp_path / "tree", python="no-such-python3") as remote:
-        got = _fetch(remote, {path: len(data) for path, data in tree.items()})
-        assert remote._stream_refused is not None
-    assert {path: data for path, (_, data) in got.items()} == tree
-    assert "no-such-python3 was not found on the server" in caplog.text
+    _assert_falls_back_to_sftp_naming_the_missing_python(ssh_client, tree, tmp_path, caplog)
 
 
 def _fake_python(tmp_path: Path, body: str) -> str:
