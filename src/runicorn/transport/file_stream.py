@@ -39,7 +39,7 @@ decompress past :data:`MAX_BLOCK` is refused before more than that is produced (
 
 Only the thread in :meth:`FileStream.serve` sends on the channel; a :meth:`~FileStream.close`
 from another thread (a cancelled or interrupted fetch) marks the stream, and ``serve`` closes
-the channel itself after its last send, within :data:`_POLL_SECONDS`. OpenSSH drops the whole
+the channel itself after its last send, within a poll (`POLL_SECONDS`). OpenSSH drops the whole
 connection when data arrives for a channel it has freed, and paramiko sends a message after
 releasing the lock under which it checked that the channel is open, so a close from another
 thread could overtake a batch of requests on its way out.
@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from runicorn.transport import openssh_shortcuts
+from runicorn.transport.polled_send import poll_seconds, send_all
 from runicorn.transport.remote import ShrunkError, relative_path
 
 if TYPE_CHECKING:
@@ -120,10 +121,6 @@ requests is one SSH packet and one wake-up of the server program, where a reques
 each answer completes is a packet (encrypted, sent, decrypted, piped) per file. Half the
 queue is still tens of megabytes of small files in flight, far more than a link holds."""
 REFILL_AT_BYTES = MAX_OUTSTANDING_BYTES // 2
-# How long one wait on the channel lasts before ``serve`` looks again whether another thread
-# closed the stream, and so how soon a stop takes effect: waits for answers and for send
-# window are made of such polls until ``timeout``.
-_POLL_SECONDS = 0.05
 
 _REQUEST = struct.Struct("!IQQI")
 _BLOCK = struct.Struct("!BI")
@@ -674,7 +671,7 @@ class FileStream:
 
     def close(self) -> None:
         """Close the channel (the command ends on its closed stdin); any thread. A
-        :meth:`serve` in another thread stops within :data:`_POLL_SECONDS` and closes the
+        :meth:`serve` in another thread stops within a poll (`POLL_SECONDS`) and closes the
         channel itself, after its last send."""
         with self._lock:
             self._closed = True
@@ -706,24 +703,16 @@ class FileStream:
             )
 
     def _send(self, channel: paramiko.Channel, data: bytes) -> None:
-        """Send all of ``data`` (the channel's timeout is a poll: see :meth:`_waited`);
-        ``send`` in a loop, as ``sendall`` loses its place when a timeout interrupts it."""
-        since = time.monotonic()
-        while data:
-            self._stop_if_closed()
-            try:
-                sent = channel.send(data)
-            except TimeoutError:  # no send window: the server reads no requests
-                self._waited(since, "took no request")
-                continue
-            except OSError:
-                if channel.closed:  # the command ended (no python3?): say why, not "closed"
-                    raise self._ended(channel) from None
-                raise
-            if sent == 0:
-                raise self._ended(channel)
-            data = data[sent:]
-            since = time.monotonic()
+        """Send all of ``data`` (the channel's timeout is a poll: see :meth:`_waited`); a
+        command that ended (no python3?) says why, not "closed"."""
+        send_all(
+            channel,
+            data,
+            stop_if_asked=self._stop_if_closed,
+            waited=self._waited,
+            ended=lambda: self._ended(channel),
+            explain_closed=True,
+        )
 
     # -- serving jobs ------------------------------------------------------------------------
 
@@ -865,7 +854,7 @@ class FileStream:
         return []
 
     def _poll_seconds(self) -> float:
-        return _POLL_SECONDS if self.timeout is None else min(_POLL_SECONDS, self.timeout)
+        return poll_seconds(self.timeout)
 
     def _hello(self, payload: bytes) -> None:
         """Take the server's codec: one this client offered, or a protocol error."""

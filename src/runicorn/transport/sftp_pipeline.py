@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from runicorn.transport import openssh_shortcuts
+from runicorn.transport.polled_send import poll_seconds, send_all
 from runicorn.transport.sftp_ops import (
     Handler,
     LstatOp,
@@ -83,10 +84,6 @@ DEFAULT_READ_SIZE = MAX_READ_SIZE
 DEFAULT_TIMEOUT = 30.0
 
 _RECV_SIZE = 1024 * 1024
-# How long one wait on the channel lasts before ``run`` looks again whether another thread
-# asked it to close (a cancel), and so how soon it stops: waits for answers and for send
-# window are made of such polls until ``timeout``.
-_POLL_SECONDS = 0.05
 _MAX_DETACHED = 4096
 
 
@@ -344,7 +341,7 @@ class SftpPipeline:
 
     def close(self) -> None:
         """Close the channel (unless borrowed); any thread. A ``run`` in another thread stops
-        within :data:`_POLL_SECONDS` and closes the channel itself, after its last send."""
+        within a poll (`POLL_SECONDS`) and closes the channel itself, after its last send."""
         with self._state_lock:
             if self._dead is None:
                 self._dead = ConnectionError("SFTP pipeline closed")
@@ -377,22 +374,19 @@ class SftpPipeline:
         self._take_version()
 
     def _poll_seconds(self) -> float:
-        return _POLL_SECONDS if self.timeout is None else min(_POLL_SECONDS, self.timeout)
+        return poll_seconds(self.timeout)
 
     def _send(self, data: bytes) -> None:
         """Send all of ``data`` (the channel's timeout is a poll: see :meth:`_waited`)."""
-        since = time.monotonic()
-        while data:
-            self._stop_if_asked()
-            try:
-                sent = self.channel.send(data)
-            except TimeoutError:  # no send window: the server reads no requests
-                self._waited(since, "took no request")
-                continue
-            if sent == 0:
-                raise ConnectionError("the SFTP channel closed (connection dropped or server gone)")
-            data = data[sent:]
-            since = time.monotonic()
+        send_all(
+            self.channel,
+            data,
+            stop_if_asked=self._stop_if_asked,
+            waited=self._waited,
+            ended=lambda: ConnectionError(
+                "the SFTP channel closed (connection dropped or server gone)"
+            ),
+        )
 
     def _take_version(self) -> None:
         """Read and check the server's VERSION answer to our INIT."""
